@@ -1,0 +1,1 @@
+"""Teacher engines, losses, student construction, trainer and evaluation. Never imports dagster."""

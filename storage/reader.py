@@ -1,0 +1,203 @@
+"""Verifying, streaming shard reader.
+
+``open_shard`` accepts a shard only if its commit record exists and matches the file (size and
+sha256), its schema version is known, its columns have the expected types and its provenance
+matches what the caller expects (teacher, tokenizer, vocabulary, k). ``ShardStream`` yields
+rows one row group at a time, in a seeded deterministic order, split across ranks without
+overlap, and reports a position from which it resumes exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from storage.schema import METADATA_KEY, SCHEMA_VERSION, ShardMeta, arrow_schema
+from storage.writer import file_sha256, record_path
+
+CHECKED_FIELDS = ("teacher_hash", "tokenizer_hash", "vocab_size", "k", "mode", "temperature")
+
+
+class ShardError(ValueError):
+    """A shard is missing, incomplete, corrupt, or not the one the run expects."""
+
+    def __init__(self, path: str | os.PathLike, problem: str):
+        super().__init__(f"{path}: {problem}")
+        self.path = str(path)
+
+
+@dataclasses.dataclass
+class Shard:
+    path: Path
+    record: dict
+    meta: ShardMeta
+
+    @property
+    def rows(self) -> int:
+        return int(self.record["rows"])
+
+    @property
+    def tokens(self) -> int:
+        return int(self.record["tokens"])
+
+    def parquet(self) -> pq.ParquetFile:
+        return pq.ParquetFile(self.path)
+
+
+def open_shard(
+    path: str | os.PathLike,
+    expect: Mapping[str, object] | None = None,
+    verify_checksum: bool = True,
+) -> Shard:
+    """Open and validate one committed shard; raise ``ShardError`` naming the file and problem."""
+    path = Path(path)
+    rec_path = record_path(path)
+    if not rec_path.exists():
+        raise ShardError(path, "no commit record (the shard was never completed); relabel its partition")
+    try:
+        record = json.loads(rec_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ShardError(rec_path, f"unreadable commit record ({e})") from e
+    if not path.exists():
+        raise ShardError(path, "listed by its commit record but the file is missing")
+    size = path.stat().st_size
+    if size != record.get("bytes"):
+        raise ShardError(path, f"size {size} != {record.get('bytes')} in the commit record (truncated or replaced)")
+    if verify_checksum and file_sha256(path) != record.get("sha256"):
+        raise ShardError(path, "sha256 does not match the commit record (corrupt file)")
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ShardError(path, f"not a readable Parquet file ({e})") from e
+    raw = (pf.schema_arrow.metadata or {}).get(METADATA_KEY)
+    if raw is None:
+        raise ShardError(path, "no shard metadata in the Parquet footer (not written by this tool)")
+    meta_dict = json.loads(raw)
+    version = meta_dict.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ShardError(
+            path, f"schema_version {version} but this code reads {SCHEMA_VERSION}; relabel with this version"
+        )
+    try:
+        meta = ShardMeta.from_dict(meta_dict)
+    except (TypeError, ValueError) as e:
+        raise ShardError(path, str(e)) from e
+    expected_schema = arrow_schema(meta.vocab_size)
+    for field in expected_schema:
+        idx = pf.schema_arrow.get_field_index(field.name)
+        if idx < 0:
+            raise ShardError(path, f"column {field.name!r} is missing")
+        actual = pf.schema_arrow.field(idx).type
+        if actual != field.type:
+            raise ShardError(path, f"column {field.name!r} has type {actual}, expected {field.type}")
+    for key, value in (expect or {}).items():
+        got = getattr(meta, key)
+        if got != value:
+            raise ShardError(path, f"field {key!r} is {got!r} but the run expects {value!r} (shard from another run)")
+    return Shard(path=path, record=record, meta=meta)
+
+
+def decode_row_group(shard: Shard, table: pa.Table) -> list[dict]:
+    """Turn one row group into per-row dicts of numpy arrays, validating value ranges."""
+    cols = {}
+    for name in table.column_names:
+        col = table.column(name).combine_chunks()
+        if pa.types.is_list(col.type):
+            offsets = col.offsets.to_numpy()
+            values = col.values.to_numpy(zero_copy_only=False)
+            cols[name] = (values[offsets[0]:offsets[-1]], offsets - offsets[0])
+        else:
+            cols[name] = col.to_pylist()
+    ids, _ = cols["topk_ids"]
+    if ids.size and int(ids.max()) >= shard.meta.vocab_size:
+        raise ShardError(shard.path, f"topk_ids holds id {int(ids.max())} >= vocab_size {shard.meta.vocab_size}")
+    lps, _ = cols["topk_logprobs"]
+    if lps.size and (not np.isfinite(lps).all() or float(lps.max()) > 1e-4):
+        raise ShardError(shard.path, "topk_logprobs holds values > 0 or non-finite")
+    rows = []
+    for i in range(table.num_rows):
+        row = {}
+        for name, col in cols.items():
+            if isinstance(col, tuple):
+                values, offsets = col
+                row[name] = values[offsets[i]:offsets[i + 1]]
+            else:
+                row[name] = col[i]
+        rows.append(row)
+    return rows
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamPosition:
+    """Where a stream stands: the next row is row ``row`` of unit ``unit`` of epoch ``epoch``."""
+
+    epoch: int = 0
+    unit: int = 0
+    row: int = 0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class ShardStream:
+    """Streams rows from a list of shards one row group at a time.
+
+    The unit of work is a row group. Each epoch the units are ordered (shuffled with ``seed`` if
+    ``shuffle``), then rank ``rank`` of ``world_size`` takes every ``world_size``-th unit, so
+    ranks never overlap and together cover every row once per epoch. Rows inside a unit are
+    shuffled with a seed derived from (seed, epoch, unit). Memory is one row group.
+    """
+
+    def __init__(
+        self,
+        shards: Sequence[Shard],
+        seed: int = 0,
+        shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        if not shards:
+            raise ValueError("ShardStream needs at least one shard")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.shards = list(shards)
+        self.seed, self.shuffle, self.rank, self.world_size = seed, shuffle, rank, world_size
+        self._units = [
+            (si, rg) for si, s in enumerate(self.shards) for rg in range(s.parquet().metadata.num_row_groups)
+        ]
+
+    def units(self, epoch: int) -> list[tuple[int, int]]:
+        order = list(self._units)
+        if self.shuffle:
+            perm = np.random.default_rng([self.seed, epoch]).permutation(len(order))
+            order = [order[i] for i in perm]
+        return order[self.rank :: self.world_size]
+
+    def rows(self, start: StreamPosition = StreamPosition(), epochs: int | None = None) -> Iterator[tuple[dict, StreamPosition]]:
+        """Yield ``(row, position_after_row)`` forever (or for ``epochs``), starting at ``start``."""
+        epoch = start.epoch
+        unit_i, row_i = start.unit, start.row
+        files: dict[int, pq.ParquetFile] = {}
+        while epochs is None or epoch < start.epoch + epochs:
+            units = self.units(epoch)
+            if not units:
+                raise ValueError(f"rank {self.rank} of {self.world_size} has no row groups to read")
+            while unit_i < len(units):
+                si, rg = units[unit_i]
+                shard = self.shards[si]
+                pf = files.get(si) or files.setdefault(si, shard.parquet())
+                rows = decode_row_group(shard, pf.read_row_group(rg))
+                order = np.arange(len(rows))
+                if self.shuffle:
+                    order = np.random.default_rng([self.seed, epoch, si, rg]).permutation(len(rows))
+                for j in range(row_i, len(rows)):
+                    nxt = StreamPosition(epoch, unit_i, j + 1) if j + 1 < len(rows) else StreamPosition(epoch, unit_i + 1, 0)
+                    yield rows[order[j]], nxt
+                unit_i, row_i = unit_i + 1, 0
+            epoch, unit_i, row_i = epoch + 1, 0, 0

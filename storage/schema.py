@@ -1,0 +1,91 @@
+"""The soft-label shard schema: one constant with a version, and the metadata every shard carries.
+
+A row is one window of one document. For a window of ``L`` tokens, the label at position ``t``
+is the teacher's distribution over token ``t + 1``; positions ``label_start .. L - 2`` are
+labelled (earlier positions are context shared with the previous window), so a row has
+``n = L - 1 - label_start`` labelled positions and the flat per-position columns hold
+``n * k`` (top-k) or ``n`` (scalars) values, position-major.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+METADATA_KEY = b"distill.shard"
+ROW_GROUP_ROWS = 64  # windows per row group: bounds reader memory and is the unit of resumption
+
+
+def id_type(vocab_size: int) -> pa.DataType:
+    """Narrowest unsigned integer type that holds every token id of the vocabulary."""
+    if vocab_size <= 1 << 16:
+        return pa.uint16()
+    return pa.uint32()
+
+
+def arrow_schema(vocab_size: int) -> pa.Schema:
+    ids = id_type(vocab_size)
+    return pa.schema(
+        [
+            pa.field("doc_id", pa.string(), nullable=False),
+            pa.field("window_index", pa.int32(), nullable=False),
+            pa.field("input_ids", pa.list_(ids), nullable=False),
+            pa.field("label_start", pa.int32(), nullable=False),
+            pa.field("topk_ids", pa.list_(ids), nullable=False),
+            pa.field("topk_logprobs", pa.list_(pa.float32()), nullable=False),
+            pa.field("target_logprobs", pa.list_(pa.float32()), nullable=False),
+            pa.field("tail_mass", pa.list_(pa.float32()), nullable=False),
+        ]
+    )
+
+
+COLUMNS = tuple(arrow_schema(100).names)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardMeta:
+    """Provenance of one shard, stored in the Parquet footer and in its commit record."""
+
+    teacher: str
+    """Teacher name or path as configured."""
+    teacher_hash: str
+    """Content hash of the teacher weights."""
+    tokenizer_hash: str
+    """Content hash of the tokenizer files."""
+    vocab_size: int
+    """Size of the teacher's output distribution."""
+    k: int
+    """Number of top-k entries per labelled position."""
+    temperature: float
+    """Temperature the stored logprobs were computed at (1.0: raw model distribution)."""
+    mode: str
+    """Labelling mode (``score``: teacher-forced)."""
+    engine: str
+    """Engine name and version that produced the labels."""
+    data_fingerprint: str
+    """Hash of the token content of this shard's windows."""
+    shard: str
+    """Shard name (``train-00000``), also its partition key."""
+    split: str
+    """``train`` or ``heldout``."""
+    cache_key: str
+    """Content key of the shard (see ``storage.cache``)."""
+    code_version: str
+    """Version of the labelling code."""
+    created: str = ""
+    """UTC creation time, ISO 8601."""
+    schema_version: int = SCHEMA_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ShardMeta":
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = names - set(d) - {"created", "schema_version"}
+        if missing:
+            raise ValueError(f"shard metadata lacks fields {sorted(missing)}")
+        return cls(**{k: v for k, v in d.items() if k in names})
