@@ -1,0 +1,1 @@
+"""Dagster definitions: thin assets over ``distill`` and ``storage``."""

@@ -1,0 +1,75 @@
+"""The run config: one YAML file holding one section per stage, each validated into that
+stage's dataclass with errors that name the field."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from distill.configbase import ConfigError, build
+from distill.data import CorpusConfig
+from distill.evaluation import EvalConfig
+from distill.student import StudentConfig
+from distill.teacher.labels import TeacherConfig
+from distill.teacher.vllm_engine import EngineConfig
+from distill.trainer import TrainConfig
+
+SECTIONS = ("storage_root", "teacher", "corpus", "student", "train", "eval")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    storage_root: str = "data"
+    """Folder for converted teachers, corpora, label shards, students and reports (relative paths are relative to the config file's project, i.e. the working directory)."""
+    teacher: TeacherConfig = TeacherConfig()
+    corpus: CorpusConfig = CorpusConfig()
+    student: StudentConfig = StudentConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @property
+    def root(self) -> Path:
+        return Path(self.storage_root).expanduser().resolve()
+
+    @property
+    def baseline_train(self) -> TrainConfig:
+        """The CE-only baseline: same everything, KD weight 0."""
+        return dataclasses.replace(self.train, kd_weight=0.0)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def from_mapping(data: Mapping[str, Any] | None, where: str = "config") -> RunConfig:
+    data = dict(data or {})
+    unknown = sorted(set(data) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"{where}: unknown section(s) {unknown}; accepted: {list(SECTIONS)}")
+    teacher = dict(data.get("teacher") or {})
+    engine = build(EngineConfig, teacher.pop("engine", None), f"{where}: teacher.engine")
+    root = data.get("storage_root", "data")
+    if not isinstance(root, str):
+        raise ConfigError(f"{where}: storage_root={root!r} is invalid: expected a path string")
+    return RunConfig(
+        storage_root=root,
+        teacher=dataclasses.replace(build(TeacherConfig, teacher, f"{where}: teacher"), engine=engine),
+        corpus=build(CorpusConfig, data.get("corpus"), f"{where}: corpus"),
+        student=build(StudentConfig, data.get("student"), f"{where}: student"),
+        train=build(TrainConfig, data.get("train"), f"{where}: train"),
+        eval=build(EvalConfig, data.get("eval"), f"{where}: eval"),
+    )
+
+
+def load_config(path: str | Path) -> RunConfig:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from e
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+    return from_mapping(data, where=str(path))

@@ -1,0 +1,193 @@
+"""Distillation losses over sparse (top-k) teacher labels. Pure functions.
+
+Shapes: ``student_logits`` (B, T, V); ``topk_ids`` (B, T, K) int64; ``teacher_logprobs``
+(B, T, K), the teacher's log-probabilities of ``topk_ids`` under its full distribution at
+temperature 1 (entries may be ``-inf`` for padding); ``mask`` (B, T) bool, True where a
+position is labelled. Every loss upcasts to fp32, averages over labelled positions and
+returns 0 (not NaN) when nothing is labelled.
+
+The missing tail (mass outside the teacher's top-k) is treated one of two ways:
+
+- ``renormalize``: both distributions are restricted to the teacher's top-k ids and
+  renormalized (DistillKit ``zero``, axolotl).
+- ``bucket``: a (K+1)-th outcome holds the remaining mass on each side, so the student is also
+  taught how much mass the teacher leaves outside its top-k. The tail mass of a tempered
+  teacher is not recoverable from top-k logprobs, so ``bucket`` requires temperature 1.
+
+Temperature ``T`` divides the student logits and the teacher logprobs (renormalized over the
+top-k) and the divergence is scaled by ``T**2`` (Hinton et al., 2015, "Distilling the
+Knowledge in a Neural Network", sec. 2) so that gradient magnitudes stay comparable across T.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+NEG = -1e4  # stands in for -inf: exp(NEG) == 0 in fp32 yet NEG * 0 == 0 (no NaN in gradients)
+TAILS = ("renormalize", "bucket")
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, stable; mass is clamped to at least 1e-8."""
+    x = x.clamp(max=-1e-8)
+    return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x))).clamp(min=-18.42)
+
+
+def sparse_log_distributions(
+    student_logits: torch.Tensor,
+    topk_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    tail: str = "renormalize",
+    temperature: float = 1.0,
+    student_lse: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher and student log-distributions on a common support: (B, T, K) or (B, T, K+1).
+
+    ``student_lse`` (B, T, 1) may pass a precomputed ``logsumexp(student_logits / T)`` to share
+    it with the cross-entropy term.
+    """
+    if tail not in TAILS:
+        raise ValueError(f"tail={tail!r}: expected one of {TAILS}")
+    if tail == "bucket" and temperature != 1.0:
+        raise ValueError("tail='bucket' needs temperature 1: the tempered tail mass is unknown from top-k labels")
+    logits = student_logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    if student_lse is None:
+        student_lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (B, T, 1)
+    valid = torch.isfinite(teacher_logprobs)  # (B, T, K)
+    student_lp = torch.where(valid, logits.gather(-1, topk_ids) - student_lse, NEG)  # (B, T, K)
+    teacher_lp = torch.where(valid, teacher_logprobs.float(), NEG)
+    if tail == "renormalize":
+        teacher_lp = torch.log_softmax(teacher_lp / temperature, dim=-1)
+        student_lp = torch.log_softmax(student_lp, dim=-1)
+        return teacher_lp, student_lp
+    teacher_tail = _log1mexp(torch.logsumexp(teacher_lp, dim=-1, keepdim=True))
+    student_tail = _log1mexp(torch.logsumexp(student_lp, dim=-1, keepdim=True))
+    return torch.cat([teacher_lp, teacher_tail], -1), torch.cat([student_lp, student_tail], -1)
+
+
+def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) summed over the last axis."""
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def _mix(log_p: torch.Tensor, log_q: torch.Tensor, weight_p: float) -> torch.Tensor:
+    """log(weight_p * p + (1 - weight_p) * q), stable."""
+    w = torch.tensor(weight_p, dtype=log_p.dtype, device=log_p.device)
+    return torch.logaddexp(log_p + torch.log(w), log_q + torch.log1p(-w))
+
+
+def forward_kl(log_p, log_q, **_):
+    """KL(teacher || student): mode-covering (Hinton et al., 2015)."""
+    return _kl(log_p, log_q)
+
+
+def reverse_kl(log_p, log_q, **_):
+    """KL(student || teacher): mode-seeking (MiniLLM, Gu et al., ICLR 2024, eq. 1)."""
+    return _kl(log_q, log_p)
+
+
+def generalized_jsd(log_p, log_q, beta: float = 0.5, **_):
+    """GKD's JSD(beta) = beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q
+    (Agarwal et al., ICLR 2024, "On-Policy Distillation of Language Models", sec. 3)."""
+    if not 0.0 < beta < 1.0:
+        raise ValueError(f"beta={beta}: generalized JSD needs 0 < beta < 1 (use forward_kl / reverse_kl at the ends)")
+    m = _mix(log_p, log_q, beta)
+    return beta * _kl(log_p, m) + (1 - beta) * _kl(log_q, m)
+
+
+def skew_kl(log_p, log_q, alpha: float = 0.1, **_):
+    """Skew KL: KL(p || alpha p + (1 - alpha) q) (DistiLLM, Ko et al., ICML 2024, eq. 4)."""
+    if not 0.0 <= alpha < 1.0:
+        raise ValueError(f"alpha={alpha}: skew KL needs 0 <= alpha < 1")
+    return _kl(log_p, _mix(log_p, log_q, alpha))
+
+
+def skew_reverse_kl(log_p, log_q, alpha: float = 0.1, **_):
+    """Skew reverse KL: KL(q || alpha q + (1 - alpha) p) (DistiLLM, Ko et al., ICML 2024, eq. 5)."""
+    if not 0.0 <= alpha < 1.0:
+        raise ValueError(f"alpha={alpha}: skew reverse KL needs 0 <= alpha < 1")
+    return _kl(log_q, _mix(log_q, log_p, alpha))
+
+
+def total_variation(log_p, log_q, **_):
+    """Total variation distance 0.5 * sum |p - q| (as in DistillKit's TVD loss)."""
+    return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
+
+
+DIVERGENCES: dict[str, Callable[..., torch.Tensor]] = {
+    "forward_kl": forward_kl,
+    "reverse_kl": reverse_kl,
+    "jsd": generalized_jsd,
+    "skew_kl": skew_kl,
+    "skew_reverse_kl": skew_reverse_kl,
+    "tvd": total_variation,
+}
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` (B, T) over ``mask`` (B, T); 0 when the mask is empty."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    topk_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    divergence: str = "forward_kl",
+    tail: str = "renormalize",
+    temperature: float = 1.0,
+    student_lse: torch.Tensor | None = None,
+    **divergence_kwargs,
+) -> torch.Tensor:
+    """Mean per-position divergence between sparse teacher labels and the student, times T^2."""
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence={divergence!r}: expected one of {sorted(DIVERGENCES)}")
+    log_p, log_q = sparse_log_distributions(student_logits, topk_ids, teacher_logprobs, tail, temperature, student_lse)
+    per_position = DIVERGENCES[divergence](log_p, log_q, **divergence_kwargs)  # (B, T)
+    return masked_mean(per_position, mask) * temperature**2
+
+
+def cross_entropy(
+    student_logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, student_lse: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean negative log-likelihood of ``targets`` (B, T) over ``mask``; 0 when nothing is labelled."""
+    logits = student_logits.float()
+    if student_lse is None:
+        student_lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    nll = (student_lse - logits.gather(-1, targets[..., None]))[..., 0]  # (B, T)
+    return masked_mean(nll, mask)
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    targets: torch.Tensor,
+    topk_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    kd_weight: float = 0.5,
+    divergence: str = "forward_kl",
+    tail: str = "renormalize",
+    temperature: float = 1.0,
+    **divergence_kwargs,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``kd_weight * KD + (1 - kd_weight) * CE``; returns the loss and its detached parts.
+
+    One ``logsumexp`` over the vocabulary serves both terms at T = 1, which keeps a KD step
+    nearly as cheap as a CE-only step. ``kd_weight = 0`` skips the KD term entirely.
+    """
+    logits = student_logits.float()
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (B, T, 1)
+    ce = cross_entropy(logits, targets, mask, student_lse=lse)
+    if kd_weight == 0.0:
+        return ce, {"ce": ce.detach(), "kd": torch.zeros(())}
+    kd = kd_loss(
+        logits, topk_ids, teacher_logprobs, mask, divergence, tail, temperature,
+        student_lse=lse if temperature == 1.0 else None, **divergence_kwargs,
+    )
+    loss = kd_weight * kd + (1.0 - kd_weight) * ce
+    return loss, {"ce": ce.detach(), "kd": kd.detach()}

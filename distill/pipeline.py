@@ -1,0 +1,228 @@
+"""The pipeline's stages as plain functions over a ``RunConfig``; each Dagster asset calls one.
+
+Paths are derived from content keys, so every stage finds its inputs from the config alone
+and a stage whose inputs did not change finds its outputs already there.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Sequence
+
+from distill.config import RunConfig
+from distill.data import build_corpus, read_corpus_shard
+from distill.teacher.checkpoint import checkpoint_hashes, resolve_teacher
+from distill.teacher.labels import label_shard, shard_key
+from storage.cache import LabelStore, content_key
+from storage.reader import Shard, ShardError
+from storage.schema import ShardMeta
+from storage.writer import atomic_write_text
+
+_ENGINES: dict[tuple, object] = {}
+
+
+class IncompleteLabelsError(RuntimeError):
+    """Some shards the run needs are not labelled yet."""
+
+
+def teacher_dir(cfg: RunConfig) -> Path:
+    return resolve_teacher(cfg.teacher.model, cfg.root)
+
+
+def teacher_hashes(cfg: RunConfig) -> dict:
+    return checkpoint_hashes(teacher_dir(cfg))
+
+
+def tokenizer(cfg: RunConfig):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(teacher_dir(cfg), trust_remote_code=cfg.teacher.engine.trust_remote_code)
+
+
+def prepare_teacher(cfg: RunConfig) -> dict:
+    """Resolve (and, for the bundled teacher, convert once) the teacher checkpoint."""
+    from transformers import AutoConfig
+
+    path = teacher_dir(cfg)
+    model_config = AutoConfig.from_pretrained(path)
+    if cfg.corpus.window > getattr(model_config, "max_position_embeddings", cfg.corpus.window):
+        raise ValueError(
+            f"corpus.window={cfg.corpus.window} exceeds the teacher's context ({model_config.max_position_embeddings})"
+        )
+    return {"path": str(path), **checkpoint_hashes(path), "vocab_size": model_config.vocab_size,
+            "layers": model_config.num_hidden_layers, "architecture": (model_config.architectures or ["?"])[0]}
+
+
+def prepare_corpus(cfg: RunConfig) -> dict:
+    return build_corpus(cfg.corpus, tokenizer(cfg), teacher_hashes(cfg)["tokenizer"], cfg.root)
+
+
+def label_store(cfg: RunConfig) -> LabelStore:
+    return LabelStore(cfg.root / "labels")
+
+
+def engine_dtype(cfg: RunConfig) -> str:
+    # cache keys include the dtype labels were computed in; ``auto`` resolves per platform
+    if cfg.teacher.engine.dtype != "auto":
+        return cfg.teacher.engine.dtype
+    from vllm.platforms import current_platform
+
+    return "float32" if current_platform.is_cpu() else "auto"
+
+
+def get_engine(cfg: RunConfig):
+    """The process's engine for this teacher and settings, started on first use."""
+    from distill.teacher.vllm_engine import VllmTeacher
+
+    key = (str(teacher_dir(cfg)), cfg.teacher.k, cfg.corpus.window, cfg.teacher.engine)
+    if key not in _ENGINES:
+        _ENGINES[key] = VllmTeacher(teacher_dir(cfg), cfg.teacher.k, cfg.corpus.window, cfg.teacher.engine)
+    return _ENGINES[key]
+
+
+def close_engines() -> None:
+    while _ENGINES:
+        _, engine = _ENGINES.popitem()
+        engine.close()
+
+
+def shard_keys(cfg: RunConfig, names: Sequence[str]) -> dict[str, str]:
+    from distill.data import corpus_dir
+
+    hashes = teacher_hashes(cfg)
+    manifest_path = corpus_dir(cfg.root, cfg.corpus, hashes["tokenizer"]) / "corpus.json"
+    if not manifest_path.exists():
+        raise IncompleteLabelsError(f"{manifest_path}: corpus not built; materialize the corpus asset first")
+    manifest = json.loads(manifest_path.read_text())
+    dtype = engine_dtype(cfg)
+    return {n: shard_key(hashes, manifest["shards"][n]["fingerprint"], cfg.teacher, dtype) for n in names}
+
+
+def expected_meta(cfg: RunConfig) -> dict:
+    """Fields every shard of this run must carry (checked by the reader)."""
+    hashes = teacher_hashes(cfg)
+    from transformers import AutoConfig
+
+    return {
+        "teacher_hash": hashes["weights"],
+        "tokenizer_hash": hashes["tokenizer"],
+        "vocab_size": AutoConfig.from_pretrained(teacher_dir(cfg)).vocab_size,
+        "k": cfg.teacher.k,
+        "mode": cfg.teacher.mode,
+        "temperature": 1.0,
+    }
+
+
+def label_shards(cfg: RunConfig, names: Sequence[str], engine_factory=None) -> dict[str, dict]:
+    """Label the named corpus shards (cache hits cost nothing); returns per-shard results."""
+    hashes = teacher_hashes(cfg)
+    keys = shard_keys(cfg, names)
+    store = label_store(cfg)
+    expect = expected_meta(cfg)
+    factory = engine_factory or (lambda: get_engine(cfg))
+    results = {}
+    for name in names:
+        entry, windows = read_corpus_shard(cfg.root, cfg.corpus, hashes["tokenizer"], name)
+        meta = ShardMeta(
+            teacher=cfg.teacher.model, teacher_hash=hashes["weights"], tokenizer_hash=hashes["tokenizer"],
+            vocab_size=expect["vocab_size"], k=cfg.teacher.k, temperature=1.0, mode=cfg.teacher.mode,
+            engine=_engine_name(), data_fingerprint=entry["fingerprint"], shard=name,
+            split=name.split("-")[0], cache_key=keys[name], code_version=_code_version(),
+        )
+        results[name] = {"key": keys[name], **label_shard(factory, store, keys[name], meta, windows)}
+    return results
+
+
+def _engine_name() -> str:
+    import vllm
+
+    return f"vllm-{vllm.__version__}"
+
+
+def _code_version() -> str:
+    from distill.teacher.labels import LABEL_CODE_VERSION
+
+    return LABEL_CODE_VERSION
+
+
+def open_split(cfg: RunConfig, split: str) -> list[Shard]:
+    """Every committed, verified shard of ``split``; raises naming the missing partitions."""
+    names = [n for n in cfg.corpus.shard_names() if n.startswith(split)]
+    keys = shard_keys(cfg, names)
+    store = label_store(cfg)
+    expect = expected_meta(cfg)
+    missing = [n for n in names if not store.is_committed(keys[n])]
+    if missing:
+        raise IncompleteLabelsError(
+            f"{len(missing)} {split} shard(s) not labelled yet: {missing}; materialize teacher_logits for those partitions"
+        )
+    shards = []
+    for n in names:
+        shard = store.open(keys[n], expect=expect)
+        if shard.rows:
+            shards.append(shard)
+    if not shards:
+        raise ShardError(store.root, f"every {split} shard is empty; add documents or lower corpus.{split}_shards")
+    return shards
+
+
+def student_dir(cfg: RunConfig, baseline: bool) -> Path:
+    train_cfg = cfg.baseline_train if baseline else cfg.train
+    names = [n for n in cfg.corpus.shard_names() if n.startswith("train")]
+    key = content_key(
+        {
+            "student": dataclasses.asdict(cfg.student),
+            "train": {k: v for k, v in dataclasses.asdict(train_cfg).items() if k not in ("progress", "num_threads")},
+            "shards": sorted(shard_keys(cfg, names).values()),
+        }
+    )
+    return cfg.root / "students" / f"{'baseline' if baseline else 'student'}-{key}"
+
+
+def train_student(cfg: RunConfig, baseline: bool = False) -> dict:
+    """Train (or resume, or reuse when finished) the distilled student or the CE-only baseline."""
+    from distill.trainer import train
+
+    out = student_dir(cfg, baseline)
+    summary_path = out / "summary.json"
+    if summary_path.exists() and (out / "model").exists():
+        return {**json.loads(summary_path.read_text()), "reused": True, "out_dir": str(out)}
+    shards = open_split(cfg, "train")
+    tok = tokenizer(cfg)
+    summary = train(cfg.student, cfg.baseline_train if baseline else cfg.train, teacher_dir(cfg), shards, out, len(tok))
+    return {**summary, "reused": False, "out_dir": str(out)}
+
+
+def evaluate_run(cfg: RunConfig) -> dict:
+    """Teacher, distilled student, CE-only baseline and the student at initialization on held-out shards."""
+    import torch
+
+    from distill.evaluation import evaluate, evaluate_model, gate, markdown_table, summary_line
+    from distill.student import build_student
+
+    shards = open_split(cfg, "heldout")
+    models = {"teacher": teacher_dir(cfg)}
+    for name, baseline in (("student", False), ("baseline", True)):
+        path = student_dir(cfg, baseline) / "model"
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: {name} not trained; materialize the {'baseline_student' if baseline else 'student_model'} asset")
+        models[name] = path
+    results = evaluate(models, shards, cfg.eval)
+    init = build_student(teacher_dir(cfg), cfg.student, len(tokenizer(cfg)))
+    with torch.no_grad():
+        results["student_init"] = evaluate_model(init, shards, cfg.eval)
+    passed, gate_text = gate(results, cfg.eval)
+    report = {
+        "results": results,
+        "table": markdown_table(results),
+        "summary": summary_line(results),
+        "gate_passed": passed,
+        "gate": gate_text,
+    }
+    key = content_key({"models": {n: str(p) for n, p in models.items()}, "heldout": [s.meta.cache_key for s in shards], "eval": dataclasses.asdict(cfg.eval)})
+    out = cfg.root / "evaluations" / key
+    atomic_write_text(out / "results.json", json.dumps(report, indent=1))
+    atomic_write_text(out / "report.md", f"# Distillation report\n\n{report['table']}\n\nGate: {gate_text}\n\n`{report['summary']}`\n")
+    report["out_dir"] = str(out)
+    return report

@@ -1,0 +1,106 @@
+"""Teacher labelling of corpus shards into the content-addressed label store.
+
+A shard's content key covers everything its labels depend on; a committed key is reused with
+no teacher work at all (not even an engine start: engines are created lazily).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+
+from distill.configbase import check
+from distill.teacher.checkpoint import BUNDLED
+from distill.teacher.vllm_engine import EngineConfig
+from storage.cache import LabelStore, content_key
+from storage.schema import ShardMeta
+
+LABEL_CODE_VERSION = "score-1"
+MODES = ("score",)
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherConfig:
+    model: str = BUNDLED
+    """Local checkpoint folder, hub id, or ``bundled:smollm2-135m-instruct``."""
+    k: int = 32
+    """Top-k entries stored per labelled position."""
+    mode: str = "score"
+    """Labelling mode: ``score`` (teacher-forced over the corpus)."""
+    engine: EngineConfig = EngineConfig()
+    """vLLM engine settings."""
+
+    def __post_init__(self):
+        check(1 <= self.k <= 1024, "k", self.k, "an integer in [1, 1024]")
+        check(self.mode in MODES, "mode", self.mode, f"one of {MODES}")
+
+
+def shard_key(teacher_hashes: dict, fingerprint: str, cfg: TeacherConfig, dtype: str) -> str:
+    """Content key of one labelled shard: teacher, tokenizer, data, settings, code version."""
+    return content_key(
+        {
+            "weights": teacher_hashes["weights"],
+            "tokenizer": teacher_hashes["tokenizer"],
+            "data": fingerprint,
+            "mode": cfg.mode,
+            "k": cfg.k,
+            "temperature": 1.0,
+            "dtype": dtype,
+            "code": LABEL_CODE_VERSION,
+        }
+    )
+
+
+def label_shard(
+    engine_factory: Callable[[], object],
+    store: LabelStore,
+    key: str,
+    meta: ShardMeta,
+    windows: pa.Table,
+) -> dict:
+    """Label ``windows`` into ``store`` under ``key`` unless already committed.
+
+    Engine work and Parquet writing overlap: the rows of one macro-batch are written by a
+    background thread while the engine runs the next.
+    """
+    from storage.writer import ShardWriter
+
+    existing = store.lookup(key)
+    if existing is not None:
+        return {"cache_hit": True, "rows": existing.rows, "tokens": existing.tokens, "teacher_seconds": 0.0, "path": str(existing.path)}
+    engine = engine_factory()
+    input_ids = windows.column("input_ids").to_pylist()
+    label_starts = windows.column("label_start").to_pylist()
+    doc_ids = windows.column("doc_id").to_pylist()
+    window_idx = windows.column("window_index").to_pylist()
+    t0 = time.perf_counter()
+    with ShardWriter(store.path_for(key), meta) as writer, ThreadPoolExecutor(1) as pool:
+        pending = None
+        batch: list[dict] = []
+        for i, labels in enumerate(engine.score(input_ids, label_starts)):
+            batch.append(
+                {
+                    "doc_id": doc_ids[i],
+                    "window_index": window_idx[i],
+                    "input_ids": np.asarray(input_ids[i], np.int64),
+                    "label_start": label_starts[i],
+                    "topk_ids": labels["topk_ids"].reshape(-1),
+                    "topk_logprobs": labels["topk_logprobs"].reshape(-1),
+                    "target_logprobs": labels["target_logprobs"],
+                    "tail_mass": labels["tail_mass"],
+                }
+            )
+            if len(batch) >= 64:
+                if pending is not None:
+                    pending.result()
+                pending, batch = pool.submit(writer.write_many, batch), []
+        if pending is not None:
+            pending.result()
+        writer.write_many(batch)
+    seconds = time.perf_counter() - t0
+    return {"cache_hit": False, "rows": writer.rows, "tokens": writer.tokens, "teacher_seconds": seconds, "path": str(store.path_for(key))}

@@ -1,0 +1,308 @@
+"""Student trainer: streams teacher shards, mixes a KD divergence with cross-entropy, saves a
+checkpoint that transformers and vLLM load.
+
+Reads top to bottom: ``collate`` -> ``train`` (setup, resume, step loop, checkpoints, save).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from distill.configbase import check
+from distill.losses import DIVERGENCES, TAILS, distillation_loss
+from distill.student import StudentConfig, build_student
+from storage.reader import Shard, ShardStream, StreamPosition
+from storage.writer import atomic_write_text
+
+FINAL_DIR = "model"
+CKPT_DIR = "checkpoints"
+HISTORY = "history.jsonl"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    """Optimizer steps."""
+    batch_size: int = 8
+    """Windows per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    lr: float = 3e-4
+    """Peak learning rate (AdamW)."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of ``lr`` (cosine decay)."""
+    warmup_steps: int = 0
+    """Linear warm-up steps; 0: 5% of ``steps``."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0: off)."""
+    kd_weight: float = 0.5
+    """Weight of the KD term; ``1 - kd_weight`` goes to cross-entropy on the realized tokens. 0: CE-only baseline."""
+    divergence: str = "forward_kl"
+    """KD divergence: forward_kl, reverse_kl, jsd, skew_kl, skew_reverse_kl or tvd."""
+    tail: str = "renormalize"
+    """Missing-tail treatment: renormalize (top-k only) or bucket (explicit tail outcome)."""
+    temperature: float = 1.0
+    """Distillation temperature (loss scaled by T^2)."""
+    beta: float = 0.5
+    """JSD beta (``jsd`` only)."""
+    alpha: float = 0.1
+    """Skew alpha (``skew_kl`` / ``skew_reverse_kl`` only)."""
+    seed: int = 0
+    """Seeds data order and any randomness of training."""
+    shuffle: bool = True
+    """Shuffle row groups and rows within them each epoch (seeded)."""
+    checkpoint_every: int = 0
+    """Save a resumable checkpoint every N steps (0: only the final model)."""
+    keep_checkpoints: int = 2
+    """Resumable checkpoints kept on disk."""
+    precision: str = "auto"
+    """``auto`` (bf16 autocast on CUDA, fp32 on CPU), ``fp32`` or ``bf16``."""
+    num_threads: int | None = None
+    """CPU threads for torch (None: torch's default)."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def __post_init__(self):
+        check(self.steps >= 1, "steps", self.steps, "an integer >= 1")
+        check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+        check(self.grad_accum >= 1, "grad_accum", self.grad_accum, "an integer >= 1")
+        check(self.lr > 0, "lr", self.lr, "a positive number")
+        check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "a number in [0, 1]")
+        check(0 <= self.kd_weight <= 1, "kd_weight", self.kd_weight, "a number in [0, 1]")
+        check(self.divergence in DIVERGENCES, "divergence", self.divergence, f"one of {sorted(DIVERGENCES)}")
+        check(self.tail in TAILS, "tail", self.tail, f"one of {TAILS}")
+        check(self.temperature > 0, "temperature", self.temperature, "a positive number")
+        check(self.tail != "bucket" or self.temperature == 1.0, "temperature", self.temperature, "1.0 when tail is 'bucket'")
+        check(0 < self.beta < 1, "beta", self.beta, "a number in (0, 1)")
+        check(0 <= self.alpha < 1, "alpha", self.alpha, "a number in [0, 1)")
+        check(self.precision in ("auto", "fp32", "bf16"), "precision", self.precision, "auto, fp32 or bf16")
+        check(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, "an integer >= 0")
+
+    @property
+    def effective_warmup(self) -> int:
+        return self.warmup_steps or max(1, self.steps // 20)
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate for optimizer step ``step`` (0-based): linear warm-up, cosine decay."""
+        warm = self.effective_warmup
+        if step < warm:
+            return self.lr * (step + 1) / warm
+        progress = (step - warm) / max(1, self.steps - warm)
+        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def collate(rows: Sequence[dict], k: int) -> dict[str, torch.Tensor]:
+    """Pad windows to the longest in the batch and scatter the sparse labels onto positions.
+
+    Returns ``input_ids``/``attention_mask``/``targets``/``mask`` (B, T) and
+    ``topk_ids``/``teacher_logprobs`` (B, T, K); unlabelled entries hold id 0 and -inf.
+    """
+    B, T = len(rows), max(len(r["input_ids"]) for r in rows)
+    input_ids = np.zeros((B, T), np.int64)
+    attention = np.zeros((B, T), np.int64)
+    targets = np.zeros((B, T), np.int64)
+    mask = np.zeros((B, T), bool)
+    topk_ids = np.zeros((B, T, k), np.int64)
+    teacher_lp = np.full((B, T, k), -np.inf, np.float32)
+    for b, r in enumerate(rows):
+        ids = np.asarray(r["input_ids"], np.int64)
+        L, s = len(ids), int(r["label_start"])
+        input_ids[b, :L] = ids
+        attention[b, :L] = 1
+        targets[b, : L - 1] = ids[1:]
+        mask[b, s : L - 1] = True
+        n = L - 1 - s
+        topk_ids[b, s : L - 1] = np.asarray(r["topk_ids"]).reshape(n, k)
+        teacher_lp[b, s : L - 1] = np.asarray(r["topk_logprobs"]).reshape(n, k)
+    return {
+        "input_ids": torch.from_numpy(input_ids),
+        "attention_mask": torch.from_numpy(attention),
+        "targets": torch.from_numpy(targets),
+        "mask": torch.from_numpy(mask),
+        "topk_ids": torch.from_numpy(topk_ids),
+        "teacher_logprobs": torch.from_numpy(teacher_lp),
+    }
+
+
+def batches(stream: ShardStream, batch_size: int, k: int, start: StreamPosition) -> Iterator[tuple[dict, StreamPosition]]:
+    """Micro-batches and the stream position after each (for exact resume)."""
+    rows, pos = [], start
+    for row, pos in stream.rows(start):
+        rows.append(row)
+        if len(rows) == batch_size:
+            yield collate(rows, k), pos
+            rows = []
+
+
+def _autocast(cfg: TrainConfig, device: torch.device):
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+
+def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, position: StreamPosition, keep: int) -> Path:
+    """Resumable checkpoint (model + optimizer + RNG + data position), committed by rename."""
+    from safetensors.torch import save_file
+
+    final = ckpt_root / f"step-{step:08d}"
+    tmp = ckpt_root / f".step-{step:08d}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+    torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}, tmp / "trainer_state.pt")
+    (tmp / "position.json").write_text(json.dumps({"step": step, "position": position.to_dict()}))
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    os.replace(tmp, final)
+    done = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())
+    for old in done[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    done = sorted(p for p in ckpt_root.glob("step-*") if (p / "position.json").exists())
+    return done[-1] if done else None
+
+
+def _plot_history(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h["step"] for h in history]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for key in ("loss", "ce", "kd"):
+        if any(h.get(key) for h in history):
+            ax.plot(steps, [h[key] for h in history], label=key)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def train(
+    student_cfg: StudentConfig,
+    cfg: TrainConfig,
+    teacher_dir: str | Path,
+    shards: Sequence[Shard],
+    out_dir: str | Path,
+    tokenizer_vocab: int,
+    stop_after: int | None = None,
+) -> dict:
+    """Train a student on ``shards`` into ``out_dir/model``; resumes from ``out_dir/checkpoints``.
+
+    ``stop_after`` ends the run early after that many steps (with a checkpoint), as a crash would.
+    """
+    out_dir = Path(out_dir)
+    ckpt_root = out_dir / CKPT_DIR
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    k = shards[0].meta.k
+    torch.manual_seed(cfg.seed)
+    model = build_student(teacher_dir, student_cfg, tokenizer_vocab).to(device)
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, foreach=True,
+    )
+    step, position, history = 0, StreamPosition(), []
+    resume = latest_checkpoint(ckpt_root)
+    if resume is not None:
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(resume / "model.safetensors"))
+        state = torch.load(resume / "trainer_state.pt", weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        saved = json.loads((resume / "position.json").read_text())
+        step, position = saved["step"], StreamPosition(**saved["position"])
+        history_path = out_dir / HISTORY
+        if history_path.exists():
+            history = [json.loads(line) for line in history_path.read_text().splitlines()][:step]
+    stream = ShardStream(shards, seed=cfg.seed, shuffle=cfg.shuffle)
+    data = batches(stream, cfg.batch_size, k, position)
+    loss_kwargs = dict(
+        kd_weight=cfg.kd_weight, divergence=cfg.divergence, tail=cfg.tail, temperature=cfg.temperature,
+        **({"beta": cfg.beta} if cfg.divergence == "jsd" else {}),
+        **({"alpha": cfg.alpha} if cfg.divergence.startswith("skew") else {}),
+    )
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.steps, initial=step, disable=not cfg.progress, desc="train", unit="step")
+    last = stop_after and min(cfg.steps, step + stop_after) or cfg.steps
+    t_start, tokens_seen = time.perf_counter(), 0
+    while step < last:
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr_at(step)
+        parts = {"loss": 0.0, "ce": 0.0, "kd": 0.0}
+        for _ in range(cfg.grad_accum):
+            batch, position = next(data)
+            batch = {name: t.to(device) for name, t in batch.items()}
+            with _autocast(cfg, device):
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss, terms = distillation_loss(
+                logits, batch["targets"], batch["topk_ids"], batch["teacher_logprobs"], batch["mask"], **loss_kwargs
+            )
+            (loss / cfg.grad_accum).backward()
+            parts["loss"] += loss.item() / cfg.grad_accum
+            parts["ce"] += terms["ce"].item() / cfg.grad_accum
+            parts["kd"] += terms["kd"].item() / cfg.grad_accum
+            tokens_seen += int(batch["mask"].sum())
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        history.append({"step": step, "lr": cfg.lr_at(step - 1), **parts})
+        elapsed = time.perf_counter() - t_start
+        bar.set_postfix(loss=f"{parts['loss']:.3f}", ce=f"{parts['ce']:.3f}", kd=f"{parts['kd']:.3f}", tok_s=f"{tokens_seen / elapsed:.0f}")
+        bar.update(1)
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 or (stop_after and step == last < cfg.steps):
+            atomic_write_text(out_dir / HISTORY, "".join(json.dumps(h) + "\n" for h in history))
+            save_checkpoint(ckpt_root, step, model, optimizer, position, cfg.keep_checkpoints)
+    bar.close()
+    atomic_write_text(out_dir / HISTORY, "".join(json.dumps(h) + "\n" for h in history))
+    if step < cfg.steps:
+        return {"steps": step, "finished": False}
+    _plot_history(history, out_dir / "loss.png")
+    final = out_dir / FINAL_DIR
+    tmp = out_dir / f".{FINAL_DIR}.tmp-{uuid.uuid4().hex[:8]}"
+    model.save_pretrained(tmp, safe_serialization=True)
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(teacher_dir).save_pretrained(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    summary = {
+        "steps": step,
+        "finished": True,
+        "final_loss": history[-1]["loss"],
+        "final_ce": history[-1]["ce"],
+        "final_kd": history[-1]["kd"],
+        "labelled_tokens_this_run": tokens_seen,
+        "seconds_this_run": time.perf_counter() - t_start,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "model_dir": str(final),
+    }
+    atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=1))
+    return summary

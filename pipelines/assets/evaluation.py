@@ -1,0 +1,25 @@
+"""Held-out evaluation of teacher, distilled student and baseline, with a blocking gate."""
+
+import dagster as dg
+
+from distill import pipeline
+from pipelines.resources import DistillSettings
+
+
+@dg.asset(
+    group_name="evaluation",
+    deps=["student_model", "baseline_student", "teacher_logits"],
+    check_specs=[dg.AssetCheckSpec("distillation_gate", asset="evaluation", blocking=True,
+                                   description="The distilled student beats the CE-only baseline on held-out KL and perplexity.")],
+    description="Perplexity, KL(teacher‖model) and top-1 agreement on held-out shards.",
+)
+def evaluation(context: dg.AssetExecutionContext, settings: DistillSettings) -> dg.MaterializeResult:
+    report = pipeline.evaluate_run(settings.load())
+    context.log.info("\n" + report["table"] + "\n" + report["summary"])
+    numbers = {f"{model}_{metric}": float(value) for model, m in report["results"].items() for metric, value in m.items() if metric in ("ppl", "kl", "top1")}
+    return dg.MaterializeResult(
+        metadata={"table": dg.MetadataValue.md(report["table"]), "summary": report["summary"],
+                  "report": dg.MetadataValue.path(report["out_dir"] + "/report.md"), **numbers},
+        check_results=[dg.AssetCheckResult(check_name="distillation_gate", passed=report["gate_passed"],
+                                           metadata={"gate": report["gate"]})],
+    )

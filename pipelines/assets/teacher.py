@@ -1,0 +1,44 @@
+"""Teacher checkpoint and its soft labels, one partition per corpus shard."""
+
+import dagster as dg
+
+from distill import pipeline
+from pipelines.resources import DistillSettings, TeacherEngine
+
+
+@dg.asset(group_name="teacher", description="The teacher checkpoint (safetensors), converted once if bundled.")
+def teacher_model(settings: DistillSettings) -> dg.MaterializeResult:
+    info = pipeline.prepare_teacher(settings.load())
+    return dg.MaterializeResult(
+        metadata={"path": dg.MetadataValue.path(info["path"]), **{k: v for k, v in info.items() if k != "path"}},
+        data_version=dg.DataVersion(info["weights"]),
+    )
+
+
+def build_teacher_logits(partitions: dg.PartitionsDefinition, max_partitions_per_run: int = 4):
+    @dg.asset(
+        group_name="teacher",
+        deps=["corpus", "teacher_model"],
+        partitions_def=partitions,
+        backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run),
+        pool="teacher",
+        description="Teacher top-k soft labels of one corpus shard (Parquet, content-addressed; a known key is a cache hit).",
+    )
+    def teacher_logits(context: dg.AssetExecutionContext, settings: DistillSettings, teacher_engine: TeacherEngine) -> dg.MaterializeResult:
+        cfg = settings.load()
+        names = list(context.partition_keys)
+        results = pipeline.label_shards(cfg, names)
+        hits = sum(r["cache_hit"] for r in results.values())
+        context.log.info(f"labelled {len(names) - hits} shard(s), {hits} cache hit(s)")
+        return dg.MaterializeResult(
+            metadata={
+                "shards": len(names),
+                "cache_hits": hits,
+                "rows": sum(r["rows"] for r in results.values()),
+                "labelled_tokens": sum(r["tokens"] for r in results.values()),
+                "teacher_seconds": round(sum(r["teacher_seconds"] for r in results.values()), 3),
+                "keys": dg.MetadataValue.json({n: r["key"] for n, r in results.items()}),
+            }
+        )
+
+    return teacher_logits

@@ -1,0 +1,31 @@
+"""Dagster ``Definitions`` for one run config (``DISTILL_CONFIG``, default configs/demo.yaml).
+
+Load with ``dagster dev -m pipelines.definitions`` (``make ui``).
+"""
+from __future__ import annotations
+
+import dagster as dg
+
+from distill.config import load_config
+from pipelines.assets.corpus import corpus
+from pipelines.assets.evaluation import evaluation
+from pipelines.assets.student import baseline_student, student_model
+from pipelines.assets.teacher import build_teacher_logits, teacher_model
+from pipelines.resources import DistillSettings, TeacherEngine, default_config_path
+
+
+def build_definitions(config_path: str | None = None, keep_engine_alive: bool = False) -> dg.Definitions:
+    config_path = config_path or default_config_path()
+    cfg = load_config(config_path)  # fail at load time, naming the field, on a bad config
+    partitions = dg.StaticPartitionsDefinition(cfg.corpus.shard_names())
+    assets = [teacher_model, corpus, build_teacher_logits(partitions), student_model, baseline_student, evaluation]
+    return dg.Definitions(
+        assets=assets,
+        resources={
+            "settings": DistillSettings(config_path=str(config_path)),
+            "teacher_engine": TeacherEngine(keep_alive=keep_engine_alive),
+        },
+    )
+
+
+defs = build_definitions()
