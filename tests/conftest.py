@@ -1,0 +1,55 @@
+"""Shared fixtures: the bundled teacher (converted once into the repo's data folder), a tiny run
+config, and one real vLLM engine for every test that needs it."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_K = 8
+TINY_WINDOW = 64
+
+
+@pytest.fixture(scope="session")
+def teacher_dir() -> Path:
+    from distill.teacher.checkpoint import BUNDLED, resolve_teacher
+
+    return resolve_teacher(BUNDLED, REPO / "data")
+
+
+@pytest.fixture(scope="session")
+def tiny_config_path(tmp_path_factory, teacher_dir) -> Path:
+    root = tmp_path_factory.mktemp("run")
+    config = {
+        "storage_root": str(root / "data"),
+        "teacher": {"model": str(teacher_dir), "k": TINY_K},
+        "corpus": {"max_documents": 10, "window": TINY_WINDOW, "train_shards": 2, "heldout_shards": 1, "heldout_fraction": 0.25},
+        "train": {"steps": 3, "batch_size": 4, "progress": False},
+        "eval": {"max_windows": 12},
+    }
+    path = root / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_config(tiny_config_path):
+    from distill.config import load_config
+
+    return load_config(tiny_config_path)
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_config):
+    """The one vLLM engine of the test session (the graph test reuses it through the same key)."""
+    from distill import pipeline
+
+    eng = pipeline.get_engine(tiny_config)
+    yield eng
+    pipeline.close_engines()

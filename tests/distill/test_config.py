@@ -1,0 +1,45 @@
+"""Shipped configs load; bad values and unknown fields are named in the error."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from distill.config import from_mapping, load_config
+from distill.configbase import ConfigError
+
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+
+
+def test_configs_ship():
+    assert {p.name for p in CONFIGS} >= {"demo.yaml", "default.yaml"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert cfg.teacher.k >= 1 and cfg.train.steps >= 1
+
+
+@pytest.mark.parametrize(
+    "data,match",
+    [
+        ({"teacher": {"k": 0}}, r"teacher\.k=0"),
+        ({"teacher": {"kk": 3}}, r"unknown field.*kk"),
+        ({"train": {"kd_weight": 1.5}}, r"train\.kd_weight=1\.5"),
+        ({"train": {"divergence": "kl"}}, r"train\.divergence='kl'"),
+        ({"train": {"steps": "ten"}}, r"train\.steps='ten'.*int"),
+        ({"corpus": {"stride": 600, "window": 512}}, r"corpus\.stride=600"),
+        ({"teacher": {"engine": {"dtype": "fp8"}}}, r"teacher\.engine\.dtype='fp8'"),
+        ({"trainer": {}}, r"unknown section.*trainer"),
+        ({"train": {"tail": "bucket", "temperature": 2.0}}, r"train\.temperature"),
+    ],
+)
+def test_bad_config_names_field(data, match):
+    with pytest.raises(ConfigError, match=match):
+        from_mapping(data)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")

@@ -1,0 +1,196 @@
+"""Shard writer/reader round trip, crash safety of commits, validation errors, streaming order."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from storage.cache import LabelStore, content_key
+from storage.reader import ShardError, ShardStream, StreamPosition, open_shard
+from storage.schema import ShardMeta
+from storage.writer import ShardWriter, record_path
+
+
+def make_meta(vocab=49152, k=4, **kw):
+    base = dict(
+        teacher="t", teacher_hash="w1", tokenizer_hash="tok1", vocab_size=vocab, k=k, temperature=1.0,
+        mode="score", engine="test", data_fingerprint="fp", shard="train-00000", split="train",
+        cache_key="key", code_version="test",
+    )
+    base.update(kw)
+    return ShardMeta(**base)
+
+
+def make_rows(n_rows, vocab, k, seed=0, length=(3, 20)):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n_rows):
+        L = int(rng.integers(*length))
+        label_start = int(rng.integers(0, L - 1))
+        n = L - 1 - label_start
+        logits = rng.normal(size=(n, k)).astype(np.float32)
+        lp = np.sort(-np.abs(logits) - 0.1, axis=1)[:, ::-1].copy()
+        rows.append({
+            "doc_id": f"doc-{i // 3}", "window_index": i % 3,
+            "input_ids": rng.integers(0, vocab, L), "label_start": label_start,
+            "topk_ids": rng.integers(0, vocab, n * k), "topk_logprobs": lp.reshape(-1),
+            "target_logprobs": lp[:, 0].copy(), "tail_mass": rng.uniform(0, 1, n).astype(np.float32),
+        })
+    return rows
+
+
+@pytest.mark.parametrize("vocab", [49152, 151_936])  # uint16 ids, and a Qwen-size vocabulary (uint32)
+def test_round_trip(tmp_path, vocab):
+    k = 4
+    rows = make_rows(150, vocab, k)
+    path = tmp_path / "s.parquet"
+    with ShardWriter(path, make_meta(vocab, k), row_group_rows=64) as w:
+        w.write_many(rows)
+    shard = open_shard(path, expect={"vocab_size": vocab, "k": k})
+    assert shard.rows == 150
+    assert shard.tokens == sum(len(r["target_logprobs"]) for r in rows)
+    assert shard.parquet().metadata.num_row_groups == 3
+    got = [r for r, _ in ShardStream([shard], shuffle=False).rows(epochs=1)]
+    assert len(got) == len(rows)
+    for a, b in zip(rows, got):
+        assert a["doc_id"] == b["doc_id"] and a["label_start"] == b["label_start"]
+        for col in ("input_ids", "topk_ids"):
+            np.testing.assert_array_equal(np.asarray(a[col], np.int64), b[col].astype(np.int64))
+        for col in ("topk_logprobs", "target_logprobs", "tail_mass"):
+            np.testing.assert_array_equal(a[col], b[col])
+    # plain pyarrow reads it too
+    assert pq.read_table(path).num_rows == 150
+
+
+def test_inconsistent_row_is_rejected(tmp_path):
+    row = make_rows(1, 100, 4)[0]
+    row["tail_mass"] = row["tail_mass"][:-1] if len(row["tail_mass"]) else np.ones(1, np.float32)
+    with pytest.raises(ValueError, match="inconsistent lengths"):
+        with ShardWriter(tmp_path / "s.parquet", make_meta(100, 4)) as w:
+            w.write(row)
+    assert not list(tmp_path.iterdir()), "an aborted writer leaves nothing behind"
+
+
+def test_uncommitted_shard_is_invisible(tmp_path):
+    path = tmp_path / "s.parquet"
+    w = ShardWriter(path, make_meta())
+    w.write_many(make_rows(10, 49152, 4))
+    # "crash" before close: neither the final file nor a record exists
+    assert not path.exists() and not record_path(path).exists()
+    with pytest.raises(ShardError, match="no commit record"):
+        open_shard(path)
+    w.abort()
+    assert not list(tmp_path.iterdir())
+
+
+def _committed(tmp_path, **meta):
+    path = tmp_path / "s.parquet"
+    with ShardWriter(path, make_meta(**meta)) as w:
+        w.write_many(make_rows(20, meta.get("vocab", 49152), 4))
+    return path
+
+
+def test_truncated_file_is_rejected(tmp_path):
+    path = _committed(tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ShardError, match="truncated"):
+        open_shard(path)
+
+
+def test_flipped_byte_is_rejected(tmp_path):
+    path = _committed(tmp_path)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match="sha256"):
+        open_shard(path)
+
+
+@pytest.mark.parametrize("field,value", [("teacher_hash", "other"), ("tokenizer_hash", "other"), ("k", 8), ("vocab_size", 32000)])
+def test_shard_from_another_run_is_rejected(tmp_path, field, value):
+    path = _committed(tmp_path)
+    with pytest.raises(ShardError, match=field):
+        open_shard(path, expect={field: value})
+
+
+def test_bad_values_are_rejected(tmp_path):
+    path = tmp_path / "s.parquet"
+    rows = make_rows(5, 1000, 4)
+    rows[2]["topk_ids"] = rows[2]["topk_ids"] * 0 + 999
+    with ShardWriter(path, make_meta(vocab=500, k=4)) as w:  # ids up to 999 but the shard claims vocab 500
+        w.write_many(rows)
+    with pytest.raises(ShardError, match="vocab_size"):
+        list(ShardStream([open_shard(path)]).rows(epochs=1))
+    path2 = tmp_path / "p.parquet"
+    rows = make_rows(5, 100, 4, seed=1)
+    rows[0]["topk_logprobs"] = np.abs(rows[0]["topk_logprobs"]) + 0.5
+    with ShardWriter(path2, make_meta(vocab=100, k=4)) as w:
+        w.write_many(rows)
+    with pytest.raises(ShardError, match="> 0"):
+        list(ShardStream([open_shard(path2)]).rows(epochs=1))
+
+
+def test_wrong_column_type_is_rejected(tmp_path):
+    path = _committed(tmp_path)
+    table = pq.read_table(path)
+    i = table.schema.get_field_index("tail_mass")
+    table = table.set_column(i, pa.field("tail_mass", pa.list_(pa.float64())), table.column(i).cast(pa.list_(pa.float64())))
+    pq.write_table(table, path)
+    rec = json.loads(record_path(path).read_text())
+    from storage.writer import file_sha256
+
+    rec.update(bytes=path.stat().st_size, sha256=file_sha256(path))
+    record_path(path).write_text(json.dumps(rec))
+    with pytest.raises(ShardError, match="tail_mass"):
+        open_shard(path)
+
+
+def _stream_ids(stream, start=StreamPosition(), n=None):
+    out = []
+    for row, pos in stream.rows(start, epochs=1 if n is None else None):
+        out.append((row["doc_id"], row["window_index"], int(row["input_ids"][0])))
+        if n is not None and len(out) == n:
+            return out, pos
+    return out, None
+
+
+def test_stream_is_deterministic_resumable_and_rank_disjoint(tmp_path):
+    shards = []
+    for s in range(3):
+        path = tmp_path / f"s{s}.parquet"
+        with ShardWriter(path, make_meta(shard=f"train-{s:05d}"), row_group_rows=8) as w:
+            w.write_many(make_rows(30, 49152, 4, seed=s))
+        shards.append(open_shard(path))
+    full, _ = _stream_ids(ShardStream(shards, seed=3))
+    assert full == _stream_ids(ShardStream(shards, seed=3))[0]
+    assert full != _stream_ids(ShardStream(shards, seed=4))[0]
+    assert len(full) == 90
+    # resume exactly from any position
+    for cut in (1, 7, 8, 45, 89):
+        head, pos = _stream_ids(ShardStream(shards, seed=3), n=cut)
+        tail, _ = _stream_ids(ShardStream(shards, seed=3), start=pos)
+        assert head + tail[: 90 - cut] == full
+    # ranks: disjoint, and together every row exactly once
+    parts = [_stream_ids(ShardStream(shards, seed=3, rank=r, world_size=3))[0] for r in range(3)]
+    assert sorted(sum(parts, [])) == sorted(full)
+
+
+def test_label_store_lookup(tmp_path):
+    store = LabelStore(tmp_path)
+    key = content_key({"a": 1})
+    assert key == content_key({"a": 1}) and key != content_key({"a": 2})
+    assert store.lookup(key) is None
+    with ShardWriter(store.path_for(key), make_meta(cache_key=key)) as w:
+        w.write_many(make_rows(4, 49152, 4))
+    assert store.lookup(key).rows == 4
+    # a corrupted committed shard is not reused: its record is dropped so it gets relabelled
+    data = bytearray(store.path_for(key).read_bytes())
+    data[10] ^= 1
+    store.path_for(key).write_bytes(bytes(data))
+    assert store.lookup(key) is None
+    assert not store.is_committed(key)
