@@ -17,7 +17,7 @@ from distill.teacher.labels import label_shard, shard_key
 from storage.cache import LabelStore, content_key
 from storage.reader import Shard, ShardError
 from storage.schema import ShardMeta
-from storage.writer import atomic_write_text
+from storage.writer import atomic_write_text, remove_stale_temporaries
 
 _ENGINES: dict[tuple, object] = {}
 
@@ -121,6 +121,8 @@ def label_shards(cfg: RunConfig, names: Sequence[str], engine_factory=None) -> d
     store = label_store(cfg)
     expect = expected_meta(cfg)
     factory = engine_factory or (lambda: get_engine(cfg))
+    if store.root.exists():
+        remove_stale_temporaries(store.root)  # left by writers that crashed
     results = {}
     for name in names:
         entry, windows = read_corpus_shard(cfg.root, cfg.corpus, hashes["tokenizer"], name)

@@ -18,7 +18,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.schema import METADATA_KEY, SCHEMA_VERSION, ShardMeta, arrow_schema
+from storage import codec
+from storage.schema import ENCODING_KEY, METADATA_KEY, SCHEMA_VERSION, ShardMeta, arrow_schema
 from storage.writer import file_sha256, record_path
 
 CHECKED_FIELDS = ("teacher_hash", "tokenizer_hash", "vocab_size", "k", "mode", "temperature")
@@ -37,6 +38,8 @@ class Shard:
     path: Path
     record: dict
     meta: ShardMeta
+    encoding: dict
+    id_table: np.ndarray
 
     @property
     def rows(self) -> int:
@@ -96,39 +99,62 @@ def open_shard(
         actual = pf.schema_arrow.field(idx).type
         if actual != field.type:
             raise ShardError(path, f"column {field.name!r} has type {actual}, expected {field.type}")
+    try:
+        encoding = json.loads(pf.schema_arrow.metadata[ENCODING_KEY])
+        table = codec.unpack_table(encoding["id_table"])
+    except (KeyError, ValueError) as e:
+        raise ShardError(path, f"missing or unreadable encoding metadata ({e})") from e
+    if table.size and int(table.max()) >= meta.vocab_size:
+        raise ShardError(path, f"id table holds id {int(table.max())} >= vocab_size {meta.vocab_size}")
     for key, value in (expect or {}).items():
         got = getattr(meta, key)
         if got != value:
             raise ShardError(path, f"field {key!r} is {got!r} but the run expects {value!r} (shard from another run)")
-    return Shard(path=path, record=record, meta=meta)
+    return Shard(path=path, record=record, meta=meta, encoding=encoding, id_table=table)
+
+
+def _flat(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
+    col = table.column(name).combine_chunks()
+    offsets = col.offsets.to_numpy()
+    return col.values.to_numpy(zero_copy_only=False)[offsets[0]:offsets[-1]], offsets - offsets[0]
+
+
+def decode_table(shard: Shard, table: pa.Table) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Decode one row group: ``{column: (flat values, row offsets)}`` with plain ids and float32 logprobs."""
+    k, enc = shard.meta.k, shard.encoding
+    ids, id_off = _flat(table, "topk_ids")
+    if ids.size and int(ids.max()) >= len(shard.id_table):
+        raise ShardError(shard.path, f"topk_ids holds remapped id {int(ids.max())} beyond the id table ({len(shard.id_table)})")
+    diffs, lp_off = _flat(table, "topk_logprob_codes")
+    tail_codes, pos_off = _flat(table, "tail_mass_codes")
+    target_codes, _ = _flat(table, "target_logprob_codes")
+    n = len(tail_codes)
+    if ids.size != n * k or diffs.size != n * k or target_codes.size != n:
+        raise ShardError(shard.path, f"label columns disagree in length ({ids.size}, {diffs.size}, {target_codes.size} for {n} positions, k={k})")
+    codes_total = np.cumsum(diffs.reshape(n, k), axis=1, dtype=np.int32)
+    if n and int(codes_total[:, -1].max()) > enc["logprob_levels"]:
+        raise ShardError(shard.path, "topk_logprob_codes exceed the encoding's levels (corrupt or not sorted)")
+    tail = codec.decode_tail(tail_codes)
+    logprobs = codec.decode_topk_logprobs(diffs.reshape(n, k), tail, enc["logprob_levels"], enc["logprob_scale"])
+    input_ids, in_off = _flat(table, "input_ids")
+    return {
+        "input_ids": (input_ids, in_off),
+        "topk_ids": (shard.id_table[ids], id_off),
+        "topk_logprobs": (logprobs.reshape(-1), lp_off),
+        "target_logprobs": (codec.decode_target(target_codes), pos_off),
+        "tail_mass": (tail, pos_off),
+    }
 
 
 def decode_row_group(shard: Shard, table: pa.Table) -> list[dict]:
-    """Turn one row group into per-row dicts of numpy arrays, validating value ranges."""
-    cols = {}
-    for name in table.column_names:
-        col = table.column(name).combine_chunks()
-        if pa.types.is_list(col.type):
-            offsets = col.offsets.to_numpy()
-            values = col.values.to_numpy(zero_copy_only=False)
-            cols[name] = (values[offsets[0]:offsets[-1]], offsets - offsets[0])
-        else:
-            cols[name] = col.to_pylist()
-    ids, _ = cols["topk_ids"]
-    if ids.size and int(ids.max()) >= shard.meta.vocab_size:
-        raise ShardError(shard.path, f"topk_ids holds id {int(ids.max())} >= vocab_size {shard.meta.vocab_size}")
-    lps, _ = cols["topk_logprobs"]
-    if lps.size and (not np.isfinite(lps).all() or float(lps.max()) > 1e-4):
-        raise ShardError(shard.path, "topk_logprobs holds values > 0 or non-finite")
+    """One row group as per-row dicts of numpy arrays (decoded, validated)."""
+    cols = decode_table(shard, table)
+    scalars = {name: table.column(name).to_pylist() for name in ("doc_id", "window_index", "label_start")}
     rows = []
     for i in range(table.num_rows):
-        row = {}
-        for name, col in cols.items():
-            if isinstance(col, tuple):
-                values, offsets = col
-                row[name] = values[offsets[i]:offsets[i + 1]]
-            else:
-                row[name] = col[i]
+        row = {name: values[i] for name, values in scalars.items()}
+        for name, (values, offsets) in cols.items():
+            row[name] = values[offsets[i]:offsets[i + 1]]
         rows.append(row)
     return rows
 

@@ -1,9 +1,11 @@
 """Crash-safe shard writer.
 
-A shard is committed in two steps, each an atomic rename of a fully written, fsynced file:
-first ``<name>.parquet``, then its commit record ``<name>.json`` (size, sha256, rows, tokens,
-metadata). Readers accept a shard only when the record exists and the file matches it, so a
-crash at any moment leaves either nothing a reader accepts or a whole shard.
+Rows stream into a hidden raw file (plain float32 columns, fast zstd) while the shard's id
+frequencies are counted; ``close()`` re-encodes it one row group at a time into the compact
+layout (``storage.codec``), fsyncs, renames it into place, then writes the commit record
+``<name>.json`` (size, sha256, rows, tokens, metadata). Readers accept a shard only when the
+record exists and matches the file, so a crash at any moment leaves either nothing a reader
+accepts or a whole shard. Memory is bounded by one row group.
 """
 from __future__ import annotations
 
@@ -20,13 +22,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.schema import METADATA_KEY, ROW_GROUP_ROWS, ShardMeta, arrow_schema
+from storage import codec
+from storage.schema import ENCODING_KEY, METADATA_KEY, ROW_GROUP_ROWS, ZSTD_LEVEL, ShardMeta, arrow_schema, decoded_schema
 
 RECORD_SUFFIX = ".json"
+TMP_MARK = ".tmp-"
 
 
 def record_path(shard_path: str | os.PathLike) -> Path:
     return Path(shard_path).with_suffix(RECORD_SUFFIX)
+
+
+def temp_name(path: Path, tag: str = "") -> Path:
+    """Hidden sibling name carrying the writer's pid, so stale temporaries can be recognized."""
+    return path.with_name(f".{path.name}{tag}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
@@ -49,7 +58,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` so that readers see either the old file or the whole new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp = temp_name(path)
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()
@@ -58,10 +67,25 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     _fsync_dir(path.parent)
 
 
+def _list_array(values: list, value_type: pa.DataType) -> pa.ListArray:
+    lengths = [len(v) for v in values]
+    offsets = np.zeros(len(values) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    flat = np.concatenate([np.asarray(v) for v in values]) if values and offsets[-1] else np.array([])
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(flat, value_type))
+
+
+def _parquet_writer(path: Path, schema: pa.Schema, level: int, byte_stream_split: list[str] | bool = False) -> pq.ParquetWriter:
+    return pq.ParquetWriter(
+        path, schema, compression="zstd", compression_level=level, use_dictionary=["doc_id"],
+        use_byte_stream_split=byte_stream_split, write_statistics=["doc_id", "window_index", "label_start"],
+    )
+
+
 class ShardWriter:
     """Streams rows into one Parquet shard and commits it atomically on ``close()``.
 
-    Use as a context manager: an exception inside the block removes the temporary file and
+    Use as a context manager: an exception inside the block removes the temporary files and
     commits nothing.
     """
 
@@ -71,88 +95,131 @@ class ShardWriter:
             meta = dataclasses.replace(meta, created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
         self.meta = meta
         self.row_group_rows = row_group_rows
-        self.schema = arrow_schema(meta.vocab_size).with_metadata({METADATA_KEY: self.meta.to_json()})
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = self.path.with_name(f".{self.path.name}.tmp-{uuid.uuid4().hex[:8]}")
-        self._writer = pq.ParquetWriter(
-            self._tmp,
-            self.schema,
-            compression="zstd",
-            compression_level=3,
-            use_dictionary=["doc_id"],
-            write_statistics=["doc_id", "window_index", "label_start"],
-        )
+        self._raw_path = temp_name(self.path, ".raw")
+        self._tmp = temp_name(self.path)
+        self._raw_schema = decoded_schema(meta.vocab_size)
+        self._raw = _parquet_writer(self._raw_path, self._raw_schema, level=1)
+        self._id_counts = np.zeros(meta.vocab_size, np.int64)
         self._buffer: list[Mapping[str, object]] = []
         self.rows = 0
         self.tokens = 0  # labelled positions
         self._closed = False
 
     def write(self, row: Mapping[str, object]) -> None:
-        """Add one window. ``row`` maps every schema column to a value (arrays for list columns)."""
+        """Add one window: every ``decoded_schema`` column (arrays for list columns)."""
+        k = self.meta.k
         n = len(row["target_logprobs"])
+        where = f"{self.path.name}: row {row['doc_id']}#{row['window_index']}"
         expected = len(row["input_ids"]) - 1 - int(row["label_start"])
-        if n != expected or len(row["tail_mass"]) != n or len(row["topk_ids"]) != n * self.meta.k:
+        if n != expected or len(row["tail_mass"]) != n or len(row["topk_ids"]) != n * k or len(row["topk_logprobs"]) != n * k:
             raise ValueError(
-                f"{self.path.name}: row {row['doc_id']}#{row['window_index']} has inconsistent lengths "
-                f"(input_ids={len(row['input_ids'])}, label_start={row['label_start']}, "
-                f"target_logprobs={n}, topk_ids={len(row['topk_ids'])}, k={self.meta.k})"
+                f"{where} has inconsistent lengths (input_ids={len(row['input_ids'])}, label_start={row['label_start']}, "
+                f"target_logprobs={n}, topk_ids={len(row['topk_ids'])}, k={k})"
             )
+        ids = np.asarray(row["topk_ids"], np.int64)
+        if n and (ids.min() < 0 or ids.max() >= self.meta.vocab_size):
+            raise ValueError(f"{where}: topk_ids outside [0, vocab_size={self.meta.vocab_size})")
+        lp = np.asarray(row["topk_logprobs"], np.float32).reshape(n, k)
+        if n and (not np.isfinite(lp).all() or lp.max() > 1e-4 or (np.diff(lp, axis=1) > 1e-5).any()):
+            raise ValueError(f"{where}: topk_logprobs must be finite, <= 0 and sorted descending")
+        np.add.at(self._id_counts, ids, 1)
         self._buffer.append(row)
         self.rows += 1
         self.tokens += n
         if len(self._buffer) >= self.row_group_rows:
-            self._flush()
+            self._flush_raw()
 
     def write_many(self, rows: Iterable[Mapping[str, object]]) -> None:
         for row in rows:
             self.write(row)
 
-    def _flush(self) -> None:
+    def _flush_raw(self) -> None:
         if not self._buffer:
             return
         cols = {}
-        for field in self.schema:
+        for field in self._raw_schema:
             values = [r[field.name] for r in self._buffer]
-            if pa.types.is_list(field.type):
-                flat = np.concatenate([np.asarray(v) for v in values]) if values else np.array([])
-                offsets = np.zeros(len(values) + 1, dtype=np.int32)
-                np.cumsum([len(v) for v in values], out=offsets[1:])
-                cols[field.name] = pa.ListArray.from_arrays(
-                    pa.array(offsets, pa.int32()), pa.array(flat, field.type.value_type)
-                )
-            else:
-                cols[field.name] = pa.array(values, field.type)
-        self._writer.write_table(pa.Table.from_pydict(cols, schema=self.schema))
+            cols[field.name] = _list_array(values, field.type.value_type) if pa.types.is_list(field.type) else pa.array(values, field.type)
+        self._raw.write_table(pa.Table.from_pydict(cols, schema=self._raw_schema))
         self._buffer.clear()
 
+    def _encode(self, raw: pa.Table, table: np.ndarray) -> pa.Table:
+        k = self.meta.k
+        topk = raw.column("topk_ids").combine_chunks()
+        lps = raw.column("topk_logprobs").combine_chunks()
+        tail = raw.column("tail_mass").combine_chunks()
+        target = raw.column("target_logprobs").combine_chunks()
+        n = len(tail.values)
+        ids = codec.remap_ids(topk.values.to_numpy().astype(np.int64), table, self.meta.vocab_size)
+        codes = codec.encode_topk_logprobs(lps.values.to_numpy().reshape(n, k)).reshape(-1)
+        id_t = arrow_schema(self.meta.vocab_size).field("topk_ids").type.value_type
+        return pa.table(
+            {
+                "doc_id": raw.column("doc_id"),
+                "window_index": raw.column("window_index"),
+                "input_ids": raw.column("input_ids"),
+                "label_start": raw.column("label_start"),
+                "topk_ids": pa.ListArray.from_arrays(topk.offsets, pa.array(ids, id_t)),
+                "topk_logprob_codes": pa.ListArray.from_arrays(lps.offsets, pa.array(codes, pa.uint8())),
+                "target_logprob_codes": pa.ListArray.from_arrays(target.offsets, pa.array(codec.encode_target(target.values.to_numpy()), pa.uint16())),
+                "tail_mass_codes": pa.ListArray.from_arrays(tail.offsets, pa.array(codec.encode_tail(tail.values.to_numpy()), pa.uint16())),
+            },
+            schema=self.schema_without_metadata,
+        )
+
+    @property
+    def schema_without_metadata(self) -> pa.Schema:
+        return arrow_schema(self.meta.vocab_size)
+
     def close(self) -> dict:
-        """Flush, fsync, rename into place, then write the commit record. Returns the record."""
+        """Encode, fsync, rename into place, then write the commit record. Returns the record."""
         if self._closed:
             raise RuntimeError(f"{self.path}: writer already closed")
-        self._flush()
-        self._writer.close()
-        self._closed = True
-        with open(self._tmp, "rb") as f:
-            os.fsync(f.fileno())
-        record = {
-            "file": self.path.name,
-            "bytes": self._tmp.stat().st_size,
-            "sha256": file_sha256(self._tmp),
-            "rows": self.rows,
-            "tokens": self.tokens,
-            "meta": json.loads(self.meta.to_json()),
+        self._flush_raw()
+        self._raw.close()
+        table = codec.id_table(self._id_counts)
+        encoding = {
+            "logprob_levels": codec.LOGPROB_LEVELS, "logprob_scale": codec.LOGPROB_SCALE,
+            "target_step": codec.TARGET_STEP, "tail_scale": codec.TAIL_SCALE, "id_table": codec.pack_table(table),
         }
-        os.replace(self._tmp, self.path)
-        _fsync_dir(self.path.parent)
-        atomic_write_text(record_path(self.path), json.dumps(record, indent=1, sort_keys=True))
+        schema = self.schema_without_metadata.with_metadata({METADATA_KEY: self.meta.to_json(), ENCODING_KEY: json.dumps(encoding)})
+        try:
+            raw = pq.ParquetFile(self._raw_path)
+            out = _parquet_writer(self._tmp, schema, ZSTD_LEVEL, byte_stream_split=["topk_ids"])
+            try:
+                for rg in range(raw.metadata.num_row_groups):
+                    out.write_table(self._encode(raw.read_row_group(rg), table).replace_schema_metadata(schema.metadata))
+            finally:
+                out.close()
+            with open(self._tmp, "rb") as f:
+                os.fsync(f.fileno())
+            record = {
+                "file": self.path.name,
+                "bytes": self._tmp.stat().st_size,
+                "sha256": file_sha256(self._tmp),
+                "rows": self.rows,
+                "tokens": self.tokens,
+                "meta": json.loads(self.meta.to_json()),
+            }
+            os.replace(self._tmp, self.path)
+            _fsync_dir(self.path.parent)
+            atomic_write_text(record_path(self.path), json.dumps(record, indent=1, sort_keys=True))
+        except BaseException:
+            self._tmp.unlink(missing_ok=True)
+            raise
+        finally:
+            self._closed = True
+            self._raw_path.unlink(missing_ok=True)
         return record
 
     def abort(self) -> None:
         if not self._closed:
             self._closed = True
             try:
-                self._writer.close()
+                self._raw.close()
             finally:
+                self._raw_path.unlink(missing_ok=True)
                 self._tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> "ShardWriter":
@@ -164,3 +231,23 @@ class ShardWriter:
         else:
             self.abort()
 
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> int:
+    """Delete temporaries left by writers that no longer run (crashed). Returns how many."""
+    removed = 0
+    for path in Path(folder).rglob(f".*{TMP_MARK}*"):
+        pid = path.name.rsplit(TMP_MARK, 1)[1].split("-")[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -18,7 +18,7 @@ from distill.configbase import check
 from distill.teacher.checkpoint import BUNDLED
 from distill.teacher.vllm_engine import EngineConfig
 from storage.cache import LabelStore, content_key
-from storage.schema import ShardMeta
+from storage.schema import SCHEMA_VERSION, ShardMeta
 
 LABEL_CODE_VERSION = "score-1"
 MODES = ("score",)
@@ -52,6 +52,7 @@ def shard_key(teacher_hashes: dict, fingerprint: str, cfg: TeacherConfig, dtype:
             "temperature": 1.0,
             "dtype": dtype,
             "code": LABEL_CODE_VERSION,
+            "schema": SCHEMA_VERSION,
         }
     )
 

@@ -32,13 +32,16 @@ def make_rows(n_rows, vocab, k, seed=0, length=(3, 20)):
         L = int(rng.integers(*length))
         label_start = int(rng.integers(0, L - 1))
         n = L - 1 - label_start
-        logits = rng.normal(size=(n, k)).astype(np.float32)
-        lp = np.sort(-np.abs(logits) - 0.1, axis=1)[:, ::-1].copy()
+        logits = rng.normal(size=(n, 64)) * 2.5
+        full_lp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+        lp = -np.sort(-full_lp, axis=1)[:, :k].astype(np.float32)
+        ids = np.stack([rng.choice(vocab, k, replace=False) for _ in range(n)]) if n else np.zeros((0, k), np.int64)
         rows.append({
             "doc_id": f"doc-{i // 3}", "window_index": i % 3,
             "input_ids": rng.integers(0, vocab, L), "label_start": label_start,
-            "topk_ids": rng.integers(0, vocab, n * k), "topk_logprobs": lp.reshape(-1),
-            "target_logprobs": lp[:, 0].copy(), "tail_mass": rng.uniform(0, 1, n).astype(np.float32),
+            "topk_ids": ids.reshape(-1), "topk_logprobs": lp.reshape(-1),
+            "target_logprobs": full_lp[:, 5].astype(np.float32),
+            "tail_mass": (1 - np.exp(lp.astype(np.float64)).sum(1)).astype(np.float32),
         })
     return rows
 
@@ -60,8 +63,15 @@ def test_round_trip(tmp_path, vocab):
         assert a["doc_id"] == b["doc_id"] and a["label_start"] == b["label_start"]
         for col in ("input_ids", "topk_ids"):
             np.testing.assert_array_equal(np.asarray(a[col], np.int64), b[col].astype(np.int64))
-        for col in ("topk_logprobs", "target_logprobs", "tail_mass"):
-            np.testing.assert_array_equal(a[col], b[col])
+        np.testing.assert_allclose(b["target_logprobs"], a["target_logprobs"], atol=1e-3)
+        np.testing.assert_allclose(b["tail_mass"], a["tail_mass"], atol=1e-4)
+        n = len(a["tail_mass"])
+        if n:
+            p = np.exp(a["topk_logprobs"].reshape(n, k).astype(np.float64))
+            q = np.exp(b["topk_logprobs"].reshape(n, k).astype(np.float64))
+            assert np.all(np.diff(q, axis=1) <= 1e-12), "top-k order preserved"
+            p, q = p / p.sum(1, keepdims=True), q / q.sum(1, keepdims=True)
+            assert (p * np.log(p / q)).sum(1).mean() <= 1e-3
     # plain pyarrow reads it too
     assert pq.read_table(path).num_rows == 150
 
@@ -88,6 +98,7 @@ def test_uncommitted_shard_is_invisible(tmp_path):
 
 
 def _committed(tmp_path, **meta):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "s.parquet"
     with ShardWriter(path, make_meta(**meta)) as w:
         w.write_many(make_rows(20, meta.get("vocab", 49152), 4))
@@ -118,35 +129,56 @@ def test_shard_from_another_run_is_rejected(tmp_path, field, value):
         open_shard(path, expect={field: value})
 
 
-def test_bad_values_are_rejected(tmp_path):
-    path = tmp_path / "s.parquet"
-    rows = make_rows(5, 1000, 4)
+def test_bad_values_are_rejected_at_write(tmp_path):
+    rows = make_rows(5, 500, 4)
     rows[2]["topk_ids"] = rows[2]["topk_ids"] * 0 + 999
-    with ShardWriter(path, make_meta(vocab=500, k=4)) as w:  # ids up to 999 but the shard claims vocab 500
-        w.write_many(rows)
-    with pytest.raises(ShardError, match="vocab_size"):
-        list(ShardStream([open_shard(path)]).rows(epochs=1))
-    path2 = tmp_path / "p.parquet"
+    with pytest.raises(ValueError, match=r"doc-0#2: topk_ids outside \[0, vocab_size=500\)"):
+        with ShardWriter(tmp_path / "a.parquet", make_meta(vocab=500, k=4)) as w:
+            w.write_many(rows)
     rows = make_rows(5, 100, 4, seed=1)
+    rows[1]["topk_logprobs"] = rows[1]["topk_logprobs"][::-1].copy()
+    with pytest.raises(ValueError, match="sorted descending"):
+        with ShardWriter(tmp_path / "b.parquet", make_meta(vocab=100, k=4)) as w:
+            w.write_many(rows)
+    rows = make_rows(5, 100, 4, seed=2)
     rows[0]["topk_logprobs"] = np.abs(rows[0]["topk_logprobs"]) + 0.5
-    with ShardWriter(path2, make_meta(vocab=100, k=4)) as w:
-        w.write_many(rows)
-    with pytest.raises(ShardError, match="> 0"):
+    with pytest.raises(ValueError, match="<= 0"):
+        with ShardWriter(tmp_path / "c.parquet", make_meta(vocab=100, k=4)) as w:
+            w.write_many(rows)
+    assert not list(tmp_path.iterdir()), "rejected shards leave no files"
+
+
+def _rewrite(path, name, fn):
+    """Replace one column with fn(column), keeping metadata, and re-seal the record (a bad writer)."""
+    from storage.writer import file_sha256
+
+    pf = pq.ParquetFile(path)
+    table = pf.read()
+    i = table.schema.get_field_index(name)
+    new = fn(table.column(i))
+    table = table.set_column(i, pa.field(name, new.type), new).replace_schema_metadata(pf.schema_arrow.metadata)
+    pq.write_table(table, path)
+    rec = json.loads(record_path(path).read_text())
+    rec.update(bytes=path.stat().st_size, sha256=file_sha256(path))
+    record_path(path).write_text(json.dumps(rec))
+
+
+def test_bad_values_are_rejected_at_read(tmp_path):
+    path = _committed(tmp_path)
+    _rewrite(path, "topk_ids", lambda col: pa.ListArray.from_arrays(col.combine_chunks().offsets, pa.array(np.full(len(col.combine_chunks().flatten()), 65000, np.uint16))))
+    with pytest.raises(ShardError, match="beyond the id table"):
+        list(ShardStream([open_shard(path)]).rows(epochs=1))
+    path2 = _committed(tmp_path / "b")
+    _rewrite(path2, "topk_logprob_codes", lambda col: pa.ListArray.from_arrays(
+        col.combine_chunks().offsets, pa.array(np.full(len(col.combine_chunks().flatten()), 200, np.uint8))))
+    with pytest.raises(ShardError, match="exceed the encoding's levels"):
         list(ShardStream([open_shard(path2)]).rows(epochs=1))
 
 
 def test_wrong_column_type_is_rejected(tmp_path):
     path = _committed(tmp_path)
-    table = pq.read_table(path)
-    i = table.schema.get_field_index("tail_mass")
-    table = table.set_column(i, pa.field("tail_mass", pa.list_(pa.float64())), table.column(i).cast(pa.list_(pa.float64())))
-    pq.write_table(table, path)
-    rec = json.loads(record_path(path).read_text())
-    from storage.writer import file_sha256
-
-    rec.update(bytes=path.stat().st_size, sha256=file_sha256(path))
-    record_path(path).write_text(json.dumps(rec))
-    with pytest.raises(ShardError, match="tail_mass"):
+    _rewrite(path, "tail_mass_codes", lambda col: col.cast(pa.list_(pa.float64())))
+    with pytest.raises(ShardError, match="tail_mass_codes"):
         open_shard(path)
 
 
