@@ -16,13 +16,15 @@ from distill.teacher.labels import TeacherConfig
 from distill.teacher.vllm_engine import EngineConfig
 from distill.trainer import TrainConfig
 
-SECTIONS = ("storage_root", "teacher", "corpus", "student", "train", "eval")
+SECTIONS = ("storage_root", "labels_uri", "teacher", "corpus", "student", "train", "eval")
 
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     storage_root: str = "data"
     """Folder for converted teachers, corpora, label shards, students and reports (relative paths are relative to the config file's project, i.e. the working directory)."""
+    labels_uri: str | None = None
+    """Where label shards live: a local folder or an object-store URI (``s3://bucket/prefix``); default ``<storage_root>/labels``."""
     teacher: TeacherConfig = TeacherConfig()
     corpus: CorpusConfig = CorpusConfig()
     student: StudentConfig = StudentConfig()
@@ -52,8 +54,12 @@ def from_mapping(data: Mapping[str, Any] | None, where: str = "config") -> RunCo
     root = data.get("storage_root", "data")
     if not isinstance(root, str):
         raise ConfigError(f"{where}: storage_root={root!r} is invalid: expected a path string")
+    labels_uri = data.get("labels_uri")
+    if labels_uri is not None and not isinstance(labels_uri, str):
+        raise ConfigError(f"{where}: labels_uri={labels_uri!r} is invalid: expected a path or URI string")
     return RunConfig(
         storage_root=root,
+        labels_uri=labels_uri,
         teacher=dataclasses.replace(build(TeacherConfig, teacher, f"{where}: teacher"), engine=engine),
         corpus=build(CorpusConfig, data.get("corpus"), f"{where}: corpus"),
         student=build(StudentConfig, data.get("student"), f"{where}: student"),

@@ -14,7 +14,7 @@ from distill.config import RunConfig
 from distill.data import build_corpus, read_corpus_shard
 from distill.teacher.checkpoint import checkpoint_hashes, resolve_teacher
 from distill.teacher.labels import label_shard, shard_key
-from storage.cache import LabelStore, content_key
+from storage.cache import LabelStore, content_key, set_manifest
 from storage.reader import Shard, ShardError
 from storage.schema import ShardMeta
 from storage.writer import atomic_write_text, remove_stale_temporaries
@@ -59,7 +59,7 @@ def prepare_corpus(cfg: RunConfig) -> dict:
 
 
 def label_store(cfg: RunConfig) -> LabelStore:
-    return LabelStore(cfg.root / "labels")
+    return LabelStore(cfg.labels_uri or cfg.root / "labels")
 
 
 def engine_dtype(cfg: RunConfig) -> str:
@@ -121,7 +121,7 @@ def label_shards(cfg: RunConfig, names: Sequence[str], engine_factory=None) -> d
     store = label_store(cfg)
     expect = expected_meta(cfg)
     factory = engine_factory or (lambda: get_engine(cfg))
-    if store.root.exists():
+    if store.is_local and store.root.exists():
         remove_stale_temporaries(store.root)  # left by writers that crashed
     results = {}
     for name in names:
@@ -191,6 +191,7 @@ def train_student(cfg: RunConfig, baseline: bool = False) -> dict:
     if summary_path.exists() and (out / "model").exists():
         return {**json.loads(summary_path.read_text()), "reused": True, "out_dir": str(out)}
     shards = open_split(cfg, "train")
+    atomic_write_text(out / "train_set.json", json.dumps(set_manifest(shards), indent=1))
     tok = tokenizer(cfg)
     summary = train(cfg.student, cfg.baseline_train if baseline else cfg.train, teacher_dir(cfg), shards, out, len(tok))
     return {**summary, "reused": False, "out_dir": str(out)}

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Mapping
 
+from storage import fs as fsmod
 from storage.reader import Shard, ShardError, open_shard
 from storage.writer import record_path
 
@@ -24,19 +25,31 @@ def content_key(fields: Mapping[str, object]) -> str:
 
 
 class LabelStore:
-    """Shards laid out as ``<root>/<key[:2]>/<key>.parquet`` with ``<key>.json`` commit records."""
+    """Shards laid out as ``<root>/<key[:2]>/<key>.parquet`` with ``<key>.json`` commit records.
+
+    ``root`` is a local folder or an object-store URI (``s3://bucket/prefix``; pyarrow URI
+    options such as ``?endpoint_override=...`` work).
+    """
 
     def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
+        self.location = str(root)
+        self.fs, base = fsmod.resolve(root)
+        self.root = Path(base)
+        self.is_local = self.fs is None
 
     def path_for(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.parquet"
 
     def is_committed(self, key: str) -> bool:
-        return record_path(self.path_for(key)).exists()
+        return fsmod.exists(self.fs, str(record_path(self.path_for(key))))
+
+    def writer(self, key: str, meta, **kwargs):
+        from storage.writer import ShardWriter
+
+        return ShardWriter(self.path_for(key), meta, fs=self.fs, **kwargs)
 
     def open(self, key: str, expect: Mapping[str, object] | None = None, verify_checksum: bool = True) -> Shard:
-        return open_shard(self.path_for(key), expect=expect, verify_checksum=verify_checksum)
+        return open_shard(self.path_for(key), expect=expect, verify_checksum=verify_checksum, fs=self.fs)
 
     def lookup(self, key: str, expect: Mapping[str, object] | None = None) -> Shard | None:
         """The committed, valid shard under ``key``, or None when it must be (re)labelled.
@@ -48,5 +61,18 @@ class LabelStore:
         try:
             return self.open(key, expect=expect)
         except ShardError:
-            record_path(self.path_for(key)).unlink(missing_ok=True)
+            fsmod.delete(self.fs, str(record_path(self.path_for(key))))
             return None
+
+
+def set_manifest(shards) -> dict:
+    """The manifest of a shard set: files, rows, tokens, checksums and metadata, in order."""
+    return {
+        "shards": [
+            {"file": str(s.path), "rows": s.rows, "tokens": s.tokens, "bytes": s.record["bytes"],
+             "sha256": s.record["sha256"], "meta": s.record["meta"]}
+            for s in shards
+        ],
+        "rows": sum(s.rows for s in shards),
+        "tokens": sum(s.tokens for s in shards),
+    }

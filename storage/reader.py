@@ -19,8 +19,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from storage import codec
+from storage import fs as fsmod
 from storage.schema import ENCODING_KEY, METADATA_KEY, SCHEMA_VERSION, ShardMeta, arrow_schema
-from storage.writer import file_sha256, record_path
+from storage.writer import record_path
 
 CHECKED_FIELDS = ("teacher_hash", "tokenizer_hash", "vocab_size", "k", "mode", "temperature")
 
@@ -40,6 +41,7 @@ class Shard:
     meta: ShardMeta
     encoding: dict
     id_table: np.ndarray
+    fs: object = None  # pyarrow filesystem for object stores; None: local
 
     @property
     def rows(self) -> int:
@@ -50,34 +52,49 @@ class Shard:
         return int(self.record["tokens"])
 
     def parquet(self) -> pq.ParquetFile:
-        return pq.ParquetFile(self.path)
+        return pq.ParquetFile(fsmod.open_input(self.fs, str(self.path)))
+
+
+def _sha256(fs, path: str) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with fsmod.open_input(fs, path) as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
 
 
 def open_shard(
     path: str | os.PathLike,
     expect: Mapping[str, object] | None = None,
     verify_checksum: bool = True,
+    fs=None,
 ) -> Shard:
-    """Open and validate one committed shard; raise ``ShardError`` naming the file and problem."""
+    """Open and validate one committed shard; raise ``ShardError`` naming the file and problem.
+
+    ``fs``: a ``pyarrow.fs`` filesystem when ``path`` lives on an object store.
+    """
     path = Path(path)
-    rec_path = record_path(path)
-    if not rec_path.exists():
-        raise ShardError(path, "no commit record (the shard was never completed); relabel its partition")
+    rec_path = str(record_path(path))
+    where = path if fs is None else f"{type(fs).__name__}:{path}"
+    if not fsmod.exists(fs, rec_path):
+        raise ShardError(where, "no commit record (the shard was never completed); relabel its partition")
     try:
-        record = json.loads(rec_path.read_text())
+        record = json.loads(fsmod.read_bytes(fs, rec_path))
     except json.JSONDecodeError as e:
         raise ShardError(rec_path, f"unreadable commit record ({e})") from e
-    if not path.exists():
-        raise ShardError(path, "listed by its commit record but the file is missing")
-    size = path.stat().st_size
+    if not fsmod.exists(fs, str(path)):
+        raise ShardError(where, "listed by its commit record but the file is missing")
+    size = fsmod.size(fs, str(path))
     if size != record.get("bytes"):
-        raise ShardError(path, f"size {size} != {record.get('bytes')} in the commit record (truncated or replaced)")
-    if verify_checksum and file_sha256(path) != record.get("sha256"):
-        raise ShardError(path, "sha256 does not match the commit record (corrupt file)")
+        raise ShardError(where, f"size {size} != {record.get('bytes')} in the commit record (truncated or replaced)")
+    if verify_checksum and _sha256(fs, str(path)) != record.get("sha256"):
+        raise ShardError(where, "sha256 does not match the commit record (corrupt file)")
     try:
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(fsmod.open_input(fs, str(path)))
     except (pa.ArrowInvalid, OSError) as e:
-        raise ShardError(path, f"not a readable Parquet file ({e})") from e
+        raise ShardError(where, f"not a readable Parquet file ({e})") from e
     raw = (pf.schema_arrow.metadata or {}).get(METADATA_KEY)
     if raw is None:
         raise ShardError(path, "no shard metadata in the Parquet footer (not written by this tool)")
@@ -110,7 +127,7 @@ def open_shard(
         got = getattr(meta, key)
         if got != value:
             raise ShardError(path, f"field {key!r} is {got!r} but the run expects {value!r} (shard from another run)")
-    return Shard(path=path, record=record, meta=meta, encoding=encoding, id_table=table)
+    return Shard(path=path, record=record, meta=meta, encoding=encoding, id_table=table, fs=fs)
 
 
 def _flat(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -187,13 +204,20 @@ class ShardStream:
         shuffle: bool = True,
         rank: int = 0,
         world_size: int = 1,
+        worker: int = 0,
+        num_workers: int = 1,
     ):
+        """``rank``/``world_size``: distributed ranks; ``worker``/``num_workers``: dataloader
+        workers inside a rank. Each (rank, worker) pair reads a disjoint share of row groups."""
         if not shards:
             raise ValueError("ShardStream needs at least one shard")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        if not 0 <= worker < num_workers:
+            raise ValueError(f"worker {worker} is outside num_workers {num_workers}")
         self.shards = list(shards)
-        self.seed, self.shuffle, self.rank, self.world_size = seed, shuffle, rank, world_size
+        self.seed, self.shuffle = seed, shuffle
+        self.rank, self.world_size = rank * num_workers + worker, world_size * num_workers
         self._units = [
             (si, rg) for si, s in enumerate(self.shards) for rg in range(s.parquet().metadata.num_row_groups)
         ]

@@ -13,6 +13,8 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from storage import codec
+from storage import fs as fsmod
 from storage.schema import ENCODING_KEY, METADATA_KEY, ROW_GROUP_ROWS, ZSTD_LEVEL, ShardMeta, arrow_schema, decoded_schema
 
 RECORD_SUFFIX = ".json"
@@ -89,15 +92,25 @@ class ShardWriter:
     commits nothing.
     """
 
-    def __init__(self, path: str | os.PathLike, meta: ShardMeta, row_group_rows: int = ROW_GROUP_ROWS):
+    def __init__(self, path: str | os.PathLike, meta: ShardMeta, row_group_rows: int = ROW_GROUP_ROWS, fs=None):
+        """``fs``: a ``pyarrow.fs`` filesystem for object stores (``path`` is then its path);
+        None writes locally. Remote shards are built in a local temporary folder and uploaded
+        whole, then the commit record is uploaded last."""
+        self.fs = fs
         self.path = Path(path)
         if not meta.created:
             meta = dataclasses.replace(meta, created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
         self.meta = meta
         self.row_group_rows = row_group_rows
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._raw_path = temp_name(self.path, ".raw")
-        self._tmp = temp_name(self.path)
+        if fs is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            local = self.path
+            self._scratch = None
+        else:
+            self._scratch = Path(tempfile.mkdtemp(prefix="distill-shard-"))
+            local = self._scratch / self.path.name
+        self._raw_path = temp_name(local, ".raw")
+        self._tmp = temp_name(local)
         self._raw_schema = decoded_schema(meta.vocab_size)
         self._raw = _parquet_writer(self._raw_path, self._raw_schema, level=1)
         self._id_counts = np.zeros(meta.vocab_size, np.int64)
@@ -202,16 +215,27 @@ class ShardWriter:
                 "tokens": self.tokens,
                 "meta": json.loads(self.meta.to_json()),
             }
-            os.replace(self._tmp, self.path)
-            _fsync_dir(self.path.parent)
-            atomic_write_text(record_path(self.path), json.dumps(record, indent=1, sort_keys=True))
+            text = json.dumps(record, indent=1, sort_keys=True)
+            if self.fs is None:
+                os.replace(self._tmp, self.path)
+                _fsync_dir(self.path.parent)
+                atomic_write_text(record_path(self.path), text)
+            else:
+                fsmod.upload(self._tmp, self.fs, str(self.path))
+                with self.fs.open_output_stream(str(record_path(self.path))) as f:
+                    f.write(text.encode())
         except BaseException:
             self._tmp.unlink(missing_ok=True)
             raise
         finally:
             self._closed = True
             self._raw_path.unlink(missing_ok=True)
+            self._cleanup_scratch()
         return record
+
+    def _cleanup_scratch(self) -> None:
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
 
     def abort(self) -> None:
         if not self._closed:
@@ -221,6 +245,7 @@ class ShardWriter:
             finally:
                 self._raw_path.unlink(missing_ok=True)
                 self._tmp.unlink(missing_ok=True)
+                self._cleanup_scratch()
 
     def __enter__(self) -> "ShardWriter":
         return self

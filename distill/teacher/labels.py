@@ -70,8 +70,6 @@ def label_shard(
     Engine work and Parquet writing overlap: the rows of one macro-batch are written by a
     background thread while the engine runs the next.
     """
-    from storage.writer import ShardWriter
-
     existing = store.lookup(key)
     if existing is not None:
         return {"cache_hit": True, "rows": existing.rows, "tokens": existing.tokens, "teacher_seconds": 0.0, "path": str(existing.path)}
@@ -85,7 +83,7 @@ def label_shard(
     total = sum(len(ids) - 1 - s for ids, s in zip(input_ids, label_starts))
     bar = tqdm(total=total, desc=f"label {meta.shard}", unit="tok", unit_scale=True, disable=not progress)
     t0 = time.perf_counter()
-    with ShardWriter(store.path_for(key), meta) as writer, ThreadPoolExecutor(1) as pool, bar:
+    with store.writer(key, meta) as writer, ThreadPoolExecutor(1) as pool, bar:
         pending = None
         batch: list[dict] = []
         for i, labels in enumerate(engine.score(input_ids, label_starts)):

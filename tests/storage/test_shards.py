@@ -226,3 +226,16 @@ def test_label_store_lookup(tmp_path):
     store.path_for(key).write_bytes(bytes(data))
     assert store.lookup(key) is None
     assert not store.is_committed(key)
+
+
+def test_workers_within_ranks_split_without_overlap(tmp_path):
+    path = tmp_path / "s.parquet"
+    with ShardWriter(path, make_meta(), row_group_rows=4) as w:
+        w.write_many(make_rows(40, 49152, 4))
+    shard = open_shard(path)
+    full = sorted(_stream_ids(ShardStream([shard], seed=1))[0])
+    parts = [
+        _stream_ids(ShardStream([shard], seed=1, rank=r, world_size=2, worker=w, num_workers=2))[0]
+        for r in range(2) for w in range(2)
+    ]
+    assert all(parts) and sorted(sum(parts, [])) == full
