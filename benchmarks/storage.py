@@ -7,6 +7,12 @@ with the student trainer's consumption rate on this machine.
 """
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# this file's name would shadow the ``storage`` package: run from the repository root instead
+sys.path[0] = str(Path(__file__).resolve().parents[1])
+
 import argparse
 import dataclasses
 import tempfile

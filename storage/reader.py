@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from storage import codec
 from storage import fs as fsmod
-from storage.schema import ENCODING_KEY, METADATA_KEY, SCHEMA_VERSION, ShardMeta, arrow_schema
+from storage.schema import ENCODING_KEY, ID_TABLE_KEY, METADATA_KEY, SCHEMA_VERSION, ShardMeta, arrow_schema
 from storage.writer import record_path
 
 CHECKED_FIELDS = ("teacher_hash", "tokenizer_hash", "vocab_size", "k", "mode", "temperature")
@@ -95,7 +95,7 @@ def open_shard(
         pf = pq.ParquetFile(fsmod.open_input(fs, str(path)))
     except (pa.ArrowInvalid, OSError) as e:
         raise ShardError(where, f"not a readable Parquet file ({e})") from e
-    raw = (pf.schema_arrow.metadata or {}).get(METADATA_KEY)
+    raw = (pf.metadata.metadata or {}).get(METADATA_KEY)
     if raw is None:
         raise ShardError(path, "no shard metadata in the Parquet footer (not written by this tool)")
     meta_dict = json.loads(raw)
@@ -117,8 +117,8 @@ def open_shard(
         if actual != field.type:
             raise ShardError(path, f"column {field.name!r} has type {actual}, expected {field.type}")
     try:
-        encoding = json.loads(pf.schema_arrow.metadata[ENCODING_KEY])
-        table = codec.unpack_table(encoding["id_table"])
+        encoding = json.loads(pf.metadata.metadata[ENCODING_KEY])
+        table = codec.unpack_table(pf.metadata.metadata[ID_TABLE_KEY], encoding["id_table_size"], meta.vocab_size)
     except (KeyError, ValueError) as e:
         raise ShardError(path, f"missing or unreadable encoding metadata ({e})") from e
     if table.size and int(table.max()) >= meta.vocab_size:
@@ -151,7 +151,7 @@ def decode_table(shard: Shard, table: pa.Table) -> dict[str, tuple[np.ndarray, n
     codes_total = np.cumsum(diffs.reshape(n, k), axis=1, dtype=np.int32)
     if n and int(codes_total[:, -1].max()) > enc["logprob_levels"]:
         raise ShardError(shard.path, "topk_logprob_codes exceed the encoding's levels (corrupt or not sorted)")
-    tail = codec.decode_tail(tail_codes)
+    tail = codec.decode_tail(tail_codes, enc["tail_scale"])
     logprobs = codec.decode_topk_logprobs(diffs.reshape(n, k), tail, enc["logprob_levels"], enc["logprob_scale"])
     input_ids, in_off = _flat(table, "input_ids")
     return {

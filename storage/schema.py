@@ -17,6 +17,7 @@ import pyarrow as pa
 SCHEMA_VERSION = 2
 METADATA_KEY = b"distill.shard"
 ENCODING_KEY = b"distill.encoding"
+ID_TABLE_KEY = b"distill.id_table"
 ROW_GROUP_ROWS = 64  # windows per row group: bounds reader memory and is the unit of resumption
 ZSTD_LEVEL = 9  # writing is dwarfed by teacher time; level 9 saves ~8% over level 3 on ids
 

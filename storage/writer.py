@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from storage import codec
 from storage import fs as fsmod
-from storage.schema import ENCODING_KEY, METADATA_KEY, ROW_GROUP_ROWS, ZSTD_LEVEL, ShardMeta, arrow_schema, decoded_schema
+from storage.schema import ENCODING_KEY, ID_TABLE_KEY, METADATA_KEY, ROW_GROUP_ROWS, ZSTD_LEVEL, ShardMeta, arrow_schema, decoded_schema
 
 RECORD_SUFFIX = ".json"
 TMP_MARK = ".tmp-"
@@ -82,6 +82,7 @@ def _parquet_writer(path: Path, schema: pa.Schema, level: int, byte_stream_split
     return pq.ParquetWriter(
         path, schema, compression="zstd", compression_level=level, use_dictionary=["doc_id"],
         use_byte_stream_split=byte_stream_split, write_statistics=["doc_id", "window_index", "label_start"],
+        store_schema=False,  # Parquet logical types carry the schema; the Arrow copy would duplicate the id table
     )
 
 
@@ -194,15 +195,20 @@ class ShardWriter:
         table = codec.id_table(self._id_counts)
         encoding = {
             "logprob_levels": codec.LOGPROB_LEVELS, "logprob_scale": codec.LOGPROB_SCALE,
-            "target_step": codec.TARGET_STEP, "tail_scale": codec.TAIL_SCALE, "id_table": codec.pack_table(table),
+            "target_step": codec.TARGET_STEP, "tail_scale": codec.TAIL_SCALE, "id_table_size": len(table),
         }
-        schema = self.schema_without_metadata.with_metadata({METADATA_KEY: self.meta.to_json(), ENCODING_KEY: json.dumps(encoding)})
+        footer = {
+            METADATA_KEY: self.meta.to_json().encode(), ENCODING_KEY: json.dumps(encoding).encode(),
+            ID_TABLE_KEY: codec.pack_table(table, self.meta.vocab_size),
+        }
+        schema = self.schema_without_metadata
         try:
             raw = pq.ParquetFile(self._raw_path)
-            out = _parquet_writer(self._tmp, schema, ZSTD_LEVEL, byte_stream_split=["topk_ids"])
+            out = _parquet_writer(self._tmp, schema, ZSTD_LEVEL, byte_stream_split=["topk_ids.list.element"])
             try:
+                out.add_key_value_metadata(footer)
                 for rg in range(raw.metadata.num_row_groups):
-                    out.write_table(self._encode(raw.read_row_group(rg), table).replace_schema_metadata(schema.metadata))
+                    out.write_table(self._encode(raw.read_row_group(rg), table))
             finally:
                 out.close()
             with open(self._tmp, "rb") as f:

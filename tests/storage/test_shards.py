@@ -64,7 +64,7 @@ def test_round_trip(tmp_path, vocab):
         for col in ("input_ids", "topk_ids"):
             np.testing.assert_array_equal(np.asarray(a[col], np.int64), b[col].astype(np.int64))
         np.testing.assert_allclose(b["target_logprobs"], a["target_logprobs"], atol=1e-3)
-        np.testing.assert_allclose(b["tail_mass"], a["tail_mass"], atol=1e-4)
+        np.testing.assert_allclose(b["tail_mass"], a["tail_mass"], atol=2.5e-4)
         n = len(a["tail_mass"])
         if n:
             p = np.exp(a["topk_logprobs"].reshape(n, k).astype(np.float64))
@@ -156,8 +156,10 @@ def _rewrite(path, name, fn):
     table = pf.read()
     i = table.schema.get_field_index(name)
     new = fn(table.column(i))
-    table = table.set_column(i, pa.field(name, new.type), new).replace_schema_metadata(pf.schema_arrow.metadata)
-    pq.write_table(table, path)
+    table = table.set_column(i, pa.field(name, new.type), new)
+    with pq.ParquetWriter(path, table.schema) as w:
+        w.add_key_value_metadata(pf.metadata.metadata)
+        w.write_table(table)
     rec = json.loads(record_path(path).read_text())
     rec.update(bytes=path.stat().st_size, sha256=file_sha256(path))
     record_path(path).write_text(json.dumps(rec))
