@@ -136,13 +136,18 @@ def collate(rows: Sequence[dict], k: int) -> dict[str, torch.Tensor]:
     }
 
 
-def batches(stream: ShardStream, batch_size: int, k: int, start: StreamPosition) -> Iterator[tuple[dict, StreamPosition]]:
+def batches(
+    stream: ShardStream, batch_size: int, k: int, start: StreamPosition, with_ids: bool = False
+) -> Iterator[tuple[dict, StreamPosition]]:
     """Micro-batches and the stream position after each (for exact resume)."""
     rows, pos = [], start
     for row, pos in stream.rows(start):
         rows.append(row)
         if len(rows) == batch_size:
-            yield collate(rows, k), pos
+            batch = collate(rows, k)
+            if with_ids:
+                batch["row_ids"] = [(r["doc_id"], r["window_index"]) for r in rows]
+            yield batch, pos
             rows = []
 
 
@@ -151,16 +156,16 @@ def _autocast(cfg: TrainConfig, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
 
-def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, position: StreamPosition, keep: int) -> Path:
-    """Resumable checkpoint (model + optimizer + RNG + data position), committed by rename."""
-    from safetensors.torch import save_file
+def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, positions: list[StreamPosition], keep: int) -> Path:
+    """Resumable checkpoint (model + optimizer + RNG + every rank's data position), committed by rename."""
+    from safetensors.torch import save_model
 
     final = ckpt_root / f"step-{step:08d}"
     tmp = ckpt_root / f".step-{step:08d}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+    save_model(model, str(tmp / "model.safetensors"))  # handles tied embeddings
     torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}, tmp / "trainer_state.pt")
-    (tmp / "position.json").write_text(json.dumps({"step": step, "position": position.to_dict()}))
+    (tmp / "position.json").write_text(json.dumps({"step": step, "positions": [p.to_dict() for p in positions]}))
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
@@ -195,6 +200,18 @@ def _plot_history(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _distributed() -> tuple[int, int]:
+    """(rank, world_size); starts the process group under torchrun (gloo on CPU, nccl on GPU)."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world
+
+
 def train(
     student_cfg: StudentConfig,
     cfg: TrainConfig,
@@ -203,17 +220,27 @@ def train(
     out_dir: str | Path,
     tokenizer_vocab: int,
     stop_after: int | None = None,
+    row_log: str | Path | None = None,
 ) -> dict:
     """Train a student on ``shards`` into ``out_dir/model``; resumes from ``out_dir/checkpoints``.
 
-    ``stop_after`` ends the run early after that many steps (with a checkpoint), as a crash would.
+    Under ``torchrun --nproc_per_node=N`` each rank reads a disjoint share of row groups and
+    gradients are averaged by DDP; rank 0 writes checkpoints (with every rank's data position)
+    and the final model. ``stop_after`` ends the run early after that many steps (with a
+    checkpoint), as a crash would. ``row_log`` appends the (doc_id, window_index) of every row
+    this rank trained on to ``<row_log>.rank<r>`` (for coverage checks).
     """
+    import torch.distributed as dist
+
     out_dir = Path(out_dir)
     ckpt_root = out_dir / CKPT_DIR
-    ckpt_root.mkdir(parents=True, exist_ok=True)
+    rank, world = _distributed()
+    main = rank == 0
+    if main:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     k = shards[0].meta.k
     torch.manual_seed(cfg.seed)
     model = build_student(teacher_dir, student_cfg, tokenizer_vocab).to(device)
@@ -225,21 +252,27 @@ def train(
         lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, foreach=True,
     )
     step, position, history = 0, StreamPosition(), []
-    resume = latest_checkpoint(ckpt_root)
+    resume = latest_checkpoint(ckpt_root) if ckpt_root.exists() else None
     if resume is not None:
-        from safetensors.torch import load_file
+        from safetensors.torch import load_model
 
-        model.load_state_dict(load_file(resume / "model.safetensors"))
+        load_model(model, str(resume / "model.safetensors"))
         state = torch.load(resume / "trainer_state.pt", weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         saved = json.loads((resume / "position.json").read_text())
-        step, position = saved["step"], StreamPosition(**saved["position"])
+        if len(saved["positions"]) != world:
+            raise ValueError(f"{resume}: saved with {len(saved['positions'])} ranks, resuming with {world}; resume with the same world size")
+        step, position = saved["step"], StreamPosition(**saved["positions"][rank])
         history_path = out_dir / HISTORY
         if history_path.exists():
             history = [json.loads(line) for line in history_path.read_text().splitlines()][:step]
-    stream = ShardStream(shards, seed=cfg.seed, shuffle=cfg.shuffle)
-    data = batches(stream, cfg.batch_size, k, position)
+    raw_model = model
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    stream = ShardStream(shards, seed=cfg.seed, shuffle=cfg.shuffle, rank=rank, world_size=world)
+    data = batches(stream, cfg.batch_size, k, position, with_ids=row_log is not None)
+    log = open(f"{row_log}.rank{rank}", "a") if row_log is not None else None
     loss_kwargs = dict(
         kd_weight=cfg.kd_weight, divergence=cfg.divergence, tail=cfg.tail, temperature=cfg.temperature,
         **({"beta": cfg.beta} if cfg.divergence == "jsd" else {}),
@@ -247,7 +280,7 @@ def train(
     )
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=cfg.steps, initial=step, disable=not cfg.progress, desc="train", unit="step")
+    bar = tqdm(total=cfg.steps, initial=step, disable=not (cfg.progress and main), desc="train", unit="step")
     last = stop_after and min(cfg.steps, step + stop_after) or cfg.steps
     t_start, tokens_seen = time.perf_counter(), 0
     while step < last:
@@ -256,6 +289,8 @@ def train(
         parts = {"loss": 0.0, "ce": 0.0, "kd": 0.0}
         for _ in range(cfg.grad_accum):
             batch, position = next(data)
+            if log is not None:
+                log.write("".join(f"{d}\t{w}\n" for d, w in batch.pop("row_ids")))
             batch = {name: t.to(device) for name, t in batch.items()}
             with _autocast(cfg, device):
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -274,19 +309,35 @@ def train(
         step += 1
         history.append({"step": step, "lr": cfg.lr_at(step - 1), **parts})
         elapsed = time.perf_counter() - t_start
-        bar.set_postfix(loss=f"{parts['loss']:.3f}", ce=f"{parts['ce']:.3f}", kd=f"{parts['kd']:.3f}", tok_s=f"{tokens_seen / elapsed:.0f}")
+        bar.set_postfix(loss=f"{parts['loss']:.3f}", ce=f"{parts['ce']:.3f}", kd=f"{parts['kd']:.3f}", tok_s=f"{tokens_seen * world / elapsed:.0f}")
         bar.update(1)
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 or (stop_after and step == last < cfg.steps):
-            atomic_write_text(out_dir / HISTORY, "".join(json.dumps(h) + "\n" for h in history))
-            save_checkpoint(ckpt_root, step, model, optimizer, position, cfg.keep_checkpoints)
+            if log is not None:
+                log.flush()
+                os.fsync(log.fileno())
+            positions = [position]
+            if world > 1:
+                positions = [None] * world
+                dist.all_gather_object(positions, position)
+            if main:
+                atomic_write_text(out_dir / HISTORY, "".join(json.dumps(h) + "\n" for h in history))
+                save_checkpoint(ckpt_root, step, raw_model, optimizer, positions, cfg.keep_checkpoints)
+            if world > 1:
+                dist.barrier()
     bar.close()
+    if log is not None:
+        log.close()
+    if world > 1:
+        dist.barrier()
+    if not main:
+        return {"steps": step, "finished": step >= cfg.steps, "rank": rank}
     atomic_write_text(out_dir / HISTORY, "".join(json.dumps(h) + "\n" for h in history))
     if step < cfg.steps:
         return {"steps": step, "finished": False}
     _plot_history(history, out_dir / "loss.png")
     final = out_dir / FINAL_DIR
     tmp = out_dir / f".{FINAL_DIR}.tmp-{uuid.uuid4().hex[:8]}"
-    model.save_pretrained(tmp, safe_serialization=True)
+    raw_model.save_pretrained(tmp, safe_serialization=True)
     from transformers import AutoTokenizer
 
     AutoTokenizer.from_pretrained(teacher_dir).save_pretrained(tmp)
@@ -299,9 +350,10 @@ def train(
         "final_loss": history[-1]["loss"],
         "final_ce": history[-1]["ce"],
         "final_kd": history[-1]["kd"],
-        "labelled_tokens_this_run": tokens_seen,
+        "labelled_tokens_this_run": tokens_seen * world,
         "seconds_this_run": time.perf_counter() - t_start,
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameters": sum(p.numel() for p in raw_model.parameters()),
+        "world_size": world,
         "model_dir": str(final),
     }
     atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=1))

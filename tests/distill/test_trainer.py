@@ -1,0 +1,79 @@
+"""Trainer: exact resume after a real SIGKILL, a 2-process torchrun run covering every row once,
+and student vocabulary checks."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from distill.configbase import ConfigError
+from distill.student import check_vocab
+from tests.distill.train_worker import write_shards
+
+REPO = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("shards")
+    write_shards(folder)
+    return folder
+
+
+def _worker(shard_dir, out, teacher_dir, steps, every, *extra):
+    return [sys.executable, "-m", "tests.distill.train_worker", str(shard_dir), str(out), str(teacher_dir), str(steps), str(every), *extra]
+
+
+def test_resume_after_sigkill_is_exact(shard_dir, teacher_dir, tmp_path):
+    steps = 10
+    full = subprocess.run(_worker(shard_dir, tmp_path / "a", teacher_dir, steps, 2), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert full.returncode == 0, full.stderr[-2000:]
+    proc = subprocess.Popen(_worker(shard_dir, tmp_path / "b", teacher_dir, steps, 2), cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = tmp_path / "b" / "checkpoints"
+    deadline = time.time() + 300
+    while not (ckpts / "step-00000004").exists():
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "b" / "model").exists(), "killed before the end: no final model"
+    resumed = subprocess.run(_worker(shard_dir, tmp_path / "b", teacher_dir, steps, 2), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = load_file(tmp_path / "a" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"{name} differs after resume"
+
+
+def test_two_process_torchrun_covers_every_row_once(shard_dir, teacher_dir, tmp_path):
+    torchrun = Path(sys.executable).parent / "torchrun"
+    log = tmp_path / "rows"
+    # 64 rows in 16 row groups of 4: 8 row groups per rank, batch 4 -> 8 steps is one epoch
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "tests.distill.train_worker",
+           str(shard_dir), str(tmp_path / "out"), str(teacher_dir), "8", "0", str(log)]
+    out = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ranks = [Path(f"{log}.rank{r}").read_text().splitlines() for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == 32
+    assert not set(ranks[0]) & set(ranks[1]), "ranks overlap"
+    expected = {f"s{s}-doc-{i // 3}\t{i % 3}" for s in range(2) for i in range(32)}
+    assert set(ranks[0]) | set(ranks[1]) == expected
+    assert (tmp_path / "out" / "model" / "model.safetensors").exists()
+
+
+def test_vocab_checks():
+    check_vocab(49280, 49152, 49152, "padded student")  # embeddings padded beyond the tokenizer: fine
+    with pytest.raises(ConfigError, match="smaller than the teacher"):
+        check_vocab(32000, 49152, 49152, "student checkpoint /x")
