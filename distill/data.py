@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -152,14 +153,14 @@ def corpus_dir(root: Path, cfg: CorpusConfig, tokenizer_hash: str) -> Path:
 
 
 def build_corpus(cfg: CorpusConfig, tokenizer, tokenizer_hash: str, root: Path, batch_docs: int = 256) -> dict:
-    """Tokenize and shard the corpus under ``corpus_dir``; return its manifest (counts, shards).
+    """Read, tokenize and shard the corpus under ``corpus_dir``; return its manifest.
 
-    Idempotent: if the manifest exists, it is returned without work.
+    Always re-reads the source (the data may have changed); shard files are replaced
+    atomically and the manifest is written last. Shard fingerprints depend only on content,
+    so unchanged shards keep their teacher-label cache keys.
     """
     out = corpus_dir(root, cfg, tokenizer_hash)
     manifest_path = out / CORPUS_MANIFEST
-    if manifest_path.exists():
-        return json.loads(manifest_path.read_text())
     stride = cfg.effective_stride
     docs: list[tuple[str, str]] = []
     counts = {"documents_read": 0, "dropped_empty": 0, "dropped_short": 0, "dropped_duplicate_id": 0}
@@ -221,7 +222,7 @@ def build_corpus(cfg: CorpusConfig, tokenizer, tokenizer_hash: str, root: Path, 
             h.update(f"{r['doc_id']}\x1f{r['window_index']}\x1f{r['label_start']}\x1f".encode())
             h.update(np.asarray(r["input_ids"], np.int64).tobytes())
         path = out / f"{name}.parquet"
-        tmp = out / f".{name}.parquet.tmp"
+        tmp = out / f".{name}.parquet.tmp-{os.getpid()}"
         pq.write_table(table, tmp, compression="zstd")
         tmp.replace(path)
         shard_info[name] = {

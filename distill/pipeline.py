@@ -136,6 +136,37 @@ def label_shards(cfg: RunConfig, names: Sequence[str], engine_factory=None) -> d
     return results
 
 
+def check_shards(cfg: RunConfig, names: Sequence[str]) -> dict:
+    """Integrity and coverage of labelled shards against the corpus manifest.
+
+    ``problems`` lists anything wrong (schema, provenance, checksum, counts, logprob sanity);
+    ``mean_topk_mass`` is the average teacher probability inside the stored top-k.
+    """
+    from distill.data import corpus_dir
+    from storage.reader import shard_stats
+
+    hashes = teacher_hashes(cfg)
+    manifest = json.loads((corpus_dir(cfg.root, cfg.corpus, hashes["tokenizer"]) / "corpus.json").read_text())
+    keys, store, expect = shard_keys(cfg, names), label_store(cfg), expected_meta(cfg)
+    problems, mass, tokens = [], 0.0, 0
+    for name in names:
+        try:
+            shard = store.open(keys[name], expect=expect)
+        except ShardError as e:
+            problems.append(f"{name}: {e}")
+            continue
+        stats = shard_stats(shard)
+        entry = manifest["shards"][name]
+        if stats["rows"] != entry["windows"] or stats["tokens"] != entry["labelled_tokens"]:
+            problems.append(f"{name}: {stats['rows']} rows / {stats['tokens']} tokens, corpus has {entry['windows']} / {entry['labelled_tokens']}")
+        if stats["max_logprob"] > 1e-4 or stats["unsorted_positions"]:
+            problems.append(f"{name}: logprobs > 0 or unsorted at {stats['unsorted_positions']} positions")
+        if stats["tokens"]:
+            mass += stats["mean_topk_mass"] * stats["tokens"]
+            tokens += stats["tokens"]
+    return {"problems": problems, "mean_topk_mass": mass / tokens if tokens else float("nan"), "tokens": tokens}
+
+
 def _engine_name() -> str:
     import vllm
 

@@ -251,3 +251,29 @@ class ShardStream:
                     yield rows[order[j]], nxt
                 unit_i, row_i = unit_i + 1, 0
             epoch, unit_i, row_i = epoch + 1, 0, 0
+
+
+def shard_stats(shard: Shard) -> dict:
+    """Scan a shard once: counts and label sanity (for asset checks). Memory: one row group."""
+    pf = shard.parquet()
+    rows = tokens = 0
+    mass_sum = 0.0
+    max_logprob = -np.inf
+    unsorted = 0
+    for rg in range(pf.metadata.num_row_groups):
+        table = pf.read_row_group(rg)
+        cols = decode_table(shard, table)
+        lp = cols["topk_logprobs"][0].reshape(-1, shard.meta.k)
+        rows += table.num_rows
+        tokens += lp.shape[0]
+        if lp.size:
+            mass_sum += float(np.exp(lp.astype(np.float64)).sum())
+            max_logprob = max(max_logprob, float(lp.max()))
+            unsorted += int((np.diff(lp, axis=1) > 1e-6).any(axis=1).sum())
+    return {
+        "rows": rows,
+        "tokens": tokens,
+        "mean_topk_mass": mass_sum / tokens if tokens else float("nan"),
+        "max_logprob": max_logprob,
+        "unsorted_positions": unsorted,
+    }

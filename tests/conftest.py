@@ -53,3 +53,17 @@ def engine(tiny_config):
     eng = pipeline.get_engine(tiny_config)
     yield eng
     pipeline.close_engines()
+
+
+@pytest.fixture(scope="session")
+def materialized(tiny_config_path, tiny_config, engine):
+    """The whole asset graph materialized once, in-process, on the tiny config."""
+    import dagster as dg
+
+    from pipelines.definitions import build_definitions
+    from pipelines.run import materialize_all
+
+    defs = build_definitions(str(tiny_config_path), keep_engine_alive=True)
+    instance = dg.DagsterInstance.ephemeral()
+    result = materialize_all(defs, instance, tiny_config.corpus.shard_names())
+    return defs, instance, result

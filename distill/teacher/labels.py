@@ -34,10 +34,13 @@ class TeacherConfig:
     """Labelling mode: ``score`` (teacher-forced over the corpus)."""
     engine: EngineConfig = EngineConfig()
     """vLLM engine settings."""
+    min_topk_mass: float = 0.5
+    """Asset check (warning): mean teacher probability inside the stored top-k must reach this; raise k if it does not."""
 
     def __post_init__(self):
         check(1 <= self.k <= 1024, "k", self.k, "an integer in [1, 1024]")
         check(self.mode in MODES, "mode", self.mode, f"one of {MODES}")
+        check(0.0 <= self.min_topk_mass <= 1.0, "min_topk_mass", self.min_topk_mass, "a number in [0, 1]")
 
 
 def shard_key(teacher_hashes: dict, fingerprint: str, cfg: TeacherConfig, dtype: str) -> str:

@@ -9,6 +9,7 @@ from pipelines.resources import DistillSettings
 @dg.asset(
     group_name="evaluation",
     deps=["student_model", "baseline_student", "teacher_logits"],
+    automation_condition=dg.AutomationCondition.eager(),
     check_specs=[dg.AssetCheckSpec("distillation_gate", asset="evaluation", blocking=True,
                                    description="The distilled student beats the CE-only baseline on held-out KL and perplexity.")],
     description="Perplexity, KL(teacher‖model) and top-1 agreement on held-out shards.",

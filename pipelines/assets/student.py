@@ -26,11 +26,11 @@ def _result(summary: dict) -> dg.MaterializeResult:
     return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(Path(summary["out_dir"]).name))
 
 
-@dg.asset(group_name="student", deps=["teacher_logits"], description="Student trained on the train shards with KD + cross-entropy (save_pretrained, safetensors).")
+@dg.asset(group_name="student", deps=["teacher_logits"], automation_condition=dg.AutomationCondition.eager(), description="Student trained on the train shards with KD + cross-entropy (save_pretrained, safetensors).")
 def student_model(settings: DistillSettings) -> dg.MaterializeResult:
     return _result(pipeline.train_student(settings.load(), baseline=False))
 
 
-@dg.asset(group_name="student", deps=["teacher_logits"], description="The same student, data order and steps with cross-entropy only.")
+@dg.asset(group_name="student", deps=["teacher_logits"], automation_condition=dg.AutomationCondition.eager(), description="The same student, data order and steps with cross-entropy only.")
 def baseline_student(settings: DistillSettings) -> dg.MaterializeResult:
     return _result(pipeline.train_student(settings.load(), baseline=True))

@@ -22,6 +22,14 @@ def build_teacher_logits(partitions: dg.PartitionsDefinition, max_partitions_per
         partitions_def=partitions,
         backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run),
         pool="teacher",
+        automation_condition=dg.AutomationCondition.eager() | dg.AutomationCondition.on_missing(),
+        check_specs=[
+            dg.AssetCheckSpec("shard_integrity", asset="teacher_logits", blocking=True,
+                              description="Schema, provenance, checksums, row and token counts against the corpus, logprob sanity."),
+            dg.AssetCheckSpec("topk_mass_coverage", asset="teacher_logits",
+                              description="Mean teacher probability inside the stored top-k reaches teacher.min_topk_mass."),
+        ],
+        tags={"dagster/max_retries": "2"},
         description="Teacher top-k soft labels of one corpus shard (Parquet, content-addressed; a known key is a cache hit).",
     )
     def teacher_logits(context: dg.AssetExecutionContext, settings: DistillSettings, teacher_engine: TeacherEngine) -> dg.MaterializeResult:
@@ -30,14 +38,24 @@ def build_teacher_logits(partitions: dg.PartitionsDefinition, max_partitions_per
         results = pipeline.label_shards(cfg, names)
         hits = sum(r["cache_hit"] for r in results.values())
         context.log.info(f"labelled {len(names) - hits} shard(s), {hits} cache hit(s)")
+        checks = pipeline.check_shards(cfg, names)
+        keys = {n: r["key"] for n, r in results.items()}
         return dg.MaterializeResult(
+            data_version=dg.DataVersion(pipeline.content_key(keys)),
+            check_results=[
+                dg.AssetCheckResult(check_name="shard_integrity", passed=not checks["problems"],
+                                    metadata={"problems": dg.MetadataValue.json(checks["problems"])}),
+                dg.AssetCheckResult(check_name="topk_mass_coverage", passed=bool(checks["mean_topk_mass"] >= cfg.teacher.min_topk_mass),
+                                    severity=dg.AssetCheckSeverity.WARN,
+                                    metadata={"mean_topk_mass": float(checks["mean_topk_mass"]), "threshold": cfg.teacher.min_topk_mass}),
+            ],
             metadata={
                 "shards": len(names),
                 "cache_hits": hits,
                 "rows": sum(r["rows"] for r in results.values()),
                 "labelled_tokens": sum(r["tokens"] for r in results.values()),
                 "teacher_seconds": round(sum(r["teacher_seconds"] for r in results.values()), 3),
-                "keys": dg.MetadataValue.json({n: r["key"] for n, r in results.items()}),
+                "keys": dg.MetadataValue.json(keys),
             }
         )
 

@@ -97,3 +97,22 @@ def test_all_empty_is_an_error(tmp_path):
 def test_default_corpus_ships_with_python():
     docs = list(load_documents(CorpusConfig(max_documents=5)))
     assert len(docs) == 5 and all(isinstance(t, str) and t for _, t in docs)
+
+
+def test_label_keys_change_with_exactly_their_inputs():
+    import dataclasses
+
+    from distill.teacher.labels import TeacherConfig, shard_key
+
+    hashes = {"weights": "w", "tokenizer": "t"}
+    base = shard_key(hashes, "fp", TeacherConfig(k=32), "float32")
+    assert base == shard_key(hashes, "fp", TeacherConfig(k=32), "float32")
+    assert base == shard_key(hashes, "fp", TeacherConfig(k=32, min_topk_mass=0.9), "float32"), "check thresholds do not relabel"
+    changed = [
+        shard_key(hashes, "fp", TeacherConfig(k=16), "float32"),
+        shard_key({**hashes, "weights": "w2"}, "fp", TeacherConfig(k=32), "float32"),
+        shard_key({**hashes, "tokenizer": "t2"}, "fp", TeacherConfig(k=32), "float32"),
+        shard_key(hashes, "fp2", TeacherConfig(k=32), "float32"),
+        shard_key(hashes, "fp", TeacherConfig(k=32), "bfloat16"),
+    ]
+    assert len({base, *changed}) == 6

@@ -12,17 +12,6 @@ import torch
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def materialized(tiny_config_path, tiny_config, engine, tmp_path_factory):
-    from pipelines.definitions import build_definitions
-    from pipelines.run import materialize_all
-
-    defs = build_definitions(str(tiny_config_path), keep_engine_alive=True)
-    instance = dg.DagsterInstance.ephemeral()
-    result = materialize_all(defs, instance, tiny_config.corpus.shard_names())
-    return defs, instance, result
-
-
 def _metadata(instance, key, partition=None):
     event = instance.get_latest_materialization_event(dg.AssetKey(key))
     if partition is not None:
@@ -75,9 +64,91 @@ def test_outputs_read_back(materialized, tiny_config, teacher_dir):
 
 
 def test_second_labelling_is_all_cache_hits(materialized, tiny_config):
+    import time
+
     from distill import pipeline
 
+    defs, instance, result = materialized
+    first_teacher_seconds = _metadata(instance, "teacher_logits", partition="train-00000")["teacher_seconds"].value
+    assert first_teacher_seconds > 0
     calls_before = pipeline.get_engine(tiny_config).forward_calls
+    t0 = time.perf_counter()
     results = pipeline.label_shards(tiny_config, tiny_config.corpus.shard_names())
+    seconds = time.perf_counter() - t0
     assert all(r["cache_hit"] for r in results.values())
-    assert pipeline.get_engine(tiny_config).forward_calls == calls_before
+    assert pipeline.get_engine(tiny_config).forward_calls == calls_before, "no teacher forward on a cache hit"
+    assert seconds <= 0.02 * first_teacher_seconds, (seconds, first_teacher_seconds)
+
+
+def test_shard_checks_ran(materialized):
+    defs, instance, result = materialized
+    checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
+    assert "distillation_gate" in checks
+    # the labelling run's checks were recorded on the instance
+    for name in ("shard_integrity", "topk_mass_coverage"):
+        record = instance.event_log_storage.get_latest_asset_check_execution_by_key([dg.AssetCheckKey(dg.AssetKey("teacher_logits"), name)])
+        execution = record[dg.AssetCheckKey(dg.AssetKey("teacher_logits"), name)]
+        assert execution is not None and execution.status.value == "SUCCEEDED", (name, execution)
+
+
+def test_changing_one_document_relabels_only_its_shard(tiny_config, engine, tmp_path):
+    import dataclasses
+
+    from pydoc_data.topics import topics
+
+    from distill import pipeline
+    from distill.config import RunConfig
+    from distill.data import CorpusConfig
+
+    docs = [{"text": topics[name]} for name in sorted(topics)[:8]]
+    src = tmp_path / "docs.jsonl"
+
+    def run(docs):
+        src.write_text("".join(json.dumps(d) + "\n" for d in docs))
+        corpus = dataclasses.replace(tiny_config.corpus, source=str(src), max_documents=None)
+        cfg = dataclasses.replace(tiny_config, corpus=corpus, storage_root=str(tmp_path / "data"))
+        pipeline.prepare_corpus(cfg)
+        return pipeline.label_shards(cfg, corpus.shard_names())
+
+    first = run(docs)
+    assert not any(r["cache_hit"] for r in first.values())
+    docs[3]["text"] += " One more sentence changes this document."
+    second = run(docs)
+    relabelled = [n for n, r in second.items() if not r["cache_hit"]]
+    assert len(relabelled) == 1
+    assert second[relabelled[0]]["key"] != first[relabelled[0]]["key"]
+    assert all(second[n]["key"] == first[n]["key"] for n in second if n not in relabelled)
+
+
+VLLM_GENERATE = """
+import sys
+from vllm import LLM, SamplingParams
+if __name__ == "__main__":
+    llm = LLM(model=sys.argv[1], dtype="float32", max_model_len=128, enforce_eager=True)
+    out = llm.generate(["The capital of France is"], SamplingParams(max_tokens=8, temperature=0.0))
+    print("GENERATED", len(out[0].outputs[0].token_ids), repr(out[0].outputs[0].text))
+"""
+
+
+def test_student_checkpoint_generates_in_vllm_and_transformers(materialized, tiny_config, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distill import pipeline
+
+    model_dir = pipeline.student_dir(tiny_config, baseline=False) / "model"
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True)
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    generated = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert generated.shape[1] == ids.shape[1] + 5
+    script = tmp_path / "gen.py"
+    script.write_text(VLLM_GENERATE)
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    out = subprocess.run([sys.executable, str(script), str(model_dir)], capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = next(l for l in out.stdout.splitlines() if l.startswith("GENERATED"))
+    assert int(line.split()[1]) >= 1

@@ -1,0 +1,134 @@
+"""Trainer benchmark on the demo setting (bundled teacher's labels, 4-layer student cut from it).
+
+    .venv/bin/python benchmarks/trainer.py [--config configs/demo.yaml]
+
+Prints, measured in this run:
+- loader_overhead: step time streaming from Parquet shards / same batches preloaded - 1
+- kd_step_vs_ce_step: a top-k KD + CE step / a CE-only step
+- offline_vs_online_kd_step: our offline KD step / an online KD step running the teacher forward in the loop
+- topk_vs_full_kd_gap_closed: at equal steps, (KL_ce - KL_topk) / (KL_ce - KL_full_online) on held-out data
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import torch
+import torch.nn.functional as F
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", default="configs/demo.yaml")
+    parser.add_argument("--timing-steps", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+
+    from transformers import AutoModelForCausalLM
+
+    from distill import pipeline
+    from distill.config import load_config
+    from distill.evaluation import evaluate_model
+    from distill.losses import distillation_loss, masked_mean
+    from distill.student import build_student
+    from distill.trainer import batches, train
+    from storage.reader import ShardStream, StreamPosition
+
+    cfg = load_config(args.config)
+    pipeline.prepare_teacher(cfg)
+    pipeline.prepare_corpus(cfg)
+    names = cfg.corpus.shard_names()
+    pipeline.label_shards(cfg, names)  # cache hits when the demo already ran
+    pipeline.close_engines()
+    train_shards, heldout = pipeline.open_split(cfg, "train"), pipeline.open_split(cfg, "heldout")
+    teacher_dir = pipeline.teacher_dir(cfg)
+    vocab = len(pipeline.tokenizer(cfg))
+    k = train_shards[0].meta.k
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32, use_safetensors=True).eval()
+
+    def step(model, opt, batch, mode):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        if mode == "online":
+            with torch.no_grad():
+                teacher_lp = torch.log_softmax(teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float(), -1)
+            student_lp = torch.log_softmax(logits.float(), -1)
+            kd = masked_mean((teacher_lp.exp() * (teacher_lp - student_lp)).sum(-1), batch["mask"])
+            ce = masked_mean(-student_lp.gather(-1, batch["targets"][..., None])[..., 0], batch["mask"])
+            loss = cfg.train.kd_weight * kd + (1 - cfg.train.kd_weight) * ce
+        else:
+            loss, _ = distillation_loss(logits, batch["targets"], batch["topk_ids"], batch["teacher_logprobs"], batch["mask"],
+                                        kd_weight=0.0 if mode == "ce" else cfg.train.kd_weight, tail=cfg.train.tail)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    model = build_student(teacher_dir, cfg.student, vocab)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    n = args.timing_steps
+    preloaded = [b for b, _ in zip((b for b, _ in batches(ShardStream(train_shards, seed=1), cfg.train.batch_size, k, StreamPosition())), range(n))]
+    step(model, opt, preloaded[0], "kd")  # warm-up
+
+    def timed(fn):
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    def run_streamed(mode="kd"):
+        for (b, _), _ in zip(batches(ShardStream(train_shards, seed=1), cfg.train.batch_size, k, StreamPosition()), range(n)):
+            step(model, opt, b, mode)
+
+    def run_preloaded(mode="kd"):
+        for b in preloaded:
+            step(model, opt, b, mode)
+
+    results = {"stream": [], "preload": [], "kd": [], "ce": [], "online": []}
+    for _ in range(args.rounds):  # interleaved, so machine noise hits every variant alike
+        results["stream"].append(timed(run_streamed))
+        results["preload"].append(timed(run_preloaded))
+        results["ce"].append(timed(lambda: run_preloaded("ce")))
+        results["kd"].append(timed(lambda: run_preloaded("kd")))
+        results["online"].append(timed(lambda: run_preloaded("online")))
+    med = {key: statistics.median(v) for key, v in results.items()}
+    loader_overhead = med["stream"] / med["preload"] - 1
+    kd_vs_ce = med["kd"] / med["ce"]
+    offline_vs_online = med["kd"] / med["online"]
+
+    # quality at equal steps: CE-only and top-k KD (the demo's students), and online full-vocab KD
+    ce_summary = pipeline.train_student(cfg, baseline=True)
+    topk_summary = pipeline.train_student(cfg, baseline=False)
+    online = build_student(teacher_dir, cfg.student, vocab)
+    decay = [p for p in online.parameters() if p.ndim >= 2]
+    no_decay = [p for p in online.parameters() if p.ndim < 2]
+    online_opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                                   lr=cfg.train.lr, betas=(0.9, 0.95), eps=1e-8)
+    torch.manual_seed(cfg.train.seed)
+    data = batches(ShardStream(train_shards, seed=cfg.train.seed, shuffle=cfg.train.shuffle), cfg.train.batch_size, k, StreamPosition())
+    t0 = time.perf_counter()
+    for s in range(cfg.train.steps):  # same data order, schedule, clipping and optimizer as the trainer
+        for group in online_opt.param_groups:
+            group["lr"] = cfg.train.lr_at(s)
+        batch, _ = next(data)
+        step(online, online_opt, batch, "online")
+    online_seconds = time.perf_counter() - t0
+    kl = {}
+    for name, model_dir in (("ce", ce_summary["out_dir"]), ("topk", topk_summary["out_dir"])):
+        kl[name] = evaluate_model(AutoModelForCausalLM.from_pretrained(Path(model_dir) / "model"), heldout, cfg.eval)["kl"]
+    kl["full"] = evaluate_model(online, heldout, cfg.eval)["kl"]
+    gap_closed = (kl["ce"] - kl["topk"]) / (kl["ce"] - kl["full"])
+
+    print(f"step seconds (median of {args.rounds} x {n} steps): " + ", ".join(f"{k}={v / n:.3f}" for k, v in med.items()))
+    print(f"held-out KL after {cfg.train.steps} steps: ce={kl['ce']:.4f} topk={kl['topk']:.4f} full_online={kl['full']:.4f} (online run {online_seconds:.0f}s)")
+    print(f"loader_overhead={loader_overhead:.4f}")
+    print(f"kd_step_vs_ce_step={kd_vs_ce:.3f}")
+    print(f"offline_vs_online_kd_step={offline_vs_online:.3f}")
+    print(f"topk_vs_full_kd_gap_closed={gap_closed:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,25 @@
+"""Scheduled refresh: re-read the dataset on a cron; declarative automation then labels new or
+changed shards (unchanged ones are cache hits), retrains and re-evaluates.
+
+Turn on the schedule and the ``default_automation_condition_sensor`` in the UI (Automation).
+"""
+from __future__ import annotations
+
+import os
+
+import dagster as dg
+
+REFRESH_CRON_ENV = "DISTILL_REFRESH_CRON"
+
+refresh_corpus_job = dg.define_asset_job(
+    "refresh_corpus",
+    selection=dg.AssetSelection.assets("teacher_model", "corpus"),
+    description="Re-resolve the teacher and re-read the dataset; downstream automation follows.",
+)
+
+refresh_corpus_schedule = dg.ScheduleDefinition(
+    name="refresh_corpus_daily",
+    job=refresh_corpus_job,
+    cron_schedule=os.environ.get(REFRESH_CRON_ENV, "0 3 * * *"),
+    default_status=dg.DefaultScheduleStatus.STOPPED,
+)

@@ -1,0 +1,45 @@
+"""Evaluation metrics against hand-computed values on tiny tensors, and the gate."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from distill.evaluation import EvalConfig, batch_sums, finish, gate
+
+
+def tiny_batch():
+    # one sequence, two labelled positions, vocabulary of 3, teacher top-2
+    logits = torch.log(torch.tensor([[[0.5, 0.3, 0.2], [0.1, 0.1, 0.8], [1 / 3, 1 / 3, 1 / 3]]]))
+    batch = {
+        "targets": torch.tensor([[0, 1, 0]]),
+        "mask": torch.tensor([[True, True, False]]),
+        "topk_ids": torch.tensor([[[0, 1], [2, 0], [0, 1]]]),
+        "teacher_logprobs": torch.log(torch.tensor([[[0.6, 0.3], [0.7, 0.2], [0.5, 0.5]]])),
+    }
+    return logits, batch
+
+
+def test_metrics_by_hand():
+    logits, batch = tiny_batch()
+    m = finish(batch_sums(logits, batch))
+    # perplexity: realized tokens have p = 0.5 and 0.1
+    assert abs(m["ppl"] - math.exp(-(math.log(0.5) + math.log(0.1)) / 2)) < 1e-5
+    # KL over top-2 + tail: (0.6, 0.3, 0.1) vs (0.5, 0.3, 0.2), then (0.7, 0.2, 0.1) vs (0.8, 0.1, 0.1)
+    kl1 = 0.6 * math.log(0.6 / 0.5) + 0.3 * math.log(0.3 / 0.3) + 0.1 * math.log(0.1 / 0.2)
+    kl2 = 0.7 * math.log(0.7 / 0.8) + 0.2 * math.log(0.2 / 0.1) + 0.1 * math.log(0.1 / 0.1)
+    assert abs(m["kl"] - (kl1 + kl2) / 2) < 1e-5
+    # top-1 agreement with the teacher: argmax 0 == teacher 0, argmax 2 == teacher 2
+    assert m["top1"] == 1.0
+    # ECE: confidences 0.5 (correct: target 0) and 0.8 (wrong: target 1), separate bins
+    assert abs(m["ece"] - (abs(0.5 - 1) + abs(0.8 - 0)) / 2) < 1e-6
+    assert m["positions"] == 2
+
+
+def test_gate_needs_strict_improvement():
+    base = {"kl": 1.0, "ppl": 100.0}
+    cfg = EvalConfig(min_kl_margin=0.1, min_ppl_margin=5.0)
+    assert gate({"student": {"kl": 0.8, "ppl": 90.0}, "baseline": base}, cfg)[0]
+    passed, text = gate({"student": {"kl": 0.95, "ppl": 90.0}, "baseline": base}, cfg)
+    assert not passed and "KL 0.9500 vs baseline 1.0000" in text and "FAIL" in text
+    assert not gate({"student": base, "baseline": base}, EvalConfig())[0]

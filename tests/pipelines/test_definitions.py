@@ -1,0 +1,65 @@
+"""Dagster's own validation of the definitions, and the web UI answering on 127.0.0.1."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def test_definitions_validate(tiny_config_path):
+    env = {**os.environ, "DISTILL_CONFIG": str(tiny_config_path)}
+    out = subprocess.run([str(BIN / "dagster"), "definitions", "validate", "-m", "pipelines.definitions"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+
+
+def test_bad_config_fails_at_load_naming_the_field(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("teacher:\n  k: 0\n")
+    env = {**os.environ, "DISTILL_CONFIG": str(bad)}
+    out = subprocess.run([sys.executable, "-c", "import pipelines.definitions"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "teacher.k=0" in out.stderr
+
+
+@pytest.mark.slow
+def test_web_ui_serves_every_asset_on_loopback(tiny_config_path, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "DISTILL_CONFIG": str(tiny_config_path), "DAGSTER_HOME": str(tmp_path)}
+    proc = subprocess.Popen([str(BIN / "dagster"), "dev", "-m", "pipelines.definitions", "-h", "127.0.0.1", "-p", str(port)],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=2)
+                break
+            except OSError:
+                assert proc.poll() is None, "dagster dev exited"
+                assert time.time() < deadline, "the web UI did not answer"
+                time.sleep(1)
+        import json
+
+        query = json.dumps({"query": "{ assetNodes { assetKey { path } } }"}).encode()
+        deadline = time.time() + 60
+        while True:  # the code server may still be loading
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/graphql", data=query, headers={"Content-Type": "application/json"})
+            nodes = json.loads(urllib.request.urlopen(req, timeout=10).read())["data"]["assetNodes"]
+            if nodes or time.time() > deadline:
+                break
+            time.sleep(2)
+        keys = {"/".join(n["assetKey"]["path"]) for n in nodes}
+        assert keys == {"teacher_model", "corpus", "teacher_logits", "student_model", "baseline_student", "evaluation"}
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=60)
