@@ -68,7 +68,19 @@ def from_mapping(data: Mapping[str, Any] | None, where: str = "config") -> RunCo
     )
 
 
-def load_config(path: str | Path) -> RunConfig:
+def merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict:
+    """Deep-merge ``overrides`` into ``base`` (mappings merge, everything else replaces)."""
+    out = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> RunConfig:
+    """The run config from a YAML file, with optional overrides (from the launchpad)."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: config file not found")
@@ -78,4 +90,6 @@ def load_config(path: str | Path) -> RunConfig:
         raise ConfigError(f"{path}: not valid YAML ({e})") from e
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+    if overrides:
+        return from_mapping(merge(data or {}, overrides), where=f"{path} + overrides")
     return from_mapping(data, where=str(path))

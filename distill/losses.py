@@ -191,3 +191,28 @@ def distillation_loss(
     )
     loss = kd_weight * kd + (1.0 - kd_weight) * ce
     return loss, {"ce": ce.detach(), "kd": kd.detach()}
+
+
+def candidate_kl(
+    student_candidate_scores: torch.Tensor,
+    teacher_candidate_logprobs: torch.Tensor,
+    candidate_mask: torch.Tensor,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """KL(teacher ‖ student) over each example's candidate answers (classification / multiple
+    choice), averaged over examples; scaled by T² as in Hinton et al. (2015).
+
+    ``student_candidate_scores`` (B, C): the student's score of each candidate (sum, or mean
+    when length-normalized, of its token logprobs given the prompt); ``teacher_candidate_logprobs``
+    (B, C): the teacher's normalized distribution over the candidates (log); ``candidate_mask``
+    (B, C) bool, False for padding. The student's scores are normalized over the valid
+    candidates with a softmax at temperature T, the teacher's distribution is re-tempered
+    the same way. Examples with no valid candidate contribute nothing; all-masked gives 0.
+    """
+    valid = candidate_mask.bool()
+    student = torch.where(valid, student_candidate_scores.float() / temperature, NEG)
+    teacher = torch.where(valid, teacher_candidate_logprobs.float() / temperature, NEG)
+    log_q = torch.log_softmax(student, -1)
+    log_p = torch.log_softmax(teacher, -1)
+    per_example = torch.where(valid, log_p.exp() * (log_p - log_q), 0.0).sum(-1)  # (B,)
+    return masked_mean(per_example, valid.any(-1)) * temperature**2

@@ -17,12 +17,14 @@ def default_config_path() -> str:
 
 
 class DistillSettings(dg.ConfigurableResource):
-    """Which YAML config the assets run with (change it in the launchpad to run another)."""
+    """Which YAML config the assets run with, plus launchpad overrides of any of its fields,
+    e.g. ``{"train": {"steps": 200}, "teacher": {"k": 64}}``; validated like the file."""
 
     config_path: str = DEFAULT_CONFIG
+    overrides: dict = {}
 
     def load(self) -> RunConfig:
-        return load_config(Path(self.config_path))
+        return load_config(Path(self.config_path), overrides=self.overrides)
 
 
 class TeacherEngine(dg.ConfigurableResource):

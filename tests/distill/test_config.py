@@ -43,3 +43,13 @@ def test_bad_config_names_field(data, match):
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_overrides_merge_and_validate():
+    from pipelines.resources import DistillSettings
+
+    path = str(CONFIGS[[p.name for p in CONFIGS].index("demo.yaml")])
+    cfg = DistillSettings(config_path=path, overrides={"train": {"steps": 7}, "teacher": {"k": 16}}).load()
+    assert cfg.train.steps == 7 and cfg.teacher.k == 16 and cfg.train.batch_size == load_config(path).train.batch_size
+    with pytest.raises(ConfigError, match=r"overrides.*train\.steps=0"):
+        DistillSettings(config_path=path, overrides={"train": {"steps": 0}}).load()

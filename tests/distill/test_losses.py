@@ -163,3 +163,28 @@ def test_golden_value():
     got = kd_loss(student_logits, ids, lp, torch.ones(1, 1, dtype=torch.bool))
     want = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
     assert abs(got.item() - want) < 1e-6
+
+
+def test_candidate_kl_reference_and_invariants():
+    from distill.losses import candidate_kl
+
+    g = torch.Generator().manual_seed(3)
+    student_scores = torch.randn(4, 5, generator=g) * 3
+    teacher_lp = torch.log_softmax(torch.randn(4, 5, generator=g), -1)
+    mask = torch.ones(4, 5, dtype=torch.bool)
+    mask[1, 3:] = False  # an example with three candidates
+    got = candidate_kl(student_scores, teacher_lp, mask)
+    want = []
+    for b in range(4):
+        m = mask[b]
+        p = torch.softmax(teacher_lp[b][m], -1)
+        q = torch.softmax(student_scores[b][m], -1)
+        want.append(F.kl_div(q.log(), p, reduction="sum"))
+    assert abs(got.item() - torch.stack(want).mean().item()) < TOL
+    assert abs(candidate_kl(teacher_lp, teacher_lp, mask).item()) < 1e-6
+    assert candidate_kl(student_scores, teacher_lp, torch.zeros_like(mask)).item() == 0.0
+    scores = student_scores.clone().requires_grad_(True)
+    padded = teacher_lp.clone()
+    padded[1, 3:] = -math.inf
+    candidate_kl(scores, padded, mask).backward()
+    assert torch.isfinite(scores.grad).all() and scores.grad[1, 3:].abs().sum() == 0

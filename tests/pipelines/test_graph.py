@@ -78,6 +78,15 @@ def test_second_labelling_is_all_cache_hits(materialized, tiny_config):
     assert all(r["cache_hit"] for r in results.values())
     assert pipeline.get_engine(tiny_config).forward_calls == calls_before, "no teacher forward on a cache hit"
     assert seconds <= 0.02 * first_teacher_seconds, (seconds, first_teacher_seconds)
+    # and a second full materialization through Dagster reports every shard as a cache hit
+    from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+
+    names = tiny_config.corpus.shard_names()
+    again = dg.materialize(list(defs.assets), selection=["teacher_logits"], resources=defs.resources, instance=instance,
+                           tags={ASSET_PARTITION_RANGE_START_TAG: names[0], ASSET_PARTITION_RANGE_END_TAG: names[-1]})
+    meta = again.get_asset_materialization_events()[0].materialization.metadata
+    assert meta["cache_hits"].value == len(names) and meta["teacher_seconds"].value == 0.0
+    assert pipeline.get_engine(tiny_config).forward_calls == calls_before
 
 
 def test_shard_checks_ran(materialized):
