@@ -19,7 +19,6 @@ from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import torch
-import torch.nn.functional as F
 
 
 def main() -> None:
@@ -36,7 +35,7 @@ def main() -> None:
     from distill.evaluation import evaluate_model
     from distill.losses import distillation_loss, masked_mean
     from distill.student import build_student
-    from distill.trainer import batches, train
+    from distill.trainer import batches
     from storage.reader import ShardStream, StreamPosition
 
     cfg = load_config(args.config)

@@ -229,34 +229,56 @@ def train_student(cfg: RunConfig, baseline: bool = False) -> dict:
 
 
 def evaluate_run(cfg: RunConfig) -> dict:
-    """Teacher, distilled student, CE-only baseline and the student at initialization on held-out shards."""
+    """Teacher, distilled student, CE-only baseline and the student at initialization on
+    held-out shards; report (markdown + PNG plots + JSON) in ``<root>/evaluations/<key>``."""
     import torch
 
-    from distill.evaluation import evaluate, evaluate_model, gate, markdown_table, summary_line
+    from distill.evaluation import (
+        evaluate, evaluate_model, gate, load_mc, markdown_table, mc_accuracy, summary_line, write_plots,
+    )
     from distill.student import build_student
 
     shards = open_split(cfg, "heldout")
     models = {"teacher": teacher_dir(cfg)}
+    histories = {}
     for name, baseline in (("student", False), ("baseline", True)):
-        path = student_dir(cfg, baseline) / "model"
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: {name} not trained; materialize the {'baseline_student' if baseline else 'student_model'} asset")
-        models[name] = path
+        folder = student_dir(cfg, baseline)
+        if not (folder / "model").exists():
+            raise FileNotFoundError(f"{folder / 'model'}: {name} not trained; materialize the {'baseline_student' if baseline else 'student_model'} asset")
+        models[name] = folder / "model"
+        histories[name] = [json.loads(line) for line in (folder / "history.jsonl").read_text().splitlines()]
     results = evaluate(models, shards, cfg.eval)
-    init = build_student(teacher_dir(cfg), cfg.student, len(tokenizer(cfg)))
+    tok = tokenizer(cfg)
+    init = build_student(teacher_dir(cfg), cfg.student, len(tok))
     with torch.no_grad():
         results["student_init"] = evaluate_model(init, shards, cfg.eval)
+        if cfg.eval.mc_file:
+            results["student_init"].update(mc_accuracy(init, tok, load_mc(cfg.eval.mc_file), cfg.eval.mc_length_normalize))
+    del init
+    speedup = None
+    if cfg.eval.generation_throughput:
+        from distill.generation import generation_throughput
+
+        for name in ("teacher", "student"):
+            results[name]["generation_tokens_per_s"] = generation_throughput(models[name])["tokens_per_s"]
+        speedup = results["student"]["generation_tokens_per_s"] / results["teacher"]["generation_tokens_per_s"]
     passed, gate_text = gate(results, cfg.eval)
+    key = content_key({"models": {n: str(p) for n, p in models.items()}, "heldout": [s.meta.cache_key for s in shards],
+                       "eval": dataclasses.asdict(cfg.eval)})
+    out = cfg.root / "evaluations" / key
+    plots = write_plots(results, histories, out)
     report = {
         "results": results,
         "table": markdown_table(results),
         "summary": summary_line(results),
         "gate_passed": passed,
         "gate": gate_text,
+        "generation_speedup": speedup,
+        "plots": {n: str(p) for n, p in plots.items()},
     }
-    key = content_key({"models": {n: str(p) for n, p in models.items()}, "heldout": [s.meta.cache_key for s in shards], "eval": dataclasses.asdict(cfg.eval)})
-    out = cfg.root / "evaluations" / key
     atomic_write_text(out / "results.json", json.dumps(report, indent=1))
-    atomic_write_text(out / "report.md", f"# Distillation report\n\n{report['table']}\n\nGate: {gate_text}\n\n`{report['summary']}`\n")
+    images = "\n".join(f"![{n}]({p.name})" for n, p in plots.items())
+    speed = f"Student generates {speedup:.2f}x the teacher's tokens/s under vLLM on this machine.\n\n" if speedup else ""
+    atomic_write_text(out / "report.md", f"# Distillation report\n\n{report['table']}\n\n{speed}Gate: {gate_text}\n\n{images}\n\n`{report['summary']}`\n")
     report["out_dir"] = str(out)
     return report

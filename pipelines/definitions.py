@@ -12,7 +12,7 @@ from pipelines.assets.evaluation import evaluation
 from pipelines.assets.student import baseline_student, student_model
 from pipelines.assets.teacher import build_teacher_logits, teacher_model
 from pipelines.resources import DistillSettings, TeacherEngine, default_config_path
-from pipelines.schedules import refresh_corpus_job, refresh_corpus_schedule
+from pipelines.schedules import evaluate_job, evaluate_schedule, refresh_corpus_job, refresh_corpus_schedule
 
 
 def build_definitions(config_path: str | None = None, keep_engine_alive: bool = False) -> dg.Definitions:
@@ -22,8 +22,8 @@ def build_definitions(config_path: str | None = None, keep_engine_alive: bool = 
     assets = [teacher_model, corpus, build_teacher_logits(partitions), student_model, baseline_student, evaluation]
     return dg.Definitions(
         assets=assets,
-        jobs=[refresh_corpus_job],
-        schedules=[refresh_corpus_schedule],
+        jobs=[refresh_corpus_job, evaluate_job],
+        schedules=[refresh_corpus_schedule, evaluate_schedule],
         resources={
             "settings": DistillSettings(config_path=str(config_path)),
             "teacher_engine": TeacherEngine(keep_alive=keep_engine_alive),

@@ -23,3 +23,16 @@ refresh_corpus_schedule = dg.ScheduleDefinition(
     cron_schedule=os.environ.get(REFRESH_CRON_ENV, "0 3 * * *"),
     default_status=dg.DefaultScheduleStatus.STOPPED,
 )
+
+evaluate_job = dg.define_asset_job(
+    "evaluate_students",
+    selection=dg.AssetSelection.assets("evaluation"),
+    description="Re-run the evaluation (e.g. on newly arrived held-out data); each run adds a point to the metadata history.",
+)
+
+evaluate_schedule = dg.ScheduleDefinition(
+    name="evaluate_weekly",
+    job=evaluate_job,
+    cron_schedule=os.environ.get("DISTILL_EVAL_CRON", "0 4 * * 1"),
+    default_status=dg.DefaultScheduleStatus.STOPPED,
+)

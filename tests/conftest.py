@@ -31,7 +31,7 @@ def tiny_config_path(tmp_path_factory, teacher_dir) -> Path:
         "teacher": {"model": str(teacher_dir), "k": TINY_K},
         "corpus": {"max_documents": 10, "window": TINY_WINDOW, "train_shards": 2, "heldout_shards": 1, "heldout_fraction": 0.25},
         "train": {"steps": 3, "batch_size": 4, "progress": False},
-        "eval": {"max_windows": 12},
+        "eval": {"max_windows": 12, "mc_file": str(REPO / "examples" / "python_mc.jsonl")},
     }
     path = root / "tiny.yaml"
     path.write_text(yaml.safe_dump(config))

@@ -1,5 +1,8 @@
 """Held-out evaluation of teacher, distilled student and baseline, with a blocking gate."""
 
+import base64
+from pathlib import Path
+
 import dagster as dg
 
 from distill import pipeline
@@ -17,10 +20,15 @@ from pipelines.resources import DistillSettings
 def evaluation(context: dg.AssetExecutionContext, settings: DistillSettings) -> dg.MaterializeResult:
     report = pipeline.evaluate_run(settings.load())
     context.log.info("\n" + report["table"] + "\n" + report["summary"])
-    numbers = {f"{model}_{metric}": float(value) for model, m in report["results"].items() for metric, value in m.items() if metric in ("ppl", "kl", "top1")}
+    numbers = {f"{model}_{metric}": float(value) for model, m in report["results"].items() for metric, value in m.items()
+               if metric in ("ppl", "kl", "top1", "ece", "mc_accuracy", "generation_tokens_per_s")}
+    if report["generation_speedup"]:
+        numbers["generation_speedup"] = float(report["generation_speedup"])
+    plots = {f"plot_{name}": dg.MetadataValue.md(f"![{name}](data:image/png;base64,{base64.b64encode(Path(path).read_bytes()).decode()})")
+             for name, path in report["plots"].items()}
     return dg.MaterializeResult(
         metadata={"table": dg.MetadataValue.md(report["table"]), "summary": report["summary"],
-                  "report": dg.MetadataValue.path(report["out_dir"] + "/report.md"), **numbers},
+                  "report": dg.MetadataValue.path(report["out_dir"] + "/report.md"), **numbers, **plots},
         check_results=[dg.AssetCheckResult(check_name="distillation_gate", passed=report["gate_passed"],
                                            metadata={"gate": report["gate"]})],
     )

@@ -100,8 +100,6 @@ def test_default_corpus_ships_with_python():
 
 
 def test_label_keys_change_with_exactly_their_inputs():
-    import dataclasses
-
     from distill.teacher.labels import TeacherConfig, shard_key
 
     hashes = {"weights": "w", "tokenizer": "t"}

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
+import pytest
 import torch
 
 from distill.evaluation import EvalConfig, batch_sums, finish, gate
@@ -34,6 +36,10 @@ def test_metrics_by_hand():
     # ECE: confidences 0.5 (correct: target 0) and 0.8 (wrong: target 1), separate bins
     assert abs(m["ece"] - (abs(0.5 - 1) + abs(0.8 - 0)) / 2) < 1e-6
     assert m["positions"] == 2
+    # position buckets: t=0 -> bucket "0-0", t=1 -> "1-2"; calibration bins hold one position each
+    assert [(b["positions"], b["count"]) for b in m["kl_by_position"]] == [("0-0", 1), ("1-2", 1)]
+    assert abs(m["kl_by_position"][0]["kl"] - kl1) < 1e-5 and abs(m["kl_by_position"][1]["kl"] - kl2) < 1e-5
+    assert [(round(c["confidence"], 4), c["accuracy"]) for c in m["calibration"]] == [(0.5, 1.0), (0.8, 0.0)]
 
 
 def test_gate_needs_strict_improvement():
@@ -43,3 +49,27 @@ def test_gate_needs_strict_improvement():
     passed, text = gate({"student": {"kl": 0.95, "ppl": 90.0}, "baseline": base}, cfg)
     assert not passed and "KL 0.9500 vs baseline 1.0000" in text and "FAIL" in text
     assert not gate({"student": base, "baseline": base}, EvalConfig())[0]
+
+
+def test_multiple_choice_scoring_by_hand(teacher_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distill.evaluation import choice_scores, load_mc, mc_accuracy
+
+    tok = AutoTokenizer.from_pretrained(teacher_dir)
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir, use_safetensors=True).eval()
+    prompt, choice = "Question: Which keyword defines a function in Python?\nAnswer:", " def"
+    scores = choice_scores(model, tok, prompt, [choice, " function"])
+    ids = tok(prompt + choice)["input_ids"]
+    n_prompt = len(tok(prompt)["input_ids"])
+    with torch.no_grad():
+        lp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+    by_hand = sum(lp[t - 1, ids[t]].item() for t in range(n_prompt, len(ids)))
+    assert abs(scores[0].item() - by_hand) < 1e-4
+    path = tmp_path / "mc.jsonl"
+    path.write_text('{"question": "q?", "choices": ["a", "b"], "answer": 0}\n{"question": "r?", "choices": ["c"], "answer": 0}\n')
+    with pytest.raises(ValueError, match=r"mc.jsonl:2: choices"):
+        load_mc(path)
+    items = load_mc(Path(__file__).resolve().parents[2] / "examples" / "python_mc.jsonl")
+    result = mc_accuracy(model, tok, items[:3])
+    assert result["mc_questions"] == 3 and result["mc_accuracy"] in (0.0, 1 / 3, 2 / 3, 1.0)

@@ -2,21 +2,15 @@
 does), executed by the real daemon, on 127.0.0.1."""
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
+from tests.pipelines.dagster_server import REPO, dagster_dev, graphql
+
 pytestmark = pytest.mark.slow
 
 LAUNCH = """mutation($params: LaunchBackfillParams!) {
@@ -35,12 +29,6 @@ STATUS = """query($id: String!) {
 }"""
 
 
-def _graphql(port, query, variables=None):
-    body = json.dumps({"query": query, "variables": variables or {}}).encode()
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/graphql", data=body, headers={"Content-Type": "application/json"})
-    return json.loads(urllib.request.urlopen(req, timeout=30).read())
-
-
 def test_backfill_through_server(tiny_config_path, tmp_path):
     from distill import pipeline
     from distill.config import load_config
@@ -56,43 +44,25 @@ def test_backfill_through_server(tiny_config_path, tmp_path):
     home = tmp_path / "dagster_home"
     home.mkdir()
     shutil.copy(REPO / "configs" / "instance" / "dagster.yaml", home / "dagster.yaml")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "DISTILL_CONFIG": str(config_path), "DAGSTER_HOME": str(home), "VLLM_CPU_KVCACHE_SPACE": "1"}
-    proc = subprocess.Popen([str(BIN / "dagster"), "dev", "-m", "pipelines.definitions", "-h", "127.0.0.1", "-p", str(port)],
-                            cwd=REPO, env=env, stdout=open(tmp_path / "dev.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=2)
-                break
-            except OSError:
-                assert proc.poll() is None, (tmp_path / "dev.log").read_text()[-3000:]
-                assert time.time() < deadline, "web server did not answer"
-                time.sleep(1)
+    with dagster_dev(config_path, home, tmp_path / "dev.log") as port:
         params = {"assetSelection": [{"path": ["teacher_logits"]}], "partitionNames": shards, "fromFailure": False}
         deadline = time.time() + 120
         while True:  # the code location may still be loading
-            launched = _graphql(port, LAUNCH, {"params": params})["data"]["launchPartitionBackfill"]
+            launched = graphql(port, LAUNCH, {"params": params})["data"]["launchPartitionBackfill"]
             if launched["__typename"] == "LaunchBackfillSuccess" or time.time() > deadline:
                 break
             time.sleep(3)
         assert launched["__typename"] == "LaunchBackfillSuccess", launched
         deadline = time.time() + 900
         while True:
-            status = _graphql(port, STATUS, {"id": launched["backfillId"]})["data"]["partitionBackfillOrError"]
+            status = graphql(port, STATUS, {"id": launched["backfillId"]})["data"]["partitionBackfillOrError"]
             if status["status"] not in ("REQUESTED", "IN_PROGRESS") or time.time() > deadline:
                 break
             time.sleep(5)
-        assert status["status"] == "COMPLETED_SUCCESS", (status, (tmp_path / "dev.log").read_text()[-4000:])
-        runs = status["runs"]
-        assert runs and all(r["status"] == "SUCCESS" for r in runs)
-        assert len(runs) < len(shards) or len(shards) == 1, "several shards per run: one engine start per run"
-    finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=60)
+    assert status["status"] == "COMPLETED_SUCCESS", (status, (tmp_path / "dev.log").read_text()[-4000:])
+    runs = status["runs"]
+    assert runs and all(r["status"] == "SUCCESS" for r in runs)
+    assert len(runs) < len(shards), "several shards per run: one engine start per run"
     shards_read = pipeline.open_split(cfg, "train") + pipeline.open_split(cfg, "heldout")
     assert {s.meta.shard for s in shards_read} <= set(shards) and shards_read
     store = pipeline.label_store(cfg)

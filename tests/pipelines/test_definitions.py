@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+
+from tests.pipelines.dagster_server import dagster_dev, graphql
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -32,34 +32,12 @@ def test_bad_config_fails_at_load_naming_the_field(tmp_path):
 
 @pytest.mark.slow
 def test_web_ui_serves_every_asset_on_loopback(tiny_config_path, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "DISTILL_CONFIG": str(tiny_config_path), "DAGSTER_HOME": str(tmp_path)}
-    proc = subprocess.Popen([str(BIN / "dagster"), "dev", "-m", "pipelines.definitions", "-h", "127.0.0.1", "-p", str(port)],
-                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=2)
-                break
-            except OSError:
-                assert proc.poll() is None, "dagster dev exited"
-                assert time.time() < deadline, "the web UI did not answer"
-                time.sleep(1)
-        import json
-
-        query = json.dumps({"query": "{ assetNodes { assetKey { path } } }"}).encode()
+    with dagster_dev(tiny_config_path, tmp_path, tmp_path / "dev.log") as port:
         deadline = time.time() + 60
         while True:  # the code server may still be loading
-            req = urllib.request.Request(f"http://127.0.0.1:{port}/graphql", data=query, headers={"Content-Type": "application/json"})
-            nodes = json.loads(urllib.request.urlopen(req, timeout=10).read())["data"]["assetNodes"]
+            nodes = graphql(port, "{ assetNodes { assetKey { path } } }")["data"]["assetNodes"]
             if nodes or time.time() > deadline:
                 break
             time.sleep(2)
-        keys = {"/".join(n["assetKey"]["path"]) for n in nodes}
-        assert keys == {"teacher_model", "corpus", "teacher_logits", "student_model", "baseline_student", "evaluation"}
-    finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=60)
+    keys = {"/".join(n["assetKey"]["path"]) for n in nodes}
+    assert keys == {"teacher_model", "corpus", "teacher_logits", "student_model", "baseline_student", "evaluation"}

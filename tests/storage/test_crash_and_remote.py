@@ -16,7 +16,6 @@ import pytest
 from storage.cache import LabelStore
 from storage.export import export_axolotl
 from storage.reader import ShardError, ShardStream, open_shard
-from storage.writer import record_path
 from tests.storage.test_shards import make_meta, make_rows
 
 REPO = Path(__file__).resolve().parents[2]

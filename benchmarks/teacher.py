@@ -1,0 +1,80 @@
+"""Teacher benchmark: tokens/s of (a) our labelling pipeline end to end including Parquet
+writes, (b) the bare vLLM call with the same settings writing nothing, (c) a plain
+transformers forward + log_softmax + top-k loop, on the same windows of the default corpus
+with the bundled teacher. One engine serves (a) and (b); its start is not timed.
+
+    .venv/bin/python benchmarks/teacher.py [--config configs/demo.yaml] [--windows 192]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", default="configs/demo.yaml")
+    parser.add_argument("--windows", type=int, default=192)
+    args = parser.parse_args()
+
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from distill import pipeline
+    from distill.config import load_config
+    from distill.data import read_corpus_shard
+    from distill.teacher.labels import label_shard
+    from distill.teacher.reference import reference_labels
+    from distill.teacher.vllm_engine import VllmTeacher
+    from storage.cache import LabelStore
+    from storage.schema import ShardMeta
+
+    cfg = load_config(args.config)
+    pipeline.prepare_corpus(cfg)
+    hashes = pipeline.teacher_hashes(cfg)
+    _, windows = read_corpus_shard(cfg.root, cfg.corpus, hashes["tokenizer"], "train-00000")
+    windows = windows.slice(0, args.windows)
+    ids = windows.column("input_ids").to_pylist()
+    starts = windows.column("label_start").to_pylist()
+    tokens = sum(len(w) - 1 - s for w, s in zip(ids, starts))
+    k = cfg.teacher.k
+    engine = VllmTeacher(pipeline.teacher_dir(cfg), k, cfg.corpus.window, cfg.teacher.engine)
+    list(engine.score(ids[:8], starts[:8]))  # warm-up
+
+    t0 = time.perf_counter()
+    prompts = [{"prompt_token_ids": [int(t) for t in w]} for w in ids]
+    for b in range(0, len(prompts), cfg.teacher.engine.batch_windows):
+        engine.llm.generate(prompts[b : b + cfg.teacher.engine.batch_windows], engine.params, use_tqdm=False)
+    bare = tokens / (time.perf_counter() - t0)
+
+    store = LabelStore(tempfile.mkdtemp(prefix="bench-teacher-"))
+    meta = ShardMeta(teacher=cfg.teacher.model, teacher_hash=hashes["weights"], tokenizer_hash=hashes["tokenizer"],
+                     vocab_size=49152, k=k, temperature=1.0, mode="score", engine=engine.engine_version,
+                     data_fingerprint="bench", shard="train-00000", split="train", cache_key="bench", code_version="bench")
+    t0 = time.perf_counter()
+    result = label_shard(lambda: engine, store, "bench", meta, windows, progress=False)
+    ours = tokens / (time.perf_counter() - t0)
+    assert not result["cache_hit"] and result["tokens"] == tokens
+    engine.close()
+
+    model = AutoModelForCausalLM.from_pretrained(pipeline.teacher_dir(cfg), dtype=torch.float32, use_safetensors=True).eval()
+    reference_labels(model, np.asarray(ids[0]), starts[0], k)  # warm-up
+    t0 = time.perf_counter()
+    for w, s in zip(ids, starts):
+        reference_labels(model, np.asarray(w), s, k)
+    hf = tokens / (time.perf_counter() - t0)
+
+    print(f"windows={len(ids)} labelled_tokens={tokens} k={k}")
+    print(f"tokens_per_s: pipeline={ours:.0f} bare_vllm={bare:.0f} transformers={hf:.0f}")
+    print(f"pipeline_vs_bare_vllm={ours / bare:.3f}")
+    print(f"pipeline_vs_transformers={ours / hf:.3f}")
+
+
+if __name__ == "__main__":
+    main()
