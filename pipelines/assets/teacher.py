@@ -29,7 +29,6 @@ def build_teacher_logits(partitions: dg.PartitionsDefinition, max_partitions_per
             dg.AssetCheckSpec("topk_mass_coverage", asset="teacher_logits",
                               description="Mean teacher probability inside the stored top-k reaches teacher.min_topk_mass."),
         ],
-        tags={"dagster/max_retries": "2"},
         description="Teacher top-k soft labels of one corpus shard (Parquet, content-addressed; a known key is a cache hit).",
     )
     def teacher_logits(context: dg.AssetExecutionContext, settings: DistillSettings, teacher_engine: TeacherEngine) -> dg.MaterializeResult:
