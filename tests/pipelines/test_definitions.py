@@ -15,8 +15,8 @@ REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
-def test_definitions_validate(tiny_config_path):
-    env = {**os.environ, "DISTILL_CONFIG": str(tiny_config_path)}
+def test_definitions_validate(tiny_config_path, tmp_path):
+    env = {**os.environ, "DISTILL_CONFIG": str(tiny_config_path), "DAGSTER_HOME": str(tmp_path)}
     out = subprocess.run([str(BIN / "dagster"), "definitions", "validate", "-m", "pipelines.definitions"],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
@@ -25,7 +25,7 @@ def test_definitions_validate(tiny_config_path):
 def test_bad_config_fails_at_load_naming_the_field(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("teacher:\n  k: 0\n")
-    env = {**os.environ, "DISTILL_CONFIG": str(bad)}
+    env = {**os.environ, "DISTILL_CONFIG": str(bad), "DAGSTER_HOME": str(tmp_path)}
     out = subprocess.run([sys.executable, "-c", "import pipelines.definitions"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode != 0 and "teacher.k=0" in out.stderr
 
