@@ -35,20 +35,14 @@ def main() -> None:
 
     from distill import pipeline
     from distill.config import load_config
-    from distill.data import read_corpus_shard
+    from benchmarks.common import bench_meta, corpus_windows
     from distill.teacher.vllm_engine import VllmTeacher
     from storage.reader import ShardStream, StreamPosition, open_shard
-    from storage.schema import ShardMeta
     from storage.writer import ShardWriter
 
     cfg = load_config(args.config)
     cfg = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, k=32))
-    pipeline.prepare_corpus(cfg)
-    hashes = pipeline.teacher_hashes(cfg)
-    _, windows = read_corpus_shard(cfg.root, cfg.corpus, hashes["tokenizer"], "train-00000")
-    windows = windows.slice(0, args.windows)
-    ids_list = windows.column("input_ids").to_pylist()
-    starts = windows.column("label_start").to_pylist()
+    windows, ids_list, starts = corpus_windows(cfg, args.windows)
     engine = VllmTeacher(pipeline.teacher_dir(cfg), 32, cfg.corpus.window, cfg.teacher.engine)
     labels = list(engine.score(ids_list, starts))
     engine.close()
@@ -73,9 +67,7 @@ def main() -> None:
     pq.write_table(naive, out / "naive.parquet")
     naive_bpt = (out / "naive.parquet").stat().st_size / tokens
 
-    meta = ShardMeta(teacher=cfg.teacher.model, teacher_hash=hashes["weights"], tokenizer_hash=hashes["tokenizer"],
-                     vocab_size=49152, k=32, temperature=1.0, mode="score", engine=engine.engine_version,
-                     data_fingerprint="bench", shard="train-00000", split="train", cache_key="bench", code_version="bench")
+    meta = bench_meta(cfg, 32, engine.engine_version)
     t0 = time.perf_counter()
     with ShardWriter(out / "ours.parquet", meta) as w:
         w.write_many(rows)

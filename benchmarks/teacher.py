@@ -28,20 +28,14 @@ def main() -> None:
 
     from distill import pipeline
     from distill.config import load_config
-    from distill.data import read_corpus_shard
+    from benchmarks.common import bench_meta, corpus_windows
     from distill.teacher.labels import label_shard
     from distill.teacher.reference import reference_labels
     from distill.teacher.vllm_engine import VllmTeacher
     from storage.cache import LabelStore
-    from storage.schema import ShardMeta
 
     cfg = load_config(args.config)
-    pipeline.prepare_corpus(cfg)
-    hashes = pipeline.teacher_hashes(cfg)
-    _, windows = read_corpus_shard(cfg.root, cfg.corpus, hashes["tokenizer"], "train-00000")
-    windows = windows.slice(0, args.windows)
-    ids = windows.column("input_ids").to_pylist()
-    starts = windows.column("label_start").to_pylist()
+    windows, ids, starts = corpus_windows(cfg, args.windows)
     tokens = sum(len(w) - 1 - s for w, s in zip(ids, starts))
     k = cfg.teacher.k
     engine = VllmTeacher(pipeline.teacher_dir(cfg), k, cfg.corpus.window, cfg.teacher.engine)
@@ -54,9 +48,7 @@ def main() -> None:
     bare = tokens / (time.perf_counter() - t0)
 
     store = LabelStore(tempfile.mkdtemp(prefix="bench-teacher-"))
-    meta = ShardMeta(teacher=cfg.teacher.model, teacher_hash=hashes["weights"], tokenizer_hash=hashes["tokenizer"],
-                     vocab_size=49152, k=k, temperature=1.0, mode="score", engine=engine.engine_version,
-                     data_fingerprint="bench", shard="train-00000", split="train", cache_key="bench", code_version="bench")
+    meta = bench_meta(cfg, k, engine.engine_version)
     t0 = time.perf_counter()
     result = label_shard(lambda: engine, store, "bench", meta, windows, progress=False)
     ours = tokens / (time.perf_counter() - t0)

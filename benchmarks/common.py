@@ -1,0 +1,25 @@
+"""Setup shared by the benchmarks: the first windows of the demo corpus, and shard metadata."""
+from __future__ import annotations
+
+
+def corpus_windows(cfg, count: int, shard: str = "train-00000"):
+    """(windows table, input id lists, label starts) of the first ``count`` windows of a shard."""
+    from distill import pipeline
+    from distill.data import read_corpus_shard
+
+    pipeline.prepare_corpus(cfg)
+    hashes = pipeline.teacher_hashes(cfg)
+    _, windows = read_corpus_shard(cfg.root, cfg.corpus, hashes["tokenizer"], shard)
+    windows = windows.slice(0, count)
+    return windows, windows.column("input_ids").to_pylist(), windows.column("label_start").to_pylist()
+
+
+def bench_meta(cfg, k: int, engine_version: str):
+    from distill import pipeline
+    from storage.schema import ShardMeta
+
+    hashes = pipeline.teacher_hashes(cfg)
+    return ShardMeta(teacher=cfg.teacher.model, teacher_hash=hashes["weights"], tokenizer_hash=hashes["tokenizer"],
+                     vocab_size=pipeline.expected_meta(cfg)["vocab_size"], k=k, temperature=1.0, mode="score",
+                     engine=engine_version, data_fingerprint="bench", shard="train-00000", split="train",
+                     cache_key="bench", code_version="bench")
