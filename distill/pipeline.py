@@ -50,6 +50,8 @@ def prepare_teacher(cfg: RunConfig) -> dict:
         raise ValueError(
             f"corpus.window={cfg.corpus.window} exceeds the teacher's context ({model_config.max_position_embeddings})"
         )
+    if cfg.teacher.k > model_config.vocab_size:
+        raise ValueError(f"teacher.k={cfg.teacher.k} exceeds the teacher's vocabulary ({model_config.vocab_size} tokens)")
     return {"path": str(path), **checkpoint_hashes(path), "vocab_size": model_config.vocab_size,
             "layers": model_config.num_hidden_layers, "architecture": (model_config.architectures or ["?"])[0]}
 

@@ -12,6 +12,8 @@ from typing import Callable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+from tqdm.auto import tqdm
 
 from distill.configbase import check
 from distill.teacher.checkpoint import BUNDLED
@@ -76,38 +78,39 @@ def label_shard(
     if existing is not None:
         return {"cache_hit": True, "rows": existing.rows, "tokens": existing.tokens, "teacher_seconds": 0.0, "path": str(existing.path)}
     engine = engine_factory()
-    input_ids = windows.column("input_ids").to_pylist()
-    label_starts = windows.column("label_start").to_pylist()
-    doc_ids = windows.column("doc_id").to_pylist()
-    window_idx = windows.column("window_index").to_pylist()
-    from tqdm.auto import tqdm
-
-    total = sum(len(ids) - 1 - s for ids, s in zip(input_ids, label_starts))
+    lengths = pc.list_value_length(windows.column("input_ids"))
+    total = int(pc.sum(lengths).as_py() or 0) - int(pc.sum(windows.column("label_start")).as_py() or 0) - windows.num_rows
     bar = tqdm(total=total, desc=f"label {meta.shard}", unit="tok", unit_scale=True, disable=not progress)
+    step = getattr(getattr(engine, "cfg", None), "batch_windows", 64)
     t0 = time.perf_counter()
+    # one macro-batch of Python objects at a time: memory stays bounded whatever the shard size
     with store.writer(key, meta) as writer, ThreadPoolExecutor(1) as pool, bar:
         pending = None
-        batch: list[dict] = []
-        for i, labels in enumerate(engine.score(input_ids, label_starts)):
-            batch.append(
-                {
-                    "doc_id": doc_ids[i],
-                    "window_index": window_idx[i],
-                    "input_ids": np.asarray(input_ids[i], np.int64),
-                    "label_start": label_starts[i],
-                    "topk_ids": labels["topk_ids"].reshape(-1),
-                    "topk_logprobs": labels["topk_logprobs"].reshape(-1),
-                    "target_logprobs": labels["target_logprobs"],
-                    "tail_mass": labels["tail_mass"],
-                }
-            )
-            bar.update(len(labels["target_logprobs"]))
-            if len(batch) >= 64:
-                if pending is not None:
-                    pending.result()
-                pending, batch = pool.submit(writer.write_many, batch), []
+        for offset in range(0, windows.num_rows, step):
+            part = windows.slice(offset, step)
+            input_ids = part.column("input_ids").to_pylist()
+            label_starts = part.column("label_start").to_pylist()
+            doc_ids = part.column("doc_id").to_pylist()
+            window_idx = part.column("window_index").to_pylist()
+            batch = []
+            for i, labels in enumerate(engine.score(input_ids, label_starts)):
+                batch.append(
+                    {
+                        "doc_id": doc_ids[i],
+                        "window_index": window_idx[i],
+                        "input_ids": np.asarray(input_ids[i], np.int64),
+                        "label_start": label_starts[i],
+                        "topk_ids": labels["topk_ids"].reshape(-1),
+                        "topk_logprobs": labels["topk_logprobs"].reshape(-1),
+                        "target_logprobs": labels["target_logprobs"],
+                        "tail_mass": labels["tail_mass"],
+                    }
+                )
+                bar.update(len(labels["target_logprobs"]))
+            if pending is not None:
+                pending.result()
+            pending = pool.submit(writer.write_many, batch)
         if pending is not None:
             pending.result()
-        writer.write_many(batch)
     seconds = time.perf_counter() - t0
     return {"cache_hit": False, "rows": writer.rows, "tokens": writer.tokens, "teacher_seconds": seconds, "path": str(store.path_for(key))}

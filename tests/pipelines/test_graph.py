@@ -153,3 +153,47 @@ def test_evaluation_report_files(materialized):
         assert f"({name}.png)" in text
         assert meta[f"plot_{name}"].value.startswith("![")
     assert 0.0 <= meta["teacher_mc_accuracy"].value <= 1.0 and "MC accuracy" in meta["table"].value
+
+
+def test_killed_labelling_run_loses_at_most_the_shard_in_flight(tiny_config_path, tiny_config, engine, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from distill import pipeline
+    from distill.config import load_config
+    from tests.conftest import REPO
+
+    config = yaml.safe_load(Path(tiny_config_path).read_text())
+    config["storage_root"] = str(tmp_path / "data")
+    config["corpus"]["train_shards"] = 4
+    path = tmp_path / "kill.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cfg = load_config(path)
+    pipeline.prepare_corpus(cfg)
+    names = cfg.corpus.shard_names()
+    keys = pipeline.shard_keys(cfg, names)
+    store = pipeline.label_store(cfg)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "VLLM_CPU_KVCACHE_SPACE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "tests.distill.label_worker", str(path)], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while not any(store.is_committed(k) for k in keys.values()):
+        assert proc.poll() is None, "the labelling run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the run and its engine processes
+    proc.wait()
+    committed = [n for n in names if store.is_committed(keys[n])]
+    assert 1 <= len(committed) < len(names)
+    for n in committed:
+        store.open(keys[n], expect=pipeline.expected_meta(cfg))  # whole and verified
+    calls = engine.forward_calls
+    rerun = pipeline.label_shards(cfg, names)
+    assert {n for n, r in rerun.items() if r["cache_hit"]} == set(committed)
+    assert engine.forward_calls > calls
+    assert all(store.is_committed(k) for k in keys.values())
