@@ -189,7 +189,8 @@ def test_killed_labelling_run_loses_at_most_the_shard_in_flight(tiny_config_path
     os.killpg(proc.pid, signal.SIGKILL)  # the run and its engine processes
     proc.wait()
     committed = [n for n in names if store.is_committed(keys[n])]
-    assert 1 <= len(committed) < len(names)
+    assert committed, "the kill came after the first commit"
+    assert len(committed) < len(names), "the kill came before the last commit"
     for n in committed:
         store.open(keys[n], expect=pipeline.expected_meta(cfg))  # whole and verified
     calls = engine.forward_calls
