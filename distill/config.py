@@ -13,7 +13,6 @@ from distill.data import CorpusConfig
 from distill.evaluation import EvalConfig
 from distill.student import StudentConfig
 from distill.teacher.labels import TeacherConfig
-from distill.teacher.vllm_engine import EngineConfig
 from distill.trainer import TrainConfig
 
 SECTIONS = ("storage_root", "labels_uri", "teacher", "corpus", "student", "train", "eval")
@@ -49,8 +48,6 @@ def from_mapping(data: Mapping[str, Any] | None, where: str = "config") -> RunCo
     unknown = sorted(set(data) - set(SECTIONS))
     if unknown:
         raise ConfigError(f"{where}: unknown section(s) {unknown}; accepted: {list(SECTIONS)}")
-    teacher = dict(data.get("teacher") or {})
-    engine = build(EngineConfig, teacher.pop("engine", None), f"{where}: teacher.engine")
     root = data.get("storage_root", "data")
     if not isinstance(root, str):
         raise ConfigError(f"{where}: storage_root={root!r} is invalid: expected a path string")
@@ -60,7 +57,7 @@ def from_mapping(data: Mapping[str, Any] | None, where: str = "config") -> RunCo
     return RunConfig(
         storage_root=root,
         labels_uri=labels_uri,
-        teacher=dataclasses.replace(build(TeacherConfig, teacher, f"{where}: teacher"), engine=engine),
+        teacher=build(TeacherConfig, data.get("teacher"), f"{where}: teacher"),
         corpus=build(CorpusConfig, data.get("corpus"), f"{where}: corpus"),
         student=build(StudentConfig, data.get("student"), f"{where}: student"),
         train=build(TrainConfig, data.get("train"), f"{where}: train"),

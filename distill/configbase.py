@@ -28,6 +28,11 @@ def build(cls: type[T], data: Mapping[str, Any] | None, where: str) -> T:
     hints = typing.get_type_hints(cls)
     for name, value in data.items():
         hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{where}.{name}={value!r} is invalid: expected a mapping of {hint.__name__} fields")
+            data[name] = build(hint, value, f"{where}.{name}")
+            continue
         origin = typing.get_origin(hint)
         allowed = typing.get_args(hint) if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) else (hint,)
         scalar = [a for a in allowed if a in (int, float, str, bool)]

@@ -54,6 +54,16 @@ class CorpusConfig:
     """Number of train shards (one teacher partition each)."""
     heldout_shards: int = 1
     """Number of held-out shards."""
+    prompt_column: str = "prompt"
+    """``generate`` / ``candidates`` modes: column holding the prompt."""
+    candidates_column: str = "candidates"
+    """``candidates`` mode: column holding the list of candidate answers (strings)."""
+    answer_column: str | None = "answer"
+    """``candidates`` mode: column holding the gold answer (an index into the candidates, or the candidate text); optional in the data."""
+    chat_template: bool = True
+    """``generate`` / ``candidates`` modes: wrap prompts in the teacher tokenizer's chat template (user turn + assistant start)."""
+    system_prompt: str | None = None
+    """System message put before each prompt when ``chat_template`` is on (None: the template's default)."""
 
     def __post_init__(self):
         check(0.0 < self.heldout_fraction < 1.0, "heldout_fraction", self.heldout_fraction, "a number in (0, 1)")
@@ -105,11 +115,20 @@ def _local_files(source: str) -> list[str] | None:
 
 def load_documents(cfg: CorpusConfig) -> Iterator[tuple[str, object]]:
     """Yield ``(doc_id, text)`` pairs; ``text`` is whatever the column holds (checked later)."""
+    for doc_id, record in load_records(cfg, [cfg.text_column]):
+        yield doc_id, record[cfg.text_column]
+
+
+def load_records(cfg: CorpusConfig, columns: list[str], optional: tuple[str, ...] = ()) -> Iterator[tuple[str, dict]]:
+    """Yield ``(doc_id, {column: value})`` for ``columns`` (required) and ``optional`` columns
+    present in the data; values are whatever the dataset holds (checked by the caller)."""
     if cfg.source == PYDOC_SOURCE:
         from pydoc_data.topics import topics
 
-        items = sorted(topics.items())
-        yield from items[: cfg.max_documents]
+        if columns != [cfg.text_column]:
+            raise CorpusError(f"{PYDOC_SOURCE}: holds plain documents only; prompt modes need a dataset with columns {columns}")
+        for doc_id, text in sorted(topics.items())[: cfg.max_documents]:
+            yield doc_id, {cfg.text_column: text}
         return
     import datasets
 
@@ -122,14 +141,15 @@ def load_documents(cfg: CorpusConfig) -> Iterator[tuple[str, object]]:
         ds = datasets.load_dataset(builder, data_files=files, split="train")
     else:
         ds = datasets.load_dataset(cfg.source, split=cfg.split)
-    for col in [cfg.text_column] + ([cfg.id_column] if cfg.id_column else []):
+    for col in columns + ([cfg.id_column] if cfg.id_column else []):
         if col not in ds.column_names:
-            raise CorpusError(f"{cfg.source}: no column {col!r}; columns are {ds.column_names} (set corpus.text_column / corpus.id_column)")
+            raise CorpusError(f"{cfg.source}: no column {col!r}; columns are {ds.column_names} (set the corpus.*_column options)")
+    wanted = columns + [c for c in optional if c in ds.column_names]
     n = len(ds) if cfg.max_documents is None else min(len(ds), cfg.max_documents)
     for i in range(n):
         row = ds[i]
         doc_id = str(row[cfg.id_column]) if cfg.id_column else f"row-{i:09d}"
-        yield doc_id, row[cfg.text_column]
+        yield doc_id, {c: row[c] for c in wanted}
 
 
 def windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
@@ -147,43 +167,129 @@ def windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int
         start += stride
 
 
-def corpus_dir(root: Path, cfg: CorpusConfig, tokenizer_hash: str) -> Path:
-    key = content_key({"corpus": dataclasses.asdict(cfg), "tokenizer": tokenizer_hash, "v": 1})
-    return Path(root) / "corpus" / key
+def corpus_dir(root: Path, cfg: CorpusConfig, tokenizer_hash: str, mode: str = "score") -> Path:
+    fields = {"corpus": dataclasses.asdict(cfg), "tokenizer": tokenizer_hash, "v": 1}
+    if mode != "score":
+        fields["mode"] = mode
+    return Path(root) / "corpus" / content_key(fields)
 
 
-def build_corpus(cfg: CorpusConfig, tokenizer, tokenizer_hash: str, root: Path, batch_docs: int = 256) -> dict:
+def encode_prompt(tokenizer, text: str, cfg: CorpusConfig) -> list[int]:
+    """Prompt token ids: the chat template's user turn and assistant start, or the plain text."""
+    if not cfg.chat_template:
+        return list(tokenizer(text)["input_ids"])
+    if not getattr(tokenizer, "chat_template", None):
+        raise CorpusError(
+            f"{getattr(tokenizer, 'name_or_path', 'teacher')}: the tokenizer has no chat template; set corpus.chat_template: false"
+        )
+    messages = ([{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt is not None else []) + [
+        {"role": "user", "content": text}
+    ]
+    rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+
+
+def _answer_index(doc_id: str, answer, candidates: list[str], cfg: CorpusConfig) -> int:
+    if answer is None:
+        return -1
+    if isinstance(answer, str) and answer in candidates:
+        return candidates.index(answer)
+    if isinstance(answer, (int, np.integer)) and not isinstance(answer, bool) and 0 <= answer < len(candidates):
+        return int(answer)
+    raise CorpusError(
+        f"{cfg.source}: example {doc_id} has {cfg.answer_column}={answer!r}, expected an index into its {len(candidates)} candidates or one of them"
+    )
+
+
+def _check_record(doc_id: str, record: dict, mode: str, cfg: CorpusConfig) -> dict | None:
+    """A validated record, None for a counted skip (empty text); raises for unusable values."""
+    column = cfg.text_column if mode == "score" else cfg.prompt_column
+    text = record[column]
+    if text is None:
+        return None
+    if not isinstance(text, str):
+        raise CorpusError(f"{cfg.source}: document {doc_id} has a {type(text).__name__} in column {column!r}, expected text")
+    if not text.strip():
+        return None
+    out = {"text": text}
+    if mode == "candidates":
+        cands = record[cfg.candidates_column]
+        if not isinstance(cands, (list, tuple)) or len(cands) < 2 or not all(isinstance(c, str) and c for c in cands):
+            raise CorpusError(
+                f"{cfg.source}: example {doc_id} column {cfg.candidates_column!r} must be a list of at least two non-empty strings, got {cands!r}"
+            )
+        out["candidates"] = list(cands)
+        out["answer"] = _answer_index(doc_id, record.get(cfg.answer_column) if cfg.answer_column else None, out["candidates"], cfg)
+    return out
+
+
+def _rows_for(doc_id: str, record: dict, ids: list[int], mode: str, cfg: CorpusConfig, tokenizer) -> list[dict] | str:
+    """Corpus rows of one document or prompt, or the name of the counter of a skip."""
+    if mode == "score":
+        if len(ids) < cfg.min_tokens:
+            return "dropped_short"
+        return [
+            {"doc_id": doc_id, "window_index": w, "input_ids": ids[start:end], "label_start": label_start}
+            for w, (start, end, label_start) in enumerate(windows(len(ids), cfg.window, cfg.effective_stride))
+        ]
+    row = {"doc_id": doc_id, "window_index": 0, "input_ids": ids, "label_start": len(ids) - 1, "prompt_text": record["text"]}
+    if mode == "generate":
+        return "dropped_long" if len(ids) >= cfg.window else [row]
+    cand_ids = [list(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in record["candidates"]]
+    for c, t in zip(record["candidates"], cand_ids):
+        if not t:
+            raise CorpusError(f"{cfg.source}: example {doc_id} candidate {c!r} has no tokens")
+    if len(ids) + max(map(len, cand_ids)) > cfg.window:
+        return "dropped_long"
+    return [{**row, "candidates": record["candidates"], "candidate_ids": cand_ids, "answer": record["answer"]}]
+
+
+def _corpus_table(rows: list[dict], mode: str) -> pa.Table:
+    cols = {
+        "doc_id": pa.array([r["doc_id"] for r in rows], pa.string()),
+        "window_index": pa.array([r["window_index"] for r in rows], pa.int32()),
+        "input_ids": pa.array([r["input_ids"] for r in rows], pa.list_(pa.int32())),
+        "label_start": pa.array([r["label_start"] for r in rows], pa.int32()),
+    }
+    if mode != "score":
+        cols["prompt_text"] = pa.array([r["prompt_text"] for r in rows], pa.string())
+    if mode == "candidates":
+        cols["candidates"] = pa.array([r["candidates"] for r in rows], pa.list_(pa.string()))
+        cols["candidate_ids"] = pa.array([r["candidate_ids"] for r in rows], pa.list_(pa.list_(pa.int32())))
+        cols["answer"] = pa.array([r["answer"] for r in rows], pa.int32())
+    return pa.table(cols)
+
+
+def build_corpus(cfg: CorpusConfig, tokenizer, tokenizer_hash: str, root: Path, batch_docs: int = 256, mode: str = "score") -> dict:
     """Read, tokenize and shard the corpus under ``corpus_dir``; return its manifest.
 
+    ``mode``: ``score`` cuts documents (``text_column``) into windows; ``generate`` makes one
+    row per prompt (``prompt_column``, chat template applied); ``candidates`` one row per
+    example (prompt, ``candidates_column`` list, optional ``answer_column``).
     Always re-reads the source (the data may have changed); shard files are replaced
     atomically and the manifest is written last. Shard fingerprints depend only on content,
     so unchanged shards keep their teacher-label cache keys.
     """
-    out = corpus_dir(root, cfg, tokenizer_hash)
+    out = corpus_dir(root, cfg, tokenizer_hash, mode)
     manifest_path = out / CORPUS_MANIFEST
-    stride = cfg.effective_stride
-    docs: list[tuple[str, str]] = []
-    counts = {"documents_read": 0, "dropped_empty": 0, "dropped_short": 0, "dropped_duplicate_id": 0}
+    columns = [cfg.text_column] if mode == "score" else [cfg.prompt_column] + ([cfg.candidates_column] if mode == "candidates" else [])
+    optional = (cfg.answer_column,) if mode == "candidates" and cfg.answer_column else ()
+    docs: list[tuple[str, dict]] = []
+    counts = {"documents_read": 0, "dropped_empty": 0, "dropped_short": 0, "dropped_long": 0, "dropped_duplicate_id": 0}
     seen: set[str] = set()
-    for doc_id, text in load_documents(cfg):
+    for doc_id, raw in load_records(cfg, columns, optional):
         counts["documents_read"] += 1
-        if text is None:
-            counts["dropped_empty"] += 1
-            continue
-        if not isinstance(text, str):
-            raise CorpusError(
-                f"{cfg.source}: document {doc_id} has a {type(text).__name__} in column {cfg.text_column!r}, expected text"
-            )
-        if not text.strip():
+        record = _check_record(doc_id, raw, mode, cfg)
+        if record is None:
             counts["dropped_empty"] += 1
             continue
         if doc_id in seen:
             counts["dropped_duplicate_id"] += 1
             continue
         seen.add(doc_id)
-        docs.append((doc_id, text))
+        docs.append((doc_id, record))
     if not docs:
-        raise CorpusError(f"{cfg.source}: no non-empty documents in column {cfg.text_column!r}")
+        raise CorpusError(f"{cfg.source}: no non-empty documents in column {columns[0]!r}")
     # split by document: a hash of the id, so adding or editing one document moves no other
     heldout = {d for d, _ in docs if _hash_unit(d, "split") < cfg.heldout_fraction}
     if not heldout:
@@ -191,36 +297,35 @@ def build_corpus(cfg: CorpusConfig, tokenizer, tokenizer_hash: str, root: Path, 
     if len(heldout) == len(docs):
         raise CorpusError(f"{cfg.source}: only {len(docs)} document(s); need at least 2 to split train/held-out")
     shards: dict[str, list[dict]] = {name: [] for name in cfg.shard_names()}
+    kept = 0
     for b in range(0, len(docs), batch_docs):
         batch = docs[b : b + batch_docs]
-        encoded = tokenizer([t for _, t in batch])["input_ids"]
-        for (doc_id, _), ids in zip(batch, encoded):
-            if len(ids) < cfg.min_tokens:
-                counts["dropped_short"] += 1
+        if mode == "score":
+            encoded = tokenizer([r["text"] for _, r in batch])["input_ids"]
+        else:
+            encoded = [encode_prompt(tokenizer, r["text"], cfg) for _, r in batch]
+        for (doc_id, record), ids in zip(batch, encoded):
+            rows = _rows_for(doc_id, record, list(ids), mode, cfg, tokenizer)
+            if isinstance(rows, str):
+                counts[rows] += 1
                 continue
+            kept += 1
             split = "heldout" if doc_id in heldout else "train"
             n = cfg.heldout_shards if split == "heldout" else cfg.train_shards
-            shard = f"{split}-{int(_hash_unit(doc_id, 'shard') * n):05d}"
-            for w, (start, end, label_start) in enumerate(windows(len(ids), cfg.window, stride)):
-                shards[shard].append(
-                    {"doc_id": doc_id, "window_index": w, "input_ids": ids[start:end], "label_start": label_start}
-                )
+            shards[f"{split}-{int(_hash_unit(doc_id, 'shard') * n):05d}"] += rows
+    if not kept:
+        raise CorpusError(f"{cfg.source}: every document was dropped ({counts}); check corpus.window and the data")
     out.mkdir(parents=True, exist_ok=True)
     shard_info = {}
     for name, rows in shards.items():
         rows.sort(key=lambda r: (r["doc_id"], r["window_index"]))
-        table = pa.table(
-            {
-                "doc_id": pa.array([r["doc_id"] for r in rows], pa.string()),
-                "window_index": pa.array([r["window_index"] for r in rows], pa.int32()),
-                "input_ids": pa.array([r["input_ids"] for r in rows], pa.list_(pa.int32())),
-                "label_start": pa.array([r["label_start"] for r in rows], pa.int32()),
-            }
-        )
+        table = _corpus_table(rows, mode)
         h = hashlib.sha256(tokenizer_hash.encode())
         for r in rows:
             h.update(f"{r['doc_id']}\x1f{r['window_index']}\x1f{r['label_start']}\x1f".encode())
             h.update(np.asarray(r["input_ids"], np.int64).tobytes())
+            if mode == "candidates":
+                h.update(json.dumps([r["candidate_ids"], r["answer"]]).encode())
         path = out / f"{name}.parquet"
         tmp = out / f".{name}.parquet.tmp-{os.getpid()}"
         pq.write_table(table, tmp, compression="zstd")
@@ -230,24 +335,29 @@ def build_corpus(cfg: CorpusConfig, tokenizer, tokenizer_hash: str, root: Path, 
             "fingerprint": h.hexdigest()[:32],
             "windows": len(rows),
             "documents": len({r["doc_id"] for r in rows}),
-            "labelled_tokens": int(sum(len(r["input_ids"]) - 1 - r["label_start"] for r in rows)),
+            # generate: response lengths are the teacher's to decide; candidates: one label per example
+            "labelled_tokens": None if mode == "generate" else len(rows) if mode == "candidates"
+            else int(sum(len(r["input_ids"]) - 1 - r["label_start"] for r in rows)),
         }
     manifest = {
         "source": cfg.source,
+        "mode": mode,
         "config": dataclasses.asdict(cfg),
         "tokenizer_hash": tokenizer_hash,
-        "documents": len(docs) - counts["dropped_short"],
+        "documents": kept,
         "heldout_documents": len(heldout),
         **counts,
         "shards": shard_info,
     }
+    if mode == "candidates":
+        manifest["gold_answers"] = sum(r["answer"] >= 0 for rows in shards.values() for r in rows)
     atomic_write_text(manifest_path, json.dumps(manifest, indent=1, sort_keys=True))
     return manifest
 
 
-def read_corpus_shard(root: Path, cfg: CorpusConfig, tokenizer_hash: str, shard: str) -> tuple[dict, pa.Table]:
+def read_corpus_shard(root: Path, cfg: CorpusConfig, tokenizer_hash: str, shard: str, mode: str = "score") -> tuple[dict, pa.Table]:
     """The manifest entry and the windows of one corpus shard; errors say to materialize the corpus."""
-    out = corpus_dir(root, cfg, tokenizer_hash)
+    out = corpus_dir(root, cfg, tokenizer_hash, mode)
     manifest_path = out / CORPUS_MANIFEST
     if not manifest_path.exists():
         raise CorpusError(f"{manifest_path}: corpus not built for this config; materialize the corpus asset first")

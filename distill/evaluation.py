@@ -10,8 +10,8 @@ from typing import Mapping, Sequence
 import torch
 
 from distill.configbase import check
-from distill.losses import forward_kl, sparse_log_distributions
-from distill.trainer import collate
+from distill.losses import NEG, candidate_scores, forward_kl, sparse_log_distributions
+from distill.trainer import collate_for
 from storage.reader import Shard, ShardStream, StreamPosition
 
 
@@ -31,10 +31,16 @@ class EvalConfig:
     """Score MC choices by mean instead of summed token logprob."""
     generation_throughput: bool = False
     """Also measure teacher and student generation tokens/s under vLLM (starts two engines)."""
+    agreement_prompts: int = 32
+    """``generate`` data: held-out prompts on which each model's greedy answer is compared with the teacher's."""
+    agreement_max_tokens: int = 64
+    """``generate`` data: longest greedy answer compared, in tokens."""
 
     def __post_init__(self):
         check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
         check(self.max_windows is None or self.max_windows >= 1, "max_windows", self.max_windows, "None or >= 1")
+        check(self.agreement_prompts >= 0, "agreement_prompts", self.agreement_prompts, "an integer >= 0")
+        check(self.agreement_max_tokens >= 1, "agreement_max_tokens", self.agreement_max_tokens, "an integer >= 1")
 
 
 ECE_BINS = 15
@@ -59,7 +65,6 @@ def batch_sums(student_logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> 
     top_logit, top_id = logits.max(-1)
     confidence = torch.exp(top_logit - lse[..., 0])[mask].double()
     correct = (top_id == batch["targets"])[mask].double()
-    bins = torch.clamp((confidence * ECE_BINS).long(), max=ECE_BINS - 1)
     positions = torch.arange(logits.shape[1], device=logits.device).expand_as(mask)
     pos_bucket = torch.clamp(torch.floor(torch.log2(positions[mask].double() + 1)).long(), max=POSITION_BUCKETS - 1)
     return {
@@ -69,9 +74,7 @@ def batch_sums(student_logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> 
         "kl": kl[mask].double().sum(),
         "top1": (top_id == batch["topk_ids"][..., 0])[mask].double().sum(),
         "positions": mask.sum().double(),
-        "bin_count": torch.bincount(bins, minlength=ECE_BINS).double(),
-        "bin_confidence": torch.bincount(bins, weights=confidence, minlength=ECE_BINS),
-        "bin_correct": torch.bincount(bins, weights=correct, minlength=ECE_BINS),
+        **_ece_bins(confidence, correct),
     }
 
 
@@ -81,12 +84,7 @@ def finish(sums: dict[str, torch.Tensor]) -> dict:
     if n == 0:
         raise ValueError("no labelled positions to evaluate")
     gap = (sums["bin_confidence"] - sums["bin_correct"]).abs().sum()
-    count = sums["bin_count"]
-    calibration = [
-        {"bin": i, "count": int(count[i]), "confidence": float(sums["bin_confidence"][i] / count[i]),
-         "accuracy": float(sums["bin_correct"][i] / count[i])}
-        for i in range(len(count)) if count[i] > 0
-    ]
+    calibration = _calibration(sums)
     kl_by_position = [
         {"positions": f"{2**b - 1}-{2**(b + 1) - 2}", "count": int(sums["pos_count"][b]), "kl": float(sums["pos_kl"][b] / sums["pos_count"][b])}
         for b in range(len(sums["pos_count"])) if sums["pos_count"][b] > 0
@@ -102,20 +100,89 @@ def finish(sums: dict[str, torch.Tensor]) -> dict:
     }
 
 
+def _ece_bins(confidence: torch.Tensor, correct: torch.Tensor) -> dict[str, torch.Tensor]:
+    bins = torch.clamp((confidence * ECE_BINS).long(), max=ECE_BINS - 1)
+    return {
+        "bin_count": torch.bincount(bins, minlength=ECE_BINS).double(),
+        "bin_confidence": torch.bincount(bins, weights=confidence, minlength=ECE_BINS),
+        "bin_correct": torch.bincount(bins, weights=correct, minlength=ECE_BINS),
+    }
+
+
+def candidate_sums(student_scores: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-batch sums over candidate examples (``batch`` from ``collate_candidates``):
+    KL(teacher ‖ model) over the candidates, agreement of the model's top choice with the
+    teacher's, and on examples with a gold answer its NLL, accuracy and confidence bins."""
+    valid = batch["candidate_mask"]
+    log_q = torch.log_softmax(torch.where(valid, student_scores.float(), NEG), -1)
+    log_p = torch.log_softmax(torch.where(valid, batch["teacher_logprobs"].float(), NEG), -1)
+    kl = torch.where(valid, log_p.exp() * (log_p - log_q), 0.0).sum(-1)
+    choice = log_q.argmax(-1)
+    gold = batch["answer"] >= 0
+    answer = batch["answer"].clamp(min=0)
+    confidence = log_q.max(-1).values.exp()[gold].double()
+    correct = (choice == answer)[gold].double()
+    return {
+        "examples": torch.tensor(float(len(kl)), dtype=torch.float64),
+        "kl": kl.double().sum(),
+        "agree": (choice == log_p.argmax(-1)).double().sum(),
+        "gold": gold.double().sum(),
+        "gold_nll": (-log_q.gather(-1, answer[:, None])[:, 0])[gold].double().sum(),
+        "gold_correct": correct.sum(),
+        **_ece_bins(confidence, correct),
+    }
+
+
+def finish_candidates(sums: dict[str, torch.Tensor]) -> dict:
+    """Metrics from accumulated ``candidate_sums``. ``ppl`` is the perplexity of the gold
+    answer among the candidates (exp of its mean NLL; NaN without gold answers), ``top1`` the
+    agreement with the teacher's choice, ``accuracy`` the accuracy against gold."""
+    n, g = float(sums["examples"]), float(sums["gold"])
+    if n == 0:
+        raise ValueError("no candidate examples to evaluate")
+    return {
+        "ppl": math.exp(float(sums["gold_nll"]) / g) if g else float("nan"),
+        "kl": float(sums["kl"]) / n,
+        "top1": float(sums["agree"]) / n,
+        "teacher_agreement": float(sums["agree"]) / n,
+        "accuracy": float(sums["gold_correct"]) / g if g else float("nan"),
+        "ece": float((sums["bin_confidence"] - sums["bin_correct"]).abs().sum()) / g if g else float("nan"),
+        "positions": int(n),
+        "gold_examples": int(g),
+        "calibration": _calibration(sums),
+        "kl_by_position": [],
+    }
+
+
+def _calibration(sums: dict[str, torch.Tensor]) -> list[dict]:
+    count = sums["bin_count"]
+    return [
+        {"bin": i, "count": int(count[i]), "confidence": float(sums["bin_confidence"][i] / count[i]),
+         "accuracy": float(sums["bin_correct"][i] / count[i])}
+        for i in range(len(count)) if count[i] > 0
+    ]
+
+
 @torch.no_grad()
 def evaluate_model(model, shards: Sequence[Shard], cfg: EvalConfig) -> dict:
     """Held-out metrics of one causal LM against the teacher labels in ``shards``."""
     model.eval()
     device = next(model.parameters()).device
-    k = shards[0].meta.k
+    meta = shards[0].meta
+    collate_rows = collate_for(shards[0])
     totals: dict[str, torch.Tensor] = {}
     rows: list[dict] = []
     windows = 0
 
     def flush():
-        batch = {n: t.to(device) for n, t in collate(rows, k).items()}
+        batch = {n: t.to(device) for n, t in collate_rows(rows).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        for name, value in batch_sums(logits, batch).items():
+        if meta.mode == "candidates":
+            scores = candidate_scores(logits, batch["targets"], batch["mask"], batch["index"], bool(meta.settings.get("length_normalize")))
+            sums = candidate_sums(scores, batch)
+        else:
+            sums = batch_sums(logits, batch)
+        for name, value in sums.items():
             totals[name] = totals.get(name, 0) + value.cpu()
         rows.clear()
 
@@ -128,7 +195,54 @@ def evaluate_model(model, shards: Sequence[Shard], cfg: EvalConfig) -> dict:
             break
     if rows:
         flush()
-    return {**finish(totals), "parameters": sum(p.numel() for p in model.parameters())}
+    metrics = finish_candidates(totals) if meta.mode == "candidates" else finish(totals)
+    return {**metrics, "parameters": sum(p.numel() for p in model.parameters())}
+
+
+def heldout_prompts(shards: Sequence[Shard], limit: int) -> list[list[int]]:
+    """The distinct prompts of ``generate`` shards (first answer of each), in shard order."""
+    prompts, seen = [], set()
+    for row, _ in ShardStream(shards, shuffle=False).rows(StreamPosition(), epochs=1):
+        if len(prompts) >= limit:
+            break
+        if row["doc_id"] not in seen:
+            seen.add(row["doc_id"])
+            prompts.append([int(t) for t in row["input_ids"][: int(row["label_start"]) + 1]])
+    return prompts
+
+
+@torch.no_grad()
+def greedy_answers(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_token_id: int | None) -> list[list[int]]:
+    """Each prompt's greedy continuation (up to and excluding EOS)."""
+    model.eval()
+    device = next(model.parameters()).device
+    answers = []
+    for prompt in prompts:
+        ids = torch.tensor([list(prompt)], device=device)
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=eos_token_id, pad_token_id=eos_token_id if eos_token_id is not None else 0)
+        answer = out[0, ids.shape[1]:].tolist()
+        if eos_token_id is not None and eos_token_id in answer:
+            answer = answer[: answer.index(eos_token_id)]
+        answers.append(answer)
+    return answers
+
+
+def answer_agreement(answers: Sequence[Sequence[int]], reference: Sequence[Sequence[int]]) -> dict:
+    """Exact-match rate of greedy answers with the reference (teacher) answers, and the mean
+    share of each reference answer that the answer reproduces before diverging."""
+    if not reference or len(answers) != len(reference):
+        raise ValueError(f"need one answer per reference answer ({len(answers)} vs {len(reference)})")
+    exact, prefix = 0, 0.0
+    for a, r in zip(answers, reference):
+        exact += list(a) == list(r)
+        common = 0
+        for x, y in zip(a, r):
+            if x != y:
+                break
+            common += 1
+        prefix += common / len(r) if r else float(not a)
+    return {"greedy_exact_match": exact / len(reference), "greedy_prefix_agreement": prefix / len(reference)}
 
 
 def load_mc(path: str | Path) -> list[dict]:
@@ -184,16 +298,24 @@ def checkpoint_bytes(path: str | Path) -> int:
 
 
 def evaluate(models: Mapping[str, str | Path], shards: Sequence[Shard], cfg: EvalConfig) -> dict[str, dict]:
-    """Metrics for each named checkpoint folder (loaded from safetensors)."""
+    """Metrics for each named checkpoint folder (loaded from safetensors). On ``generate`` data
+    the first model (the teacher) sets the reference greedy answers the others are compared with."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     items = load_mc(cfg.mc_file) if cfg.mc_file else None
+    prompts = heldout_prompts(shards, cfg.agreement_prompts) if shards[0].meta.mode == "generate" and cfg.agreement_prompts else []
+    reference = None
     results = {}
     for name, path in models.items():
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
+        tok = AutoTokenizer.from_pretrained(path)
         results[name] = {**evaluate_model(model, shards, cfg), "checkpoint_bytes": checkpoint_bytes(path)}
         if items:
-            results[name].update(mc_accuracy(model, AutoTokenizer.from_pretrained(path), items, cfg.mc_length_normalize))
+            results[name].update(mc_accuracy(model, tok, items, cfg.mc_length_normalize))
+        if prompts:
+            answers = greedy_answers(model, prompts, cfg.agreement_max_tokens, tok.eos_token_id)
+            reference = reference if reference is not None else answers
+            results[name].update(answer_agreement(answers, reference))
         del model
     return results
 
@@ -235,9 +357,21 @@ def write_plots(results: Mapping[str, dict], histories: Mapping[str, list[dict]]
     return paths
 
 
+MODE_NOTES = {
+    "score": "Held-out text: perplexity of each model on the held-out windows; KL and top-1 against the teacher's stored labels.",
+    "generate": "Held-out prompts: perplexity, KL and top-1 over the teacher's answer tokens; greedy answers compared with the teacher's greedy answers.",
+    "candidates": "Held-out examples: KL over each example's candidates; top-1 = the model's choice agrees with the teacher's; "
+                  "ppl = perplexity of the gold answer among the candidates; gold accuracy where the data has gold answers.",
+}
+
+
 def markdown_table(results: Mapping[str, dict]) -> str:
-    extra = [c for c in ("mc_accuracy", "generation_tokens_per_s") if any(c in m for m in results.values())]
-    titles = {"mc_accuracy": "MC accuracy", "generation_tokens_per_s": "vLLM gen tok/s"}
+    titles = {
+        "accuracy": "gold accuracy", "teacher_agreement": "agrees with teacher's choice",
+        "greedy_exact_match": "greedy = teacher's", "greedy_prefix_agreement": "greedy prefix agreement",
+        "mc_accuracy": "MC accuracy", "generation_tokens_per_s": "vLLM gen tok/s",
+    }
+    extra = [c for c in titles if any(c in m for m in results.values())]
     lines = [
         "| model | params (M) | checkpoint (MB) | held-out ppl | KL(teacher‖model) | top-1 agreement | ECE |"
         + "".join(f" {titles[c]} |" for c in extra),

@@ -216,3 +216,46 @@ def candidate_kl(
     log_p = torch.log_softmax(teacher, -1)
     per_example = torch.where(valid, log_p.exp() * (log_p - log_q), 0.0).sum(-1)  # (B,)
     return masked_mean(per_example, valid.any(-1)) * temperature**2
+
+
+def candidate_scores(
+    logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, index: torch.Tensor, length_normalize: bool = False
+) -> torch.Tensor:
+    """Per example and candidate, the model's score of the candidate: the sum (or mean) of its
+    token logprobs given the prompt.
+
+    ``logits`` (N, T, V) over N prompt+candidate sequences; ``targets``/``mask`` (N, T) mark the
+    candidate tokens (position t predicts token t + 1); ``index`` (B, C) maps each example's
+    candidate to its sequence. Returns (B, C); padded entries (``index < 0``) hold 0.
+    """
+    logits = logits.float()
+    token_lp = logits.gather(-1, targets[..., None])[..., 0] - torch.logsumexp(logits, -1)
+    m = mask.to(token_lp.dtype)
+    sums = (token_lp * m).sum(-1)
+    if length_normalize:
+        sums = sums / m.sum(-1).clamp(min=1.0)
+    return torch.where(index >= 0, sums[index.clamp(min=0)], 0.0)
+
+
+def candidate_loss(
+    student_scores: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    candidate_mask: torch.Tensor,
+    answer: torch.Tensor,
+    kd_weight: float = 0.5,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``kd_weight * candidate_kl + (1 - kd_weight) * CE(gold)`` over candidate answers.
+
+    The CE term is the student's negative log-probability of the gold candidate (softmax over
+    the example's candidates), averaged over examples that have one (``answer >= 0``).
+    """
+    valid = candidate_mask.bool()
+    log_q = torch.log_softmax(torch.where(valid, student_scores.float(), NEG), -1)
+    has_gold = answer >= 0
+    nll = -log_q.gather(-1, answer.clamp(min=0)[:, None])[:, 0]
+    ce = masked_mean(nll, has_gold)
+    if kd_weight == 0.0:
+        return ce, {"ce": ce.detach(), "kd": torch.zeros(())}
+    kd = candidate_kl(student_scores, teacher_logprobs, candidate_mask, temperature)
+    return kd_weight * kd + (1.0 - kd_weight) * ce, {"ce": ce.detach(), "kd": kd.detach()}

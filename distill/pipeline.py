@@ -13,7 +13,7 @@ from typing import Sequence
 from distill.config import RunConfig
 from distill.data import build_corpus, read_corpus_shard
 from distill.teacher.checkpoint import checkpoint_hashes, resolve_teacher
-from distill.teacher.labels import label_shard, shard_key
+from distill.teacher.labels import LABEL_CODE_VERSION, label_shard, mode_settings, shard_key
 from storage.cache import LabelStore, content_key, set_manifest
 from storage.reader import Shard, ShardError
 from storage.schema import ShardMeta
@@ -57,7 +57,7 @@ def prepare_teacher(cfg: RunConfig) -> dict:
 
 
 def prepare_corpus(cfg: RunConfig) -> dict:
-    return build_corpus(cfg.corpus, tokenizer(cfg), teacher_hashes(cfg)["tokenizer"], cfg.root)
+    return build_corpus(cfg.corpus, tokenizer(cfg), teacher_hashes(cfg)["tokenizer"], cfg.root, mode=cfg.teacher.mode)
 
 
 def label_store(cfg: RunConfig) -> LabelStore:
@@ -93,7 +93,7 @@ def shard_keys(cfg: RunConfig, names: Sequence[str]) -> dict[str, str]:
     from distill.data import corpus_dir
 
     hashes = teacher_hashes(cfg)
-    manifest_path = corpus_dir(cfg.root, cfg.corpus, hashes["tokenizer"]) / "corpus.json"
+    manifest_path = corpus_dir(cfg.root, cfg.corpus, hashes["tokenizer"], cfg.teacher.mode) / "corpus.json"
     if not manifest_path.exists():
         raise IncompleteLabelsError(f"{manifest_path}: corpus not built; materialize the corpus asset first")
     manifest = json.loads(manifest_path.read_text())
@@ -127,14 +127,15 @@ def label_shards(cfg: RunConfig, names: Sequence[str], engine_factory=None) -> d
         remove_stale_temporaries(store.root)  # left by writers that crashed
     results = {}
     for name in names:
-        entry, windows = read_corpus_shard(cfg.root, cfg.corpus, hashes["tokenizer"], name)
+        entry, windows = read_corpus_shard(cfg.root, cfg.corpus, hashes["tokenizer"], name, cfg.teacher.mode)
         meta = ShardMeta(
             teacher=cfg.teacher.model, teacher_hash=hashes["weights"], tokenizer_hash=hashes["tokenizer"],
             vocab_size=expect["vocab_size"], k=cfg.teacher.k, temperature=1.0, mode=cfg.teacher.mode,
             engine=_engine_name(), data_fingerprint=entry["fingerprint"], shard=name,
-            split=name.split("-")[0], cache_key=keys[name], code_version=_code_version(),
+            split=name.split("-")[0], cache_key=keys[name], code_version=LABEL_CODE_VERSION,
+            settings=mode_settings(cfg.teacher),
         )
-        results[name] = {"key": keys[name], **label_shard(factory, store, keys[name], meta, windows)}
+        results[name] = {"key": keys[name], **label_shard(factory, store, keys[name], meta, windows, cfg.teacher)}
     return results
 
 
@@ -148,7 +149,7 @@ def check_shards(cfg: RunConfig, names: Sequence[str]) -> dict:
     from storage.reader import shard_stats
 
     hashes = teacher_hashes(cfg)
-    manifest = json.loads((corpus_dir(cfg.root, cfg.corpus, hashes["tokenizer"]) / "corpus.json").read_text())
+    manifest = json.loads((corpus_dir(cfg.root, cfg.corpus, hashes["tokenizer"], cfg.teacher.mode) / "corpus.json").read_text())
     keys, store, expect = shard_keys(cfg, names), label_store(cfg), expected_meta(cfg)
     problems, mass, tokens = [], 0.0, 0
     for name in names:
@@ -159,8 +160,10 @@ def check_shards(cfg: RunConfig, names: Sequence[str]) -> dict:
             continue
         stats = shard_stats(shard)
         entry = manifest["shards"][name]
-        if stats["rows"] != entry["windows"] or stats["tokens"] != entry["labelled_tokens"]:
-            problems.append(f"{name}: {stats['rows']} rows / {stats['tokens']} tokens, corpus has {entry['windows']} / {entry['labelled_tokens']}")
+        want_rows = entry["windows"] * (cfg.teacher.sampling.n if cfg.teacher.mode == "generate" else 1)
+        want = entry["labelled_tokens"]  # None for generate: answer lengths are the teacher's
+        if stats["rows"] != want_rows or (want is not None and stats["tokens"] != want) or (want is None and stats["tokens"] < stats["rows"]):
+            problems.append(f"{name}: {stats['rows']} rows / {stats['tokens']} labels, corpus expects {want_rows} / {want if want is not None else '>= 1 per answer'}")
         if stats["max_logprob"] > 1e-4 or stats["unsorted_positions"]:
             problems.append(f"{name}: logprobs > 0 or unsorted at {stats['unsorted_positions']} positions")
         if stats["tokens"]:
@@ -173,12 +176,6 @@ def _engine_name() -> str:
     import vllm
 
     return f"vllm-{vllm.__version__}"
-
-
-def _code_version() -> str:
-    from distill.teacher.labels import LABEL_CODE_VERSION
-
-    return LABEL_CODE_VERSION
 
 
 def open_split(cfg: RunConfig, split: str) -> list[Shard]:
@@ -236,7 +233,7 @@ def evaluate_run(cfg: RunConfig) -> dict:
     import torch
 
     from distill.evaluation import (
-        evaluate, evaluate_model, gate, load_mc, markdown_table, mc_accuracy, summary_line, write_plots,
+        MODE_NOTES, evaluate, evaluate_model, gate, load_mc, markdown_table, mc_accuracy, summary_line, write_plots,
     )
     from distill.student import build_student
 
@@ -281,6 +278,7 @@ def evaluate_run(cfg: RunConfig) -> dict:
     atomic_write_text(out / "results.json", json.dumps(report, indent=1))
     images = "\n".join(f"![{n}]({p.name})" for n, p in plots.items())
     speed = f"Student generates {speedup:.2f}x the teacher's tokens/s under vLLM on this machine.\n\n" if speedup else ""
-    atomic_write_text(out / "report.md", f"# Distillation report\n\n{report['table']}\n\n{speed}Gate: {gate_text}\n\n{images}\n\n`{report['summary']}`\n")
+    note = MODE_NOTES[shards[0].meta.mode]
+    atomic_write_text(out / "report.md", f"# Distillation report\n\n{note}\n\n{report['table']}\n\n{speed}Gate: {gate_text}\n\n{images}\n\n`{report['summary']}`\n")
     report["out_dir"] = str(out)
     return report

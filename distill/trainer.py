@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from distill.configbase import check
-from distill.losses import DIVERGENCES, TAILS, distillation_loss
+from distill.losses import DIVERGENCES, TAILS, candidate_loss, candidate_scores, distillation_loss
 from distill.student import StudentConfig, build_student
 from storage.reader import Shard, ShardStream, StreamPosition
 from storage.writer import atomic_write_text
@@ -136,19 +136,80 @@ def collate(rows: Sequence[dict], k: int) -> dict[str, torch.Tensor]:
     }
 
 
+def collate_candidates(rows: Sequence[dict]) -> dict[str, torch.Tensor]:
+    """Candidate examples as one padded batch of prompt+candidate sequences.
+
+    Returns ``input_ids``/``attention_mask``/``targets``/``mask`` (N, T) over the N sequences
+    (``mask`` marks the candidate tokens), ``index`` (B, C) mapping each example's candidates to
+    sequences (-1: padding), ``candidate_mask`` (B, C), ``teacher_logprobs`` (B, C) and
+    ``answer`` (B,) (-1: no gold).
+    """
+    seqs, spans = [], []
+    B, C = len(rows), max(len(r["candidate_ids"]) for r in rows)
+    index = np.full((B, C), -1, np.int64)
+    teacher = np.zeros((B, C), np.float32)
+    for b, r in enumerate(rows):
+        prompt = list(r["prompt_ids"])
+        for c, cand in enumerate(r["candidate_ids"]):
+            index[b, c] = len(seqs)
+            seqs.append(prompt + list(cand))
+            spans.append((len(prompt) - 1, len(prompt) - 1 + len(cand)))
+        teacher[b, : len(r["teacher_logprobs"])] = r["teacher_logprobs"]
+    N, T = len(seqs), max(map(len, seqs))
+    input_ids, attention = np.zeros((N, T), np.int64), np.zeros((N, T), np.int64)
+    targets, mask = np.zeros((N, T), np.int64), np.zeros((N, T), bool)
+    for n, (seq, (lo, hi)) in enumerate(zip(seqs, spans)):
+        input_ids[n, : len(seq)] = seq
+        attention[n, : len(seq)] = 1
+        targets[n, : len(seq) - 1] = seq[1:]
+        mask[n, lo:hi] = True
+    return {
+        "input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention),
+        "targets": torch.from_numpy(targets), "mask": torch.from_numpy(mask),
+        "index": torch.from_numpy(index), "candidate_mask": torch.from_numpy(index >= 0),
+        "teacher_logprobs": torch.from_numpy(teacher),
+        "answer": torch.tensor([int(r["answer"]) for r in rows], dtype=torch.int64),
+    }
+
+
+def collate_for(shard: Shard):
+    """The collate function for a shard's labelling mode."""
+    if shard.meta.mode == "candidates":
+        return collate_candidates
+    k = shard.meta.k
+    return lambda rows: collate(rows, k)
+
+
 def batches(
     stream: ShardStream, batch_size: int, k: int, start: StreamPosition, with_ids: bool = False
 ) -> Iterator[tuple[dict, StreamPosition]]:
     """Micro-batches and the stream position after each (for exact resume)."""
     rows, pos = [], start
+    collate_rows = collate_for(stream.shards[0])
     for row, pos in stream.rows(start):
         rows.append(row)
         if len(rows) == batch_size:
-            batch = collate(rows, k)
+            batch = collate_rows(rows)
             if with_ids:
-                batch["row_ids"] = [(r["doc_id"], r["window_index"]) for r in rows]
+                batch["row_ids"] = [(r["doc_id"], r.get("window_index", 0)) for r in rows]
             yield batch, pos
             rows = []
+
+
+def _check_candidate_training(cfg: TrainConfig, shards: Sequence[Shard]) -> None:
+    """Candidates data trains on the teacher's candidate distribution (forward KL) and on gold
+    answers; a CE-only run needs gold answers to learn anything."""
+    from distill.configbase import ConfigError
+
+    if cfg.kd_weight > 0 and cfg.divergence != "forward_kl":
+        raise ConfigError(f"train.divergence={cfg.divergence!r} is invalid for candidates data: expected forward_kl")
+    if cfg.kd_weight < 1:
+        gold = sum(int((s.parquet().read(columns=["answer"]).column("answer").to_numpy() >= 0).sum()) for s in shards)
+        if gold == 0:
+            raise ValueError(
+                f"{shards[0].path}: no example has a gold answer (column 'answer' is -1 everywhere); "
+                "the cross-entropy part (and the CE-only baseline) needs gold answers: add corpus.answer_column data or set train.kd_weight: 1"
+            )
 
 
 def _autocast(cfg: TrainConfig, device: torch.device):
@@ -242,6 +303,9 @@ def train(
         torch.set_num_threads(cfg.num_threads)
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     k = shards[0].meta.k
+    mode = shards[0].meta.mode
+    if mode == "candidates":
+        _check_candidate_training(cfg, shards)
     torch.manual_seed(cfg.seed)
     model = build_student(teacher_dir, student_cfg, tokenizer_vocab).to(device)
     model.train()
@@ -294,9 +358,14 @@ def train(
             batch = {name: t.to(device) for name, t in batch.items()}
             with _autocast(cfg, device):
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss, terms = distillation_loss(
-                logits, batch["targets"], batch["topk_ids"], batch["teacher_logprobs"], batch["mask"], **loss_kwargs
-            )
+            if mode == "candidates":
+                scores = candidate_scores(logits, batch["targets"], batch["mask"], batch["index"], bool(shards[0].meta.settings.get("length_normalize")))
+                loss, terms = candidate_loss(scores, batch["teacher_logprobs"], batch["candidate_mask"], batch["answer"],
+                                             cfg.kd_weight, cfg.temperature)
+            else:
+                loss, terms = distillation_loss(
+                    logits, batch["targets"], batch["topk_ids"], batch["teacher_logprobs"], batch["mask"], **loss_kwargs
+                )
             (loss / cfg.grad_accum).backward()
             parts["loss"] += loss.item() / cfg.grad_accum
             parts["ce"] += terms["ce"].item() / cfg.grad_accum

@@ -108,7 +108,7 @@ def open_shard(
         meta = ShardMeta.from_dict(meta_dict)
     except (TypeError, ValueError) as e:
         raise ShardError(path, str(e)) from e
-    expected_schema = arrow_schema(meta.vocab_size)
+    expected_schema = arrow_schema(meta.vocab_size, meta.mode)
     for field in expected_schema:
         idx = pf.schema_arrow.get_field_index(field.name)
         if idx < 0:
@@ -165,14 +165,28 @@ def decode_table(shard: Shard, table: pa.Table) -> dict[str, tuple[np.ndarray, n
 
 def decode_row_group(shard: Shard, table: pa.Table) -> list[dict]:
     """One row group as per-row dicts of numpy arrays (decoded, validated)."""
+    if shard.meta.mode == "candidates":
+        return _candidate_rows(shard, table)
     cols = decode_table(shard, table)
-    scalars = {name: table.column(name).to_pylist() for name in ("doc_id", "window_index", "label_start")}
+    names = ["doc_id", "window_index", "label_start"] + [n for n in table.column_names if n.endswith(("_text", "_reason"))]
+    scalars = {name: table.column(name).to_pylist() for name in names}
     rows = []
     for i in range(table.num_rows):
         row = {name: values[i] for name, values in scalars.items()}
         for name, (values, offsets) in cols.items():
             row[name] = values[offsets[i]:offsets[i + 1]]
         rows.append(row)
+    return rows
+
+
+def _candidate_rows(shard: Shard, table: pa.Table) -> list[dict]:
+    rows = table.to_pylist()
+    for row in rows:
+        c = len(row["candidates"])
+        if c < 2 or len(row["candidate_ids"]) != c or len(row["teacher_logprobs"]) != c or not -1 <= row["answer"] < c:
+            raise ShardError(shard.path, f"example {row['doc_id']}: candidate columns disagree in length or answer out of range")
+        row["teacher_logprobs"] = np.asarray(row["teacher_logprobs"], np.float32)
+        row["candidate_scores"] = np.asarray(row["candidate_scores"], np.float32)
     return rows
 
 
@@ -256,6 +270,8 @@ class ShardStream:
 def shard_stats(shard: Shard) -> dict:
     """Scan a shard once: counts and label sanity (for asset checks). Memory: one row group."""
     pf = shard.parquet()
+    if shard.meta.mode == "candidates":
+        return _candidate_stats(shard, pf)
     rows = tokens = 0
     mass_sum = 0.0
     max_logprob = -np.inf
@@ -277,3 +293,17 @@ def shard_stats(shard: Shard) -> dict:
         "max_logprob": max_logprob,
         "unsorted_positions": unsorted,
     }
+
+
+def _candidate_stats(shard: Shard, pf: pq.ParquetFile) -> dict:
+    """Candidates shards: rows = examples = labelled items; the distribution must sum to 1."""
+    rows = unnormalized = 0
+    max_logprob = -np.inf
+    for rg in range(pf.metadata.num_row_groups):
+        for row in _candidate_rows(shard, pf.read_row_group(rg)):
+            rows += 1
+            lp = row["teacher_logprobs"].astype(np.float64)
+            max_logprob = max(max_logprob, float(lp.max()))
+            unnormalized += abs(np.exp(lp).sum() - 1.0) > 1e-3
+    return {"rows": rows, "tokens": rows, "mean_topk_mass": 1.0 if rows else float("nan"),
+            "max_logprob": max_logprob, "unsorted_positions": unnormalized}

@@ -5,6 +5,12 @@ is the teacher's distribution over token ``t + 1``; positions ``label_start .. L
 labelled (earlier positions are context shared with the previous window), so a row has
 ``n = L - 1 - label_start`` labelled positions and the flat per-position columns hold
 ``n * k`` (top-k) or ``n`` (scalars) values, position-major.
+
+Modes: ``score`` rows are corpus windows. ``generate`` rows are one teacher answer each
+(``input_ids`` = chat-templated prompt + response, ``label_start`` = last prompt position, so
+only response tokens are labelled) plus the prompt and response text. ``candidates`` rows are
+one example each: the prompt, its candidate answers (text and ids), the gold index (-1: none)
+and the teacher's normalized log-distribution over the candidates (no per-token columns).
 """
 from __future__ import annotations
 
@@ -14,7 +20,7 @@ from typing import Any
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 METADATA_KEY = b"distill.shard"
 ENCODING_KEY = b"distill.encoding"
 ID_TABLE_KEY = b"distill.id_table"
@@ -38,10 +44,44 @@ def _base_fields(vocab_size: int) -> list[pa.Field]:
     ]
 
 
-def arrow_schema(vocab_size: int) -> pa.Schema:
+MODES = ("score", "generate", "candidates")
+TOKEN_MODES = ("score", "generate")  # per-token top-k labels
+
+
+def _text_fields(mode: str) -> list[pa.Field]:
+    if mode != "generate":
+        return []
+    return [
+        pa.field("prompt_text", pa.string(), nullable=False),
+        pa.field("response_text", pa.string(), nullable=False),
+        pa.field("finish_reason", pa.string(), nullable=False),  # stop | length
+    ]
+
+
+def candidates_schema(vocab_size: int) -> pa.Schema:
+    """Stored and decoded columns of a ``candidates`` shard (small: stored plain)."""
+    ids = id_type(vocab_size)
+    return pa.schema(
+        [
+            pa.field("doc_id", pa.string(), nullable=False),
+            pa.field("prompt_text", pa.string(), nullable=False),
+            pa.field("prompt_ids", pa.list_(ids), nullable=False),
+            pa.field("candidates", pa.list_(pa.string()), nullable=False),
+            pa.field("candidate_ids", pa.list_(pa.list_(ids)), nullable=False),
+            pa.field("answer", pa.int32(), nullable=False),  # gold index, -1 when unknown
+            pa.field("candidate_scores", pa.list_(pa.float32()), nullable=False),  # sum (or mean) token logprob
+            pa.field("teacher_logprobs", pa.list_(pa.float32()), nullable=False),  # log-softmax of the scores
+        ]
+    )
+
+
+def arrow_schema(vocab_size: int, mode: str = "score") -> pa.Schema:
     """The stored (encoded) columns; see ``storage.codec`` for the encodings."""
+    if mode == "candidates":
+        return candidates_schema(vocab_size)
     return pa.schema(
         _base_fields(vocab_size)
+        + _text_fields(mode)
         + [
             pa.field("topk_ids", pa.list_(id_type(vocab_size)), nullable=False),  # remapped by the shard's id table
             pa.field("topk_logprob_codes", pa.list_(pa.uint8()), nullable=False),
@@ -51,10 +91,13 @@ def arrow_schema(vocab_size: int) -> pa.Schema:
     )
 
 
-def decoded_schema(vocab_size: int) -> pa.Schema:
+def decoded_schema(vocab_size: int, mode: str = "score") -> pa.Schema:
     """Plain columns (float32 logprobs, original ids): the writer's input, the export format."""
+    if mode == "candidates":
+        return candidates_schema(vocab_size)
     return pa.schema(
         _base_fields(vocab_size)
+        + _text_fields(mode)
         + [
             pa.field("topk_ids", pa.list_(id_type(vocab_size)), nullable=False),
             pa.field("topk_logprobs", pa.list_(pa.float32()), nullable=False),
@@ -81,7 +124,7 @@ class ShardMeta:
     temperature: float
     """Temperature the stored logprobs were computed at (1.0: raw model distribution)."""
     mode: str
-    """Labelling mode (``score``: teacher-forced)."""
+    """Labelling mode: ``score`` (teacher-forced), ``generate`` (teacher answers) or ``candidates``."""
     engine: str
     """Engine name and version that produced the labels."""
     data_fingerprint: str
@@ -96,6 +139,8 @@ class ShardMeta:
     """Version of the labelling code."""
     created: str = ""
     """UTC creation time, ISO 8601."""
+    settings: dict = dataclasses.field(default_factory=dict)
+    """Mode settings the labels depend on (sampling for ``generate``, length normalization for ``candidates``)."""
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> str:
@@ -104,7 +149,7 @@ class ShardMeta:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ShardMeta":
         names = {f.name for f in dataclasses.fields(cls)}
-        missing = names - set(d) - {"created", "schema_version"}
+        missing = names - set(d) - {"created", "schema_version", "settings"}
         if missing:
             raise ValueError(f"shard metadata lacks fields {sorted(missing)}")
         return cls(**{k: v for k, v in d.items() if k in names})

@@ -112,7 +112,7 @@ class ShardWriter:
             local = self._scratch / self.path.name
         self._raw_path = temp_name(local, ".raw")
         self._tmp = temp_name(local)
-        self._raw_schema = decoded_schema(meta.vocab_size)
+        self._raw_schema = decoded_schema(meta.vocab_size, meta.mode)
         self._raw = _parquet_writer(self._raw_path, self._raw_schema, level=1)
         self._id_counts = np.zeros(meta.vocab_size, np.int64)
         self._buffer: list[Mapping[str, object]] = []
@@ -121,7 +121,15 @@ class ShardWriter:
         self._closed = False
 
     def write(self, row: Mapping[str, object]) -> None:
-        """Add one window: every ``decoded_schema`` column (arrays for list columns)."""
+        """Add one row: every ``decoded_schema`` column (arrays for list columns)."""
+        if self.meta.mode == "candidates":
+            self._check_candidates(row)
+            self._buffer.append(row)
+            self.rows += 1
+            self.tokens += 1  # one labelled example
+            if len(self._buffer) >= self.row_group_rows:
+                self._flush_raw()
+            return
         k = self.meta.k
         n = len(row["target_logprobs"])
         where = f"{self.path.name}: row {row['doc_id']}#{row['window_index']}"
@@ -144,6 +152,17 @@ class ShardWriter:
         if len(self._buffer) >= self.row_group_rows:
             self._flush_raw()
 
+    def _check_candidates(self, row: Mapping[str, object]) -> None:
+        where = f"{self.path.name}: example {row['doc_id']}"
+        c = len(row["candidates"])
+        if c < 2 or len(row["candidate_ids"]) != c or len(row["candidate_scores"]) != c or len(row["teacher_logprobs"]) != c:
+            raise ValueError(f"{where}: needs >= 2 candidates with one id list, score and logprob each (got {c})")
+        if not -1 <= int(row["answer"]) < c:
+            raise ValueError(f"{where}: answer {row['answer']} is not -1 or an index into {c} candidates")
+        lp = np.asarray(row["teacher_logprobs"], np.float64)
+        if not np.isfinite(lp).all() or abs(np.exp(lp).sum() - 1.0) > 1e-3:
+            raise ValueError(f"{where}: teacher_logprobs must be a finite normalized log-distribution")
+
     def write_many(self, rows: Iterable[Mapping[str, object]]) -> None:
         for row in rows:
             self.write(row)
@@ -154,11 +173,14 @@ class ShardWriter:
         cols = {}
         for field in self._raw_schema:
             values = [r[field.name] for r in self._buffer]
-            cols[field.name] = _list_array(values, field.type.value_type) if pa.types.is_list(field.type) else pa.array(values, field.type)
+            fast = pa.types.is_list(field.type) and (pa.types.is_integer(field.type.value_type) or pa.types.is_floating(field.type.value_type))
+            cols[field.name] = _list_array(values, field.type.value_type) if fast else pa.array(values, field.type)
         self._raw.write_table(pa.Table.from_pydict(cols, schema=self._raw_schema))
         self._buffer.clear()
 
     def _encode(self, raw: pa.Table, table: np.ndarray) -> pa.Table:
+        if self.meta.mode == "candidates":
+            return raw.cast(self.schema_without_metadata)  # small per-example rows: stored plain
         k = self.meta.k
         topk = raw.column("topk_ids").combine_chunks()
         lps = raw.column("topk_logprobs").combine_chunks()
@@ -174,6 +196,7 @@ class ShardWriter:
                 "window_index": raw.column("window_index"),
                 "input_ids": raw.column("input_ids"),
                 "label_start": raw.column("label_start"),
+                **{f.name: raw.column(f.name) for f in self.schema_without_metadata if f.name.endswith(("_text", "_reason"))},
                 "topk_ids": pa.ListArray.from_arrays(topk.offsets, pa.array(ids, id_t)),
                 "topk_logprob_codes": pa.ListArray.from_arrays(lps.offsets, pa.array(codes, pa.uint8())),
                 "target_logprob_codes": pa.ListArray.from_arrays(target.offsets, pa.array(codec.encode_target(target.values.to_numpy()), pa.uint16())),
@@ -184,7 +207,7 @@ class ShardWriter:
 
     @property
     def schema_without_metadata(self) -> pa.Schema:
-        return arrow_schema(self.meta.vocab_size)
+        return arrow_schema(self.meta.vocab_size, self.meta.mode)
 
     def close(self) -> dict:
         """Encode, fsync, rename into place, then write the commit record. Returns the record."""

@@ -46,6 +46,25 @@ def tiny_config(tiny_config_path):
 
 
 @pytest.fixture(scope="session")
+def hf_teacher(teacher_dir):
+    """The bundled teacher under plain transformers (the reference the engine is checked against)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32, use_safetensors=True)
+
+
+def mode_config(tiny_config, mode: str, **teacher):
+    """The tiny config in ``generate`` or ``candidates`` mode on the shipped example data
+    (same k, window and engine settings: the session's engine serves it)."""
+    import dataclasses
+
+    source = {"generate": "prompts.jsonl", "candidates": "candidates.jsonl"}[mode]
+    corpus = dataclasses.replace(tiny_config.corpus, source=str(REPO / "examples" / source), id_column="id", max_documents=12)
+    return dataclasses.replace(tiny_config, teacher=dataclasses.replace(tiny_config.teacher, mode=mode, **teacher), corpus=corpus)
+
+
+@pytest.fixture(scope="session")
 def engine(tiny_config):
     """The one vLLM engine of the test session (the graph test reuses it through the same key)."""
     from distill import pipeline

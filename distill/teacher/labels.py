@@ -21,8 +21,31 @@ from distill.teacher.vllm_engine import EngineConfig
 from storage.cache import LabelStore, content_key
 from storage.schema import SCHEMA_VERSION, ShardMeta
 
-LABEL_CODE_VERSION = "score-1"
-MODES = ("score",)
+LABEL_CODE_VERSION = "labels-2"
+MODES = ("score", "generate", "candidates")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How the teacher answers prompts in ``generate`` mode (vLLM sampling parameters)."""
+
+    n: int = 1
+    """Answers sampled per prompt."""
+    temperature: float = 0.7
+    """Sampling temperature (0: greedy). Stored labels are always the raw, temperature-1 distributions."""
+    top_p: float = 0.95
+    """Nucleus sampling threshold."""
+    max_tokens: int = 256
+    """Longest answer, in tokens (also capped by ``corpus.window`` minus the prompt)."""
+    seed: int = 0
+    """Base seed; each prompt's answers are seeded from it and the prompt's id."""
+
+    def __post_init__(self):
+        check(self.n >= 1, "n", self.n, "an integer >= 1")
+        check(self.temperature >= 0, "temperature", self.temperature, "a number >= 0")
+        check(self.n == 1 or self.temperature > 0, "n", self.n, "1 when temperature is 0 (greedy answers are identical)")
+        check(0 < self.top_p <= 1, "top_p", self.top_p, "a number in (0, 1]")
+        check(self.max_tokens >= 1, "max_tokens", self.max_tokens, "an integer >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +55,11 @@ class TeacherConfig:
     k: int = 32
     """Top-k entries stored per labelled position."""
     mode: str = "score"
-    """Labelling mode: ``score`` (teacher-forced over the corpus)."""
+    """Labelling mode: ``score`` (teacher-forced top-k over corpus text), ``generate`` (the teacher answers prompts; top-k labels of every answer token) or ``candidates`` (the teacher's distribution over each example's candidate answers)."""
+    sampling: SamplingConfig = SamplingConfig()
+    """``generate`` mode: answers per prompt, temperature, top-p, max tokens."""
+    length_normalize: bool = False
+    """``candidates`` mode: score a candidate by its mean instead of summed token logprob."""
     engine: EngineConfig = EngineConfig()
     """vLLM engine settings."""
     min_topk_mass: float = 0.5
@@ -42,6 +69,15 @@ class TeacherConfig:
         check(1 <= self.k <= 1024, "k", self.k, "an integer in [1, 1024]")
         check(self.mode in MODES, "mode", self.mode, f"one of {MODES}")
         check(0.0 <= self.min_topk_mass <= 1.0, "min_topk_mass", self.min_topk_mass, "a number in [0, 1]")
+
+
+def mode_settings(cfg: TeacherConfig) -> dict:
+    """The mode's settings that labels depend on (in the cache key and the shard metadata)."""
+    if cfg.mode == "generate":
+        return {"sampling": dataclasses.asdict(cfg.sampling)}
+    if cfg.mode == "candidates":
+        return {"length_normalize": cfg.length_normalize}
+    return {}
 
 
 def shard_key(teacher_hashes: dict, fingerprint: str, cfg: TeacherConfig, dtype: str) -> str:
@@ -57,8 +93,81 @@ def shard_key(teacher_hashes: dict, fingerprint: str, cfg: TeacherConfig, dtype:
             "dtype": dtype,
             "code": LABEL_CODE_VERSION,
             "schema": SCHEMA_VERSION,
+            **mode_settings(cfg),
         }
     )
+
+
+def prompt_seed(base: int, doc_id: str) -> int:
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(f"{base}\x1f{doc_id}".encode()).digest()[:4], "big") & 0x7FFFFFFF
+
+
+def _score_rows(engine, part: pa.Table, cfg: TeacherConfig) -> list[dict]:
+    input_ids = part.column("input_ids").to_pylist()
+    label_starts = part.column("label_start").to_pylist()
+    doc_ids = part.column("doc_id").to_pylist()
+    window_idx = part.column("window_index").to_pylist()
+    rows = []
+    for i, labels in enumerate(engine.score(input_ids, label_starts)):
+        rows.append({"doc_id": doc_ids[i], "window_index": window_idx[i], "input_ids": np.asarray(input_ids[i], np.int64),
+                     "label_start": label_starts[i], **_flat_label_columns(labels)})
+    return rows
+
+
+def _flat_label_columns(labels: dict) -> dict:
+    return {
+        "topk_ids": labels["topk_ids"].reshape(-1),
+        "topk_logprobs": labels["topk_logprobs"].reshape(-1),
+        "target_logprobs": labels["target_logprobs"],
+        "tail_mass": labels["tail_mass"],
+    }
+
+
+def _generate_rows(engine, part: pa.Table, cfg: TeacherConfig) -> list[dict]:
+    """One row per answer: prompt + answer tokens, labels on the answer tokens only."""
+    prompts = part.column("input_ids").to_pylist()
+    doc_ids = part.column("doc_id").to_pylist()
+    texts = part.column("prompt_text").to_pylist()
+    seeds = [prompt_seed(cfg.sampling.seed, d) for d in doc_ids]
+    rows = []
+    for i, samples in enumerate(engine.generate(prompts, seeds, cfg.sampling)):
+        for j, sample in enumerate(samples):
+            rows.append({
+                "doc_id": doc_ids[i], "window_index": j,
+                "input_ids": np.concatenate([np.asarray(prompts[i], np.int64), sample["response_ids"]]),
+                "label_start": len(prompts[i]) - 1,
+                "prompt_text": texts[i], "response_text": sample["text"], "finish_reason": sample["finish_reason"],
+                **_flat_label_columns(sample),
+            })
+    return rows
+
+
+def candidate_distribution(sums: np.ndarray, counts: np.ndarray, length_normalize: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Candidate scores (sum, or mean, of token logprobs) and their log-softmax."""
+    scores = sums / counts if length_normalize else sums
+    shifted = scores - scores.max()
+    return scores, shifted - np.log(np.exp(shifted).sum())
+
+
+def _candidate_rows(engine, part: pa.Table, cfg: TeacherConfig) -> list[dict]:
+    prompts = part.column("input_ids").to_pylist()
+    cand_ids = part.column("candidate_ids").to_pylist()
+    texts, cands = part.column("prompt_text").to_pylist(), part.column("candidates").to_pylist()
+    doc_ids, answers = part.column("doc_id").to_pylist(), part.column("answer").to_pylist()
+    rows = []
+    for i, (sums, counts) in enumerate(engine.score_candidates(prompts, cand_ids)):
+        scores, logprobs = candidate_distribution(sums, counts, cfg.length_normalize)
+        rows.append({
+            "doc_id": doc_ids[i], "prompt_text": texts[i], "prompt_ids": prompts[i], "candidates": cands[i],
+            "candidate_ids": cand_ids[i], "answer": answers[i],
+            "candidate_scores": scores.astype(np.float32), "teacher_logprobs": logprobs.astype(np.float32),
+        })
+    return rows
+
+
+_MODE_ROWS = {"score": _score_rows, "generate": _generate_rows, "candidates": _candidate_rows}
 
 
 def label_shard(
@@ -67,46 +176,35 @@ def label_shard(
     key: str,
     meta: ShardMeta,
     windows: pa.Table,
+    cfg: TeacherConfig | None = None,
     progress: bool = True,
 ) -> dict:
-    """Label ``windows`` into ``store`` under ``key`` unless already committed.
+    """Label ``windows`` (corpus rows of ``cfg.mode``) into ``store`` under ``key`` unless already committed.
 
     Engine work and Parquet writing overlap: the rows of one macro-batch are written by a
-    background thread while the engine runs the next.
+    background thread while the engine runs the next; memory stays bounded by one macro-batch
+    of Python objects whatever the shard size.
     """
+    cfg = cfg or TeacherConfig()
     existing = store.lookup(key)
     if existing is not None:
         return {"cache_hit": True, "rows": existing.rows, "tokens": existing.tokens, "teacher_seconds": 0.0, "path": str(existing.path)}
     engine = engine_factory()
-    lengths = pc.list_value_length(windows.column("input_ids"))
-    total = int(pc.sum(lengths).as_py() or 0) - int(pc.sum(windows.column("label_start")).as_py() or 0) - windows.num_rows
-    bar = tqdm(total=total, desc=f"label {meta.shard}", unit="tok", unit_scale=True, disable=not progress)
+    if cfg.mode == "score":
+        lengths = pc.list_value_length(windows.column("input_ids"))
+        total, unit = int(pc.sum(lengths).as_py() or 0) - int(pc.sum(windows.column("label_start")).as_py() or 0) - windows.num_rows, "tok"
+    else:
+        total, unit = windows.num_rows, "prompt"
+    bar = tqdm(total=total, desc=f"label {meta.shard} ({cfg.mode})", unit=unit, unit_scale=True, disable=not progress)
     step = getattr(getattr(engine, "cfg", None), "batch_windows", 64)
+    make_rows = _MODE_ROWS[cfg.mode]
     t0 = time.perf_counter()
-    # one macro-batch of Python objects at a time: memory stays bounded whatever the shard size
     with store.writer(key, meta) as writer, ThreadPoolExecutor(1) as pool, bar:
         pending = None
         for offset in range(0, windows.num_rows, step):
             part = windows.slice(offset, step)
-            input_ids = part.column("input_ids").to_pylist()
-            label_starts = part.column("label_start").to_pylist()
-            doc_ids = part.column("doc_id").to_pylist()
-            window_idx = part.column("window_index").to_pylist()
-            batch = []
-            for i, labels in enumerate(engine.score(input_ids, label_starts)):
-                batch.append(
-                    {
-                        "doc_id": doc_ids[i],
-                        "window_index": window_idx[i],
-                        "input_ids": np.asarray(input_ids[i], np.int64),
-                        "label_start": label_starts[i],
-                        "topk_ids": labels["topk_ids"].reshape(-1),
-                        "topk_logprobs": labels["topk_logprobs"].reshape(-1),
-                        "target_logprobs": labels["target_logprobs"],
-                        "tail_mass": labels["tail_mass"],
-                    }
-                )
-                bar.update(len(labels["target_logprobs"]))
+            batch = make_rows(engine, part, cfg)
+            bar.update(sum(len(r["target_logprobs"]) for r in batch) if cfg.mode == "score" else part.num_rows)
             if pending is not None:
                 pending.result()
             pending = pool.submit(writer.write_many, batch)

@@ -81,6 +81,7 @@ class VllmTeacher:
             max_model_len=max_len + 1,  # the one generated token vLLM insists on
             max_logprobs=k,
             enable_prefix_caching=False,
+            logprobs_mode="raw_logprobs",  # labels are the model's own distribution, before temperature / top-p
             enforce_eager=cfg.enforce_eager,
             max_num_batched_tokens=max(cfg.max_num_batched_tokens, max_len),
             gpu_memory_utilization=cfg.gpu_memory_utilization,
@@ -106,6 +107,65 @@ class VllmTeacher:
             for ids, start, out in zip(batch, label_starts[b : b + len(batch)], outputs):
                 yield flat_to_labels(out.prompt_logprobs, np.asarray(ids), int(start), self.k)
 
+    def generate(self, prompts: Sequence[Sequence[int]], seeds: Sequence[int], sampling) -> Iterator[list[dict]]:
+        """Per prompt, ``sampling.n`` teacher answers with top-k labels for every generated token.
+
+        ``sampling``: ``n``, ``temperature``, ``top_p``, ``max_tokens`` (capped so prompt + answer
+        fit ``max_len``). ``seeds``: one per prompt, so an answer does not depend on which other
+        prompts share its batch. Labels are the raw (temperature 1) distributions the sampler
+        started from: vLLM's ``raw_logprobs`` mode, recorded as temperature 1.0 in the shard.
+        """
+        import vllm
+
+        for b in range(0, len(prompts), self.cfg.batch_windows):
+            batch = prompts[b : b + self.cfg.batch_windows]
+            params = []
+            for ids, seed in zip(batch, seeds[b : b + len(batch)]):
+                room = self.max_len - len(ids)
+                if room < 1:
+                    raise ValueError(f"prompt of {len(ids)} tokens leaves no room to answer within max_len {self.max_len}")
+                params.append(vllm.SamplingParams(
+                    n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
+                    max_tokens=min(sampling.max_tokens, room), logprobs=self.k, flat_logprobs=True, seed=int(seed),
+                ))
+            outputs = self.llm.generate([{"prompt_token_ids": [int(t) for t in ids]} for ids in batch], params, use_tqdm=False)
+            self.forward_calls += 1
+            for out in outputs:
+                samples = []
+                for c in sorted(out.outputs, key=lambda c: c.index):
+                    ids = np.asarray(c.token_ids, np.int64)
+                    samples.append({"response_ids": ids, "text": c.text, "finish_reason": str(c.finish_reason),
+                                    **_flat_positions(c.logprobs, 0, ids, self.k)})
+                yield samples
+
+    def score_candidates(self, prompts: Sequence[Sequence[int]], candidates: Sequence[Sequence[Sequence[int]]]) -> Iterator[np.ndarray]:
+        """Per example, the summed logprob of each candidate's tokens following its prompt
+        and the token counts: an array of shape (2, C)."""
+        import vllm
+
+        params = vllm.SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False, flat_logprobs=True, temperature=0.0)
+        for b in range(0, len(prompts), self.cfg.batch_windows):
+            seqs, owners = [], []
+            for i in range(b, min(b + self.cfg.batch_windows, len(prompts))):
+                for cand in candidates[i]:
+                    seq = [int(t) for t in prompts[i]] + [int(t) for t in cand]
+                    if len(seq) > self.max_len:
+                        raise ValueError(f"prompt + candidate of {len(seq)} tokens exceeds the engine's max_len {self.max_len}")
+                    seqs.append(seq)
+                    owners.append(i)
+            outputs = self.llm.generate([{"prompt_token_ids": s} for s in seqs], params, use_tqdm=False)
+            self.forward_calls += 1
+            scores: dict[int, list] = {}
+            for seq, owner, out in zip(seqs, owners, outputs):
+                start = len(prompts[owner])
+                flat = out.prompt_logprobs
+                lo, hi = flat.start_indices[start], flat.end_indices[len(seq) - 1]
+                if hi - lo != len(seq) - start or list(flat.token_ids[lo:hi]) != seq[start:]:
+                    raise RuntimeError("candidate prompt logprobs are not aligned with the candidate tokens")
+                scores.setdefault(owner, []).append((float(np.sum(np.asarray(flat.logprobs[lo:hi], np.float64))), len(seq) - start))
+            for i in sorted(scores):
+                yield np.asarray(scores[i], np.float64).T
+
     def close(self) -> None:
         llm = getattr(self, "llm", None)
         if llm is not None:
@@ -123,22 +183,31 @@ def flat_to_labels(flat, input_ids: np.ndarray, label_start: int, k: int) -> dic
     i.e. the label of window position ``t = p - 1``. Returns for positions ``label_start .. L-2``:
     ``topk_ids`` (n, k), ``topk_logprobs`` (n, k), ``target_logprobs`` (n,), ``tail_mass`` (n,).
     """
-    L = len(input_ids)
-    starts = np.asarray(flat.start_indices[1:])
-    ends = np.asarray(flat.end_indices[1:])
-    if len(starts) != L - 1 or not np.all(ends - starts == k + 1):
-        raise RuntimeError(f"unexpected prompt logprobs layout: {len(starts)} positions for {L} tokens, widths {set((ends - starts).tolist())}")
-    lo = starts[0]
-    token_ids = np.asarray(flat.token_ids[lo:], dtype=np.int64).reshape(L - 1, k + 1)
-    logprobs = np.asarray(flat.logprobs[lo:], dtype=np.float32).reshape(L - 1, k + 1)
-    if not np.array_equal(token_ids[:, 0], input_ids[1:]):
-        raise RuntimeError("prompt logprobs are not aligned with the prompt tokens")
-    sl = slice(label_start, L - 1)
-    topk_lp = logprobs[sl, 1:]
+    labels = _flat_positions(flat, 1, np.asarray(input_ids)[1:], k)
+    return {name: values[label_start:] for name, values in labels.items()}
+
+
+def _flat_positions(flat, first: int, realized: np.ndarray, k: int) -> dict:
+    """Labels of flat positions ``first ..`` whose realized (prompt or sampled) tokens are
+    ``realized``: each position holds the realized token first, then ranks ``1..k``."""
+    n = len(realized)
+    starts = np.asarray(flat.start_indices[first:])
+    ends = np.asarray(flat.end_indices[first:])
+    if len(starts) != n or not np.all(ends - starts == k + 1):
+        raise RuntimeError(f"unexpected logprobs layout: {len(starts)} positions for {n} tokens, widths {set((ends - starts).tolist())}")
+    if n == 0:
+        return {"topk_ids": np.zeros((0, k), np.int64), "topk_logprobs": np.zeros((0, k), np.float32),
+                "target_logprobs": np.zeros(0, np.float32), "tail_mass": np.zeros(0, np.float32)}
+    lo, hi = starts[0], ends[-1]
+    token_ids = np.asarray(flat.token_ids[lo:hi], dtype=np.int64).reshape(n, k + 1)
+    logprobs = np.asarray(flat.logprobs[lo:hi], dtype=np.float32).reshape(n, k + 1)
+    if not np.array_equal(token_ids[:, 0], realized):
+        raise RuntimeError("logprobs are not aligned with the realized tokens")
+    topk_lp = logprobs[:, 1:]
     tail = 1.0 - np.exp(topk_lp.astype(np.float64)).sum(axis=1)
     return {
-        "topk_ids": token_ids[sl, 1:],
+        "topk_ids": token_ids[:, 1:],
         "topk_logprobs": topk_lp,
-        "target_logprobs": logprobs[sl, 0],
+        "target_logprobs": logprobs[:, 0],
         "tail_mass": np.clip(tail, 0.0, 1.0).astype(np.float32),
     }

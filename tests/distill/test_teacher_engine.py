@@ -12,13 +12,6 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def hf_teacher(teacher_dir):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32, use_safetensors=True)
-
-
-@pytest.fixture(scope="module")
 def windows(teacher_dir):
     from pydoc_data.topics import topics
     from transformers import AutoTokenizer
