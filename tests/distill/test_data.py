@@ -1,6 +1,7 @@
 """Corpus loading, windowing, splitting and the errors users see for bad data."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -115,3 +116,58 @@ def test_label_keys_change_with_exactly_their_inputs():
         shard_key(hashes, "fp", TeacherConfig(k=32), "bfloat16"),
     ]
     assert len({base, *changed}) == 6
+
+
+@pytest.fixture(scope="module")
+def teacher_tokenizer():
+    from transformers import AutoTokenizer
+
+    from distill.teacher.checkpoint import BUNDLED, resolve_teacher
+    from tests.conftest import REPO
+
+    return AutoTokenizer.from_pretrained(resolve_teacher(BUNDLED, REPO / "data"))
+
+
+def test_prompt_corpus_counts_skips(tmp_path, teacher_tokenizer):
+    rows = [{"id": f"p{i}", "prompt": f"Question number {i}: what is {i} plus {i}?"} for i in range(6)]
+    rows += [{"id": "empty", "prompt": ""}, {"id": "blank", "prompt": "   "}, {"id": "none", "prompt": None},
+             {"id": "long", "prompt": "word " * 200}]
+    src = write_jsonl(tmp_path / "prompts.jsonl", rows)
+    cfg = CorpusConfig(source=str(src), id_column="id", window=64, train_shards=1, heldout_fraction=0.3)
+    manifest = build_corpus(cfg, teacher_tokenizer, "tok", tmp_path / "root", mode="generate")
+    assert manifest["dropped_empty"] == 3 and manifest["dropped_long"] == 1 and manifest["documents"] == 6
+    _, table = read_corpus_shard(tmp_path / "root", cfg, "tok", "train-00000", mode="generate")
+    row = table.slice(0, 1).to_pylist()[0]
+    # chat template applied: the prompt ends at the assistant turn, nothing is labelled yet
+    assert teacher_tokenizer.decode(row["input_ids"]).endswith("<|im_start|>assistant\n")
+    assert row["label_start"] == len(row["input_ids"]) - 1 and row["prompt_text"] in teacher_tokenizer.decode(row["input_ids"])
+    plain = build_corpus(dataclasses.replace(cfg, chat_template=False), teacher_tokenizer, "tok", tmp_path / "plain", mode="generate")
+    assert plain["shards"]["train-00000"]["windows"] == manifest["shards"]["train-00000"]["windows"]
+    with pytest.raises(CorpusError, match="no chat template"):
+        tok = teacher_tokenizer.__class__.from_pretrained(teacher_tokenizer.name_or_path)
+        tok.chat_template = None
+        build_corpus(cfg, tok, "tok", tmp_path / "r3", mode="generate")
+
+
+def test_prompt_corpus_rejects_bad_values(tmp_path, teacher_tokenizer):
+    def build(rows, mode, **kw):
+        src = write_jsonl(tmp_path / f"{mode}.jsonl", rows)
+        cfg = CorpusConfig(source=str(src), id_column="id", window=64, train_shards=1, heldout_fraction=0.3, **kw)
+        return build_corpus(cfg, teacher_tokenizer, "tok", tmp_path / "root", mode=mode)
+
+    good = [{"id": f"c{i}", "prompt": f"Pick {i}", "candidates": ["yes", "no"], "answer": i % 2} for i in range(4)]
+    with pytest.raises(CorpusError, match="document bad has a int in column 'prompt'"):
+        build([{"id": "bad", "prompt": 7}], "generate")
+    with pytest.raises(CorpusError, match="no column 'prompt'"):
+        build([{"id": "a", "text": "hello"}], "generate")
+    with pytest.raises(CorpusError, match="example bad column 'candidates' must be a list"):
+        build(good + [{"id": "bad", "prompt": "p", "candidates": "yes", "answer": 0}], "candidates")
+    with pytest.raises(CorpusError, match="example bad has answer=5"):
+        build(good + [{"id": "bad", "prompt": "p", "candidates": ["a", "b"], "answer": 5}], "candidates")
+    with pytest.raises(CorpusError, match="pydoc_topics: holds plain documents only"):
+        build_corpus(CorpusConfig(), teacher_tokenizer, "tok", tmp_path / "r", mode="candidates")
+    # a gold answer may be given as the candidate's text; without the column there is no gold
+    by_text = build([{**r, "answer": r["candidates"][r["answer"]]} for r in good], "candidates")
+    assert by_text["gold_answers"] == 4
+    no_gold = build([{k: v for k, v in r.items() if k != "answer"} for r in good], "candidates")
+    assert no_gold["gold_answers"] == 0

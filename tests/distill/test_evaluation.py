@@ -73,3 +73,34 @@ def test_multiple_choice_scoring_by_hand(teacher_dir, tmp_path):
     items = load_mc(Path(__file__).resolve().parents[2] / "examples" / "python_mc.jsonl")
     result = mc_accuracy(model, tok, items[:3])
     assert result["mc_questions"] == 3 and result["mc_accuracy"] in (0.0, 1 / 3, 2 / 3, 1.0)
+
+
+def test_candidate_metrics_by_hand():
+    from distill.evaluation import candidate_sums, finish_candidates
+
+    # example 0: 2 candidates, gold 0; example 1: 3 candidates, gold 2; example 2: no gold
+    student = torch.log(torch.tensor([[0.7, 0.3, 1.0], [0.2, 0.5, 0.3], [0.4, 0.6, 1.0]]))
+    teacher = torch.log(torch.tensor([[0.9, 0.1, 1.0], [0.1, 0.2, 0.7], [0.5, 0.5, 1.0]]))
+    mask = torch.tensor([[True, True, False], [True, True, True], [True, True, False]])
+    batch = {"candidate_mask": mask, "teacher_logprobs": teacher, "answer": torch.tensor([0, 2, -1])}
+    m = finish_candidates(candidate_sums(student, batch))
+    kl = [0.9 * math.log(0.9 / 0.7) + 0.1 * math.log(0.1 / 0.3),
+          0.1 * math.log(0.1 / 0.2) + 0.2 * math.log(0.2 / 0.5) + 0.7 * math.log(0.7 / 0.3),
+          0.5 * math.log(0.5 / 0.4) + 0.5 * math.log(0.5 / 0.6)]
+    assert abs(m["kl"] - sum(kl) / 3) < 1e-5
+    # choices 0, 1, 1 vs teacher 0, 2, 0 (tie at 0.5 -> argmax takes the first)
+    assert abs(m["teacher_agreement"] - 1 / 3) < 1e-9 and m["top1"] == m["teacher_agreement"]
+    # gold: example 0 right (0.7), example 1 wrong (choice 1, gold p = 0.3)
+    assert m["accuracy"] == 0.5 and m["gold_examples"] == 2 and m["positions"] == 3
+    assert abs(m["ppl"] - math.exp(-(math.log(0.7) + math.log(0.3)) / 2)) < 1e-5
+    assert abs(m["ece"] - (abs(0.7 - 1) + abs(0.5 - 0)) / 2) < 1e-6
+
+
+def test_answer_agreement_by_hand():
+    from distill.evaluation import answer_agreement
+
+    got = answer_agreement([[1, 2, 3], [4, 5], [], [9]], [[1, 2, 3], [4, 6, 7], [], [8, 9]])
+    assert got["greedy_exact_match"] == 0.5
+    assert abs(got["greedy_prefix_agreement"] - (1 + 1 / 3 + 1 + 0) / 4) < 1e-12
+    with pytest.raises(ValueError, match="one answer per"):
+        answer_agreement([[1]], [[1], [2]])

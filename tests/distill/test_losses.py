@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -188,3 +189,35 @@ def test_candidate_kl_reference_and_invariants():
     padded[1, 3:] = -math.inf
     candidate_kl(scores, padded, mask).backward()
     assert torch.isfinite(scores.grad).all() and scores.grad[1, 3:].abs().sum() == 0
+
+
+def test_candidate_scores_and_loss_by_hand():
+    from distill.losses import candidate_kl, candidate_loss, candidate_scores
+    from distill.trainer import collate_candidates
+
+    rows = [
+        {"prompt_ids": [5, 6], "candidate_ids": [[1], [2, 3]], "teacher_logprobs": np.log([0.8, 0.2]), "answer": 1},
+        {"prompt_ids": [7], "candidate_ids": [[4], [0], [3, 3]], "teacher_logprobs": np.log([0.1, 0.3, 0.6]), "answer": -1},
+    ]
+    batch = collate_candidates(rows)
+    assert batch["input_ids"].shape == (5, 4) and batch["index"].tolist() == [[0, 1, -1], [2, 3, 4]]
+    # candidate tokens are predicted from the last prompt position on
+    assert batch["mask"][1].tolist() == [False, True, True, False] and batch["targets"][1, :3].tolist() == [6, 2, 3]
+    torch.manual_seed(0)
+    logits = torch.randn(5, 4, 8, requires_grad=True)
+    for normalize in (False, True):
+        scores = candidate_scores(logits, batch["targets"], batch["mask"], batch["index"], normalize)
+        lp = torch.log_softmax(logits.detach(), -1)
+        by_hand = []
+        for seq in range(5):
+            toks = [lp[seq, t, batch["targets"][seq, t]] for t in range(4) if batch["mask"][seq, t]]
+            by_hand.append(sum(toks) / (len(toks) if normalize else 1))
+        assert torch.allclose(scores[0, :2], torch.stack(by_hand[:2])) and scores[0, 2] == 0
+        assert torch.allclose(scores[1], torch.stack(by_hand[2:]))
+    loss, terms = candidate_loss(scores, batch["teacher_logprobs"], batch["candidate_mask"], batch["answer"], kd_weight=0.3)
+    # CE only over the example with a gold answer (index 1 of the first example's two candidates)
+    ce = -torch.log_softmax(scores[0, :2], -1)[1]
+    kd = candidate_kl(scores, batch["teacher_logprobs"], batch["candidate_mask"])
+    assert torch.allclose(terms["ce"], ce) and torch.allclose(loss, 0.3 * kd + 0.7 * ce)
+    loss.backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad[0].abs().sum() > 0

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from distill.teacher.reference import reference_labels
 from tests.conftest import TINY_K, TINY_WINDOW
