@@ -9,17 +9,18 @@ def corpus_windows(cfg, count: int, shard: str = "train-00000"):
 
     pipeline.prepare_corpus(cfg)
     hashes = pipeline.teacher_hashes(cfg)
-    _, windows = read_corpus_shard(cfg.root, cfg.corpus, hashes["tokenizer"], shard)
+    _, windows = read_corpus_shard(cfg.root, cfg.corpus, hashes["tokenizer"], shard, cfg.teacher.mode)
     windows = windows.slice(0, count)
     return windows, windows.column("input_ids").to_pylist(), windows.column("label_start").to_pylist()
 
 
 def bench_meta(cfg, k: int, engine_version: str):
     from distill import pipeline
+    from distill.teacher.labels import mode_settings
     from storage.schema import ShardMeta
 
     hashes = pipeline.teacher_hashes(cfg)
     return ShardMeta(teacher=cfg.teacher.model, teacher_hash=hashes["weights"], tokenizer_hash=hashes["tokenizer"],
-                     vocab_size=pipeline.expected_meta(cfg)["vocab_size"], k=k, temperature=1.0, mode="score",
+                     vocab_size=pipeline.expected_meta(cfg)["vocab_size"], k=k, temperature=1.0, mode=cfg.teacher.mode,
                      engine=engine_version, data_fingerprint="bench", shard="train-00000", split="train",
-                     cache_key="bench", code_version="bench")
+                     cache_key="bench", code_version="bench", settings=mode_settings(cfg.teacher))

@@ -3,7 +3,12 @@ writes, (b) the bare vLLM call with the same settings writing nothing, (c) a pla
 transformers forward + log_softmax + top-k loop, on the same windows of the default corpus
 with the bundled teacher. One engine serves (a) and (b); its start is not timed.
 
+``generate`` mode is measured the same way on the example prompts (``--generate-config``):
+answer tokens/s of the labelling pipeline (sampling, per-token top-k, Parquet writes) against
+the bare vLLM call with the same sampling parameters and seeds, writing nothing.
+
     .venv/bin/python benchmarks/teacher.py [--config configs/demo.yaml] [--windows 192]
+        [--generate-config configs/generate.yaml] [--prompts 32]
 """
 from __future__ import annotations
 
@@ -20,6 +25,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("--windows", type=int, default=192)
+    parser.add_argument("--generate-config", default="configs/generate.yaml", help="'' to skip the generate-mode measurement")
+    parser.add_argument("--prompts", type=int, default=32)
     args = parser.parse_args()
 
     import numpy as np
@@ -62,10 +69,48 @@ def main() -> None:
         reference_labels(model, np.asarray(w), s, k)
     hf = tokens / (time.perf_counter() - t0)
 
+    gen = bench_generate(load_config(args.generate_config), args.prompts) if args.generate_config else None
+
     print(f"windows={len(ids)} labelled_tokens={tokens} k={k}")
+    if gen:
+        print(f"generate: prompts={gen['prompts']} answer_tokens={gen['tokens']} tokens_per_s: pipeline={gen['ours']:.0f} bare_vllm={gen['bare']:.0f}")
+        print(f"generate_pipeline_vs_bare_vllm={gen['ours'] / gen['bare']:.3f}")
     print(f"tokens_per_s: pipeline={ours:.0f} bare_vllm={bare:.0f} transformers={hf:.0f}")
     print(f"pipeline_vs_bare_vllm={ours / bare:.3f}")
     print(f"pipeline_vs_transformers={ours / hf:.3f}")
+
+
+def bench_generate(cfg, count: int) -> dict:
+    import vllm
+
+    from benchmarks.common import bench_meta, corpus_windows
+    from distill import pipeline
+    from distill.teacher.labels import label_shard, prompt_seed
+    from distill.teacher.vllm_engine import VllmTeacher
+    from storage.cache import LabelStore
+
+    windows, ids, _ = corpus_windows(cfg, count)
+    doc_ids = windows.column("doc_id").to_pylist()
+    s, k = cfg.teacher.sampling, cfg.teacher.k
+    engine = VllmTeacher(pipeline.teacher_dir(cfg), k, cfg.corpus.window, cfg.teacher.engine)
+    list(engine.generate(ids[:4], [0] * 4, s))  # warm-up
+    params = [vllm.SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=min(s.max_tokens, cfg.corpus.window - len(p)),
+                                  logprobs=k, flat_logprobs=True, seed=prompt_seed(s.seed, d)) for p, d in zip(ids, doc_ids)]
+    step = cfg.teacher.engine.batch_windows
+    t0 = time.perf_counter()
+    bare_tokens = 0
+    for b in range(0, len(ids), step):
+        outs = engine.llm.generate([{"prompt_token_ids": p} for p in ids[b : b + step]], params[b : b + step], use_tqdm=False)
+        bare_tokens += sum(len(c.token_ids) for o in outs for c in o.outputs)
+    bare = time.perf_counter() - t0
+    store = LabelStore(tempfile.mkdtemp(prefix="bench-generate-"))
+    t0 = time.perf_counter()
+    result = label_shard(lambda: engine, store, "bench", bench_meta(cfg, k, engine.engine_version), windows, cfg.teacher, progress=False)
+    ours = time.perf_counter() - t0
+    engine.close()
+    # seeded per prompt: the pipeline labels exactly the answers the bare call produced
+    assert result["tokens"] == bare_tokens, (result["tokens"], bare_tokens)
+    return {"prompts": len(ids), "tokens": bare_tokens, "ours": bare_tokens / ours, "bare": bare_tokens / bare}
 
 
 if __name__ == "__main__":
