@@ -75,36 +75,25 @@ def candidates_schema(vocab_size: int) -> pa.Schema:
     )
 
 
-def arrow_schema(vocab_size: int, mode: str = "score") -> pa.Schema:
-    """The stored (encoded) columns; see ``storage.codec`` for the encodings."""
+def _schema(vocab_size: int, mode: str, label_fields: list[tuple[str, pa.DataType]]) -> pa.Schema:
     if mode == "candidates":
         return candidates_schema(vocab_size)
-    return pa.schema(
-        _base_fields(vocab_size)
-        + _text_fields(mode)
-        + [
-            pa.field("topk_ids", pa.list_(id_type(vocab_size)), nullable=False),  # remapped by the shard's id table
-            pa.field("topk_logprob_codes", pa.list_(pa.uint8()), nullable=False),
-            pa.field("target_logprob_codes", pa.list_(pa.uint16()), nullable=False),
-            pa.field("tail_mass_codes", pa.list_(pa.uint16()), nullable=False),
-        ]
-    )
+    labels = [pa.field("topk_ids", pa.list_(id_type(vocab_size)), nullable=False)]
+    labels += [pa.field(name, pa.list_(t), nullable=False) for name, t in label_fields]
+    return pa.schema(_base_fields(vocab_size) + _text_fields(mode) + labels)
+
+
+def arrow_schema(vocab_size: int, mode: str = "score") -> pa.Schema:
+    """The stored (encoded) columns; see ``storage.codec`` for the encodings. Stored
+    ``topk_ids`` are remapped by the shard's id table."""
+    return _schema(vocab_size, mode, [("topk_logprob_codes", pa.uint8()), ("target_logprob_codes", pa.uint16()),
+                                      ("tail_mass_codes", pa.uint16())])
 
 
 def decoded_schema(vocab_size: int, mode: str = "score") -> pa.Schema:
     """Plain columns (float32 logprobs, original ids): the writer's input, the export format."""
-    if mode == "candidates":
-        return candidates_schema(vocab_size)
-    return pa.schema(
-        _base_fields(vocab_size)
-        + _text_fields(mode)
-        + [
-            pa.field("topk_ids", pa.list_(id_type(vocab_size)), nullable=False),
-            pa.field("topk_logprobs", pa.list_(pa.float32()), nullable=False),
-            pa.field("target_logprobs", pa.list_(pa.float32()), nullable=False),
-            pa.field("tail_mass", pa.list_(pa.float32()), nullable=False),
-        ]
-    )
+    return _schema(vocab_size, mode, [("topk_logprobs", pa.float32()), ("target_logprobs", pa.float32()),
+                                      ("tail_mass", pa.float32())])
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,7 +12,7 @@ CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"
 
 
 def test_configs_ship():
-    assert {p.name for p in CONFIGS} >= {"demo.yaml", "default.yaml"}
+    assert {p.name for p in CONFIGS} >= {"demo.yaml", "default.yaml", "generate.yaml", "candidates.yaml"}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

@@ -240,3 +240,47 @@ def test_workers_within_ranks_split_without_overlap(tmp_path):
         for r in range(2) for w in range(2)
     ]
     assert all(parts) and sorted(sum(parts, [])) == full
+
+
+def test_generate_and_candidates_shards_round_trip(tmp_path):
+    from storage.reader import shard_stats
+
+    # generate: token labels plus the prompt and answer text
+    rows = [{**r, "prompt_text": f"prompt {i}", "response_text": f"answer {i}", "finish_reason": "stop"}
+            for i, r in enumerate(make_rows(10, 49152, 4))]
+    meta = make_meta(mode="generate", settings={"sampling": {"n": 1, "temperature": 0.7}})
+    with ShardWriter(tmp_path / "g.parquet", meta) as w:
+        w.write_many(rows)
+    shard = open_shard(tmp_path / "g.parquet", expect={"mode": "generate"})
+    assert shard.meta.settings == {"sampling": {"n": 1, "temperature": 0.7}}
+    got = [r for r, _ in ShardStream([shard], shuffle=False).rows(epochs=1)]
+    assert [(g["prompt_text"], g["response_text"]) for g in got] == [(r["prompt_text"], r["response_text"]) for r in rows]
+    with pytest.raises(ShardError, match="field 'mode' is 'generate' but the run expects 'score'"):
+        open_shard(tmp_path / "g.parquet", expect={"mode": "score"})
+
+    # candidates: one example per row, stored plain
+    examples = [
+        {"doc_id": f"c{i}", "prompt_text": "p", "prompt_ids": [1, 2], "candidates": ["a", "bb", "c"][: 2 + i % 2],
+         "candidate_ids": [[3], [4, 5], [6]][: 2 + i % 2], "answer": i % 2 - (i == 4),
+         "candidate_scores": np.array([-1.0, -2.0, -3.0][: 2 + i % 2], np.float32)}
+        for i in range(6)
+    ]
+    for e in examples:
+        s = e["candidate_scores"].astype(np.float64)
+        e["teacher_logprobs"] = (s - np.log(np.exp(s).sum())).astype(np.float32)
+    with ShardWriter(tmp_path / "c.parquet", make_meta(mode="candidates")) as w:
+        w.write_many(examples)
+    shard = open_shard(tmp_path / "c.parquet", expect={"mode": "candidates"})
+    assert shard.rows == shard.tokens == 6
+    got = [r for r, _ in ShardStream([shard], shuffle=False).rows(epochs=1)]
+    for g, e in zip(got, examples):
+        assert g["candidates"] == e["candidates"] and g["candidate_ids"] == e["candidate_ids"] and g["answer"] == e["answer"]
+        np.testing.assert_array_equal(g["teacher_logprobs"], e["teacher_logprobs"])
+    assert shard_stats(shard)["unsorted_positions"] == 0 and shard_stats(shard)["rows"] == 6
+    bad = [({**examples[0], "answer": 2}, "answer 2 is not -1 or an index"),
+           ({**examples[0], "candidates": ["only"], "candidate_ids": [[1]]}, "needs >= 2 candidates"),
+           ({**examples[0], "teacher_logprobs": np.array([0.0, 0.0], np.float32)}, "normalized log-distribution")]
+    for row, match in bad:
+        with pytest.raises(ValueError, match=match), ShardWriter(tmp_path / "bad.parquet", make_meta(mode="candidates")) as w:
+            w.write(row)
+        assert not (tmp_path / "bad.parquet").exists() and not record_path(tmp_path / "bad.parquet").exists()
