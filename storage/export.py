@@ -19,7 +19,11 @@ from storage.reader import Shard, ShardStream, StreamPosition
 
 
 def export_axolotl(shards: Sequence[Shard], out_path: str | os.PathLike, rows_per_group: int = 256) -> int:
-    """Write every row of ``shards`` (in order) to ``out_path``; returns the number of rows."""
+    """Write every row of ``shards`` (in order) to ``out_path``; returns the number of rows.
+    ``generate`` shards export like ``score`` shards (labels on answer tokens only)."""
+    for shard in shards:
+        if shard.meta.mode == "candidates":
+            raise ValueError(f"{shard.path}: candidates shards hold a distribution over answers, not per-token labels; nothing to export for axolotl")
     k = shards[0].meta.k
     schema = pa.schema(
         [

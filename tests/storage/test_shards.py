@@ -277,6 +277,10 @@ def test_generate_and_candidates_shards_round_trip(tmp_path):
         assert g["candidates"] == e["candidates"] and g["candidate_ids"] == e["candidate_ids"] and g["answer"] == e["answer"]
         np.testing.assert_array_equal(g["teacher_logprobs"], e["teacher_logprobs"])
     assert shard_stats(shard)["unsorted_positions"] == 0 and shard_stats(shard)["rows"] == 6
+    from storage.export import export_axolotl
+
+    with pytest.raises(ValueError, match="candidates shards hold a distribution"):
+        export_axolotl([shard], tmp_path / "x.parquet")
     bad = [({**examples[0], "answer": 2}, "answer 2 is not -1 or an index"),
            ({**examples[0], "candidates": ["only"], "candidate_ids": [[1]]}, "needs >= 2 candidates"),
            ({**examples[0], "teacher_logprobs": np.array([0.0, 0.0], np.float32)}, "normalized log-distribution")]
