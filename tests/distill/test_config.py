@@ -25,6 +25,10 @@ def test_shipped_config_loads(path):
     "data,match",
     [
         ({"teacher": {"k": 0}}, r"teacher\.k=0"),
+        ({"teacher": {"k": 5000}}, r"teacher\.k=5000 is invalid: expected an integer in \[1, 1024\]"),
+        ({"teacher": {"mode": "chat"}}, r"teacher\.mode=.chat."),
+        ({"teacher": {"sampling": {"n": 2, "temperature": 0}}}, r"teacher\.sampling\.n=2"),
+        ({"teacher": {"sampling": 3}}, r"teacher\.sampling=3 is invalid: expected a mapping"),
         ({"teacher": {"kk": 3}}, r"unknown field.*kk"),
         ({"train": {"kd_weight": 1.5}}, r"train\.kd_weight=1\.5"),
         ({"train": {"divergence": "kl"}}, r"train\.divergence='kl'"),

@@ -77,3 +77,31 @@ def test_vocab_checks():
     check_vocab(49280, 49152, 49152, "padded student")  # embeddings padded beyond the tokenizer: fine
     with pytest.raises(ConfigError, match="smaller than the teacher"):
         check_vocab(32000, 49152, 49152, "student checkpoint /x")
+
+
+def test_candidates_training_needs_gold_for_ce_and_forward_kl(tmp_path, teacher_dir):
+    import numpy as np
+
+    from distill.student import StudentConfig
+    from distill.trainer import TrainConfig, train
+    from storage.reader import open_shard
+    from storage.schema import ShardMeta
+    from storage.writer import ShardWriter
+
+    meta = ShardMeta(teacher="t", teacher_hash="w", tokenizer_hash="tok", vocab_size=49152, k=8, temperature=1.0,
+                     mode="candidates", engine="test", data_fingerprint="fp", shard="train-00000", split="train",
+                     cache_key="c", code_version="test", settings={"length_normalize": False})
+    lp = np.log(np.array([0.7, 0.3], np.float32))
+    with ShardWriter(tmp_path / "c.parquet", meta) as w:
+        for i in range(4):
+            w.write({"doc_id": f"c{i}", "prompt_text": "p", "prompt_ids": [1, 2, 3], "candidates": ["yes", "no"],
+                     "candidate_ids": [[10], [11, 12]], "answer": -1, "candidate_scores": lp, "teacher_logprobs": lp})
+    shard = open_shard(tmp_path / "c.parquet")
+    student = StudentConfig(num_layers=1)
+    with pytest.raises(ValueError, match="no example has a gold answer"):
+        train(student, TrainConfig(steps=1, kd_weight=0.0, progress=False), teacher_dir, [shard], tmp_path / "b", 49152)
+    with pytest.raises(ConfigError, match="divergence='jsd' is invalid for candidates data"):
+        train(student, TrainConfig(steps=1, kd_weight=1.0, divergence="jsd", progress=False), teacher_dir, [shard], tmp_path / "j", 49152)
+    # KD only needs no gold: two steps on the teacher's candidate distribution
+    summary = train(student, TrainConfig(steps=2, batch_size=2, kd_weight=1.0, progress=False), teacher_dir, [shard], tmp_path / "s", 49152)
+    assert summary["finished"] and summary["final_ce"] == 0.0 and summary["final_kd"] > 0
