@@ -195,6 +195,10 @@ def test_killed_labelling_run_loses_at_most_the_shard_in_flight(tiny_config_path
         store.open(keys[n], expect=pipeline.expected_meta(cfg))  # whole and verified
     calls = engine.forward_calls
     rerun = pipeline.label_shards(cfg, names)
-    assert {n for n, r in rerun.items() if r["cache_hit"]} == set(committed)
+    # shards with identical content share a key (here: the empty ones), so count keys, not names:
+    # committed keys are reused, every other key is labelled exactly once
+    labelled = [keys[n] for n, r in rerun.items() if not r["cache_hit"]]
+    done_before = {keys[n] for n in committed}
+    assert len(labelled) == len(set(labelled)) and set(labelled) == set(keys.values()) - done_before
     assert engine.forward_calls > calls
     assert all(store.is_committed(k) for k in keys.values())
