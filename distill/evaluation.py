@@ -10,7 +10,7 @@ from typing import Mapping, Sequence
 import torch
 
 from distill.configbase import check
-from distill.losses import NEG, candidate_scores, forward_kl, sparse_log_distributions
+from distill.losses import candidate_log_distribution, candidate_scores, forward_kl, sparse_log_distributions
 from distill.trainer import collate_for
 from storage.reader import Shard, ShardStream, StreamPosition
 
@@ -114,8 +114,8 @@ def candidate_sums(student_scores: torch.Tensor, batch: dict[str, torch.Tensor])
     KL(teacher ‖ model) over the candidates, agreement of the model's top choice with the
     teacher's, and on examples with a gold answer its NLL, accuracy and confidence bins."""
     valid = batch["candidate_mask"]
-    log_q = torch.log_softmax(torch.where(valid, student_scores.float(), NEG), -1)
-    log_p = torch.log_softmax(torch.where(valid, batch["teacher_logprobs"].float(), NEG), -1)
+    log_q = candidate_log_distribution(student_scores, valid)
+    log_p = candidate_log_distribution(batch["teacher_logprobs"], valid)
     kl = torch.where(valid, log_p.exp() * (log_p - log_q), 0.0).sum(-1)
     choice = log_q.argmax(-1)
     gold = batch["answer"] >= 0
@@ -169,6 +169,7 @@ def evaluate_model(model, shards: Sequence[Shard], cfg: EvalConfig) -> dict:
     model.eval()
     device = next(model.parameters()).device
     meta = shards[0].meta
+    normalize = bool(meta.settings.get("length_normalize"))
     collate_rows = collate_for(shards[0])
     totals: dict[str, torch.Tensor] = {}
     rows: list[dict] = []
@@ -178,7 +179,7 @@ def evaluate_model(model, shards: Sequence[Shard], cfg: EvalConfig) -> dict:
         batch = {n: t.to(device) for n, t in collate_rows(rows).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         if meta.mode == "candidates":
-            scores = candidate_scores(logits, batch["targets"], batch["mask"], batch["index"], bool(meta.settings.get("length_normalize")))
+            scores = candidate_scores(logits, batch["targets"], batch["mask"], batch["index"], normalize)
             sums = candidate_sums(scores, batch)
         else:
             sums = batch_sums(logits, batch)
@@ -308,7 +309,7 @@ def evaluate(models: Mapping[str, str | Path], shards: Sequence[Shard], cfg: Eva
     results = {}
     for name, path in models.items():
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
-        tok = AutoTokenizer.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path) if items or prompts else None
         results[name] = {**evaluate_model(model, shards, cfg), "checkpoint_bytes": checkpoint_bytes(path)}
         if items:
             results[name].update(mc_accuracy(model, tok, items, cfg.mc_length_normalize))

@@ -193,6 +193,12 @@ def distillation_loss(
     return loss, {"ce": ce.detach(), "kd": kd.detach()}
 
 
+def candidate_log_distribution(scores: torch.Tensor, candidate_mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Log-softmax of (B, C) candidate scores at temperature T over each example's valid
+    candidates; padded entries get ~0 probability."""
+    return torch.log_softmax(torch.where(candidate_mask.bool(), scores.float() / temperature, NEG), -1)
+
+
 def candidate_kl(
     student_candidate_scores: torch.Tensor,
     teacher_candidate_logprobs: torch.Tensor,
@@ -210,10 +216,8 @@ def candidate_kl(
     the same way. Examples with no valid candidate contribute nothing; all-masked gives 0.
     """
     valid = candidate_mask.bool()
-    student = torch.where(valid, student_candidate_scores.float() / temperature, NEG)
-    teacher = torch.where(valid, teacher_candidate_logprobs.float() / temperature, NEG)
-    log_q = torch.log_softmax(student, -1)
-    log_p = torch.log_softmax(teacher, -1)
+    log_q = candidate_log_distribution(student_candidate_scores, valid, temperature)
+    log_p = candidate_log_distribution(teacher_candidate_logprobs, valid, temperature)
     per_example = torch.where(valid, log_p.exp() * (log_p - log_q), 0.0).sum(-1)  # (B,)
     return masked_mean(per_example, valid.any(-1)) * temperature**2
 
@@ -250,8 +254,7 @@ def candidate_loss(
     The CE term is the student's negative log-probability of the gold candidate (softmax over
     the example's candidates), averaged over examples that have one (``answer >= 0``).
     """
-    valid = candidate_mask.bool()
-    log_q = torch.log_softmax(torch.where(valid, student_scores.float(), NEG), -1)
+    log_q = candidate_log_distribution(student_scores, candidate_mask)
     has_gold = answer >= 0
     nll = -log_q.gather(-1, answer.clamp(min=0)[:, None])[:, 0]
     ce = masked_mean(nll, has_gold)

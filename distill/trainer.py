@@ -304,6 +304,7 @@ def train(
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     k = shards[0].meta.k
     mode = shards[0].meta.mode
+    normalize = bool(shards[0].meta.settings.get("length_normalize"))  # candidates: as the teacher scored them
     if mode == "candidates":
         _check_candidate_training(cfg, shards)
     torch.manual_seed(cfg.seed)
@@ -359,7 +360,7 @@ def train(
             with _autocast(cfg, device):
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             if mode == "candidates":
-                scores = candidate_scores(logits, batch["targets"], batch["mask"], batch["index"], bool(shards[0].meta.settings.get("length_normalize")))
+                scores = candidate_scores(logits, batch["targets"], batch["mask"], batch["index"], normalize)
                 loss, terms = candidate_loss(scores, batch["teacher_logprobs"], batch["candidate_mask"], batch["answer"],
                                              cfg.kd_weight, cfg.temperature)
             else:

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from storage import codec
 from storage import fs as fsmod
-from storage.schema import ENCODING_KEY, ID_TABLE_KEY, METADATA_KEY, SCHEMA_VERSION, ShardMeta, arrow_schema
+from storage.schema import ENCODING_KEY, ID_TABLE_KEY, METADATA_KEY, SCHEMA_VERSION, ShardMeta, arrow_schema, text_columns
 from storage.writer import record_path
 
 CHECKED_FIELDS = ("teacher_hash", "tokenizer_hash", "vocab_size", "k", "mode", "temperature")
@@ -168,7 +168,7 @@ def decode_row_group(shard: Shard, table: pa.Table) -> list[dict]:
     if shard.meta.mode == "candidates":
         return _candidate_rows(shard, table)
     cols = decode_table(shard, table)
-    names = ["doc_id", "window_index", "label_start"] + [n for n in table.column_names if n.endswith(("_text", "_reason"))]
+    names = ["doc_id", "window_index", "label_start", *text_columns(shard.meta.mode)]
     scalars = {name: table.column(name).to_pylist() for name in names}
     rows = []
     for i in range(table.num_rows):

@@ -48,14 +48,16 @@ MODES = ("score", "generate", "candidates")
 TOKEN_MODES = ("score", "generate")  # per-token top-k labels
 
 
+GENERATE_TEXT_COLUMNS = ("prompt_text", "response_text", "finish_reason")  # finish_reason: stop | length
+
+
+def text_columns(mode: str) -> tuple[str, ...]:
+    """Plain string columns a token-label shard of ``mode`` carries beside its labels."""
+    return GENERATE_TEXT_COLUMNS if mode == "generate" else ()
+
+
 def _text_fields(mode: str) -> list[pa.Field]:
-    if mode != "generate":
-        return []
-    return [
-        pa.field("prompt_text", pa.string(), nullable=False),
-        pa.field("response_text", pa.string(), nullable=False),
-        pa.field("finish_reason", pa.string(), nullable=False),  # stop | length
-    ]
+    return [pa.field(name, pa.string(), nullable=False) for name in text_columns(mode)]
 
 
 def candidates_schema(vocab_size: int) -> pa.Schema:

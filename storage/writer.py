@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from storage import codec
 from storage import fs as fsmod
-from storage.schema import ENCODING_KEY, ID_TABLE_KEY, METADATA_KEY, ROW_GROUP_ROWS, ZSTD_LEVEL, ShardMeta, arrow_schema, decoded_schema
+from storage.schema import ENCODING_KEY, ID_TABLE_KEY, METADATA_KEY, ROW_GROUP_ROWS, ZSTD_LEVEL, ShardMeta, arrow_schema, decoded_schema, text_columns
 
 RECORD_SUFFIX = ".json"
 TMP_MARK = ".tmp-"
@@ -196,7 +196,7 @@ class ShardWriter:
                 "window_index": raw.column("window_index"),
                 "input_ids": raw.column("input_ids"),
                 "label_start": raw.column("label_start"),
-                **{f.name: raw.column(f.name) for f in self.schema_without_metadata if f.name.endswith(("_text", "_reason"))},
+                **{name: raw.column(name) for name in text_columns(self.meta.mode)},
                 "topk_ids": pa.ListArray.from_arrays(topk.offsets, pa.array(ids, id_t)),
                 "topk_logprob_codes": pa.ListArray.from_arrays(lps.offsets, pa.array(codes, pa.uint8())),
                 "target_logprob_codes": pa.ListArray.from_arrays(target.offsets, pa.array(codec.encode_target(target.values.to_numpy()), pa.uint16())),
