@@ -20,7 +20,10 @@ PROMPTS = [
 def measure(model_dir: str, max_tokens: int, copies: int) -> dict:
     from vllm import LLM, SamplingParams
 
+    from distill.procs import guard_children
     from distill.teacher.vllm_engine import _cpu_env, _on_cpu, EngineConfig
+
+    guard_children()
 
     kwargs = {}
     if _on_cpu():

@@ -3,6 +3,7 @@ config, and one real vLLM engine for every test that needs it."""
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,50 @@ import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tests.processes import SESSION_ENV, describe, wait_until_gone  # noqa: E402
+
+# every process the suite starts inherits this mark, so the census at the end finds it even
+# after it was re-parented to init
+SESSION_MARK = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+os.environ[SESSION_ENV] = SESSION_MARK
+
+
+def _exempt() -> set[int]:
+    """This process, its own guard (it must outlive the suite's engines) and multiprocessing's
+    helper (resource tracker), which ends with this process."""
+    import psutil
+
+    from distill import procs
+
+    exempt = {os.getpid()}
+    if procs._guard is not None and procs._guard[0] == os.getpid():
+        exempt.add(procs._guard[1].pid)
+    for child in psutil.Process().children():
+        try:
+            if any("multiprocessing.resource_tracker" in part for part in child.cmdline()):
+                exempt.add(child.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return exempt
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The suite must end with no process of its own alive: anything started by a test (engine,
+    server, torchrun) that is still running is ended here and fails the run, named."""
+    from distill.pipeline import close_engines
+
+    close_engines()
+    left = wait_until_gone(SESSION_ENV, SESSION_MARK, timeout=30, exclude=_exempt())
+    if left:
+        from distill.procs import end_processes
+
+        names = describe(left)
+        end_processes(left)
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"FAILED: the test session left {len(left)} process(es) running (now ended): {names}", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_K = 8

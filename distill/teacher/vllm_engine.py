@@ -66,6 +66,9 @@ class VllmTeacher:
     def __init__(self, model_dir: str | os.PathLike, k: int, max_len: int, cfg: EngineConfig = EngineConfig()):
         import vllm
 
+        from distill.procs import guard_children
+
+        guard_children()  # the engine's processes end with this one, however it ends
         self.cfg, self.k, self.max_len = cfg, k, max_len
         self.model_dir = Path(model_dir)
         dtype = cfg.dtype

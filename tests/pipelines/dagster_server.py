@@ -11,6 +11,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from tests.processes import start_group, stop_group
+
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
@@ -22,8 +24,8 @@ def dagster_dev(config_path: str | Path, home: Path, log: Path, timeout: float =
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "DISTILL_CONFIG": str(config_path), "DAGSTER_HOME": str(home), "VLLM_CPU_KVCACHE_SPACE": "1"}
-    proc = subprocess.Popen([str(BIN / "dagster"), "dev", "-m", "pipelines.definitions", "-h", "127.0.0.1", "-p", str(port)],
-                            cwd=REPO, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    proc = start_group([str(BIN / "dagster"), "dev", "-m", "pipelines.definitions", "-h", "127.0.0.1", "-p", str(port)],
+                       cwd=REPO, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + timeout
         while True:
@@ -36,8 +38,7 @@ def dagster_dev(config_path: str | Path, home: Path, log: Path, timeout: float =
                 time.sleep(1)
         yield port
     finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=60)
+        stop_group(proc)
 
 
 def graphql(port: int, query: str, variables: dict | None = None) -> dict:
