@@ -49,12 +49,16 @@ class LabelStore:
         return ShardWriter(self.path_for(key), meta, fs=self.fs, **kwargs)
 
     def open(self, key: str, expect: Mapping[str, object] | None = None, verify_checksum: bool = True) -> Shard:
+        """The verified shard under ``key``; a shard whose own cache key differs (copied or
+        renamed from another key) is rejected like any other mismatch."""
+        expect = {**(expect or {}), "cache_key": key}
         return open_shard(self.path_for(key), expect=expect, verify_checksum=verify_checksum, fs=self.fs)
 
     def lookup(self, key: str, expect: Mapping[str, object] | None = None) -> Shard | None:
         """The committed, valid shard under ``key``, or None when it must be (re)labelled.
 
-        A shard that fails verification is removed so that relabelling can replace it.
+        A shard that fails verification is removed so that relabelling can replace it; a
+        transient read error (``OSError``) propagates and removes nothing.
         """
         if not self.is_committed(key):
             return None

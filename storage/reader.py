@@ -20,9 +20,10 @@ import pyarrow.parquet as pq
 
 from storage import codec
 from storage import fs as fsmod
-from storage.schema import ENCODING_KEY, ID_TABLE_KEY, METADATA_KEY, SCHEMA_VERSION, ShardMeta, arrow_schema, text_columns
+from storage.schema import COUNTS_KEY, ENCODING_KEY, ID_TABLE_KEY, METADATA_KEY, SCHEMA_VERSION, ShardMeta, arrow_schema, text_columns
 from storage.writer import record_path
 
+RECORD_FIELDS = frozenset({"bytes", "sha256", "rows", "tokens", "meta"})
 CHECKED_FIELDS = ("teacher_hash", "tokenizer_hash", "vocab_size", "k", "mode", "temperature")
 
 
@@ -42,14 +43,15 @@ class Shard:
     encoding: dict
     id_table: np.ndarray
     fs: object = None  # pyarrow filesystem for object stores; None: local
+    counts: dict = dataclasses.field(default_factory=dict)  # from the footer (covered by the checksum)
 
     @property
     def rows(self) -> int:
-        return int(self.record["rows"])
+        return int(self.counts["rows"])
 
     @property
     def tokens(self) -> int:
-        return int(self.record["tokens"])
+        return int(self.counts["tokens"])
 
     def parquet(self) -> pq.ParquetFile:
         return pq.ParquetFile(fsmod.open_input(self.fs, str(self.path)))
@@ -82,8 +84,10 @@ def open_shard(
         raise ShardError(where, "no commit record (the shard was never completed); relabel its partition")
     try:
         record = json.loads(fsmod.read_bytes(fs, rec_path))
-    except json.JSONDecodeError as e:
-        raise ShardError(rec_path, f"unreadable commit record ({e})") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ShardError(rec_path, f"unreadable commit record ({e}); relabel its partition") from e
+    if not isinstance(record, dict) or not RECORD_FIELDS <= set(record):
+        raise ShardError(rec_path, f"not a commit record (expected a JSON object with {sorted(RECORD_FIELDS)}); relabel its partition")
     if not fsmod.exists(fs, str(path)):
         raise ShardError(where, "listed by its commit record but the file is missing")
     size = fsmod.size(fs, str(path))
@@ -123,11 +127,32 @@ def open_shard(
         raise ShardError(path, f"missing or unreadable encoding metadata ({e})") from e
     if table.size and int(table.max()) >= meta.vocab_size:
         raise ShardError(path, f"id table holds id {int(table.max())} >= vocab_size {meta.vocab_size}")
+    counts = _footer_counts(path, pf)
+    # The record's counts and metadata are plain JSON anyone can edit; the footer is covered by
+    # the checksum. Readers use the footer and accept the record only if it agrees.
+    for field in ("rows", "tokens"):
+        if record[field] != counts[field]:
+            raise ShardError(rec_path, f"field {field!r} is {record[field]!r} but the file holds {counts[field]} "
+                                       "(edited or foreign commit record); relabel its partition")
+    if record["meta"] != meta_dict:
+        changed = sorted(k for k in set(meta_dict) | set(record["meta"]) if meta_dict.get(k) != record["meta"].get(k))
+        raise ShardError(rec_path, f"metadata field(s) {changed} differ from the file's footer (edited or foreign commit record); relabel its partition")
     for key, value in (expect or {}).items():
         got = getattr(meta, key)
         if got != value:
-            raise ShardError(path, f"field {key!r} is {got!r} but the run expects {value!r} (shard from another run)")
-    return Shard(path=path, record=record, meta=meta, encoding=encoding, id_table=table, fs=fs)
+            raise ShardError(path, f"field {key!r} is {got!r} but the run expects {value!r} (shard from another run or key)")
+    return Shard(path=path, record=record, meta=meta, encoding=encoding, id_table=table, fs=fs, counts=counts)
+
+
+def _footer_counts(path: Path, pf: pq.ParquetFile) -> dict:
+    try:
+        counts = json.loads(pf.metadata.metadata[COUNTS_KEY])
+        rows, tokens = int(counts["rows"]), int(counts["tokens"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ShardError(path, f"missing or unreadable row/token counts in the footer ({e})") from e
+    if rows != pf.metadata.num_rows:
+        raise ShardError(path, f"footer counts {rows} rows but the Parquet file holds {pf.metadata.num_rows}")
+    return {"rows": rows, "tokens": tokens}
 
 
 def _flat(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:

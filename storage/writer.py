@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import contextlib
 import json
 import os
 import shutil
@@ -26,7 +27,7 @@ import pyarrow.parquet as pq
 
 from storage import codec
 from storage import fs as fsmod
-from storage.schema import ENCODING_KEY, ID_TABLE_KEY, METADATA_KEY, ROW_GROUP_ROWS, ZSTD_LEVEL, ShardMeta, arrow_schema, decoded_schema, text_columns
+from storage.schema import COUNTS_KEY, ENCODING_KEY, ID_TABLE_KEY, METADATA_KEY, ROW_GROUP_ROWS, ZSTD_LEVEL, ShardMeta, arrow_schema, decoded_schema, text_columns
 
 RECORD_SUFFIX = ".json"
 TMP_MARK = ".tmp-"
@@ -223,6 +224,7 @@ class ShardWriter:
         footer = {
             METADATA_KEY: self.meta.to_json().encode(), ENCODING_KEY: json.dumps(encoding).encode(),
             ID_TABLE_KEY: codec.pack_table(table, self.meta.vocab_size),
+            COUNTS_KEY: json.dumps({"rows": self.rows, "tokens": self.tokens}).encode(),
         }
         schema = self.schema_without_metadata
         try:
@@ -284,6 +286,34 @@ class ShardWriter:
             self.close()
         else:
             self.abort()
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, what: str, on_wait=None):
+    """Hold an exclusive lock on ``folder`` (``<folder>/.lock``, ``flock``) while the block runs.
+
+    A second holder waits until the first is done (``on_wait(pid)`` is called once, naming the
+    process that holds it); the kernel releases the lock when its holder dies, so a killed run
+    never blocks the next one.
+    """
+    import fcntl
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            if on_wait is not None:
+                on_wait(f"{what} is in progress in process {holder} ({folder}); waiting for it to finish")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        yield
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> int:
