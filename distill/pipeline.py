@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -17,7 +19,7 @@ from distill.teacher.labels import LABEL_CODE_VERSION, label_shard, mode_setting
 from storage.cache import LabelStore, content_key, set_manifest
 from storage.reader import Shard, ShardError
 from storage.schema import ShardMeta
-from storage.writer import atomic_write_text, remove_stale_temporaries
+from storage.writer import atomic_write_text, folder_lock, remove_stale_temporaries
 
 _ENGINES: dict[tuple, object] = {}
 
@@ -212,19 +214,30 @@ def student_dir(cfg: RunConfig, baseline: bool) -> Path:
     return cfg.root / "students" / f"{'baseline' if baseline else 'student'}-{key}"
 
 
+def remove_stale_dirs(out: Path) -> None:
+    """Temporary model and checkpoint folders of a trainer that died before renaming them (the
+    caller holds the folder's lock, so no live trainer owns them)."""
+    for tmp in [*out.glob(".*.tmp-*"), *(out / "checkpoints").glob(".*.tmp-*")]:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def train_student(cfg: RunConfig, baseline: bool = False) -> dict:
     """Train (or resume, or reuse when finished) the distilled student or the CE-only baseline."""
     from distill.trainer import train
 
     out = student_dir(cfg, baseline)
-    summary_path = out / "summary.json"
-    if summary_path.exists() and (out / "model").exists():
-        return {**json.loads(summary_path.read_text()), "reused": True, "out_dir": str(out)}
-    shards = open_split(cfg, "train")
-    atomic_write_text(out / "train_set.json", json.dumps(set_manifest(shards), indent=1))
-    tok = tokenizer(cfg)
-    summary = train(cfg.student, cfg.baseline_train if baseline else cfg.train, teacher_dir(cfg), shards, out, len(tok))
-    return {**summary, "reused": False, "out_dir": str(out)}
+    # two runs of one config (two launches, a retry beside a stuck run) must not write the same
+    # checkpoints: the second waits, then finds the first one's model
+    with folder_lock(out, "training of this student", on_wait=lambda msg: print(msg, file=sys.stderr, flush=True)):
+        summary_path = out / "summary.json"
+        if summary_path.exists() and (out / "model").exists():
+            return {**json.loads(summary_path.read_text()), "reused": True, "out_dir": str(out)}
+        remove_stale_dirs(out)
+        shards = open_split(cfg, "train")
+        atomic_write_text(out / "train_set.json", json.dumps(set_manifest(shards), indent=1))
+        tok = tokenizer(cfg)
+        summary = train(cfg.student, cfg.baseline_train if baseline else cfg.train, teacher_dir(cfg), shards, out, len(tok))
+        return {**summary, "reused": False, "out_dir": str(out)}
 
 
 def evaluate_run(cfg: RunConfig) -> dict:

@@ -372,8 +372,16 @@ def train(
             parts["ce"] += terms["ce"].item() / cfg.grad_accum
             parts["kd"] += terms["kd"].item() / cfg.grad_accum
             tokens_seen += int(batch["mask"].sum())
-        if cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+        diverged = torch.tensor([0.0 if math.isfinite(parts["loss"]) and torch.isfinite(grad_norm) else 1.0], device=device)
+        if world > 1:
+            dist.all_reduce(diverged, op=dist.ReduceOp.MAX)  # every rank stops together, or none does
+        if diverged.item():
+            raise FloatingPointError(
+                f"{out_dir}: training diverged at step {step + 1}: loss {parts['loss']:.4g} (ce {parts['ce']:.4g}, kd {parts['kd']:.4g}), "
+                f"gradient norm {float(grad_norm):.4g}; nothing of this step was saved. Lower train.lr (now {cfg.lr:g}), "
+                f"keep train.max_grad_norm > 0 (now {cfg.max_grad_norm:g}), or check the labels (the shard_integrity check)"
+            )
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1

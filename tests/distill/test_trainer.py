@@ -105,3 +105,17 @@ def test_candidates_training_needs_gold_for_ce_and_forward_kl(tmp_path, teacher_
     # KD only needs no gold: two steps on the teacher's candidate distribution
     summary = train(student, TrainConfig(steps=2, batch_size=2, kd_weight=1.0, progress=False), teacher_dir, [shard], tmp_path / "s", 49152)
     assert summary["finished"] and summary["final_ce"] == 0.0 and summary["final_kd"] > 0
+
+
+def test_diverging_run_stops_naming_the_step_and_saves_nothing(shard_dir, teacher_dir, tmp_path):
+    from distill.trainer import TrainConfig, latest_checkpoint, train
+    from storage.reader import open_shard
+    from tests.distill.train_worker import TINY_STUDENT
+
+    shards = [open_shard(p) for p in sorted(shard_dir.glob("*.parquet"))]
+    cfg = TrainConfig(steps=6, batch_size=4, lr=1e30, warmup_steps=1, checkpoint_every=1, progress=False)
+    with pytest.raises(FloatingPointError, match=r"training diverged at step 2: loss .*nothing of this step was saved\. Lower train\.lr \(now 1e\+30\)"):
+        train(TINY_STUDENT, cfg, teacher_dir, shards, tmp_path / "out", 49152)
+    assert not (tmp_path / "out" / "model").exists() and not (tmp_path / "out" / "summary.json").exists()
+    last = latest_checkpoint(tmp_path / "out" / "checkpoints")
+    assert last is not None and last.name == "step-00000001", "only steps with a finite loss are checkpointed"
