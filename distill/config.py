@@ -10,7 +10,7 @@ import yaml
 
 from distill.configbase import ConfigError, build
 from distill.data import CorpusConfig
-from distill.evaluation import EvalConfig
+from distill.evaluation import EvalConfig, load_mc
 from distill.student import StudentConfig
 from distill.teacher.labels import TeacherConfig
 from distill.trainer import TrainConfig
@@ -87,6 +87,24 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
         raise ConfigError(f"{path}: not valid YAML ({e})") from e
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
-    if overrides:
-        return from_mapping(merge(data or {}, overrides), where=f"{path} + overrides")
-    return from_mapping(data, where=str(path))
+    where = f"{path} + overrides" if overrides else str(path)
+    cfg = from_mapping(merge(data or {}, overrides) if overrides else data, where=where)
+    check_mc_file(cfg.eval.mc_file, where)
+    return cfg
+
+
+def check_mc_file(mc_file: str | None, where: str) -> None:
+    """Read the multiple-choice file now, so a bad line fails at load time, not after training.
+
+    Relative paths are relative to the working directory, as evaluation reads them.
+    """
+    if not mc_file:
+        return
+    if not Path(mc_file).is_file():
+        raise ConfigError(
+            f"{where}: eval.mc_file={mc_file!r}: no such file (relative paths are relative to the working directory, {Path.cwd()})"
+        )
+    try:
+        load_mc(mc_file)
+    except ValueError as e:
+        raise ConfigError(f"{where}: eval.mc_file: {e}") from None

@@ -113,6 +113,57 @@ def _local_files(source: str) -> list[str] | None:
     return files
 
 
+BUILDERS = {"jsonl": "json", "json": "json", "parquet": "parquet", "csv": "csv", "txt": "text", "text": "text"}
+
+
+def _check_local_files(files: list[str]) -> str:
+    """The ``datasets`` builder for local corpus files, after checks that name the file and line
+    of what would otherwise surface as a bare StopIteration or UnicodeDecodeError from inside
+    ``datasets``: one file type, no empty file, UTF-8 text, one JSON object per JSONL line, a
+    readable Parquet footer. Streams line by line (a corpus may be larger than memory)."""
+    exts = {f: Path(f).suffix.lstrip(".").lower() for f in files}
+    for f, ext in exts.items():
+        if ext not in BUILDERS:
+            raise CorpusError(f"{f}: unsupported file type {ext!r} (corpus.source); use json, jsonl, parquet, csv or txt")
+    if len({BUILDERS[e] for e in exts.values()}) > 1:
+        listed = ", ".join(f"{f} ({e})" for f, e in exts.items())
+        raise CorpusError(f"corpus.source mixes file types: {listed}; use files of one type")
+    for f, ext in exts.items():
+        if os.path.getsize(f) == 0:
+            raise CorpusError(f"{f}: empty file (corpus.source); remove it or add documents")
+        if ext == "parquet":
+            try:
+                pq.ParquetFile(f)  # reads the footer only
+            except (pa.ArrowException, OSError) as e:
+                raise CorpusError(f"{f}: not a readable Parquet file ({e}) (corpus.source)") from None
+        else:
+            _check_text_file(f, jsonl=ext == "jsonl")
+    return BUILDERS[next(iter(exts.values()))]
+
+
+def _check_text_file(path: str, jsonl: bool) -> None:
+    """Every line UTF-8 (and, for JSONL, one JSON object or blank); errors name file and line."""
+    records = 0
+    with open(path, "rb") as fh:
+        # UTF-8 never uses the byte 0x0A inside a character, so lines decode independently
+        for n, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise CorpusError(f"{path}:{n}: not UTF-8 text ({e.reason} at byte {e.start} of the line); re-save the file as UTF-8") from None
+            if not jsonl or not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise CorpusError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno}); a .jsonl file holds one JSON object per line") from None
+            if not isinstance(record, dict):
+                raise CorpusError(f"{path}:{n}: a JSON {type(record).__name__}, expected an object with named columns")
+            records += 1
+    if jsonl and not records:
+        raise CorpusError(f"{path}: no JSON records, only blank lines (corpus.source)")
+
+
 def load_documents(cfg: CorpusConfig) -> Iterator[tuple[str, object]]:
     """Yield ``(doc_id, text)`` pairs; ``text`` is whatever the column holds (checked later)."""
     for doc_id, record in load_records(cfg, [cfg.text_column]):
@@ -131,14 +182,16 @@ def load_records(cfg: CorpusConfig, columns: list[str], optional: tuple[str, ...
             yield doc_id, {cfg.text_column: text}
         return
     import datasets
+    from datasets.exceptions import DatasetGenerationError
 
     files = _local_files(cfg.source)
     if files is not None:
-        ext = Path(files[0]).suffix.lstrip(".").lower()
-        builder = {"jsonl": "json", "json": "json", "parquet": "parquet", "csv": "csv", "txt": "text", "text": "text"}.get(ext)
-        if builder is None:
-            raise CorpusError(f"{files[0]}: unsupported file type {ext!r}; use json, jsonl, parquet, csv or txt")
-        ds = datasets.load_dataset(builder, data_files=files, split="train")
+        builder = _check_local_files(files)
+        try:
+            ds = datasets.load_dataset(builder, data_files=files, split="train")
+        except DatasetGenerationError as e:
+            # what the pre-flight cannot see (a column whose type changes between rows...)
+            raise CorpusError(f"{', '.join(files)}: the datasets library cannot read the corpus.source file(s): {e.__cause__ or e}") from e
     else:
         ds = datasets.load_dataset(cfg.source, split=cfg.split)
     for col in columns + ([cfg.id_column] if cfg.id_column else []):
@@ -292,12 +345,12 @@ def build_corpus(cfg: CorpusConfig, tokenizer, tokenizer_hash: str, root: Path, 
         raise CorpusError(f"{cfg.source}: no non-empty documents in column {columns[0]!r}")
     # split by document: a hash of the id, so adding or editing one document moves no other
     heldout = {d for d, _ in docs if _hash_unit(d, "split") < cfg.heldout_fraction}
-    if not heldout:
+    if not heldout:  # a small corpus still gets one held-out document
         heldout = {min(docs, key=lambda d: _hash_unit(d[0], "split"))[0]}
-    if len(heldout) == len(docs):
-        raise CorpusError(f"{cfg.source}: only {len(docs)} document(s); need at least 2 to split train/held-out")
+    if len(docs) < 2:
+        raise CorpusError(f"{cfg.source}: only {len(docs)} non-empty document(s); need at least 2 to split train/held-out")
     shards: dict[str, list[dict]] = {name: [] for name in cfg.shard_names()}
-    kept = 0
+    kept = {"train": 0, "heldout": 0}
     for b in range(0, len(docs), batch_docs):
         batch = docs[b : b + batch_docs]
         if mode == "score":
@@ -309,12 +362,22 @@ def build_corpus(cfg: CorpusConfig, tokenizer, tokenizer_hash: str, root: Path, 
             if isinstance(rows, str):
                 counts[rows] += 1
                 continue
-            kept += 1
             split = "heldout" if doc_id in heldout else "train"
+            kept[split] += 1
             n = cfg.heldout_shards if split == "heldout" else cfg.train_shards
             shards[f"{split}-{int(_hash_unit(doc_id, 'shard') * n):05d}"] += rows
-    if not kept:
+    if not sum(kept.values()):
         raise CorpusError(f"{cfg.source}: every document was dropped ({counts}); check corpus.window and the data")
+    # checked before any shard is written: an empty split otherwise surfaces only at evaluation,
+    # after the teacher has labelled and the students have trained
+    for split, advice in (("train", "lower it"), ("heldout", "raise it")):
+        if not kept[split]:
+            drops = {k: v for k, v in counts.items() if k.startswith("dropped") and v}
+            raise CorpusError(
+                f"{cfg.source}: corpus.heldout_fraction={cfg.heldout_fraction} leaves the {split} split empty "
+                f"({kept['train']} train and {kept['heldout']} held-out documents kept of {counts['documents_read']} read"
+                f"{f', dropped {drops}' if drops else ''}); {advice} or add documents"
+            )
     out.mkdir(parents=True, exist_ok=True)
     shard_info = {}
     for name, rows in shards.items():
@@ -344,8 +407,8 @@ def build_corpus(cfg: CorpusConfig, tokenizer, tokenizer_hash: str, root: Path, 
         "mode": mode,
         "config": dataclasses.asdict(cfg),
         "tokenizer_hash": tokenizer_hash,
-        "documents": kept,
-        "heldout_documents": len(heldout),
+        "documents": sum(kept.values()),
+        "heldout_documents": kept["heldout"],
         **counts,
         "shards": shard_info,
     }

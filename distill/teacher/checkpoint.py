@@ -17,6 +17,7 @@ from pathlib import Path
 BUNDLED = "bundled:smollm2-135m-instruct"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model")
 HASH_CACHE = ".distill_hashes.json"
+MAX_SAFETENSORS_HEADER = 100_000_000  # the safetensors library refuses larger headers too
 
 
 class TeacherError(ValueError):
@@ -79,7 +80,44 @@ def check_checkpoint(path: Path) -> Path:
         raise TeacherError(f"{path}: no *.safetensors weights{hint}")
     if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
         raise TeacherError(f"{path}: no tokenizer files (tokenizer.json / tokenizer.model / vocab.json)")
+    for weights in sorted(path.glob("*.safetensors")):
+        check_safetensors(weights)
     return path
+
+
+def check_safetensors(path: Path) -> None:
+    """Raise ``TeacherError`` unless ``path`` is a complete safetensors file, from its header
+    alone: a u64 little-endian header length ``N``, ``N`` bytes of JSON naming each tensor's
+    ``data_offsets``, then exactly as many data bytes as the last tensor ends at. A cut-off
+    copy or download passes every other check and fails much later inside the engine."""
+    size = path.stat().st_size
+    advice = "copy or download the checkpoint again"
+    if size < 8:
+        raise TeacherError(f"{path}: truncated safetensors file: {size} bytes, shorter than its 8-byte header length; {advice}")
+    with open(path, "rb") as fh:
+        header_len = int.from_bytes(fh.read(8), "little")
+        if header_len > min(size - 8, MAX_SAFETENSORS_HEADER):
+            raise TeacherError(
+                f"{path}: not a complete safetensors file: {size} bytes, header length field says {header_len}; {advice}"
+            )
+        try:
+            header = json.loads(fh.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise TeacherError(f"{path}: safetensors header is not valid JSON ({e}); {advice}") from None
+    if not isinstance(header, dict):
+        raise TeacherError(f"{path}: safetensors header is a {type(header).__name__}, expected an object; {advice}")
+    data_end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise TeacherError(f"{path}: safetensors header entry {name!r} has no valid data_offsets; {advice}")
+        data_end = max(data_end, offsets[1])
+    expected = 8 + header_len + data_end
+    if size != expected:
+        what = "truncated" if size < expected else "longer than its header says"
+        raise TeacherError(f"{path}: {what}: {size} bytes, header says {expected}; {advice}")
 
 
 def resolve_teacher(name_or_path: str, root: str | os.PathLike) -> Path:
