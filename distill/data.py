@@ -141,25 +141,35 @@ def _check_local_files(files: list[str]) -> str:
     return BUILDERS[next(iter(exts.values()))]
 
 
-def _check_text_file(path: str, jsonl: bool) -> None:
-    """Every line UTF-8 (and, for JSONL, one JSON object or blank); errors name file and line."""
-    records = 0
+def text_lines(path: str | os.PathLike, error: type[Exception], jsonl: bool) -> Iterator[tuple[int, object]]:
+    """``(line number, value)`` of every non-blank line of a UTF-8 text file, streamed: the line's
+    text, or for ``jsonl`` its JSON object. ``error`` (naming the file and 1-based line, blank
+    lines counted as in an editor) for bytes that are not UTF-8 or a line that is not an object.
+    Lines split on ``\n`` only: ``str.splitlines`` would also split on U+2028 inside JSON strings."""
     with open(path, "rb") as fh:
         # UTF-8 never uses the byte 0x0A inside a character, so lines decode independently
         for n, raw in enumerate(fh, 1):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise CorpusError(f"{path}:{n}: not UTF-8 text ({e.reason} at byte {e.start} of the line); re-save the file as UTF-8") from None
-            if not jsonl or not line.strip():
+                raise error(f"{path}:{n}: not UTF-8 text ({e.reason} at byte {e.start} of the line); re-save the file as UTF-8") from None
+            if not line.strip():
+                continue
+            if not jsonl:
+                yield n, line
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise CorpusError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno}); a .jsonl file holds one JSON object per line") from None
+                raise error(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno}); a .jsonl file holds one JSON object per line") from None
             if not isinstance(record, dict):
-                raise CorpusError(f"{path}:{n}: a JSON {type(record).__name__}, expected an object with named columns")
-            records += 1
+                raise error(f"{path}:{n}: a JSON {type(record).__name__}, expected an object with named fields")
+            yield n, record
+
+
+def _check_text_file(path: str, jsonl: bool) -> None:
+    """Every line UTF-8 (and, for JSONL, one JSON object or blank); errors name file and line."""
+    records = sum(1 for _ in text_lines(path, CorpusError, jsonl))
     if jsonl and not records:
         raise CorpusError(f"{path}: no JSON records, only blank lines (corpus.source)")
 

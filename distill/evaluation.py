@@ -249,41 +249,26 @@ def answer_agreement(answers: Sequence[Sequence[int]], reference: Sequence[Seque
 def load_mc(path: str | Path) -> list[dict]:
     """Questions of a multiple-choice JSONL file (``eval.mc_file``), validated with errors naming
     the file and the 1-based line (blank lines count, as in an editor)."""
-    import json
+    from distill.data import text_lines
 
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: multiple-choice file not found (eval.mc_file; relative paths are relative to the working directory)")
     items = []
-    # binary lines split on "\n" only: str.splitlines would also split on U+2028 and friends
-    # inside JSON strings and shift every later line number
-    with open(path, "rb") as fh:
-        for i, raw in enumerate(fh, 1):
-            where = f"{path}:{i}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start}); save the file as UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); each line must be one JSON object") from None
-            if not isinstance(item, dict):
-                raise ValueError(f"{where}: expected a JSON object with question, choices, answer; got a {type(item).__name__}")
-            for field in ("question", "choices", "answer"):
-                if field not in item:
-                    raise ValueError(f"{where}: missing field {field!r} (need question, choices, answer)")
-            if not isinstance(item["question"], str):
-                raise ValueError(f"{where}: question must be a string, got {item['question']!r}")
-            choices = item["choices"]
-            if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
-                raise ValueError(f"{where}: choices must be a list of at least two strings, got {choices!r}")
-            answer = item["answer"]
-            if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
-                raise ValueError(f"{where}: answer must be an index into choices (0..{len(choices) - 1}), got {answer!r}")
-            items.append(item)
+    for i, item in text_lines(path, ValueError, jsonl=True):
+        where = f"{path}:{i}"
+        for field in ("question", "choices", "answer"):
+            if field not in item:
+                raise ValueError(f"{where}: missing field {field!r} (need question, choices, answer)")
+        if not isinstance(item["question"], str):
+            raise ValueError(f"{where}: question must be a string, got {item['question']!r}")
+        choices = item["choices"]
+        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+            raise ValueError(f"{where}: choices must be a list of at least two strings, got {choices!r}")
+        answer = item["answer"]
+        if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
+            raise ValueError(f"{where}: answer must be an index into choices (0..{len(choices) - 1}), got {answer!r}")
+        items.append(item)
     if not items:
         raise ValueError(f"{path}: no questions")
     return items

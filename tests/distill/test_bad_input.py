@@ -283,7 +283,7 @@ GOOD_MC = '{"question": "q?", "choices": ["a", "b"], "answer": 0}'
     "bad,match",
     [
         ("{not json", r"not valid JSON"),
-        ('["q?", ["a", "b"], 0]', r"expected a JSON object"),
+        ('["q?", ["a", "b"], 0]', r"a JSON list, expected an object"),
         ('{"question": 3, "choices": ["a", "b"], "answer": 0}', r"question must be a string"),
         ('{"question": "q?", "choices": ["a", 2], "answer": 0}', r"choices must be a list of at least two strings"),
         ('{"question": "q?", "choices": ["a", "b"], "answer": "0"}', r"answer must be an index"),
