@@ -76,7 +76,7 @@ def main() -> None:
 
     shard = open_shard(out / "ours.parquet")
     decoded = [r for r, _ in ShardStream([shard], shuffle=False).rows(epochs=1)]
-    kl, target_err, tail_err, order_ok = [], 0.0, 0.0, True
+    kl, target_err, tail_err, tail_rel_err, order_ok = [], 0.0, 0.0, 0.0, True
     for a, b in zip(rows, decoded):
         n = len(a["target_logprobs"])
         if not n:
@@ -88,7 +88,11 @@ def main() -> None:
         p, q = p / p.sum(1, keepdims=True), q / q.sum(1, keepdims=True)
         kl.append((p * np.log(p / q)).sum(1))
         target_err = max(target_err, float(np.abs(a["target_logprobs"] - b["target_logprobs"]).max()))
-        tail_err = max(tail_err, float(np.abs(a["tail_mass"] - b["tail_mass"]).max()))
+        tail, decoded_tail = a["tail_mass"].astype(np.float64), b["tail_mass"].astype(np.float64)
+        tail_err = max(tail_err, float(np.abs(tail - decoded_tail).max()))
+        # relative, of the tail and of the top-k mass 1 - tail (0 and 1 are stored exactly)
+        rel = np.abs(tail - decoded_tail) / np.minimum(tail, 1 - tail).clip(min=1e-300)
+        tail_rel_err = max(tail_rel_err, float(rel.max()))
     kl_error = float(np.concatenate(kl).mean())
 
     # read throughput: stream + decode + collate into training tensors, several passes
@@ -127,7 +131,8 @@ def main() -> None:
     train_rate = train_tokens / (time.perf_counter() - t0)
 
     print(f"positions={tokens} windows={len(rows)} write_seconds={write_s:.2f}")
-    print(f"decode: order_preserved={order_ok} max_target_logprob_error={target_err:.2e} max_tail_mass_error={tail_err:.2e}")
+    print(f"decode: order_preserved={order_ok} max_target_logprob_error={target_err:.2e} max_tail_mass_error={tail_err:.2e} "
+          f"max_tail_mass_relative_error={tail_rel_err:.2e}")
     print(f"read_tokens_per_s={read_rate:.0f} train_tokens_per_s={train_rate:.0f}")
     print(f"naive_bytes_per_token={naive_bpt:.2f}")
     print(f"bytes_per_token={ours_bpt:.2f}")

@@ -20,7 +20,7 @@ from typing import Any
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 4  # 4: row and token counts in the footer
+SCHEMA_VERSION = 5  # 4: row and token counts in the footer; 5: log-odds tail mass code
 METADATA_KEY = b"distill.shard"
 ENCODING_KEY = b"distill.encoding"
 ID_TABLE_KEY = b"distill.id_table"

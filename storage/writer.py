@@ -219,7 +219,8 @@ class ShardWriter:
         table = codec.id_table(self._id_counts)
         encoding = {
             "logprob_levels": codec.LOGPROB_LEVELS, "logprob_scale": codec.LOGPROB_SCALE,
-            "target_step": codec.TARGET_STEP, "tail_scale": codec.TAIL_SCALE, "id_table_size": len(table),
+            "target_step": codec.TARGET_STEP, "tail_logit_min": codec.TAIL_LOGIT_MIN,
+            "tail_logit_step": codec.TAIL_LOGIT_STEP, "id_table_size": len(table),
         }
         footer = {
             METADATA_KEY: self.meta.to_json().encode(), ENCODING_KEY: json.dumps(encoding).encode(),
@@ -229,7 +230,7 @@ class ShardWriter:
         schema = self.schema_without_metadata
         try:
             raw = pq.ParquetFile(self._raw_path)
-            out = _parquet_writer(self._tmp, schema, ZSTD_LEVEL, byte_stream_split=["topk_ids.list.element"])
+            out = _parquet_writer(self._tmp, schema, ZSTD_LEVEL, byte_stream_split=["topk_ids.list.element", "tail_mass_codes.list.element"])
             try:
                 out.add_key_value_metadata(footer)
                 for rg in range(raw.metadata.num_row_groups):

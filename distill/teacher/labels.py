@@ -21,7 +21,7 @@ from distill.teacher.vllm_engine import EngineConfig
 from storage.cache import LabelStore, content_key
 from storage.schema import SCHEMA_VERSION, ShardMeta
 
-LABEL_CODE_VERSION = "labels-2"
+LABEL_CODE_VERSION = "labels-3"
 MODES = ("score", "generate", "candidates")
 
 
@@ -64,6 +64,8 @@ class TeacherConfig:
     """vLLM engine settings."""
     min_topk_mass: float = 0.5
     """Asset check (warning): mean teacher probability inside the stored top-k must reach this; raise k if it does not."""
+    relabel_tag: str = ""
+    """Part of every shard's cache key and nothing else: change it to force relabelling, e.g. after a vLLM upgrade (engine versions are recorded, not keyed)."""
 
     def __post_init__(self):
         check(1 <= self.k <= 1024, "k", self.k, "an integer in [1, 1024]")
@@ -80,22 +82,38 @@ def mode_settings(cfg: TeacherConfig) -> dict:
     return {}
 
 
-def shard_key(teacher_hashes: dict, fingerprint: str, cfg: TeacherConfig, dtype: str) -> str:
-    """Content key of one labelled shard: teacher, tokenizer, data, settings, code version."""
-    return content_key(
-        {
-            "weights": teacher_hashes["weights"],
-            "tokenizer": teacher_hashes["tokenizer"],
-            "data": fingerprint,
-            "mode": cfg.mode,
-            "k": cfg.k,
-            "temperature": 1.0,
-            "dtype": dtype,
-            "code": LABEL_CODE_VERSION,
-            "schema": SCHEMA_VERSION,
-            **mode_settings(cfg),
-        }
-    )
+def shard_key(teacher_hashes: dict, fingerprint: str, cfg: TeacherConfig, dtype: str, window: int | None = None) -> str:
+    """Content key of one labelled shard: everything its labels depend on.
+
+    ``teacher_hashes`` (``checkpoint_hashes``): the weights hash covers ``config.json`` too, so a
+    changed rope scaling or norm eps relabels. ``fingerprint``: the shard's token content.
+    ``window`` (``corpus.window``) is keyed in ``generate`` mode only, where it caps each answer
+    at ``window - len(prompt)`` tokens; in ``score`` and ``candidates`` mode it only decides
+    which rows exist (how documents are cut, which examples are dropped), and the fingerprint
+    already hashes every row's tokens and ``label_start``, so keying it there would relabel
+    identical rows (``distill.data.build_corpus`` hashes ``input_ids`` and ``label_start`` of
+    each row into the fingerprint). ``distill.pipeline.shard_keys`` passes it.
+
+    The engine (vLLM) version is recorded in each shard's metadata but deliberately not keyed:
+    relabelling every shard on each upgrade costs a full teacher pass for differences at
+    numerical-noise level. To relabel after an upgrade anyway, change ``teacher.relabel_tag``.
+    """
+    fields = {
+        "weights": teacher_hashes["weights"],
+        "tokenizer": teacher_hashes["tokenizer"],
+        "data": fingerprint,
+        "mode": cfg.mode,
+        "k": cfg.k,
+        "temperature": 1.0,
+        "dtype": dtype,
+        "code": LABEL_CODE_VERSION,
+        "schema": SCHEMA_VERSION,
+        "relabel_tag": cfg.relabel_tag,
+        **mode_settings(cfg),
+    }
+    if cfg.mode == "generate":  # answers are capped at window - len(prompt); the fingerprint has prompts only
+        fields["window"] = window
+    return content_key(fields)
 
 
 def prompt_seed(base: int, doc_id: str) -> int:

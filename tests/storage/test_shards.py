@@ -8,6 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from storage import codec
 from storage.cache import LabelStore, content_key
 from storage.reader import ShardError, ShardStream, StreamPosition, open_shard
 from storage.schema import ShardMeta
@@ -63,7 +64,9 @@ def test_round_trip(tmp_path, vocab):
         for col in ("input_ids", "topk_ids"):
             np.testing.assert_array_equal(np.asarray(a[col], np.int64), b[col].astype(np.int64))
         np.testing.assert_allclose(b["target_logprobs"], a["target_logprobs"], atol=1e-3)
-        np.testing.assert_allclose(b["tail_mass"], a["tail_mass"], atol=2.5e-4)
+        tail = a["tail_mass"].astype(np.float64)
+        np.testing.assert_allclose(b["tail_mass"], tail, rtol=codec.TAIL_MAX_REL_ERROR, atol=0)
+        np.testing.assert_allclose(1 - b["tail_mass"], 1 - tail, rtol=codec.TAIL_MAX_REL_ERROR, atol=0)
         n = len(a["tail_mass"])
         if n:
             p = np.exp(a["topk_logprobs"].reshape(n, k).astype(np.float64))
@@ -73,6 +76,36 @@ def test_round_trip(tmp_path, vocab):
             assert (p * np.log(p / q)).sum(1).mean() <= 1e-3
     # plain pyarrow reads it too
     assert pq.read_table(path).num_rows == 150
+
+
+def test_tail_code_relative_error():
+    """The tail mass code keeps the relative error of the tail AND of the top-k mass 1 - tail
+    within ``codec.TAIL_MAX_REL_ERROR`` (9.8e-4) from tails of 1e-12 to 1 - 1e-7 (log-spaced at
+    both ends, 20,000 values), and stores 0 and 1 exactly. The linear code it replaced stored
+    every tail below 2.4e-4 as 0 (relative error 1) and 1 - tail near 1 to 2.4e-4 absolute."""
+    small = np.logspace(-12, np.log10(0.5), 10_000)
+    tails = np.concatenate([small, 1 - small[small >= 1e-7]])
+    decoded = codec.decode_tail(codec.encode_tail(tails))
+    assert decoded.dtype == np.float64
+    rel_tail = np.abs(decoded - tails) / tails
+    rel_mass = np.abs((1 - decoded) - (1 - tails)) / (1 - tails)
+    assert rel_tail.max() <= codec.TAIL_MAX_REL_ERROR and rel_mass.max() <= codec.TAIL_MAX_REL_ERROR
+    assert rel_tail.max() > 0.9 * codec.TAIL_MAX_REL_ERROR  # the bound is tight, not loose
+    edges = np.array([0.0, 1.0])
+    np.testing.assert_array_equal(codec.decode_tail(codec.encode_tail(edges)), edges)
+    # float32 inputs (what the teacher writes) keep the bound against their own value
+    tails32 = tails.astype(np.float32)
+    tails32 = tails32[(tails32 > 0) & (tails32 < 1)].astype(np.float64)
+    decoded32 = codec.decode_tail(codec.encode_tail(tails32))
+    assert (np.abs(decoded32 - tails32) <= codec.TAIL_MAX_REL_ERROR * tails32).all()
+    assert (np.abs(decoded32 - tails32) <= codec.TAIL_MAX_REL_ERROR * (1 - tails32)).all()
+    # the decoded top-k carry 1 - tail to the same relative error
+    lp = np.log(np.array([[0.6, 0.3, 0.1]]))
+    for tail in (1e-9, 1e-4, 0.5, 1 - 1e-6):
+        got = codec.decode_topk_logprobs(codec.encode_topk_logprobs(lp), codec.decode_tail(codec.encode_tail(np.array([tail]))))
+        assert abs(np.exp(got.astype(np.float64)).sum() / (1 - tail) - 1) <= codec.TAIL_MAX_REL_ERROR + 1e-6  # + float32 logprobs
+    with pytest.raises(ValueError, match="NaN"):
+        codec.encode_tail(np.array([0.1, np.nan]))
 
 
 def test_inconsistent_row_is_rejected(tmp_path):
