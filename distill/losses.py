@@ -12,11 +12,20 @@ The missing tail (mass outside the teacher's top-k) is treated one of two ways:
   renormalized (DistillKit ``zero``, axolotl).
 - ``bucket``: a (K+1)-th outcome holds the remaining mass on each side, so the student is also
   taught how much mass the teacher leaves outside its top-k. The tail mass of a tempered
-  teacher is not recoverable from top-k logprobs, so ``bucket`` requires temperature 1.
+  teacher is not recoverable from top-k logprobs, so ``bucket`` requires temperature 1. The
+  teacher's tail ``1 - sum(exp(teacher_logprobs))`` is summed in float64: in float32 a tail
+  of 1e-6 comes out ~10% off, which moves reverse KL by ~1% at confident positions.
 
 Temperature ``T`` divides the student logits and the teacher logprobs (renormalized over the
-top-k) and the divergence is scaled by ``T**2`` (Hinton et al., 2015, "Distilling the
-Knowledge in a Neural Network", sec. 2) so that gradient magnitudes stay comparable across T.
+top-k), and the divergence is scaled by ``T**TEMPERATURE_POWER[divergence]`` so that gradient
+magnitudes stay comparable across T (Hinton et al., 2015, "Distilling the Knowledge in a
+Neural Network", sec. 2). With ``p = softmax(t / T)``, ``q = softmax(s / T)`` and
+``J = diag(q) - q q^T``, the gradient w.r.t. the student logits ``s`` is ``J g / T`` with
+``g = dD/dq``. For the KL family (forward and reverse KL, JSD, skew KL) D is smooth and zero at
+``q = p``, so ``g`` is first order in ``q - p ~ J (s - t) / T``: the gradient goes as ``1/T^2``
+and the factor is ``T^2``. Total variation is not smooth at ``q = p``: ``g = sign(q - p) / 2``
+does not shrink with T, so its gradient goes as ``1/T`` and the factor is ``T`` (``T^2``
+would make it grow as T). Measured in ``tests/distill/test_losses.py``.
 """
 from __future__ import annotations
 
@@ -63,7 +72,8 @@ def sparse_log_distributions(
         teacher_lp = torch.log_softmax(teacher_lp / temperature, dim=-1)
         student_lp = torch.log_softmax(student_lp, dim=-1)
         return teacher_lp, student_lp
-    teacher_tail = _log1mexp(torch.logsumexp(teacher_lp, dim=-1, keepdim=True))
+    # float64: the top-k mass of a confident position is 1 - 1e-6, beyond float32's resolution
+    teacher_tail = _log1mexp(torch.logsumexp(teacher_lp.double(), dim=-1, keepdim=True)).to(teacher_lp.dtype)
     student_tail = _log1mexp(torch.logsumexp(student_lp, dim=-1, keepdim=True))
     return torch.cat([teacher_lp, teacher_tail], -1), torch.cat([student_lp, student_tail], -1)
 
@@ -125,12 +135,22 @@ DIVERGENCES: dict[str, Callable[..., torch.Tensor]] = {
     "skew_reverse_kl": skew_reverse_kl,
     "tvd": total_variation,
 }
+# The loss at temperature T is multiplied by T ** power: 2 where the gradient w.r.t. the student
+# logits scales as 1/T^2 (smooth divergences), 1 for total variation (1/T). See the module docstring.
+TEMPERATURE_POWER: dict[str, int] = {name: 2 for name in DIVERGENCES} | {"tvd": 1}
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of ``values`` (B, T) over ``mask`` (B, T); 0 when the mask is empty."""
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, denominator: float | torch.Tensor | None = None) -> torch.Tensor:
+    """Sum of ``values`` (B, T) over ``mask`` (B, T) divided by ``denominator`` (default: the
+    mask's count); 0 when the mask is empty.
+
+    The trainer passes the labelled-token count of the whole optimizer step (all micro-batches,
+    all ranks), so every token weighs the same however the step is split (TRL's
+    ``num_items_in_batch``)."""
     mask = mask.to(values.dtype)
-    return (values * mask).sum() / mask.sum().clamp(min=1.0)
+    if denominator is None:
+        denominator = mask.sum().clamp(min=1.0)
+    return (values * mask).sum() / denominator
 
 
 def kd_loss(
@@ -142,25 +162,28 @@ def kd_loss(
     tail: str = "renormalize",
     temperature: float = 1.0,
     student_lse: torch.Tensor | None = None,
+    denominator: float | torch.Tensor | None = None,
     **divergence_kwargs,
 ) -> torch.Tensor:
-    """Mean per-position divergence between sparse teacher labels and the student, times T^2."""
+    """Mean (see ``masked_mean``) per-position divergence between sparse teacher labels and the student, times
+    ``T ** TEMPERATURE_POWER[divergence]`` (T^2; T for total variation)."""
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence={divergence!r}: expected one of {sorted(DIVERGENCES)}")
     log_p, log_q = sparse_log_distributions(student_logits, topk_ids, teacher_logprobs, tail, temperature, student_lse)
     per_position = DIVERGENCES[divergence](log_p, log_q, **divergence_kwargs)  # (B, T)
-    return masked_mean(per_position, mask) * temperature**2
+    return masked_mean(per_position, mask, denominator) * temperature ** TEMPERATURE_POWER[divergence]
 
 
 def cross_entropy(
-    student_logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, student_lse: torch.Tensor | None = None
+    student_logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, student_lse: torch.Tensor | None = None,
+    denominator: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean negative log-likelihood of ``targets`` (B, T) over ``mask``; 0 when nothing is labelled."""
     logits = student_logits.float()
     if student_lse is None:
         student_lse = torch.logsumexp(logits, dim=-1, keepdim=True)
     nll = (student_lse - logits.gather(-1, targets[..., None]))[..., 0]  # (B, T)
-    return masked_mean(nll, mask)
+    return masked_mean(nll, mask, denominator)
 
 
 def distillation_loss(
@@ -173,21 +196,25 @@ def distillation_loss(
     divergence: str = "forward_kl",
     tail: str = "renormalize",
     temperature: float = 1.0,
+    num_tokens: float | torch.Tensor | None = None,
     **divergence_kwargs,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``kd_weight * KD + (1 - kd_weight) * CE``; returns the loss and its detached parts.
+
+    Both terms are sums over the labelled positions divided by ``num_tokens`` (default: this
+    batch's count; the trainer passes the count of the whole optimizer step).
 
     One ``logsumexp`` over the vocabulary serves both terms at T = 1, which keeps a KD step
     nearly as cheap as a CE-only step. ``kd_weight = 0`` skips the KD term entirely.
     """
     logits = student_logits.float()
     lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (B, T, 1)
-    ce = cross_entropy(logits, targets, mask, student_lse=lse)
+    ce = cross_entropy(logits, targets, mask, student_lse=lse, denominator=num_tokens)
     if kd_weight == 0.0:
         return ce, {"ce": ce.detach(), "kd": torch.zeros(())}
     kd = kd_loss(
         logits, topk_ids, teacher_logprobs, mask, divergence, tail, temperature,
-        student_lse=lse if temperature == 1.0 else None, **divergence_kwargs,
+        student_lse=lse if temperature == 1.0 else None, denominator=num_tokens, **divergence_kwargs,
     )
     loss = kd_weight * kd + (1.0 - kd_weight) * ce
     return loss, {"ce": ce.detach(), "kd": kd.detach()}
@@ -204,6 +231,7 @@ def candidate_kl(
     teacher_candidate_logprobs: torch.Tensor,
     candidate_mask: torch.Tensor,
     temperature: float = 1.0,
+    denominator: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """KL(teacher ‖ student) over each example's candidate answers (classification / multiple
     choice), averaged over examples; scaled by T² as in Hinton et al. (2015).
@@ -219,7 +247,7 @@ def candidate_kl(
     log_q = candidate_log_distribution(student_candidate_scores, valid, temperature)
     log_p = candidate_log_distribution(teacher_candidate_logprobs, valid, temperature)
     per_example = torch.where(valid, log_p.exp() * (log_p - log_q), 0.0).sum(-1)  # (B,)
-    return masked_mean(per_example, valid.any(-1)) * temperature**2
+    return masked_mean(per_example, valid.any(-1), denominator) * temperature**2
 
 
 def candidate_scores(
@@ -248,8 +276,13 @@ def candidate_loss(
     answer: torch.Tensor,
     kd_weight: float = 0.5,
     temperature: float = 1.0,
+    num_examples: float | torch.Tensor | None = None,
+    num_gold: float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``kd_weight * candidate_kl + (1 - kd_weight) * CE(gold)`` over candidate answers.
+
+    The KD term is divided by ``num_examples`` and the CE term by ``num_gold`` (examples with a
+    gold answer) when given (the trainer passes the counts of the whole optimizer step).
 
     The CE term is the student's negative log-probability of the gold candidate (softmax over
     the example's candidates), averaged over examples that have one (``answer >= 0``).
@@ -257,8 +290,8 @@ def candidate_loss(
     log_q = candidate_log_distribution(student_scores, candidate_mask)
     has_gold = answer >= 0
     nll = -log_q.gather(-1, answer.clamp(min=0)[:, None])[:, 0]
-    ce = masked_mean(nll, has_gold)
+    ce = masked_mean(nll, has_gold, num_gold)
     if kd_weight == 0.0:
         return ce, {"ce": ce.detach(), "kd": torch.zeros(())}
-    kd = candidate_kl(student_scores, teacher_logprobs, candidate_mask, temperature)
+    kd = candidate_kl(student_scores, teacher_logprobs, candidate_mask, temperature, num_examples)
     return kd_weight * kd + (1.0 - kd_weight) * ce, {"ce": ce.detach(), "kd": kd.detach()}
