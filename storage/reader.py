@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
@@ -176,7 +177,7 @@ def decode_table(shard: Shard, table: pa.Table) -> dict[str, tuple[np.ndarray, n
     codes_total = np.cumsum(diffs.reshape(n, k), axis=1, dtype=np.int32)
     if n and int(codes_total[:, -1].max()) > enc["logprob_levels"]:
         raise ShardError(shard.path, "topk_logprob_codes exceed the encoding's levels (corrupt or not sorted)")
-    tail = codec.decode_tail(tail_codes, enc["tail_scale"])
+    tail = codec.decode_tail(tail_codes, enc["tail_logit_min"], enc["tail_logit_step"])
     logprobs = codec.decode_topk_logprobs(diffs.reshape(n, k), tail, enc["logprob_levels"], enc["logprob_scale"])
     input_ids, in_off = _flat(table, "input_ids")
     return {
@@ -217,7 +218,8 @@ def _candidate_rows(shard: Shard, table: pa.Table) -> list[dict]:
 
 @dataclasses.dataclass(frozen=True)
 class StreamPosition:
-    """Where a stream stands: the next row is row ``row`` of unit ``unit`` of epoch ``epoch``."""
+    """Where a stream stands: the next row is row ``row`` (in the chunk's shuffled order) of
+    the chunk that starts at unit ``unit`` of this rank's units in epoch ``epoch``."""
 
     epoch: int = 0
     unit: int = 0
@@ -228,12 +230,19 @@ class StreamPosition:
 
 
 class ShardStream:
-    """Streams rows from a list of shards one row group at a time.
+    """Streams rows from a list of shards, mixed across many row groups and shards.
 
     The unit of work is a row group. Each epoch the units are ordered (shuffled with ``seed`` if
     ``shuffle``), then rank ``rank`` of ``world_size`` takes every ``world_size``-th unit, so
-    ranks never overlap and together cover every row once per epoch. Rows inside a unit are
-    shuffled with a seed derived from (seed, epoch, unit). Memory is one row group.
+    ranks never overlap and together cover every row once per epoch. A rank reads its units in
+    chunks of about ``shuffle_buffer`` rows (whole row groups) and yields each chunk's rows in a
+    random order seeded by (seed, epoch, first unit): consecutive rows then come from every row
+    group and shard of the chunk, not from one or two documents.
+
+    This is a block shuffle rather than a reservoir: the position of the next row is just
+    (epoch, chunk, row), so a resumed stream yields exactly what an uninterrupted one would,
+    without storing the buffer's contents. Memory: the chunk's row groups, kept encoded (about
+    the shard's bytes per token) and decoded one row at a time.
     """
 
     def __init__(
@@ -245,21 +254,30 @@ class ShardStream:
         world_size: int = 1,
         worker: int = 0,
         num_workers: int = 1,
+        shuffle_buffer: int = 0,
     ):
         """``rank``/``world_size``: distributed ranks; ``worker``/``num_workers``: dataloader
-        workers inside a rank. Each (rank, worker) pair reads a disjoint share of row groups."""
+        workers inside a rank. Each (rank, worker) pair reads a disjoint share of row groups.
+        ``shuffle_buffer``: rows mixed at once (rounded up to whole row groups; 0: one row group)."""
         if not shards:
             raise ValueError("ShardStream needs at least one shard")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         if not 0 <= worker < num_workers:
             raise ValueError(f"worker {worker} is outside num_workers {num_workers}")
+        if shuffle_buffer < 0:
+            raise ValueError(f"shuffle_buffer={shuffle_buffer} must be >= 0")
         self.shards = list(shards)
         self.seed, self.shuffle = seed, shuffle
         self.rank, self.world_size = rank * num_workers + worker, world_size * num_workers
-        self._units = [
-            (si, rg) for si, s in enumerate(self.shards) for rg in range(s.parquet().metadata.num_row_groups)
-        ]
+        self._units, unit_rows = [], []
+        for si, s in enumerate(self.shards):
+            meta = s.parquet().metadata
+            for rg in range(meta.num_row_groups):
+                self._units.append((si, rg))
+                unit_rows.append(meta.row_group(rg).num_rows)
+        rows_per_unit = max(1.0, sum(unit_rows) / max(1, len(unit_rows)))
+        self.units_per_chunk = max(1, math.ceil(shuffle_buffer / rows_per_unit)) if shuffle else 1
 
     def units(self, epoch: int) -> list[tuple[int, int]]:
         order = list(self._units)
@@ -277,18 +295,26 @@ class ShardStream:
             units = self.units(epoch)
             if not units:
                 raise ValueError(f"rank {self.rank} of {self.world_size} has no row groups to read")
+            if unit_i % self.units_per_chunk:
+                raise ValueError(f"stream position unit {unit_i} is not the start of a chunk of {self.units_per_chunk} "
+                                 "units: resume with the shuffle_buffer the position was saved with")
             while unit_i < len(units):
-                si, rg = units[unit_i]
-                shard = self.shards[si]
-                pf = files.get(si) or files.setdefault(si, shard.parquet())
-                rows = decode_row_group(shard, pf.read_row_group(rg))
-                order = np.arange(len(rows))
+                chunk = units[unit_i : unit_i + self.units_per_chunk]
+                tables = []
+                for si, rg in chunk:
+                    pf = files.get(si) or files.setdefault(si, self.shards[si].parquet())
+                    tables.append((self.shards[si], pf.read_row_group(rg)))
+                index = [(t, r) for t, (_, table) in enumerate(tables) for r in range(table.num_rows)]
+                order = np.arange(len(index))
                 if self.shuffle:
-                    order = np.random.default_rng([self.seed, epoch, si, rg]).permutation(len(rows))
-                for j in range(row_i, len(rows)):
-                    nxt = StreamPosition(epoch, unit_i, j + 1) if j + 1 < len(rows) else StreamPosition(epoch, unit_i + 1, 0)
-                    yield rows[order[j]], nxt
-                unit_i, row_i = unit_i + 1, 0
+                    order = np.random.default_rng([self.seed, epoch, *chunk[0]]).permutation(len(index))
+                decoded = None if len(tables) > 1 else decode_row_group(*tables[0])  # one row group: decode it whole
+                for j in range(row_i, len(index)):
+                    t, r = index[order[j]]
+                    row = decoded[r] if decoded is not None else decode_row_group(tables[t][0], tables[t][1].slice(r, 1))[0]
+                    nxt = StreamPosition(epoch, unit_i, j + 1) if j + 1 < len(index) else StreamPosition(epoch, unit_i + len(chunk), 0)
+                    yield row, nxt
+                unit_i, row_i = unit_i + len(chunk), 0
             epoch, unit_i, row_i = epoch + 1, 0, 0
 
 
