@@ -3,7 +3,9 @@
     .venv/bin/python benchmarks/trainer.py [--config configs/demo.yaml]
 
 Prints, measured in this run:
-- loader_overhead: step time streaming from Parquet shards / same batches preloaded - 1
+- docs_per_batch: mean distinct documents in a training batch (with the config's shuffle buffer; without it, for scale)
+- loader_overhead: time to stream one batch from the Parquet shards (with the shuffle buffer, averaged over two
+  buffer refills, so the refill cost is amortized as in training) / the time of a KD training step on it
 - kd_step_vs_ce_step: a top-k KD + CE step / a CE-only step
 - offline_vs_online_kd_step: our offline KD step / an online KD step running the teacher forward in the loop
 - topk_vs_full_kd_gap_closed: at equal steps, (KL_ce - KL_topk) / (KL_ce - KL_full_online) on held-out data
@@ -70,7 +72,15 @@ def main() -> None:
     model = build_student(teacher_dir, cfg.student, vocab)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     n = args.timing_steps
-    preloaded = [b for b, _ in zip((b for b, _ in batches(ShardStream(train_shards, seed=1), cfg.train.batch_size, k, StreamPosition())), range(n))]
+    buffer = cfg.train.shuffle_buffer
+
+    def docs_per_batch(shuffle_buffer, count=50):
+        stream = ShardStream(train_shards, seed=cfg.train.seed, shuffle_buffer=shuffle_buffer)
+        return statistics.mean(len({doc for doc, _ in b["row_ids"]}) for (b, _), _ in
+                               zip(batches(stream, cfg.train.batch_size, k, StreamPosition(), with_ids=True), range(count)))
+
+    docs = {"buffer": docs_per_batch(buffer), "row_group_only": docs_per_batch(0)}
+    preloaded = [b for b, _ in zip((b for b, _ in batches(ShardStream(train_shards, seed=1, shuffle_buffer=buffer), cfg.train.batch_size, k, StreamPosition())), range(n))]
     step(model, opt, preloaded[0], "kd")  # warm-up
 
     def timed(fn):
@@ -78,9 +88,11 @@ def main() -> None:
         fn()
         return time.perf_counter() - t0
 
-    def run_streamed(mode="kd"):
-        for (b, _), _ in zip(batches(ShardStream(train_shards, seed=1), cfg.train.batch_size, k, StreamPosition()), range(n)):
-            step(model, opt, b, mode)
+    loader_batches = max(n, 2 * buffer // cfg.train.batch_size)
+
+    def run_streamed():
+        for _ in zip(batches(ShardStream(train_shards, seed=1, shuffle_buffer=buffer), cfg.train.batch_size, k, StreamPosition()), range(loader_batches)):
+            pass
 
     def run_preloaded(mode="kd"):
         for b in preloaded:
@@ -94,7 +106,7 @@ def main() -> None:
         results["kd"].append(timed(lambda: run_preloaded("kd")))
         results["online"].append(timed(lambda: run_preloaded("online")))
     med = {key: statistics.median(v) for key, v in results.items()}
-    loader_overhead = med["stream"] / med["preload"] - 1
+    loader_overhead = (med["stream"] / loader_batches) / (med["preload"] / n)
     kd_vs_ce = med["kd"] / med["ce"]
     offline_vs_online = med["kd"] / med["online"]
 
@@ -107,7 +119,7 @@ def main() -> None:
     online_opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
                                    lr=cfg.train.lr, betas=(0.9, 0.95), eps=1e-8)
     torch.manual_seed(cfg.train.seed)
-    data = batches(ShardStream(train_shards, seed=cfg.train.seed, shuffle=cfg.train.shuffle), cfg.train.batch_size, k, StreamPosition())
+    data = batches(ShardStream(train_shards, seed=cfg.train.seed, shuffle=cfg.train.shuffle, shuffle_buffer=buffer), cfg.train.batch_size, k, StreamPosition())
     t0 = time.perf_counter()
     for s in range(cfg.train.steps):  # same data order, schedule, clipping and optimizer as the trainer
         for group in online_opt.param_groups:
@@ -121,8 +133,11 @@ def main() -> None:
     kl["full"] = evaluate_model(online, heldout, cfg.eval)["kl"]
     gap_closed = (kl["ce"] - kl["topk"]) / (kl["ce"] - kl["full"])
 
-    print(f"step seconds (median of {args.rounds} x {n} steps): " + ", ".join(f"{k}={v / n:.3f}" for k, v in med.items()))
+    print(f"step seconds (median of {args.rounds} x {n} steps): " + ", ".join(f"{k}={v / n:.3f}" for k, v in med.items() if k != "stream")
+          + f"; streaming one batch: {med['stream'] / loader_batches:.4f}s")
     print(f"held-out KL after {cfg.train.steps} steps: ce={kl['ce']:.4f} topk={kl['topk']:.4f} full_online={kl['full']:.4f} (online run {online_seconds:.0f}s)")
+    print(f"distinct documents per batch of {cfg.train.batch_size}: {docs['buffer']:.2f} with a {buffer}-window buffer, {docs['row_group_only']:.2f} mixing one row group")
+    print(f"docs_per_batch={docs['buffer']:.2f}")
     print(f"loader_overhead={loader_overhead:.4f}")
     print(f"kd_step_vs_ce_step={kd_vs_ce:.3f}")
     print(f"offline_vs_online_kd_step={offline_vs_online:.3f}")

@@ -6,6 +6,8 @@ and a stage whose inputs did not change finds its outputs already there.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import json
 import shutil
 import sys
@@ -13,9 +15,12 @@ from pathlib import Path
 from typing import Sequence
 
 from distill.config import RunConfig
+from distill.configbase import ConfigError
 from distill.data import build_corpus, read_corpus_shard
+from distill.student import StudentConfig
 from distill.teacher.checkpoint import checkpoint_hashes, resolve_teacher
 from distill.teacher.labels import LABEL_CODE_VERSION, label_shard, mode_settings, shard_key
+from distill.trainer import TrainConfig
 from storage.cache import LabelStore, content_key, set_manifest
 from storage.reader import Shard, ShardError
 from storage.schema import ShardMeta
@@ -100,7 +105,10 @@ def shard_keys(cfg: RunConfig, names: Sequence[str]) -> dict[str, str]:
         raise IncompleteLabelsError(f"{manifest_path}: corpus not built; materialize the corpus asset first")
     manifest = json.loads(manifest_path.read_text())
     dtype = engine_dtype(cfg)
-    return {n: shard_key(hashes, manifest["shards"][n]["fingerprint"], cfg.teacher, dtype) for n in names}
+    return {
+        n: shard_key(hashes, manifest["shards"][n]["fingerprint"], cfg.teacher, dtype, window=cfg.corpus.window)
+        for n in names
+    }
 
 
 def expected_meta(cfg: RunConfig) -> dict:
@@ -201,15 +209,70 @@ def open_split(cfg: RunConfig, split: str) -> list[Shard]:
     return shards
 
 
-def student_dir(cfg: RunConfig, baseline: bool) -> Path:
-    train_cfg = cfg.baseline_train if baseline else cfg.train
-    names = [n for n in cfg.corpus.shard_names() if n.startswith("train")]
-    key = content_key(
+# the code that shapes a trained student beyond its config and data: the training loop, the
+# losses, student construction, and the shard reader (data order) and codec (decoded labels)
+TRAINING_CODE = ("distill.trainer", "distill.losses", "distill.student", "storage.reader", "storage.codec")
+
+
+def source_fingerprint(modules: Sequence[str]) -> str:
+    """sha256 of the source files of ``modules`` (found without importing them)."""
+    import importlib.util
+
+    h = hashlib.sha256()
+    for name in modules:
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+            raise FileNotFoundError(f"module {name}: no Python source file to fingerprint (is the package installed from source?)")
+        h.update(f"{name}\x1f".encode())
+        h.update(Path(spec.origin).read_bytes())
+    return h.hexdigest()[:32]
+
+
+@functools.cache
+def training_code_fingerprint() -> str:
+    """Fingerprint of ``TRAINING_CODE``, computed once per process: an edit to the trainer or the
+    losses retrains students whose config and data did not change (comment-only edits included)."""
+    return source_fingerprint(TRAINING_CODE)
+
+
+def student_init_hash(student: StudentConfig) -> str | None:
+    """Content hash (weights and model config) of the checkpoint a ``checkpoint`` student starts
+    from, so the key follows the weights, not the folder they lie in; None for other inits."""
+    if student.init != "checkpoint":
+        return None
+    path = Path(student.checkpoint).expanduser()
+    if not (path / "config.json").is_file() or not list(path.glob("*.safetensors")):
+        raise ConfigError(
+            f"student.checkpoint={student.checkpoint!r} is invalid: expected a local folder with config.json and *.safetensors weights"
+        )
+    return checkpoint_hashes(path)["weights"]
+
+
+def student_key(student: StudentConfig, train: TrainConfig, train_shard_keys: Sequence[str], init_hash: str | None, code: str) -> str:
+    """Content key of a trained student: its config (a ``checkpoint`` init by ``init_hash``, not
+    by path), the training settings that shape the model, its train shards' keys and ``code``
+    (``training_code_fingerprint()``)."""
+    student_fields = dataclasses.asdict(student)
+    if student.init == "checkpoint":
+        student_fields["checkpoint"] = init_hash
+    return content_key(
         {
-            "student": dataclasses.asdict(cfg.student),
-            "train": {k: v for k, v in dataclasses.asdict(train_cfg).items() if k not in ("progress", "num_threads")},
-            "shards": sorted(shard_keys(cfg, names).values()),
+            "student": student_fields,
+            "train": {k: v for k, v in dataclasses.asdict(train).items() if k not in ("progress", "num_threads")},
+            "shards": sorted(train_shard_keys),
+            "code": code,
         }
+    )
+
+
+def student_dir(cfg: RunConfig, baseline: bool) -> Path:
+    names = [n for n in cfg.corpus.shard_names() if n.startswith("train")]
+    key = student_key(
+        cfg.student,
+        cfg.baseline_train if baseline else cfg.train,
+        list(shard_keys(cfg, names).values()),
+        student_init_hash(cfg.student),
+        training_code_fingerprint(),
     )
     return cfg.root / "students" / f"{'baseline' if baseline else 'student'}-{key}"
 

@@ -62,7 +62,14 @@ class TrainConfig:
     seed: int = 0
     """Seeds data order and any randomness of training."""
     shuffle: bool = True
-    """Shuffle row groups and rows within them each epoch (seeded)."""
+    """Shuffle the data each epoch (seeded): the order of row groups, then rows across ``shuffle_buffer``."""
+    shuffle_buffer: int = 4096
+    """Windows mixed at once. Shards keep a document's windows together (64 per row group), so
+    without mixing a batch holds consecutive windows of one or two documents. The stream reads
+    this many windows' row groups (from every shard, in a random order) and yields their rows
+    shuffled, so a batch of 8 draws from ~8 documents. Memory: the buffer stays encoded, about
+    the shard's bytes per labelled token (~63 at k=32) x window x buffer: ~33 MB at window 128,
+    ~530 MB at window 2048; lower it for very long windows. Resume stays exact. 0: one row group."""
     checkpoint_every: int = 0
     """Save a resumable checkpoint every N steps (0: only the final model)."""
     keep_checkpoints: int = 2
@@ -89,6 +96,7 @@ class TrainConfig:
         check(0 <= self.alpha < 1, "alpha", self.alpha, "a number in [0, 1)")
         check(self.precision in ("auto", "fp32", "bf16"), "precision", self.precision, "auto, fp32 or bf16")
         check(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, "an integer >= 0")
+        check(self.shuffle_buffer >= 0, "shuffle_buffer", self.shuffle_buffer, "an integer >= 0 (windows)")
 
     @property
     def effective_warmup(self) -> int:
@@ -217,24 +225,59 @@ def _autocast(cfg: TrainConfig, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
 
-def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, positions: list[StreamPosition], keep: int) -> Path:
-    """Resumable checkpoint (model + optimizer + RNG + every rank's data position), committed by rename."""
-    from safetensors.torch import save_model
+@dataclasses.dataclass
+class TrainState:
+    """What a checkpoint restores: weights, optimizer, RNG, step, this rank's data position and
+    the loss history. ``model`` is the bare module (not the DDP wrapper)."""
 
-    final = ckpt_root / f"step-{step:08d}"
-    tmp = ckpt_root / f".step-{step:08d}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    save_model(model, str(tmp / "model.safetensors"))  # handles tied embeddings
-    torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}, tmp / "trainer_state.pt")
-    (tmp / "position.json").write_text(json.dumps({"step": step, "positions": [p.to_dict() for p in positions]}))
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    os.replace(tmp, final)
-    done = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())
-    for old in done[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    step: int = 0
+    position: StreamPosition = StreamPosition()
+    history: list = dataclasses.field(default_factory=list)
+
+    def save(self, ckpt_root: Path, positions: list[StreamPosition], keep: int) -> Path:
+        """A resumable checkpoint with every rank's position, committed by rename; keeps ``keep``."""
+        from safetensors.torch import save_model
+
+        final = ckpt_root / f"step-{self.step:08d}"
+        tmp = ckpt_root / f".step-{self.step:08d}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir(parents=True)
+        save_model(self.model, str(tmp / "model.safetensors"))  # handles tied embeddings
+        rng = {"torch_rng": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda_rng"] = torch.cuda.get_rng_state_all()
+        torch.save({"optimizer": self.optimizer.state_dict(), **rng}, tmp / "trainer_state.pt")
+        (tmp / "position.json").write_text(json.dumps({"step": self.step, "positions": [p.to_dict() for p in positions]}))
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        os.replace(tmp, final)
+        done = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())
+        for old in done[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def restore(self, ckpt_root: Path, history_path: Path, rank: int, world: int) -> Path | None:
+        """Load the latest checkpoint under ``ckpt_root``, if any; returns it."""
+        from safetensors.torch import load_model
+
+        resume = latest_checkpoint(ckpt_root) if ckpt_root.exists() else None
+        if resume is None:
+            return None
+        saved = json.loads((resume / "position.json").read_text())
+        if len(saved["positions"]) != world:
+            raise ValueError(f"{resume}: saved with {len(saved['positions'])} ranks, resuming with {world}; resume with the same world size")
+        load_model(self.model, str(resume / "model.safetensors"))
+        state = torch.load(resume / "trainer_state.pt", weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.step, self.position = saved["step"], StreamPosition(**saved["positions"][rank])
+        if history_path.exists():
+            self.history = [json.loads(line) for line in history_path.read_text().splitlines()][: self.step]
+        return resume
 
 
 def latest_checkpoint(ckpt_root: Path) -> Path | None:
@@ -261,16 +304,108 @@ def _plot_history(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def _distributed() -> tuple[int, int]:
-    """(rank, world_size); starts the process group under torchrun (gloo on CPU, nccl on GPU)."""
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world_size, device); starts the process group under torchrun (gloo on CPU, nccl on
+    GPU) and binds each rank to its own GPU, so collectives never meet on cuda:0."""
     import torch.distributed as dist
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if world == 1:
-        return 0, 1
+        return 0, 1, device
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), world
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world, device
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases and norms."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, foreach=True,
+    )
+
+
+def step_counts(micro_batches: Sequence[dict], mode: str) -> torch.Tensor:
+    """What each loss term is averaged over in one optimizer step on this rank: labelled tokens
+    (both terms), or for candidates data (examples, examples with a gold answer). Shape (2,)."""
+    if mode == "candidates":
+        return torch.tensor([float(sum(len(b["answer"]) for b in micro_batches)),
+                             float(sum(int((b["answer"] >= 0).sum()) for b in micro_batches))], dtype=torch.float64)
+    tokens = float(sum(int(b["mask"].sum()) for b in micro_batches))
+    return torch.tensor([tokens, tokens], dtype=torch.float64)
+
+
+def micro_batch_loss(model, batch: dict, cfg: TrainConfig, mode: str, normalize: bool, counts: torch.Tensor, device) -> tuple:
+    """This micro-batch's share of the step's loss: its sums divided by the step's counts."""
+    with _autocast(cfg, device):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    if mode == "candidates":
+        scores = candidate_scores(logits, batch["targets"], batch["mask"], batch["index"], normalize)
+        return candidate_loss(scores, batch["teacher_logprobs"], batch["candidate_mask"], batch["answer"], cfg.kd_weight,
+                              cfg.temperature, num_examples=counts[0], num_gold=counts[1])
+    return distillation_loss(
+        logits, batch["targets"], batch["topk_ids"], batch["teacher_logprobs"], batch["mask"],
+        kd_weight=cfg.kd_weight, divergence=cfg.divergence, tail=cfg.tail, temperature=cfg.temperature, num_tokens=counts[0],
+        **({"beta": cfg.beta} if cfg.divergence == "jsd" else {}),
+        **({"alpha": cfg.alpha} if cfg.divergence.startswith("skew") else {}),
+    )
+
+
+def train_step(model, micro_batches: Sequence[dict], cfg: TrainConfig, mode: str, normalize: bool, world: int, device) -> dict:
+    """Forward and backward over one optimizer step's micro-batches; leaves the gradients in
+    ``model`` and returns the step's loss, ce and kd (token-weighted means over every rank).
+
+    Every labelled token of the step weighs the same, however the step is split into
+    micro-batches and ranks: each micro-batch's loss is its sum over tokens divided by the
+    step's token count across ranks (TRL's ``num_items_in_batch``), times ``world`` because DDP
+    averages gradients over ranks. Gradients are all-reduced once, on the last micro-batch.
+    """
+    import contextlib
+
+    import torch.distributed as dist
+
+    counts = step_counts(micro_batches, mode)
+    if world > 1:
+        dist.all_reduce(counts)
+    counts = counts.clamp(min=1.0).float().to(device)
+    parts = torch.zeros(3, dtype=torch.float64)
+    for i, batch in enumerate(micro_batches):
+        batch = {name: t.to(device) for name, t in batch.items()}
+        last = i == len(micro_batches) - 1
+        with contextlib.nullcontext() if last or world == 1 else model.no_sync():
+            loss, terms = micro_batch_loss(model, batch, cfg, mode, normalize, counts, device)
+            (loss * world).backward()
+        parts += torch.tensor([loss.item(), terms["ce"].item(), terms["kd"].item()], dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(parts)
+    return dict(zip(("loss", "ce", "kd"), parts.tolist()))
+
+
+def finish(out_dir: Path, state: TrainState, teacher_dir, summary: dict) -> dict:
+    """Rank 0 after the last step: loss plot, ``save_pretrained`` (safetensors + tokenizer)
+    committed by rename, ``summary.json``."""
+    from transformers import AutoTokenizer
+
+    _plot_history(state.history, out_dir / "loss.png")
+    final = out_dir / FINAL_DIR
+    tmp = out_dir / f".{FINAL_DIR}.tmp-{uuid.uuid4().hex[:8]}"
+    state.model.save_pretrained(tmp, safe_serialization=True)
+    AutoTokenizer.from_pretrained(teacher_dir).save_pretrained(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    summary = {
+        **summary, "finished": True, "final_loss": state.history[-1]["loss"], "final_ce": state.history[-1]["ce"],
+        "final_kd": state.history[-1]["kd"], "parameters": sum(p.numel() for p in state.model.parameters()), "model_dir": str(final),
+    }
+    atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=1))
+    return summary
 
 
 def train(
@@ -286,120 +421,77 @@ def train(
     """Train a student on ``shards`` into ``out_dir/model``; resumes from ``out_dir/checkpoints``.
 
     Under ``torchrun --nproc_per_node=N`` each rank reads a disjoint share of row groups and
-    gradients are averaged by DDP; rank 0 writes checkpoints (with every rank's data position)
+    gradients are all-reduced by DDP; rank 0 writes checkpoints (with every rank's data position)
     and the final model. ``stop_after`` ends the run early after that many steps (with a
     checkpoint), as a crash would. ``row_log`` appends the (doc_id, window_index) of every row
     this rank trained on to ``<row_log>.rank<r>`` (for coverage checks).
     """
     import torch.distributed as dist
+    from tqdm.auto import tqdm
 
-    out_dir = Path(out_dir)
-    ckpt_root = out_dir / CKPT_DIR
-    rank, world = _distributed()
+    # setup
+    out_dir, ckpt_root = Path(out_dir), Path(out_dir) / CKPT_DIR
+    rank, world, device = setup_distributed()
     main = rank == 0
     if main:
         ckpt_root.mkdir(parents=True, exist_ok=True)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
-    k = shards[0].meta.k
-    mode = shards[0].meta.mode
+    k, mode = shards[0].meta.k, shards[0].meta.mode
     normalize = bool(shards[0].meta.settings.get("length_normalize"))  # candidates: as the teacher scored them
     if mode == "candidates":
         _check_candidate_training(cfg, shards)
     torch.manual_seed(cfg.seed)
     model = build_student(teacher_dir, student_cfg, tokenizer_vocab).to(device)
     model.train()
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, foreach=True,
-    )
-    step, position, history = 0, StreamPosition(), []
-    resume = latest_checkpoint(ckpt_root) if ckpt_root.exists() else None
-    if resume is not None:
-        from safetensors.torch import load_model
-
-        load_model(model, str(resume / "model.safetensors"))
-        state = torch.load(resume / "trainer_state.pt", weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-        saved = json.loads((resume / "position.json").read_text())
-        if len(saved["positions"]) != world:
-            raise ValueError(f"{resume}: saved with {len(saved['positions'])} ranks, resuming with {world}; resume with the same world size")
-        step, position = saved["step"], StreamPosition(**saved["positions"][rank])
-        history_path = out_dir / HISTORY
-        if history_path.exists():
-            history = [json.loads(line) for line in history_path.read_text().splitlines()][:step]
-    raw_model = model
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    stream = ShardStream(shards, seed=cfg.seed, shuffle=cfg.shuffle, rank=rank, world_size=world)
-    data = batches(stream, cfg.batch_size, k, position, with_ids=row_log is not None)
+    state = TrainState(model, build_optimizer(model, cfg))
+    state.restore(ckpt_root, out_dir / HISTORY, rank, world)
+    ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+    stream = ShardStream(shards, seed=cfg.seed, shuffle=cfg.shuffle, rank=rank, world_size=world, shuffle_buffer=cfg.shuffle_buffer)
+    data = batches(stream, cfg.batch_size, k, state.position, with_ids=row_log is not None)
     log = open(f"{row_log}.rank{rank}", "a") if row_log is not None else None
-    loss_kwargs = dict(
-        kd_weight=cfg.kd_weight, divergence=cfg.divergence, tail=cfg.tail, temperature=cfg.temperature,
-        **({"beta": cfg.beta} if cfg.divergence == "jsd" else {}),
-        **({"alpha": cfg.alpha} if cfg.divergence.startswith("skew") else {}),
-    )
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=cfg.steps, initial=step, disable=not (cfg.progress and main), desc="train", unit="step")
-    last = stop_after and min(cfg.steps, step + stop_after) or cfg.steps
+    bar = tqdm(total=cfg.steps, initial=state.step, disable=not (cfg.progress and main), desc="train", unit="step")
+    last = stop_after and min(cfg.steps, state.step + stop_after) or cfg.steps
     t_start, tokens_seen = time.perf_counter(), 0
-    while step < last:
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.lr_at(step)
-        parts = {"loss": 0.0, "ce": 0.0, "kd": 0.0}
+
+    # the loop: one optimizer step per iteration, a checkpoint when due
+    while state.step < last:
+        for group in state.optimizer.param_groups:
+            group["lr"] = cfg.lr_at(state.step)
+        micro_batches = []
         for _ in range(cfg.grad_accum):
-            batch, position = next(data)
+            batch, state.position = next(data)
             if log is not None:
                 log.write("".join(f"{d}\t{w}\n" for d, w in batch.pop("row_ids")))
-            batch = {name: t.to(device) for name, t in batch.items()}
-            with _autocast(cfg, device):
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            if mode == "candidates":
-                scores = candidate_scores(logits, batch["targets"], batch["mask"], batch["index"], normalize)
-                loss, terms = candidate_loss(scores, batch["teacher_logprobs"], batch["candidate_mask"], batch["answer"],
-                                             cfg.kd_weight, cfg.temperature)
-            else:
-                loss, terms = distillation_loss(
-                    logits, batch["targets"], batch["topk_ids"], batch["teacher_logprobs"], batch["mask"], **loss_kwargs
-                )
-            (loss / cfg.grad_accum).backward()
-            parts["loss"] += loss.item() / cfg.grad_accum
-            parts["ce"] += terms["ce"].item() / cfg.grad_accum
-            parts["kd"] += terms["kd"].item() / cfg.grad_accum
-            tokens_seen += int(batch["mask"].sum())
+            micro_batches.append(batch)
+        parts = train_step(ddp_model, micro_batches, cfg, mode, normalize, world, device)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
-        diverged = torch.tensor([0.0 if math.isfinite(parts["loss"]) and torch.isfinite(grad_norm) else 1.0], device=device)
-        if world > 1:
-            dist.all_reduce(diverged, op=dist.ReduceOp.MAX)  # every rank stops together, or none does
-        if diverged.item():
+        # loss and norm are the same on every rank (all-reduced), so every rank stops together
+        if not (math.isfinite(parts["loss"]) and torch.isfinite(grad_norm)):
             raise FloatingPointError(
-                f"{out_dir}: training diverged at step {step + 1}: loss {parts['loss']:.4g} (ce {parts['ce']:.4g}, kd {parts['kd']:.4g}), "
+                f"{out_dir}: training diverged at step {state.step + 1}: loss {parts['loss']:.4g} (ce {parts['ce']:.4g}, kd {parts['kd']:.4g}), "
                 f"gradient norm {float(grad_norm):.4g}; nothing of this step was saved. Lower train.lr (now {cfg.lr:g}), "
                 f"keep train.max_grad_norm > 0 (now {cfg.max_grad_norm:g}), or check the labels (the shard_integrity check)"
             )
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        history.append({"step": step, "lr": cfg.lr_at(step - 1), **parts})
-        elapsed = time.perf_counter() - t_start
-        bar.set_postfix(loss=f"{parts['loss']:.3f}", ce=f"{parts['ce']:.3f}", kd=f"{parts['kd']:.3f}", tok_s=f"{tokens_seen * world / elapsed:.0f}")
+        state.optimizer.step()
+        state.optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.history.append({"step": state.step, "lr": cfg.lr_at(state.step - 1), **parts})
+        tokens_seen += int(sum(int(b["mask"].sum()) for b in micro_batches))
+        bar.set_postfix(loss=f"{parts['loss']:.3f}", ce=f"{parts['ce']:.3f}", kd=f"{parts['kd']:.3f}",
+                        tok_s=f"{tokens_seen * world / (time.perf_counter() - t_start):.0f}")
         bar.update(1)
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 or (stop_after and step == last < cfg.steps):
+        if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 or (stop_after and state.step == last < cfg.steps):
             if log is not None:
                 log.flush()
                 os.fsync(log.fileno())
-            positions = [position]
+            positions = [state.position]
             if world > 1:
                 positions = [None] * world
-                dist.all_gather_object(positions, position)
+                dist.all_gather_object(positions, state.position)
             if main:
-                atomic_write_text(out_dir / HISTORY, "".join(json.dumps(h) + "\n" for h in history))
-                save_checkpoint(ckpt_root, step, raw_model, optimizer, positions, cfg.keep_checkpoints)
+                atomic_write_text(out_dir / HISTORY, "".join(json.dumps(h) + "\n" for h in state.history))
+                state.save(ckpt_root, positions, cfg.keep_checkpoints)
             if world > 1:
                 dist.barrier()
     bar.close()
@@ -407,32 +499,14 @@ def train(
         log.close()
     if world > 1:
         dist.barrier()
-    if not main:
-        return {"steps": step, "finished": step >= cfg.steps, "rank": rank}
-    atomic_write_text(out_dir / HISTORY, "".join(json.dumps(h) + "\n" for h in history))
-    if step < cfg.steps:
-        return {"steps": step, "finished": False}
-    _plot_history(history, out_dir / "loss.png")
-    final = out_dir / FINAL_DIR
-    tmp = out_dir / f".{FINAL_DIR}.tmp-{uuid.uuid4().hex[:8]}"
-    raw_model.save_pretrained(tmp, safe_serialization=True)
-    from transformers import AutoTokenizer
 
-    AutoTokenizer.from_pretrained(teacher_dir).save_pretrained(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    summary = {
-        "steps": step,
-        "finished": True,
-        "final_loss": history[-1]["loss"],
-        "final_ce": history[-1]["ce"],
-        "final_kd": history[-1]["kd"],
-        "labelled_tokens_this_run": tokens_seen * world,
-        "seconds_this_run": time.perf_counter() - t_start,
-        "parameters": sum(p.numel() for p in raw_model.parameters()),
-        "world_size": world,
-        "model_dir": str(final),
-    }
-    atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=1))
-    return summary
+    # the final model (rank 0)
+    if not main:
+        return {"steps": state.step, "finished": state.step >= cfg.steps, "rank": rank}
+    atomic_write_text(out_dir / HISTORY, "".join(json.dumps(h) + "\n" for h in state.history))
+    if state.step < cfg.steps:
+        return {"steps": state.step, "finished": False}
+    return finish(out_dir, state, teacher_dir, {
+        "steps": state.step, "labelled_tokens_this_run": tokens_seen * world,
+        "seconds_this_run": time.perf_counter() - t_start, "world_size": world,
+    })

@@ -78,3 +78,14 @@ def describe(procs) -> str:
         except psutil.NoSuchProcess:
             pass
     return "; ".join(lines)
+
+
+def run_group(cmd: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run`` (text, captured output) in its own process group, which is ended on
+    every path: a timeout or a failing caller leaves no worker of ``cmd`` (torchrun ranks) behind."""
+    proc = start_group(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        stop_group(proc, grace=5)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

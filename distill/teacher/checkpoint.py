@@ -14,9 +14,15 @@ import shutil
 import uuid
 from pathlib import Path
 
+from storage.writer import atomic_write_text
+
 BUNDLED = "bundled:smollm2-135m-instruct"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model")
+# what the model computes besides its tensors: rope scaling, norm eps, activation... and the
+# generation config, whose eos_token_id vLLM adds to the stop tokens of generated answers
+MODEL_CONFIG_FILES = ("config.json", "generation_config.json")
 HASH_CACHE = ".distill_hashes.json"
+HASH_CACHE_VERSION = 2  # bumped when what a hash covers changes, so older caches are not trusted
 MAX_SAFETENSORS_HEADER = 100_000_000  # the safetensors library refuses larger headers too
 
 
@@ -158,20 +164,36 @@ def _hash_files(files: list[Path]) -> str:
     return h.hexdigest()[:32]
 
 
+def _read_hash_cache(cache: Path) -> dict:
+    """The cache's contents, or {} when there is none or it is unreadable (then it is rebuilt)."""
+    try:
+        cached = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        return {}
+    return cached if isinstance(cached, dict) else {}
+
+
 def checkpoint_hashes(path: str | os.PathLike) -> dict[str, str]:
-    """Content hashes of the weights and of the tokenizer, cached by file size and mtime."""
+    """Content hashes of a checkpoint folder, cached in it by file size and mtime.
+
+    ``weights``: the ``*.safetensors`` files and the model config (``MODEL_CONFIG_FILES``): the
+    same tensors under another rope scaling or norm eps are another model. ``tokenizer``: the
+    tokenizer files. Editing, adding or removing any of these files changes its stamp and
+    invalidates the cache.
+    """
     path = Path(path)
     weights = sorted(path.glob("*.safetensors"))
+    configs = [p for p in (path / f for f in MODEL_CONFIG_FILES) if p.exists()]
     tokenizer = sorted(p for p in (path / f for f in TOKENIZER_FILES) if p.exists())
-    stamp = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in weights + tokenizer]
+    stamp = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in weights + configs + tokenizer]
     cache = path / HASH_CACHE
-    if cache.exists():
-        cached = json.loads(cache.read_text())
-        if cached.get("stamp") == stamp:
-            return cached["hashes"]
-    hashes = {"weights": _hash_files(weights), "tokenizer": _hash_files(tokenizer)}
+    cached = _read_hash_cache(cache)
+    if cached.get("version") == HASH_CACHE_VERSION and cached.get("stamp") == stamp:
+        return cached["hashes"]
+    hashes = {"weights": _hash_files(weights + configs), "tokenizer": _hash_files(tokenizer)}
     try:
-        cache.write_text(json.dumps({"stamp": stamp, "hashes": hashes}))
+        # atomic: two processes hashing one folder must not leave a torn cache for a third
+        atomic_write_text(cache, json.dumps({"version": HASH_CACHE_VERSION, "stamp": stamp, "hashes": hashes}))
     except OSError:
         pass  # read-only checkpoint folder (hub cache, shared mount): hash again next time
     return hashes

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from distill.configbase import ConfigError
 from distill.student import check_vocab
 from tests.distill.train_worker import write_shards
+from tests.processes import run_group, start_group, stop_group
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -36,19 +37,22 @@ def _worker(shard_dir, out, teacher_dir, steps, every, *extra):
 
 def test_resume_after_sigkill_is_exact(shard_dir, teacher_dir, tmp_path):
     steps = 10
-    full = subprocess.run(_worker(shard_dir, tmp_path / "a", teacher_dir, steps, 2), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    full = run_group(_worker(shard_dir, tmp_path / "a", teacher_dir, steps, 2), timeout=600, cwd=REPO, env=ENV)
     assert full.returncode == 0, full.stderr[-2000:]
-    proc = subprocess.Popen(_worker(shard_dir, tmp_path / "b", teacher_dir, steps, 2), cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpts = tmp_path / "b" / "checkpoints"
-    deadline = time.time() + 300
-    while not (ckpts / "step-00000004").exists():
-        assert proc.poll() is None, "the run ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    proc = start_group(_worker(shard_dir, tmp_path / "b", teacher_dir, steps, 2), cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        ckpts = tmp_path / "b" / "checkpoints"
+        deadline = time.time() + 300
+        while not (ckpts / "step-00000004").exists():
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.time() < deadline
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        stop_group(proc, grace=5)
     assert not (tmp_path / "b" / "model").exists(), "killed before the end: no final model"
-    resumed = subprocess.run(_worker(shard_dir, tmp_path / "b", teacher_dir, steps, 2), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    resumed = run_group(_worker(shard_dir, tmp_path / "b", teacher_dir, steps, 2), timeout=600, cwd=REPO, env=ENV)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a = load_file(tmp_path / "a" / "model" / "model.safetensors")
     b = load_file(tmp_path / "b" / "model" / "model.safetensors")
@@ -63,7 +67,7 @@ def test_two_process_torchrun_covers_every_row_once(shard_dir, teacher_dir, tmp_
     # 64 rows in 16 row groups of 4: 8 row groups per rank, batch 4 -> 8 steps is one epoch
     cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "tests.distill.train_worker",
            str(shard_dir), str(tmp_path / "out"), str(teacher_dir), "8", "0", str(log)]
-    out = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    out = run_group(cmd, timeout=600, cwd=REPO, env=ENV)
     assert out.returncode == 0, out.stderr[-3000:]
     ranks = [Path(f"{log}.rank{r}").read_text().splitlines() for r in range(2)]
     assert len(ranks[0]) == len(ranks[1]) == 32

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO
-from tests.processes import describe, start_group, stop_group, wait_until_gone
+from tests.processes import describe, run_group, start_group, stop_group, wait_until_gone
 
 pytestmark = pytest.mark.slow
 
@@ -161,3 +161,15 @@ def test_two_trainings_of_one_student_at_once_share_one_result(killed_then_rerun
     assert any("waiting for it to finish" in err for _, err in outs)
     out_dir = pipeline.student_dir(load_config(path), False)
     assert not list(out_dir.rglob(".*.tmp-*"))
+
+
+def test_cli_exits_non_zero_naming_the_failed_gate(killed_then_rerun, tmp_path):
+    """Everything cached: only the evaluation reruns, with a gate no student can pass."""
+    config = yaml.safe_load(killed_then_rerun["path"].read_text())
+    config["eval"].update(min_kl_margin=1e9)
+    path = tmp_path / "strict.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "DAGSTER_HOME": str(killed_then_rerun["home"]), "VLLM_CPU_KVCACHE_SPACE": "1"}
+    done = run_group([sys.executable, "-m", "pipelines.run", "--config", str(path)], timeout=900, cwd=REPO, env=env)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "gate FAILED: KL" in done.stdout and "(margin 1000000000.0): FAIL" in done.stdout
