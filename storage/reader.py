@@ -5,6 +5,11 @@ sha256), its schema version is known, its columns have the expected types and it
 matches what the caller expects (teacher, tokenizer, vocabulary, k). ``ShardStream`` yields
 rows one row group at a time, in a seeded deterministic order, split across ranks without
 overlap, and reports a position from which it resumes exactly.
+
+A ``Shard`` keeps the file it verified: locally the open file (the inode stays readable even
+if the name is later replaced or removed), on object stores the object its record names,
+which writers never overwrite (``storage.writer``). ``Shard.parquet()`` reads from that, so
+rows are never decoded against another file's id table.
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ import pyarrow.parquet as pq
 from storage import codec
 from storage import fs as fsmod
 from storage.schema import COUNTS_KEY, ENCODING_KEY, ID_TABLE_KEY, METADATA_KEY, SCHEMA_VERSION, ShardMeta, arrow_schema, text_columns
-from storage.writer import record_path
+from storage.writer import is_unique_data_name, record_path
 
 RECORD_FIELDS = frozenset({"bytes", "sha256", "rows", "tokens", "meta"})
 CHECKED_FIELDS = ("teacher_hash", "tokenizer_hash", "vocab_size", "k", "mode", "temperature")
@@ -45,6 +50,12 @@ class Shard:
     id_table: np.ndarray
     fs: object = None  # pyarrow filesystem for object stores; None: local
     counts: dict = dataclasses.field(default_factory=dict)  # from the footer (covered by the checksum)
+    file: Path | None = None  # the file or object the record names: ``path``, or a writer-unique sibling on object stores
+    source: object = dataclasses.field(default=None, repr=False, compare=False)  # the verified local file, open
+    pin: tuple | None = dataclasses.field(default=None, repr=False, compare=False)  # its (st_dev, st_ino, size)
+
+    def __post_init__(self):
+        self.file = Path(self.file) if self.file is not None else self.path
 
     @property
     def rows(self) -> int:
@@ -55,17 +66,66 @@ class Shard:
         return int(self.counts["tokens"])
 
     def parquet(self) -> pq.ParquetFile:
-        return pq.ParquetFile(fsmod.open_input(self.fs, str(self.path)))
+        """The verified file as Parquet (local: the same open file every time)."""
+        if self.fs is not None:
+            f = self.fs.open_input_file(str(self.file))
+            if f.size() != self.record["bytes"]:
+                raise ShardError(self.file, f"size {f.size()} != {self.record['bytes']} since it was verified (overwritten "
+                                            "by something other than a shard writer); open the shard again")
+            return pq.ParquetFile(f)
+        if self.source is None:  # unpickled: file handles do not travel, so reopen and check it is the same file
+            f = open(self.file, "rb")
+            st = os.fstat(f.fileno())
+            if (st.st_dev, st.st_ino, st.st_size) != self.pin:
+                f.close()
+                raise ShardError(self.file, "replaced since it was verified (relabelled); open the shard again")
+            self.source = pa.PythonFile(f, mode="r")
+        return pq.ParquetFile(self.source)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "source": None}
 
 
-def _sha256(fs, path: str) -> str:
+def _sha256(f, chunk: int = 1 << 22) -> str:
     import hashlib
 
     h = hashlib.sha256()
-    with fsmod.open_input(fs, path) as f:
-        while block := f.read(1 << 22):
-            h.update(block)
+    while block := f.read(chunk):
+        h.update(block)
     return h.hexdigest()
+
+
+def _open_verified(fs, data: Path, record: dict, verify_checksum: bool, where) -> tuple[object, object, tuple | None]:
+    """Open the data file once, check its size (and sha256) against the record, and return
+    ``(parquet source, local source or None, pin)``: what was checked is what gets read."""
+    if fs is not None:
+        if not fsmod.exists(fs, str(data)):
+            raise ShardError(where, "listed by its commit record but the file is missing")
+        size = fsmod.size(fs, str(data))
+        if size != record.get("bytes"):
+            raise ShardError(where, f"size {size} != {record.get('bytes')} in the commit record (truncated or replaced)")
+        if verify_checksum:
+            with fs.open_input_stream(str(data)) as f:
+                if _sha256(f) != record.get("sha256"):
+                    raise ShardError(where, "sha256 does not match the commit record (corrupt file)")
+        return fs.open_input_file(str(data)), None, None
+    try:
+        f = open(data, "rb")
+    except FileNotFoundError:
+        raise ShardError(where, "listed by its commit record but the file is missing") from None
+    try:
+        st = os.fstat(f.fileno())
+        if st.st_size != record.get("bytes"):
+            raise ShardError(where, f"size {st.st_size} != {record.get('bytes')} in the commit record (truncated or replaced)")
+        if verify_checksum:
+            if _sha256(f) != record.get("sha256"):
+                raise ShardError(where, "sha256 does not match the commit record (corrupt file)")
+            f.seek(0)
+    except BaseException:
+        f.close()
+        raise
+    source = pa.PythonFile(f, mode="r")  # one wrapper, one lock: safe to share between readers
+    return source, source, (st.st_dev, st.st_ino, st.st_size)
 
 
 def open_shard(
@@ -89,15 +149,14 @@ def open_shard(
         raise ShardError(rec_path, f"unreadable commit record ({e}); relabel its partition") from e
     if not isinstance(record, dict) or not RECORD_FIELDS <= set(record):
         raise ShardError(rec_path, f"not a commit record (expected a JSON object with {sorted(RECORD_FIELDS)}); relabel its partition")
-    if not fsmod.exists(fs, str(path)):
-        raise ShardError(where, "listed by its commit record but the file is missing")
-    size = fsmod.size(fs, str(path))
-    if size != record.get("bytes"):
-        raise ShardError(where, f"size {size} != {record.get('bytes')} in the commit record (truncated or replaced)")
-    if verify_checksum and _sha256(fs, str(path)) != record.get("sha256"):
-        raise ShardError(where, "sha256 does not match the commit record (corrupt file)")
+    # a record names its own file, or on object stores a writer-unique sibling; any other name
+    # (a record copied from another key) is ignored, and the footer's cache key then disagrees
+    data = path.with_name(record["file"]) if is_unique_data_name(path, record.get("file")) else path
+    if data != path:
+        where = f"{where} ({data.name})"
+    parquet_source, source, pin = _open_verified(fs, data, record, verify_checksum, where)
     try:
-        pf = pq.ParquetFile(fsmod.open_input(fs, str(path)))
+        pf = pq.ParquetFile(parquet_source)
     except (pa.ArrowInvalid, OSError) as e:
         raise ShardError(where, f"not a readable Parquet file ({e})") from e
     raw = (pf.metadata.metadata or {}).get(METADATA_KEY)
@@ -142,7 +201,8 @@ def open_shard(
         got = getattr(meta, key)
         if got != value:
             raise ShardError(path, f"field {key!r} is {got!r} but the run expects {value!r} (shard from another run or key)")
-    return Shard(path=path, record=record, meta=meta, encoding=encoding, id_table=table, fs=fs, counts=counts)
+    return Shard(path=path, record=record, meta=meta, encoding=encoding, id_table=table, fs=fs, counts=counts,
+                 file=data, source=source, pin=pin)
 
 
 def _footer_counts(path: Path, pf: pq.ParquetFile) -> dict:

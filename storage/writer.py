@@ -2,18 +2,42 @@
 
 Rows stream into a hidden raw file (plain float32 columns, fast zstd) while the shard's id
 frequencies are counted; ``close()`` re-encodes it one row group at a time into the compact
-layout (``storage.codec``), fsyncs, renames it into place, then writes the commit record
+layout (``storage.codec``), fsyncs, puts it in place, then creates the commit record
 ``<name>.json`` (size, sha256, rows, tokens, metadata). Readers accept a shard only when the
 record exists and matches the file, so a crash at any moment leaves either nothing a reader
 accepts or a whole shard. Memory is bounded by one row group.
+
+First writer wins: the record is created only if absent, and it is the commit point. Two
+writers of one key (two runs, two nodes) get exactly one commit; the other deletes its own
+file and reports the winner's record (``ShardWriter.lost_race``). A committed file is never
+replaced or overwritten, so a reader that verified it keeps reading those bytes.
+
+- Locally: the shard is written under a writer-unique temporary name, then, holding a
+  per-key ``flock`` (``.<name>.parquet.commit-lock``), hard-linked to ``<name>.parquet``
+  (exclusive), and the record, written whole to its own temporary, is hard-linked to
+  ``<name>.json`` (exclusive). Under the lock with no record, an existing ``<name>.parquet``
+  can only be a leftover of a writer killed between those two links, and only then is it
+  replaced. The kernel drops the lock of a killed writer.
+- S3: the record is a conditional PUT (``If-None-Match: *``, ``storage.fs.put_if_absent``).
+  The shard is uploaded first with the same condition to ``<name>.parquet``; if that key is
+  taken (a writer in flight, or one killed before its record), to a writer-unique
+  ``<name>.<32 hex>.parquet`` instead, and the record names the object it describes. No
+  object a record names is ever overwritten. (An S3-compatible server that ignores
+  ``If-None-Match`` gives none of this: racing writers then overwrite each other, which
+  readers catch as a size or sha256 mismatch.)
+- Other object stores (gs://, hdfs://... through pyarrow, which has no conditional put): the
+  shard always goes to a writer-unique object and the record is a plain PUT, so the last
+  record wins; each record still names a whole object that is never overwritten, so readers
+  stay consistent, but two racing writers both report a commit and one object is orphaned.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
-import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -31,10 +55,21 @@ from storage.schema import COUNTS_KEY, ENCODING_KEY, ID_TABLE_KEY, METADATA_KEY,
 
 RECORD_SUFFIX = ".json"
 TMP_MARK = ".tmp-"
+LOCK_SUFFIX = ".commit-lock"
 
 
 def record_path(shard_path: str | os.PathLike) -> Path:
     return Path(shard_path).with_suffix(RECORD_SUFFIX)
+
+
+def unique_data_path(shard_path: Path) -> Path:
+    """A writer-unique object name next to ``<name>.parquet``: ``<name>.<32 hex>.parquet``."""
+    return shard_path.with_name(f"{shard_path.stem}.{uuid.uuid4().hex}{shard_path.suffix}")
+
+
+def is_unique_data_name(shard_path: Path, name: object) -> bool:
+    """Whether ``name`` is one of ``shard_path``'s writer-unique names (what a record may name)."""
+    return isinstance(name, str) and re.fullmatch(rf"{re.escape(shard_path.stem)}\.[0-9a-f]{{32}}{re.escape(shard_path.suffix)}", name) is not None
 
 
 def temp_name(path: Path, tag: str = "") -> Path:
@@ -120,6 +155,8 @@ class ShardWriter:
         self.rows = 0
         self.tokens = 0  # labelled positions
         self._closed = False
+        self.record: dict | None = None  # after close(): the record committed under this key
+        self.lost_race = False  # after close(): another writer committed this key first
 
     def write(self, row: Mapping[str, object]) -> None:
         """Add one row: every ``decoded_schema`` column (arrays for list columns)."""
@@ -211,7 +248,9 @@ class ShardWriter:
         return arrow_schema(self.meta.vocab_size, self.meta.mode)
 
     def close(self) -> dict:
-        """Encode, fsync, rename into place, then write the commit record. Returns the record."""
+        """Encode, fsync, put in place, then create the commit record. Returns the record now
+        committed under this key: this shard's, or, if another writer committed the key first
+        (``lost_race``), that writer's, this shard being discarded."""
         if self._closed:
             raise RuntimeError(f"{self.path}: writer already closed")
         self._flush_raw()
@@ -247,15 +286,7 @@ class ShardWriter:
                 "tokens": self.tokens,
                 "meta": json.loads(self.meta.to_json()),
             }
-            text = json.dumps(record, indent=1, sort_keys=True)
-            if self.fs is None:
-                os.replace(self._tmp, self.path)
-                _fsync_dir(self.path.parent)
-                atomic_write_text(record_path(self.path), text)
-            else:
-                fsmod.upload(self._tmp, self.fs, str(self.path))
-                with self.fs.open_output_stream(str(record_path(self.path))) as f:
-                    f.write(text.encode())
+            winner = self._commit_local(record) if self.fs is None else self._commit_remote(record)
         except BaseException:
             self._tmp.unlink(missing_ok=True)
             raise
@@ -263,7 +294,70 @@ class ShardWriter:
             self._closed = True
             self._raw_path.unlink(missing_ok=True)
             self._cleanup_scratch()
-        return record
+        self.lost_race = winner is not None
+        self.record = winner if winner is not None else record
+        return self.record
+
+    def _commit_local(self, record: dict) -> dict | None:
+        """Place the shard and create its record, both exclusively. None: committed; else the
+        record of the writer that committed this key first (this shard is then discarded)."""
+        rec = record_path(self.path)
+        rec_tmp = temp_name(rec)
+        try:
+            with open(rec_tmp, "w") as f:
+                f.write(json.dumps(record, indent=1, sort_keys=True))
+                f.flush()
+                os.fsync(f.fileno())
+            with _commit_lock(self.path):
+                if rec.exists():
+                    return _read_winner(None, rec)
+                try:
+                    os.link(self._tmp, self.path)
+                except FileExistsError:
+                    # no record and the lock held: a writer killed between its two links left it
+                    os.replace(self._tmp, self.path)
+                _fsync_dir(self.path.parent)
+                try:
+                    os.link(rec_tmp, rec)  # the commit point
+                except FileExistsError:
+                    # only a writer that does not take the lock (an older version) gets here
+                    return _read_winner(None, rec)
+                _fsync_dir(self.path.parent)
+            return None
+        finally:
+            rec_tmp.unlink(missing_ok=True)
+            self._tmp.unlink(missing_ok=True)
+
+    def _commit_remote(self, record: dict) -> dict | None:
+        """Upload the shard, then create its record (conditionally where the store can).
+        None: committed; else the winner's record (this shard's object is then deleted)."""
+        rec = str(record_path(self.path))
+        if fsmod.exists(self.fs, rec):  # committed while we labelled: skip the upload
+            return _read_winner(self.fs, rec)
+        if not fsmod.has_conditional_put(self.fs):
+            data = unique_data_path(self.path)
+            fsmod.upload(self._tmp, self.fs, str(data))
+            record["file"] = data.name
+            with self.fs.open_output_stream(rec) as f:
+                f.write(json.dumps(record, indent=1, sort_keys=True).encode())
+            return None
+        data = self.path
+        if not fsmod.put_if_absent(self.fs, str(data), self._tmp):
+            # taken by a writer in flight or by one killed before its record: never overwrite it
+            data = unique_data_path(self.path)
+            if not fsmod.put_if_absent(self.fs, str(data), self._tmp):
+                raise FileExistsError(f"{data}: a fresh unique object name is already taken")
+        record["file"] = data.name
+        # an error here (not a 412) leaves our object behind without a record, as a kill would:
+        # the PUT may have landed with only its answer lost, so the object must stay
+        if fsmod.put_if_absent(self.fs, rec, json.dumps(record, indent=1, sort_keys=True).encode()):
+            return None
+        winner = _read_winner(self.fs, rec)
+        if winner.get("file") == record["file"] and winner.get("sha256") == record["sha256"]:
+            return None  # our own record: the SDK retried a PUT whose first attempt had landed
+        # lost: our object is named by no record, and only we ever delete it
+        self.fs.delete_file(str(data))
+        return winner
 
     def _cleanup_scratch(self) -> None:
         if self._scratch is not None:
@@ -287,6 +381,53 @@ class ShardWriter:
             self.close()
         else:
             self.abort()
+
+
+def _read_winner(fs, rec: str | os.PathLike) -> dict:
+    try:
+        return json.loads(fsmod.read_bytes(fs, str(rec)))
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{rec}: another writer committed this key first, but its record was removed "
+                                "(found invalid) before it could be read; label the shard again") from e
+
+
+def _lock_path(shard_path: Path) -> Path:
+    return shard_path.with_name(f".{shard_path.name}{LOCK_SUFFIX}")
+
+
+def _is_current(fd: int, path: Path) -> bool:
+    """Whether ``fd`` is still the file named ``path`` (lock files are unlinked by their holder)."""
+    try:
+        named = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (held.st_dev, held.st_ino) == (named.st_dev, named.st_ino)
+
+
+@contextlib.contextmanager
+def _commit_lock(shard_path: Path):
+    """Hold the per-key commit lock (``flock``, which NFS maps onto its own locks, so it holds
+    across nodes). The holder unlinks the file on release so no lock files pile up; a waiter
+    that then finds its locked file unlinked or replaced retries on the current one."""
+    import fcntl
+
+    lock = _lock_path(shard_path)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if _is_current(fd, lock):
+                break
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)  # still ours: nobody unlinks a lock file without holding it
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -318,13 +459,30 @@ def folder_lock(folder: str | os.PathLike, what: str, on_wait=None):
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> int:
-    """Delete temporaries left by writers that no longer run (crashed). Returns how many."""
+    """Delete temporaries left by writers that no longer run (crashed), and commit-lock files
+    nobody holds (a writer killed inside its commit). Returns how many."""
+    import fcntl
+
     removed = 0
     for path in Path(folder).rglob(f".*{TMP_MARK}*"):
         pid = path.name.rsplit(TMP_MARK, 1)[1].split("-")[0]
         if pid.isdigit() and not _pid_alive(int(pid)):
             path.unlink(missing_ok=True)
             removed += 1
+    for path in Path(folder).rglob(f".*{LOCK_SUFFIX}"):
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if _is_current(fd, path):
+                path.unlink(missing_ok=True)
+                removed += 1
+        except BlockingIOError:
+            pass  # a writer is committing: its lock is not stale
+        finally:
+            os.close(fd)
     return removed
 
 

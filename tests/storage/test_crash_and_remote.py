@@ -76,22 +76,6 @@ def test_sigkill_never_leaves_an_accepted_partial_shard(tmp_path):
     assert not leftovers, f"stale temporaries not cleaned: {leftovers}"
 
 
-@pytest.fixture(scope="module")
-def s3_server():
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
-    import boto3
-
-    boto3.client("s3", endpoint_url=f"http://{host}:{port}", region_name="us-east-1").create_bucket(Bucket="labels")
-    yield f"s3://labels/run?endpoint_override={host}:{port}&scheme=http&region=us-east-1"
-    server.stop()
-
-
 def test_s3_store_round_trip_and_validation(s3_server):
     store = LabelStore(s3_server.replace("s3://labels/run", "s3://labels/run-a"))
     assert not store.is_local
