@@ -84,9 +84,11 @@ def get_engine(cfg: RunConfig):
     """The process's engine for this teacher and settings, started on first use."""
     from distill.teacher.vllm_engine import VllmTeacher
 
+    from distill.teacher.slots import slot_dir
+
     key = (str(teacher_dir(cfg)), cfg.teacher.k, cfg.corpus.window, cfg.teacher.engine)
     if key not in _ENGINES:
-        _ENGINES[key] = VllmTeacher(teacher_dir(cfg), cfg.teacher.k, cfg.corpus.window, cfg.teacher.engine)
+        _ENGINES[key] = VllmTeacher(teacher_dir(cfg), cfg.teacher.k, cfg.corpus.window, cfg.teacher.engine, slot_folder=slot_dir(cfg.root))
     return _ENGINES[key]
 
 

@@ -19,6 +19,7 @@ from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PART
 from distill.procs import guard_children
 
 from pipelines.definitions import build_definitions
+from pipelines.pools import sync_teacher_pool
 from pipelines.resources import default_config_path
 
 
@@ -118,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     guard_children()  # a killed run must not leave its teacher engine running
     defs = build_definitions(args.config)
     with dg.DagsterInstance.get() as instance:
+        sync_teacher_pool(instance, cfg)
         for run_id in fail_dead_runs(instance):
             print(f"run {run_id}: its process is gone; marked failed and its concurrency slots freed", file=sys.stderr)
         try:

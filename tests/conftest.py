@@ -12,12 +12,13 @@ import yaml
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from tests.processes import SESSION_ENV, describe, wait_until_gone  # noqa: E402
+from tests.processes import SESSION_ENV, describe, vllm_prefix, wait_until_gone  # noqa: E402
 
 # every process the suite starts inherits this mark, so the census at the end finds it even
 # after it was re-parented to init
 SESSION_MARK = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
 os.environ[SESSION_ENV] = SESSION_MARK
+os.environ["VLLM_PROCESS_NAME_PREFIX"] = vllm_prefix(SESSION_MARK)  # engines are found by their title
 
 
 def _exempt() -> set[int]:

@@ -42,8 +42,16 @@ def stop_group(proc: subprocess.Popen, grace: float = 30) -> None:
     proc.wait()
 
 
+def vllm_prefix(*marks: str) -> str:
+    """A ``VLLM_PROCESS_NAME_PREFIX`` carrying ``marks``: vLLM retitles its processes
+    (``VLLM::EngineCore``) with setproctitle, which overwrites the memory /proc shows as their
+    environment, so an engine is found by the marks in its title instead."""
+    return "-".join(["VLLM", *marks])
+
+
 def marked_processes(name: str, value: str, exclude: set[int] = frozenset()) -> list:
-    """Live processes (psutil) whose environment holds ``name=value``."""
+    """Live processes (psutil) whose environment holds ``name=value``, or whose command line
+    (a vLLM process title made with ``vllm_prefix``) holds ``value``."""
     import psutil
 
     found = []
@@ -51,7 +59,9 @@ def marked_processes(name: str, value: str, exclude: set[int] = frozenset()) -> 
         if p.pid in exclude:
             continue
         try:
-            if p.status() != psutil.STATUS_ZOMBIE and p.environ().get(name) == value:
+            if p.status() == psutil.STATUS_ZOMBIE:
+                continue
+            if p.environ().get(name) == value or value in " ".join(p.cmdline()):
                 found.append(p)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass

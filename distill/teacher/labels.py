@@ -229,4 +229,11 @@ def label_shard(
         if pending is not None:
             pending.result()
     seconds = time.perf_counter() - t0
-    return {"cache_hit": False, "rows": writer.rows, "tokens": writer.tokens, "teacher_seconds": seconds, "path": str(store.path_for(key))}
+    if writer.lost_race:
+        # another run or node committed this key while we labelled: its shard stands and ours
+        # was discarded, so this is a cache hit (the teacher time spent is still reported)
+        return {"cache_hit": True, "lost_race": True, "rows": writer.record["rows"], "tokens": writer.record["tokens"],
+                "teacher_seconds": seconds, "path": str(store.path_for(key))}
+    return {"cache_hit": False, "rows": writer.rows, "tokens": writer.tokens, "teacher_seconds": seconds, "path": str(store.path_for(key)),
+            "labelled_from": time.time() - seconds, "labelled_until": time.time(),
+            "slot": getattr(getattr(engine, "slot", None), "index", None)}

@@ -38,12 +38,28 @@ class EngineConfig:
     """Allow the checkpoint's own Python code (off unless you trust the checkpoint)."""
     seed: int = 0
     """Engine seed."""
+    slots: int = 0
+    """Engine slots on a machine. 0: one engine per process over every device it sees (vLLM's
+    default). N: the devices are split into N sets (GPU ids in groups of ``tensor_parallel_size``,
+    or N blocks of CPU cores); each engine claims a free set and runs pinned to it, and the
+    Dagster ``teacher`` pool allows N runs at once: an 8-GPU node labels with 8 engines, not one."""
 
     def __post_init__(self):
         check(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype", self.dtype, "auto, float32, bfloat16 or float16")
         check(self.batch_windows >= 1, "batch_windows", self.batch_windows, "an integer >= 1")
         check(self.max_num_batched_tokens >= 256, "max_num_batched_tokens", self.max_num_batched_tokens, ">= 256")
         check(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", self.gpu_memory_utilization, "a number in (0, 1]")
+        check(self.slots >= 0, "slots", self.slots, "an integer >= 0 (0: one engine over every device)")
+        check(self.tensor_parallel_size >= 1, "tensor_parallel_size", self.tensor_parallel_size, "an integer >= 1")
+
+
+def _is_resource_tracker(proc) -> bool:
+    import psutil
+
+    try:
+        return any("multiprocessing.resource_tracker" in part for part in proc.cmdline())
+    except psutil.NoSuchProcess:
+        return True
 
 
 def _on_cpu() -> bool:
@@ -63,13 +79,29 @@ def _cpu_env(cfg: EngineConfig) -> None:
 class VllmTeacher:
     """One vLLM engine over a local checkpoint, producing top-k labels for token windows."""
 
-    def __init__(self, model_dir: str | os.PathLike, k: int, max_len: int, cfg: EngineConfig = EngineConfig()):
+    def __init__(self, model_dir: str | os.PathLike, k: int, max_len: int, cfg: EngineConfig = EngineConfig(),
+                 slot_folder: str | os.PathLike | None = None):
+        """``slot_folder``: where this machine's engine slots are claimed (``cfg.slots`` > 0)."""
+        import contextlib
+        import sys
+
+        import psutil
         import vllm
 
         from distill.procs import guard_children
+        from distill.teacher.slots import claim_slot, device_sets, pinned
 
         guard_children()  # the engine's processes end with this one, however it ends
         self.cfg, self.k, self.max_len = cfg, k, max_len
+        self.slot, pin = None, contextlib.nullcontext()
+        if cfg.slots:
+            if slot_folder is None:
+                raise ValueError("teacher.engine.slots is set but no slot folder was given")
+            on_gpu = not _on_cpu()
+            self.slot = claim_slot(Path(slot_folder), device_sets(cfg.slots, cfg.tensor_parallel_size, on_gpu),
+                                   on_wait=lambda msg: print(msg, file=sys.stderr, flush=True))
+            pin = pinned(self.slot.devices, on_gpu)
+        before = {c.pid for c in psutil.Process().children(recursive=True)}
         self.model_dir = Path(model_dir)
         dtype = cfg.dtype
         if _on_cpu():
@@ -78,7 +110,26 @@ class VllmTeacher:
                 dtype = "float32"
         self.dtype = dtype
         self.engine_version = f"vllm-{vllm.__version__}"
-        self.llm = vllm.LLM(
+        try:
+            with pin:
+                self.llm = self._start(vllm, dtype)
+        except BaseException:
+            if self.slot is not None:
+                self.slot.release()
+            raise
+        # the engine's own processes; multiprocessing's resource tracker is shared and ends by itself
+        self.processes = [c for c in psutil.Process().children(recursive=True)
+                          if c.pid not in before and not _is_resource_tracker(c)]
+        if self.slot is not None:
+            self.slot.record_engine(self.processes)
+        self.params = vllm.SamplingParams(
+            max_tokens=1, prompt_logprobs=k, detokenize=False, flat_logprobs=True, temperature=0.0
+        )
+        self.forward_calls = 0
+
+    def _start(self, vllm, dtype: str):
+        cfg, k, max_len = self.cfg, self.k, self.max_len
+        return vllm.LLM(
             model=str(self.model_dir),
             dtype=dtype,
             max_model_len=max_len + 1,  # the one generated token vLLM insists on
@@ -92,10 +143,6 @@ class VllmTeacher:
             trust_remote_code=cfg.trust_remote_code,
             seed=cfg.seed,
         )
-        self.params = vllm.SamplingParams(
-            max_tokens=1, prompt_logprobs=k, detokenize=False, flat_logprobs=True, temperature=0.0
-        )
-        self.forward_calls = 0
 
     def score(self, windows: Sequence[Sequence[int]], label_starts: Sequence[int]) -> Iterator[dict]:
         """Per window, the labels of positions ``label_start .. len - 2`` (see ``flat_to_labels``)."""
@@ -170,6 +217,10 @@ class VllmTeacher:
                 yield np.asarray(scores[i], np.float64).T
 
     def close(self) -> None:
+        """Shut the engine down, end any of its processes that outlive the shutdown, then free
+        the slot: a slot is free only once its engine is gone."""
+        from distill.procs import descendants_alive, end_processes
+
         llm = getattr(self, "llm", None)
         if llm is not None:
             engine = getattr(llm, "llm_engine", None)
@@ -177,6 +228,12 @@ class VllmTeacher:
             if shutdown is not None:
                 shutdown()
             self.llm = None
+            leftovers = descendants_alive(getattr(self, "processes", []))
+            if leftovers:
+                end_processes(leftovers)
+        if getattr(self, "slot", None) is not None:
+            self.slot.release()
+            self.slot = None
 
 
 def flat_to_labels(flat, input_ids: np.ndarray, label_start: int, k: int) -> dict:

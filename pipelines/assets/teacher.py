@@ -15,6 +15,16 @@ def teacher_model(settings: DistillSettings) -> dg.MaterializeResult:
     )
 
 
+def _labelling_window(results: dict) -> dict:
+    """When this run's engine labelled and on which slot (absent when every shard was a hit)."""
+    done = [r for r in results.values() if not r["cache_hit"]]
+    if not done:
+        return {}
+    slots = {r["slot"] for r in done if r.get("slot") is not None}
+    return {"labelled_from": min(r["labelled_from"] for r in done), "labelled_until": max(r["labelled_until"] for r in done),
+            **({"engine_slot": slots.pop()} if len(slots) == 1 else {})}
+
+
 def build_teacher_logits(partitions: dg.PartitionsDefinition, max_partitions_per_run: int = 4):
     @dg.asset(
         group_name="teacher",
@@ -54,6 +64,7 @@ def build_teacher_logits(partitions: dg.PartitionsDefinition, max_partitions_per
                 "rows": sum(r["rows"] for r in results.values()),
                 "labelled_tokens": sum(r["tokens"] for r in results.values()),
                 "teacher_seconds": round(sum(r["teacher_seconds"] for r in results.values()), 3),
+                **_labelling_window(results),
                 "keys": dg.MetadataValue.json(keys),
             }
         )

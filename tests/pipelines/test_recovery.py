@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO
-from tests.processes import describe, run_group, start_group, stop_group, wait_until_gone
+from tests.processes import describe, marked_processes, run_group, start_group, stop_group, wait_until_gone
 
 pytestmark = pytest.mark.slow
 
@@ -30,11 +30,13 @@ def killed_then_rerun(tiny_config_path, tmp_path_factory):
 
     from distill import pipeline
     from distill.config import load_config
+    from distill.teacher.slots import claim_slot, slot_dir
 
     tmp = tmp_path_factory.mktemp("killed")
     config = yaml.safe_load(Path(tiny_config_path).read_text())
     config["storage_root"] = str(tmp / "data")
     config["corpus"]["train_shards"] = 4
+    config["teacher"]["engine"] = {"slots": 1}  # the engine holds the machine's one slot
     config["eval"].update(min_kl_margin=-1e9, min_ppl_margin=-1e9)  # 3 steps: the gate is not under test
     path = tmp / "kill.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -46,7 +48,8 @@ def killed_then_rerun(tiny_config_path, tmp_path_factory):
     home.mkdir()
     shutil.copy(REPO / "configs" / "instance" / "dagster.yaml", home / "dagster.yaml")  # teacher pool limit 1
     mark = uuid.uuid4().hex
-    env = {**os.environ, "DAGSTER_HOME": str(home), "VLLM_CPU_KVCACHE_SPACE": "1", "KILL_TEST_MARK": mark}
+    env = {**os.environ, "DAGSTER_HOME": str(home), "VLLM_CPU_KVCACHE_SPACE": "1", "KILL_TEST_MARK": mark,
+           "VLLM_PROCESS_NAME_PREFIX": f"{os.environ['VLLM_PROCESS_NAME_PREFIX']}-{mark}"}
     cmd = [sys.executable, "-m", "pipelines.run", "--config", str(path)]
     first = start_group(cmd, cwd=REPO, env=env, stdout=open(tmp / "first.log", "w"), stderr=subprocess.STDOUT)
     try:
@@ -55,10 +58,14 @@ def killed_then_rerun(tiny_config_path, tmp_path_factory):
             assert first.poll() is None, (tmp / "first.log").read_text()[-3000:]
             assert time.time() < deadline, "no shard was committed in time"
             time.sleep(0.05)
+        engine = [" ".join(p.cmdline()) for p in marked_processes("KILL_TEST_MARK", mark)]
+        assert any("::EngineCore" in t for t in engine), f"the run's engine is not visible: {engine}"
         os.kill(first.pid, signal.SIGKILL)
         first.wait()
         committed = {k: store.path_for(k).with_suffix(".json").stat().st_mtime_ns for k in set(keys.values()) if store.is_committed(k)}
         orphans = wait_until_gone("KILL_TEST_MARK", mark, timeout=30)
+        slot = claim_slot(slot_dir(cfg.root), [[0]], timeout=30)  # the dead run's slot is free again
+        slot.release()
     finally:
         stop_group(first)
     with dg.DagsterInstance.from_config(str(home)) as instance:
@@ -113,7 +120,7 @@ def test_edited_commit_record_is_caught_and_relabelled(killed_then_rerun, engine
     assert len(problems) == 1 and "'rows' is 0 but the file holds" in problems[0] and str(record_file) in problems[0]
     with pytest.raises(ShardError, match="edited or foreign commit record"):
         pipeline.open_split(cfg, "train")  # training refuses instead of silently skipping the shard
-    relabelled = pipeline.label_shards(cfg, [name])[name]
+    relabelled = pipeline.label_shards(cfg, [name], engine_factory=lambda: engine)[name]
     assert not relabelled["cache_hit"] and relabelled["rows"] == record["rows"] and relabelled["tokens"] == record["tokens"]
     assert pipeline.check_shards(cfg, [name])["problems"] == []
 
@@ -129,7 +136,7 @@ def test_shard_copied_under_another_key_is_relabelled(killed_then_rerun, engine)
         shutil.copy(store.path_for(keys[src]).with_suffix(suffix), store.path_for(keys[dst]).with_suffix(suffix))
     problems = pipeline.check_shards(cfg, [dst])["problems"]
     assert len(problems) == 1 and "'cache_key'" in problems[0] and keys[src] in problems[0]
-    relabelled = pipeline.label_shards(cfg, [dst])[dst]
+    relabelled = pipeline.label_shards(cfg, [dst], engine_factory=lambda: engine)[dst]
     assert not relabelled["cache_hit"] and relabelled["rows"] == own_rows
     assert store.open(keys[dst]).meta.cache_key == keys[dst]
 
