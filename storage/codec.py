@@ -17,8 +17,8 @@
   ``t (1 - t) h / 2 <= 2.4e-4``. Both ends matter: small tails are what reverse KL with
   ``tail: bucket`` compares the student's tail against at confident positions (the linear
   code this replaces, steps of 1/2047, stored every tail below 2.4e-4 as 0), and the top-k
-  decoder sets the top-k level from ``1 - t``. Cost on real labels: 2.1 bytes per position
-  (the linear code: 1.7; steps of 2^-10 would halve the error for 2.25).
+  decoder sets the top-k level from ``1 - t``. Cost on real labels, byte-stream-split under
+  zstd: 63.35 bytes per labelled token in all at k=32, as the linear code (63.34).
 - Top-k ids: remapped by their frequency in the shard (frequent candidates get small
   numbers), which makes the high bytes nearly constant under byte-stream-split + zstd.
 """
