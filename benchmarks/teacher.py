@@ -121,9 +121,12 @@ def bench_two_slots(config: str, windows, tokens: int) -> float:
         results = [json.loads(_line(w, lambda l: l.startswith("{"))) for w in workers]
         seconds = time.perf_counter() - t0
     finally:
-        for w in workers:
-            w.kill()
-            w.wait()
+        for w in workers:  # let each close its engine and exit, reading what it still logs
+            try:
+                w.communicate(timeout=120)
+            except subprocess.TimeoutExpired:
+                w.kill()
+                w.wait()
     assert sum(r["tokens"] for r in results) == tokens and {r["slot"] for r in results} == {0, 1}
     return tokens / seconds
 
