@@ -34,57 +34,19 @@ def load_yaml(tmp_path, text):
 @pytest.mark.parametrize(
     "text,match",
     [
+        # null for a required field
         ("teacher: {k: null}", r"teacher\.k=None is invalid: a value is required \(expected int\)"),
         ("corpus: {source: null}", r"corpus\.source=None is invalid: a value is required \(expected str\)"),
         ("train: {lr: null}", r"train\.lr=None is invalid: a value is required \(expected float\)"),
-    ],
-)
-def test_config_null_for_required_field(tmp_path, text, match):
-    path, load = load_yaml(tmp_path, text)
-    with pytest.raises(ConfigError, match=match) as err:
-        load()
-    assert str(path) in str(err.value)
-
-
-@pytest.mark.parametrize(
-    "text,match",
-    [
+        # a section that is not a mapping
         ("teacher: 5", r"teacher=5 is invalid: expected a mapping of TeacherConfig fields"),
         ("train: [1, 2]", r"train=\[1, 2\] is invalid: expected a mapping of TrainConfig fields"),
-    ],
-)
-def test_config_section_not_a_mapping(tmp_path, text, match):
-    path, load = load_yaml(tmp_path, text)
-    with pytest.raises(ConfigError, match=match) as err:
-        load()
-    assert str(path) in str(err.value)
-
-
-@pytest.mark.parametrize(
-    "text,match",
-    [
+        # wrong list items
         ("student: {layer_indices: abc}", r"student\.layer_indices=.abc. is invalid: expected a list of int"),
         ("student: {num_layers: 2, layer_indices: [1, x]}", r"student\.layer_indices=\[1, 'x'\] is invalid: expected a list of int.*item 1 is 'x'"),
         ("student: {num_layers: 2, layer_indices: [1, 2.5]}", r"student\.layer_indices=\[1, 2\.5\].*item 1 is 2\.5"),
         ("student: {num_layers: 2, layer_indices: [1, true]}", r"student\.layer_indices=\[1, True\].*item 1 is True"),
-    ],
-)
-def test_config_sequence_element_types(tmp_path, text, match):
-    _, load = load_yaml(tmp_path, text)
-    with pytest.raises(ConfigError, match=match):
-        load()
-
-
-def test_config_yaml_list_becomes_tuple(tmp_path):
-    _, load = load_yaml(tmp_path, "student: {num_layers: 3, layer_indices: [0, 5, 29]}")
-    cfg = load()
-    assert cfg.student.layer_indices == (0, 5, 29)
-    hash(cfg.student)  # frozen dataclasses stay hashable
-
-
-@pytest.mark.parametrize(
-    "text,match",
-    [
+        # non-finite numbers
         ("train: {lr: .inf}", r"train\.lr=inf is invalid: expected a finite number"),
         ("train: {weight_decay: .nan}", r"train\.weight_decay=nan is invalid: expected a finite number"),
         ("train: {max_grad_norm: 1.0e+400}", r"train\.max_grad_norm=inf is invalid: expected a finite number"),
@@ -94,10 +56,18 @@ def test_config_yaml_list_becomes_tuple(tmp_path):
         ("train: {steps: .inf}", r"train\.steps=inf is invalid: expected int"),
     ],
 )
-def test_config_non_finite_numbers(tmp_path, text, match):
-    _, load = load_yaml(tmp_path, text)
-    with pytest.raises(ConfigError, match=match):
+def test_config_error_names_the_file_and_field(tmp_path, text, match):
+    path, load = load_yaml(tmp_path, text)
+    with pytest.raises(ConfigError, match=match) as err:
         load()
+    assert str(path) in str(err.value)
+
+
+def test_config_yaml_list_becomes_tuple(tmp_path):
+    _, load = load_yaml(tmp_path, "student: {num_layers: 3, layer_indices: [0, 5, 29]}")
+    cfg = load()
+    assert cfg.student.layer_indices == (0, 5, 29)
+    hash(cfg.student)  # frozen dataclasses stay hashable
 
 
 def test_config_exponent_without_dot_is_a_number(tmp_path):
@@ -176,17 +146,21 @@ def records(source, **kw):
     return list(load_records(CorpusConfig(source=str(source), **kw), ["text"]))
 
 
-def test_empty_jsonl_named(tmp_path):
-    src = tmp_path / "docs.jsonl"
-    src.write_bytes(b"")
-    with pytest.raises(CorpusError, match=re.escape(str(src)) + ": empty file"):
-        records(src)
-
-
-def test_blank_only_jsonl_named(tmp_path):
-    src = tmp_path / "docs.jsonl"
-    src.write_text("\n  \n")
-    with pytest.raises(CorpusError, match=re.escape(str(src)) + ": no JSON records"):
+@pytest.mark.parametrize(
+    "name,content,problem",
+    [
+        ("docs.jsonl", b"", ": empty file"),
+        ("docs.jsonl", b"\n  \n", ": no JSON records"),
+        ("docs.parquet", b"PAR1 this is not really parquet", ": not a readable Parquet file"),
+        # UTF-8 on every line, but the CSV parser finds a quote that never closes
+        ("docs.csv", b'text\n"unterminated\n', ": the datasets library cannot read.*EOF inside string"),
+    ],
+    ids=["empty", "blank-only", "broken-parquet", "datasets-error"],
+)
+def test_unreadable_corpus_file_named(tmp_path, name, content, problem):
+    src = tmp_path / name
+    src.write_bytes(content)
+    with pytest.raises(CorpusError, match=re.escape(str(src)) + problem):
         records(src)
 
 
@@ -227,21 +201,6 @@ def test_json_and_jsonl_mix(tmp_path):
     b = tmp_path / "b.json"
     b.write_text('{"text": "world"}\n')
     assert [r["text"] for _, r in records(f"{a},{b}")] == ["hello", "world"]
-
-
-def test_broken_parquet_named(tmp_path):
-    src = tmp_path / "docs.parquet"
-    src.write_bytes(b"PAR1 this is not really parquet")
-    with pytest.raises(CorpusError, match=re.escape(str(src)) + ": not a readable Parquet file"):
-        records(src)
-
-
-def test_datasets_error_names_file(tmp_path):
-    # UTF-8 on every line, but the CSV parser finds a quote that never closes
-    src = tmp_path / "docs.csv"
-    src.write_text('text\n"unterminated\n')
-    with pytest.raises(CorpusError, match=re.escape(str(src)) + ": the datasets library cannot read.*EOF inside string"):
-        records(src)
 
 
 def write_docs(path, ids, short=()):
