@@ -36,6 +36,17 @@ def guard_children() -> None:
     _guard = (os.getpid(), proc)  # the pipe's write end stays open for this process's life
 
 
+def is_resource_tracker(proc) -> bool:
+    """Whether ``proc`` (psutil) is multiprocessing's resource tracker: shared by everything the
+    process starts and ended by itself when its owner exits, so never an engine's to end."""
+    import psutil
+
+    try:
+        return any("multiprocessing.resource_tracker" in part for part in proc.cmdline())
+    except psutil.NoSuchProcess:
+        return True
+
+
 def descendants_alive(procs) -> list:
     """The processes of ``procs`` (psutil.Process) still running (zombies count as gone)."""
     import psutil

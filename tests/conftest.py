@@ -31,12 +31,7 @@ def _exempt() -> set[int]:
     exempt = {os.getpid()}
     if procs._guard is not None and procs._guard[0] == os.getpid():
         exempt.add(procs._guard[1].pid)
-    for child in psutil.Process().children():
-        try:
-            if any("multiprocessing.resource_tracker" in part for part in child.cmdline()):
-                exempt.add(child.pid)
-        except psutil.NoSuchProcess:
-            pass
+    exempt |= {child.pid for child in psutil.Process().children() if procs.is_resource_tracker(child)}
     return exempt
 
 

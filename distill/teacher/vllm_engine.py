@@ -53,15 +53,6 @@ class EngineConfig:
         check(self.tensor_parallel_size >= 1, "tensor_parallel_size", self.tensor_parallel_size, "an integer >= 1")
 
 
-def _is_resource_tracker(proc) -> bool:
-    import psutil
-
-    try:
-        return any("multiprocessing.resource_tracker" in part for part in proc.cmdline())
-    except psutil.NoSuchProcess:
-        return True
-
-
 def _on_cpu() -> bool:
     from vllm.platforms import current_platform
 
@@ -88,7 +79,7 @@ class VllmTeacher:
         import psutil
         import vllm
 
-        from distill.procs import guard_children
+        from distill.procs import guard_children, is_resource_tracker
         from distill.teacher.slots import claim_slot, device_sets, pinned
 
         guard_children()  # the engine's processes end with this one, however it ends
@@ -119,7 +110,7 @@ class VllmTeacher:
             raise
         # the engine's own processes; multiprocessing's resource tracker is shared and ends by itself
         self.processes = [c for c in psutil.Process().children(recursive=True)
-                          if c.pid not in before and not _is_resource_tracker(c)]
+                          if c.pid not in before and not is_resource_tracker(c)]
         if self.slot is not None:
             self.slot.record_engine(self.processes)
         self.params = vllm.SamplingParams(
