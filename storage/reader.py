@@ -294,7 +294,12 @@ class ShardStream:
 
     The unit of work is a row group. Each epoch the units are ordered (shuffled with ``seed`` if
     ``shuffle``), then rank ``rank`` of ``world_size`` takes every ``world_size``-th unit, so
-    ranks never overlap and together cover every row once per epoch. A rank reads its units in
+    ranks never overlap. Every rank yields the same number of rows per epoch: the smallest
+    rank's share (row groups rarely divide evenly by the world size, and the last row group of a
+    shard is short). The few rows past that on the other ranks are skipped for that epoch; the
+    order is reshuffled each epoch, so it is different rows each time. With one rank (or when
+    the shares are equal) every row is read once per epoch. Ranks therefore reach every epoch
+    boundary together and no rank ever repeats data another has not. A rank reads its units in
     chunks of about ``shuffle_buffer`` rows (whole row groups) and yields each chunk's rows in a
     random order seeded by (seed, epoch, first unit): consecutive rows then come from every row
     group and shard of the chunk, not from one or two documents.
@@ -336,6 +341,12 @@ class ShardStream:
             for rg in range(meta.num_row_groups):
                 self._units.append((si, rg))
                 unit_rows.append(meta.row_group(rg).num_rows)
+        self._unit_rows = dict(zip(self._units, unit_rows))
+        if len(self._units) < self.world_size:
+            raise ValueError(
+                f"{self.shards[0].path} and {len(self.shards) - 1} other shard(s) hold {len(self._units)} row group(s), fewer than the "
+                f"{self.world_size} ranks x workers reading them: every rank needs at least one; use fewer processes or more (smaller) shards"
+            )
         rows_per_unit = max(1.0, sum(unit_rows) / max(1, len(unit_rows)))
         self.units_per_chunk = max(1, math.ceil(shuffle_buffer / rows_per_unit)) if shuffle else 1
 
@@ -345,6 +356,17 @@ class ShardStream:
             perm = np.random.default_rng([self.seed, epoch]).permutation(len(order))
             order = [order[i] for i in perm]
         return order[self.rank :: self.world_size]
+
+    def rows_per_epoch(self, epoch: int) -> int:
+        """Rows every rank yields in ``epoch``: the smallest rank's share of that epoch's order."""
+        order = self.units(epoch) if self.world_size == 1 else None
+        if order is not None:
+            return sum(self._unit_rows[u] for u in order)
+        full = list(self._units)
+        if self.shuffle:
+            perm = np.random.default_rng([self.seed, epoch]).permutation(len(full))
+            full = [full[i] for i in perm]
+        return min(sum(self._unit_rows[u] for u in full[r :: self.world_size]) for r in range(self.world_size))
 
     def rows(self, start: StreamPosition = StreamPosition(), epochs: int | None = None) -> Iterator[tuple[dict, StreamPosition]]:
         """Yield ``(row, position_after_row)`` forever (or for ``epochs``), starting at ``start``."""
@@ -358,7 +380,9 @@ class ShardStream:
             if unit_i % self.units_per_chunk:
                 raise ValueError(f"stream position unit {unit_i} is not the start of a chunk of {self.units_per_chunk} "
                                  "units: resume with the shuffle_buffer the position was saved with")
-            while unit_i < len(units):
+            quota = self.rows_per_epoch(epoch)
+            done = sum(self._unit_rows[u] for u in units[:unit_i])  # rows of the chunks before this one
+            while unit_i < len(units) and done < quota:
                 chunk = units[unit_i : unit_i + self.units_per_chunk]
                 tables = []
                 for si, rg in chunk:
@@ -369,12 +393,18 @@ class ShardStream:
                 if self.shuffle:
                     order = np.random.default_rng([self.seed, epoch, *chunk[0]]).permutation(len(index))
                 decoded = None if len(tables) > 1 else decode_row_group(*tables[0])  # one row group: decode it whole
-                for j in range(row_i, len(index)):
+                end = min(len(index), quota - done)
+                for j in range(row_i, end):
                     t, r = index[order[j]]
                     row = decoded[r] if decoded is not None else decode_row_group(tables[t][0], tables[t][1].slice(r, 1))[0]
-                    nxt = StreamPosition(epoch, unit_i, j + 1) if j + 1 < len(index) else StreamPosition(epoch, unit_i + len(chunk), 0)
+                    if j + 1 < end:
+                        nxt = StreamPosition(epoch, unit_i, j + 1)
+                    elif end < len(index) or done + end >= quota:
+                        nxt = StreamPosition(epoch + 1, 0, 0)  # this rank's share of the epoch is done
+                    else:
+                        nxt = StreamPosition(epoch, unit_i + len(chunk), 0)
                     yield row, nxt
-                unit_i, row_i = unit_i + len(chunk), 0
+                unit_i, row_i, done = unit_i + len(chunk), 0, done + len(index)
             epoch, unit_i, row_i = epoch + 1, 0, 0
 
 

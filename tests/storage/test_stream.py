@@ -51,8 +51,65 @@ def test_buffer_resumes_exactly_and_splits_ranks(shards, buffer):
         head, pos = _stream_ids(ShardStream(shards, seed=3, shuffle_buffer=buffer), n=cut)
         tail, _ = _stream_ids(ShardStream(shards, seed=3, shuffle_buffer=buffer), start=pos)
         assert head + tail[: 120 - cut] == full, f"resume after {cut} rows differs"
+    # 15 row groups over 2 ranks: 8 and 7; each rank yields the smaller share (56 rows)
     parts = [_stream_ids(ShardStream(shards, seed=3, shuffle_buffer=buffer, rank=r, world_size=2))[0] for r in range(2)]
-    assert not set(parts[0]) & set(parts[1]) and sorted(parts[0] + parts[1]) == sorted(full)
+    assert len(parts[0]) == len(parts[1]) == 56
+    assert not set(parts[0]) & set(parts[1]) and set(parts[0] + parts[1]) <= set(full)
+
+
+def _epochs(stream, epochs, start=None):
+    """Rows of ``epochs`` epochs, grouped by the epoch the stream says they belong to."""
+    from storage.reader import StreamPosition
+
+    out, pos = {}, start or StreamPosition()
+    epoch = pos.epoch
+    for row, nxt in stream.rows(pos, epochs=epochs):
+        out.setdefault(epoch, []).append((row["doc_id"], row["window_index"]))
+        epoch = nxt.epoch
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ranks_get_equal_shares_when_row_groups_do_not_divide(shards, world):
+    """Ragged row groups (8 per group, a shard's last one short) over ranks they do not divide:
+    every rank yields the same rows per epoch, so ranks cross epoch boundaries together; the
+    rows skipped change from epoch to epoch, and a resumed rank continues exactly."""
+    import dataclasses
+
+    # 3 x 40 rows = 15 groups of 8, and a 4th shard of 13 rows: groups of 8 and 5 (133 rows)
+    path = shards[0].path.parent / "s3.parquet"
+    rows = make_rows(13, 49152, 4, seed=9)
+    for i, r in enumerate(rows):
+        r["doc_id"], r["window_index"] = f"s3-d{i}", 0
+    with ShardWriter(path, make_meta(shard="train-00003"), row_group_rows=8) as w:
+        w.write_many(rows)
+    short = [*shards, open_shard(path)]
+    streams = [ShardStream(short, seed=5, shuffle_buffer=16, rank=r, world_size=world) for r in range(world)]
+    per_rank = [_epochs(s, 3) for s in streams]
+    skipped = []
+    for epoch in range(3):
+        counts = [len(p[epoch]) for p in per_rank]
+        assert len(set(counts)) == 1, f"epoch {epoch}: ranks yield {counts} rows"
+        assert counts[0] == streams[0].rows_per_epoch(epoch) > 0
+        seen = [x for p in per_rank for x in p[epoch]]
+        assert len(seen) == len(set(seen)), "ranks overlap"
+        skipped.append(133 - len(seen))
+        assert 0 <= skipped[-1] < 8 * world
+    # resume rank 1 from the middle of epoch 1 and from an epoch boundary
+    for cut in (streams[1].rows_per_epoch(0) + 3, streams[1].rows_per_epoch(0)):
+        head, pos = _stream_ids(ShardStream(short, seed=5, shuffle_buffer=16, rank=1, world_size=world), n=cut)
+        tail, _ = _stream_ids(ShardStream(short, seed=5, shuffle_buffer=16, rank=1, world_size=world), start=pos, n=5)
+        whole, _ = _stream_ids(ShardStream(short, seed=5, shuffle_buffer=16, rank=1, world_size=world), n=cut + 5)
+        assert head + tail == whole, f"resume after {cut} rows differs"
+        assert dataclasses.asdict(pos)["epoch"] == 1
+    # the skipped rows are not the same every epoch: over 3 epochs more rows are read than in one
+    every = {x for p in per_rank for e in range(3) for x in p[e]}
+    assert max(skipped) > 0 and len(every) > 133 - min(skipped)
+
+
+def test_fewer_row_groups_than_ranks_is_a_clear_error(shards):
+    with pytest.raises(ValueError, match=r"hold 15 row group\(s\), fewer than the 16 ranks x workers"):
+        ShardStream(shards, rank=0, world_size=16)
 
 
 def test_position_from_another_buffer_size_is_refused(shards):
