@@ -190,8 +190,9 @@ def _engine_name() -> str:
     return f"vllm-{vllm.__version__}"
 
 
-def open_split(cfg: RunConfig, split: str) -> list[Shard]:
-    """Every committed, verified shard of ``split``; raises naming the missing partitions."""
+def open_split(cfg: RunConfig, split: str, verify_checksum: bool = True) -> list[Shard]:
+    """Every committed, verified shard of ``split``; raises naming the missing partitions.
+    ``verify_checksum=False`` skips the sha256 (training ranks, once their launcher verified)."""
     names = [n for n in cfg.corpus.shard_names() if n.startswith(split)]
     keys = shard_keys(cfg, names)
     store = label_store(cfg)
@@ -203,7 +204,7 @@ def open_split(cfg: RunConfig, split: str) -> list[Shard]:
         )
     shards = []
     for n in names:
-        shard = store.open(keys[n], expect=expect)
+        shard = store.open(keys[n], expect=expect, verify_checksum=verify_checksum)
         if shard.rows:
             shards.append(shard)
     if not shards:
@@ -260,7 +261,8 @@ def student_key(student: StudentConfig, train: TrainConfig, train_shard_keys: Se
     return content_key(
         {
             "student": student_fields,
-            "train": {k: v for k, v in dataclasses.asdict(train).items() if k not in ("progress", "num_threads")},
+            # what shapes the model: not how it is shown or where the ranks meet
+            "train": {k: v for k, v in dataclasses.asdict(train).items() if k not in ("progress", "num_threads", "rdzv_endpoint")},
             "shards": sorted(train_shard_keys),
             "code": code,
         }
@@ -286,8 +288,13 @@ def remove_stale_dirs(out: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def train_student(cfg: RunConfig, baseline: bool = False) -> dict:
-    """Train (or resume, or reuse when finished) the distilled student or the CE-only baseline."""
+def train_student(cfg: RunConfig, baseline: bool = False, launcher=None, log=print) -> dict:
+    """Train (or resume, or reuse when finished) the distilled student or the CE-only baseline.
+
+    With ``train.nproc_per_node`` x ``train.nnodes`` > 1 the ranks run under ``torchrun``,
+    started by ``launcher`` (``distill.launch.Launcher``; default: a subprocess); else training
+    runs in this process.
+    """
     from distill.trainer import train
 
     out = student_dir(cfg, baseline)
@@ -300,8 +307,25 @@ def train_student(cfg: RunConfig, baseline: bool = False) -> dict:
         remove_stale_dirs(out)
         shards = open_split(cfg, "train")
         atomic_write_text(out / "train_set.json", json.dumps(set_manifest(shards), indent=1))
-        tok = tokenizer(cfg)
-        summary = train(cfg.student, cfg.baseline_train if baseline else cfg.train, teacher_dir(cfg), shards, out, len(tok))
+        train_cfg = cfg.baseline_train if baseline else cfg.train
+        if train_cfg.world_size == 1:
+            summary = train(cfg.student, train_cfg, teacher_dir(cfg), shards, out, len(tokenizer(cfg)))
+        else:
+            from distill.launch import launch
+
+            from distill.trainer import CKPT_DIR, latest_checkpoint
+
+            try:
+                launch(out, cfg.to_dict(), train_cfg, baseline, launcher, log=log)
+            except Exception as e:
+                last = latest_checkpoint(out / CKPT_DIR)
+                raise RuntimeError(
+                    f"{out}: training in {train_cfg.world_size} processes failed ({e}); the next run resumes from "
+                    f"{f'checkpoint {last.name}' if last else 'the start (no checkpoint yet; see train.checkpoint_every)'}"
+                ) from e
+            if not summary_path.exists():
+                raise RuntimeError(f"{out}: the training processes exited without writing summary.json")
+            summary = json.loads(summary_path.read_text())
         return {**summary, "reused": False, "out_dir": str(out)}
 
 

@@ -13,7 +13,7 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -27,6 +27,7 @@ from storage.writer import atomic_write_text
 FINAL_DIR = "model"
 CKPT_DIR = "checkpoints"
 HISTORY = "history.jsonl"
+STRATEGIES = ("ddp", "fsdp")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +81,21 @@ class TrainConfig:
     """CPU threads for torch (None: torch's default)."""
     progress: bool = True
     """Show a progress bar."""
+    nproc_per_node: int = 1
+    """Training processes on this machine (one per GPU). 1: train inside the calling process (the
+    Dagster step); more: the asset starts ``torchrun`` through Dagster Pipes and streams its logs
+    and metrics into the run. Changes the result (each rank reads its own share of the data), so
+    it is part of the student's cache key, and a checkpoint resumes only with the same world size."""
+    nnodes: int = 1
+    """Machines training together. Above 1, every other node runs ``python -m distill.launch
+    <student folder>/launch.json`` (the asset logs the exact command) and they meet at ``rdzv_endpoint``."""
+    rdzv_endpoint: str | None = None
+    """``host:port`` of the c10d rendezvous (a port on the first node), required when ``nnodes > 1``."""
+    strategy: str = "ddp"
+    """With more than one process: ``ddp`` (every rank holds the whole model; gradients all-reduced)
+    or ``fsdp`` (FSDP2 ``fully_shard`` per decoder layer plus the root: parameters, gradients and
+    optimizer state sharded across ranks, for students that do not fit one device; distributed
+    checkpoints, a full ``save_pretrained`` at the end). Ignored with one process."""
 
     def __post_init__(self):
         check(self.steps >= 1, "steps", self.steps, "an integer >= 1")
@@ -97,6 +113,15 @@ class TrainConfig:
         check(self.precision in ("auto", "fp32", "bf16"), "precision", self.precision, "auto, fp32 or bf16")
         check(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, "an integer >= 0")
         check(self.shuffle_buffer >= 0, "shuffle_buffer", self.shuffle_buffer, "an integer >= 0 (windows)")
+        check(self.nproc_per_node >= 1, "nproc_per_node", self.nproc_per_node, "an integer >= 1")
+        check(self.nnodes >= 1, "nnodes", self.nnodes, "an integer >= 1")
+        check(self.nnodes == 1 or bool(self.rdzv_endpoint and ":" in self.rdzv_endpoint), "rdzv_endpoint",
+              self.rdzv_endpoint, "host:port of the rendezvous (needed when nnodes > 1)")
+        check(self.strategy in STRATEGIES, "strategy", self.strategy, f"one of {STRATEGIES}")
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc_per_node * self.nnodes
 
     @property
     def effective_warmup(self) -> int:
@@ -227,39 +252,59 @@ def _autocast(cfg: TrainConfig, device: torch.device):
 
 @dataclasses.dataclass
 class TrainState:
-    """What a checkpoint restores: weights, optimizer, RNG, step, this rank's data position and
-    the loss history. ``model`` is the bare module (not the DDP wrapper)."""
+    """What a checkpoint restores: weights, optimizer, every rank's RNG (CPU and device), step,
+    this rank's data position and the loss history. ``model`` is the bare module (not the DDP
+    wrapper); ``sharded`` when it is FSDP-sharded (FSDP2 shards the module in place).
+
+    A checkpoint is ``checkpoints/step-<N>``: ``model.safetensors`` + ``trainer_state.pt``
+    (optimizer) when unsharded, a ``torch.distributed.checkpoint`` folder ``dcp/`` (each rank
+    writes its shards) when sharded, one ``rng-<rank>.pt`` per rank and ``position.json``. Every
+    rank writes into one temporary folder; rank 0 commits it by rename after a barrier, so a
+    crash at any moment leaves either the whole checkpoint or none."""
 
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     step: int = 0
     position: StreamPosition = StreamPosition()
     history: list = dataclasses.field(default_factory=list)
+    sharded: bool = False
 
-    def save(self, ckpt_root: Path, positions: list[StreamPosition], keep: int) -> Path:
-        """A resumable checkpoint with every rank's position, committed by rename; keeps ``keep``."""
+    def save(self, ckpt_root: Path, positions: list[StreamPosition], keep: int, rank: int = 0, world: int = 1) -> Path:
+        """Write a resumable checkpoint with every rank's position (called on every rank); keeps ``keep``."""
         from safetensors.torch import save_model
 
         final = ckpt_root / f"step-{self.step:08d}"
-        tmp = ckpt_root / f".step-{self.step:08d}.tmp-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir(parents=True)
-        save_model(self.model, str(tmp / "model.safetensors"))  # handles tied embeddings
-        rng = {"torch_rng": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda_rng"] = torch.cuda.get_rng_state_all()
-        torch.save({"optimizer": self.optimizer.state_dict(), **rng}, tmp / "trainer_state.pt")
-        (tmp / "position.json").write_text(json.dumps({"step": self.step, "positions": [p.to_dict() for p in positions]}))
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        os.replace(tmp, final)
-        done = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())
-        for old in done[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+        tmp = ckpt_root / f".step-{self.step:08d}.tmp-save"
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a crash at this very step
+            tmp.mkdir(parents=True)
+        _barrier(world)
+        torch.save(_rng_state(), tmp / f"rng-{rank:05d}.pt")
+        if self.sharded:
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_state_dict
+
+            model_state, optim_state = get_state_dict(self.model, self.optimizer)
+            dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp / "dcp"))
+        _barrier(world)
+        if rank == 0:
+            if not self.sharded:
+                save_model(self.model, str(tmp / "model.safetensors"))  # handles tied embeddings
+                torch.save({"optimizer": self.optimizer.state_dict()}, tmp / "trainer_state.pt")
+            (tmp / "position.json").write_text(json.dumps({"step": self.step, "positions": [p.to_dict() for p in positions]}))
+            for f in tmp.rglob("*"):
+                if f.is_file():
+                    with open(f, "rb") as fh:
+                        os.fsync(fh.fileno())
+            os.replace(tmp, final)
+            done = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())
+            for old in done[:-keep] if keep > 0 else []:
+                shutil.rmtree(old, ignore_errors=True)
+        _barrier(world)
         return final
 
     def restore(self, ckpt_root: Path, history_path: Path, rank: int, world: int) -> Path | None:
-        """Load the latest checkpoint under ``ckpt_root``, if any; returns it."""
+        """Load the latest checkpoint under ``ckpt_root``, if any (called on every rank); returns it."""
         from safetensors.torch import load_model
 
         resume = latest_checkpoint(ckpt_root) if ckpt_root.exists() else None
@@ -268,16 +313,44 @@ class TrainState:
         saved = json.loads((resume / "position.json").read_text())
         if len(saved["positions"]) != world:
             raise ValueError(f"{resume}: saved with {len(saved['positions'])} ranks, resuming with {world}; resume with the same world size")
-        load_model(self.model, str(resume / "model.safetensors"))
-        state = torch.load(resume / "trainer_state.pt", weights_only=True)
-        self.optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-        if "cuda_rng" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        if (resume / "dcp").is_dir() != self.sharded:
+            raise ValueError(f"{resume}: saved {'sharded (fsdp)' if (resume / 'dcp').is_dir() else 'unsharded (ddp)'}; resume with the same train.strategy")
+        if self.sharded:
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+            model_state, optim_state = get_state_dict(self.model, self.optimizer)
+            state = {"model": model_state, "optimizer": optim_state}
+            dcp.load(state, checkpoint_id=str(resume / "dcp"))
+            set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        else:
+            load_model(self.model, str(resume / "model.safetensors"))
+            self.optimizer.load_state_dict(torch.load(resume / "trainer_state.pt", weights_only=True)["optimizer"])
+        _set_rng_state(torch.load(resume / f"rng-{rank:05d}.pt", weights_only=True))
         self.step, self.position = saved["step"], StreamPosition(**saved["positions"][rank])
         if history_path.exists():
             self.history = [json.loads(line) for line in history_path.read_text().splitlines()][: self.step]
         return resume
+
+
+def _rng_state() -> dict:
+    state = {"torch_rng": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda_rng"] = torch.cuda.get_rng_state()  # this rank's device
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch_rng"])
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda_rng"])
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
 
 
 def latest_checkpoint(ckpt_root: Path) -> Path | None:
@@ -319,6 +392,41 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), world, device
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's repeated blocks: modules whose class transformers lists in
+    ``_no_split_modules`` (``LlamaDecoderLayer``, ...)."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(f"{type(model).__name__}: no decoder layers found to shard (its _no_split_modules is {sorted(names)}); use train.strategy: ddp")
+    return layers
+
+
+def parallelize(model: torch.nn.Module, cfg: TrainConfig, world: int, device: torch.device) -> torch.nn.Module:
+    """The module the step runs: the model itself (one process, or FSDP2, which shards the model
+    in place: each decoder layer, then the root for the embeddings, norm and head) or a DDP wrapper."""
+    if world == 1:
+        return model
+    if cfg.strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in decoder_layers(model):
+            fully_shard(layer)
+        fully_shard(model)
+        return model
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _gradient_sync(model, enabled: bool):
+    """Skip DDP's all-reduce on all but a step's last micro-batch. FSDP reduce-scatters every
+    micro-batch (keeping gradients sharded is what it is for)."""
+    import contextlib
+
+    if enabled or not hasattr(model, "no_sync"):
+        return contextlib.nullcontext()
+    return model.no_sync()
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -366,8 +474,6 @@ def train_step(model, micro_batches: Sequence[dict], cfg: TrainConfig, mode: str
     step's token count across ranks (TRL's ``num_items_in_batch``), times ``world`` because DDP
     averages gradients over ranks. Gradients are all-reduced once, on the last micro-batch.
     """
-    import contextlib
-
     import torch.distributed as dist
 
     counts = step_counts(micro_batches, mode)
@@ -378,7 +484,7 @@ def train_step(model, micro_batches: Sequence[dict], cfg: TrainConfig, mode: str
     for i, batch in enumerate(micro_batches):
         batch = {name: t.to(device) for name, t in batch.items()}
         last = i == len(micro_batches) - 1
-        with contextlib.nullcontext() if last or world == 1 else model.no_sync():
+        with _gradient_sync(model, last or world == 1):
             loss, terms = micro_batch_loss(model, batch, cfg, mode, normalize, counts, device)
             (loss * world).backward()
         parts += torch.tensor([loss.item(), terms["ce"].item(), terms["kd"].item()], dtype=torch.float64)
@@ -387,15 +493,39 @@ def train_step(model, micro_batches: Sequence[dict], cfg: TrainConfig, mode: str
     return dict(zip(("loss", "ce", "kd"), parts.tolist()))
 
 
-def finish(out_dir: Path, state: TrainState, teacher_dir, summary: dict) -> dict:
+def tied_names(model: torch.nn.Module) -> set[str]:
+    """Names under which an already-listed parameter appears again (``lm_head.weight`` of a model
+    with tied embeddings): ``save_pretrained`` stores such a weight once."""
+    unique = {name for name, _ in model.named_parameters()}
+    return {name for name, _ in model.named_parameters(remove_duplicate=False)} - unique
+
+
+def full_state_dict(state: TrainState, skip: set[str]) -> dict | None:
+    """The whole model's weights on rank 0's CPU, gathered from every rank (a collective: every
+    rank calls it) when sharded, without the names in ``skip``; None when the model holds them itself."""
+    if not state.sharded:
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    weights = get_model_state_dict(state.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {name: w for name, w in weights.items() if name not in skip}
+
+
+def finish(out_dir: Path, state: TrainState, teacher_dir, summary: dict, weights: dict | None = None, architecture: str | None = None) -> dict:
     """Rank 0 after the last step: loss plot, ``save_pretrained`` (safetensors + tokenizer)
-    committed by rename, ``summary.json``."""
+    committed by rename, ``summary.json``. ``weights``: the gathered state dict of a sharded
+    model; ``architecture``: its class name before sharding (FSDP2 renames the class)."""
     from transformers import AutoTokenizer
 
     _plot_history(state.history, out_dir / "loss.png")
     final = out_dir / FINAL_DIR
     tmp = out_dir / f".{FINAL_DIR}.tmp-{uuid.uuid4().hex[:8]}"
-    state.model.save_pretrained(tmp, safe_serialization=True)
+    state.model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
+    if architecture is not None:  # what transformers and vLLM dispatch on
+        config_path = tmp / "config.json"
+        config = json.loads(config_path.read_text())
+        config["architectures"] = [architecture]
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     AutoTokenizer.from_pretrained(teacher_dir).save_pretrained(tmp)
     if final.exists():
         shutil.rmtree(final)
@@ -403,6 +533,7 @@ def finish(out_dir: Path, state: TrainState, teacher_dir, summary: dict) -> dict
     summary = {
         **summary, "finished": True, "final_loss": state.history[-1]["loss"], "final_ce": state.history[-1]["ce"],
         "final_kd": state.history[-1]["kd"], "parameters": sum(p.numel() for p in state.model.parameters()), "model_dir": str(final),
+        "strategy": "fsdp" if state.sharded else ("ddp" if summary.get("world_size", 1) > 1 else "single"),
     }
     atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=1))
     return summary
@@ -417,6 +548,7 @@ def train(
     tokenizer_vocab: int,
     stop_after: int | None = None,
     row_log: str | Path | None = None,
+    on_step: Callable[[dict], None] | None = None,
 ) -> dict:
     """Train a student on ``shards`` into ``out_dir/model``; resumes from ``out_dir/checkpoints``.
 
@@ -424,7 +556,9 @@ def train(
     gradients are all-reduced by DDP; rank 0 writes checkpoints (with every rank's data position)
     and the final model. ``stop_after`` ends the run early after that many steps (with a
     checkpoint), as a crash would. ``row_log`` appends the (doc_id, window_index) of every row
-    this rank trained on to ``<row_log>.rank<r>`` (for coverage checks).
+    this rank trained on to ``<row_log>.rank<r>`` (for coverage checks). ``on_step`` is called on
+    rank 0 after every step with its history entry plus ``tok_s`` (labelled tokens per second,
+    all ranks) and ``steps`` (the run's total).
     """
     import torch.distributed as dist
     from tqdm.auto import tqdm
@@ -444,9 +578,10 @@ def train(
     torch.manual_seed(cfg.seed)
     model = build_student(teacher_dir, student_cfg, tokenizer_vocab).to(device)
     model.train()
-    state = TrainState(model, build_optimizer(model, cfg))
+    architecture, tied = type(model).__name__, tied_names(model)
+    step_model = parallelize(model, cfg, world, device)
+    state = TrainState(model, build_optimizer(model, cfg), sharded=world > 1 and cfg.strategy == "fsdp")
     state.restore(ckpt_root, out_dir / HISTORY, rank, world)
-    ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     stream = ShardStream(shards, seed=cfg.seed, shuffle=cfg.shuffle, rank=rank, world_size=world, shuffle_buffer=cfg.shuffle_buffer)
     data = batches(stream, cfg.batch_size, k, state.position, with_ids=row_log is not None)
     log = open(f"{row_log}.rank{rank}", "a") if row_log is not None else None
@@ -464,8 +599,10 @@ def train(
             if log is not None:
                 log.write("".join(f"{d}\t{w}\n" for d, w in batch.pop("row_ids")))
             micro_batches.append(batch)
-        parts = train_step(ddp_model, micro_batches, cfg, mode, normalize, world, device)
+        parts = train_step(step_model, micro_batches, cfg, mode, normalize, world, device)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor over the ranks' shards
+            grad_norm = grad_norm.full_tensor()
         # loss and norm are the same on every rank (all-reduced), so every rank stops together
         if not (math.isfinite(parts["loss"]) and torch.isfinite(grad_norm)):
             raise FloatingPointError(
@@ -478,9 +615,11 @@ def train(
         state.step += 1
         state.history.append({"step": state.step, "lr": cfg.lr_at(state.step - 1), **parts})
         tokens_seen += int(sum(int(b["mask"].sum()) for b in micro_batches))
-        bar.set_postfix(loss=f"{parts['loss']:.3f}", ce=f"{parts['ce']:.3f}", kd=f"{parts['kd']:.3f}",
-                        tok_s=f"{tokens_seen * world / (time.perf_counter() - t_start):.0f}")
+        tok_s = tokens_seen * world / (time.perf_counter() - t_start)
+        bar.set_postfix(loss=f"{parts['loss']:.3f}", ce=f"{parts['ce']:.3f}", kd=f"{parts['kd']:.3f}", tok_s=f"{tok_s:.0f}")
         bar.update(1)
+        if on_step is not None and main:
+            on_step({**state.history[-1], "tok_s": tok_s, "steps": cfg.steps})
         if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 or (stop_after and state.step == last < cfg.steps):
             if log is not None:
                 log.flush()
@@ -491,22 +630,24 @@ def train(
                 dist.all_gather_object(positions, state.position)
             if main:
                 atomic_write_text(out_dir / HISTORY, "".join(json.dumps(h) + "\n" for h in state.history))
-                state.save(ckpt_root, positions, cfg.keep_checkpoints)
-            if world > 1:
-                dist.barrier()
+            state.save(ckpt_root, positions, cfg.keep_checkpoints, rank, world)
     bar.close()
     if log is not None:
         log.close()
-    if world > 1:
-        dist.barrier()
+    _barrier(world)
 
-    # the final model (rank 0)
+    # the final model (rank 0; a sharded model is gathered from every rank first)
+    weights = full_state_dict(state, tied) if state.step >= cfg.steps else None
     if not main:
+        _barrier(world)
         return {"steps": state.step, "finished": state.step >= cfg.steps, "rank": rank}
     atomic_write_text(out_dir / HISTORY, "".join(json.dumps(h) + "\n" for h in state.history))
     if state.step < cfg.steps:
+        _barrier(world)
         return {"steps": state.step, "finished": False}
-    return finish(out_dir, state, teacher_dir, {
+    summary = finish(out_dir, state, teacher_dir, {
         "steps": state.step, "labelled_tokens_this_run": tokens_seen * world,
         "seconds_this_run": time.perf_counter() - t_start, "world_size": world,
-    })
+    }, weights=weights, architecture=architecture if state.sharded else None)
+    _barrier(world)  # no rank leaves (and torchrun reports success) before the model is saved
+    return summary

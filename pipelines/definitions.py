@@ -29,6 +29,7 @@ def build_definitions(config_path: str | None = None, keep_engine_alive: bool = 
         resources={
             "settings": DistillSettings(config_path=str(config_path)),
             "teacher_engine": TeacherEngine(keep_alive=keep_engine_alive),
+            "pipes_subprocess_client": dg.PipesSubprocessClient(),  # torchrun, for multi-process training
         },
     )
 

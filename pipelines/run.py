@@ -98,8 +98,18 @@ def failed_checks(result: dg.ExecuteInProcessResult, severity=dg.AssetCheckSever
 
 
 def run_errors(result: dg.ExecuteInProcessResult) -> list[str]:
-    return [f"step {e.step_key}: {e.event_specific_data.error.message.strip()}" for e in result.all_events
-            if e.is_step_failure and e.event_specific_data is not None and getattr(e.event_specific_data, "error", None)]
+    """One line per failed step: Dagster's message and the error that caused it."""
+    lines = []
+    for e in result.all_events:
+        error = getattr(e.event_specific_data, "error", None) if e.is_step_failure else None
+        if error is None:
+            continue
+        messages = [error.message.strip()]
+        while error.cause is not None:
+            error = error.cause
+            messages.append(error.message.strip())
+        lines.append(f"step {e.step_key}: {' <- '.join(messages)}")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,7 @@ from distill import pipeline
 from pipelines.resources import DistillSettings
 
 
-def _result(summary: dict) -> dg.MaterializeResult:
+def _result(summary: dict, progress: list[dict] | None = None) -> dg.MaterializeResult:
     metadata = {
         "model_dir": dg.MetadataValue.path(str(Path(summary["out_dir"]) / "model")),
         "steps": summary["steps"],
@@ -18,7 +18,13 @@ def _result(summary: dict) -> dg.MaterializeResult:
         "final_kd": summary["final_kd"],
         "parameters": summary["parameters"],
         "reused": summary["reused"],
+        "processes": summary.get("world_size", 1),
+        "strategy": summary.get("strategy", "single"),
     }
+    if summary.get("seconds_this_run"):
+        metadata["labelled_tok_s"] = summary["labelled_tokens_this_run"] / summary["seconds_this_run"]
+    if progress:  # what the ranks reported through Pipes while training
+        metadata["reported_steps"] = len(progress)
     plot = Path(summary["out_dir"]) / "loss.png"
     if plot.exists():
         encoded = base64.b64encode(plot.read_bytes()).decode()
@@ -26,11 +32,31 @@ def _result(summary: dict) -> dg.MaterializeResult:
     return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(Path(summary["out_dir"]).name))
 
 
+def _train(context: dg.AssetExecutionContext, settings: DistillSettings, client: dg.PipesSubprocessClient, baseline: bool) -> dg.MaterializeResult:
+    """Train in this process, or (``train.nproc_per_node`` x ``nnodes`` > 1) run ``torchrun``
+    through Dagster Pipes: its output goes to the step's logs, rank 0's step reports to the run's
+    event log, and a failed rank fails the step (the next materialization resumes from the last
+    checkpoint). On Kubernetes, ``dagster_k8s.PipesK8sClient`` runs the same command in a pod
+    with the GPUs (deploy/README.md)."""
+    from distill.procs import guard_children
+
+    progress: list[dict] = []
+
+    def launcher(cmd, env):
+        guard_children()  # torchrun and its ranks end with this step's process, even on SIGKILL
+        context.log.info(f"starting {' '.join(cmd)}")
+        completed = client.run(context=context, command=list(cmd), env=dict(env))
+        progress.extend(completed.get_custom_messages())
+
+    summary = pipeline.train_student(settings.load(), baseline=baseline, launcher=launcher, log=context.log.info)
+    return _result(summary, progress)
+
+
 @dg.asset(group_name="student", deps=["teacher_logits"], automation_condition=dg.AutomationCondition.eager(), description="Student trained on the train shards with KD + cross-entropy (save_pretrained, safetensors).")
-def student_model(settings: DistillSettings) -> dg.MaterializeResult:
-    return _result(pipeline.train_student(settings.load(), baseline=False))
+def student_model(context: dg.AssetExecutionContext, settings: DistillSettings, pipes_subprocess_client: dg.PipesSubprocessClient) -> dg.MaterializeResult:
+    return _train(context, settings, pipes_subprocess_client, baseline=False)
 
 
 @dg.asset(group_name="student", deps=["teacher_logits"], automation_condition=dg.AutomationCondition.eager(), description="The same student, data order and steps with cross-entropy only.")
-def baseline_student(settings: DistillSettings) -> dg.MaterializeResult:
-    return _result(pipeline.train_student(settings.load(), baseline=True))
+def baseline_student(context: dg.AssetExecutionContext, settings: DistillSettings, pipes_subprocess_client: dg.PipesSubprocessClient) -> dg.MaterializeResult:
+    return _train(context, settings, pipes_subprocess_client, baseline=True)
