@@ -1,24 +1,34 @@
 """Evaluation on held-out shards: perplexity from each model's own forward pass, and agreement
-with the teacher's stored labels (KL over the teacher's top-k plus a tail bucket, top-1)."""
+with the teacher's stored labels (KL over the teacher's top-k plus a tail bucket, top-1).
+
+The teacher itself is not run through transformers unless ``eval.teacher_backend`` asks for
+it: its held-out metrics come from the labels already stored in the shards (``teacher_metrics``),
+and its greedy answers and multiple-choice scores from its vLLM engine. Students run on the
+training device (CUDA if present, bf16 where training resolves to bf16; else CPU fp32)."""
 from __future__ import annotations
 
 import dataclasses
 import math
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
+import numpy as np
 import torch
 
 from distill.configbase import check
 from distill.losses import candidate_log_distribution, candidate_scores, forward_kl, sparse_log_distributions
-from distill.trainer import collate_for
+from distill.trainer import collate, collate_for
 from storage.reader import Shard, ShardStream, StreamPosition
+
+
+TEACHER_BACKENDS = ("stored", "transformers")
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
     batch_size: int = 8
-    """Windows per forward pass."""
+    """Windows per forward pass; also multiple-choice questions (all their choices) per padded
+    forward and prompts per left-padded greedy batch."""
     max_windows: int | None = None
     """Evaluate at most this many held-out windows (None: all)."""
     min_kl_margin: float = 0.0
@@ -34,13 +44,23 @@ class EvalConfig:
     agreement_prompts: int = 32
     """``generate`` data: held-out prompts on which each model's greedy answer is compared with the teacher's."""
     agreement_max_tokens: int = 64
-    """``generate`` data: longest greedy answer compared, in tokens."""
+    """``generate`` data: longest greedy answer compared, in tokens (with the ``stored`` teacher
+    backend also at most what the teacher engine's ``corpus.window`` leaves after each prompt,
+    for every model alike)."""
+    teacher_backend: str = "stored"
+    """How the teacher is evaluated. ``stored``: its held-out metrics from the labels already in
+    the held-out shards (perplexity from the stored realized-token logprobs, KL 0 and top-1
+    agreement 1 by definition, ECE from the stored top-1), its greedy answers and
+    multiple-choice scores from its vLLM engine; no transformers copy of the teacher is built.
+    ``transformers``: the teacher loaded and run like the students (full forward passes, on
+    the training device; needs the teacher's weights in memory in fp32 on a CPU)."""
 
     def __post_init__(self):
         check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
         check(self.max_windows is None or self.max_windows >= 1, "max_windows", self.max_windows, "None or >= 1")
         check(self.agreement_prompts >= 0, "agreement_prompts", self.agreement_prompts, "an integer >= 0")
         check(self.agreement_max_tokens >= 1, "agreement_max_tokens", self.agreement_max_tokens, "an integer >= 1")
+        check(self.teacher_backend in TEACHER_BACKENDS, "teacher_backend", self.teacher_backend, " or ".join(TEACHER_BACKENDS))
 
 
 ECE_BINS = 15
@@ -163,41 +183,148 @@ def _calibration(sums: dict[str, torch.Tensor]) -> list[dict]:
     ]
 
 
-@torch.no_grad()
-def evaluate_model(model, shards: Sequence[Shard], cfg: EvalConfig) -> dict:
-    """Held-out metrics of one causal LM against the teacher labels in ``shards``."""
-    model.eval()
-    device = next(model.parameters()).device
-    meta = shards[0].meta
-    normalize = bool(meta.settings.get("length_normalize"))
-    collate_rows = collate_for(shards[0])
-    totals: dict[str, torch.Tensor] = {}
+def eval_device(precision: str = "auto") -> tuple[torch.device, bool]:
+    """Where and in which precision models are evaluated: the training device, CUDA if
+    available, with bf16 autocast when ``train.precision`` resolves to bf16 there (``bf16``, or
+    ``auto`` on CUDA); otherwise the CPU in fp32. Returns ``(device, bf16)``."""
+    if torch.cuda.is_available():
+        return torch.device("cuda"), precision in ("auto", "bf16")
+    return torch.device("cpu"), False
+
+
+def _autocast(device: torch.device, bf16: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def heldout_batches(shards: Sequence[Shard], cfg: EvalConfig, collate_rows) -> Iterator[dict[str, torch.Tensor]]:
+    """The held-out rows in shard order, ``cfg.batch_size`` at a time (at most ``cfg.max_windows``), collated."""
     rows: list[dict] = []
     windows = 0
+    for row, _ in ShardStream(shards, shuffle=False).rows(StreamPosition(), epochs=1):
+        rows.append(row)
+        windows += 1
+        if len(rows) == cfg.batch_size:
+            yield collate_rows(rows)
+            rows = []
+        if cfg.max_windows and windows >= cfg.max_windows:
+            break
+    if rows:
+        yield collate_rows(rows)
 
-    def flush():
-        batch = {n: t.to(device) for n, t in collate_rows(rows).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+def _accumulate(totals: dict[str, torch.Tensor], sums: dict[str, torch.Tensor]) -> None:
+    for name, value in sums.items():
+        totals[name] = totals.get(name, 0) + value.cpu()
+
+
+@torch.no_grad()
+def evaluate_model(model, shards: Sequence[Shard], cfg: EvalConfig, bf16: bool = False) -> dict:
+    """Held-out metrics of one causal LM against the teacher labels in ``shards``, on the
+    model's device (``bf16``: under bf16 autocast; metrics are finished in fp32/fp64)."""
+    model.eval()
+    device = _device(model)
+    meta = shards[0].meta
+    normalize = bool(meta.settings.get("length_normalize"))
+    totals: dict[str, torch.Tensor] = {}
+    for batch in heldout_batches(shards, cfg, collate_for(shards[0])):
+        batch = {n: t.to(device) for n, t in batch.items()}
+        with _autocast(device, bf16):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = logits.float()
         if meta.mode == "candidates":
             scores = candidate_scores(logits, batch["targets"], batch["mask"], batch["index"], normalize)
             sums = candidate_sums(scores, batch)
         else:
             sums = batch_sums(logits, batch)
-        for name, value in sums.items():
-            totals[name] = totals.get(name, 0) + value.cpu()
-        rows.clear()
-
-    for row, _ in ShardStream(shards, shuffle=False).rows(StreamPosition(), epochs=1):
-        rows.append(row)
-        windows += 1
-        if len(rows) == cfg.batch_size:
-            flush()
-        if cfg.max_windows and windows >= cfg.max_windows:
-            break
-    if rows:
-        flush()
+        _accumulate(totals, sums)
     metrics = finish_candidates(totals) if meta.mode == "candidates" else finish(totals)
     return {**metrics, "parameters": sum(p.numel() for p in model.parameters())}
+
+
+def collate_teacher(rows: Sequence[dict], k: int) -> dict[str, torch.Tensor]:
+    """``distill.trainer.collate`` plus ``target_logprobs`` (B, T): the teacher's stored logprob
+    of the realized next token at each labelled position (0 elsewhere)."""
+    batch = collate(rows, k)
+    target = np.zeros(tuple(batch["mask"].shape), np.float32)
+    for b, r in enumerate(rows):
+        s, n = int(r["label_start"]), len(r["target_logprobs"])
+        target[b, s : s + n] = r["target_logprobs"]
+    batch["target_logprobs"] = torch.from_numpy(target)
+    return batch
+
+
+def collate_teacher_candidates(rows: Sequence[dict]) -> dict[str, torch.Tensor]:
+    """The columns of candidate examples ``candidate_sums`` reads (no token tensors):
+    ``candidate_mask``/``teacher_logprobs`` (B, C) and ``answer`` (B,)."""
+    B, C = len(rows), max(len(r["teacher_logprobs"]) for r in rows)
+    teacher, valid = np.zeros((B, C), np.float32), np.zeros((B, C), bool)
+    for b, r in enumerate(rows):
+        teacher[b, : len(r["teacher_logprobs"])] = r["teacher_logprobs"]
+        valid[b, : len(r["teacher_logprobs"])] = True
+    return {"candidate_mask": torch.from_numpy(valid), "teacher_logprobs": torch.from_numpy(teacher),
+            "answer": torch.tensor([int(r["answer"]) for r in rows], dtype=torch.int64)}
+
+
+def teacher_sums(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``batch_sums`` of the teacher itself, from its stored labels (``collate_teacher``): NLL
+    from the stored realized-token logprobs, KL 0 and top-1 agreement 1 by definition, and the
+    confidence bins from the stored top-1 probability, correct when the top-1 id is the realized token."""
+    mask = batch["mask"]
+    confidence = batch["teacher_logprobs"][..., 0][mask].double().exp()
+    correct = (batch["topk_ids"][..., 0] == batch["targets"])[mask].double()
+    positions = torch.arange(mask.shape[1]).expand_as(mask)
+    pos_bucket = torch.clamp(torch.floor(torch.log2(positions[mask].double() + 1)).long(), max=POSITION_BUCKETS - 1)
+    return {
+        "pos_count": torch.bincount(pos_bucket, minlength=POSITION_BUCKETS).double(),
+        "pos_kl": torch.zeros(POSITION_BUCKETS, dtype=torch.float64),
+        "nll": -batch["target_logprobs"][mask].double().sum(),
+        "kl": torch.zeros((), dtype=torch.float64),
+        "top1": mask.sum().double(),
+        "positions": mask.sum().double(),
+        **_ece_bins(confidence, correct),
+    }
+
+
+def checkpoint_parameters(path: str | Path) -> int:
+    """Parameter count of a safetensors checkpoint folder, from the tensor shapes in the files'
+    headers (no weights read); a tied embedding is stored, and counted, once."""
+    import json
+    import struct
+
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path}: no *.safetensors files to count parameters in")
+    total = 0
+    for file in files:
+        with open(file, "rb") as f:
+            header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+        total += sum(math.prod(v["shape"]) for name, v in header.items() if name != "__metadata__")
+    return total
+
+
+def teacher_metrics(shards: Sequence[Shard], cfg: EvalConfig, checkpoint: str | Path | None = None) -> dict:
+    """The teacher's held-out metrics from its stored labels, with no forward pass: the dict
+    ``evaluate_model`` returns. Token modes: perplexity from the stored realized-token logprobs
+    (codec steps of 2^-10 nats: at most 4.9e-4 relative error), KL 0, top-1 1, ECE from the
+    stored top-1. ``candidates``: KL 0, agreement 1, gold NLL, accuracy and ECE from the stored
+    candidate distribution. ``parameters`` from the safetensors headers of ``checkpoint`` (None
+    without one)."""
+    meta = shards[0].meta
+    totals: dict[str, torch.Tensor] = {}
+    if meta.mode == "candidates":
+        for batch in heldout_batches(shards, cfg, collate_teacher_candidates):
+            _accumulate(totals, candidate_sums(batch["teacher_logprobs"], batch))
+        metrics = finish_candidates(totals)
+    else:
+        k = meta.k
+        for batch in heldout_batches(shards, cfg, lambda rows: collate_teacher(rows, k)):
+            _accumulate(totals, teacher_sums(batch))
+        metrics = finish(totals)
+    return {**metrics, "parameters": checkpoint_parameters(checkpoint) if checkpoint is not None else None}
 
 
 def heldout_prompts(shards: Sequence[Shard], limit: int) -> list[list[int]]:
@@ -212,20 +339,39 @@ def heldout_prompts(shards: Sequence[Shard], limit: int) -> list[list[int]]:
     return prompts
 
 
+def _cut(answer: list[int], limit: int, eos_token_id: int | None) -> list[int]:
+    answer = answer[:limit]
+    if eos_token_id is not None and eos_token_id in answer:
+        answer = answer[: answer.index(eos_token_id)]
+    return answer
+
+
 @torch.no_grad()
-def greedy_answers(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_token_id: int | None) -> list[list[int]]:
-    """Each prompt's greedy continuation (up to and excluding EOS)."""
+def greedy_answers(model, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int], eos_token_id: int | None,
+                   batch_size: int = 1, bf16: bool = False) -> list[list[int]]:
+    """Each prompt's greedy continuation (up to and excluding EOS), at most ``max_new_tokens``
+    (one number, or one per prompt), generated ``batch_size`` prompts at a time, left-padded."""
     model.eval()
-    device = next(model.parameters()).device
+    device = _device(model)
+    limits = [int(max_new_tokens)] * len(prompts) if isinstance(max_new_tokens, int) else [int(m) for m in max_new_tokens]
+    if len(limits) != len(prompts):
+        raise ValueError(f"{len(limits)} max_new_tokens values for {len(prompts)} prompts")
+    pad = eos_token_id if eos_token_id is not None else 0
     answers = []
-    for prompt in prompts:
-        ids = torch.tensor([list(prompt)], device=device)
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=eos_token_id, pad_token_id=eos_token_id if eos_token_id is not None else 0)
-        answer = out[0, ids.shape[1]:].tolist()
-        if eos_token_id is not None and eos_token_id in answer:
-            answer = answer[: answer.index(eos_token_id)]
-        answers.append(answer)
+    for b in range(0, len(prompts), batch_size):
+        batch, lims = prompts[b : b + batch_size], limits[b : b + batch_size]
+        width = max(len(p) for p in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, p in enumerate(batch):
+            ids[i, width - len(p):] = torch.tensor([int(t) for t in p])
+            attention[i, width - len(p):] = 1
+        ids, attention = ids.to(device), attention.to(device)
+        with _autocast(device, bf16):
+            out = model.generate(input_ids=ids, attention_mask=attention, max_new_tokens=max(lims), do_sample=False,
+                                 eos_token_id=eos_token_id, pad_token_id=pad)
+        for i, limit in enumerate(lims):
+            answers.append(_cut(out[i, width:].tolist(), limit, eos_token_id))
     return answers
 
 
@@ -274,56 +420,158 @@ def load_mc(path: str | Path) -> list[dict]:
     return items
 
 
-@torch.no_grad()
-def choice_scores(model, tokenizer, prompt: str, choices: Sequence[str], length_normalize: bool = False) -> torch.Tensor:
-    """Log-likelihood of each choice continuing ``prompt`` (summed, or mean, over its tokens)."""
-    prompt_ids = tokenizer(prompt)["input_ids"]
-    scores = []
+def mc_prompt(item: dict) -> tuple[str, list[str]]:
+    """The prompt and the choice continuations a multiple-choice question is scored on."""
+    return f"Question: {item['question']}\nAnswer:", [" " + c for c in item["choices"]]
+
+
+def choice_token_ids(tokenizer, prompt: str, choices: Sequence[str]) -> tuple[list[int], list[list[int]]]:
+    """Token ids of ``prompt`` and of each choice continuing it (the tokens ``prompt + choice``
+    adds after the prompt's own tokens)."""
+    prompt_ids = list(tokenizer(prompt)["input_ids"])
+    choice_ids = []
     for choice in choices:
-        choice_ids = tokenizer(prompt + choice)["input_ids"][len(prompt_ids):]
-        if not choice_ids:
+        ids = list(tokenizer(prompt + choice)["input_ids"])[len(prompt_ids):]
+        if not ids:
             raise ValueError(f"choice {choice!r} adds no tokens to the prompt")
-        ids = torch.tensor([prompt_ids + choice_ids])
-        logprobs = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
-        targets = ids[0, len(prompt_ids):]
-        token_lp = logprobs[len(prompt_ids) - 1:].gather(-1, targets[:, None])[:, 0]
-        scores.append(token_lp.mean() if length_normalize else token_lp.sum())
-    return torch.stack(scores)
+        choice_ids.append(ids)
+    return prompt_ids, choice_ids
 
 
-def mc_accuracy(model, tokenizer, items: Sequence[dict], length_normalize: bool = False) -> dict:
+@torch.no_grad()
+def sequence_logprobs(model, sequences: Sequence[Sequence[int]], starts: Sequence[int], batch_size: int, bf16: bool = False) -> torch.Tensor:
+    """Per sequence, the summed logprob of its tokens ``start ..`` and their count, (N, 2)
+    float64: right-padded forwards of ``batch_size`` sequences (padding after a sequence does
+    not change a causal model's logits on it)."""
+    device = _device(model)
+    out = []
+    for b in range(0, len(sequences), batch_size):
+        seqs, sts = sequences[b : b + batch_size], starts[b : b + batch_size]
+        width = max(len(s) for s in seqs)
+        ids = torch.zeros((len(seqs), width), dtype=torch.long)
+        attention = torch.zeros_like(ids)
+        mask = torch.zeros((len(seqs), width - 1), dtype=torch.bool)
+        for i, (s, start) in enumerate(zip(seqs, sts)):
+            ids[i, : len(s)] = torch.tensor([int(t) for t in s])
+            attention[i, : len(s)] = 1
+            mask[i, start - 1 : len(s) - 1] = True  # logits at t predict token t + 1
+        ids, attention, mask = ids.to(device), attention.to(device), mask.to(device)
+        with _autocast(device, bf16):
+            logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1]
+        logprobs = torch.log_softmax(logits.float(), -1).gather(-1, ids[:, 1:, None])[..., 0]
+        sums = torch.where(mask, logprobs, 0.0).double().sum(-1)
+        out.append(torch.stack([sums, mask.sum(-1).double()], -1).cpu())
+    return torch.cat(out) if out else torch.zeros((0, 2), dtype=torch.float64)
+
+
+def choice_scores(model, tokenizer, prompt: str, choices: Sequence[str], length_normalize: bool = False) -> torch.Tensor:
+    """Log-likelihood of each choice continuing ``prompt`` (summed, or mean, over its tokens),
+    every choice in one padded forward."""
     model.eval()
-    correct = 0
+    prompt_ids, choice_ids = choice_token_ids(tokenizer, prompt, choices)
+    scored = sequence_logprobs(model, [prompt_ids + c for c in choice_ids], [len(prompt_ids)] * len(choice_ids), len(choice_ids))
+    return (scored[:, 0] / scored[:, 1] if length_normalize else scored[:, 0]).float()
+
+
+def _mc_result(items: Sequence[dict], scored, length_normalize: bool) -> dict:
+    """Accuracy from (N, 2) summed logprobs and counts of every choice of ``items``, in order."""
+    scored = torch.as_tensor(np.asarray(scored, np.float64))
+    scores = scored[:, 0] / scored[:, 1] if length_normalize else scored[:, 0]
+    correct, at = 0, 0
     for item in items:
-        scores = choice_scores(model, tokenizer, f"Question: {item['question']}\nAnswer:", [" " + c for c in item["choices"]], length_normalize)
-        correct += int(scores.argmax()) == item["answer"]
+        n = len(item["choices"])
+        correct += int(scores[at : at + n].argmax()) == item["answer"]
+        at += n
     return {"mc_accuracy": correct / len(items), "mc_questions": len(items)}
+
+
+def mc_sequences(tokenizer, items: Sequence[dict]) -> tuple[list[list[int]], list[int], list[int]]:
+    """Every choice of every question as one token sequence: (sequences, start of the choice's
+    tokens, index of the question), in question and choice order."""
+    seqs, starts, owners = [], [], []
+    for q, item in enumerate(items):
+        prompt_ids, choice_ids = choice_token_ids(tokenizer, *mc_prompt(item))
+        for c in choice_ids:
+            seqs.append(prompt_ids + c)
+            starts.append(len(prompt_ids))
+            owners.append(q)
+    return seqs, starts, owners
+
+
+def mc_accuracy(model, tokenizer, items: Sequence[dict], length_normalize: bool = False, batch_size: int = 8, bf16: bool = False) -> dict:
+    """Multiple-choice accuracy by log-likelihood; the choices of ``batch_size`` questions are
+    scored in one padded forward."""
+    model.eval()
+    seqs, starts, owners = mc_sequences(tokenizer, items)
+    scored = []
+    for b in range(0, len(items), batch_size):
+        idx = [i for i, q in enumerate(owners) if b <= q < b + batch_size]
+        scored.append(sequence_logprobs(model, [seqs[i] for i in idx], [starts[i] for i in idx], len(idx), bf16))
+    return _mc_result(items, torch.cat(scored), length_normalize)
+
+
+def engine_mc_accuracy(engine, tokenizer, items: Sequence[dict], length_normalize: bool = False, source: str | Path = "eval.mc_file") -> dict:
+    """``mc_accuracy`` of the teacher through its vLLM engine (``VllmTeacher.sequence_logprobs``).
+    A question whose prompt + choice exceeds the engine's length raises, naming ``source`` and the question."""
+    seqs, starts, owners = mc_sequences(tokenizer, items)
+    for seq, q in zip(seqs, owners):
+        if len(seq) > engine.max_len:
+            raise ValueError(
+                f"{source}: question {q + 1} ({items[q]['question'][:60]!r}): prompt + choice is {len(seq)} tokens, "
+                f"beyond the teacher engine's max_len {engine.max_len} (corpus.window); shorten the question or raise corpus.window"
+            )
+    return _mc_result(items, engine.sequence_logprobs(seqs, starts), length_normalize)
 
 
 def checkpoint_bytes(path: str | Path) -> int:
     return sum(p.stat().st_size for p in Path(path).glob("*.safetensors"))
 
 
-def evaluate(models: Mapping[str, str | Path], shards: Sequence[Shard], cfg: EvalConfig) -> dict[str, dict]:
-    """Metrics for each named checkpoint folder (loaded from safetensors). On ``generate`` data
-    the first model (the teacher) sets the reference greedy answers the others are compared with."""
+def evaluate(models: Mapping[str, str | Path], shards: Sequence[Shard], cfg: EvalConfig, precision: str = "auto",
+             engine_factory: Callable[[], object] | None = None) -> dict[str, dict]:
+    """Metrics for each named checkpoint folder. The first model is the teacher: on ``generate``
+    data its greedy answers are the reference the others are compared with.
+
+    With ``cfg.teacher_backend`` ``stored`` the teacher's metrics come from the stored labels
+    (``teacher_metrics``) and its greedy answers and MC scores from ``engine_factory()`` (a
+    ``VllmTeacher``, called only when needed); the other models, and the teacher with
+    ``transformers``, are loaded from safetensors onto ``eval_device(precision)``
+    (``precision``: the training's ``train.precision``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     items = load_mc(cfg.mc_file) if cfg.mc_file else None
     prompts = heldout_prompts(shards, cfg.agreement_prompts) if shards[0].meta.mode == "generate" and cfg.agreement_prompts else []
+    device, bf16 = eval_device(precision)
+    limits: list[int] | int = cfg.agreement_max_tokens
     reference = None
     results = {}
-    for name, path in models.items():
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
+    for i, (name, path) in enumerate(models.items()):
         tok = AutoTokenizer.from_pretrained(path) if items or prompts else None
-        results[name] = {**evaluate_model(model, shards, cfg), "checkpoint_bytes": checkpoint_bytes(path)}
+        if i == 0 and cfg.teacher_backend == "stored":
+            results[name] = {**teacher_metrics(shards, cfg, path), "checkpoint_bytes": checkpoint_bytes(path)}
+            if items or prompts:
+                if engine_factory is None:
+                    raise ValueError("eval.teacher_backend='stored' needs the teacher's vLLM engine for greedy answers and "
+                                     "multiple-choice scores: pass engine_factory (or set eval.teacher_backend: transformers)")
+                engine = engine_factory()
+                if items:
+                    results[name].update(engine_mc_accuracy(engine, tok, items, cfg.mc_length_normalize, cfg.mc_file))
+                if prompts:
+                    limits = [min(cfg.agreement_max_tokens, engine.max_len - len(p)) for p in prompts]
+                    reference = engine.greedy(prompts, limits, tok.eos_token_id)
+                    results[name].update(answer_agreement(reference, reference))
+            continue
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True).to(device)
+        results[name] = {**evaluate_model(model, shards, cfg, bf16), "checkpoint_bytes": checkpoint_bytes(path)}
         if items:
-            results[name].update(mc_accuracy(model, tok, items, cfg.mc_length_normalize))
+            results[name].update(mc_accuracy(model, tok, items, cfg.mc_length_normalize, cfg.batch_size, bf16))
         if prompts:
-            answers = greedy_answers(model, prompts, cfg.agreement_max_tokens, tok.eos_token_id)
+            answers = greedy_answers(model, prompts, limits, tok.eos_token_id, cfg.batch_size, bf16)
             reference = reference if reference is not None else answers
             results[name].update(answer_agreement(answers, reference))
         del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return results
 
 

@@ -335,7 +335,7 @@ def evaluate_run(cfg: RunConfig) -> dict:
     import torch
 
     from distill.evaluation import (
-        MODE_NOTES, evaluate, evaluate_model, gate, load_mc, markdown_table, mc_accuracy, summary_line, write_plots,
+        MODE_NOTES, eval_device, evaluate, evaluate_model, gate, load_mc, markdown_table, mc_accuracy, summary_line, write_plots,
     )
     from distill.student import build_student
 
@@ -348,18 +348,23 @@ def evaluate_run(cfg: RunConfig) -> dict:
             raise FileNotFoundError(f"{folder / 'model'}: {name} not trained; materialize the {'baseline_student' if baseline else 'student_model'} asset")
         models[name] = folder / "model"
         histories[name] = [json.loads(line) for line in (folder / "history.jsonl").read_text().splitlines()]
-    results = evaluate(models, shards, cfg.eval)
+    # the teacher from its stored labels and its vLLM engine (eval.teacher_backend), the students
+    # on the training device and precision
+    results = evaluate(models, shards, cfg.eval, cfg.train.precision, engine_factory=lambda: get_engine(cfg))
     tok = tokenizer(cfg)
-    init = build_student(teacher_dir(cfg), cfg.student, len(tok))
+    device, bf16 = eval_device(cfg.train.precision)
+    init = build_student(teacher_dir(cfg), cfg.student, len(tok)).to(device)
     with torch.no_grad():
-        results["student_init"] = evaluate_model(init, shards, cfg.eval)
+        results["student_init"] = evaluate_model(init, shards, cfg.eval, bf16)
         if cfg.eval.mc_file:
-            results["student_init"].update(mc_accuracy(init, tok, load_mc(cfg.eval.mc_file), cfg.eval.mc_length_normalize))
+            results["student_init"].update(mc_accuracy(init, tok, load_mc(cfg.eval.mc_file), cfg.eval.mc_length_normalize,
+                                                       cfg.eval.batch_size, bf16))
     del init
     speedup = None
     if cfg.eval.generation_throughput:
         from distill.generation import generation_throughput
 
+        close_engines()  # the teacher engine evaluate() used: each measurement starts its own engine on the device
         for name in ("teacher", "student"):
             results[name]["generation_tokens_per_s"] = generation_throughput(models[name])["tokens_per_s"]
         speedup = results["student"]["generation_tokens_per_s"] / results["teacher"]["generation_tokens_per_s"]

@@ -207,6 +207,64 @@ class VllmTeacher:
             for i in sorted(scores):
                 yield np.asarray(scores[i], np.float64).T
 
+    def greedy(self, prompts: Sequence[Sequence[int]], max_tokens: int | Sequence[int], eos_token_id: int | None) -> list[list[int]]:
+        """Each prompt's greedy (temperature 0) continuation, up to and excluding ``eos_token_id``
+        (the only stop token, as in ``distill.evaluation.greedy_answers``), at most ``max_tokens``
+        tokens (one number, or one per prompt). A prompt that leaves no room within ``max_len``
+        raises; a longer answer than the room left is cut there."""
+        import vllm
+
+        limits = [int(max_tokens)] * len(prompts) if isinstance(max_tokens, int) else [int(m) for m in max_tokens]
+        if len(limits) != len(prompts):
+            raise ValueError(f"{len(limits)} max_tokens values for {len(prompts)} prompts")
+        answers: list[list[int]] = []
+        for b in range(0, len(prompts), self.cfg.batch_windows):
+            batch = prompts[b : b + self.cfg.batch_windows]
+            params = []
+            for ids, limit in zip(batch, limits[b : b + len(batch)]):
+                room = self.max_len - len(ids)
+                if room < 1:
+                    raise ValueError(f"prompt of {len(ids)} tokens leaves no room to answer within the engine's max_len {self.max_len}")
+                params.append(vllm.SamplingParams(
+                    temperature=0.0, max_tokens=min(limit, room), detokenize=False, ignore_eos=True,
+                    stop_token_ids=[int(eos_token_id)] if eos_token_id is not None else None,
+                ))
+            outputs = self.llm.generate([{"prompt_token_ids": [int(t) for t in ids]} for ids in batch], params, use_tqdm=False)
+            self.forward_calls += 1
+            for out in outputs:
+                answer = [int(t) for t in out.outputs[0].token_ids]
+                if eos_token_id is not None and eos_token_id in answer:
+                    answer = answer[: answer.index(eos_token_id)]
+                answers.append(answer)
+        return answers
+
+    def sequence_logprobs(self, sequences: Sequence[Sequence[int]], starts: Sequence[int]) -> np.ndarray:
+        """Per sequence, the summed logprob of its tokens ``start ..`` given everything before
+        them, and their count: an array of shape (N, 2) (float64). A sequence longer than
+        ``max_len`` raises, naming its index."""
+        import vllm
+
+        if len(sequences) != len(starts):
+            raise ValueError(f"{len(starts)} start offsets for {len(sequences)} sequences")
+        for i, (seq, start) in enumerate(zip(sequences, starts)):
+            if len(seq) > self.max_len:
+                raise ValueError(f"sequence {i} of {len(seq)} tokens exceeds the engine's max_len {self.max_len}")
+            if not 1 <= start < len(seq):
+                raise ValueError(f"sequence {i}: start {start} must be in 1..{len(seq) - 1} (at least one scored token after a prefix)")
+        params = vllm.SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False, flat_logprobs=True, temperature=0.0)
+        out_rows = []
+        for b in range(0, len(sequences), self.cfg.batch_windows):
+            seqs = [[int(t) for t in s] for s in sequences[b : b + self.cfg.batch_windows]]
+            outputs = self.llm.generate([{"prompt_token_ids": s} for s in seqs], params, use_tqdm=False)
+            self.forward_calls += 1
+            for seq, start, out in zip(seqs, starts[b : b + len(seqs)], outputs):
+                flat = out.prompt_logprobs
+                lo, hi = flat.start_indices[start], flat.end_indices[len(seq) - 1]
+                if hi - lo != len(seq) - start or list(flat.token_ids[lo:hi]) != seq[start:]:
+                    raise RuntimeError("prompt logprobs are not aligned with the sequence's tokens")
+                out_rows.append((float(np.sum(np.asarray(flat.logprobs[lo:hi], np.float64))), len(seq) - start))
+        return np.asarray(out_rows, np.float64).reshape(-1, 2)
+
     def close(self) -> None:
         """Shut the engine down, end any of its processes that outlive the shutdown, then free
         the slot: a slot is free only once its engine is gone."""

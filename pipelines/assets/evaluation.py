@@ -6,7 +6,7 @@ from pathlib import Path
 import dagster as dg
 
 from distill import pipeline
-from pipelines.resources import DistillSettings
+from pipelines.resources import DistillSettings, TeacherEngine
 
 
 @dg.asset(
@@ -15,9 +15,11 @@ from pipelines.resources import DistillSettings
     automation_condition=dg.AutomationCondition.eager(),
     check_specs=[dg.AssetCheckSpec("distillation_gate", asset="evaluation", blocking=True,
                                    description="The distilled student beats the CE-only baseline on held-out KL and perplexity.")],
-    description="Perplexity, KL(teacher‖model) and top-1 agreement on held-out shards.",
+    description="Perplexity, KL(teacher‖model) and top-1 agreement on held-out shards (the teacher's from its stored labels).",
 )
-def evaluation(context: dg.AssetExecutionContext, settings: DistillSettings) -> dg.MaterializeResult:
+def evaluation(context: dg.AssetExecutionContext, settings: DistillSettings, teacher_engine: TeacherEngine) -> dg.MaterializeResult:
+    # teacher_engine: with eval.teacher_backend "stored" the teacher's greedy answers and
+    # multiple-choice scores come from its vLLM engine, shut down when this step ends
     report = pipeline.evaluate_run(settings.load())
     context.log.info("\n" + report["table"] + "\n" + report["summary"])
     numbers = {f"{model}_{metric}": float(value) for model, m in report["results"].items() for metric, value in m.items()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -104,3 +105,141 @@ def test_answer_agreement_by_hand():
     assert abs(got["greedy_prefix_agreement"] - (1 + 1 / 3 + 1 + 0) / 4) < 1e-12
     with pytest.raises(ValueError, match="one answer per"):
         answer_agreement([[1]], [[1], [2]])
+
+
+def test_teacher_backend_is_validated():
+    from distill.configbase import ConfigError
+
+    assert EvalConfig().teacher_backend == "stored"
+    with pytest.raises(ConfigError, match="teacher_backend='vllm' is invalid: expected stored or transformers"):
+        EvalConfig(teacher_backend="vllm")
+
+
+def test_teacher_candidate_metrics_from_stored_distribution():
+    from distill.evaluation import candidate_sums, collate_teacher_candidates, finish_candidates
+
+    rows = [{"teacher_logprobs": np.log([0.9, 0.1]), "answer": 0},
+            {"teacher_logprobs": np.log([0.2, 0.3, 0.5]), "answer": 1},
+            {"teacher_logprobs": np.log([0.6, 0.4]), "answer": -1}]
+    batch = collate_teacher_candidates(rows)
+    m = finish_candidates(candidate_sums(batch["teacher_logprobs"], batch))
+    assert abs(m["kl"]) < 1e-7 and m["teacher_agreement"] == 1.0 and m["gold_examples"] == 2
+    assert abs(m["ppl"] - math.exp(-(math.log(0.9) + math.log(0.3)) / 2)) < 1e-5
+    assert m["accuracy"] == 0.5  # choice 0 right, choice 2 wrong (gold 1)
+    assert abs(m["ece"] - (abs(0.9 - 1) + abs(0.5 - 0)) / 2) < 1e-6
+
+
+def _one_at_a_time_scores(model, tok, items):
+    """The multiple-choice scores as evaluation computed them before batching: one forward per choice."""
+    from distill.evaluation import mc_prompt
+
+    scores = []
+    for item in items:
+        prompt, choices = mc_prompt(item)
+        prompt_ids = tok(prompt)["input_ids"]
+        for choice in choices:
+            ids = torch.tensor([prompt_ids + tok(prompt + choice)["input_ids"][len(prompt_ids):]])
+            with torch.no_grad():
+                lp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+            scores.append(lp[len(prompt_ids) - 1:].gather(-1, ids[0, len(prompt_ids):, None])[:, 0].sum().item())
+    return scores
+
+
+def test_batched_mc_and_greedy_equal_one_at_a_time(hf_teacher, teacher_dir):
+    from transformers import AutoTokenizer
+
+    from distill.evaluation import greedy_answers, load_mc, mc_accuracy, mc_sequences, sequence_logprobs
+
+    tok = AutoTokenizer.from_pretrained(teacher_dir)
+    items = load_mc(Path(__file__).resolve().parents[2] / "examples" / "python_mc.jsonl")[:5]
+    seqs, starts, _ = mc_sequences(tok, items)
+    batched = sequence_logprobs(hf_teacher, seqs, starts, batch_size=7)  # 20 choices: batches mix questions
+    np.testing.assert_allclose(batched[:, 0].numpy(), _one_at_a_time_scores(hf_teacher, tok, items), atol=1e-4)
+    assert mc_accuracy(hf_teacher, tok, items, batch_size=2) == mc_accuracy(hf_teacher, tok, items, batch_size=1)
+    # greedy: left-padded batches of prompts of different lengths give the unbatched answers
+    prompts = [s[:n] for s, n in zip(seqs[::4], starts[::4])][:4]
+    assert len({len(p) for p in prompts}) > 1
+    one = greedy_answers(hf_teacher, prompts, 6, tok.eos_token_id)
+    assert greedy_answers(hf_teacher, prompts, 6, tok.eos_token_id, batch_size=3) == one
+    assert greedy_answers(hf_teacher, prompts, [6, 2, 6, 1], tok.eos_token_id, batch_size=4) == [one[0], one[1][:2], one[2], one[3][:1]]
+
+
+@pytest.fixture(scope="module")
+def heldout(tiny_config, engine, tmp_path_factory):
+    """Labelled held-out shards of the tiny config (its own storage root; the session's engine)."""
+    import dataclasses
+
+    from distill import pipeline
+
+    cfg = dataclasses.replace(tiny_config, storage_root=str(tmp_path_factory.mktemp("eval") / "data"))
+    pipeline.prepare_corpus(cfg)
+    pipeline.label_shards(cfg, [n for n in cfg.corpus.shard_names() if n.startswith("heldout")], engine_factory=lambda: engine)
+    return cfg, pipeline.open_split(cfg, "heldout")
+
+
+@pytest.mark.slow
+def test_stored_teacher_metrics_match_a_transformers_forward(heldout, hf_teacher, teacher_dir):
+    from distill.evaluation import evaluate_model, teacher_metrics
+
+    cfg, shards = heldout
+    stored = teacher_metrics(shards, cfg.eval, teacher_dir)
+    forward = evaluate_model(hf_teacher, shards, cfg.eval)
+    rel = abs(stored["ppl"] - forward["ppl"]) / forward["ppl"]
+    print(f"stored teacher ppl {stored['ppl']:.6f} vs transformers {forward['ppl']:.6f}: relative error {rel:.2e} "
+          f"over {stored['positions']} positions")
+    assert rel < 1e-3
+    assert stored["positions"] == forward["positions"] and stored["parameters"] == forward["parameters"]
+    assert stored["kl"] == 0.0 and stored["top1"] == 1.0 and forward["kl"] < 0.01 and forward["top1"] > 0.98
+    assert abs(stored["ece"] - forward["ece"]) < 0.02
+    assert [b["positions"] for b in stored["kl_by_position"]] == [b["positions"] for b in forward["kl_by_position"]]
+    assert all(b["kl"] == 0.0 for b in stored["kl_by_position"])
+    assert sum(c["count"] for c in stored["calibration"]) == stored["positions"]
+    assert set(stored) == set(forward)
+
+
+@pytest.mark.slow
+def test_engine_greedy_and_mc_match_transformers(heldout, engine, hf_teacher, teacher_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from distill.evaluation import engine_mc_accuracy, greedy_answers, load_mc, mc_accuracy, mc_sequences, sequence_logprobs
+
+    tok = AutoTokenizer.from_pretrained(teacher_dir)
+    mc_file = Path(__file__).resolve().parents[2] / "examples" / "python_mc.jsonl"
+    items = load_mc(mc_file)
+    seqs, starts, _ = mc_sequences(tok, items)
+    np.testing.assert_allclose(engine.sequence_logprobs(seqs, starts), sequence_logprobs(hf_teacher, seqs, starts, 16).numpy(), atol=2e-3)
+    assert engine_mc_accuracy(engine, tok, items, source=mc_file) == mc_accuracy(hf_teacher, tok, items)
+    prompts = [s[:n] for s, n in zip(seqs[::4], starts[::4])][:4]
+    assert engine.greedy(prompts, 8, tok.eos_token_id) == greedy_answers(hf_teacher, prompts, 8, tok.eos_token_id)
+    # a question that does not fit the engine's context is named
+    long = tmp_path / "long.jsonl"
+    long.write_text('{"question": "q?", "choices": ["a", "b"], "answer": 0}\n'
+                    + '{"question": "%s", "choices": ["a", "b"], "answer": 1}\n' % ("why " * 80))
+    with pytest.raises(ValueError, match=r"long.jsonl: question 2 \('why why.*beyond the teacher engine's max_len 64"):
+        engine_mc_accuracy(engine, tok, load_mc(long), source=long)
+
+
+@pytest.mark.slow
+def test_evaluate_never_builds_the_teacher_unless_asked(heldout, engine, teacher_dir, monkeypatch):
+    import dataclasses
+
+    import transformers
+
+    from distill.evaluation import evaluate
+
+    cfg, shards = heldout
+    real = transformers.AutoModelForCausalLM.from_pretrained
+    stored = evaluate({"teacher": teacher_dir}, shards, cfg.eval, engine_factory=lambda: engine)  # mc_file set: needs the engine
+    assert stored["teacher"]["kl"] == 0.0 and 0 <= stored["teacher"]["mc_accuracy"] <= 1
+    with pytest.raises(ValueError, match="needs the teacher's vLLM engine"):
+        evaluate({"teacher": teacher_dir}, shards, cfg.eval)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the teacher was loaded with transformers")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    assert evaluate({"teacher": teacher_dir}, shards, cfg.eval, engine_factory=lambda: engine) == stored
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", real)
+    old = evaluate({"teacher": teacher_dir}, shards, dataclasses.replace(cfg.eval, teacher_backend="transformers"))
+    assert abs(old["teacher"]["ppl"] / stored["teacher"]["ppl"] - 1) < 1e-3
+    assert old["teacher"]["mc_accuracy"] == stored["teacher"]["mc_accuracy"]
