@@ -21,6 +21,6 @@ def bench_meta(cfg, k: int, engine_version: str):
 
     hashes = pipeline.teacher_hashes(cfg)
     return ShardMeta(teacher=cfg.teacher.model, teacher_hash=hashes["weights"], tokenizer_hash=hashes["tokenizer"],
-                     vocab_size=pipeline.expected_meta(cfg)["vocab_size"], k=k, temperature=1.0, mode=cfg.teacher.mode,
+                     vocab_size=pipeline.expected_meta(cfg, "train")["vocab_size"], k=k, temperature=1.0, mode=cfg.teacher.mode,
                      engine=engine_version, data_fingerprint="bench", shard="train-00000", split="train",
                      cache_key="bench", code_version="bench", settings=mode_settings(cfg.teacher))

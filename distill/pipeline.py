@@ -86,9 +86,10 @@ def get_engine(cfg: RunConfig):
 
     from distill.teacher.slots import slot_dir
 
-    key = (str(teacher_dir(cfg)), cfg.teacher.k, cfg.corpus.window, cfg.teacher.engine)
+    key = (str(teacher_dir(cfg)), cfg.teacher.k, cfg.corpus.window, cfg.teacher.engine, cfg.teacher.max_logprobs)
     if key not in _ENGINES:
-        _ENGINES[key] = VllmTeacher(teacher_dir(cfg), cfg.teacher.k, cfg.corpus.window, cfg.teacher.engine, slot_folder=slot_dir(cfg.root))
+        _ENGINES[key] = VllmTeacher(teacher_dir(cfg), cfg.teacher.k, cfg.corpus.window, cfg.teacher.engine, slot_folder=slot_dir(cfg.root),
+                                    max_logprobs=cfg.teacher.max_logprobs)
     return _ENGINES[key]
 
 
@@ -108,13 +109,18 @@ def shard_keys(cfg: RunConfig, names: Sequence[str]) -> dict[str, str]:
     manifest = json.loads(manifest_path.read_text())
     dtype = engine_dtype(cfg)
     return {
-        n: shard_key(hashes, manifest["shards"][n]["fingerprint"], cfg.teacher, dtype, window=cfg.corpus.window)
+        n: shard_key(hashes, manifest["shards"][n]["fingerprint"], cfg.teacher, dtype, window=cfg.corpus.window, split=split_of(n))
         for n in names
     }
 
 
-def expected_meta(cfg: RunConfig) -> dict:
-    """Fields every shard of this run must carry (checked by the reader)."""
+def split_of(shard_name: str) -> str:
+    """``train`` or ``heldout``: the split a shard name (``train-00000``) belongs to."""
+    return shard_name.split("-")[0]
+
+
+def expected_meta(cfg: RunConfig, split: str) -> dict:
+    """Fields every shard of this run's ``split`` must carry (checked by the reader)."""
     hashes = teacher_hashes(cfg)
     from transformers import AutoConfig
 
@@ -122,7 +128,7 @@ def expected_meta(cfg: RunConfig) -> dict:
         "teacher_hash": hashes["weights"],
         "tokenizer_hash": hashes["tokenizer"],
         "vocab_size": AutoConfig.from_pretrained(teacher_dir(cfg)).vocab_size,
-        "k": cfg.teacher.k,
+        "k": cfg.teacher.sampled_labels.draws if cfg.teacher.samples(split) else cfg.teacher.k,
         "mode": cfg.teacher.mode,
         "temperature": 1.0,
     }
@@ -133,19 +139,20 @@ def label_shards(cfg: RunConfig, names: Sequence[str], engine_factory=None) -> d
     hashes = teacher_hashes(cfg)
     keys = shard_keys(cfg, names)
     store = label_store(cfg)
-    expect = expected_meta(cfg)
     factory = engine_factory or (lambda: get_engine(cfg))
     if store.is_local and store.root.exists():
         remove_stale_temporaries(store.root)  # left by writers that crashed
     results = {}
     for name in names:
         entry, windows = read_corpus_shard(cfg.root, cfg.corpus, hashes["tokenizer"], name, cfg.teacher.mode)
+        split = split_of(name)
+        expect = expected_meta(cfg, split)
         meta = ShardMeta(
             teacher=cfg.teacher.model, teacher_hash=hashes["weights"], tokenizer_hash=hashes["tokenizer"],
-            vocab_size=expect["vocab_size"], k=cfg.teacher.k, temperature=1.0, mode=cfg.teacher.mode,
+            vocab_size=expect["vocab_size"], k=expect["k"], temperature=1.0, mode=cfg.teacher.mode,
             engine=_engine_name(), data_fingerprint=entry["fingerprint"], shard=name,
-            split=name.split("-")[0], cache_key=keys[name], code_version=LABEL_CODE_VERSION,
-            settings=mode_settings(cfg.teacher),
+            split=split, cache_key=keys[name], code_version=LABEL_CODE_VERSION,
+            settings=mode_settings(cfg.teacher, split),
         )
         results[name] = {"key": keys[name], **label_shard(factory, store, keys[name], meta, windows, cfg.teacher)}
     return results
@@ -162,11 +169,12 @@ def check_shards(cfg: RunConfig, names: Sequence[str]) -> dict:
 
     hashes = teacher_hashes(cfg)
     manifest = json.loads((corpus_dir(cfg.root, cfg.corpus, hashes["tokenizer"], cfg.teacher.mode) / "corpus.json").read_text())
-    keys, store, expect = shard_keys(cfg, names), label_store(cfg), expected_meta(cfg)
+    keys, store = shard_keys(cfg, names), label_store(cfg)
+    expect = {split: expected_meta(cfg, split) for split in {split_of(n) for n in names}}
     problems, mass, tokens = [], 0.0, 0
     for name in names:
         try:
-            shard = store.open(keys[name], expect=expect)
+            shard = store.open(keys[name], expect=expect[split_of(name)])
         except ShardError as e:
             problems.append(f"{name}: {e}")
             continue
@@ -196,7 +204,7 @@ def open_split(cfg: RunConfig, split: str, verify_checksum: bool = True) -> list
     names = [n for n in cfg.corpus.shard_names() if n.startswith(split)]
     keys = shard_keys(cfg, names)
     store = label_store(cfg)
-    expect = expected_meta(cfg)
+    expect = expected_meta(cfg, split)
     missing = [n for n in names if not store.is_committed(keys[n])]
     if missing:
         raise IncompleteLabelsError(

@@ -19,6 +19,10 @@
   code this replaces, steps of 1/2047, stored every tail below 2.4e-4 as 0), and the top-k
   decoder sets the top-k level from ``1 - t``. Cost on real labels, byte-stream-split under
   zstd: 63.35 bytes per labelled token in all at k=32, as the linear code (63.34).
+- Sampled labels (``teacher.labels: sampled``): the slots hold the ids drawn from the teacher's
+  distribution, most drawn first, and the logprob column holds each id's draw count (uint8,
+  exact); the decoded logprob is ``log(count / draws)`` (``-inf`` for unused slots) and the
+  tail is the share of draws that fell outside the transient top-K' the engine returned.
 - Top-k ids: remapped by their frequency in the shard (frequent candidates get small
   numbers), which makes the high bytes nearly constant under byte-stream-split + zstd.
 """
@@ -54,6 +58,21 @@ def decode_topk_logprobs(diffs: np.ndarray, tail_mass: np.ndarray, levels: int =
     top = np.log(np.maximum(1.0 - np.asarray(tail_mass, np.float64), MIN_TOPK_MASS))
     norm = np.log(np.exp(rel).sum(axis=1))
     return (rel + (top - norm)[:, None]).astype(np.float32)
+
+
+def encode_counts(topk_logprobs: np.ndarray, draws: int) -> np.ndarray:
+    """Sampled labels: (n, k) logprobs ``log(c / draws)`` of the drawn ids (``-inf`` for unused
+    slots) -> (n, k) uint8 draw counts ``c``. Exact: the values are counts by construction."""
+    counts = np.rint(np.exp(np.asarray(topk_logprobs, np.float64)) * draws)
+    if counts.size and (counts.max() > draws or (counts.sum(axis=1) > draws).any()):
+        raise ValueError(f"sampled labels hold more than {draws} draws at a position")
+    return counts.astype(np.uint8)
+
+
+def decode_counts(counts: np.ndarray, draws: int) -> np.ndarray:
+    """Inverse of ``encode_counts``: float32 ``log(c / draws)``, ``-inf`` where ``c == 0``."""
+    with np.errstate(divide="ignore"):
+        return np.log(np.asarray(counts, np.float64) / draws).astype(np.float32)
 
 
 def encode_target(target_logprobs: np.ndarray) -> np.ndarray:

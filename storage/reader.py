@@ -234,11 +234,17 @@ def decode_table(shard: Shard, table: pa.Table) -> dict[str, tuple[np.ndarray, n
     n = len(tail_codes)
     if ids.size != n * k or diffs.size != n * k or target_codes.size != n:
         raise ShardError(shard.path, f"label columns disagree in length ({ids.size}, {diffs.size}, {target_codes.size} for {n} positions, k={k})")
-    codes_total = np.cumsum(diffs.reshape(n, k), axis=1, dtype=np.int32)
-    if n and int(codes_total[:, -1].max()) > enc["logprob_levels"]:
-        raise ShardError(shard.path, "topk_logprob_codes exceed the encoding's levels (corrupt or not sorted)")
     tail = codec.decode_tail(tail_codes, enc["tail_logit_min"], enc["tail_logit_step"])
-    logprobs = codec.decode_topk_logprobs(diffs.reshape(n, k), tail, enc["logprob_levels"], enc["logprob_scale"])
+    if enc.get("values") == "counts":  # sampled labels: draw counts
+        draws = int(enc["draws"])
+        if n and int(diffs.reshape(n, k).sum(axis=1, dtype=np.int64).max()) > draws:
+            raise ShardError(shard.path, f"topk_logprob_codes hold more than {draws} draws at a position (corrupt)")
+        logprobs = codec.decode_counts(diffs.reshape(n, k), draws)
+    else:
+        codes_total = np.cumsum(diffs.reshape(n, k), axis=1, dtype=np.int32)
+        if n and int(codes_total[:, -1].max()) > enc["logprob_levels"]:
+            raise ShardError(shard.path, "topk_logprob_codes exceed the encoding's levels (corrupt or not sorted)")
+        logprobs = codec.decode_topk_logprobs(diffs.reshape(n, k), tail, enc["logprob_levels"], enc["logprob_scale"])
     input_ids, in_off = _flat(table, "input_ids")
     return {
         "input_ids": (input_ids, in_off),

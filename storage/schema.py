@@ -99,6 +99,13 @@ def decoded_schema(vocab_size: int, mode: str = "score") -> pa.Schema:
                                       ("tail_mass", pa.float32())])
 
 
+def sampled_draws(meta: "ShardMeta") -> int:
+    """Draws per position of a shard of sampled labels (``settings['labels'] == 'sampled'``); 0 for top-k labels."""
+    if meta.settings.get("labels") != "sampled":
+        return 0
+    return int(meta.settings["draws"])
+
+
 @dataclasses.dataclass(frozen=True)
 class ShardMeta:
     """Provenance of one shard, stored in the Parquet footer and in its commit record."""

@@ -51,7 +51,7 @@ import pyarrow.parquet as pq
 
 from storage import codec
 from storage import fs as fsmod
-from storage.schema import COUNTS_KEY, ENCODING_KEY, ID_TABLE_KEY, METADATA_KEY, ROW_GROUP_ROWS, ZSTD_LEVEL, ShardMeta, arrow_schema, decoded_schema, text_columns
+from storage.schema import COUNTS_KEY, ENCODING_KEY, ID_TABLE_KEY, METADATA_KEY, ROW_GROUP_ROWS, ZSTD_LEVEL, ShardMeta, arrow_schema, sampled_draws, decoded_schema, text_columns
 
 RECORD_SUFFIX = ".json"
 TMP_MARK = ".tmp-"
@@ -149,6 +149,7 @@ class ShardWriter:
         self._raw_path = temp_name(local, ".raw")
         self._tmp = temp_name(local)
         self._raw_schema = decoded_schema(meta.vocab_size, meta.mode)
+        self.draws = sampled_draws(meta)  # 0: top-k labels
         self._raw = _parquet_writer(self._raw_path, self._raw_schema, level=1)
         self._id_counts = np.zeros(meta.vocab_size, np.int64)
         self._buffer: list[Mapping[str, object]] = []
@@ -181,7 +182,12 @@ class ShardWriter:
         if n and (ids.min() < 0 or ids.max() >= self.meta.vocab_size):
             raise ValueError(f"{where}: topk_ids outside [0, vocab_size={self.meta.vocab_size})")
         lp = np.asarray(row["topk_logprobs"], np.float32).reshape(n, k)
-        if n and (not np.isfinite(lp).all() or lp.max() > 1e-4 or (np.diff(lp, axis=1) > 1e-5).any()):
+        if self.draws:  # sampled labels: log(count / draws), -inf for unused slots
+            counts = np.exp(lp.astype(np.float64)) * self.draws
+            if n and (np.abs(counts - np.rint(counts)).max() > 1e-3 or (np.rint(counts).sum(axis=1) > self.draws).any()
+                      or (np.diff(counts, axis=1) > 1e-3).any()):
+                raise ValueError(f"{where}: sampled topk_logprobs must be log(count / {self.draws}) of at most {self.draws} draws, most drawn first")
+        elif n and (not np.isfinite(lp).all() or lp.max() > 1e-4 or (np.diff(lp, axis=1) > 1e-5).any()):
             raise ValueError(f"{where}: topk_logprobs must be finite, <= 0 and sorted descending")
         np.add.at(self._id_counts, ids, 1)
         self._buffer.append(row)
@@ -226,7 +232,8 @@ class ShardWriter:
         target = raw.column("target_logprobs").combine_chunks()
         n = len(tail.values)
         ids = codec.remap_ids(topk.values.to_numpy().astype(np.int64), table, self.meta.vocab_size)
-        codes = codec.encode_topk_logprobs(lps.values.to_numpy().reshape(n, k)).reshape(-1)
+        values = lps.values.to_numpy().reshape(n, k)
+        codes = (codec.encode_counts(values, self.draws) if self.draws else codec.encode_topk_logprobs(values)).reshape(-1)
         id_t = arrow_schema(self.meta.vocab_size).field("topk_ids").type.value_type
         return pa.table(
             {
@@ -260,6 +267,7 @@ class ShardWriter:
             "logprob_levels": codec.LOGPROB_LEVELS, "logprob_scale": codec.LOGPROB_SCALE,
             "target_step": codec.TARGET_STEP, "tail_logit_min": codec.TAIL_LOGIT_MIN,
             "tail_logit_step": codec.TAIL_LOGIT_STEP, "id_table_size": len(table),
+            **({"values": "counts", "draws": self.draws} if self.draws else {}),
         }
         footer = {
             METADATA_KEY: self.meta.to_json().encode(), ENCODING_KEY: json.dumps(encoding).encode(),

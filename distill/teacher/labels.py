@@ -49,6 +49,31 @@ class SamplingConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SampledLabelsConfig:
+    """``teacher.labels: sampled``: how many ids to draw per position, and from what."""
+
+    draws: int = 24
+    """Ids drawn (with replacement) from the teacher's distribution at every position; the
+    shard stores each distinct drawn id once with its count, in ``draws`` slots (unused slots
+    compress to almost nothing). The target's variance falls as 1/draws. 24 draws cost no more
+    bytes per token than top-32 (``benchmarks/trainer.py`` prints both)."""
+    proposal_k: int = 256
+    """The teacher distribution is read as its top ``proposal_k`` logprobs plus the remaining
+    tail mass (vLLM cannot return the full vocabulary cheaply). A draw that lands in the tail
+    is stored as tail mass, not as an id: that share of the target (the tail beyond
+    ``proposal_k``, measured by ``benchmarks/trainer.py``) is the sampler's only bias."""
+    seed: int = 0
+    """Base seed; each window's draws are seeded from it, the document id and window index."""
+
+    def __post_init__(self):
+        check(1 <= self.draws <= 255, "draws", self.draws, "an integer in [1, 255] (counts are stored as uint8)")
+        check(1 <= self.proposal_k <= 4096, "proposal_k", self.proposal_k, "an integer in [1, 4096]")
+
+
+LABEL_KINDS = ("topk", "sampled")
+
+
+@dataclasses.dataclass(frozen=True)
 class TeacherConfig:
     model: str = BUNDLED
     """Local checkpoint folder, hub id, or ``bundled:smollm2-135m-instruct``."""
@@ -64,6 +89,17 @@ class TeacherConfig:
     """vLLM engine settings."""
     min_topk_mass: float = 0.5
     """Asset check (warning): mean teacher probability inside the stored top-k must reach this; raise k if it does not."""
+    labels: str = "topk"
+    """What the train shards store per position: ``topk`` (the teacher's k most likely ids and
+    their logprobs, plus the tail mass) or ``sampled`` (ids drawn from the teacher's distribution
+    with their counts; Anshumann et al., ACL 2025, "Sparse Logit Sampling"). Top-k targets are
+    biased: the student learns a distribution truncated at k and comes out overconfident.
+    Sampled targets equal the teacher's distribution in expectation, so forward KL (with
+    ``train.tail: bucket``) is an unbiased estimate of the full-vocabulary loss; use them when
+    calibration matters or k would have to be large. Held-out shards stay top-k, so
+    evaluations compare across label kinds. ``score`` and ``generate`` modes only."""
+    sampled_labels: SampledLabelsConfig = SampledLabelsConfig()
+    """``labels: sampled``: draws per position, proposal size, seed."""
     relabel_tag: str = ""
     """Part of every shard's cache key and nothing else: change it to force relabelling, e.g. after a vLLM upgrade (engine versions are recorded, not keyed)."""
 
@@ -71,18 +107,75 @@ class TeacherConfig:
         check(1 <= self.k <= 1024, "k", self.k, "an integer in [1, 1024]")
         check(self.mode in MODES, "mode", self.mode, f"one of {MODES}")
         check(0.0 <= self.min_topk_mass <= 1.0, "min_topk_mass", self.min_topk_mass, "a number in [0, 1]")
+        check(self.labels in LABEL_KINDS, "labels", self.labels, f"one of {LABEL_KINDS}")
+        check(self.labels == "topk" or self.mode != "candidates", "labels", self.labels, "topk in candidates mode (it stores no per-token labels)")
+
+    def samples(self, split: str) -> bool:
+        """Whether shards of ``split`` hold sampled labels (train shards only)."""
+        return self.labels == "sampled" and split == "train"
+
+    @property
+    def max_logprobs(self) -> int:
+        """Logprobs per position the engine must be able to return: k, or the sampler's proposal."""
+        return max(self.k, self.sampled_labels.proposal_k)
 
 
-def mode_settings(cfg: TeacherConfig) -> dict:
-    """The mode's settings that labels depend on (in the cache key and the shard metadata)."""
+def mode_settings(cfg: TeacherConfig, split: str = "train") -> dict:
+    """The settings that the labels of a ``split`` shard depend on beyond k (in the cache key and
+    the shard metadata): the mode's, and for sampled labels the sampler's."""
+    settings = {}
     if cfg.mode == "generate":
-        return {"sampling": dataclasses.asdict(cfg.sampling)}
+        settings["sampling"] = dataclasses.asdict(cfg.sampling)
     if cfg.mode == "candidates":
-        return {"length_normalize": cfg.length_normalize}
-    return {}
+        settings["length_normalize"] = cfg.length_normalize
+    if cfg.samples(split):
+        settings.update(labels="sampled", **dataclasses.asdict(cfg.sampled_labels))
+    return settings
 
 
-def shard_key(teacher_hashes: dict, fingerprint: str, cfg: TeacherConfig, dtype: str, window: int | None = None) -> str:
+def sample_labels(labels: dict, draws: int, rng: np.random.Generator) -> dict:
+    """Sampled labels from one row's top-K' labels (``topk_ids``/``topk_logprobs`` (n, K'),
+    ``tail_mass`` (n,)): ``draws`` ids drawn with replacement at every position from the
+    teacher's top-K' probabilities plus the tail as one more outcome.
+
+    Returns ``topk_ids``/``topk_logprobs`` (n, draws): the distinct drawn ids, most drawn first
+    (ties in the teacher's order), with ``log(count / draws)``; unused slots repeat the first id
+    with ``-inf``. ``tail_mass`` is the share of draws that fell in the tail; the realized-token
+    logprob is kept. The target ``count / draws`` has expectation ``p`` on every top-K' id.
+    """
+    ids = np.asarray(labels["topk_ids"]).reshape(len(labels["tail_mass"]), -1)
+    n = len(ids)
+    probs = np.exp(np.asarray(labels["topk_logprobs"], np.float64).reshape(n, -1))
+    outcomes = np.concatenate([probs, np.clip(np.asarray(labels["tail_mass"], np.float64), 0, 1)[:, None]], axis=1)
+    outcomes /= outcomes.sum(axis=1, keepdims=True)
+    counts = rng.multinomial(draws, outcomes) if n else np.zeros((0, ids.shape[1] + 1), np.int64)
+    order = np.argsort(-counts[:, :-1], axis=1, kind="stable")[:, :draws]
+    top = np.take_along_axis(counts[:, :-1], order, axis=1)
+    drawn = np.take_along_axis(ids, order, axis=1)
+    drawn = np.where(top > 0, drawn, drawn[:, :1])
+    with np.errstate(divide="ignore"):
+        logprobs = np.log(top / draws)
+    return {**labels, "topk_ids": drawn.astype(np.int64), "topk_logprobs": logprobs.astype(np.float32),
+            "tail_mass": (counts[:, -1] / draws).astype(np.float32)}
+
+
+def window_rng(seed: int, doc_id: str, window_index: int) -> np.random.Generator:
+    """The sampler's generator for one row: the same draws whatever shard or batch it is in."""
+    return np.random.default_rng([seed, prompt_seed(0, doc_id), int(window_index)])
+
+
+def _sampled_rows(rows: list[dict], cfg: SampledLabelsConfig) -> list[dict]:
+    out = []
+    for row in rows:
+        n = len(row["target_logprobs"])
+        labels = sample_labels({"topk_ids": row["topk_ids"].reshape(n, -1), "topk_logprobs": row["topk_logprobs"].reshape(n, -1),
+                                "tail_mass": row["tail_mass"], "target_logprobs": row["target_logprobs"]},
+                               cfg.draws, window_rng(cfg.seed, row["doc_id"], row["window_index"]))
+        out.append({**row, **_flat_label_columns(labels)})
+    return out
+
+
+def shard_key(teacher_hashes: dict, fingerprint: str, cfg: TeacherConfig, dtype: str, window: int | None = None, split: str = "train") -> str:
     """Content key of one labelled shard: everything its labels depend on.
 
     ``teacher_hashes`` (``checkpoint_hashes``): the weights hash covers ``config.json`` too, so a
@@ -109,7 +202,7 @@ def shard_key(teacher_hashes: dict, fingerprint: str, cfg: TeacherConfig, dtype:
         "code": LABEL_CODE_VERSION,
         "schema": SCHEMA_VERSION,
         "relabel_tag": cfg.relabel_tag,
-        **mode_settings(cfg),
+        **mode_settings(cfg, split),
     }
     if cfg.mode == "generate":  # answers are capped at window - len(prompt); the fingerprint has prompts only
         fields["window"] = window
@@ -122,13 +215,13 @@ def prompt_seed(base: int, doc_id: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{base}\x1f{doc_id}".encode()).digest()[:4], "big") & 0x7FFFFFFF
 
 
-def _score_rows(engine, part: pa.Table, cfg: TeacherConfig) -> list[dict]:
+def _score_rows(engine, part: pa.Table, cfg: TeacherConfig, k: int) -> list[dict]:
     input_ids = part.column("input_ids").to_pylist()
     label_starts = part.column("label_start").to_pylist()
     doc_ids = part.column("doc_id").to_pylist()
     window_idx = part.column("window_index").to_pylist()
     rows = []
-    for i, labels in enumerate(engine.score(input_ids, label_starts)):
+    for i, labels in enumerate(engine.score(input_ids, label_starts, k=k)):
         rows.append({"doc_id": doc_ids[i], "window_index": window_idx[i], "input_ids": np.asarray(input_ids[i], np.int64),
                      "label_start": label_starts[i], **_flat_label_columns(labels)})
     return rows
@@ -143,14 +236,14 @@ def _flat_label_columns(labels: dict) -> dict:
     }
 
 
-def _generate_rows(engine, part: pa.Table, cfg: TeacherConfig) -> list[dict]:
+def _generate_rows(engine, part: pa.Table, cfg: TeacherConfig, k: int) -> list[dict]:
     """One row per answer: prompt + answer tokens, labels on the answer tokens only."""
     prompts = part.column("input_ids").to_pylist()
     doc_ids = part.column("doc_id").to_pylist()
     texts = part.column("prompt_text").to_pylist()
     seeds = [prompt_seed(cfg.sampling.seed, d) for d in doc_ids]
     rows = []
-    for i, samples in enumerate(engine.generate(prompts, seeds, cfg.sampling)):
+    for i, samples in enumerate(engine.generate(prompts, seeds, cfg.sampling, k=k)):
         for j, sample in enumerate(samples):
             rows.append({
                 "doc_id": doc_ids[i], "window_index": j,
@@ -169,7 +262,7 @@ def candidate_distribution(sums: np.ndarray, counts: np.ndarray, length_normaliz
     return scores, shifted - np.log(np.exp(shifted).sum())
 
 
-def _candidate_rows(engine, part: pa.Table, cfg: TeacherConfig) -> list[dict]:
+def _candidate_rows(engine, part: pa.Table, cfg: TeacherConfig, k: int) -> list[dict]:
     prompts = part.column("input_ids").to_pylist()
     cand_ids = part.column("candidate_ids").to_pylist()
     texts, cands = part.column("prompt_text").to_pylist(), part.column("candidates").to_pylist()
@@ -208,6 +301,10 @@ def label_shard(
     if existing is not None:
         return {"cache_hit": True, "rows": existing.rows, "tokens": existing.tokens, "teacher_seconds": 0.0, "path": str(existing.path)}
     engine = engine_factory()
+    sampled = SampledLabelsConfig(**{f: meta.settings[f] for f in ("draws", "proposal_k", "seed")}) if meta.settings.get("labels") == "sampled" else None
+    if sampled is not None and meta.k != sampled.draws:
+        raise ValueError(f"{meta.shard}: a shard of sampled labels has k = draws ({sampled.draws}), got k={meta.k}")
+    label_k = sampled.proposal_k if sampled is not None else meta.k
     if cfg.mode == "score":
         lengths = pc.list_value_length(windows.column("input_ids"))
         total, unit = int(pc.sum(lengths).as_py() or 0) - int(pc.sum(windows.column("label_start")).as_py() or 0) - windows.num_rows, "tok"
@@ -221,7 +318,9 @@ def label_shard(
         pending = None
         for offset in range(0, windows.num_rows, step):
             part = windows.slice(offset, step)
-            batch = make_rows(engine, part, cfg)
+            batch = make_rows(engine, part, cfg, label_k)
+            if sampled is not None:
+                batch = _sampled_rows(batch, sampled)
             bar.update(sum(len(r["target_logprobs"]) for r in batch) if cfg.mode == "score" else part.num_rows)
             if pending is not None:
                 pending.result()

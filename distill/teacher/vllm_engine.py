@@ -71,8 +71,10 @@ class VllmTeacher:
     """One vLLM engine over a local checkpoint, producing top-k labels for token windows."""
 
     def __init__(self, model_dir: str | os.PathLike, k: int, max_len: int, cfg: EngineConfig = EngineConfig(),
-                 slot_folder: str | os.PathLike | None = None):
-        """``slot_folder``: where this machine's engine slots are claimed (``cfg.slots`` > 0)."""
+                 slot_folder: str | os.PathLike | None = None, max_logprobs: int | None = None):
+        """``k``: logprobs per position by default; ``max_logprobs`` (default ``k``): the most a
+        call may ask for (sampled labels read a larger top-K'); ``slot_folder``: where this
+        machine's engine slots are claimed (``cfg.slots`` > 0)."""
         import contextlib
         import sys
 
@@ -84,6 +86,7 @@ class VllmTeacher:
 
         guard_children()  # the engine's processes end with this one, however it ends
         self.cfg, self.k, self.max_len = cfg, k, max_len
+        self.max_logprobs = max(k, max_logprobs or k)
         self.slot, pin = None, contextlib.nullcontext()
         if cfg.slots:
             if slot_folder is None:
@@ -124,7 +127,7 @@ class VllmTeacher:
             model=str(self.model_dir),
             dtype=dtype,
             max_model_len=max_len + 1,  # the one generated token vLLM insists on
-            max_logprobs=k,
+            max_logprobs=self.max_logprobs,
             enable_prefix_caching=False,
             logprobs_mode="raw_logprobs",  # labels are the model's own distribution, before temperature / top-p
             enforce_eager=cfg.enforce_eager,
@@ -135,20 +138,32 @@ class VllmTeacher:
             seed=cfg.seed,
         )
 
-    def score(self, windows: Sequence[Sequence[int]], label_starts: Sequence[int]) -> Iterator[dict]:
-        """Per window, the labels of positions ``label_start .. len - 2`` (see ``flat_to_labels``)."""
+    def _check_k(self, k: int | None) -> int:
+        k = k or self.k
+        if k > self.max_logprobs:
+            raise ValueError(f"{k} logprobs per position asked of an engine started for at most {self.max_logprobs}")
+        return k
+
+    def score(self, windows: Sequence[Sequence[int]], label_starts: Sequence[int], k: int | None = None) -> Iterator[dict]:
+        """Per window, the labels of positions ``label_start .. len - 2`` (see ``flat_to_labels``),
+        ``k`` (default: the engine's) logprobs per position."""
+        import vllm
+
+        k = self._check_k(k)
+        params = self.params if k == self.k else vllm.SamplingParams(
+            max_tokens=1, prompt_logprobs=k, detokenize=False, flat_logprobs=True, temperature=0.0)
         for b in range(0, len(windows), self.cfg.batch_windows):
             batch = windows[b : b + self.cfg.batch_windows]
             for ids in batch:
                 if len(ids) > self.max_len:
                     raise ValueError(f"window of {len(ids)} tokens exceeds the engine's max_len {self.max_len}")
             prompts = [{"prompt_token_ids": [int(t) for t in ids]} for ids in batch]
-            outputs = self.llm.generate(prompts, self.params, use_tqdm=False)
+            outputs = self.llm.generate(prompts, params, use_tqdm=False)
             self.forward_calls += 1
             for ids, start, out in zip(batch, label_starts[b : b + len(batch)], outputs):
-                yield flat_to_labels(out.prompt_logprobs, np.asarray(ids), int(start), self.k)
+                yield flat_to_labels(out.prompt_logprobs, np.asarray(ids), int(start), k)
 
-    def generate(self, prompts: Sequence[Sequence[int]], seeds: Sequence[int], sampling) -> Iterator[list[dict]]:
+    def generate(self, prompts: Sequence[Sequence[int]], seeds: Sequence[int], sampling, k: int | None = None) -> Iterator[list[dict]]:
         """Per prompt, ``sampling.n`` teacher answers with top-k labels for every generated token.
 
         ``sampling``: ``n``, ``temperature``, ``top_p``, ``max_tokens`` (capped so prompt + answer
@@ -158,6 +173,7 @@ class VllmTeacher:
         """
         import vllm
 
+        k = self._check_k(k)
         for b in range(0, len(prompts), self.cfg.batch_windows):
             batch = prompts[b : b + self.cfg.batch_windows]
             params = []
@@ -167,7 +183,7 @@ class VllmTeacher:
                     raise ValueError(f"prompt of {len(ids)} tokens leaves no room to answer within max_len {self.max_len}")
                 params.append(vllm.SamplingParams(
                     n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
-                    max_tokens=min(sampling.max_tokens, room), logprobs=self.k, flat_logprobs=True, seed=int(seed),
+                    max_tokens=min(sampling.max_tokens, room), logprobs=k, flat_logprobs=True, seed=int(seed),
                 ))
             outputs = self.llm.generate([{"prompt_token_ids": [int(t) for t in ids]} for ids in batch], params, use_tqdm=False)
             self.forward_calls += 1
@@ -176,7 +192,7 @@ class VllmTeacher:
                 for c in sorted(out.outputs, key=lambda c: c.index):
                     ids = np.asarray(c.token_ids, np.int64)
                     samples.append({"response_ids": ids, "text": c.text, "finish_reason": str(c.finish_reason),
-                                    **_flat_positions(c.logprobs, 0, ids, self.k)})
+                                    **_flat_positions(c.logprobs, 0, ids, k)})
                 yield samples
 
     def score_candidates(self, prompts: Sequence[Sequence[int]], candidates: Sequence[Sequence[Sequence[int]]]) -> Iterator[np.ndarray]:

@@ -244,7 +244,7 @@ def test_label_shard_reports_a_lost_race_as_a_cache_hit(tmp_path):
     theirs = _rows(0, 0)
 
     class Engine:
-        def score(self, input_ids, label_starts):
+        def score(self, input_ids, label_starts, k=None):
             if not store.is_committed("k"):
                 _commit(store, "k", 0)  # the other run finishes first
             for row in _rows(0, 1)[: len(input_ids)]:

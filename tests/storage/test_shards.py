@@ -241,9 +241,11 @@ def test_stream_is_deterministic_resumable_and_rank_disjoint(tmp_path):
         head, pos = _stream_ids(ShardStream(shards, seed=3), n=cut)
         tail, _ = _stream_ids(ShardStream(shards, seed=3), start=pos)
         assert head + tail[: 90 - cut] == full
-    # ranks: disjoint, and together every row exactly once
+    # ranks: disjoint and equal (row groups of 8, 8, 8, 6 per shard: shares differ, each rank
+    # yields the smallest; tests/storage/test_stream.py checks the rule)
     parts = [_stream_ids(ShardStream(shards, seed=3, rank=r, world_size=3))[0] for r in range(3)]
-    assert sorted(sum(parts, [])) == sorted(full)
+    merged = sum(parts, [])
+    assert len({len(p) for p in parts}) == 1 and len(set(merged)) == len(merged) and set(merged) <= set(full)
 
 
 def test_label_store_lookup(tmp_path):
@@ -272,7 +274,9 @@ def test_workers_within_ranks_split_without_overlap(tmp_path):
         _stream_ids(ShardStream([shard], seed=1, rank=r, world_size=2, worker=w, num_workers=2))[0]
         for r in range(2) for w in range(2)
     ]
-    assert all(parts) and sorted(sum(parts, [])) == full
+    # 10 row groups over 4 (rank, worker) pairs: 3, 3, 2, 2; each yields 2 groups' rows
+    merged = sum(parts, [])
+    assert [len(p) for p in parts] == [8] * 4 and len(set(merged)) == 32 and set(merged) <= set(full)
 
 
 def test_generate_and_candidates_shards_round_trip(tmp_path):
