@@ -174,26 +174,32 @@ class VllmTeacher:
         import vllm
 
         k = self._check_k(k)
+        for out in self._answers(prompts, seeds, lambda room, seed: vllm.SamplingParams(
+            n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
+            max_tokens=min(sampling.max_tokens, room), logprobs=k, flat_logprobs=True, seed=int(seed),
+        )):
+            samples = []
+            for c in sorted(out.outputs, key=lambda c: c.index):
+                ids = np.asarray(c.token_ids, np.int64)
+                samples.append({"response_ids": ids, "text": c.text, "finish_reason": str(c.finish_reason),
+                                **_flat_positions(c.logprobs, 0, ids, k)})
+            yield samples
+
+    def _answers(self, prompts: Sequence[Sequence[int]], per_prompt: Sequence, make_params) -> Iterator:
+        """vLLM outputs of answering ``prompts`` in macro-batches; ``make_params(room, item)``
+        builds a prompt's sampling parameters from the tokens left within ``max_len`` and its
+        item of ``per_prompt``. A prompt that leaves no room raises."""
         for b in range(0, len(prompts), self.cfg.batch_windows):
             batch = prompts[b : b + self.cfg.batch_windows]
             params = []
-            for ids, seed in zip(batch, seeds[b : b + len(batch)]):
+            for ids, item in zip(batch, per_prompt[b : b + len(batch)]):
                 room = self.max_len - len(ids)
                 if room < 1:
-                    raise ValueError(f"prompt of {len(ids)} tokens leaves no room to answer within max_len {self.max_len}")
-                params.append(vllm.SamplingParams(
-                    n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
-                    max_tokens=min(sampling.max_tokens, room), logprobs=k, flat_logprobs=True, seed=int(seed),
-                ))
+                    raise ValueError(f"prompt of {len(ids)} tokens leaves no room to answer within the engine's max_len {self.max_len}")
+                params.append(make_params(room, item))
             outputs = self.llm.generate([{"prompt_token_ids": [int(t) for t in ids]} for ids in batch], params, use_tqdm=False)
             self.forward_calls += 1
-            for out in outputs:
-                samples = []
-                for c in sorted(out.outputs, key=lambda c: c.index):
-                    ids = np.asarray(c.token_ids, np.int64)
-                    samples.append({"response_ids": ids, "text": c.text, "finish_reason": str(c.finish_reason),
-                                    **_flat_positions(c.logprobs, 0, ids, k)})
-                yield samples
+            yield from outputs
 
     def score_candidates(self, prompts: Sequence[Sequence[int]], candidates: Sequence[Sequence[Sequence[int]]]) -> Iterator[np.ndarray]:
         """Per example, the summed logprob of each candidate's tokens following its prompt
@@ -234,24 +240,14 @@ class VllmTeacher:
         if len(limits) != len(prompts):
             raise ValueError(f"{len(limits)} max_tokens values for {len(prompts)} prompts")
         answers: list[list[int]] = []
-        for b in range(0, len(prompts), self.cfg.batch_windows):
-            batch = prompts[b : b + self.cfg.batch_windows]
-            params = []
-            for ids, limit in zip(batch, limits[b : b + len(batch)]):
-                room = self.max_len - len(ids)
-                if room < 1:
-                    raise ValueError(f"prompt of {len(ids)} tokens leaves no room to answer within the engine's max_len {self.max_len}")
-                params.append(vllm.SamplingParams(
-                    temperature=0.0, max_tokens=min(limit, room), detokenize=False, ignore_eos=True,
-                    stop_token_ids=[int(eos_token_id)] if eos_token_id is not None else None,
-                ))
-            outputs = self.llm.generate([{"prompt_token_ids": [int(t) for t in ids]} for ids in batch], params, use_tqdm=False)
-            self.forward_calls += 1
-            for out in outputs:
-                answer = [int(t) for t in out.outputs[0].token_ids]
-                if eos_token_id is not None and eos_token_id in answer:
-                    answer = answer[: answer.index(eos_token_id)]
-                answers.append(answer)
+        for out in self._answers(prompts, limits, lambda room, limit: vllm.SamplingParams(
+            temperature=0.0, max_tokens=min(limit, room), detokenize=False, ignore_eos=True,
+            stop_token_ids=[int(eos_token_id)] if eos_token_id is not None else None,
+        )):
+            answer = [int(t) for t in out.outputs[0].token_ids]
+            if eos_token_id is not None and eos_token_id in answer:
+                answer = answer[: answer.index(eos_token_id)]
+            answers.append(answer)
         return answers
 
     def sequence_logprobs(self, sequences: Sequence[Sequence[int]], starts: Sequence[int]) -> np.ndarray:
