@@ -23,7 +23,7 @@ Neural Network", sec. 2). With ``p = softmax(t / T)``, ``q = softmax(s / T)`` an
 ``J = diag(q) - q q^T``, the gradient w.r.t. the student logits ``s`` is ``J g / T`` with
 ``g = dD/dq``. For the KL family (forward and reverse KL, JSD, skew KL) D is smooth and zero at
 ``q = p``, so ``g`` is first order in ``q - p ~ J (s - t) / T``: the gradient goes as ``1/T^2``
-and the factor is ``T^2``. Total variation is not smooth at ``q = p``: ``g = sign(q - p) / 2``
+and the factor is ``T^2`` (also for AKL, a mix of forward and reverse KL with detached weights). Total variation is not smooth at ``q = p``: ``g = sign(q - p) / 2``
 does not shrink with T, so its gradient goes as ``1/T`` and the factor is ``T`` (``T^2``
 would make it grow as T). Measured in ``tests/distill/test_losses.py``.
 """
@@ -127,6 +127,43 @@ def total_variation(log_p, log_q, **_):
     return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
 
 
+def adaptive_kl(log_p, log_q, mu: float = 0.5, bucket: bool = False, **_):
+    """AKL: per position, ``w_head * KL(p || q) + w_tail * KL(q || p)`` with weights set by where
+    the student is wrong (Wu et al., COLING 2025, "Rethinking Kullback-Leibler Divergence in
+    Knowledge Distillation for Large Language Models", arXiv:2404.02657).
+
+    The head is the teacher's highest-probability outcomes until their cumulative probability
+    reaches ``mu`` (an outcome is in the head when the teacher's mass strictly above it is below
+    ``mu``, so the teacher's top-1 always is); the tail is the rest. With
+    ``g_head = sum_head |p - q|`` and ``g_tail = sum_tail |p - q|``, ``w_head = g_head /
+    (g_head + g_tail)`` weighs forward KL (which fits the head first) and ``w_tail = g_tail /
+    (g_head + g_tail)`` reverse KL (which fits the tail first). The weights are constants for the
+    gradient (detached, as in the authors' code: ``student_probs.detach()`` in LLM_KD_AKL's
+    ``get_ratio`` and ``.detach()`` on both gaps in their KDFlow ``adaptive_kl_div``; the head is
+    KDFlow's for ``mu = 1 - adaptive_kl_alpha``); when the gaps are both 0 (student == teacher)
+    the weights are 1/2 each.
+
+    On sparse labels the outcomes are the teacher's top-k (renormalized or not) and, when
+    ``bucket`` is True, the last outcome is the tail bucket (the mass outside the top-k), which
+    always counts as tail: the teacher's mass there is spread over tokens each below the top-k.
+    If the top-k hold less than ``mu``, every top-k outcome is head.
+    """
+    if not 0.0 < mu < 1.0:
+        raise ValueError(f"mu={mu}: AKL needs 0 < mu < 1 (its head would be empty or everything: use reverse_kl / forward_kl)")
+    with torch.no_grad():
+        p, gap = log_p.exp(), (log_p.exp() - log_q.exp()).abs()
+        ranked = p[..., :-1] if bucket else p
+        sorted_p, order = ranked.sort(-1, descending=True)
+        head_sorted = (sorted_p.cumsum(-1) - sorted_p) < mu  # teacher mass strictly above each outcome
+        head = torch.zeros_like(head_sorted).scatter(-1, order, head_sorted)
+        if bucket:
+            head = torch.cat([head, torch.zeros_like(head[..., :1])], -1)
+        g_head = torch.where(head, gap, 0.0).sum(-1)
+        g_total = gap.sum(-1)
+        w_head = torch.where(g_total > 0, g_head / g_total.clamp(min=torch.finfo(gap.dtype).tiny), 0.5)
+    return w_head * _kl(log_p, log_q) + (1.0 - w_head) * _kl(log_q, log_p)
+
+
 DIVERGENCES: dict[str, Callable[..., torch.Tensor]] = {
     "forward_kl": forward_kl,
     "reverse_kl": reverse_kl,
@@ -134,9 +171,12 @@ DIVERGENCES: dict[str, Callable[..., torch.Tensor]] = {
     "skew_kl": skew_kl,
     "skew_reverse_kl": skew_reverse_kl,
     "tvd": total_variation,
+    "akl": adaptive_kl,
 }
 # The loss at temperature T is multiplied by T ** power: 2 where the gradient w.r.t. the student
 # logits scales as 1/T^2 (smooth divergences), 1 for total variation (1/T). See the module docstring.
+# AKL gets 2: its gradient is a convex combination of the forward and reverse KL gradients with
+# constant (detached) weights, ratios of two gaps that are both first order in q - p.
 TEMPERATURE_POWER: dict[str, int] = {name: 2 for name in DIVERGENCES} | {"tvd": 1}
 
 
@@ -170,7 +210,8 @@ def kd_loss(
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence={divergence!r}: expected one of {sorted(DIVERGENCES)}")
     log_p, log_q = sparse_log_distributions(student_logits, topk_ids, teacher_logprobs, tail, temperature, student_lse)
-    per_position = DIVERGENCES[divergence](log_p, log_q, **divergence_kwargs)  # (B, T)
+    # ``bucket``: the last outcome is the tail bucket (read by AKL, which counts it as tail)
+    per_position = DIVERGENCES[divergence](log_p, log_q, bucket=tail == "bucket", **divergence_kwargs)  # (B, T)
     return masked_mean(per_position, mask, denominator) * temperature ** TEMPERATURE_POWER[divergence]
 
 

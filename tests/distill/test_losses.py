@@ -33,8 +33,31 @@ def full_topk(teacher_logits, k):
     return ids, lp
 
 
-def reference(name, p, q, beta=0.5, alpha=0.1):
-    """Explicit formulas over whole distributions (B, T, V) -> (B, T)."""
+def akl_weights(p, q, mu=0.5, bucket=False):
+    """AKL's head weight g_head / (g_head + g_tail) per position, written out position by position
+    in float64 numpy: walk the teacher's outcomes from the most probable, an outcome is head while
+    the mass already walked is below ``mu``; with ``bucket`` the last outcome is tail. (B, T)."""
+    p, q = p.double().numpy(), q.double().numpy()
+    out = np.zeros(p.shape[:-1])
+    for index in np.ndindex(*p.shape[:-1]):
+        pi, qi = p[index], q[index]
+        ranked = len(pi) - 1 if bucket else len(pi)
+        g_head = g_tail = walked = 0.0
+        for j in sorted(range(ranked), key=lambda j: -pi[j]):
+            if walked < mu:
+                g_head += abs(pi[j] - qi[j])
+            else:
+                g_tail += abs(pi[j] - qi[j])
+            walked += pi[j]
+        if bucket:
+            g_tail += abs(pi[-1] - qi[-1])
+        out[index] = g_head / (g_head + g_tail) if g_head + g_tail > 0 else 0.5
+    return torch.from_numpy(out)
+
+
+def reference(name, p, q, beta=0.5, alpha=0.1, mu=0.5, bucket=False):
+    """Explicit formulas over whole distributions (B, T, V) -> (B, T). ``bucket``: the last
+    outcome is the tail bucket (AKL counts it as tail)."""
     kl = lambda a, b: (a * (a.log() - b.log())).sum(-1)
     if name == "forward_kl":
         return kl(p, q)
@@ -49,6 +72,9 @@ def reference(name, p, q, beta=0.5, alpha=0.1):
         return kl(q, alpha * q + (1 - alpha) * p)
     if name == "tvd":
         return 0.5 * (p - q).abs().sum(-1)
+    if name == "akl":  # Wu et al., COLING 2025
+        w = akl_weights(p, q, mu, bucket).to(p.dtype)
+        return w * kl(p, q) + (1 - w) * kl(q, p)
     raise KeyError(name)
 
 
@@ -141,7 +167,7 @@ def bucket_reference(name, teacher_logprobs, ids, student_logits):
     outside = torch.ones_like(q_full, dtype=torch.bool).scatter(-1, ids, False)
     p = torch.cat([p_k, 1 - p_k.sum(-1, keepdim=True)], -1)
     q = torch.cat([q_full.gather(-1, ids), (q_full * outside).sum(-1, keepdim=True)], -1)
-    return reference(name, p, q)
+    return reference(name, p, q, bucket=True)
 
 
 @pytest.mark.parametrize("name", sorted(DIVERGENCES))
@@ -360,3 +386,198 @@ def test_candidate_scores_and_loss_by_hand():
     assert torch.allclose(terms["ce"], ce) and torch.allclose(loss, 0.3 * kd + 0.7 * ce)
     loss.backward()
     assert torch.isfinite(logits.grad).all() and logits.grad[0].abs().sum() > 0
+
+
+# ---- AKL (adaptive KL, Wu et al., COLING 2025) ---------------------------------------------------
+
+AKL_V = 50
+
+
+def akl_dense_case(seed=0):
+    """Teacher (2, 4, V=50) float64 probabilities, some peaked, some flat, and float32 student logits."""
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.tensor([0.5, 1.0, 2.0, 4.0], dtype=torch.float64)[None, :, None]
+    teacher = torch.softmax(torch.randn(2, 4, AKL_V, generator=g, dtype=torch.float64) * scale, -1)
+    student_logits = torch.randn(2, 4, AKL_V, generator=g) * 2
+    return teacher, student_logits
+
+
+@pytest.mark.parametrize("mu", [0.2, 0.5, 0.8])
+@pytest.mark.parametrize("tail", ["renormalize", "bucket"])
+def test_akl_full_vocabulary_reference(mu, tail):
+    """K = V (the bucket is empty): position by position, against the formula over the whole vocabulary."""
+    teacher, student_logits = akl_dense_case()
+    lp, ids = teacher.log().topk(AKL_V, -1)
+    want = reference("akl", teacher, torch.softmax(student_logits.double(), -1), mu=mu)
+    for b in range(2):
+        for t in range(4):
+            one = torch.zeros(2, 4, dtype=torch.bool)
+            one[b, t] = True
+            got = kd_loss(student_logits, ids, lp.float(), one, divergence="akl", tail=tail, mu=mu)
+            assert abs(got.item() - want[b, t].item()) <= 1e-5 * abs(want[b, t].item()) + 1e-6, (b, t)
+
+
+@pytest.mark.parametrize("mu", [0.2, 0.5, 0.8])
+def test_akl_topk_reference(mu):
+    """K = 8 < V = 50, position by position, including confident positions whose tails are 1e-6 and
+    1e-4: with the tail bucket (K+1 outcomes, the bucket counted as tail) and renormalized (K)."""
+    teacher, student_logits = bucket_case()
+    p_k, ids = teacher.topk(BUCKET_K, -1)
+    lp = p_k.log().float()
+    q_full = torch.softmax(student_logits.double(), -1)
+    q_k = q_full.gather(-1, ids)
+    outside = torch.ones_like(q_full, dtype=torch.bool).scatter(-1, ids, False)
+    p_b = torch.cat([lp.double().exp(), 1 - lp.double().exp().sum(-1, keepdim=True)], -1)
+    q_b = torch.cat([q_k, (q_full * outside).sum(-1, keepdim=True)], -1)
+    want = {
+        "bucket": reference("akl", p_b, q_b, mu=mu, bucket=True),
+        "renormalize": reference("akl", p_k / p_k.sum(-1, keepdim=True), q_k / q_k.sum(-1, keepdim=True), mu=mu),
+    }
+    for tail, ref in want.items():
+        for b in range(2):
+            for t in range(4):
+                one = torch.zeros(2, 4, dtype=torch.bool)
+                one[b, t] = True
+                got = kd_loss(student_logits, ids, lp, one, divergence="akl", tail=tail, mu=mu)
+                assert abs(got.item() - ref[b, t].item()) <= BUCKET_RTOL * abs(ref[b, t].item()) + 1e-7, (tail, b, t)
+
+
+def _limit_case():
+    """One position over V = 50: the teacher's head at mu = 0.5 is ids 0, 1, 2 (masses 0.25, 0.2,
+    0.15: the mass above id 3 is 0.6); ids 3..49 share 0.4 unevenly. Students that move mass only
+    inside the head, or only inside the tail."""
+    g = torch.Generator().manual_seed(5)
+    rest = torch.softmax(torch.randn(AKL_V - 3, generator=g, dtype=torch.float64), -1) * 0.4
+    assert rest.max() < 0.15
+    p = torch.cat([torch.tensor([0.25, 0.2, 0.15], dtype=torch.float64), rest])
+    head_only = p.clone()
+    head_only[:3] = torch.tensor([0.3, 0.15, 0.15])  # not a swap: a swap makes forward KL = reverse KL
+    tail_only = p.clone()
+    tail_only[3:] = rest.roll(1)  # a cycle, not an involution, for the same reason
+    return p, head_only, tail_only
+
+
+@pytest.mark.parametrize("tail", ["renormalize", "bucket"])
+def test_akl_limits(tail):
+    p, head_only, tail_only = _limit_case()
+    ids, lp = full_topk(p.log()[None, None], AKL_V)
+    one = torch.ones(1, 1, dtype=torch.bool)
+
+    def loss(student, divergence):
+        logits = student.log().float()[None, None].clone().requires_grad_(True)
+        value = kd_loss(logits, ids, lp.float(), one, divergence=divergence, tail=tail)
+        value.backward()
+        return value.item(), logits.grad
+
+    # student == teacher: 0 and no gradient
+    value, grad = loss(p, "akl")
+    assert abs(value) < 1e-6 and grad.abs().max() < 1e-6
+    # all the gap in the head: forward KL, value and gradient
+    assert akl_weights(p[None], head_only[None])[0] == 1.0
+    (akl, g_akl), (fkl, g_fkl), (rkl, _) = loss(head_only, "akl"), loss(head_only, "forward_kl"), loss(head_only, "reverse_kl")
+    assert abs(akl - fkl) <= 1e-6 * fkl and abs(fkl - rkl) > 1e-3 * fkl
+    assert torch.allclose(g_akl, g_fkl, atol=1e-7)
+    # all the gap in the tail: reverse KL
+    assert akl_weights(p[None], tail_only[None])[0] == 0.0
+    (akl, g_akl), (rkl, g_rkl), (fkl, _) = loss(tail_only, "akl"), loss(tail_only, "reverse_kl"), loss(tail_only, "forward_kl")
+    assert abs(akl - rkl) <= 1e-6 * rkl and abs(fkl - rkl) > 1e-3 * rkl
+    assert torch.allclose(g_akl, g_rkl, atol=1e-7)
+
+
+def test_akl_bucket_counts_as_tail():
+    """K = 8 < V: a student that only moves mass between the top-8's tail ids and the ids outside
+    the top-8 has all its gap in the tail (the bucket included): AKL is reverse KL on the K+1 outcomes."""
+    p, _, _ = _limit_case()
+    k = 8
+    ids, lp = full_topk(p.log()[None, None], k)
+    top = ids[0, 0]
+    assert top[:3].tolist() == [0, 1, 2]  # the head
+    outside = torch.ones(AKL_V, dtype=torch.bool).scatter(0, top, False)
+    student = p.clone()
+    student[top[3:]] *= 0.5  # the top-8's tail ids lose mass ...
+    student[outside] *= 1 + p[top[3:]].sum() * 0.5 / p[outside].sum()  # ... to the ids outside the top-8 (the bucket)
+    assert abs(student.sum().item() - 1) < 1e-12
+    one = torch.ones(1, 1, dtype=torch.bool)
+    logits = student.log().float()[None, None]
+    akl = kd_loss(logits, ids, lp.float(), one, divergence="akl", tail="bucket").item()
+    rkl = kd_loss(logits, ids, lp.float(), one, divergence="reverse_kl", tail="bucket").item()
+    fkl = kd_loss(logits, ids, lp.float(), one, divergence="forward_kl", tail="bucket").item()
+    assert abs(akl - rkl) <= 1e-5 * rkl and abs(fkl - rkl) > 1e-2 * rkl
+
+
+def test_akl_weights_are_constants_for_the_gradient():
+    """The gradient is w * grad(forward KL) + (1 - w) * grad(reverse KL) with w taken as a constant
+    (detached), as in the authors' code; differentiating through w would add a term."""
+    teacher, student_logits = akl_dense_case(seed=3)
+    lp, ids = teacher.log().topk(AKL_V, -1)
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    w = akl_weights(teacher, torch.softmax(student_logits.double(), -1)).float()  # (2, 4)
+    assert ((w > 0.05) & (w < 0.95)).any()
+
+    def grad(divergence, weights=None):
+        s = student_logits.clone().requires_grad_(True)
+        from distill.losses import sparse_log_distributions
+
+        log_p, log_q = sparse_log_distributions(s, ids, lp.float(), "renormalize")
+        per_position = DIVERGENCES[divergence](log_p, log_q)
+        (per_position * (1.0 if weights is None else weights)).sum().backward()
+        return s.grad
+
+    got = grad("akl")
+    want = grad("forward_kl", w) + grad("reverse_kl", 1 - w)
+    assert torch.allclose(got, want, atol=1e-6), (got - want).abs().max()
+    assert torch.isfinite(got).all()
+
+
+@pytest.mark.parametrize("name", sorted(DIVERGENCES))
+def test_token_weighted_denominator(tensors, name):
+    """Two micro-batches, each divided by the step's labelled-token count, add up (value and
+    gradient) to the whole batch's mean: for every divergence, AKL included."""
+    student_logits, teacher_logits, mask = tensors
+    ids, lp = full_topk(teacher_logits, 4)
+    targets = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(2))
+
+    def run(rows, denominator):
+        s = student_logits[rows].clone().requires_grad_(True)
+        loss, parts = distillation_loss(s, targets[rows], ids[rows], lp[rows], mask[rows], divergence=name, tail="bucket",
+                                        num_tokens=denominator)
+        loss.backward()
+        return loss, parts["kd"], s.grad
+
+    whole, whole_kd, whole_grad = run(slice(0, 2), None)
+    count = mask.sum().float()
+    (a, a_kd, a_grad), (b, b_kd, b_grad) = run(slice(0, 1), count), run(slice(1, 2), count)
+    assert abs((a + b).item() - whole.item()) < TOL and abs((a_kd + b_kd).item() - whole_kd.item()) < TOL
+    assert torch.allclose(torch.cat([a_grad, b_grad]), whole_grad, atol=1e-6)
+    # a micro-batch's own mean would weigh its 5 tokens like the other's 3
+    own = run(slice(1, 2), None)[0]
+    assert abs(own.item() - b.item() * count.item() / mask[1].sum().item()) < TOL
+
+
+def test_akl_mu_validation_and_trainer_plumbing():
+    from types import SimpleNamespace
+
+    from distill.configbase import ConfigError
+    from distill.trainer import TrainConfig, micro_batch_loss
+
+    student_logits, _ = akl_dense_case()
+    teacher, _ = akl_dense_case(seed=1)
+    lp, ids = teacher.log().topk(8, -1)
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    for mu in (0.0, 1.0):
+        with pytest.raises(ValueError, match="mu"):
+            kd_loss(student_logits, ids, lp.float(), mask, divergence="akl", mu=mu)
+        with pytest.raises(ConfigError, match="akl_mu"):
+            TrainConfig(divergence="akl", akl_mu=mu)
+    batch = {"input_ids": torch.zeros(2, 4, dtype=torch.long), "attention_mask": torch.ones(2, 4, dtype=torch.long),
+             "targets": torch.zeros(2, 4, dtype=torch.long), "mask": mask, "topk_ids": ids, "teacher_logprobs": lp.float()}
+    model = lambda **_: SimpleNamespace(logits=student_logits)
+    counts = torch.tensor([8.0, 8.0])
+    values = {}
+    for mu in (0.2, 0.8):
+        cfg = TrainConfig(divergence="akl", akl_mu=mu, tail="bucket")
+        loss, _ = micro_batch_loss(model, batch, cfg, "score", False, counts, torch.device("cpu"))
+        want, _ = distillation_loss(student_logits, batch["targets"], ids, lp.float(), mask, divergence="akl", tail="bucket", mu=mu)
+        assert abs(loss.item() - want.item()) < TOL
+        values[mu] = loss.item()
+    assert abs(values[0.2] - values[0.8]) > 1e-4  # mu reaches the loss
