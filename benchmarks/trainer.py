@@ -9,6 +9,10 @@ Prints, measured in this run:
 - kd_step_vs_ce_step: a top-k KD + CE step / a CE-only step
 - offline_vs_online_kd_step: our offline KD step / an online KD step running the teacher forward in the loop
 - topk_vs_full_kd_gap_closed: at equal steps, (KL_ce - KL_topk) / (KL_ce - KL_full_online) on held-out data
+- sampled_vs_full_kd_gap_closed: the same share for a student trained on sampled labels (``teacher.labels: sampled``)
+- sampled_bytes_per_token / topk_bytes_per_token: train-shard bytes per labelled token of either kind
+  (KL here is to the teacher's full distribution, from a transformers forward on the held-out windows;
+  ECE and perplexity of each student are printed too; ``--quality 0`` skips all of it)
 """
 from __future__ import annotations
 
@@ -121,9 +125,18 @@ def main() -> None:
     if not args.quality:
         return
 
-    # quality at equal steps: CE-only and top-k KD (the demo's students), and online full-vocab KD
+    # quality at equal steps, forward KL: CE-only, top-k KD (the demo's students), sampled-label
+    # KD and online full-vocab KD
+    import dataclasses
+
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, divergence="forward_kl"))
     ce_summary = pipeline.train_student(cfg, baseline=True)
     topk_summary = pipeline.train_student(cfg, baseline=False)
+    sampled_cfg = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, labels="sampled"))
+    pipeline.label_shards(sampled_cfg, [n for n in names if n.startswith("train")])
+    pipeline.close_engines()
+    sampled_shards = pipeline.open_split(sampled_cfg, "train")
+    sampled_summary = pipeline.train_student(sampled_cfg, baseline=False)
     online = build_student(teacher_dir, cfg.student, vocab)
     decay = [p for p in online.parameters() if p.ndim >= 2]
     no_decay = [p for p in online.parameters() if p.ndim < 2]
@@ -138,14 +151,57 @@ def main() -> None:
         batch, _ = next(data)
         step(online, online_opt, batch, "online")
     online_seconds = time.perf_counter() - t0
-    kl = {}
-    for name, model_dir in (("ce", ce_summary["out_dir"]), ("topk", topk_summary["out_dir"])):
-        kl[name] = evaluate_model(AutoModelForCausalLM.from_pretrained(Path(model_dir) / "model"), heldout, cfg.eval)["kl"]
-    kl["full"] = evaluate_model(online, heldout, cfg.eval)["kl"]
-    gap_closed = (kl["ce"] - kl["topk"]) / (kl["ce"] - kl["full"])
+    students = {name: AutoModelForCausalLM.from_pretrained(Path(summary["out_dir"]) / "model", use_safetensors=True).eval()
+                for name, summary in (("ce", ce_summary), ("topk", topk_summary), ("sampled", sampled_summary))}
+    students["full"] = online.eval()
+    metrics = {name: evaluate_model(model, heldout, cfg.eval) for name, model in students.items()}
+    kl = full_distribution_kl(teacher, students, heldout, cfg.eval)
+    gap = {name: (kl["ce"] - kl[name]) / (kl["ce"] - kl["full"]) for name in ("topk", "sampled")}
+    size = {name: sum(sh.record["bytes"] for sh in shards) / sum(sh.tokens for sh in shards)
+            for name, shards in (("topk", train_shards), ("sampled", sampled_shards))}
+    draws = sampled_cfg.teacher.sampled_labels
 
-    print(f"held-out KL after {cfg.train.steps} steps: ce={kl['ce']:.4f} topk={kl['topk']:.4f} full_online={kl['full']:.4f} (online run {online_seconds:.0f}s)")
-    print(f"topk_vs_full_kd_gap_closed={gap_closed:.3f}")
+    print(f"held-out, after {cfg.train.steps} steps (online run {online_seconds:.0f}s); KL to the teacher's full distribution:")
+    for name in students:
+        m = metrics[name]
+        print(f"  {name:8s} KL_full={kl[name]:.4f} KL_stored_topk={m['kl']:.4f} ppl={m['ppl']:.2f} ECE={m['ece']:.4f} top1={m['top1']:.4f}")
+    print(f"sampled labels: {draws.draws} draws from top-{draws.proposal_k} + tail; top-k: k={k}")
+    print(f"topk_bytes_per_token={size['topk']:.2f}")
+    print(f"sampled_bytes_per_token={size['sampled']:.2f}")
+    print(f"topk_vs_full_kd_gap_closed={gap['topk']:.3f}")
+    print(f"sampled_vs_full_kd_gap_closed={gap['sampled']:.3f}")
+
+
+@torch.no_grad()
+def full_distribution_kl(teacher, students: dict, shards, eval_cfg) -> dict[str, float]:
+    """Mean KL(teacher's full softmax || student) over the held-out labelled positions, one
+    teacher forward per batch shared by every student."""
+    from distill.trainer import collate_for
+    from storage.reader import ShardStream, StreamPosition
+
+    collate_rows = collate_for(shards[0])
+    sums, count, rows = {name: 0.0 for name in students}, 0, []
+
+    def flush():
+        nonlocal count
+        batch = collate_rows(rows)
+        mask = batch["mask"]
+        t = torch.log_softmax(teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float(), -1)
+        for name, model in students.items():
+            s = torch.log_softmax(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float(), -1)
+            sums[name] += float((t.exp() * (t - s)).sum(-1)[mask].double().sum())
+        count += int(mask.sum())
+        rows.clear()
+
+    for i, (row, _) in enumerate(ShardStream(shards, shuffle=False).rows(StreamPosition(), epochs=1)):
+        if eval_cfg.max_windows and i >= eval_cfg.max_windows:
+            break
+        rows.append(row)
+        if len(rows) == eval_cfg.batch_size:
+            flush()
+    if rows:
+        flush()
+    return {name: total / count for name, total in sums.items()}
 
 
 if __name__ == "__main__":
