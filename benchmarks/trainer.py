@@ -32,7 +32,8 @@ def main() -> None:
     parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("--timing-steps", type=int, default=6)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--quality", type=int, default=1, help="0: skip the equal-steps quality comparison (trains three students)")
+    parser.add_argument("--quality", type=int, default=1, help="0: skip the equal-steps quality comparison (trains four students)")
+    parser.add_argument("--draws", type=int, default=None, help="sampled labels: draws per position (default: the config's)")
     args = parser.parse_args()
 
     from transformers import AutoModelForCausalLM
@@ -132,7 +133,8 @@ def main() -> None:
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, divergence="forward_kl"))
     ce_summary = pipeline.train_student(cfg, baseline=True)
     topk_summary = pipeline.train_student(cfg, baseline=False)
-    sampled_cfg = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, labels="sampled"))
+    sampled = cfg.teacher.sampled_labels if args.draws is None else dataclasses.replace(cfg.teacher.sampled_labels, draws=args.draws)
+    sampled_cfg = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, labels="sampled", sampled_labels=sampled))
     pipeline.label_shards(sampled_cfg, [n for n in names if n.startswith("train")])
     pipeline.close_engines()
     sampled_shards = pipeline.open_split(sampled_cfg, "train")
