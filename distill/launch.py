@@ -83,17 +83,22 @@ def _pipes_reporter():
     return open_dagster_pipes()
 
 
+def read_job(job_path: Path) -> tuple[dict, object, object]:
+    """The job file, its run config and the training settings of the student it names."""
+    from distill.config import from_mapping
+
+    job = json.loads(job_path.read_text())
+    cfg = from_mapping(job["config"], where=str(job_path))
+    return job, cfg, cfg.baseline_train if job["baseline"] else cfg.train
+
+
 def run_rank(job_path: Path) -> dict:
     """One rank of the job: open the train shards (their records and sizes; the launching
     process verified their checksums) and train."""
     from distill import pipeline
-    from distill.config import from_mapping
     from distill.trainer import train
 
-    job = json.loads(job_path.read_text())
-    cfg = from_mapping(job["config"], where=str(job_path))
-    baseline = job["baseline"]
-    train_cfg = cfg.baseline_train if baseline else cfg.train
+    job, cfg, train_cfg = read_job(job_path)
     shards = pipeline.open_split(cfg, "train", verify_checksum=False)
     vocab = len(pipeline.tokenizer(cfg))
     pipes = _pipes_reporter()
@@ -105,12 +110,11 @@ def run_rank(job_path: Path) -> dict:
                            f"lr {entry['lr']:.3g}, {entry['tok_s']:.0f} labelled tok/s")
             pipes.report_custom_message({k: entry[k] for k in ("step", "loss", "ce", "kd", "lr", "tok_s")})
 
-    if pipes is None:
-        return train(cfg.student, train_cfg, pipeline.teacher_dir(cfg), shards, job["out_dir"], vocab)
-    with pipes:
-        summary = train(cfg.student, train_cfg, pipeline.teacher_dir(cfg), shards, job["out_dir"], vocab, on_step=on_step)
-        pipes.log.info(f"training finished: {summary.get('steps')} steps on {summary.get('world_size')} processes")
-    return summary
+    import contextlib
+
+    with pipes if pipes is not None else contextlib.nullcontext():
+        return train(cfg.student, train_cfg, pipeline.teacher_dir(cfg), shards, job["out_dir"], vocab,
+                     on_step=on_step if pipes is not None else None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,11 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     if "LOCAL_RANK" in os.environ:
         run_rank(job_path)
         return 0
-    from distill.config import from_mapping
-
-    job = json.loads(job_path.read_text())
-    cfg = from_mapping(job["config"], where=str(job_path))
-    train = cfg.baseline_train if job["baseline"] else cfg.train
+    job, _, train = read_job(job_path)
     run_subprocess(torchrun_command(train, job_path, job["rdzv_id"]), worker_env(train))
     return 0
 

@@ -356,23 +356,21 @@ class ShardStream:
         rows_per_unit = max(1.0, sum(unit_rows) / max(1, len(unit_rows)))
         self.units_per_chunk = max(1, math.ceil(shuffle_buffer / rows_per_unit)) if shuffle else 1
 
-    def units(self, epoch: int) -> list[tuple[int, int]]:
+    def _order(self, epoch: int) -> list[tuple[int, int]]:
+        """Every unit of ``epoch``, in the order ranks deal them out."""
         order = list(self._units)
         if self.shuffle:
             perm = np.random.default_rng([self.seed, epoch]).permutation(len(order))
             order = [order[i] for i in perm]
-        return order[self.rank :: self.world_size]
+        return order
+
+    def units(self, epoch: int) -> list[tuple[int, int]]:
+        return self._order(epoch)[self.rank :: self.world_size]
 
     def rows_per_epoch(self, epoch: int) -> int:
         """Rows every rank yields in ``epoch``: the smallest rank's share of that epoch's order."""
-        order = self.units(epoch) if self.world_size == 1 else None
-        if order is not None:
-            return sum(self._unit_rows[u] for u in order)
-        full = list(self._units)
-        if self.shuffle:
-            perm = np.random.default_rng([self.seed, epoch]).permutation(len(full))
-            full = [full[i] for i in perm]
-        return min(sum(self._unit_rows[u] for u in full[r :: self.world_size]) for r in range(self.world_size))
+        order = self._order(epoch)
+        return min(sum(self._unit_rows[u] for u in order[r :: self.world_size]) for r in range(self.world_size))
 
     def rows(self, start: StreamPosition = StreamPosition(), epochs: int | None = None) -> Iterator[tuple[dict, StreamPosition]]:
         """Yield ``(row, position_after_row)`` forever (or for ``epochs``), starting at ``start``."""
