@@ -54,6 +54,9 @@ def from_mapping(data: Mapping[str, Any] | None, where: str = "config") -> RunCo
     labels_uri = data.get("labels_uri")
     if labels_uri is not None and not isinstance(labels_uri, str):
         raise ConfigError(f"{where}: labels_uri={labels_uri!r} is invalid: expected a path or URI string")
+    teacher = data.get("teacher")
+    if isinstance(teacher, Mapping) and teacher.get("models") and "model" in teacher:
+        raise ConfigError(f"{where}: teacher: give model (one teacher) or models (an ensemble), not both")
     return RunConfig(
         storage_root=root,
         labels_uri=labels_uri,

@@ -86,6 +86,8 @@ def _convert(value: Any, hint: Any, field: str) -> Any:
             try:
                 items.append(_convert(item, item_type, f"{field}[{i}]"))
             except ConfigError:
+                if dataclasses.is_dataclass(item_type):
+                    raise  # the item's own error names the field inside it (``models[1].weight``)
                 raise ConfigError(f"{field}={value!r} is invalid: expected {_describe(hint)} (item {i} is {item!r})") from None
         return tuple(items) if origin is tuple else items
     if hint in SCALARS:

@@ -11,6 +11,7 @@ import hashlib
 import json
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -19,11 +20,12 @@ from distill.configbase import ConfigError
 from distill.data import build_corpus, read_corpus_shard
 from distill.student import StudentConfig
 from distill.teacher.checkpoint import checkpoint_hashes, resolve_teacher
+from distill.teacher.ensemble import ENSEMBLE_CODE_VERSION
 from distill.teacher.labels import LABEL_CODE_VERSION, label_shard, mode_settings, shard_key
 from distill.trainer import TrainConfig
 from storage.cache import LabelStore, content_key, set_manifest
 from storage.reader import Shard, ShardError
-from storage.schema import ShardMeta
+from storage.schema import SCHEMA_VERSION, ShardMeta
 from storage.writer import atomic_write_text, folder_lock, remove_stale_temporaries
 
 _ENGINES: dict[tuple, object] = {}
@@ -34,7 +36,84 @@ class IncompleteLabelsError(RuntimeError):
 
 
 def teacher_dir(cfg: RunConfig) -> Path:
-    return resolve_teacher(cfg.teacher.model, cfg.root)
+    """The (reference) teacher's folder: ``teacher.model``, or the first ensemble member's base
+    model, whose tokenizer cuts the corpus for every member."""
+    return resolve_teacher(cfg.teacher.members[0].model, cfg.root)
+
+
+def finetuned_dir(cfg: RunConfig, member) -> Path:
+    """Where ``member`` (with ``finetune`` set) is adapted to the training split: a folder keyed
+    by the base weights, the training windows, the settings and the fine-tuning code."""
+    from distill.data import corpus_dir
+
+    base = resolve_teacher(member.model, cfg.root)
+    manifest_path = corpus_dir(cfg.root, cfg.corpus, teacher_hashes(cfg)["tokenizer"], cfg.teacher.mode) / "corpus.json"
+    if not manifest_path.exists():
+        raise IncompleteLabelsError(f"{manifest_path}: corpus not built; materialize the corpus asset before finetuned_teachers")
+    shards = json.loads(manifest_path.read_text())["shards"]
+    key = content_key({"base": checkpoint_hashes(base)["weights"], "data": {n: s["fingerprint"] for n, s in shards.items() if split_of(n) == "train"},
+                       "finetune": dataclasses.asdict(member.finetune), "code": source_fingerprint(("distill.teacher.finetune",))})
+    return cfg.root / "models" / f"finetuned-{key}"
+
+
+def prepare_finetuned(cfg: RunConfig, progress: bool = True) -> list[dict]:
+    """Fine-tune every ``teacher.models`` member that asks for it (a finished one is reused)."""
+    from distill.teacher.finetune import FINETUNE_INFO, finetune
+
+    done = []
+    for member in cfg.teacher.members:
+        if member.finetune is None:
+            continue
+        out = finetuned_dir(cfg, member)
+        with folder_lock(out, "fine-tuning of this teacher", on_wait=lambda msg: print(msg, file=sys.stderr, flush=True)):
+            info = out / "model" / FINETUNE_INFO
+            if info.exists():
+                done.append({**json.loads(info.read_text()), "path": str(out / "model"), "reused": True})
+                continue
+            for tmp in out.glob(".model.tmp-*"):  # left by a run that died while saving
+                shutil.rmtree(tmp, ignore_errors=True)
+            windows = []
+            for name in cfg.corpus.shard_names():
+                if split_of(name) == "train":
+                    _, table = read_corpus_shard(cfg.root, cfg.corpus, teacher_hashes(cfg)["tokenizer"], name, cfg.teacher.mode)
+                    windows += list(zip(table.column("input_ids").to_pylist(), table.column("label_start").to_pylist()))
+            summary = finetune(resolve_teacher(member.model, cfg.root), windows, member.finetune, out / "model", progress=progress)
+            done.append({**summary, "path": str(out / "model"), "reused": False})
+    return done
+
+
+def member_runs(cfg: RunConfig) -> list[tuple[RunConfig, float]]:
+    """One single-teacher run config per teacher, with its weight: ``cfg`` itself for a single
+    ``teacher.model``; for ``teacher.models``, each member as ``teacher.model`` (a fine-tuned
+    member by its adapted folder, which must exist: materialize finetuned_teachers)."""
+    if not cfg.teacher.models:
+        return [(cfg, 1.0)]
+    runs = []
+    for member in cfg.teacher.members:
+        model = member.model
+        if member.finetune is not None:
+            folder = finetuned_dir(cfg, member) / "model"
+            if not (folder / "config.json").exists():
+                raise IncompleteLabelsError(f"{folder}: teacher member {member.model!r} is not fine-tuned yet; materialize finetuned_teachers")
+            model = str(folder)
+        runs.append((dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, model=model, models=())), member.weight))
+    return runs
+
+
+def _single(cfg: RunConfig) -> RunConfig:
+    """The one teacher's run config (``teacher.models`` with a single member resolved)."""
+    return member_runs(cfg)[0][0] if cfg.teacher.models and not cfg.teacher.ensemble else cfg
+
+
+def ensemble_meta(cfg: RunConfig) -> tuple[list[tuple[RunConfig, float]], str, list[dict]]:
+    """An ensemble's member runs, its teacher hash (members' weights hashes and weights) and
+    the provenance of each member."""
+    runs = member_runs(cfg)
+    total = sum(w for _, w in runs)
+    members = [{"model": m.model, "weights_hash": teacher_hashes(run)["weights"], "weight": w / total,
+                "finetune": dataclasses.asdict(m.finetune) if m.finetune else None, "folder": run.teacher.model}
+               for (run, w), m in zip(runs, cfg.teacher.members)]
+    return runs, content_key({"ensemble": [[m["weights_hash"], m["weight"]] for m in members]}), members
 
 
 def teacher_hashes(cfg: RunConfig) -> dict:
@@ -52,6 +131,12 @@ def prepare_teacher(cfg: RunConfig) -> dict:
     from transformers import AutoConfig
 
     path = teacher_dir(cfg)
+    tokenizer_hash = checkpoint_hashes(path)["tokenizer"]
+    for member in cfg.teacher.members[1:]:
+        other = resolve_teacher(member.model, cfg.root)
+        if checkpoint_hashes(other)["tokenizer"] != tokenizer_hash:
+            raise ConfigError(f"teacher.models: {member.model!r} ({other}) does not share the first member's tokenizer ({path}); "
+                              "an ensemble mixes distributions over the same token ids")
     model_config = AutoConfig.from_pretrained(path)
     if cfg.corpus.window > getattr(model_config, "max_position_embeddings", cfg.corpus.window):
         raise ValueError(
@@ -59,7 +144,7 @@ def prepare_teacher(cfg: RunConfig) -> dict:
         )
     if cfg.teacher.k > model_config.vocab_size:
         raise ValueError(f"teacher.k={cfg.teacher.k} exceeds the teacher's vocabulary ({model_config.vocab_size} tokens)")
-    return {"path": str(path), **checkpoint_hashes(path), "vocab_size": model_config.vocab_size,
+    return {"path": str(path), **checkpoint_hashes(path), "members": len(cfg.teacher.members), "vocab_size": model_config.vocab_size,
             "layers": model_config.num_hidden_layers, "architecture": (model_config.architectures or ["?"])[0]}
 
 
@@ -93,6 +178,12 @@ def get_engine(cfg: RunConfig):
     return _ENGINES[key]
 
 
+def close_engine(cfg: RunConfig) -> None:
+    """Close this run's teacher engine, if it is running (others stay)."""
+    for key in [key for key in _ENGINES if key[0] == str(teacher_dir(cfg))]:
+        _ENGINES.pop(key).close()
+
+
 def close_engines() -> None:
     while _ENGINES:
         _, engine = _ENGINES.popitem()
@@ -101,6 +192,14 @@ def close_engines() -> None:
 
 def shard_keys(cfg: RunConfig, names: Sequence[str]) -> dict[str, str]:
     from distill.data import corpus_dir
+
+    if cfg.teacher.ensemble:
+        runs = member_runs(cfg)
+        total = sum(w for _, w in runs)
+        member_keys = [shard_keys(run, names) for run, _ in runs]
+        return {n: content_key({"ensemble": [[keys[n], w / total] for keys, (_, w) in zip(member_keys, runs)],
+                                "code": ENSEMBLE_CODE_VERSION, "schema": SCHEMA_VERSION}) for n in names}
+    cfg = _single(cfg)
 
     hashes = teacher_hashes(cfg)
     manifest_path = corpus_dir(cfg.root, cfg.corpus, hashes["tokenizer"], cfg.teacher.mode) / "corpus.json"
@@ -121,9 +220,15 @@ def split_of(shard_name: str) -> str:
 
 def expected_meta(cfg: RunConfig, split: str) -> dict:
     """Fields every shard of this run's ``split`` must carry (checked by the reader)."""
-    hashes = teacher_hashes(cfg)
     from transformers import AutoConfig
 
+    if cfg.teacher.ensemble:
+        _, ensemble_hash, members = ensemble_meta(cfg)
+        return {"teacher_hash": ensemble_hash, "tokenizer_hash": teacher_hashes(cfg)["tokenizer"],
+                "vocab_size": AutoConfig.from_pretrained(teacher_dir(cfg)).vocab_size, "k": cfg.teacher.k * len(members),
+                "mode": cfg.teacher.mode, "temperature": 1.0}
+    cfg = _single(cfg)
+    hashes = teacher_hashes(cfg)
     return {
         "teacher_hash": hashes["weights"],
         "tokenizer_hash": hashes["tokenizer"],
@@ -136,6 +241,9 @@ def expected_meta(cfg: RunConfig, split: str) -> dict:
 
 def label_shards(cfg: RunConfig, names: Sequence[str], engine_factory=None) -> dict[str, dict]:
     """Label the named corpus shards (cache hits cost nothing); returns per-shard results."""
+    if cfg.teacher.ensemble:
+        return label_ensemble(cfg, names, engine_factory)
+    cfg = _single(cfg)
     hashes = teacher_hashes(cfg)
     keys = shard_keys(cfg, names)
     store = label_store(cfg)
@@ -155,6 +263,48 @@ def label_shards(cfg: RunConfig, names: Sequence[str], engine_factory=None) -> d
             settings=mode_settings(cfg.teacher, split),
         )
         results[name] = {"key": keys[name], **label_shard(factory, store, keys[name], meta, windows, cfg.teacher)}
+    return results
+
+
+def label_ensemble(cfg: RunConfig, names: Sequence[str], engine_factory=None) -> dict[str, dict]:
+    """Label the named shards with every member (each cached on its own), one member after the
+    other (a member's engine is closed before the next member labels), then mix them."""
+    from distill.teacher.ensemble import mix_shard
+
+    runs, ensemble_hash, members = ensemble_meta(cfg)
+    tokenizers = {teacher_hashes(run)["tokenizer"] for run, _ in runs}
+    if len(tokenizers) != 1:
+        raise ConfigError(f"teacher.models: the members do not share a tokenizer ({', '.join(m['folder'] for m in members)} "
+                          "hash their tokenizer files differently); an ensemble mixes distributions over the same token ids")
+    pending = [any(not label_store(run).is_committed(key) for key in shard_keys(run, names).values()) for run, _ in runs]
+    member_results = []
+    for i, (run, _) in enumerate(runs):
+        member_results.append(label_shards(run, names, engine_factory if i == 0 else None))
+        if pending[i] and any(pending[i + 1:]):
+            close_engine(run)  # the next member's engine needs the device
+    keys = shard_keys(cfg, names)
+    store = label_store(cfg)
+    expect = expected_meta(cfg, "train")
+    results = {}
+    for name in names:
+        split = split_of(name)
+        shards = [label_store(run).open(member_results[i][name]["key"], expect=expected_meta(run, split)) for i, (run, _) in enumerate(runs)]
+        meta = ShardMeta(
+            teacher="ensemble:" + "+".join(f"{m['model']}@{m['weight']:.4g}" for m in members), teacher_hash=ensemble_hash,
+            tokenizer_hash=expect["tokenizer_hash"], vocab_size=expect["vocab_size"], k=expect["k"], temperature=1.0,
+            mode=cfg.teacher.mode, engine=shards[0].meta.engine, data_fingerprint=shards[0].meta.data_fingerprint, shard=name,
+            split=split, cache_key=keys[name], code_version=ENSEMBLE_CODE_VERSION,
+            settings={"ensemble": [{**m, "cache_key": member_results[i][name]["key"]} for i, m in enumerate(members)]},
+        )
+        started = time.time()
+        mixed = mix_shard(store, keys[name], meta, shards, [m["weight"] for m in members])
+        labelled = [r[name] for r in member_results]
+        fresh = [r for r in labelled if not r["cache_hit"]]
+        results[name] = {"key": keys[name], **mixed, "cache_hit": mixed["cache_hit"] and not fresh,
+                         "teacher_seconds": sum(r["teacher_seconds"] for r in labelled),
+                         "members": [{"key": r["key"], "cache_hit": r["cache_hit"]} for r in labelled],
+                         "labelled_from": min([r["labelled_from"] for r in fresh] + [started]),
+                         "labelled_until": time.time()}
     return results
 
 

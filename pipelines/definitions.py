@@ -10,7 +10,7 @@ from distill.config import load_config
 from pipelines.assets.corpus import corpus
 from pipelines.assets.evaluation import evaluation
 from pipelines.assets.student import baseline_student, student_model
-from pipelines.assets.teacher import build_teacher_logits, teacher_model
+from pipelines.assets.teacher import build_teacher_logits, finetuned_teachers, teacher_model
 from pipelines.pools import partitions_per_run
 from pipelines.resources import DistillSettings, TeacherEngine, default_config_path
 from pipelines.schedules import evaluate_job, evaluate_schedule, refresh_corpus_job, refresh_corpus_schedule
@@ -21,7 +21,7 @@ def build_definitions(config_path: str | None = None, keep_engine_alive: bool = 
     cfg = load_config(config_path)  # fail at load time, naming the field, on a bad config
     partitions = dg.StaticPartitionsDefinition(cfg.corpus.shard_names())
     teacher_logits = build_teacher_logits(partitions, partitions_per_run(cfg, len(partitions.get_partition_keys())))
-    assets = [teacher_model, corpus, teacher_logits, student_model, baseline_student, evaluation]
+    assets = [teacher_model, corpus, finetuned_teachers, teacher_logits, student_model, baseline_student, evaluation]
     return dg.Definitions(
         assets=assets,
         jobs=[refresh_corpus_job, evaluate_job],

@@ -76,7 +76,7 @@ def materialize_all(defs: dg.Definitions, instance: dg.DagsterInstance, shard_na
         return dg.materialize(assets, selection=selection, resources=resources, instance=instance,
                               tags={**tags, **(extra_tags or {})}, raise_on_error=False)
 
-    for selection, extra in ((["teacher_model", "corpus"], None),
+    for selection, extra in ((["teacher_model", "corpus", "finetuned_teachers"], None),
                              (["teacher_logits"], {ASSET_PARTITION_RANGE_START_TAG: shard_names[0],
                                                    ASSET_PARTITION_RANGE_END_TAG: shard_names[-1]})):
         result = run(selection, extra)

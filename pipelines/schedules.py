@@ -13,8 +13,8 @@ REFRESH_CRON_ENV = "DISTILL_REFRESH_CRON"
 
 refresh_corpus_job = dg.define_asset_job(
     "refresh_corpus",
-    selection=dg.AssetSelection.assets("teacher_model", "corpus"),
-    description="Re-resolve the teacher and re-read the dataset; downstream automation follows.",
+    selection=dg.AssetSelection.assets("teacher_model", "corpus", "finetuned_teachers"),
+    description="Re-resolve the teacher, re-read the dataset and adapt the fine-tuned ensemble members to it (a cache hit when the data did not change); downstream automation follows.",
 )
 
 refresh_corpus_schedule = dg.ScheduleDefinition(

@@ -6,6 +6,8 @@
   stored as differences along rank (non-negative, small, so they compress well). The absolute
   level is restored from the stored tail mass, so the decoded top-k carry exactly ``1 - tail``.
   With A = 47, B = 3 the mean KL(original top-k ‖ decoded) is about 5e-4 nats on real labels.
+  Slots past a position's last id hold ``-inf`` (teacher ensembles: the union of the members'
+  ids varies in size per position); they take code ``levels + 1`` and decode to ``-inf``.
 - Realized-token logprob: uint16 steps of 2^-10 nats (error <= 4.9e-4, floor -64 nats).
 - Tail mass ``t`` (1 - top-k mass): uint16 codes of its log-odds ``x = log(t) - log(1 - t)`` in
   steps of ``h = 2^-9`` from -96 to 32, plus exact codes for 0 (code 0) and 1 (code 65535).
@@ -41,20 +43,25 @@ MIN_TOPK_MASS = 1e-7
 
 
 def encode_topk_logprobs(topk_logprobs: np.ndarray, levels: int = LOGPROB_LEVELS, scale: float = LOGPROB_SCALE) -> np.ndarray:
-    """(n, k) logprobs sorted descending -> (n, k) uint8 rank-differences of companded codes."""
+    """(n, k) logprobs sorted descending -> (n, k) uint8 rank-differences of companded codes.
+    Trailing ``-inf`` slots (padding; the first slot is finite) take the code ``levels + 1``."""
     lp = np.asarray(topk_logprobs, np.float64)
+    pad = np.isneginf(lp)
     d = np.maximum(lp[:, :1] - lp, 0.0)
-    codes = np.rint(levels * -np.expm1(-d / scale)).astype(np.int16)
-    codes = np.maximum.accumulate(np.clip(codes, 0, levels), axis=1)
+    with np.errstate(invalid="ignore"):
+        codes = np.rint(levels * -np.expm1(-d / scale))
+    codes = np.where(pad, levels + 1, np.clip(codes, 0, levels)).astype(np.int16)
+    codes = np.maximum.accumulate(codes, axis=1)
     diffs = np.diff(codes, axis=1, prepend=0)
     return diffs.astype(np.uint8)
 
 
 def decode_topk_logprobs(diffs: np.ndarray, tail_mass: np.ndarray, levels: int = LOGPROB_LEVELS, scale: float = LOGPROB_SCALE) -> np.ndarray:
-    """Inverse of ``encode_topk_logprobs``: (n, k) float32 logprobs whose mass is ``1 - tail_mass``."""
+    """Inverse of ``encode_topk_logprobs``: (n, k) float32 logprobs whose mass is ``1 - tail_mass``
+    (``-inf`` in padding slots, code ``levels + 1``)."""
     codes = np.cumsum(diffs, axis=1, dtype=np.int32)
     u = np.minimum(codes / levels, 1.0 - 0.5 / levels)
-    rel = scale * np.log1p(-u)  # -d, <= 0
+    rel = np.where(codes > levels, -np.inf, scale * np.log1p(-u))  # -d, <= 0
     top = np.log(np.maximum(1.0 - np.asarray(tail_mass, np.float64), MIN_TOPK_MASS))
     norm = np.log(np.exp(rel).sum(axis=1))
     return (rel + (top - norm)[:, None]).astype(np.float32)

@@ -242,7 +242,7 @@ def decode_table(shard: Shard, table: pa.Table) -> dict[str, tuple[np.ndarray, n
         logprobs = codec.decode_counts(diffs.reshape(n, k), draws)
     else:
         codes_total = np.cumsum(diffs.reshape(n, k), axis=1, dtype=np.int32)
-        if n and int(codes_total[:, -1].max()) > enc["logprob_levels"]:
+        if n and (int(codes_total[:, -1].max()) > enc["logprob_levels"] + 1 or int(codes_total[:, 0].max()) > enc["logprob_levels"]):
             raise ShardError(shard.path, "topk_logprob_codes exceed the encoding's levels (corrupt or not sorted)")
         logprobs = codec.decode_topk_logprobs(diffs.reshape(n, k), tail, enc["logprob_levels"], enc["logprob_scale"])
     input_ids, in_off = _flat(table, "input_ids")
@@ -430,7 +430,7 @@ def shard_stats(shard: Shard) -> dict:
         if lp.size:
             mass_sum += float(np.exp(lp.astype(np.float64)).sum())
             max_logprob = max(max_logprob, float(lp.max()))
-            unsorted += int((np.diff(lp, axis=1) > 1e-6).any(axis=1).sum())
+            unsorted += int((np.diff(np.where(np.isneginf(lp), -1e30, lp), axis=1) > 1e-6).any(axis=1).sum())  # -inf: padding
     return {
         "rows": rows,
         "tokens": tokens,

@@ -187,8 +187,9 @@ class ShardWriter:
             if n and (np.abs(counts - np.rint(counts)).max() > 1e-3 or (np.rint(counts).sum(axis=1) > self.draws).any()
                       or (np.diff(counts, axis=1) > 1e-3).any()):
                 raise ValueError(f"{where}: sampled topk_logprobs must be log(count / {self.draws}) of at most {self.draws} draws, most drawn first")
-        elif n and (not np.isfinite(lp).all() or lp.max() > 1e-4 or (np.diff(lp, axis=1) > 1e-5).any()):
-            raise ValueError(f"{where}: topk_logprobs must be finite, <= 0 and sorted descending")
+        elif n and (not np.isfinite(lp[:, 0]).all() or np.isnan(lp).any() or np.isposinf(lp).any() or lp.max() > 1e-4
+                    or (np.diff(np.where(np.isneginf(lp), -1e30, lp), axis=1) > 1e-5).any()):
+            raise ValueError(f"{where}: topk_logprobs must be <= 0 and sorted descending, finite but for trailing -inf padding")
         np.add.at(self._id_counts, ids, 1)
         self._buffer.append(row)
         self.rows += 1

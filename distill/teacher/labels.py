@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from distill.configbase import check
 from distill.teacher.checkpoint import BUNDLED
+from distill.teacher.ensemble import TeacherMember
 from distill.teacher.vllm_engine import EngineConfig
 from storage.cache import LabelStore, content_key
 from storage.schema import SCHEMA_VERSION, ShardMeta
@@ -101,6 +102,18 @@ class TeacherConfig:
     evaluations compare across label kinds. ``score`` and ``generate`` modes only."""
     sampled_labels: SampledLabelsConfig = SampledLabelsConfig()
     """``labels: sampled``: draws per position, proposal size, seed."""
+    models: tuple[TeacherMember, ...] = ()
+    """A teacher ensemble, replacing ``model``: a list of ``{model, weight, finetune}``, every
+    member sharing the first one's tokenizer. Each member's labels are cached on their own
+    (adding a member labels only that member); the train and held-out targets are the
+    weighted mixture in probability space over the union of the members' top-k ids, plus the
+    remaining tail (``distill.teacher.ensemble``), stored as a shard set of its own with
+    ``k`` x members slots. The first member is the reference: its tokenizer cuts the corpus, its
+    layers initialize a ``teacher_layers`` student, and it answers the evaluation's greedy and
+    multiple-choice questions. Members are labelled one after another, so only one engine
+    holds the device at a time. Use an ensemble when single teachers disagree in useful ways
+    (one general, one adapted to the domain): the mixture is better calibrated than either.
+    ``score`` mode and top-k labels only."""
     relabel_tag: str = ""
     """Part of every shard's cache key and nothing else: change it to force relabelling, e.g. after a vLLM upgrade (engine versions are recorded, not keyed)."""
 
@@ -110,6 +123,18 @@ class TeacherConfig:
         check(0.0 <= self.min_topk_mass <= 1.0, "min_topk_mass", self.min_topk_mass, "a number in [0, 1]")
         check(self.labels in LABEL_KINDS, "labels", self.labels, f"one of {LABEL_KINDS}")
         check(self.labels == "topk" or self.mode != "candidates", "labels", self.labels, "topk in candidates mode (it stores no per-token labels)")
+        if self.models:
+            check(self.mode == "score", "models", "[...]", "a single teacher (model) outside score mode: ensembles mix per-token labels of the same text")
+            check(self.labels == "topk", "models", "[...]", "a single teacher (model) with labels: sampled")
+
+    @property
+    def members(self) -> tuple[TeacherMember, ...]:
+        """The teachers: ``models``, or ``model`` alone."""
+        return self.models or (TeacherMember(self.model),)
+
+    @property
+    def ensemble(self) -> bool:
+        return len(self.members) > 1
 
     def samples(self, split: str) -> bool:
         """Whether shards of ``split`` hold sampled labels (train shards only)."""

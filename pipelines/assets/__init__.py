@@ -1,2 +1,2 @@
-"""The asset graph: teacher_model -> corpus -> teacher_logits (per shard) -> student_model,
+"""The asset graph: teacher_model -> corpus -> finetuned_teachers -> teacher_logits (per shard) -> student_model,
 baseline_student -> evaluation."""

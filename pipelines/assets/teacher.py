@@ -15,6 +15,17 @@ def teacher_model(settings: DistillSettings) -> dg.MaterializeResult:
     )
 
 
+@dg.asset(group_name="teacher", deps=["corpus"], automation_condition=dg.AutomationCondition.eager(), description="Teachers adapted to the training split by a short fine-tune (teacher.models members with finetune set; none otherwise), cached by base weights, data and settings.")
+def finetuned_teachers(settings: DistillSettings) -> dg.MaterializeResult:
+    done = pipeline.prepare_finetuned(settings.load())
+    metadata: dict = {"members": len(done)}
+    for i, info in enumerate(done):
+        metadata.update({f"member_{i}_path": dg.MetadataValue.path(info["path"]), f"member_{i}_reused": info["reused"],
+                         f"member_{i}_first_loss": info["first_loss"], f"member_{i}_final_loss": info["final_loss"],
+                         f"member_{i}_seconds": round(info["seconds"], 1)})
+    return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(pipeline.content_key([d["path"] for d in done])))
+
+
 def _labelling_window(results: dict) -> dict:
     """When this run's engine labelled and on which slot (absent when every shard was a hit)."""
     done = [r for r in results.values() if not r["cache_hit"]]
@@ -28,7 +39,7 @@ def _labelling_window(results: dict) -> dict:
 def build_teacher_logits(partitions: dg.PartitionsDefinition, max_partitions_per_run: int = 4):
     @dg.asset(
         group_name="teacher",
-        deps=["corpus", "teacher_model"],
+        deps=["corpus", "teacher_model", "finetuned_teachers"],
         partitions_def=partitions,
         backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run),
         pool="teacher",

@@ -21,7 +21,7 @@ def test_refresh_schedule_requests_the_corpus_job(tiny_config_path):
     assert [r.job_name for r in data.run_requests] in ([None], ["refresh_corpus"])
     assert schedule.job_name == "refresh_corpus"
     job = defs.get_job_def("refresh_corpus")
-    assert {k.to_user_string() for k in job.asset_layer.executable_asset_keys} == {"teacher_model", "corpus"}
+    assert {k.to_user_string() for k in job.asset_layer.executable_asset_keys} == {"teacher_model", "corpus", "finetuned_teachers"}
 
 
 def _requested(result, key):

@@ -40,4 +40,4 @@ def test_web_ui_serves_every_asset_on_loopback(tiny_config_path, tmp_path):
                 break
             time.sleep(2)
     keys = {"/".join(n["assetKey"]["path"]) for n in nodes}
-    assert keys == {"teacher_model", "corpus", "teacher_logits", "student_model", "baseline_student", "evaluation"}
+    assert keys == {"teacher_model", "corpus", "finetuned_teachers", "teacher_logits", "student_model", "baseline_student", "evaluation"}
