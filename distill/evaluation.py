@@ -67,7 +67,15 @@ ECE_BINS = 15
 POSITION_BUCKETS = 12  # position t falls in bucket floor(log2(t + 1)): 0, 1-2, 3-6, 7-14, ...
 
 
-def batch_sums(student_logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _bytes(byte_lengths: torch.Tensor | None, targets: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The bytes of text the labelled targets stand for (for bits per byte), when the model's
+    per-id byte lengths are known."""
+    if byte_lengths is None:
+        return {}
+    return {"bytes": byte_lengths.to(targets.device)[targets][mask].double().sum()}
+
+
+def batch_sums(student_logits: torch.Tensor, batch: dict[str, torch.Tensor], byte_lengths: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Per-batch sums from which every metric is finished by ``finish``.
 
     ``student_logits`` (B, T, V); ``batch`` as built by ``distill.trainer.collate``. Returns
@@ -95,6 +103,34 @@ def batch_sums(student_logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> 
         "top1": (top_id == batch["topk_ids"][..., 0])[mask].double().sum(),
         "positions": mask.sum().double(),
         **_ece_bins(confidence, correct),
+        **_bytes(byte_lengths, batch["targets"], mask),
+    }
+
+
+def cross_batch_sums(student_logits: torch.Tensor, batch: dict[str, torch.Tensor], byte_lengths: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``batch_sums`` of a model with its own tokenizer (a ``distill.xtok.collate_cross`` batch):
+    NLL, ECE and bytes over its own tokens of the labelled span; KL(teacher ‖ model) and top-1
+    agreement at the aligned positions, over the teacher's top-k ids the model's vocabulary holds
+    exactly (the rest of each distribution as one bucket; top-1 counts a position as agreeing
+    when the model's most likely token is the teacher's top-1 token)."""
+    logits = student_logits.float()
+    mask, kd_mask = batch["mask"], batch["kd_mask"]
+    lse = torch.logsumexp(logits, -1, keepdim=True)
+    nll = (lse - logits.gather(-1, batch["targets"][..., None]))[..., 0]
+    log_p, log_q = sparse_log_distributions(logits, batch["topk_ids"], batch["matched_logprobs"], "bucket", 1.0, lse)
+    kl = forward_kl(log_p, log_q)
+    top_logit, top_id = logits.max(-1)
+    confidence = torch.exp(top_logit - lse[..., 0])[mask].double()
+    correct = (top_id == batch["targets"])[mask].double()
+    agree = (top_id == batch["topk_ids"][..., 0]) & torch.isfinite(batch["matched_logprobs"][..., 0])
+    return {
+        "nll": nll[mask].double().sum(),
+        "kl": kl[kd_mask].double().sum(),
+        "kl_positions": kd_mask.sum().double(),
+        "top1": agree[kd_mask].double().sum(),
+        "positions": mask.sum().double(),
+        **_ece_bins(confidence, correct),
+        **_bytes(byte_lengths, batch["targets"], mask),
     }
 
 
@@ -105,19 +141,27 @@ def finish(sums: dict[str, torch.Tensor]) -> dict:
         raise ValueError("no labelled positions to evaluate")
     gap = (sums["bin_confidence"] - sums["bin_correct"]).abs().sum()
     calibration = _calibration(sums)
+    counts = sums.get("pos_count", torch.zeros(0))
     kl_by_position = [
-        {"positions": f"{2**b - 1}-{2**(b + 1) - 2}", "count": int(sums["pos_count"][b]), "kl": float(sums["pos_kl"][b] / sums["pos_count"][b])}
-        for b in range(len(sums["pos_count"])) if sums["pos_count"][b] > 0
+        {"positions": f"{2**b - 1}-{2**(b + 1) - 2}", "count": int(counts[b]), "kl": float(sums["pos_kl"][b] / counts[b])}
+        for b in range(len(counts)) if counts[b] > 0
     ]
-    return {
+    aligned = float(sums.get("kl_positions", n))  # a model with its own tokenizer: aligned positions
+    out = {
         "ppl": math.exp(float(sums["nll"]) / n),
-        "kl": float(sums["kl"]) / n,
-        "top1": float(sums["top1"]) / n,
+        "kl": float(sums["kl"]) / max(aligned, 1.0),
+        "top1": float(sums["top1"]) / max(aligned, 1.0),
         "ece": float(gap) / n,
         "positions": int(n),
         "calibration": calibration,
         "kl_by_position": kl_by_position,
     }
+    if float(sums.get("bytes", 0)) > 0:
+        out["bpb"] = float(sums["nll"]) / math.log(2) / float(sums["bytes"])
+        out["bytes"] = int(sums["bytes"])
+    if "kl_positions" in sums:
+        out["aligned_positions"] = int(aligned)
+    return out
 
 
 def _ece_bins(confidence: torch.Tensor, correct: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -222,15 +266,25 @@ def _accumulate(totals: dict[str, torch.Tensor], sums: dict[str, torch.Tensor]) 
 
 
 @torch.no_grad()
-def evaluate_model(model, shards: Sequence[Shard], cfg: EvalConfig, bf16: bool = False) -> dict:
+def evaluate_model(model, shards: Sequence[Shard], cfg: EvalConfig, bf16: bool = False, byte_lengths: torch.Tensor | None = None,
+                   cross=None) -> dict:
     """Held-out metrics of one causal LM against the teacher labels in ``shards``, on the
-    model's device (``bf16``: under bf16 autocast; metrics are finished in fp32/fp64)."""
+    model's device (``bf16``: under bf16 autocast; metrics are finished in fp32/fp64).
+    ``byte_lengths``: bytes per token id of the teacher's tokenizer, for bits per byte.
+    ``cross``: a ``distill.xtok.CrossTokenizer`` for a model with its own tokenizer."""
+    from distill.xtok import collate_cross
+
     model.eval()
     device = _device(model)
     meta = shards[0].meta
     normalize = bool(meta.settings.get("length_normalize"))
     totals: dict[str, torch.Tensor] = {}
-    for batch in heldout_batches(shards, cfg, collate_for(shards[0])):
+    if cross is not None:
+        collate_rows = lambda rows: collate_cross(rows, meta.k, cross)  # noqa: E731
+        student_lengths = torch.tensor([len(b) for b in cross.student_bytes])
+    else:
+        collate_rows = collate_for(shards[0])
+    for batch in heldout_batches(shards, cfg, collate_rows):
         batch = {n: t.to(device) for n, t in batch.items()}
         with _autocast(device, bf16):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -238,8 +292,10 @@ def evaluate_model(model, shards: Sequence[Shard], cfg: EvalConfig, bf16: bool =
         if meta.mode == "candidates":
             scores = candidate_scores(logits, batch["targets"], batch["mask"], batch["index"], normalize)
             sums = candidate_sums(scores, batch)
+        elif cross is not None:
+            sums = cross_batch_sums(logits, batch, student_lengths)
         else:
-            sums = batch_sums(logits, batch)
+            sums = batch_sums(logits, batch, byte_lengths)
         _accumulate(totals, sums)
     metrics = finish_candidates(totals) if meta.mode == "candidates" else finish(totals)
     return {**metrics, "parameters": sum(p.numel() for p in model.parameters())}
@@ -269,7 +325,7 @@ def collate_teacher_candidates(rows: Sequence[dict]) -> dict[str, torch.Tensor]:
             "answer": torch.tensor([int(r["answer"]) for r in rows], dtype=torch.int64)}
 
 
-def teacher_sums(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def teacher_sums(batch: dict[str, torch.Tensor], byte_lengths: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """``batch_sums`` of the teacher itself, from its stored labels (``collate_teacher``): NLL
     from the stored realized-token logprobs, KL 0 and top-1 agreement 1 by definition, and the
     confidence bins from the stored top-1 probability, correct when the top-1 id is the realized token."""
@@ -286,6 +342,7 @@ def teacher_sums(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         "top1": mask.sum().double(),
         "positions": mask.sum().double(),
         **_ece_bins(confidence, correct),
+        **_bytes(byte_lengths, batch["targets"], mask),
     }
 
 
@@ -306,7 +363,8 @@ def checkpoint_parameters(path: str | Path) -> int:
     return total
 
 
-def teacher_metrics(shards: Sequence[Shard], cfg: EvalConfig, checkpoint: str | Path | None = None) -> dict:
+def teacher_metrics(shards: Sequence[Shard], cfg: EvalConfig, checkpoint: str | Path | None = None,
+                    byte_lengths: torch.Tensor | None = None) -> dict:
     """The teacher's held-out metrics from its stored labels, with no forward pass: the dict
     ``evaluate_model`` returns. Token modes: perplexity from the stored realized-token logprobs
     (codec steps of 2^-10 nats: at most 4.9e-4 relative error), KL 0, top-1 1, ECE from the
@@ -322,7 +380,7 @@ def teacher_metrics(shards: Sequence[Shard], cfg: EvalConfig, checkpoint: str | 
     else:
         k = meta.k
         for batch in heldout_batches(shards, cfg, lambda rows: collate_teacher(rows, k)):
-            _accumulate(totals, teacher_sums(batch))
+            _accumulate(totals, teacher_sums(batch, byte_lengths))
         metrics = finish(totals)
     return {**metrics, "parameters": checkpoint_parameters(checkpoint) if checkpoint is not None else None}
 
@@ -528,7 +586,8 @@ def checkpoint_bytes(path: str | Path) -> int:
 
 
 def evaluate(models: Mapping[str, str | Path], shards: Sequence[Shard], cfg: EvalConfig, precision: str = "auto",
-             engine_factory: Callable[[], object] | None = None) -> dict[str, dict]:
+             engine_factory: Callable[[], object] | None = None, byte_lengths: torch.Tensor | None = None,
+             cross: Mapping[str, object] | None = None) -> dict[str, dict]:
     """Metrics for each named checkpoint folder. The first model is the teacher: on ``generate``
     data its greedy answers are the reference the others are compared with.
 
@@ -536,9 +595,12 @@ def evaluate(models: Mapping[str, str | Path], shards: Sequence[Shard], cfg: Eva
     (``teacher_metrics``) and its greedy answers and MC scores from ``engine_factory()`` (a
     ``VllmTeacher``, called only when needed); the other models, and the teacher with
     ``transformers``, are loaded from safetensors onto ``eval_device(precision)``
-    (``precision``: the training's ``train.precision``)."""
+    (``precision``: the training's ``train.precision``). ``byte_lengths`` (bytes per teacher
+    token id) adds bits per byte; ``cross`` maps the names of models with their own tokenizer to
+    their ``distill.xtok.CrossTokenizer``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    cross = cross or {}
     items = load_mc(cfg.mc_file) if cfg.mc_file else None
     prompts = heldout_prompts(shards, cfg.agreement_prompts) if shards[0].meta.mode == "generate" and cfg.agreement_prompts else []
     device, bf16 = eval_device(precision)
@@ -548,7 +610,7 @@ def evaluate(models: Mapping[str, str | Path], shards: Sequence[Shard], cfg: Eva
     for i, (name, path) in enumerate(models.items()):
         tok = AutoTokenizer.from_pretrained(path) if items or prompts else None
         if i == 0 and cfg.teacher_backend == "stored":
-            results[name] = {**teacher_metrics(shards, cfg, path), "checkpoint_bytes": checkpoint_bytes(path)}
+            results[name] = {**teacher_metrics(shards, cfg, path, byte_lengths), "checkpoint_bytes": checkpoint_bytes(path)}
             if items or prompts:
                 if engine_factory is None:
                     raise ValueError("eval.teacher_backend='stored' needs the teacher's vLLM engine for greedy answers and "
@@ -562,7 +624,7 @@ def evaluate(models: Mapping[str, str | Path], shards: Sequence[Shard], cfg: Eva
                     results[name].update(answer_agreement(reference, reference))
             continue
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True).to(device)
-        results[name] = {**evaluate_model(model, shards, cfg, bf16), "checkpoint_bytes": checkpoint_bytes(path)}
+        results[name] = {**evaluate_model(model, shards, cfg, bf16, byte_lengths, cross.get(name)), "checkpoint_bytes": checkpoint_bytes(path)}
         if items:
             results[name].update(mc_accuracy(model, tok, items, cfg.mc_length_normalize, cfg.batch_size, bf16))
         if prompts:
@@ -632,10 +694,13 @@ def markdown_table(results: Mapping[str, dict]) -> str:
         + "".join(f" {titles[c]} |" for c in extra),
         "|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(extra),
     ]
+    if any("bpb" in m for m in results.values()):  # models compare across tokenizers by bits per byte
+        lines = [lines[0].replace(" held-out ppl |", " held-out ppl | bits/byte |"), lines[1] + "---:|"]
     for name, m in results.items():
         size = f"{m['checkpoint_bytes'] / 1e6:.0f}" if "checkpoint_bytes" in m else "–"
         cells = "".join(f" {m[c]:.3f} |" if c in m else " – |" for c in extra)
-        lines.append(f"| {name} | {m['parameters'] / 1e6:.1f} | {size} | {m['ppl']:.2f} | {m['kl']:.4f} | {m['top1']:.4f} | {m['ece']:.4f} |{cells}")
+        bpb = (f" {m['bpb']:.4f} |" if "bpb" in m else " – |") if "bits/byte" in lines[0] else ""
+        lines.append(f"| {name} | {m['parameters'] / 1e6:.1f} | {size} | {m['ppl']:.2f} |{bpb} {m['kl']:.4f} | {m['top1']:.4f} | {m['ece']:.4f} |{cells}")
     return "\n".join(lines)
 
 
@@ -645,6 +710,7 @@ def summary_line(results: Mapping[str, dict]) -> str:
         f"teacher_ppl={t['ppl']:.2f} student_ppl={s['ppl']:.2f} baseline_ppl={b['ppl']:.2f} "
         f"student_kl={s['kl']:.4f} baseline_kl={b['kl']:.4f} "
         f"student_top1={s['top1']:.4f} baseline_top1={b['top1']:.4f}"
+        + (f" teacher_bpb={t['bpb']:.4f} student_bpb={s['bpb']:.4f} baseline_bpb={b['bpb']:.4f}" if all("bpb" in m for m in (t, s, b)) else "")
     )
 
 

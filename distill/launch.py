@@ -100,7 +100,7 @@ def run_rank(job_path: Path) -> dict:
 
     job, cfg, train_cfg = read_job(job_path)
     shards = pipeline.open_split(cfg, "train", verify_checksum=False)
-    vocab = len(pipeline.tokenizer(cfg))
+    vocab, cross = pipeline.student_tokens(cfg)
     pipes = _pipes_reporter()
     every = max(1, train_cfg.steps // 50)
 
@@ -114,7 +114,7 @@ def run_rank(job_path: Path) -> dict:
 
     with pipes if pipes is not None else contextlib.nullcontext():
         return train(cfg.student, train_cfg, pipeline.teacher_dir(cfg), shards, job["out_dir"], vocab,
-                     on_step=on_step if pipes is not None else None)
+                     on_step=on_step if pipes is not None else None, cross=cross)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -336,3 +336,62 @@ def candidate_loss(
         return ce, {"ce": ce.detach(), "kd": torch.zeros(())}
     kd = candidate_kl(student_scores, teacher_logprobs, candidate_mask, temperature, num_examples)
     return kd_weight * kd + (1.0 - kd_weight) * ce, {"ce": ce.detach(), "kd": kd.detach()}
+
+
+# --- students with another tokenizer (``distill.xtok`` aligns the positions) -------------------
+
+CROSS_TOKENIZER_LOSSES = ("uld", "span_kl")
+
+
+def uld_distance(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
+    """Universal Logit Distillation (Boizard et al., 2024, "Towards Cross-Tokenizer Distillation:
+    the Universal Logit Distillation Loss for LLMs", eq. 4): the L1 distance between the two
+    distributions' probabilities sorted in decreasing order, which needs no vocabulary mapping
+    (for sorted 1-D vectors it is the Wasserstein-1 distance the paper derives it from).
+
+    From top-k labels: rank ``r`` of the teacher's stored top-k (``-inf`` slots are unknown and
+    left out) against rank ``r`` of the student's distribution, plus the two tails (the rest of
+    each distribution's mass) as one more rank: ``sum_r |q_(r) - p_(r)| + |tail_q - tail_p|``.
+    By the triangle inequality this is at most the full-vocabulary distance, and equal to it
+    when the ranks below k agree in total. Shapes: (B, T, V) and (B, T, K) -> (B, T).
+    """
+    p = teacher_logprobs.float().exp()  # -inf -> 0
+    valid = torch.isfinite(teacher_logprobs)
+    q = torch.softmax(student_logits.float(), dim=-1).topk(teacher_logprobs.shape[-1], dim=-1).values
+    q = torch.where(valid, q, 0.0)
+    tail_p = (1.0 - p.double().sum(-1)).clamp(min=0.0).float()
+    tail_q = (1.0 - q.sum(-1)).clamp(min=0.0)
+    return (q - p).abs().sum(-1) + (tail_q - tail_p).abs()
+
+
+def cross_tokenizer_loss(
+    student_logits: torch.Tensor,
+    batch: dict[str, torch.Tensor],
+    kd_weight: float = 0.5,
+    loss: str = "uld",
+    num_tokens: float | torch.Tensor | None = None,
+    num_aligned: float | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``kd_weight * KD + (1 - kd_weight) * CE`` for a student whose tokenizer is not the teacher's
+    (a ``distill.xtok.collate_cross`` batch). CE covers the student's tokens of the labelled span
+    (divided by ``num_tokens``); KD the aligned positions (divided by ``num_aligned``):
+
+    - ``uld``: ``uld_distance`` between the teacher's stored top-k and the student's distribution;
+    - ``span_kl``: forward KL over the teacher's top-k ids that the student's vocabulary holds
+      exactly (same bytes), mapped to the student's ids, with the rest of each distribution
+      (unmatched ids and the tail) as one bucket: the exact-match half of TRL's GOLD loss.
+    """
+    if loss not in CROSS_TOKENIZER_LOSSES:
+        raise ValueError(f"loss={loss!r}: expected one of {CROSS_TOKENIZER_LOSSES}")
+    logits = student_logits.float()
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    ce = cross_entropy(logits, batch["targets"], batch["mask"], student_lse=lse, denominator=num_tokens)
+    if kd_weight == 0.0:
+        return ce, {"ce": ce.detach(), "kd": torch.zeros(())}
+    kd_mask = batch["kd_mask"]
+    if loss == "uld":
+        kd = masked_mean(uld_distance(logits, batch["teacher_logprobs"]), kd_mask, num_aligned)
+    else:
+        kd = kd_loss(logits, batch["topk_ids"], batch["matched_logprobs"], kd_mask, "forward_kl", "bucket", student_lse=lse,
+                     denominator=num_aligned)
+    return kd_weight * kd + (1.0 - kd_weight) * ce, {"ce": ce.detach(), "kd": kd.detach()}

@@ -9,6 +9,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import os
 import shutil
 import sys
 import time
@@ -396,6 +397,63 @@ def training_code_fingerprint() -> str:
     return source_fingerprint(TRAINING_CODE)
 
 
+def student_tokenizer_dir(cfg: RunConfig) -> Path | None:
+    """The student's own tokenizer folder (``student.tokenizer``), None when it shares the
+    teacher's; ``bpe:N`` is a folder keyed by the training windows, N and the training code."""
+    spec = cfg.student.tokenizer
+    if spec is None:
+        return None
+    if not spec.startswith("bpe:"):
+        folder = Path(spec).expanduser()
+        if not (folder / "tokenizer.json").exists() and not (folder / "tokenizer_config.json").exists():
+            raise ConfigError(f"student.tokenizer={spec!r} is invalid: expected a local tokenizer folder (tokenizer.json) or bpe:N")
+        return folder
+    from distill.data import corpus_dir
+
+    manifest_path = corpus_dir(cfg.root, cfg.corpus, teacher_hashes(cfg)["tokenizer"], cfg.teacher.mode) / "corpus.json"
+    if not manifest_path.exists():
+        raise IncompleteLabelsError(f"{manifest_path}: corpus not built; materialize the corpus asset first")
+    shards = json.loads(manifest_path.read_text())["shards"]
+    key = content_key({"bpe": int(spec[4:]), "data": {n: s["fingerprint"] for n, s in shards.items() if split_of(n) == "train"},
+                       "code": source_fingerprint(("distill.xtok",))})
+    return cfg.root / "tokenizers" / f"bpe-{key}"
+
+
+def prepare_student_tokenizer(cfg: RunConfig) -> Path | None:
+    """Train the student's ``bpe:N`` tokenizer on the training split once (atomic, locked)."""
+    from distill.xtok import token_byte_table, train_bpe
+
+    folder = student_tokenizer_dir(cfg)
+    if folder is None or not cfg.student.tokenizer.startswith("bpe:") or (folder / "tokenizer.json").exists():
+        return folder
+    with folder_lock(folder.parent / f".lock-{folder.name}", "training of this tokenizer"):
+        if (folder / "tokenizer.json").exists():
+            return folder
+        table = token_byte_table(tokenizer(cfg))
+        texts = []
+        for name in cfg.corpus.shard_names():
+            if split_of(name) == "train":
+                _, windows = read_corpus_shard(cfg.root, cfg.corpus, teacher_hashes(cfg)["tokenizer"], name, cfg.teacher.mode)
+                texts += [b"".join(table[i] for i in ids).decode("utf-8", errors="ignore") for ids in windows.column("input_ids").to_pylist()]
+        tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        train_bpe(texts, int(cfg.student.tokenizer[4:]), tmp)
+        os.replace(tmp, folder)
+    return folder
+
+
+def student_tokens(cfg: RunConfig) -> tuple[int, object]:
+    """The student's vocabulary size and, when it has its own tokenizer, the
+    ``distill.xtok.CrossTokenizer`` that aligns it with the teacher's (else None)."""
+    folder = prepare_student_tokenizer(cfg)
+    if folder is None:
+        return len(tokenizer(cfg)), None
+    from distill.xtok import CrossTokenizer
+
+    cross = CrossTokenizer.load(tokenizer(cfg), folder)
+    return len(cross.tokenizer), cross
+
+
 def student_init_hash(student: StudentConfig) -> str | None:
     """Content hash (weights and model config) of the checkpoint a ``checkpoint`` student starts
     from, so the key follows the weights, not the folder they lie in; None for other inits."""
@@ -409,13 +467,16 @@ def student_init_hash(student: StudentConfig) -> str | None:
     return checkpoint_hashes(path)["weights"]
 
 
-def student_key(student: StudentConfig, train: TrainConfig, train_shard_keys: Sequence[str], init_hash: str | None, code: str) -> str:
+def student_key(student: StudentConfig, train: TrainConfig, train_shard_keys: Sequence[str], init_hash: str | None, code: str,
+                tokenizer_hash: str | None = None) -> str:
     """Content key of a trained student: its config (a ``checkpoint`` init by ``init_hash``, not
     by path), the training settings that shape the model, its train shards' keys and ``code``
     (``training_code_fingerprint()``)."""
     student_fields = dataclasses.asdict(student)
     if student.init == "checkpoint":
         student_fields["checkpoint"] = init_hash
+    if tokenizer_hash is not None:  # the student's own tokenizer, by content
+        student_fields["tokenizer"] = tokenizer_hash
     return content_key(
         {
             "student": student_fields,
@@ -435,8 +496,18 @@ def student_dir(cfg: RunConfig, baseline: bool) -> Path:
         list(shard_keys(cfg, names).values()),
         student_init_hash(cfg.student),
         training_code_fingerprint(),
+        student_tokenizer_hash(cfg),
     )
     return cfg.root / "students" / f"{'baseline' if baseline else 'student'}-{key}"
+
+
+def student_tokenizer_hash(cfg: RunConfig) -> str | None:
+    """Content hash of a student's own tokenizer folder; for ``bpe:N`` the folder's key (what it
+    is trained from), so the student's folder is known before the tokenizer is trained."""
+    folder = student_tokenizer_dir(cfg)
+    if folder is None:
+        return None
+    return folder.name if cfg.student.tokenizer.startswith("bpe:") else checkpoint_hashes(folder)["tokenizer"]
 
 
 def remove_stale_dirs(out: Path) -> None:
@@ -467,7 +538,8 @@ def train_student(cfg: RunConfig, baseline: bool = False, launcher=None, log=pri
         atomic_write_text(out / "train_set.json", json.dumps(set_manifest(shards), indent=1))
         train_cfg = cfg.baseline_train if baseline else cfg.train
         if train_cfg.world_size == 1:
-            summary = train(cfg.student, train_cfg, teacher_dir(cfg), shards, out, len(tokenizer(cfg)))
+            vocab, cross = student_tokens(cfg)
+            summary = train(cfg.student, train_cfg, teacher_dir(cfg), shards, out, vocab, cross=cross)
         else:
             from distill.launch import launch
 
@@ -508,15 +580,21 @@ def evaluate_run(cfg: RunConfig) -> dict:
         histories[name] = [json.loads(line) for line in (folder / "history.jsonl").read_text().splitlines()]
     # the teacher from its stored labels and its vLLM engine (eval.teacher_backend), the students
     # on the training device and precision
-    results = evaluate(models, shards, cfg.eval, cfg.train.precision, engine_factory=lambda: get_engine(cfg))
+    from distill.xtok import token_byte_table
+
     tok = tokenizer(cfg)
+    byte_lengths = torch.tensor([len(b) for b in token_byte_table(tok)]) if shards[0].meta.mode != "candidates" else None
+    vocab, cross = student_tokens(cfg)
+    students = {"student": cross, "baseline": cross} if cross is not None else {}
+    results = evaluate(models, shards, cfg.eval, cfg.train.precision, engine_factory=lambda: get_engine(cfg), byte_lengths=byte_lengths,
+                       cross=students)
     device, bf16 = eval_device(cfg.train.precision)
-    init = build_student(teacher_dir(cfg), cfg.student, len(tok)).to(device)
+    init = build_student(teacher_dir(cfg), cfg.student, vocab, cross.tokenizer if cross is not None else None).to(device)
     with torch.no_grad():
-        results["student_init"] = evaluate_model(init, shards, cfg.eval, bf16)
+        results["student_init"] = evaluate_model(init, shards, cfg.eval, bf16, byte_lengths, cross)
         if cfg.eval.mc_file:
-            results["student_init"].update(mc_accuracy(init, tok, load_mc(cfg.eval.mc_file), cfg.eval.mc_length_normalize,
-                                                       cfg.eval.batch_size, bf16))
+            results["student_init"].update(mc_accuracy(init, cross.tokenizer if cross is not None else tok, load_mc(cfg.eval.mc_file),
+                                                       cfg.eval.mc_length_normalize, cfg.eval.batch_size, bf16))
     del init
     speedup = None
     if cfg.eval.generation_throughput:

@@ -33,6 +33,13 @@ class StudentConfig:
     """Local checkpoint folder (``checkpoint`` only); must share the teacher's tokenizer."""
     seed: int = 0
     """Seed for random initialization."""
+    tokenizer: str | None = None
+    """None: the teacher's tokenizer. Otherwise the student has its own: a local tokenizer folder,
+    or ``bpe:N`` for a byte-level BPE of N ids trained on the training split with the
+    ``tokenizers`` library (built once, cached under ``<root>/tokenizers``). Its labels are the
+    teacher's, aligned by bytes (``distill.xtok``) and compared with ``train.cross_tokenizer_loss``;
+    the evaluation compares it with the teacher in bits per byte. Needs ``init: random`` (or a
+    ``checkpoint`` with that tokenizer) and ``score`` mode."""
 
     def __post_init__(self):
         check(self.init in INITS, "init", self.init, f"one of {INITS}")
@@ -41,6 +48,11 @@ class StudentConfig:
             object.__setattr__(self, "layer_indices", tuple(int(i) for i in self.layer_indices))
             check(len(self.layer_indices) == self.num_layers, "layer_indices", self.layer_indices, f"{self.num_layers} indices (num_layers)")
         check(self.init != "checkpoint" or bool(self.checkpoint), "checkpoint", self.checkpoint, "a folder when init is 'checkpoint'")
+        if self.tokenizer is not None:
+            check(self.init != "teacher_layers", "tokenizer", self.tokenizer, "null with init: teacher_layers (the copied embeddings are the teacher's vocabulary); use init: random")
+            if self.tokenizer.startswith("bpe:"):
+                check(self.tokenizer[4:].isdigit() and int(self.tokenizer[4:]) >= 300, "tokenizer", self.tokenizer,
+                      "bpe:N with N >= 300 (256 bytes plus merges), or a tokenizer folder")
 
 
 def evenly_spaced(n_teacher: int, n_student: int) -> list[int]:
@@ -51,18 +63,24 @@ def evenly_spaced(n_teacher: int, n_student: int) -> list[int]:
     return [round(i * (n_teacher - 1) / (n_student - 1)) for i in range(n_student)]
 
 
-def build_student(teacher_dir: str | Path, cfg: StudentConfig, tokenizer_vocab: int):
-    """A fp32 causal LM sharing the teacher's tokenizer, per ``cfg``."""
+def build_student(teacher_dir: str | Path, cfg: StudentConfig, tokenizer_vocab: int, tokenizer=None):
+    """A fp32 causal LM per ``cfg``, sharing the teacher's tokenizer, or with ``tokenizer`` (the
+    student's own, ``tokenizer_vocab`` ids: a ``random`` student gets that vocabulary and its
+    special ids)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(cfg.seed)
     teacher_config = AutoConfig.from_pretrained(teacher_dir)
     if cfg.init == "checkpoint":
         model = AutoModelForCausalLM.from_pretrained(cfg.checkpoint, dtype=torch.float32, use_safetensors=True)
-        check_vocab(model.config.vocab_size, teacher_config.vocab_size, tokenizer_vocab, f"student checkpoint {cfg.checkpoint}")
+        check_vocab(model.config.vocab_size, teacher_config.vocab_size if tokenizer is None else 0, tokenizer_vocab, f"student checkpoint {cfg.checkpoint}")
         return model
     config_dict = teacher_config.to_dict()
     config_dict["num_hidden_layers"] = cfg.num_layers
+    if tokenizer is not None:
+        config_dict["vocab_size"] = tokenizer_vocab
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            config_dict[name] = getattr(tokenizer, name, None)
     if cfg.init == "random":
         for name in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads"):
             if getattr(cfg, name) is not None:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from distill.configbase import check
-from distill.losses import DIVERGENCES, TAILS, candidate_loss, candidate_scores, distillation_loss
+from distill.losses import CROSS_TOKENIZER_LOSSES, DIVERGENCES, TAILS, candidate_loss, candidate_scores, cross_tokenizer_loss, distillation_loss
 from distill.student import StudentConfig, build_student
 from storage.reader import Shard, ShardStream, StreamPosition
 from storage.writer import atomic_write_text
@@ -68,6 +68,12 @@ class TrainConfig:
     head (forward KL's strength early on) and the tail (reverse KL's), as in the paper's
     instruction-tuning students. In this repository's 60-step runs it did not beat ``forward_kl``
     (held-out KL 3% and 5% higher on two corpora, ``benchmarks/adaptive.py``; README, Training)."""
+    cross_tokenizer_loss: str = "uld"
+    """KD term for a student with its own tokenizer (``student.tokenizer``), at the positions
+    where both tokenizations start the next token at the same byte: ``uld`` (Universal Logit
+    Distillation, Boizard et al., 2024: L1 between the sorted probability vectors; needs no
+    shared tokens) or ``span_kl`` (forward KL over the teacher's top-k tokens that the student's
+    vocabulary holds byte for byte, the rest as one bucket; GOLD's exact-match part)."""
     seed: int = 0
     """Seeds data order and any randomness of training."""
     shuffle: bool = True
@@ -127,6 +133,8 @@ class TrainConfig:
         check(self.nnodes == 1 or bool(self.rdzv_endpoint and ":" in self.rdzv_endpoint), "rdzv_endpoint",
               self.rdzv_endpoint, "host:port of the rendezvous (needed when nnodes > 1)")
         check(self.strategy in STRATEGIES, "strategy", self.strategy, f"one of {STRATEGIES}")
+        check(self.cross_tokenizer_loss in CROSS_TOKENIZER_LOSSES, "cross_tokenizer_loss", self.cross_tokenizer_loss,
+              f"one of {CROSS_TOKENIZER_LOSSES}")
 
     @property
     def world_size(self) -> int:
@@ -223,11 +231,11 @@ def collate_for(shard: Shard):
 
 
 def batches(
-    stream: ShardStream, batch_size: int, k: int, start: StreamPosition, with_ids: bool = False
+    stream: ShardStream, batch_size: int, k: int, start: StreamPosition, with_ids: bool = False, collate_rows=None,
 ) -> Iterator[tuple[dict, StreamPosition]]:
     """Micro-batches and the stream position after each (for exact resume)."""
     rows, pos = [], start
-    collate_rows = collate_for(stream.shards[0])
+    collate_rows = collate_rows or collate_for(stream.shards[0])
     for row, pos in stream.rows(start):
         rows.append(row)
         if len(rows) == batch_size:
@@ -454,6 +462,9 @@ def step_counts(micro_batches: Sequence[dict], mode: str) -> torch.Tensor:
     if mode == "candidates":
         return torch.tensor([float(sum(len(b["answer"]) for b in micro_batches)),
                              float(sum(int((b["answer"] >= 0).sum()) for b in micro_batches))], dtype=torch.float64)
+    if mode == "xtok":  # a student with its own tokenizer: its tokens (CE), the aligned positions (KD)
+        return torch.tensor([float(sum(int(b["mask"].sum()) for b in micro_batches)),
+                             float(sum(int(b["kd_mask"].sum()) for b in micro_batches))], dtype=torch.float64)
     tokens = float(sum(int(b["mask"].sum()) for b in micro_batches))
     return torch.tensor([tokens, tokens], dtype=torch.float64)
 
@@ -466,6 +477,8 @@ def micro_batch_loss(model, batch: dict, cfg: TrainConfig, mode: str, normalize:
         scores = candidate_scores(logits, batch["targets"], batch["mask"], batch["index"], normalize)
         return candidate_loss(scores, batch["teacher_logprobs"], batch["candidate_mask"], batch["answer"], cfg.kd_weight,
                               cfg.temperature, num_examples=counts[0], num_gold=counts[1])
+    if mode == "xtok":
+        return cross_tokenizer_loss(logits, batch, cfg.kd_weight, cfg.cross_tokenizer_loss, num_tokens=counts[0], num_aligned=counts[1])
     return distillation_loss(
         logits, batch["targets"], batch["topk_ids"], batch["teacher_logprobs"], batch["mask"],
         kd_weight=cfg.kd_weight, divergence=cfg.divergence, tail=cfg.tail, temperature=cfg.temperature, num_tokens=counts[0],
@@ -521,7 +534,8 @@ def full_state_dict(state: TrainState, skip: set[str]) -> dict | None:
     return {name: w for name, w in weights.items() if name not in skip}
 
 
-def finish(out_dir: Path, state: TrainState, teacher_dir, summary: dict, weights: dict | None = None, architecture: str | None = None) -> dict:
+def finish(out_dir: Path, state: TrainState, teacher_dir, summary: dict, weights: dict | None = None, architecture: str | None = None,
+           tokenizer=None) -> dict:
     """Rank 0 after the last step: loss plot, ``save_pretrained`` (safetensors + tokenizer)
     committed by rename, ``summary.json``. ``weights``: the gathered state dict of a sharded
     model; ``architecture``: its class name before sharding (FSDP2 renames the class)."""
@@ -536,7 +550,7 @@ def finish(out_dir: Path, state: TrainState, teacher_dir, summary: dict, weights
         config = json.loads(config_path.read_text())
         config["architectures"] = [architecture]
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    AutoTokenizer.from_pretrained(teacher_dir).save_pretrained(tmp)
+    (tokenizer or AutoTokenizer.from_pretrained(teacher_dir)).save_pretrained(tmp)  # the student's own, or the teacher's
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -559,6 +573,7 @@ def train(
     stop_after: int | None = None,
     row_log: str | Path | None = None,
     on_step: Callable[[dict], None] | None = None,
+    cross=None,
 ) -> dict:
     """Train a student on ``shards`` into ``out_dir/model``; resumes from ``out_dir/checkpoints``.
 
@@ -569,7 +584,8 @@ def train(
     checkpoint), as a crash would. ``row_log`` appends the (doc_id, window_index) of every row
     this rank trained on to ``<row_log>.rank<r>`` (for coverage checks). ``on_step`` is called on
     rank 0 after every step with its history entry plus ``tok_s`` (labelled tokens per second,
-    all ranks) and ``steps`` (the run's total).
+    all ranks) and ``steps`` (the run's total). ``cross``: a ``distill.xtok.CrossTokenizer``
+    when the student has its own tokenizer (``tokenizer_vocab`` is then its size).
     """
     import torch.distributed as dist
     from tqdm.auto import tqdm
@@ -586,15 +602,22 @@ def train(
     normalize = bool(shards[0].meta.settings.get("length_normalize"))  # candidates: as the teacher scored them
     if mode == "candidates":
         _check_candidate_training(cfg, shards)
+    collate_rows = None
+    if cross is not None:
+        if mode != "score":
+            raise ValueError(f"{shards[0].path}: a student with its own tokenizer learns from score-mode labels, not {mode!r} ones")
+        from distill.xtok import collate_cross
+
+        mode, collate_rows = "xtok", lambda rows: collate_cross(rows, k, cross)
     torch.manual_seed(cfg.seed)
-    model = build_student(teacher_dir, student_cfg, tokenizer_vocab).to(device)
+    model = build_student(teacher_dir, student_cfg, tokenizer_vocab, cross.tokenizer if cross is not None else None).to(device)
     model.train()
     architecture, tied = type(model).__name__, tied_names(model)
     step_model = parallelize(model, cfg, world, device)
     state = TrainState(model, build_optimizer(model, cfg), sharded=world > 1 and cfg.strategy == "fsdp")
     state.restore(ckpt_root, out_dir / HISTORY, rank, world)
     stream = ShardStream(shards, seed=cfg.seed, shuffle=cfg.shuffle, rank=rank, world_size=world, shuffle_buffer=cfg.shuffle_buffer)
-    data = batches(stream, cfg.batch_size, k, state.position, with_ids=row_log is not None)
+    data = batches(stream, cfg.batch_size, k, state.position, with_ids=row_log is not None, collate_rows=collate_rows)
     log = open(f"{row_log}.rank{rank}", "a") if row_log is not None else None
     bar = tqdm(total=cfg.steps, initial=state.step, disable=not (cfg.progress and main), desc="train", unit="step")
     last = stop_after and min(cfg.steps, state.step + stop_after) or cfg.steps
@@ -659,6 +682,6 @@ def train(
     summary = finish(out_dir, state, teacher_dir, {
         "steps": state.step, "labelled_tokens_this_run": tokens_seen * world,
         "seconds_this_run": time.perf_counter() - t_start, "world_size": world,
-    }, weights=weights, architecture=architecture if state.sharded else None)
+    }, weights=weights, architecture=architecture if state.sharded else None, tokenizer=cross.tokenizer if cross is not None else None)
     _barrier(world)  # no rank leaves (and torchrun reports success) before the model is saved
     return summary
