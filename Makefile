@@ -53,7 +53,7 @@ test: install
 
 ui: install $(DAGSTER_HOME)/dagster.yaml
 	$(PY) -m pipelines.pools --config $(CONFIG)
-	$(VENV)/bin/dagster dev -m pipelines.definitions -h 127.0.0.1 -p $(PORT)
+	$(VENV)/bin/dagster dev -h 127.0.0.1 -p $(PORT)
 
 clean:
 	rm -rf data/corpus data/labels data/students data/evaluations

@@ -24,7 +24,7 @@ def dagster_dev(config_path: str | Path, home: Path, log: Path, timeout: float =
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "DISTILL_CONFIG": str(config_path), "DAGSTER_HOME": str(home), "VLLM_CPU_KVCACHE_SPACE": "1"}
-    proc = start_group([str(BIN / "dagster"), "dev", "-m", "pipelines.definitions", "-h", "127.0.0.1", "-p", str(port)],
+    proc = start_group([str(BIN / "dagster"), "dev", "-h", "127.0.0.1", "-p", str(port)],
                        cwd=REPO, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + timeout

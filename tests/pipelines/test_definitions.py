@@ -15,11 +15,12 @@ REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
-def test_definitions_validate(tiny_config_path, tmp_path):
+def test_definitions_validate_with_no_arguments(tiny_config_path, tmp_path):
+    """``[tool.dagster]`` in pyproject.toml names the module, as Dagster's project template does."""
     env = {**os.environ, "DISTILL_CONFIG": str(tiny_config_path), "DAGSTER_HOME": str(tmp_path)}
-    out = subprocess.run([str(BIN / "dagster"), "definitions", "validate", "-m", "pipelines.definitions"],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run([str(BIN / "dagster"), "definitions", "validate"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "Validation successful for code location offline-distill" in out.stdout + out.stderr
 
 
 def test_bad_config_fails_at_load_naming_the_field(tmp_path):
