@@ -28,7 +28,7 @@ Run mode (default; imports neither vLLM nor Dagster: ``distill.trainer``, ``dist
 
 a. trains a randomly initialized student (teacher architecture, ``--layers`` 4) for ``--steps`` N
    with ``distill.trainer.train``: batch 8, lr 1e-3, kd_weight 0.5, tail bucket (configs/demo.yaml),
-   precision bf16 (autocast); prints labelled tokens/s, excluding step 1 (warm-up: CUDA context,
+   precision bf16 (autocast; fp32 with ``--device cpu``); prints labelled tokens/s, excluding step 1 (warm-up: CUDA context,
    kernel selection, first shuffle-buffer fill), and the data loader's own tokens/s;
 b. exact resume: the same config stopped at N/2 (checkpoint) and resumed to N by a fresh
    ``train`` call, compared with the uninterrupted run (max |weight diff|, max |loss diff|), next
@@ -54,7 +54,6 @@ replaced by a no-op in this process, since that plot is the only use of matplotl
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
@@ -273,7 +272,11 @@ def setup(args) -> dict:
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device cuda: torch {torch.__version__} (cuda {torch.version.cuda}) sees no CUDA device; use --device cpu")
-    if importlib.util.find_spec("matplotlib") is None:
+    if hasattr(transformers.utils.logging, "disable_progress_bar"):
+        transformers.utils.logging.disable_progress_bar()  # no "Writing model shards" bars in the log
+    try:
+        import matplotlib  # noqa: F401  (only finish()'s loss plot needs it)
+    except ImportError:
         import distill.trainer as trainer
 
         trainer._plot_history = lambda history, path: None
@@ -355,16 +358,19 @@ def run(args) -> None:
     say(f"work dir {ctx['work']}; results to {ctx['results']}")
     res: dict = {"device": dev, "steps": n, "batch_size": args.batch_size, "precision": args.precision, "layers": args.layers}
 
-    # the loader alone: how fast batches come off the shards (the trainer reads them in its own thread)
+    # the loader alone: how fast batches come off the shards (part of every training step: no prefetch thread)
     stream = ShardStream(tr, seed=0, shuffle=True, shuffle_buffer=train_config(args).shuffle_buffer)
-    t0, toks, count = time.perf_counter(), 0, 0
+    t0, times, toks = time.perf_counter(), [], []
     for batch, _ in batches(stream, args.batch_size, tr[0].meta.k, StreamPosition()):
-        toks += int(batch["mask"].sum())
-        count += 1
-        if count == min(n, 30):
+        times.append(time.perf_counter())
+        toks.append(int(batch["mask"].sum()))
+        if len(times) == max(3, min(n, 30)):
             break
-    res["loader_tok_s"] = toks / (time.perf_counter() - t0)
-    say(f"[loader] {count} batches of {args.batch_size}: {res['loader_tok_s']:.0f} labelled tok/s (first shuffle-buffer fill included)")
+    res["loader_first_batch_s"] = times[0] - t0
+    res["loader_tok_s"] = sum(toks[1:]) / (times[-1] - times[0])
+    res["loader_ms_per_batch"] = 1000 * (times[-1] - times[0]) / (len(times) - 1)
+    say(f"[loader] first batch {res['loader_first_batch_s']:.2f} s (shuffle-buffer fill), then {res['loader_ms_per_batch']:.2f} ms per batch of "
+        f"{args.batch_size}: {res['loader_tok_s']:.0f} labelled tok/s (the trainer reads batches synchronously, in its step loop)")
     mem_gib(reset=True)
 
     # a. the distilled student, uninterrupted
@@ -477,9 +483,10 @@ def run(args) -> None:
     d = res["det"]
     line = {
         f"{dev}_train_tok_s_{args.precision}": f"{res['train_tok_s']:.0f}",
-        f"{dev}_train_tok_s_fp32": f"{res['train_tok_s_fp32']:.0f}",
+        f"{dev}_train_tok_s_fp32" + ("_short" if args.precision == "fp32" else ""): f"{res['train_tok_s_fp32']:.0f}",
         f"{args.precision}_over_fp32": f"{res['train_tok_s'] / res['train_tok_s_fp32']:.2f}",
         "loader_tok_s": f"{res['loader_tok_s']:.0f}",
+        "loader_ms_per_batch": f"{res['loader_ms_per_batch']:.2f}",
         "step_ms": f"{res['train_step_ms']:.1f}",
         "resume_max_weight_diff": f"{res['resume']['max_weight_diff']:.3g}",
         "resume_max_loss_diff": f"{res['resume']['max_loss_diff']:.3g}",
@@ -510,7 +517,8 @@ def main() -> None:
     parser.add_argument("--fp32-steps", type=int, default=None, help="steps of the fp32 throughput run (default: min(20, steps))")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--precision", choices=("bf16", "fp32", "auto"), default="bf16")
+    parser.add_argument("--precision", choices=("bf16", "fp32", "auto"), default=None,
+                        help="train.precision of the main runs (default: bf16 on cuda, fp32 on cpu, where bf16 autocast is ~10x slower)")
     parser.add_argument("--eval-batch-size", type=int, default=16)
     parser.add_argument("--skip-det", action="store_true", help="skip the deterministic-algorithms resume (child process)")
     parser.add_argument("--keep", action="store_true", help="keep models and checkpoints")
@@ -518,6 +526,7 @@ def main() -> None:
     parser.add_argument("--phase", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--det-result", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.precision = args.precision or ("bf16" if args.device == "cuda" else "fp32")
     if args.steps < 2:
         parser.error("--steps must be >= 2 (resume stops at steps // 2)")
     if args.make_carry:

@@ -55,8 +55,23 @@ class EvalConfig:
     ``transformers``: the teacher loaded and run like the students (full forward passes, on
     the training device; needs the teacher's weights in memory in fp32 on a CPU)."""
 
+    lm_eval_tasks: tuple[str, ...] = ()
+    """lm-evaluation-harness tasks run for teacher, student and baseline (the ``lm-eval``
+    extra): harness task names, or tasks defined by YAML files under ``lm_eval_include``. The
+    teacher answers through its vLLM engine, the students through the harness's ``HFLM``; each
+    task's metrics go into the report, its table and the asset's metadata
+    (``<model>_lm_eval_<task>_<metric>``). Nothing is downloaded: a hub dataset must be in the
+    local cache (``examples/lm_eval`` ships a local task, ``python_basics``)."""
+    lm_eval_include: str | None = None
+    """A folder of lm-eval task YAMLs (relative paths are relative to the working directory)."""
+    lm_eval_limit: int | None = None
+    """At most this many documents per lm-eval task (None: all)."""
+
     def __post_init__(self):
         check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+        check(self.lm_eval_limit is None or self.lm_eval_limit >= 1, "lm_eval_limit", self.lm_eval_limit, "None or >= 1")
+        check(self.lm_eval_include is None or Path(self.lm_eval_include).is_dir(), "lm_eval_include", self.lm_eval_include,
+              f"a folder of lm-eval task YAMLs (relative to the working directory, {Path.cwd()})")
         check(self.max_windows is None or self.max_windows >= 1, "max_windows", self.max_windows, "None or >= 1")
         check(self.agreement_prompts >= 0, "agreement_prompts", self.agreement_prompts, "an integer >= 0")
         check(self.agreement_max_tokens >= 1, "agreement_max_tokens", self.agreement_max_tokens, "an integer >= 1")
@@ -75,35 +90,49 @@ def _bytes(byte_lengths: torch.Tensor | None, targets: torch.Tensor, mask: torch
     return {"bytes": byte_lengths.to(targets.device)[targets][mask].double().sum()}
 
 
+def _token_sums(logits: torch.Tensor, batch: dict[str, torch.Tensor], teacher_lp: torch.Tensor, kd_mask: torch.Tensor,
+                byte_lengths: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The sums both ``batch_sums`` and ``cross_batch_sums`` take: NLL, ECE bins and bytes over
+    ``batch["mask"]``; KL over ``topk_ids``/``teacher_lp`` plus a tail bucket and top-1 agreement
+    over ``kd_mask``. Also returns the per-position KL (B, T)."""
+    logits = logits.float()
+    mask, targets = batch["mask"], batch["targets"]
+    lse = torch.logsumexp(logits, -1, keepdim=True)
+    nll = (lse - logits.gather(-1, targets[..., None]))[..., 0]
+    log_p, log_q = sparse_log_distributions(logits, batch["topk_ids"], teacher_lp, "bucket", 1.0, lse)
+    kl = forward_kl(log_p, log_q)
+    top_logit, top_id = logits.max(-1)
+    confidence = torch.exp(top_logit - lse[..., 0])[mask].double()
+    correct = (top_id == targets)[mask].double()
+    agree = (top_id == batch["topk_ids"][..., 0]) & torch.isfinite(teacher_lp[..., 0])
+    return {
+        "nll": nll[mask].double().sum(),
+        "kl": kl[kd_mask].double().sum(),
+        "top1": agree[kd_mask].double().sum(),
+        "positions": mask.sum().double(),
+        **_ece_bins(confidence, correct),
+        **_bytes(byte_lengths, targets, mask),
+    }, kl
+
+
 def batch_sums(student_logits: torch.Tensor, batch: dict[str, torch.Tensor], byte_lengths: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Per-batch sums from which every metric is finished by ``finish``.
 
     ``student_logits`` (B, T, V); ``batch`` as built by ``distill.trainer.collate``. Returns
     sums over labelled positions of: NLL of the realized token, KL(teacher ‖ model) over the
-    teacher's top-k plus a tail bucket, top-1 agreement with the teacher, and per confidence
-    bin (``ECE_BINS`` equal-width bins of the model's max probability) the count, the summed
-    confidence and the number of correct next-token predictions.
+    teacher's top-k plus a tail bucket (also by position bucket), top-1 agreement with the
+    teacher, per confidence bin (``ECE_BINS`` equal-width bins of the model's max probability)
+    the count, the summed confidence and the number of correct next-token predictions, and
+    with ``byte_lengths`` (bytes per token id) the bytes of the labelled text.
     """
-    logits = student_logits.float()
     mask = batch["mask"]
-    lse = torch.logsumexp(logits, -1, keepdim=True)
-    nll = (lse - logits.gather(-1, batch["targets"][..., None]))[..., 0]
-    log_p, log_q = sparse_log_distributions(logits, batch["topk_ids"], batch["teacher_logprobs"], "bucket", 1.0, lse)
-    kl = forward_kl(log_p, log_q)
-    top_logit, top_id = logits.max(-1)
-    confidence = torch.exp(top_logit - lse[..., 0])[mask].double()
-    correct = (top_id == batch["targets"])[mask].double()
-    positions = torch.arange(logits.shape[1], device=logits.device).expand_as(mask)
+    sums, kl = _token_sums(student_logits, batch, batch["teacher_logprobs"], mask, byte_lengths)
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
     pos_bucket = torch.clamp(torch.floor(torch.log2(positions[mask].double() + 1)).long(), max=POSITION_BUCKETS - 1)
     return {
         "pos_count": torch.bincount(pos_bucket, minlength=POSITION_BUCKETS).double(),
         "pos_kl": torch.bincount(pos_bucket, weights=kl[mask].double(), minlength=POSITION_BUCKETS),
-        "nll": nll[mask].double().sum(),
-        "kl": kl[mask].double().sum(),
-        "top1": (top_id == batch["topk_ids"][..., 0])[mask].double().sum(),
-        "positions": mask.sum().double(),
-        **_ece_bins(confidence, correct),
-        **_bytes(byte_lengths, batch["targets"], mask),
+        **sums,
     }
 
 
@@ -113,25 +142,8 @@ def cross_batch_sums(student_logits: torch.Tensor, batch: dict[str, torch.Tensor
     agreement at the aligned positions, over the teacher's top-k ids the model's vocabulary holds
     exactly (the rest of each distribution as one bucket; top-1 counts a position as agreeing
     when the model's most likely token is the teacher's top-1 token)."""
-    logits = student_logits.float()
-    mask, kd_mask = batch["mask"], batch["kd_mask"]
-    lse = torch.logsumexp(logits, -1, keepdim=True)
-    nll = (lse - logits.gather(-1, batch["targets"][..., None]))[..., 0]
-    log_p, log_q = sparse_log_distributions(logits, batch["topk_ids"], batch["matched_logprobs"], "bucket", 1.0, lse)
-    kl = forward_kl(log_p, log_q)
-    top_logit, top_id = logits.max(-1)
-    confidence = torch.exp(top_logit - lse[..., 0])[mask].double()
-    correct = (top_id == batch["targets"])[mask].double()
-    agree = (top_id == batch["topk_ids"][..., 0]) & torch.isfinite(batch["matched_logprobs"][..., 0])
-    return {
-        "nll": nll[mask].double().sum(),
-        "kl": kl[kd_mask].double().sum(),
-        "kl_positions": kd_mask.sum().double(),
-        "top1": agree[kd_mask].double().sum(),
-        "positions": mask.sum().double(),
-        **_ece_bins(confidence, correct),
-        **_bytes(byte_lengths, batch["targets"], mask),
-    }
+    sums, _ = _token_sums(student_logits, batch, batch["matched_logprobs"], batch["kd_mask"], byte_lengths)
+    return {**sums, "kl_positions": batch["kd_mask"].sum().double()}
 
 
 def finish(sums: dict[str, torch.Tensor]) -> dict:
@@ -601,6 +613,9 @@ def evaluate(models: Mapping[str, str | Path], shards: Sequence[Shard], cfg: Eva
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cross = cross or {}
+    harness = bool(cfg.lm_eval_tasks)
+    if harness:
+        from distill.harness import engine_lm, flatten, run_tasks, student_lm
     items = load_mc(cfg.mc_file) if cfg.mc_file else None
     prompts = heldout_prompts(shards, cfg.agreement_prompts) if shards[0].meta.mode == "generate" and cfg.agreement_prompts else []
     device, bf16 = eval_device(precision)
@@ -608,10 +623,10 @@ def evaluate(models: Mapping[str, str | Path], shards: Sequence[Shard], cfg: Eva
     reference = None
     results = {}
     for i, (name, path) in enumerate(models.items()):
-        tok = AutoTokenizer.from_pretrained(path) if items or prompts else None
+        tok = AutoTokenizer.from_pretrained(path) if items or prompts or harness else None
         if i == 0 and cfg.teacher_backend == "stored":
             results[name] = {**teacher_metrics(shards, cfg, path, byte_lengths), "checkpoint_bytes": checkpoint_bytes(path)}
-            if items or prompts:
+            if items or prompts or harness:
                 if engine_factory is None:
                     raise ValueError("eval.teacher_backend='stored' needs the teacher's vLLM engine for greedy answers and "
                                      "multiple-choice scores: pass engine_factory (or set eval.teacher_backend: transformers)")
@@ -622,6 +637,9 @@ def evaluate(models: Mapping[str, str | Path], shards: Sequence[Shard], cfg: Eva
                     limits = [min(cfg.agreement_max_tokens, engine.max_len - len(p)) for p in prompts]
                     reference = engine.greedy(prompts, limits, tok.eos_token_id)
                     results[name].update(answer_agreement(reference, reference))
+                if harness:
+                    scores = run_tasks(engine_lm(engine, tok), cfg.lm_eval_tasks, cfg.lm_eval_include, cfg.lm_eval_limit)
+                    results[name].update({"lm_eval": scores, **flatten(scores)})
             continue
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True).to(device)
         results[name] = {**evaluate_model(model, shards, cfg, bf16, byte_lengths, cross.get(name)), "checkpoint_bytes": checkpoint_bytes(path)}
@@ -631,6 +649,9 @@ def evaluate(models: Mapping[str, str | Path], shards: Sequence[Shard], cfg: Eva
             answers = greedy_answers(model, prompts, limits, tok.eos_token_id, cfg.batch_size, bf16)
             reference = reference if reference is not None else answers
             results[name].update(answer_agreement(answers, reference))
+        if harness:
+            scores = run_tasks(student_lm(model, tok, cfg.batch_size), cfg.lm_eval_tasks, cfg.lm_eval_include, cfg.lm_eval_limit)
+            results[name].update({"lm_eval": scores, **flatten(scores)})
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -688,6 +709,8 @@ def markdown_table(results: Mapping[str, dict]) -> str:
         "greedy_exact_match": "greedy = teacher's", "greedy_prefix_agreement": "greedy prefix agreement",
         "mc_accuracy": "MC accuracy", "generation_tokens_per_s": "vLLM gen tok/s",
     }
+    harness = sorted({c for m in results.values() for c in m if c.startswith("lm_eval_")})
+    titles = {**titles, **{c: c[len("lm_eval_"):].replace("_acc", " acc") for c in harness}}
     extra = [c for c in titles if any(c in m for m in results.values())]
     lines = [
         "| model | params (M) | checkpoint (MB) | held-out ppl | KL(teacher‖model) | top-1 agreement | ECE |"

@@ -532,10 +532,14 @@ def train_student(cfg: RunConfig, baseline: bool = False, launcher=None, log=pri
     with folder_lock(out, "training of this student", on_wait=lambda msg: print(msg, file=sys.stderr, flush=True)):
         summary_path = out / "summary.json"
         if summary_path.exists() and (out / "model").exists():
-            return {**json.loads(summary_path.read_text()), "reused": True, "out_dir": str(out)}
+            summary = {**json.loads(summary_path.read_text()), "reused": True, "out_dir": str(out)}
+            if not (out / "model" / "README.md").exists():  # trained before model cards existed
+                _card(cfg, summary, open_split(cfg, "train", verify_checksum=False), baseline)
+            return summary
         remove_stale_dirs(out)
         shards = open_split(cfg, "train")
         atomic_write_text(out / "train_set.json", json.dumps(set_manifest(shards), indent=1))
+        atomic_write_text(out / "run_config.json", json.dumps(cfg.to_dict(), indent=1, default=str))
         train_cfg = cfg.baseline_train if baseline else cfg.train
         if train_cfg.world_size == 1:
             vocab, cross = student_tokens(cfg)
@@ -545,6 +549,7 @@ def train_student(cfg: RunConfig, baseline: bool = False, launcher=None, log=pri
 
             from distill.trainer import CKPT_DIR, latest_checkpoint
 
+            prepare_student_tokenizer(cfg)  # once, here, not by every rank
             try:
                 launch(out, cfg.to_dict(), train_cfg, baseline, launcher, log=log)
             except Exception as e:
@@ -556,7 +561,16 @@ def train_student(cfg: RunConfig, baseline: bool = False, launcher=None, log=pri
             if not summary_path.exists():
                 raise RuntimeError(f"{out}: the training processes exited without writing summary.json")
             summary = json.loads(summary_path.read_text())
-        return {**summary, "reused": False, "out_dir": str(out)}
+        summary = {**summary, "reused": False, "out_dir": str(out)}
+        _card(cfg, summary, shards, baseline)
+        return summary
+
+
+def _card(cfg: RunConfig, summary: dict, shards, baseline: bool, results=None, table=None) -> None:
+    """The student's model card (``model/README.md``), with the evaluation's table when given."""
+    from distill.card import card_info, write_card
+
+    write_card(Path(summary["out_dir"]) / "model", card_info(cfg, summary, shards, baseline, teacher_dir(cfg)), results, table)
 
 
 def evaluate_run(cfg: RunConfig) -> dict:
@@ -624,4 +638,9 @@ def evaluate_run(cfg: RunConfig) -> dict:
     note = MODE_NOTES[shards[0].meta.mode]
     atomic_write_text(out / "report.md", f"# Distillation report\n\n{note}\n\n{report['table']}\n\n{speed}Gate: {gate_text}\n\n{images}\n\n`{report['summary']}`\n")
     report["out_dir"] = str(out)
+    train_shards = open_split(cfg, "train", verify_checksum=False)
+    for name, baseline in (("student", False), ("baseline", True)):
+        folder = student_dir(cfg, baseline)
+        summary = {**json.loads((folder / "summary.json").read_text()), "out_dir": str(folder)}
+        _card(cfg, summary, train_shards, baseline, results, report["table"])
     return report

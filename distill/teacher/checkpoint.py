@@ -144,7 +144,7 @@ def resolve_teacher(name_or_path: str, root: str | os.PathLike) -> Path:
     try:
         path = snapshot_download(
             name_or_path,
-            allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.txt", "*.model"],
+            allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.txt", "*.model", "README.md", "LICENSE*"],
         )
     except Exception as e:  # add context: which teacher, and the offline hint
         raise TeacherError(

@@ -250,10 +250,11 @@ class VllmTeacher:
             answers.append(answer)
         return answers
 
-    def sequence_logprobs(self, sequences: Sequence[Sequence[int]], starts: Sequence[int]) -> np.ndarray:
+    def sequence_logprobs(self, sequences: Sequence[Sequence[int]], starts: Sequence[int], greedy: bool = False) -> np.ndarray:
         """Per sequence, the summed logprob of its tokens ``start ..`` given everything before
-        them, and their count: an array of shape (N, 2) (float64). A sequence longer than
-        ``max_len`` raises, naming its index."""
+        them, and their count: an array of shape (N, 2) (float64); with ``greedy``, a third
+        column: 1.0 where every one of those tokens was the engine's most likely (rank 1). A
+        sequence longer than ``max_len`` raises, naming its index."""
         import vllm
 
         if len(sequences) != len(starts):
@@ -274,8 +275,11 @@ class VllmTeacher:
                 lo, hi = flat.start_indices[start], flat.end_indices[len(seq) - 1]
                 if hi - lo != len(seq) - start or list(flat.token_ids[lo:hi]) != seq[start:]:
                     raise RuntimeError("prompt logprobs are not aligned with the sequence's tokens")
-                out_rows.append((float(np.sum(np.asarray(flat.logprobs[lo:hi], np.float64))), len(seq) - start))
-        return np.asarray(out_rows, np.float64).reshape(-1, 2)
+                row = (float(np.sum(np.asarray(flat.logprobs[lo:hi], np.float64))), len(seq) - start)
+                if greedy:
+                    row += (float(all(r == 1 for r in flat.ranks[lo:hi])),)
+                out_rows.append(row)
+        return np.asarray(out_rows, np.float64).reshape(-1, 3 if greedy else 2)
 
     def close(self) -> None:
         """Shut the engine down, end any of its processes that outlive the shutdown, then free

@@ -23,8 +23,8 @@ def evaluation(context: dg.AssetExecutionContext, settings: DistillSettings, tea
     report = pipeline.evaluate_run(settings.load())
     context.log.info("\n" + report["table"] + "\n" + report["summary"])
     numbers = {f"{model}_{metric}": float(value) for model, m in report["results"].items() for metric, value in m.items()
-               if metric in ("ppl", "kl", "top1", "ece", "accuracy", "teacher_agreement", "greedy_exact_match",
-                             "greedy_prefix_agreement", "mc_accuracy", "generation_tokens_per_s")}
+               if metric in ("ppl", "bpb", "kl", "top1", "ece", "accuracy", "teacher_agreement", "greedy_exact_match",
+                             "greedy_prefix_agreement", "mc_accuracy", "generation_tokens_per_s") or metric.startswith("lm_eval_")}
     if report["generation_speedup"]:
         numbers["generation_speedup"] = float(report["generation_speedup"])
     plots = {f"plot_{name}": dg.MetadataValue.md(f"![{name}](data:image/png;base64,{base64.b64encode(Path(path).read_bytes()).decode()})")

@@ -46,6 +46,10 @@ def test_automation_labels_then_retrains_then_evaluates(tiny_config_path, tiny_c
     assert tick.total_requested == 0
     dg.materialize(assets, selection=["teacher_model", "corpus"], resources=resources, instance=instance)
     tick = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=tick.cursor)
+    assert _requested(tick, "finetuned_teachers"), "the corpus changed: fine-tuned members follow it"
+    # what the refresh_corpus job (the schedule) materializes: the inputs and the fine-tuned members
+    dg.materialize(assets, selection=["finetuned_teachers"], resources=resources, instance=instance)
+    tick = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=tick.cursor)
     assert _requested(tick, "teacher_logits") == shards
     assert not _requested(tick, "student_model"), "students wait for their labels"
     for shard in sorted(shards):  # cache hits: no teacher work
