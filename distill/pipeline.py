@@ -480,8 +480,10 @@ def student_key(student: StudentConfig, train: TrainConfig, train_shard_keys: Se
     return content_key(
         {
             "student": student_fields,
-            # what shapes the model: not how it is shown or where the ranks meet
-            "train": {k: v for k, v in dataclasses.asdict(train).items() if k not in ("progress", "num_threads", "rdzv_endpoint")},
+            # what shapes the model: not how it is shown or where the ranks meet (nor the
+            # cross-tokenizer loss of a student that shares the teacher's tokenizer)
+            "train": {k: v for k, v in dataclasses.asdict(train).items()
+                      if k not in ("progress", "num_threads", "rdzv_endpoint") and (k != "cross_tokenizer_loss" or student.tokenizer)},
             "shards": sorted(train_shard_keys),
             "code": code,
         }

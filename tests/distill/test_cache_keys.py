@@ -192,6 +192,11 @@ def test_student_key_covers_code_and_init_weights():
     assert base != pipeline.student_key(student, train, ["a", "c"], None, "code-1")
     assert base != pipeline.student_key(student, dataclasses.replace(train, lr=train.lr * 2), ["a", "b"], None, "code-1")
     assert base == pipeline.student_key(student, dataclasses.replace(train, progress=not train.progress), ["a", "b"], None, "code-1")
+    uld = dataclasses.replace(train, cross_tokenizer_loss="uld")
+    assert base == pipeline.student_key(student, uld, ["a", "b"], None, "code-1"), "no own tokenizer: the cross-tokenizer loss is unused"
+    own = StudentConfig(init="random", tokenizer="bpe:1000")
+    assert pipeline.student_key(own, train, ["a"], None, "code-1", "tok-1") != pipeline.student_key(own, uld, ["a"], None, "code-1", "tok-1")
+    assert pipeline.student_key(own, train, ["a"], None, "code-1", "tok-1") != pipeline.student_key(own, train, ["a"], None, "code-1", "tok-2")
 
     at_a = StudentConfig(init="checkpoint", checkpoint="/a/student")
     at_b = StudentConfig(init="checkpoint", checkpoint="/b/student")
