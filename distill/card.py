@@ -72,10 +72,10 @@ def model_card(info: Mapping, results: Mapping[str, Mapping] | None = None, tabl
         "---", yaml.safe_dump(header, sort_keys=False).strip(), "---", "",
         f"# {info['name']}", "",
         f"A {'baseline for a ' if info['baseline'] else ''}student distilled offline from {teacher_line} with "
-        "[offline-distill](https://github.com/): the teacher labelled the training text once under vLLM, and this model "
+        "offline-distill: the teacher labelled the training text once under vLLM, and this model "
         "was trained by streaming those labels.", "",
         "## Provenance", "",
-        f"- Teacher: {teacher_line}; weights sha256 `{labels['teacher_hash']}`, tokenizer sha256 `{labels['tokenizer_hash']}`",
+        f"- Teacher: {teacher_line}; weights content hash `{labels['teacher_hash']}`, tokenizer content hash `{labels['tokenizer_hash']}`",
         f"- Data: `{info['data']['source']}`, training split fingerprint `{info['data']['fingerprint']}` "
         f"({info['data']['windows']:,} windows, {info['data']['tokens']:,} labelled tokens)",
         f"- Labels: `{mode}` mode, k = {labels['k']} ({kind}), engine {labels['engine']}",
