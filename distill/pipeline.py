@@ -42,17 +42,36 @@ def teacher_dir(cfg: RunConfig) -> Path:
     return resolve_teacher(cfg.teacher.members[0].model, cfg.root)
 
 
+def corpus_shards(cfg: RunConfig) -> dict[str, dict]:
+    """The corpus manifest's shard entries (fingerprint, windows, ...); raises when it is not built."""
+    from distill.data import corpus_dir
+
+    manifest_path = corpus_dir(cfg.root, cfg.corpus, teacher_hashes(cfg)["tokenizer"], cfg.teacher.mode) / "corpus.json"
+    if not manifest_path.exists():
+        raise IncompleteLabelsError(f"{manifest_path}: corpus not built; materialize the corpus asset first")
+    return json.loads(manifest_path.read_text())["shards"]
+
+
+def train_fingerprints(cfg: RunConfig) -> dict[str, str]:
+    """Content fingerprint of each training shard of the corpus (keys what is built from it)."""
+    return {n: entry["fingerprint"] for n, entry in corpus_shards(cfg).items() if split_of(n) == "train"}
+
+
+def train_windows(cfg: RunConfig) -> list[tuple[list[int], int]]:
+    """Every training window of the corpus as (token ids, label start)."""
+    windows = []
+    for name in cfg.corpus.shard_names():
+        if split_of(name) == "train":
+            _, table = read_corpus_shard(cfg.root, cfg.corpus, teacher_hashes(cfg)["tokenizer"], name, cfg.teacher.mode)
+            windows += list(zip(table.column("input_ids").to_pylist(), table.column("label_start").to_pylist()))
+    return windows
+
+
 def finetuned_dir(cfg: RunConfig, member) -> Path:
     """Where ``member`` (with ``finetune`` set) is adapted to the training split: a folder keyed
     by the base weights, the training windows, the settings and the fine-tuning code."""
-    from distill.data import corpus_dir
-
     base = resolve_teacher(member.model, cfg.root)
-    manifest_path = corpus_dir(cfg.root, cfg.corpus, teacher_hashes(cfg)["tokenizer"], cfg.teacher.mode) / "corpus.json"
-    if not manifest_path.exists():
-        raise IncompleteLabelsError(f"{manifest_path}: corpus not built; materialize the corpus asset before finetuned_teachers")
-    shards = json.loads(manifest_path.read_text())["shards"]
-    key = content_key({"base": checkpoint_hashes(base)["weights"], "data": {n: s["fingerprint"] for n, s in shards.items() if split_of(n) == "train"},
+    key = content_key({"base": checkpoint_hashes(base)["weights"], "data": train_fingerprints(cfg),
                        "finetune": dataclasses.asdict(member.finetune), "code": source_fingerprint(("distill.teacher.finetune",))})
     return cfg.root / "models" / f"finetuned-{key}"
 
@@ -73,12 +92,7 @@ def prepare_finetuned(cfg: RunConfig, progress: bool = True) -> list[dict]:
                 continue
             for tmp in out.glob(".model.tmp-*"):  # left by a run that died while saving
                 shutil.rmtree(tmp, ignore_errors=True)
-            windows = []
-            for name in cfg.corpus.shard_names():
-                if split_of(name) == "train":
-                    _, table = read_corpus_shard(cfg.root, cfg.corpus, teacher_hashes(cfg)["tokenizer"], name, cfg.teacher.mode)
-                    windows += list(zip(table.column("input_ids").to_pylist(), table.column("label_start").to_pylist()))
-            summary = finetune(resolve_teacher(member.model, cfg.root), windows, member.finetune, out / "model", progress=progress)
+            summary = finetune(resolve_teacher(member.model, cfg.root), train_windows(cfg), member.finetune, out / "model", progress=progress)
             done.append({**summary, "path": str(out / "model"), "reused": False})
     return done
 
@@ -192,8 +206,6 @@ def close_engines() -> None:
 
 
 def shard_keys(cfg: RunConfig, names: Sequence[str]) -> dict[str, str]:
-    from distill.data import corpus_dir
-
     if cfg.teacher.ensemble:
         runs = member_runs(cfg)
         total = sum(w for _, w in runs)
@@ -202,14 +214,10 @@ def shard_keys(cfg: RunConfig, names: Sequence[str]) -> dict[str, str]:
                                 "code": ENSEMBLE_CODE_VERSION, "schema": SCHEMA_VERSION}) for n in names}
     cfg = _single(cfg)
 
-    hashes = teacher_hashes(cfg)
-    manifest_path = corpus_dir(cfg.root, cfg.corpus, hashes["tokenizer"], cfg.teacher.mode) / "corpus.json"
-    if not manifest_path.exists():
-        raise IncompleteLabelsError(f"{manifest_path}: corpus not built; materialize the corpus asset first")
-    manifest = json.loads(manifest_path.read_text())
+    hashes, shards = teacher_hashes(cfg), corpus_shards(cfg)
     dtype = engine_dtype(cfg)
     return {
-        n: shard_key(hashes, manifest["shards"][n]["fingerprint"], cfg.teacher, dtype, window=cfg.corpus.window, split=split_of(n))
+        n: shard_key(hashes, shards[n]["fingerprint"], cfg.teacher, dtype, window=cfg.corpus.window, split=split_of(n))
         for n in names
     }
 
@@ -315,11 +323,9 @@ def check_shards(cfg: RunConfig, names: Sequence[str]) -> dict:
     ``problems`` lists anything wrong (schema, provenance, checksum, counts, logprob sanity);
     ``mean_topk_mass`` is the average teacher probability inside the stored top-k.
     """
-    from distill.data import corpus_dir
     from storage.reader import shard_stats
 
-    hashes = teacher_hashes(cfg)
-    manifest = json.loads((corpus_dir(cfg.root, cfg.corpus, hashes["tokenizer"], cfg.teacher.mode) / "corpus.json").read_text())
+    corpus = corpus_shards(cfg)
     keys, store = shard_keys(cfg, names), label_store(cfg)
     expect = {split: expected_meta(cfg, split) for split in {split_of(n) for n in names}}
     problems, mass, tokens = [], 0.0, 0
@@ -330,7 +336,7 @@ def check_shards(cfg: RunConfig, names: Sequence[str]) -> dict:
             problems.append(f"{name}: {e}")
             continue
         stats = shard_stats(shard)
-        entry = manifest["shards"][name]
+        entry = corpus[name]
         want_rows = entry["windows"] * (cfg.teacher.sampling.n if cfg.teacher.mode == "generate" else 1)
         want = entry["labelled_tokens"]  # None for generate: answer lengths are the teacher's
         if stats["rows"] != want_rows or (want is not None and stats["tokens"] != want) or (want is None and stats["tokens"] < stats["rows"]):
@@ -408,13 +414,7 @@ def student_tokenizer_dir(cfg: RunConfig) -> Path | None:
         if not (folder / "tokenizer.json").exists() and not (folder / "tokenizer_config.json").exists():
             raise ConfigError(f"student.tokenizer={spec!r} is invalid: expected a local tokenizer folder (tokenizer.json) or bpe:N")
         return folder
-    from distill.data import corpus_dir
-
-    manifest_path = corpus_dir(cfg.root, cfg.corpus, teacher_hashes(cfg)["tokenizer"], cfg.teacher.mode) / "corpus.json"
-    if not manifest_path.exists():
-        raise IncompleteLabelsError(f"{manifest_path}: corpus not built; materialize the corpus asset first")
-    shards = json.loads(manifest_path.read_text())["shards"]
-    key = content_key({"bpe": int(spec[4:]), "data": {n: s["fingerprint"] for n, s in shards.items() if split_of(n) == "train"},
+    key = content_key({"bpe": int(spec[4:]), "data": train_fingerprints(cfg),
                        "code": source_fingerprint(("distill.xtok",))})
     return cfg.root / "tokenizers" / f"bpe-{key}"
 
@@ -430,11 +430,7 @@ def prepare_student_tokenizer(cfg: RunConfig) -> Path | None:
         if (folder / "tokenizer.json").exists():
             return folder
         table = token_byte_table(tokenizer(cfg))
-        texts = []
-        for name in cfg.corpus.shard_names():
-            if split_of(name) == "train":
-                _, windows = read_corpus_shard(cfg.root, cfg.corpus, teacher_hashes(cfg)["tokenizer"], name, cfg.teacher.mode)
-                texts += [b"".join(table[i] for i in ids).decode("utf-8", errors="ignore") for ids in windows.column("input_ids").to_pylist()]
+        texts = [b"".join(table[i] for i in ids).decode("utf-8", errors="ignore") for ids, _ in train_windows(cfg)]
         tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         train_bpe(texts, int(cfg.student.tokenizer[4:]), tmp)
