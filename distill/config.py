@@ -11,11 +11,12 @@ import yaml
 from distill.configbase import ConfigError, build
 from distill.data import CorpusConfig
 from distill.evaluation import EvalConfig, load_mc
+from distill.onpolicy import OnPolicyConfig
 from distill.student import StudentConfig
 from distill.teacher.labels import TeacherConfig
 from distill.trainer import TrainConfig
 
-SECTIONS = ("storage_root", "labels_uri", "teacher", "corpus", "student", "train", "eval")
+SECTIONS = ("storage_root", "labels_uri", "teacher", "corpus", "student", "train", "eval", "onpolicy")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +30,17 @@ class RunConfig:
     student: StudentConfig = StudentConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    onpolicy: OnPolicyConfig = OnPolicyConfig()
+    """On-policy (GKD) rounds after the distilled student (``distill.onpolicy``; ``rounds: 0``: none)."""
+
+    def __post_init__(self):
+        if self.onpolicy.rounds:
+            needs = [(self.teacher.mode == "generate", f"teacher.mode: generate (prompts to answer), not {self.teacher.mode!r}"),
+                     (self.teacher.labels == "topk", "teacher.labels: topk (the round's answers are labelled top-k and mixed with the train shards)"),
+                     (self.student.tokenizer is None, "a student that shares the teacher's tokenizer (the teacher scores the student's tokens)")]
+            for ok, what in needs:
+                if not ok:
+                    raise ConfigError(f"onpolicy.rounds={self.onpolicy.rounds} needs {what}")
 
     @property
     def root(self) -> Path:
@@ -65,6 +77,7 @@ def from_mapping(data: Mapping[str, Any] | None, where: str = "config") -> RunCo
         student=build(StudentConfig, data.get("student"), f"{where}: student"),
         train=build(TrainConfig, data.get("train"), f"{where}: train"),
         eval=build(EvalConfig, data.get("eval"), f"{where}: eval"),
+        onpolicy=build(OnPolicyConfig, data.get("onpolicy"), f"{where}: onpolicy"),
     )
 
 

@@ -21,7 +21,7 @@ import torch
 from distill.configbase import check
 from distill.losses import CROSS_TOKENIZER_LOSSES, DIVERGENCES, TAILS, candidate_loss, candidate_scores, cross_tokenizer_loss, distillation_loss
 from distill.student import StudentConfig, build_student
-from storage.reader import Shard, ShardStream, StreamPosition
+from storage.reader import MixPosition, MixStream, Shard, ShardStream, StreamPosition
 from storage.writer import atomic_write_text
 
 FINAL_DIR = "model"
@@ -347,7 +347,7 @@ class TrainState:
             load_model(self.model, str(resume / "model.safetensors"))
             self.optimizer.load_state_dict(torch.load(resume / "trainer_state.pt", weights_only=True)["optimizer"])
         _set_rng_state(torch.load(resume / f"rng-{rank:05d}.pt", weights_only=True))
-        self.step, self.position = saved["step"], StreamPosition(**saved["positions"][rank])
+        self.step, self.position = saved["step"], type(self.position).from_dict(saved["positions"][rank])
         if history_path.exists():
             self.history = [json.loads(line) for line in history_path.read_text().splitlines()][: self.step]
         return resume
@@ -577,6 +577,7 @@ def train(
     row_log: str | Path | None = None,
     on_step: Callable[[dict], None] | None = None,
     cross=None,
+    mix: tuple[Sequence[Shard], float] | None = None,
 ) -> dict:
     """Train a student on ``shards`` into ``out_dir/model``; resumes from ``out_dir/checkpoints``.
 
@@ -588,7 +589,10 @@ def train(
     this rank trained on to ``<row_log>.rank<r>`` (for coverage checks). ``on_step`` is called on
     rank 0 after every step with its history entry plus ``tok_s`` (labelled tokens per second,
     all ranks) and ``steps`` (the run's total). ``cross``: a ``distill.xtok.CrossTokenizer``
-    when the student has its own tokenizer (``tokenizer_vocab`` is then its size).
+    when the student has its own tokenizer (``tokenizer_vocab`` is then its size). ``mix``:
+    ``(extra_shards, share)``: each row comes from ``extra_shards`` with probability ``share``,
+    else from ``shards`` (``storage.reader.MixStream``; on-policy rounds mix the student's own
+    answers in this way); both sets must hold the same kind of labels.
     """
     import torch.distributed as dist
     from tqdm.auto import tqdm
@@ -618,8 +622,17 @@ def train(
     architecture, tied = type(model).__name__, tied_names(model)
     step_model = parallelize(model, cfg, world, device)
     state = TrainState(model, build_optimizer(model, cfg), sharded=world > 1 and cfg.strategy == "fsdp")
-    state.restore(ckpt_root, out_dir / HISTORY, rank, world)
     stream = ShardStream(shards, seed=cfg.seed, shuffle=cfg.shuffle, rank=rank, world_size=world, shuffle_buffer=cfg.shuffle_buffer)
+    if mix is not None:
+        extra, share = mix
+        for shard in extra:
+            if (shard.meta.mode, shard.meta.k, shard.meta.vocab_size) != (shards[0].meta.mode, k, shards[0].meta.vocab_size):
+                raise ValueError(f"{shard.path}: mode {shard.meta.mode!r}, k={shard.meta.k}, vocabulary {shard.meta.vocab_size} cannot be "
+                                 f"mixed with {shards[0].path} (mode {mode!r}, k={k}, vocabulary {shards[0].meta.vocab_size})")
+        stream = MixStream(stream, ShardStream(extra, seed=cfg.seed + 1, shuffle=cfg.shuffle, rank=rank, world_size=world,
+                                               shuffle_buffer=cfg.shuffle_buffer), share, cfg.seed)
+        state.position = MixPosition()
+    state.restore(ckpt_root, out_dir / HISTORY, rank, world)
     data = batches(stream, cfg.batch_size, k, state.position, with_ids=row_log is not None, collate_rows=collate_rows)
     log = open(f"{row_log}.rank{rank}", "a") if row_log is not None else None
     bar = tqdm(total=cfg.steps, initial=state.step, disable=not (cfg.progress and main), desc="train", unit="step")

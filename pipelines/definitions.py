@@ -9,6 +9,7 @@ import dagster as dg
 from distill.config import load_config
 from pipelines.assets.corpus import corpus
 from pipelines.assets.evaluation import evaluation
+from pipelines.assets.onpolicy import build_onpolicy_assets
 from pipelines.assets.student import baseline_student, student_model
 from pipelines.assets.teacher import build_teacher_logits, finetuned_teachers, teacher_model
 from pipelines.pools import partitions_per_run
@@ -22,6 +23,10 @@ def build_definitions(config_path: str | None = None, keep_engine_alive: bool = 
     partitions = dg.StaticPartitionsDefinition(cfg.corpus.shard_names())
     teacher_logits = build_teacher_logits(partitions, partitions_per_run(cfg, len(partitions.get_partition_keys())))
     assets = [teacher_model, corpus, finetuned_teachers, teacher_logits, student_model, baseline_student, evaluation]
+    if cfg.onpolicy.rounds:
+        from distill.onpolicy import round_names
+
+        assets += build_onpolicy_assets(dg.StaticPartitionsDefinition(round_names(cfg)))
     return dg.Definitions(
         assets=assets,
         jobs=[refresh_corpus_job, evaluate_job],

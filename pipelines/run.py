@@ -86,6 +86,21 @@ def materialize_all(defs: dg.Definitions, instance: dg.DagsterInstance, shard_na
     return run(["student_model", "baseline_student", "evaluation"])
 
 
+def materialize_rounds(defs: dg.Definitions, instance: dg.DagsterInstance) -> dg.ExecuteInProcessResult | None:
+    """With ``onpolicy.rounds`` > 0: every round in one run (in order), then their evaluation;
+    raises ``StageFailed`` when the rounds fail. None without rounds."""
+    if not any(key.to_user_string() == "onpolicy_student" for a in defs.assets for key in a.keys):
+        return None
+    rounds = defs.resolve_assets_def("onpolicy_student").partitions_def.get_partition_keys()
+    tags = process_tags()
+    result = dg.materialize(list(defs.assets), selection=["onpolicy_student"], resources=defs.resources, instance=instance, raise_on_error=False,
+                            tags={**tags, ASSET_PARTITION_RANGE_START_TAG: rounds[0], ASSET_PARTITION_RANGE_END_TAG: rounds[-1]})
+    if not result.success:
+        raise StageFailed("\n".join(["materializing onpolicy_student failed:", *run_errors(result)]))
+    return dg.materialize(list(defs.assets), selection=["onpolicy_evaluation"], resources=defs.resources, instance=instance, tags=tags,
+                          raise_on_error=False)
+
+
 def failed_checks(result: dg.ExecuteInProcessResult, severity=dg.AssetCheckSeverity.ERROR) -> list[str]:
     """One line per failed asset check of ``severity``, with its problems or gate text."""
     lines = []
@@ -134,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"run {run_id}: its process is gone; marked failed and its concurrency slots freed", file=sys.stderr)
         try:
             result = materialize_all(defs, instance, cfg.corpus.shard_names())
+            rounds = materialize_rounds(defs, instance) if result.success else None
         except StageFailed as e:
             print(e, file=sys.stderr)
             return 1
@@ -148,6 +164,14 @@ def main(argv: list[str] | None = None) -> int:
     for check in checks:
         print(f"gate {'passed' if check.passed else 'FAILED'}: {check.metadata['gate'].value}")
     print(meta["summary"].value)
+    if rounds is not None:
+        done = {m.asset_key.to_user_string(): m for m in rounds.get_asset_materialization_events()}
+        if "onpolicy_evaluation" not in done:
+            print("\n".join(["the on-policy evaluation did not materialize:", *run_errors(rounds)]), file=sys.stderr)
+            return 1
+        print()
+        print(done["onpolicy_evaluation"].materialization.metadata["table"].value)
+        print(done["onpolicy_evaluation"].materialization.metadata["summary"].value)
     return 0 if all(check.passed for check in checks) else 1
 
 

@@ -294,6 +294,54 @@ class StreamPosition:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict) -> "StreamPosition":
+        return cls(**data)
+
+
+@dataclasses.dataclass(frozen=True)
+class MixPosition:
+    """Where a ``MixStream`` stands: rows yielded so far and each of its streams' positions."""
+
+    index: int = 0
+    main: StreamPosition = StreamPosition()
+    extra: StreamPosition = StreamPosition()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "MixPosition":
+        return cls(int(data["index"]), StreamPosition(**data["main"]), StreamPosition(**data["extra"]))
+
+
+class MixStream:
+    """Rows of two streams: row ``i`` comes from ``extra`` with probability ``share`` (a coin
+    seeded by ``seed`` and ``i``, so a resumed stream flips the same coins), else from ``main``.
+    Each stream goes through its own epochs; the position holds both, so resume is exact.
+    (GKD's lambda: ``extra`` holds the student's own answers, ``main`` the fixed data.)"""
+
+    def __init__(self, main: "ShardStream", extra: "ShardStream", share: float, seed: int = 0):
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"share={share} must be in [0, 1]")
+        self.main, self.extra, self.share, self.seed = main, extra, share, seed
+        self.shards = main.shards
+
+    def takes_extra(self, index: int) -> bool:
+        return bool(np.random.default_rng([self.seed, 0x6D6978, index]).random() < self.share)
+
+    def rows(self, start: MixPosition = MixPosition()) -> Iterator[tuple[dict, MixPosition]]:
+        """Yield ``(row, position_after_row)`` forever, starting at ``start``."""
+        main_rows, extra_rows = self.main.rows(start.main), self.extra.rows(start.extra)  # lazy: a stream never drawn is never read
+        index, main_pos, extra_pos = start.index, start.main, start.extra
+        while True:
+            if self.takes_extra(index):
+                row, extra_pos = next(extra_rows)
+            else:
+                row, main_pos = next(main_rows)
+            index += 1
+            yield row, MixPosition(index, main_pos, extra_pos)
+
 
 class ShardStream:
     """Streams rows from a list of shards, mixed across many row groups and shards.

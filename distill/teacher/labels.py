@@ -283,6 +283,22 @@ def _generate_rows(engine, part: pa.Table, cfg: TeacherConfig, k: int) -> list[d
     return rows
 
 
+def _answer_rows(engine, part: pa.Table, cfg: TeacherConfig, k: int) -> list[dict]:
+    """``generate`` rows whose answers are given (``response_ids``: another model's, e.g. the
+    student's in an on-policy round): prompt + answer scored teacher-forced, labels on the
+    answer tokens only, exactly the rows ``_generate_rows`` writes for the teacher's own answers."""
+    prompts = part.column("input_ids").to_pylist()
+    answers = part.column("response_ids").to_pylist()
+    seqs = [np.asarray(p + a, np.int64) for p, a in zip(prompts, answers)]
+    cols = {c: part.column(c).to_pylist() for c in ("doc_id", "window_index", "prompt_text", "response_text", "finish_reason")}
+    rows = []
+    for i, labels in enumerate(engine.score(seqs, [len(p) - 1 for p in prompts], k=k)):
+        rows.append({"doc_id": cols["doc_id"][i], "window_index": cols["window_index"][i], "input_ids": seqs[i],
+                     "label_start": len(prompts[i]) - 1, "prompt_text": cols["prompt_text"][i], "response_text": cols["response_text"][i],
+                     "finish_reason": cols["finish_reason"][i], **_flat_label_columns(labels)})
+    return rows
+
+
 def candidate_distribution(sums: np.ndarray, counts: np.ndarray, length_normalize: bool) -> tuple[np.ndarray, np.ndarray]:
     """Candidate scores (sum, or mean, of token logprobs) and their log-softmax."""
     scores = sums / counts if length_normalize else sums
@@ -319,6 +335,7 @@ def label_shard(
     progress: bool = True,
 ) -> dict:
     """Label ``windows`` (corpus rows of ``cfg.mode``) into ``store`` under ``key`` unless already committed.
+    In ``generate`` mode a ``response_ids`` column gives the answers (scored, not generated).
 
     Engine work and Parquet writing overlap: the rows of one macro-batch are written by a
     background thread while the engine runs the next; memory stays bounded by one macro-batch
@@ -340,7 +357,7 @@ def label_shard(
         total, unit = windows.num_rows, "prompt"
     bar = tqdm(total=total, desc=f"label {meta.shard} ({cfg.mode})", unit=unit, unit_scale=True, disable=not progress)
     step = getattr(getattr(engine, "cfg", None), "batch_windows", 64)
-    make_rows = _MODE_ROWS[cfg.mode]
+    make_rows = _answer_rows if cfg.mode == "generate" and "response_ids" in windows.column_names else _MODE_ROWS[cfg.mode]
     t0 = time.perf_counter()
     with store.writer(key, meta) as writer, ThreadPoolExecutor(1) as pool, bar:
         pending = None

@@ -121,3 +121,46 @@ def test_position_from_another_buffer_size_is_refused(shards):
 def test_unshuffled_stream_keeps_file_order(shards):
     ordered, _ = _stream_ids(ShardStream(shards, shuffle=False, shuffle_buffer=64))
     assert [d for d, _, _ in ordered[:4]] == ["s0-d0"] * 4 and ordered[-1][0] == "s2-d9"
+
+
+def _mixed(stream, n, start=None):
+    from storage.reader import MixPosition
+
+    out, pos = [], start or MixPosition()
+    if n == 0:
+        return out, pos
+    for row, pos in stream.rows(pos):
+        out.append((row["doc_id"], row["window_index"]))
+        if len(out) == n:
+            break
+    return out, pos
+
+
+@pytest.mark.parametrize("share", [0.0, 0.3, 1.0])
+def test_mix_stream_draws_its_share_and_resumes_exactly(shards, share):
+    """GKD's lambda: each row comes from the extra stream (the student's answers) with
+    probability ``share``; both streams loop over their own epochs and resume exactly."""
+    from storage.reader import MixPosition, MixStream
+
+    def make():
+        return MixStream(ShardStream(shards[:2], seed=1, shuffle_buffer=16), ShardStream(shards[2:], seed=2), share, seed=5)
+
+    full, _ = _mixed(make(), 300)  # past an epoch of either stream
+    extra = [d for d, _ in full if d.startswith("s2-")]
+    assert len(extra) == sum(make().takes_extra(i) for i in range(300))
+    if share in (0.0, 1.0):
+        assert len(extra) == 300 * share
+    else:
+        assert abs(len(extra) / 300 - share) < 0.08, len(extra)
+    # the rows of each stream are that stream's own order, unaffected by the mixing
+    main_rows = [r for r in full if not r[0].startswith("s2-")]
+    alone, _ = _mixed(MixStream(ShardStream(shards[:2], seed=1, shuffle_buffer=16), ShardStream(shards[2:], seed=2), 0.0), len(main_rows))
+    assert main_rows == alone
+    for cut in (1, 37, 80, 201):
+        head, pos = _mixed(make(), cut)
+        restored = MixPosition.from_dict(pos.to_dict())  # as a checkpoint stores it
+        assert restored == pos
+        tail, _ = _mixed(make(), 300 - cut, restored)
+        assert head + tail == full, f"resume after {cut} rows differs"
+    with pytest.raises(ValueError, match="share"):
+        MixStream(ShardStream(shards), ShardStream(shards), 1.5)

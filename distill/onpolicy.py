@@ -1,0 +1,375 @@
+"""On-policy distillation rounds (GKD: Agarwal et al., ICLR 2024, "On-Policy Distillation of
+Language Models: Learning from Self-Generated Mistakes") built from cached, offline pieces.
+
+Round ``r`` starts from the round ``r - 1`` student (round 0: the distilled ``student_model``):
+
+1. that student answers the training prompts under vLLM (``onpolicy.sampling``, fresh seeds
+   each round);
+2. the teacher labels those answers teacher-forced: top-k logprobs of every answer token, a
+   ``generate``-mode shard like the teacher's own answers, content-addressed in the label store
+   by the student's weights, the prompts, the sampling and the teacher;
+3. the student trains ``onpolicy.steps`` more steps on a mix: each row is one of its own
+   answers with probability ``onpolicy.lmbda`` (GKD's lambda), else a teacher answer from the
+   ``generate`` train shards (``storage.reader.MixStream``), with ``train``'s loss.
+
+A round's folder is keyed by its starting weights, answers, data and settings, so a finished
+round is reused, a crashed one resumes from its checkpoints, and raising ``onpolicy.rounds``
+trains only the new rounds. ``generator: teacher`` is the off-policy control at equal teacher
+work: the teacher answers the same prompts with the same sampling each round instead.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from distill.configbase import check
+from distill.teacher.labels import SamplingConfig
+
+ONPOLICY_CODE_VERSION = "onpolicy-1"
+GENERATORS = ("student", "teacher")
+ROUND_INFO = "round.json"
+EVAL_SEED_OFFSET = 1_000_003  # held-out answers never share seeds with a round's
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicySampling(SamplingConfig):
+    """How the generator answers in a round: GKD samples the student's own distribution
+    (temperature 1, no nucleus cut)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class OnPolicyConfig:
+    """On-policy rounds after the distilled student (``teacher.mode: generate`` only)."""
+
+    rounds: int = 0
+    """Rounds to run (0: none). Each is a partition ``round-NNN`` of the ``onpolicy_student``
+    asset; round r needs round r - 1 (materializing it runs any earlier round still missing)."""
+    steps: int = 20
+    """Optimizer steps per round (``train``'s settings otherwise, with a fresh warm-up and decay)."""
+    lmbda: float = 0.5
+    """GKD's lambda: the share of each round's training rows that are the student's own answers
+    (the rest are the teacher's answers from the ``generate`` train shards). 1: purely on-policy."""
+    generator: str = "student"
+    """Who answers the prompts each round: ``student`` (on-policy, GKD) or ``teacher`` (fresh
+    teacher answers to the same prompts: the off-policy control at equal teacher work)."""
+    prompts_per_round: int = 0
+    """Training prompts answered per round, rotating through a seeded order of all of them
+    (0: every training prompt every round)."""
+    sampling: PolicySampling = PolicySampling()
+    """How the generator answers: answers per prompt ``n``, ``temperature`` (GKD samples the
+    student at 1), ``top_p``, ``max_tokens``, ``seed``. The seed moves with the round, so every
+    round draws fresh answers."""
+    lr: float | None = None
+    """Peak learning rate of a round (None: ``train.lr``)."""
+    eval_prompts: int = 32
+    """Held-out prompts the evaluation has each student answer (sampled like a round), to
+    measure KL to the teacher on the student's own generations."""
+
+    def __post_init__(self):
+        check(self.rounds >= 0, "rounds", self.rounds, "an integer >= 0")
+        check(self.steps >= 1, "steps", self.steps, "an integer >= 1")
+        check(0 < self.lmbda <= 1, "lmbda", self.lmbda, "a number in (0, 1]")
+        check(self.generator in GENERATORS, "generator", self.generator, f"one of {GENERATORS}")
+        check(self.prompts_per_round >= 0, "prompts_per_round", self.prompts_per_round, "an integer >= 0 (0: all)")
+        check(self.lr is None or self.lr > 0, "lr", self.lr, "a positive number (or null: train.lr)")
+        check(self.eval_prompts >= 1, "eval_prompts", self.eval_prompts, "an integer >= 1")
+
+
+def round_name(r: int) -> str:
+    return f"round-{r:03d}"
+
+
+def round_names(cfg) -> list[str]:
+    """The partition keys of ``cfg.onpolicy.rounds`` rounds."""
+    return [round_name(r) for r in range(1, cfg.onpolicy.rounds + 1)]
+
+
+def prompt_table(cfg, split: str) -> pa.Table:
+    """Every prompt of the ``generate`` corpus's ``split`` shards (doc_id, input_ids, prompt_text)."""
+    from distill import pipeline
+    from distill.data import read_corpus_shard
+
+    tokenizer_hash = pipeline.teacher_hashes(cfg)["tokenizer"]
+    tables = [read_corpus_shard(cfg.root, cfg.corpus, tokenizer_hash, n, "generate")[1]
+              for n in cfg.corpus.shard_names() if pipeline.split_of(n) == split]
+    table = pa.concat_tables(tables).select(["doc_id", "input_ids", "prompt_text"])
+    if not table.num_rows:
+        raise ValueError(f"corpus.source {cfg.corpus.source}: no {split} prompts to answer")
+    return table
+
+
+def round_prompts(prompts: pa.Table, per_round: int, seed: int, r: int) -> pa.Table:
+    """Round ``r``'s prompts: all of them, or the next ``per_round`` of a seeded order (cyclic)."""
+    n = prompts.num_rows
+    if not per_round or per_round >= n:
+        return prompts
+    order = np.random.default_rng([seed, 0x726F756E64]).permutation(n)
+    return prompts.take(pa.array(order[(np.arange(per_round) + (r - 1) * per_round) % n]))
+
+
+def round_sampling(cfg, r: int) -> SamplingConfig:
+    return dataclasses.replace(cfg.onpolicy.sampling, seed=cfg.onpolicy.sampling.seed + r)
+
+
+def eval_sampling(cfg) -> SamplingConfig:
+    return dataclasses.replace(cfg.onpolicy.sampling, n=1, seed=cfg.onpolicy.sampling.seed + EVAL_SEED_OFFSET)
+
+
+def answers_key(cfg, generator_dir: Path, prompts: pa.Table, sampling: SamplingConfig) -> str:
+    """Content key of a set of answers and their teacher labels: the teacher and its label
+    settings, the answering model's weights, the prompts and the sampling."""
+    from distill import pipeline
+    from distill.teacher.checkpoint import checkpoint_hashes
+    from distill.teacher.labels import LABEL_CODE_VERSION
+    from storage.cache import content_key
+    from storage.schema import SCHEMA_VERSION
+
+    hashes = pipeline.teacher_hashes(cfg)
+    return content_key({
+        "teacher": hashes["weights"], "tokenizer": hashes["tokenizer"], "k": cfg.teacher.k, "dtype": pipeline.engine_dtype(cfg),
+        "labels": LABEL_CODE_VERSION, "code": ONPOLICY_CODE_VERSION, "schema": SCHEMA_VERSION, "relabel_tag": cfg.teacher.relabel_tag,
+        "generator": checkpoint_hashes(generator_dir)["weights"], "window": cfg.corpus.window, "sampling": dataclasses.asdict(sampling),
+        "prompts": prompts_fingerprint(prompts),
+    })
+
+
+def prompts_fingerprint(prompts: pa.Table) -> str:
+    from storage.cache import content_key
+
+    return content_key({"doc_id": prompts.column("doc_id").to_pylist(), "input_ids": prompts.column("input_ids").to_pylist()})
+
+
+def free_device() -> None:
+    """Close this process's teacher engines on a GPU, where an engine holds most of the
+    device's memory; on the CPU they stay (no shared device pool, and a restart costs time)."""
+    from distill import pipeline
+    from distill.teacher.vllm_engine import _on_cpu
+
+    if not _on_cpu():
+        pipeline.close_engines()
+
+
+@dataclasses.dataclass(frozen=True)
+class AnswerSet:
+    """One set of answers to label: who answers which prompts how, and where it is stored."""
+
+    key: str
+    generator: str  # student | teacher
+    model_dir: Path
+    prompts: pa.Table
+    sampling: SamplingConfig
+    split: str
+    name: str
+
+
+def policy_answers(cfg, model_dir: Path, prompts: pa.Table, sampling: SamplingConfig, progress: bool = True) -> pa.Table:
+    """``sampling.n`` answers of the checkpoint ``model_dir`` to each prompt, from its own vLLM
+    engine (closed before returning): ``generate`` corpus rows plus ``response_ids``,
+    ``response_text`` and ``finish_reason``, seeded per prompt like the teacher's answers."""
+    from tqdm.auto import tqdm
+
+    from distill.teacher.labels import prompt_seed
+    from distill.teacher.slots import slot_dir
+    from distill.teacher.vllm_engine import VllmTeacher
+
+    ids, docs, texts = (prompts.column(c).to_pylist() for c in ("input_ids", "doc_id", "prompt_text"))
+    engine = VllmTeacher(model_dir, 1, cfg.corpus.window, cfg.teacher.engine, slot_folder=slot_dir(cfg.root))
+    rows = []
+    try:
+        answers = engine.generate(ids, [prompt_seed(sampling.seed, d) for d in docs], sampling, k=1)
+        for i, samples in enumerate(tqdm(answers, total=len(ids), desc=f"answers of {Path(model_dir).parent.name}", unit="prompt",
+                                         disable=not progress)):
+            for j, sample in enumerate(samples):
+                rows.append({"doc_id": docs[i], "window_index": j, "input_ids": ids[i], "label_start": len(ids[i]) - 1,
+                             "prompt_text": texts[i], "response_ids": sample["response_ids"].tolist(),
+                             "response_text": sample["text"], "finish_reason": sample["finish_reason"]})
+    finally:
+        engine.close()
+    return pa.Table.from_pylist(rows)
+
+
+def label_answer_sets(cfg, sets: list[AnswerSet], progress: bool = True) -> list:
+    """The teacher-labelled shard of each answer set (a committed one is reused as it is). The
+    models that answer run first, one engine at a time; then one teacher engine labels them all
+    (``generator: teacher`` sets are answered and labelled by the teacher in one pass)."""
+    from distill import pipeline
+    from distill.teacher.checkpoint import checkpoint_hashes
+    from distill.teacher.labels import label_shard
+    from storage.schema import ShardMeta
+
+    store = pipeline.label_store(cfg)
+    todo = [s for s in sets if not store.is_committed(s.key)]
+    answered = {}
+    for s in todo:
+        if s.generator == "student":
+            free_device()  # for this model's engine
+            answered[s.key] = policy_answers(cfg, s.model_dir, s.prompts, s.sampling, progress)
+    hashes = pipeline.teacher_hashes(cfg)
+    for s in todo:
+        expect = pipeline.expected_meta(cfg, s.split)
+        meta = ShardMeta(
+            teacher=cfg.teacher.model, teacher_hash=hashes["weights"], tokenizer_hash=hashes["tokenizer"], vocab_size=expect["vocab_size"],
+            k=cfg.teacher.k, temperature=1.0, mode="generate", engine=pipeline._engine_name(), data_fingerprint=prompts_fingerprint(s.prompts),
+            shard=s.name, split=s.split, cache_key=s.key, code_version=ONPOLICY_CODE_VERSION,
+            settings={"sampling": dataclasses.asdict(s.sampling), "generator": s.generator, "generator_model": str(s.model_dir),
+                      "generator_weights": checkpoint_hashes(s.model_dir)["weights"]},
+        )
+        teacher = dataclasses.replace(cfg.teacher, sampling=s.sampling, labels="topk")
+        windows = answered.get(s.key, s.prompts)  # a student's answers are scored; the teacher answers prompts itself
+        if "label_start" not in windows.column_names:
+            windows = windows.append_column("label_start", pa.array([len(p) - 1 for p in windows.column("input_ids").to_pylist()], pa.int32()))
+        label_shard(lambda: pipeline.get_engine(cfg), store, s.key, meta, windows, teacher, progress=progress)
+    return [store.open(s.key, expect=pipeline.expected_meta(cfg, s.split)) for s in sets]
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundPlan:
+    r: int
+    start: Path  # the checkpoint the round starts from (and, on-policy, answers with)
+    out: Path
+    answers: AnswerSet
+    student: object  # StudentConfig
+    train: object  # TrainConfig
+
+
+def round_train_config(cfg):
+    return dataclasses.replace(cfg.train, steps=cfg.onpolicy.steps, lr=cfg.onpolicy.lr or cfg.train.lr, warmup_steps=0)
+
+
+def start_dir(cfg, r: int) -> Path:
+    """The model round ``r`` starts from; raises when it is not trained yet."""
+    from distill import pipeline
+
+    folder = pipeline.student_dir(cfg, False) / "model" if r == 1 else plan_round(cfg, r - 1).out / "model"
+    if not (folder / "config.json").exists():
+        raise pipeline.IncompleteLabelsError(
+            f"{folder}: {'the distilled student' if r == 1 else f'on-policy {round_name(r - 1)}'} is not trained yet; "
+            f"materialize {'student_model' if r == 1 else 'onpolicy_student ' + round_name(r - 1)} first")
+    return folder
+
+
+def plan_round(cfg, r: int) -> RoundPlan:
+    """Round ``r``'s inputs and folder: ``<root>/onpolicy/round-NNN-<key>``, keyed by its start
+    weights, its answers, the off-policy shards, the settings and the training code."""
+    from distill import pipeline
+    from distill.teacher.checkpoint import checkpoint_hashes
+    from storage.cache import content_key
+
+    oc = cfg.onpolicy
+    start = start_dir(cfg, r)
+    prompts = round_prompts(prompt_table(cfg, "train"), oc.prompts_per_round, oc.sampling.seed, r)
+    sampling = round_sampling(cfg, r)
+    generator_dir = start if oc.generator == "student" else pipeline.teacher_dir(cfg)
+    answers = AnswerSet(answers_key(cfg, generator_dir, prompts, sampling), oc.generator, generator_dir, prompts, sampling, "train",
+                        f"onpolicy-{round_name(r)}")
+    student = dataclasses.replace(cfg.student, init="checkpoint", checkpoint=str(start))
+    train = round_train_config(cfg)
+    names = [n for n in cfg.corpus.shard_names() if pipeline.split_of(n) == "train"]
+    code = pipeline.training_code_fingerprint() + pipeline.source_fingerprint(("distill.onpolicy",))
+    key = content_key({"student": pipeline.student_key(student, train, [*pipeline.shard_keys(cfg, names).values(), answers.key],
+                                                       checkpoint_hashes(start)["weights"], code),
+                       "lmbda": oc.lmbda, "generator": oc.generator, "round": r})
+    return RoundPlan(r, start, cfg.root / "onpolicy" / f"{round_name(r)}-{key}", answers, student, train)
+
+
+def run_round(cfg, r: int, progress: bool = True) -> dict:
+    """Train round ``r`` (reused when finished, resumed from its checkpoints when not)."""
+    from distill import pipeline
+    from distill.trainer import train
+    from storage.writer import atomic_write_text, folder_lock
+
+    plan = plan_round(cfg, r)
+    out = plan.out
+    with folder_lock(out, f"on-policy {round_name(r)}", on_wait=lambda msg: print(msg, file=sys.stderr, flush=True)):
+        if (out / ROUND_INFO).exists() and (out / "model").exists():
+            return {**json.loads((out / ROUND_INFO).read_text()), "reused": True, "out_dir": str(out)}
+        pipeline.remove_stale_dirs(out)
+        answers = label_answer_sets(cfg, [plan.answers], progress)[0]
+        free_device()  # training needs it
+        offpolicy = pipeline.open_split(cfg, "train")
+        atomic_write_text(out / "run_config.json", json.dumps(cfg.to_dict(), indent=1, default=str))
+        summary = train(plan.student, plan.train, pipeline.teacher_dir(cfg), offpolicy, out, len(pipeline.tokenizer(cfg)),
+                        mix=([answers], cfg.onpolicy.lmbda))
+        info = {**{k: v for k, v in summary.items() if k != "model_dir"}, "round": r, "start": str(plan.start),
+                "generator": cfg.onpolicy.generator, "lmbda": cfg.onpolicy.lmbda, "answers_key": plan.answers.key,
+                "answers": answers.rows, "answer_tokens": answers.tokens, "prompts": plan.answers.prompts.num_rows}
+        atomic_write_text(out / ROUND_INFO, json.dumps(info, indent=1))
+        return {**info, "reused": False, "out_dir": str(out)}
+
+
+def run_rounds(cfg, upto: int | None = None, progress: bool = True) -> list[dict]:
+    """Rounds 1 .. ``upto`` (default: ``onpolicy.rounds``) in order; finished ones are reused."""
+    upto = cfg.onpolicy.rounds if upto is None else upto
+    return [run_round(cfg, r, progress) for r in range(1, upto + 1)]
+
+
+def final_model(cfg) -> Path:
+    return start_dir(cfg, cfg.onpolicy.rounds + 1)
+
+
+def self_answer_sets(cfg, models: dict[str, Path]) -> list[AnswerSet]:
+    """One set per model: its own sampled answers to the first ``onpolicy.eval_prompts`` held-out prompts."""
+    prompts = prompt_table(cfg, "heldout")
+    prompts = prompts.slice(0, min(cfg.onpolicy.eval_prompts, prompts.num_rows))
+    sampling = eval_sampling(cfg)
+    return [AnswerSet(answers_key(cfg, path, prompts, sampling), "student", Path(path), prompts, sampling, "heldout", f"self-{name}")
+            for name, path in models.items()]
+
+
+def evaluate_rounds(cfg) -> dict:
+    """Teacher, the distilled (off-policy) student and the last round's student on held-out
+    prompts: KL, top-1 and perplexity on the teacher's answers, greedy-answer agreement with
+    the teacher, and KL / top-1 to the teacher on each student's own sampled answers
+    (``self_kl``, ``self_top1``: what on-policy training targets). Written to
+    ``<root>/evaluations/onpolicy-<key>``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from distill import pipeline
+    from distill.evaluation import eval_device, evaluate, evaluate_model
+    from storage.cache import content_key
+    from storage.writer import atomic_write_text
+
+    students = {"offpolicy": pipeline.student_dir(cfg, False) / "model", "onpolicy": final_model(cfg)}
+    shards = pipeline.open_split(cfg, "heldout")
+    results = evaluate({"teacher": pipeline.teacher_dir(cfg), **students}, shards, cfg.eval, cfg.train.precision,
+                       engine_factory=lambda: pipeline.get_engine(cfg))
+    own = label_answer_sets(cfg, self_answer_sets(cfg, students))
+    free_device()
+    device, bf16 = eval_device(cfg.train.precision)
+    for (name, path), shard in zip(students.items(), own):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True).to(device)
+        with torch.no_grad():
+            m = evaluate_model(model, [shard], cfg.eval, bf16)
+        results[name].update(self_kl=m["kl"], self_top1=m["top1"], self_tokens=shard.tokens)
+        del model
+    rounds = [json.loads((plan_round(cfg, r).out / ROUND_INFO).read_text()) for r in range(1, cfg.onpolicy.rounds + 1)]
+    results["onpolicy"]["answer_tokens"] = sum(r["answer_tokens"] for r in rounds)
+    table = onpolicy_table(results)
+    key = content_key({"models": {n: str(p) for n, p in students.items()}, "heldout": [s.meta.cache_key for s in shards],
+                       "own": [s.meta.cache_key for s in own], "eval": dataclasses.asdict(cfg.eval)})
+    out = cfg.root / "evaluations" / f"onpolicy-{key}"
+    report = {"results": results, "rounds": rounds, "table": table, "out_dir": str(out),
+              "summary": " ".join(f"{n}_{m}={results[n][m]:.4f}" for n in students for m in ("kl", "self_kl", "greedy_prefix_agreement"))}
+    atomic_write_text(out / "results.json", json.dumps(report, indent=1, default=str))
+    atomic_write_text(out / "report.md", f"# On-policy rounds ({cfg.onpolicy.generator} answers, lambda {cfg.onpolicy.lmbda})\n\n{table}\n\n`{report['summary']}`\n")
+    return report
+
+
+def onpolicy_table(results: dict) -> str:
+    cols = [("ppl", "ppl (teacher answers)", ".2f"), ("kl", "KL (teacher answers)", ".4f"), ("top1", "top-1", ".4f"),
+            ("self_kl", "KL (own answers)", ".4f"), ("self_top1", "top-1 (own answers)", ".4f"),
+            ("greedy_exact_match", "greedy exact", ".3f"), ("greedy_prefix_agreement", "greedy prefix", ".3f")]
+    lines = ["| model | " + " | ".join(c[1] for c in cols) + " |", "|---|" + "---:|" * len(cols)]
+    for name, m in results.items():
+        lines.append(f"| {name} | " + " | ".join(format(m[c], f) if c in m else "–" for c, _, f in cols) + " |")
+    return "\n".join(lines)
