@@ -71,8 +71,9 @@ class OnPolicyConfig:
     lr: float | None = None
     """Peak learning rate of a round (None: ``train.lr``)."""
     eval_prompts: int = 32
-    """Held-out prompts the evaluation has each student answer (sampled like a round), to
-    measure KL to the teacher on the student's own generations."""
+    """Held-out prompts the evaluation has each student answer (``sampling.n`` answers each,
+    sampled like a round with seeds of their own), to measure KL to the teacher on the
+    student's own generations."""
 
     def __post_init__(self):
         check(self.rounds >= 0, "rounds", self.rounds, "an integer >= 0")
@@ -121,7 +122,8 @@ def round_sampling(cfg, r: int) -> SamplingConfig:
 
 
 def eval_sampling(cfg) -> SamplingConfig:
-    return dataclasses.replace(cfg.onpolicy.sampling, n=1, seed=cfg.onpolicy.sampling.seed + EVAL_SEED_OFFSET)
+    """The held-out answers' sampling: a round's (``n`` answers per prompt), with seeds of its own."""
+    return dataclasses.replace(cfg.onpolicy.sampling, seed=cfg.onpolicy.sampling.seed + EVAL_SEED_OFFSET)
 
 
 def answers_key(cfg, generator_dir: Path, prompts: pa.Table, sampling: SamplingConfig) -> str:
@@ -325,21 +327,17 @@ def self_answer_sets(cfg, models: dict[str, Path]) -> list[AnswerSet]:
             for name, path in models.items()]
 
 
-def evaluate_rounds(cfg) -> dict:
-    """Teacher, the distilled (off-policy) student and the last round's student on held-out
-    prompts: KL, top-1 and perplexity on the teacher's answers, greedy-answer agreement with
-    the teacher, and KL / top-1 to the teacher on each student's own sampled answers
-    (``self_kl``, ``self_top1``: what on-policy training targets). Written to
-    ``<root>/evaluations/onpolicy-<key>``."""
+def compare_students(cfg, students: dict[str, Path]) -> tuple[dict, list, list]:
+    """Teacher and ``students`` (name: checkpoint) on held-out prompts: KL, top-1 and
+    perplexity on the teacher's answers, greedy-answer agreement with the teacher, and KL /
+    top-1 to the teacher on each student's own sampled answers (``self_kl``, ``self_top1``:
+    what on-policy training targets). Returns (results, held-out shards, own-answer shards)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from distill import pipeline
     from distill.evaluation import eval_device, evaluate, evaluate_model
-    from storage.cache import content_key
-    from storage.writer import atomic_write_text
 
-    students = {"offpolicy": pipeline.student_dir(cfg, False) / "model", "onpolicy": final_model(cfg)}
     shards = pipeline.open_split(cfg, "heldout")
     results = evaluate({"teacher": pipeline.teacher_dir(cfg), **students}, shards, cfg.eval, cfg.train.precision,
                        engine_factory=lambda: pipeline.get_engine(cfg))
@@ -352,7 +350,24 @@ def evaluate_rounds(cfg) -> dict:
             m = evaluate_model(model, [shard], cfg.eval, bf16)
         results[name].update(self_kl=m["kl"], self_top1=m["top1"], self_tokens=shard.tokens)
         del model
-    rounds = [json.loads((plan_round(cfg, r).out / ROUND_INFO).read_text()) for r in range(1, cfg.onpolicy.rounds + 1)]
+    return results, shards, own
+
+
+def round_infos(cfg) -> list[dict]:
+    """``round.json`` of every finished round."""
+    return [json.loads((plan_round(cfg, r).out / ROUND_INFO).read_text()) for r in range(1, cfg.onpolicy.rounds + 1)]
+
+
+def evaluate_rounds(cfg) -> dict:
+    """The distilled (off-policy) student and the last round's student through
+    ``compare_students``; written to ``<root>/evaluations/onpolicy-<key>``."""
+    from distill import pipeline
+    from storage.cache import content_key
+    from storage.writer import atomic_write_text
+
+    students = {"offpolicy": pipeline.student_dir(cfg, False) / "model", "onpolicy": final_model(cfg)}
+    results, shards, own = compare_students(cfg, students)
+    rounds = round_infos(cfg)
     results["onpolicy"]["answer_tokens"] = sum(r["answer_tokens"] for r in rounds)
     table = onpolicy_table(results)
     key = content_key({"models": {n: str(p) for n, p in students.items()}, "heldout": [s.meta.cache_key for s in shards],

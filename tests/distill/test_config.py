@@ -37,6 +37,11 @@ def test_shipped_config_loads(path):
         ({"teacher": {"engine": {"dtype": "fp8"}}}, r"teacher\.engine\.dtype='fp8'"),
         ({"trainer": {}}, r"unknown section.*trainer"),
         ({"train": {"tail": "bucket", "temperature": 2.0}}, r"train\.temperature"),
+        ({"onpolicy": {"rounds": 2}}, r"onpolicy\.rounds=2 needs teacher\.mode: generate"),
+        ({"teacher": {"mode": "generate", "labels": "sampled"}, "onpolicy": {"rounds": 1}}, r"onpolicy\.rounds=1 needs teacher\.labels: topk"),
+        ({"onpolicy": {"lmbda": 0}}, r"onpolicy\.lmbda=0"),
+        ({"onpolicy": {"generator": "both"}}, r"onpolicy\.generator='both'"),
+        ({"onpolicy": {"sampling": {"top_p": 0}}}, r"onpolicy\.sampling\.top_p=0"),
     ],
 )
 def test_bad_config_names_field(data, match):
