@@ -85,7 +85,11 @@ def model_card(info: Mapping, results: Mapping[str, Mapping] | None = None, tabl
         f"- Training: {summary.get('steps')} steps × {train['batch_size'] * train['grad_accum']} windows × "
         f"{summary.get('world_size', 1)} process(es), AdamW lr {train['lr']:g} (warm-up, cosine to {train['min_lr_ratio']:g}×), "
         f"weight decay {train['weight_decay']:g}, seed {train['seed']}, precision `{train['precision']}`; final loss "
-        f"{_fmt(summary.get('final_loss'))}", "",
+        f"{_fmt(summary.get('final_loss'))}",
+        *([f"- On-policy: round {info['onpolicy']['round']} of GKD-style rounds, continuing `{info['onpolicy']['start']}`; "
+           f"{info['onpolicy']['answers']:,} answers to {info['onpolicy']['prompts']:,} training prompts by the "
+           f"{info['onpolicy']['generator']}, labelled by the teacher, mixed with the teacher's answers "
+           f"(lambda {info['onpolicy']['lmbda']:g})"] if info.get("onpolicy") else []), "",
         "## Evaluation", "",
     ]
     if table:

@@ -238,6 +238,7 @@ def distillation_loss(
     tail: str = "renormalize",
     temperature: float = 1.0,
     num_tokens: float | torch.Tensor | None = None,
+    kd_only: torch.Tensor | None = None,
     **divergence_kwargs,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``kd_weight * KD + (1 - kd_weight) * CE``; returns the loss and its detached parts.
@@ -245,19 +246,30 @@ def distillation_loss(
     Both terms are sums over the labelled positions divided by ``num_tokens`` (default: this
     batch's count; the trainer passes the count of the whole optimizer step).
 
+    ``kd_only`` (B, T): labelled positions whose tokens the student wrote itself (on-policy
+    answers): no ground truth to imitate, so they take no CE and the KD term takes the CE's
+    weight there too (GKD's loss on student samples is the divergence alone).
+
     One ``logsumexp`` over the vocabulary serves both terms at T = 1, which keeps a KD step
     nearly as cheap as a CE-only step. ``kd_weight = 0`` skips the KD term entirely.
     """
     logits = student_logits.float()
     lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (B, T, 1)
-    ce = cross_entropy(logits, targets, mask, student_lse=lse, denominator=num_tokens)
+    if num_tokens is None:
+        num_tokens = mask.sum().clamp(min=1).float()  # one denominator for every term
+    supervised = mask if kd_only is None else mask & ~kd_only
+    ce = cross_entropy(logits, targets, supervised, student_lse=lse, denominator=num_tokens)
+
+    def kd_over(positions):
+        return kd_loss(logits, topk_ids, teacher_logprobs, positions, divergence, tail, temperature,
+                       student_lse=lse if temperature == 1.0 else None, denominator=num_tokens, **divergence_kwargs)
+
+    own = kd_over(mask & kd_only) if kd_only is not None and bool(kd_only.any()) else None
     if kd_weight == 0.0:
-        return ce, {"ce": ce.detach(), "kd": torch.zeros(())}
-    kd = kd_loss(
-        logits, topk_ids, teacher_logprobs, mask, divergence, tail, temperature,
-        student_lse=lse if temperature == 1.0 else None, denominator=num_tokens, **divergence_kwargs,
-    )
-    loss = kd_weight * kd + (1.0 - kd_weight) * ce
+        loss = ce if own is None else ce + own
+        return loss, {"ce": ce.detach(), "kd": torch.zeros(()) if own is None else own.detach()}
+    kd = kd_over(mask)
+    loss = kd_weight * kd + (1.0 - kd_weight) * (ce if own is None else ce + own)
     return loss, {"ce": ce.detach(), "kd": kd.detach()}
 
 

@@ -10,7 +10,9 @@ Round ``r`` starts from the round ``r - 1`` student (round 0: the distilled ``st
    by the student's weights, the prompts, the sampling and the teacher;
 3. the student trains ``onpolicy.steps`` more steps on a mix: each row is one of its own
    answers with probability ``onpolicy.lmbda`` (GKD's lambda), else a teacher answer from the
-   ``generate`` train shards (``storage.reader.MixStream``), with ``train``'s loss.
+   ``generate`` train shards (``storage.reader.MixStream``). The teacher's answers take
+   ``train``'s loss (KD mixed with CE); the student's own answers take the KD term alone, at
+   full weight: they are not text to imitate (``distillation_loss``'s ``kd_only``).
 
 A round's folder is keyed by its starting weights, answers, data and settings, so a finished
 round is reused, a crashed one resumes from its checkpoints, and raising ``onpolicy.rounds``
@@ -57,7 +59,8 @@ class OnPolicyConfig:
     """Optimizer steps per round (``train``'s settings otherwise, with a fresh warm-up and decay)."""
     lmbda: float = 0.5
     """GKD's lambda: the share of each round's training rows that are the student's own answers
-    (the rest are the teacher's answers from the ``generate`` train shards). 1: purely on-policy."""
+    (KD only) rather than the teacher's answers from the ``generate`` train shards (KD + CE).
+    1: purely on-policy."""
     generator: str = "student"
     """Who answers the prompts each round: ``student`` (on-policy, GKD) or ``teacher`` (fresh
     teacher answers to the same prompts: the off-policy control at equal teacher work)."""
@@ -305,7 +308,18 @@ def run_round(cfg, r: int, progress: bool = True) -> dict:
                 "generator": cfg.onpolicy.generator, "lmbda": cfg.onpolicy.lmbda, "answers_key": plan.answers.key,
                 "answers": answers.rows, "answer_tokens": answers.tokens, "prompts": plan.answers.prompts.num_rows}
         atomic_write_text(out / ROUND_INFO, json.dumps(info, indent=1))
+        _card(cfg, plan, info, [answers, *offpolicy])
         return {**info, "reused": False, "out_dir": str(out)}
+
+
+def _card(cfg, plan: RoundPlan, info: dict, shards) -> None:
+    """The round student's model card (``model/README.md``)."""
+    from distill import pipeline
+    from distill.card import card_info, write_card
+
+    summary = {**info, "out_dir": str(plan.out)}
+    run = dataclasses.replace(cfg, student=plan.student, train=plan.train)
+    write_card(plan.out / "model", {**card_info(run, summary, shards, False, pipeline.teacher_dir(cfg)), "onpolicy": info})
 
 
 def run_rounds(cfg, upto: int | None = None, progress: bool = True) -> list[dict]:

@@ -160,7 +160,9 @@ def collate(rows: Sequence[dict], k: int) -> dict[str, torch.Tensor]:
     """Pad windows to the longest in the batch and scatter the sparse labels onto positions.
 
     Returns ``input_ids``/``attention_mask``/``targets``/``mask`` (B, T) and
-    ``topk_ids``/``teacher_logprobs`` (B, T, K); unlabelled entries hold id 0 and -inf.
+    ``topk_ids``/``teacher_logprobs`` (B, T, K); unlabelled entries hold id 0 and -inf; and,
+    when some rows come from a mix's extra stream (``from_extra``: the student's own answers),
+    ``kd_only`` (B, T) over their labelled positions.
     """
     B, T = len(rows), max(len(r["input_ids"]) for r in rows)
     input_ids = np.zeros((B, T), np.int64)
@@ -179,7 +181,7 @@ def collate(rows: Sequence[dict], k: int) -> dict[str, torch.Tensor]:
         n = L - 1 - s
         topk_ids[b, s : L - 1] = np.asarray(r["topk_ids"]).reshape(n, k)
         teacher_lp[b, s : L - 1] = np.asarray(r["topk_logprobs"]).reshape(n, k)
-    return {
+    batch = {
         "input_ids": torch.from_numpy(input_ids),
         "attention_mask": torch.from_numpy(attention),
         "targets": torch.from_numpy(targets),
@@ -187,6 +189,10 @@ def collate(rows: Sequence[dict], k: int) -> dict[str, torch.Tensor]:
         "topk_ids": torch.from_numpy(topk_ids),
         "teacher_logprobs": torch.from_numpy(teacher_lp),
     }
+    if any(r.get("from_extra") for r in rows):
+        own = torch.tensor([bool(r.get("from_extra")) for r in rows])
+        batch["kd_only"] = batch["mask"] & own[:, None]
+    return batch
 
 
 def collate_candidates(rows: Sequence[dict]) -> dict[str, torch.Tensor]:
@@ -485,6 +491,7 @@ def micro_batch_loss(model, batch: dict, cfg: TrainConfig, mode: str, normalize:
     return distillation_loss(
         logits, batch["targets"], batch["topk_ids"], batch["teacher_logprobs"], batch["mask"],
         kd_weight=cfg.kd_weight, divergence=cfg.divergence, tail=cfg.tail, temperature=cfg.temperature, num_tokens=counts[0],
+        kd_only=batch.get("kd_only"),
         **({"beta": cfg.beta} if cfg.divergence == "jsd" else {}),
         **({"alpha": cfg.alpha} if cfg.divergence.startswith("skew") else {}),
         **({"mu": cfg.akl_mu} if cfg.divergence == "akl" else {}),
@@ -592,7 +599,9 @@ def train(
     when the student has its own tokenizer (``tokenizer_vocab`` is then its size). ``mix``:
     ``(extra_shards, share)``: each row comes from ``extra_shards`` with probability ``share``,
     else from ``shards`` (``storage.reader.MixStream``; on-policy rounds mix the student's own
-    answers in this way); both sets must hold the same kind of labels.
+    answers in this way); both sets must hold the same kind of labels. Rows of
+    ``extra_shards`` learn from the KD term alone (``distillation_loss``'s ``kd_only``): their
+    tokens are the student's, not text to imitate.
     """
     import torch.distributed as dist
     from tqdm.auto import tqdm

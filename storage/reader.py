@@ -319,6 +319,7 @@ class MixStream:
     """Rows of two streams: row ``i`` comes from ``extra`` with probability ``share`` (a coin
     seeded by ``seed`` and ``i``, so a resumed stream flips the same coins), else from ``main``.
     Each stream goes through its own epochs; the position holds both, so resume is exact.
+    Rows of ``extra`` carry ``from_extra: True``.
     (GKD's lambda: ``extra`` holds the student's own answers, ``main`` the fixed data.)"""
 
     def __init__(self, main: "ShardStream", extra: "ShardStream", share: float, seed: int = 0):
@@ -337,6 +338,7 @@ class MixStream:
         while True:
             if self.takes_extra(index):
                 row, extra_pos = next(extra_rows)
+                row = {**row, "from_extra": True}
             else:
                 row, main_pos = next(main_rows)
             index += 1

@@ -321,6 +321,29 @@ def test_cross_entropy_and_mix(tensors):
     assert abs(ce_only.item() - want.item()) < TOL and parts["kd"].item() == 0.0
 
 
+@pytest.mark.parametrize("kd_weight", [0.0, 0.3, 1.0])
+def test_kd_only_positions_take_no_cross_entropy(tensors, kd_weight):
+    """On-policy rows (``kd_only``): per token, ``kd_weight * KD + (1 - kd_weight) * CE`` on the
+    teacher's text and KD alone on the student's own tokens, every token over one denominator."""
+    student_logits, teacher_logits, mask = tensors
+    targets = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(1))
+    own = torch.zeros(B, T, dtype=torch.bool)
+    own[0] = True  # the first row is the student's own answer
+    p, q = teacher_logits.softmax(-1), student_logits.softmax(-1)
+    kd_t = reference("forward_kl", p, q)
+    ce_t = F.cross_entropy(student_logits.reshape(-1, V), targets.reshape(-1), reduction="none").reshape(B, T)
+    per_token = torch.where(own, kd_t, kd_weight * kd_t + (1 - kd_weight) * ce_t)
+    want = (per_token * mask).sum() / mask.sum()
+    ids, lp = full_topk(teacher_logits, V)
+    got, parts = distillation_loss(student_logits, targets, ids, lp, mask, kd_weight=kd_weight, tail="bucket", kd_only=own & mask)
+    assert abs(got.item() - want.item()) < 1e-4
+    assert abs(parts["ce"].item() - ((ce_t * (mask & ~own)).sum() / mask.sum()).item()) < 1e-4
+    # without own tokens, the plain mix
+    plain, _ = distillation_loss(student_logits, targets, ids, lp, mask, kd_weight=kd_weight, tail="bucket")
+    none, _ = distillation_loss(student_logits, targets, ids, lp, mask, kd_weight=kd_weight, tail="bucket", kd_only=torch.zeros_like(mask))
+    assert torch.equal(plain, none)
+
+
 def test_golden_value():
     """A hand-computed forward KL: p = (0.5, 0.5) over top-2, q = softmax(0, log 3) restricted = (0.25, 0.75)."""
     student_logits = torch.tensor([[[0.0, math.log(3.0), -1e9]]])

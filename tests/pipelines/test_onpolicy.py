@@ -81,6 +81,9 @@ def test_rounds_train_on_the_students_own_answers_labelled_by_the_teacher(onpoli
     assert max(diffs) < 2e-3, f"the teacher's logprobs of the student's tokens differ from transformers by {max(diffs)}"
     assert np.mean(agree) > 0.95
 
+    card = (Path(first["out_dir"]) / "model" / "README.md").read_text()
+    assert "round 1 of GKD-style rounds" in card and "8 answers to 4 training prompts by the student" in card
+
     # the round's student moved from where it started
     before, after = load_file(start / "model.safetensors"), load_file(Path(first["out_dir"]) / "model" / "model.safetensors")
     assert any(not torch.equal(before[n], after[n]) for n in before)
@@ -113,6 +116,7 @@ def test_rounds_train_on_the_students_own_answers_labelled_by_the_teacher(onpoli
 def test_rounds_are_asset_partitions_and_the_evaluation_reports_own_answer_kl(onpolicy_config):
     from distill import onpolicy
     from pipelines.definitions import build_definitions
+    from pipelines.run import materialize_rounds
 
     path, cfg = onpolicy_config
     defs = build_definitions(str(path), keep_engine_alive=True)
@@ -124,8 +128,10 @@ def test_rounds_are_asset_partitions_and_the_evaluation_reports_own_answer_kl(on
     meta = instance.get_latest_materialization_event(dg.AssetKey("onpolicy_student")).asset_materialization.metadata
     assert meta["round"].value == 2 and Path(meta["model_dir"].value) == onpolicy.final_model(cfg)
 
-    result = dg.materialize(assets, selection=["onpolicy_evaluation"], resources=defs.resources, instance=instance)
+    # make demo's runner: every round in one run (a partition range), then the evaluation
+    result = materialize_rounds(defs, instance)
     assert result.success
+    assert instance.get_materialized_partitions(dg.AssetKey("onpolicy_student")) == {"round-001", "round-002"}
     meta = instance.get_latest_materialization_event(dg.AssetKey("onpolicy_evaluation")).asset_materialization.metadata
     report = json.loads((Path(meta["report"].value).parent / "results.json").read_text())
     results = report["results"]

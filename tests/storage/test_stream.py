@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from storage.reader import ShardStream, open_shard
 from storage.writer import ShardWriter
@@ -162,5 +163,16 @@ def test_mix_stream_draws_its_share_and_resumes_exactly(shards, share):
         assert restored == pos
         tail, _ = _mixed(make(), 300 - cut, restored)
         assert head + tail == full, f"resume after {cut} rows differs"
+    # rows of the extra stream say so; the trainer's collate turns that into kd_only positions
+    from distill.trainer import collate
+
+    rows = [row for row, _ in zip((r for r, _ in make().rows()), range(16))]
+    assert all(bool(r.get("from_extra")) == r["doc_id"].startswith("s2-") for r in rows)
+    batch = collate(rows, shards[0].meta.k)
+    own = torch.tensor([r["doc_id"].startswith("s2-") for r in rows])
+    if own.any():
+        assert torch.equal(batch["kd_only"], batch["mask"] & own[:, None])
+    else:
+        assert "kd_only" not in batch
     with pytest.raises(ValueError, match="share"):
         MixStream(ShardStream(shards), ShardStream(shards), 1.5)
