@@ -123,6 +123,11 @@ class VllmTeacher:
 
     def _start(self, vllm, dtype: str):
         cfg, k, max_len = self.cfg, self.k, self.max_len
+        # on the CPU a prompt split across scheduler steps (chunked prefill) kills the engine when
+        # its request is seeded: vLLM rewinds the request's generator offset, which CPU generators
+        # do not have ("CPU Generator does not use offset"); answering many or long prompts with
+        # per-prompt seeds (generate mode, on-policy rounds) hits it, so prompts go in whole there
+        chunked = {} if not _on_cpu() else {"enable_chunked_prefill": False}
         return vllm.LLM(
             model=str(self.model_dir),
             dtype=dtype,
@@ -131,11 +136,12 @@ class VllmTeacher:
             enable_prefix_caching=False,
             logprobs_mode="raw_logprobs",  # labels are the model's own distribution, before temperature / top-p
             enforce_eager=cfg.enforce_eager,
-            max_num_batched_tokens=max(cfg.max_num_batched_tokens, max_len),
+            max_num_batched_tokens=max(cfg.max_num_batched_tokens, max_len + 1),
             gpu_memory_utilization=cfg.gpu_memory_utilization,
             tensor_parallel_size=cfg.tensor_parallel_size,
             trust_remote_code=cfg.trust_remote_code,
             seed=cfg.seed,
+            **chunked,
         )
 
     def _check_k(self, k: int | None) -> int:

@@ -159,3 +159,19 @@ def test_mode_settings_are_part_of_the_cache_key(tiny_config):
     hashes = {"weights": "w", "tokenizer": "t"}
     keys = {shard_key(hashes, "f", c.teacher, "float32") for c in (tiny_config, gen, hotter, mode_config(tiny_config, "candidates"))}
     assert len(keys) == 4
+
+
+def test_seeded_answers_to_more_prompt_tokens_than_one_engine_step(engine):
+    """64 prompts x 4 answers x 40 tokens is 10,240 prompt tokens, more than the engine's
+    4,096-token step: with chunked prefill a seeded prompt cut across two steps killed the CPU
+    engine ("CPU Generator does not use offset"). Prompts now go in whole, and the answers
+    still follow their seeds whatever else shares the batch."""
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(100, 20000, 40).tolist() for _ in range(64)]
+    seeds = list(range(64))
+    sampling = SamplingConfig(n=4, temperature=1.0, top_p=1.0, max_tokens=4)
+    assert len(prompts) * sampling.n * 40 > engine.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+    answers = list(engine.generate(prompts, seeds, sampling, k=1))
+    assert len(answers) == 64 and all(len(a) == 4 and all(len(s["response_ids"]) >= 1 for s in a) for a in answers)
+    alone = list(engine.generate(prompts[5:6], seeds[5:6], sampling, k=1))[0]
+    assert [s["response_ids"].tolist() for s in alone] == [s["response_ids"].tolist() for s in answers[5]]
