@@ -230,8 +230,6 @@ def label_answer_sets(cfg, sets: list[AnswerSet], progress: bool = True) -> list
         )
         teacher = dataclasses.replace(cfg.teacher, sampling=s.sampling, labels="topk")
         windows = answered.get(s.key, s.prompts)  # a student's answers are scored; the teacher answers prompts itself
-        if "label_start" not in windows.column_names:
-            windows = windows.append_column("label_start", pa.array([len(p) - 1 for p in windows.column("input_ids").to_pylist()], pa.int32()))
         label_shard(lambda: pipeline.get_engine(cfg), store, s.key, meta, windows, teacher, progress=progress)
     return [store.open(s.key, expect=pipeline.expected_meta(cfg, s.split)) for s in sets]
 
@@ -250,11 +248,15 @@ def round_train_config(cfg):
     return dataclasses.replace(cfg.train, steps=cfg.onpolicy.steps, lr=cfg.onpolicy.lr or cfg.train.lr, warmup_steps=0)
 
 
-def start_dir(cfg, r: int) -> Path:
-    """The model round ``r`` starts from; raises when it is not trained yet."""
+def start_dir(cfg, r: int, previous: Path | None = None) -> Path:
+    """The model round ``r`` starts from (``previous``: round r - 1's folder, when the caller
+    already knows it); raises when it is not trained yet."""
     from distill import pipeline
 
-    folder = pipeline.student_dir(cfg, False) / "model" if r == 1 else plan_round(cfg, r - 1).out / "model"
+    if r == 1:
+        folder = pipeline.student_dir(cfg, False) / "model"
+    else:
+        folder = (previous or plan_round(cfg, r - 1).out) / "model"
     if not (folder / "config.json").exists():
         raise pipeline.IncompleteLabelsError(
             f"{folder}: {'the distilled student' if r == 1 else f'on-policy {round_name(r - 1)}'} is not trained yet; "
@@ -262,7 +264,7 @@ def start_dir(cfg, r: int) -> Path:
     return folder
 
 
-def plan_round(cfg, r: int) -> RoundPlan:
+def plan_round(cfg, r: int, previous: Path | None = None) -> RoundPlan:
     """Round ``r``'s inputs and folder: ``<root>/onpolicy/round-NNN-<key>``, keyed by its start
     weights, its answers, the off-policy shards, the settings and the training code."""
     from distill import pipeline
@@ -270,7 +272,7 @@ def plan_round(cfg, r: int) -> RoundPlan:
     from storage.cache import content_key
 
     oc = cfg.onpolicy
-    start = start_dir(cfg, r)
+    start = start_dir(cfg, r, previous)
     prompts = round_prompts(prompt_table(cfg, "train"), oc.prompts_per_round, oc.sampling.seed, r)
     sampling = round_sampling(cfg, r)
     generator_dir = start if oc.generator == "student" else pipeline.teacher_dir(cfg)
@@ -286,13 +288,13 @@ def plan_round(cfg, r: int) -> RoundPlan:
     return RoundPlan(r, start, cfg.root / "onpolicy" / f"{round_name(r)}-{key}", answers, student, train)
 
 
-def run_round(cfg, r: int, progress: bool = True) -> dict:
+def run_round(cfg, r: int, progress: bool = True, previous: Path | None = None) -> dict:
     """Train round ``r`` (reused when finished, resumed from its checkpoints when not)."""
     from distill import pipeline
     from distill.trainer import train
     from storage.writer import atomic_write_text, folder_lock
 
-    plan = plan_round(cfg, r)
+    plan = plan_round(cfg, r, previous)
     out = plan.out
     with folder_lock(out, f"on-policy {round_name(r)}", on_wait=lambda msg: print(msg, file=sys.stderr, flush=True)):
         if (out / ROUND_INFO).exists() and (out / "model").exists():
@@ -325,11 +327,24 @@ def _card(cfg, plan: RoundPlan, info: dict, shards) -> None:
 def run_rounds(cfg, upto: int | None = None, progress: bool = True) -> list[dict]:
     """Rounds 1 .. ``upto`` (default: ``onpolicy.rounds``) in order; finished ones are reused."""
     upto = cfg.onpolicy.rounds if upto is None else upto
-    return [run_round(cfg, r, progress) for r in range(1, upto + 1)]
+    done, previous = [], None
+    for r in range(1, upto + 1):  # each round starts where the last one ended: planned once
+        done.append(run_round(cfg, r, progress, previous))
+        previous = Path(done[-1]["out_dir"])
+    return done
+
+
+def round_plans(cfg) -> list[RoundPlan]:
+    """The plans of rounds 1 .. ``onpolicy.rounds``, each from the one before (all trained)."""
+    plans: list[RoundPlan] = []
+    for r in range(1, cfg.onpolicy.rounds + 1):
+        plans.append(plan_round(cfg, r, plans[-1].out if plans else None))
+    return plans
 
 
 def final_model(cfg) -> Path:
-    return start_dir(cfg, cfg.onpolicy.rounds + 1)
+    plans = round_plans(cfg)
+    return start_dir(cfg, cfg.onpolicy.rounds + 1, plans[-1].out if plans else None)
 
 
 def self_answer_sets(cfg, models: dict[str, Path]) -> list[AnswerSet]:
@@ -369,7 +384,7 @@ def compare_students(cfg, students: dict[str, Path]) -> tuple[dict, list, list]:
 
 def round_infos(cfg) -> list[dict]:
     """``round.json`` of every finished round."""
-    return [json.loads((plan_round(cfg, r).out / ROUND_INFO).read_text()) for r in range(1, cfg.onpolicy.rounds + 1)]
+    return [json.loads((plan.out / ROUND_INFO).read_text()) for plan in round_plans(cfg)]
 
 
 def evaluate_rounds(cfg) -> dict:
