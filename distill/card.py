@@ -57,7 +57,8 @@ def model_card(info: Mapping, results: Mapping[str, Mapping] | None = None, tabl
     }
     mode = labels["mode"]
     settings = labels.get("settings") or {}
-    kind = "sampled ids with counts" if settings.get("labels") == "sampled" else "top-k logprobs and the tail mass"
+    kind = (f"sampled ids with counts ({settings['draws']} {settings.get('sampler', 'multinomial')} draws per position from the "
+            f"top-{settings['proposal_k']} + tail)") if settings.get("labels") == "sampled" else "top-k logprobs and the tail mass"
     ensemble = settings.get("ensemble")
     teacher_line = (f"an ensemble of {len(ensemble)} teachers ("
                     + ", ".join(f"`{m['model']}`{' fine-tuned on the training split' if m.get('finetune') else ''} × {m['weight']:.2f}"

@@ -49,6 +49,9 @@ class SamplingConfig:
         check(self.max_tokens >= 1, "max_tokens", self.max_tokens, "an integer >= 1")
 
 
+SAMPLERS = ("systematic", "multinomial")
+
+
 @dataclasses.dataclass(frozen=True)
 class SampledLabelsConfig:
     """``teacher.labels: sampled``: how many ids to draw per position, and from what."""
@@ -56,20 +59,32 @@ class SampledLabelsConfig:
     draws: int = 64
     """Ids drawn (with replacement) from the teacher's distribution at every position; the
     shard stores each distinct drawn id once with its count, in ``draws`` slots (unused slots
-    compress to almost nothing). The target's variance falls as 1/draws. On the demo, 64 draws
-    take 42.3 bytes per labelled token against top-32's 63.2, and 24 draws 24.9
-    (``benchmarks/trainer.py --draws N`` prints both)."""
-    proposal_k: int = 256
+    compress to almost nothing). The target's noise falls as 1/draws (``multinomial``) or faster
+    (``systematic``). ``benchmarks/trainer.py --draws N`` prints the bytes per labelled token
+    against top-k's."""
+    proposal_k: int = 2048
     """The teacher distribution is read as its top ``proposal_k`` logprobs plus the remaining
     tail mass (vLLM cannot return the full vocabulary cheaply). A draw that lands in the tail
-    is stored as tail mass, not as an id: that share of the target (the tail beyond
-    ``proposal_k``, measured by ``benchmarks/trainer.py``) is the sampler's only bias."""
+    is stored as tail mass, not as an id: the tail beyond ``proposal_k`` is the sampler's only
+    bias, and it decides how close the student gets to full-vocabulary KD. With the 135M
+    teacher on the standard-library docstrings the tail holds 5.5% of the mass beyond 256 ids,
+    1.0% beyond 2048 and 0.4% beyond 4096 (a larger, more confident teacher leaves less);
+    reading 2048 instead of 256 logprobs made CPU labelling ~20% slower, 4096 ~65%."""
+    sampler: str = "systematic"
+    """How the ``draws`` are placed: ``systematic`` (one uniform offset per position, then
+    evenly spaced points on the teacher's cumulative distribution: every id gets
+    ``floor(draws * p)`` or ``ceil(draws * p)`` draws, so the head's share is almost exact and
+    only the low-probability ids are left to chance) or ``multinomial`` (independent draws, the
+    random-sampling KD of Anshumann et al., ACL 2025). Both targets have expectation ``p`` on
+    every id; systematic's error is at most ``1 / draws`` per id, multinomial's about
+    ``sqrt(p / draws)``."""
     seed: int = 0
     """Base seed; each window's draws are seeded from it, the document id and window index."""
 
     def __post_init__(self):
         check(1 <= self.draws <= 255, "draws", self.draws, "an integer in [1, 255] (counts are stored as uint8)")
         check(1 <= self.proposal_k <= 4096, "proposal_k", self.proposal_k, "an integer in [1, 4096]")
+        check(self.sampler in SAMPLERS, "sampler", self.sampler, " or ".join(SAMPLERS))
 
 
 LABEL_KINDS = ("topk", "sampled")
@@ -161,22 +176,33 @@ def mode_settings(cfg: TeacherConfig, split: str = "train") -> dict:
     return settings
 
 
-def sample_labels(labels: dict, draws: int, rng: np.random.Generator) -> dict:
+def sample_labels(labels: dict, draws: int, rng: np.random.Generator, sampler: str = "systematic") -> dict:
     """Sampled labels from one row's top-K' labels (``topk_ids``/``topk_logprobs`` (n, K'),
     ``tail_mass`` (n,)): ``draws`` ids drawn with replacement at every position from the
-    teacher's top-K' probabilities plus the tail as one more outcome.
+    teacher's top-K' probabilities plus the tail as one more outcome, by ``sampler``
+    (``SampledLabelsConfig.sampler``).
 
     Returns ``topk_ids``/``topk_logprobs`` (n, draws): the distinct drawn ids, most drawn first
     (ties in the teacher's order), with ``log(count / draws)``; unused slots repeat the first id
     with ``-inf``. ``tail_mass`` is the share of draws that fell in the tail; the realized-token
     logprob is kept. The target ``count / draws`` has expectation ``p`` on every top-K' id.
     """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler={sampler!r}: expected one of {SAMPLERS}")
     ids = np.asarray(labels["topk_ids"]).reshape(len(labels["tail_mass"]), -1)
     n = len(ids)
     probs = np.exp(np.asarray(labels["topk_logprobs"], np.float64).reshape(n, -1))
     outcomes = np.concatenate([probs, np.clip(np.asarray(labels["tail_mass"], np.float64), 0, 1)[:, None]], axis=1)
     outcomes /= outcomes.sum(axis=1, keepdims=True)
-    counts = rng.multinomial(draws, outcomes) if n else np.zeros((0, ids.shape[1] + 1), np.int64)
+    if sampler == "multinomial":
+        counts = rng.multinomial(draws, outcomes) if n else np.zeros((0, ids.shape[1] + 1), np.int64)
+    else:
+        # points (u + i) / draws, i = 0 .. draws-1, on the cumulative distribution; the points
+        # below c number ceil(c * draws - u), whose mean over u is c * draws: unbiased per outcome
+        cdf = np.cumsum(outcomes, axis=1)
+        cdf[:, -1] = 1.0
+        below = np.ceil(cdf * draws - rng.random((n, 1))).clip(0, draws).astype(np.int64)
+        counts = np.diff(below, axis=1, prepend=0)
     order = np.argsort(-counts[:, :-1], axis=1, kind="stable")[:, :draws]
     top = np.take_along_axis(counts[:, :-1], order, axis=1)
     drawn = np.take_along_axis(ids, order, axis=1)
@@ -198,7 +224,7 @@ def _sampled_rows(rows: list[dict], cfg: SampledLabelsConfig) -> list[dict]:
         n = len(row["target_logprobs"])
         labels = sample_labels({"topk_ids": row["topk_ids"].reshape(n, -1), "topk_logprobs": row["topk_logprobs"].reshape(n, -1),
                                 "tail_mass": row["tail_mass"], "target_logprobs": row["target_logprobs"]},
-                               cfg.draws, window_rng(cfg.seed, row["doc_id"], row["window_index"]))
+                               cfg.draws, window_rng(cfg.seed, row["doc_id"], row["window_index"]), cfg.sampler)
         out.append({**row, **_flat_label_columns(labels)})
     return out
 
@@ -346,7 +372,7 @@ def label_shard(
     if existing is not None:
         return {"cache_hit": True, "rows": existing.rows, "tokens": existing.tokens, "teacher_seconds": 0.0, "path": str(existing.path)}
     engine = engine_factory()
-    sampled = SampledLabelsConfig(**{f: meta.settings[f] for f in ("draws", "proposal_k", "seed")}) if meta.settings.get("labels") == "sampled" else None
+    sampled = SampledLabelsConfig(**{f.name: meta.settings[f.name] for f in dataclasses.fields(SampledLabelsConfig)}) if meta.settings.get("labels") == "sampled" else None
     if sampled is not None and meta.k != sampled.draws:
         raise ValueError(f"{meta.shard}: a shard of sampled labels has k = draws ({sampled.draws}), got k={meta.k}")
     label_k = sampled.proposal_k if sampled is not None else meta.k

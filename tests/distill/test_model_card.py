@@ -33,6 +33,9 @@ def test_card_content_and_hub_parser(tmp_path):
         assert needle in text, needle
     unevaluated = model_card({**INFO, "baseline": True})
     assert "Not evaluated yet" in unevaluated and "CE-only baseline" in unevaluated and "baseline" in ModelCard(unevaluated).data.tags
+    settings = {"labels": "sampled", "draws": 64, "proposal_k": 2048, "sampler": "systematic", "seed": 0}
+    sampled = model_card({**INFO, "labels": {**INFO["labels"], "settings": settings}})
+    assert "sampled ids with counts (64 systematic draws per position from the top-2048 + tail)" in sampled
 
 
 def test_teacher_license_comes_from_its_card(tmp_path):

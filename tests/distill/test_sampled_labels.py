@@ -30,12 +30,13 @@ def _mean_target(labels: dict, n_ids: int) -> np.ndarray:
     return dense.mean(0)
 
 
-def test_sampler_is_unbiased_and_lays_out_slots():
+@pytest.mark.parametrize("sampler", ["systematic", "multinomial"])
+def test_sampler_is_unbiased_and_lays_out_slots(sampler):
     n_ids, proposal, draws, m = 50, 20, 16, 20000
     p, ids, lp, tail = _distribution(n_ids, proposal)
     labels = {"topk_ids": np.tile(ids, (m, 1)), "topk_logprobs": np.tile(lp, (m, 1)).astype(np.float32),
               "tail_mass": np.full(m, tail, np.float32), "target_logprobs": np.zeros(m, np.float32)}
-    out = sample_labels(labels, draws, np.random.default_rng(1))
+    out = sample_labels(labels, draws, np.random.default_rng(1), sampler)
     assert out["topk_ids"].shape == out["topk_logprobs"].shape == (m, draws)
     mean = _mean_target(out, n_ids)
     # every top-K' id: the mean target equals p within 5 standard errors of a mean of m draws/draws
@@ -50,9 +51,30 @@ def test_sampler_is_unbiased_and_lays_out_slots():
     assert np.all(out["topk_ids"][pad] == np.broadcast_to(out["topk_ids"][:, :1], pad.shape)[pad])
     # a top-k target is biased: it puts no mass on ids outside the k it keeps
     assert np.isfinite(out["topk_logprobs"][:, 0]).all() and pad.any()
+    dense = np.zeros((m, n_ids))
+    np.add.at(dense, (np.arange(m)[:, None].repeat(draws, 1), out["topk_ids"]), counts)
+    error = np.abs(dense[:, ids] - draws * p[ids])
+    if sampler == "systematic":  # every id gets floor(draws p) or ceil(draws p) draws, the tail too
+        assert error.max() < 1 and np.abs(out["tail_mass"] * draws - draws * tail).max() < 1
+        hit = (dense[:, ids] > 0).mean(0)  # an id below 1 / draws is drawn with probability draws * p
+        small = draws * p[ids] < 1
+        assert np.all(np.abs(hit[small] - draws * p[ids][small]) < 5 * np.sqrt(draws * p[ids][small] / m))
+    else:  # independent draws stray further
+        assert error.max() >= 1
 
 
-def test_forward_kl_on_sampled_targets_estimates_the_full_loss():
+def test_unknown_sampler_is_refused():
+    from distill.configbase import ConfigError, build
+    from distill.teacher.labels import TeacherConfig
+
+    with pytest.raises(ValueError, match="sampler='stratified'"):
+        sample_labels({"topk_ids": np.zeros((1, 2)), "topk_logprobs": np.zeros((1, 2)), "tail_mass": np.zeros(1)}, 4, np.random.default_rng(0), "stratified")
+    with pytest.raises(ConfigError, match="sampler='stratified' is invalid"):
+        build(TeacherConfig, {"labels": "sampled", "sampled_labels": {"sampler": "stratified"}}, "teacher")
+
+
+@pytest.mark.parametrize("sampler", ["systematic", "multinomial"])
+def test_forward_kl_on_sampled_targets_estimates_the_full_loss(sampler):
     """E[forward-KL loss on sampled targets] = the full cross-entropy to the teacher (up to the
     teacher's entropy), gradient included: the expectation of the sampled gradient is the full one."""
     from distill.losses import kd_loss
@@ -62,7 +84,7 @@ def test_forward_kl_on_sampled_targets_estimates_the_full_loss():
     student = torch.randn(n_ids, dtype=torch.float64) * 1.5
     labels = {"topk_ids": np.tile(ids, (m, 1)), "topk_logprobs": np.tile(lp, (m, 1)).astype(np.float32),
               "tail_mass": np.zeros(m, np.float32), "target_logprobs": np.zeros(m, np.float32)}
-    out = sample_labels(labels, draws, np.random.default_rng(2))
+    out = sample_labels(labels, draws, np.random.default_rng(2), sampler)
     logits = student.float().expand(1, m, n_ids).clone().requires_grad_(True)
     loss = kd_loss(logits, torch.from_numpy(out["topk_ids"])[None], torch.from_numpy(out["topk_logprobs"])[None],
                    torch.ones(1, m, dtype=torch.bool), "forward_kl", "bucket")
@@ -129,9 +151,10 @@ def test_config_checks():
 
 @pytest.mark.slow
 def test_engine_sampled_targets_converge_to_the_full_distribution(engine, hf_teacher, tiny_config):
-    """The real engine's top-256 + tail, sampled many times, against transformers' full softmax:
-    the mean target matches the full distribution on every id within sampling noise, and what it
-    misses is exactly the mass beyond the 256 (the sampler's stated bias)."""
+    """The real engine's top-K' + tail (the default proposal), sampled many times with either
+    sampler, against transformers' full softmax: the mean target matches the full distribution on
+    every id within sampling noise, and what it misses is exactly the mass beyond the K' (the
+    sampler's stated bias)."""
     from distill.data import read_corpus_shard
     from distill import pipeline
 
@@ -139,20 +162,21 @@ def test_engine_sampled_targets_converge_to_the_full_distribution(engine, hf_tea
     pipeline.prepare_corpus(tiny_config)
     _, windows = read_corpus_shard(tiny_config.root, tiny_config.corpus, hashes["tokenizer"], "heldout-00000", "score")
     ids = windows.column("input_ids").to_pylist()[0][:24]
-    labels = next(engine.score([ids], [0], k=256))
+    proposal = SampledLabelsConfig().proposal_k
+    labels = next(engine.score([ids], [0], k=proposal))
     with torch.no_grad():
         full = torch.softmax(hf_teacher(torch.tensor([ids])).logits[0, :-1].double(), -1).numpy()  # (23, V)
     m, draws = 3000, 16
     n = len(labels["tail_mass"])
-    for t in (0, n // 2, n - 1):
+    for t, sampler in ((0, "systematic"), (n // 2, "multinomial"), (n - 1, "systematic")):
         one = {name: np.repeat(np.asarray(labels[name])[t : t + 1], m, axis=0) for name in ("topk_ids", "topk_logprobs", "tail_mass", "target_logprobs")}
-        out = sample_labels(one, draws, np.random.default_rng(t))
+        out = sample_labels(one, draws, np.random.default_rng(t), sampler)
         mean = _mean_target(out, full.shape[1])
         p = full[t]
         se = np.sqrt(p * (1 - p) / (m * draws))
         in_proposal = np.zeros(len(p), bool)
         in_proposal[labels["topk_ids"][t]] = True
-        # on the engine's 256 ids: unbiased (engine fp32 vs transformers fp32: 1e-4 relative)
+        # on the engine's K' ids: unbiased (engine fp32 vs transformers fp32: 1e-4 relative)
         assert np.all(np.abs(mean[in_proposal] - p[in_proposal]) < 5 * se[in_proposal] + 2e-4 * p[in_proposal] + 1e-9)
         # beyond them: no id is drawn; their total is the tail the draws put in the bucket
         assert mean[~in_proposal].sum() == 0.0
