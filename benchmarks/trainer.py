@@ -11,6 +11,8 @@ Prints, measured in this run:
 - topk_vs_full_kd_gap_closed: at equal steps, (KL_ce - KL_topk) / (KL_ce - KL_full_online) on held-out data
 - sampled_vs_full_kd_gap_closed: the same share for a student trained on sampled labels (``teacher.labels: sampled``)
 - sampled_bytes_per_token / topk_bytes_per_token: train-shard bytes per labelled token of either kind
+- sampled_minus_topk_ece: ECE of the sampled-label student minus the top-k one, with a 95% paired
+  bootstrap interval over held-out windows (the same for full-vocabulary KD, and the teacher's own ECE)
   (KL here is to the teacher's full distribution, from a transformers forward on the held-out windows;
   ECE and perplexity of each student are printed too; ``--quality 0`` skips all of it)
 """
@@ -34,6 +36,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quality", type=int, default=1, help="0: skip the equal-steps quality comparison (trains four students)")
     parser.add_argument("--draws", type=int, default=None, help="sampled labels: draws per position (default: the config's)")
+    parser.add_argument("--proposal-k", type=int, default=None, help="sampled labels: top-K' the draws come from (default: the config's)")
+    parser.add_argument("--sampler", default=None, help="sampled labels: systematic or multinomial (default: the config's)")
     args = parser.parse_args()
 
     from transformers import AutoModelForCausalLM
@@ -133,7 +137,8 @@ def main() -> None:
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, divergence="forward_kl"))
     ce_summary = pipeline.train_student(cfg, baseline=True)
     topk_summary = pipeline.train_student(cfg, baseline=False)
-    sampled = cfg.teacher.sampled_labels if args.draws is None else dataclasses.replace(cfg.teacher.sampled_labels, draws=args.draws)
+    chosen = {"draws": args.draws, "proposal_k": args.proposal_k, "sampler": args.sampler}
+    sampled = dataclasses.replace(cfg.teacher.sampled_labels, **{f: v for f, v in chosen.items() if v is not None})
     sampled_cfg = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, labels="sampled", sampled_labels=sampled))
     pipeline.label_shards(sampled_cfg, [n for n in names if n.startswith("train")])
     pipeline.close_engines()
@@ -157,7 +162,7 @@ def main() -> None:
                 for name, summary in (("ce", ce_summary), ("topk", topk_summary), ("sampled", sampled_summary))}
     students["full"] = online.eval()
     metrics = {name: evaluate_model(model, heldout, cfg.eval) for name, model in students.items()}
-    kl = full_distribution_kl(teacher, students, heldout, cfg.eval)
+    kl, bins = full_distribution_kl(teacher, students, heldout, cfg.eval)
     gap = {name: (kl["ce"] - kl[name]) / (kl["ce"] - kl["full"]) for name in ("topk", "sampled")}
     size = {name: sum(sh.record["bytes"] for sh in shards) / sum(sh.tokens for sh in shards)
             for name, shards in (("topk", train_shards), ("sampled", sampled_shards))}
@@ -167,31 +172,47 @@ def main() -> None:
     for name in students:
         m = metrics[name]
         print(f"  {name:8s} KL_full={kl[name]:.4f} KL_stored_topk={m['kl']:.4f} ppl={m['ppl']:.2f} ECE={m['ece']:.4f} top1={m['top1']:.4f}")
-    print(f"sampled labels: {draws.draws} draws from top-{draws.proposal_k} + tail; top-k: k={k}")
+    print(f"  teacher  ECE={float(ece(bins['teacher'].sum(0))):.4f} (its own top-1 on the same positions)")
+    ece_diff = {name: ece_interval(bins, name, "topk") for name in ("sampled", "full")}
+    for name, (d, low, high) in ece_diff.items():
+        print(f"ECE {name} - ECE topk = {d:+.4f} (95% paired bootstrap over held-out windows: {low:+.4f} .. {high:+.4f})")
+    print(f"sampled labels: {draws.draws} {draws.sampler} draws from top-{draws.proposal_k} + tail; top-k: k={k}")
     print(f"topk_bytes_per_token={size['topk']:.2f}")
     print(f"sampled_bytes_per_token={size['sampled']:.2f}")
     print(f"topk_vs_full_kd_gap_closed={gap['topk']:.3f}")
+    print(f"sampled_minus_topk_ece={ece_diff['sampled'][0]:.4f}")
     print(f"sampled_vs_full_kd_gap_closed={gap['sampled']:.3f}")
 
 
 @torch.no_grad()
-def full_distribution_kl(teacher, students: dict, shards, eval_cfg) -> dict[str, float]:
+def full_distribution_kl(teacher, students: dict, shards, eval_cfg) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     """Mean KL(teacher's full softmax || student) over the held-out labelled positions, one
-    teacher forward per batch shared by every student."""
+    teacher forward per batch shared by every student; and per window, each model's ECE bin sums
+    (count, confidence, correct: (windows, 3, bins)), the teacher's included, for ``ece_interval``."""
+    from distill.evaluation import _ece_bins
     from distill.trainer import collate_for
     from storage.reader import ShardStream, StreamPosition
 
     collate_rows = collate_for(shards[0])
     sums, count, rows = {name: 0.0 for name in students}, 0, []
+    bins: dict[str, list] = {name: [] for name in ("teacher", *students)}
+
+    def window_bins(name, lp, batch):
+        for row_lp, row_mask, row_targets in zip(lp, batch["mask"], batch["targets"]):
+            top_lp, top_id = row_lp[row_mask].max(-1) if row_mask.any() else (row_lp[:0, 0], row_targets[:0])
+            b = _ece_bins(top_lp.exp().double(), (top_id == row_targets[row_mask]).double())
+            bins[name].append(torch.stack([b["bin_count"], b["bin_confidence"], b["bin_correct"]]))
 
     def flush():
         nonlocal count
         batch = collate_rows(rows)
         mask = batch["mask"]
         t = torch.log_softmax(teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float(), -1)
+        window_bins("teacher", t, batch)
         for name, model in students.items():
             s = torch.log_softmax(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float(), -1)
             sums[name] += float((t.exp() * (t - s)).sum(-1)[mask].double().sum())
+            window_bins(name, s, batch)
         count += int(mask.sum())
         rows.clear()
 
@@ -203,7 +224,24 @@ def full_distribution_kl(teacher, students: dict, shards, eval_cfg) -> dict[str,
             flush()
     if rows:
         flush()
-    return {name: total / count for name, total in sums.items()}
+    return {name: total / count for name, total in sums.items()}, {name: torch.stack(b) for name, b in bins.items()}
+
+
+def ece(sums: torch.Tensor) -> torch.Tensor:
+    """ECE from bin sums (..., 3, bins) of count, confidence and correct."""
+    return (sums[..., 1, :] - sums[..., 2, :]).abs().sum(-1) / sums[..., 0, :].sum(-1)
+
+
+def ece_interval(bins: dict[str, torch.Tensor], a: str, b: str, resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """ECE(a) - ECE(b) on the held-out windows and its 95% paired bootstrap interval (windows
+    resampled with replacement, the same resample for both models)."""
+    import numpy as np
+
+    windows = len(bins[a])
+    weights = torch.from_numpy(np.random.default_rng(seed).multinomial(windows, [1 / windows] * windows, size=resamples)).double()
+    diff = ece(torch.einsum("rw,wcb->rcb", weights, bins[a])) - ece(torch.einsum("rw,wcb->rcb", weights, bins[b]))
+    low, high = torch.quantile(diff, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return float(ece(bins[a].sum(0)) - ece(bins[b].sum(0))), low, high
 
 
 if __name__ == "__main__":
