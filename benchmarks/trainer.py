@@ -38,6 +38,7 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=None, help="sampled labels: draws per position (default: the config's)")
     parser.add_argument("--proposal-k", type=int, default=None, help="sampled labels: top-K' the draws come from (default: the config's)")
     parser.add_argument("--sampler", default=None, help="sampled labels: systematic or multinomial (default: the config's)")
+    parser.add_argument("--sample-seed", type=int, default=None, help="sampled labels: the draws' base seed (default: the config's)")
     args = parser.parse_args()
 
     from transformers import AutoModelForCausalLM
@@ -137,7 +138,7 @@ def main() -> None:
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, divergence="forward_kl"))
     ce_summary = pipeline.train_student(cfg, baseline=True)
     topk_summary = pipeline.train_student(cfg, baseline=False)
-    chosen = {"draws": args.draws, "proposal_k": args.proposal_k, "sampler": args.sampler}
+    chosen = {"draws": args.draws, "proposal_k": args.proposal_k, "sampler": args.sampler, "seed": args.sample_seed}
     sampled = dataclasses.replace(cfg.teacher.sampled_labels, **{f: v for f, v in chosen.items() if v is not None})
     sampled_cfg = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, labels="sampled", sampled_labels=sampled))
     pipeline.label_shards(sampled_cfg, [n for n in names if n.startswith("train")])
@@ -176,7 +177,7 @@ def main() -> None:
     ece_diff = {name: ece_interval(bins, name, "topk") for name in ("sampled", "full")}
     for name, (d, low, high) in ece_diff.items():
         print(f"ECE {name} - ECE topk = {d:+.4f} (95% paired bootstrap over held-out windows: {low:+.4f} .. {high:+.4f})")
-    print(f"sampled labels: {draws.draws} {draws.sampler} draws from top-{draws.proposal_k} + tail; top-k: k={k}")
+    print(f"sampled labels: {draws.draws} {draws.sampler} draws from top-{draws.proposal_k} + tail, seed {draws.seed}; top-k: k={k}")
     print(f"topk_bytes_per_token={size['topk']:.2f}")
     print(f"sampled_bytes_per_token={size['sampled']:.2f}")
     print(f"topk_vs_full_kd_gap_closed={gap['topk']:.3f}")
