@@ -59,9 +59,9 @@ class SampledLabelsConfig:
     draws: int = 64
     """Ids drawn (with replacement) from the teacher's distribution at every position; the
     shard stores each distinct drawn id once with its count, in ``draws`` slots (unused slots
-    compress to almost nothing). The target's noise falls as 1/draws (``multinomial``) or faster
-    (``systematic``). ``benchmarks/trainer.py --draws N`` prints the bytes per labelled token
-    against top-k's."""
+    compress to almost nothing). The target's variance falls as 1/draws (``multinomial``), and
+    for the head faster (``systematic``). ``benchmarks/trainer.py --draws N`` prints the bytes per
+    labelled token against top-k's."""
     proposal_k: int = 2048
     """The teacher distribution is read as its top ``proposal_k`` logprobs plus the remaining
     tail mass (vLLM cannot return the full vocabulary cheaply). A draw that lands in the tail
@@ -69,7 +69,10 @@ class SampledLabelsConfig:
     bias, and it decides how close the student gets to full-vocabulary KD. With the 135M
     teacher on the standard-library docstrings the tail holds 5.5% of the mass beyond 256 ids,
     1.0% beyond 2048 and 0.4% beyond 4096 (a larger, more confident teacher leaves less);
-    reading 2048 instead of 256 logprobs made CPU labelling ~20% slower, 4096 ~65%."""
+    reading 2048 instead of 256 logprobs made CPU labelling ~20% slower, 4096 ~65%. That extra
+    cost is host-side (vLLM hands back ``proposal_k`` logprobs per position as Python lists), so
+    expect it to weigh more next to a fast accelerator (not measured on a GPU yet): lower it when
+    labelling throughput matters more than the last percent of the KD gain."""
     sampler: str = "systematic"
     """How the ``draws`` are placed: ``systematic`` (one uniform offset per position, then
     evenly spaced points on the teacher's cumulative distribution: every id gets
