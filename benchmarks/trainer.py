@@ -45,7 +45,7 @@ def main() -> None:
 
     from distill import pipeline
     from distill.config import load_config
-    from distill.evaluation import evaluate_model
+    from distill.evaluation import evaluate_model, expected_calibration_error
     from distill.losses import distillation_loss, masked_mean
     from distill.student import build_student
     from distill.trainer import batches
@@ -173,7 +173,8 @@ def main() -> None:
     for name in students:
         m = metrics[name]
         print(f"  {name:8s} KL_full={kl[name]:.4f} KL_stored_topk={m['kl']:.4f} ppl={m['ppl']:.2f} ECE={m['ece']:.4f} top1={m['top1']:.4f}")
-    print(f"  teacher  ECE={float(ece(bins['teacher'].sum(0))):.4f} (its own top-1 on the same positions)")
+    teacher_ece = expected_calibration_error({key: v.sum(0) for key, v in bins["teacher"].items()})
+    print(f"  teacher  ECE={float(teacher_ece):.4f} (its own top-1 on the same positions)")
     ece_diff = {name: ece_interval(bins, name, "topk") for name in ("sampled", "full")}
     for name, (d, low, high) in ece_diff.items():
         print(f"ECE {name} - ECE topk = {d:+.4f} (95% paired bootstrap over held-out windows: {low:+.4f} .. {high:+.4f})")
@@ -189,8 +190,8 @@ def main() -> None:
 def full_distribution_kl(teacher, students: dict, shards, eval_cfg) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     """Mean KL(teacher's full softmax || student) over the held-out labelled positions, one
     teacher forward per batch shared by every student; and per window, each model's ECE bin sums
-    (count, confidence, correct: (windows, 3, bins)), the teacher's included, for ``ece_interval``."""
-    from distill.evaluation import _ece_bins
+    (``ece_bins``, each (windows, bins)), the teacher's included, for ``ece_interval``."""
+    from distill.evaluation import ece_bins
     from distill.trainer import collate_for
     from storage.reader import ShardStream, StreamPosition
 
@@ -201,8 +202,7 @@ def full_distribution_kl(teacher, students: dict, shards, eval_cfg) -> tuple[dic
     def window_bins(name, lp, batch):
         for row_lp, row_mask, row_targets in zip(lp, batch["mask"], batch["targets"]):
             top_lp, top_id = row_lp[row_mask].max(-1) if row_mask.any() else (row_lp[:0, 0], row_targets[:0])
-            b = _ece_bins(top_lp.exp().double(), (top_id == row_targets[row_mask]).double())
-            bins[name].append(torch.stack([b["bin_count"], b["bin_confidence"], b["bin_correct"]]))
+            bins[name].append(ece_bins(top_lp.exp().double(), (top_id == row_targets[row_mask]).double()))
 
     def flush():
         nonlocal count
@@ -225,24 +225,24 @@ def full_distribution_kl(teacher, students: dict, shards, eval_cfg) -> tuple[dic
             flush()
     if rows:
         flush()
-    return {name: total / count for name, total in sums.items()}, {name: torch.stack(b) for name, b in bins.items()}
+    return ({name: total / count for name, total in sums.items()},
+            {name: {key: torch.stack([w[key] for w in b]) for key in b[0]} for name, b in bins.items()})
 
 
-def ece(sums: torch.Tensor) -> torch.Tensor:
-    """ECE from bin sums (..., 3, bins) of count, confidence and correct."""
-    return (sums[..., 1, :] - sums[..., 2, :]).abs().sum(-1) / sums[..., 0, :].sum(-1)
-
-
-def ece_interval(bins: dict[str, torch.Tensor], a: str, b: str, resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+def ece_interval(bins: dict[str, dict], a: str, b: str, resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
     """ECE(a) - ECE(b) on the held-out windows and its 95% paired bootstrap interval (windows
     resampled with replacement, the same resample for both models)."""
     import numpy as np
 
-    windows = len(bins[a])
+    from distill.evaluation import expected_calibration_error as ece
+
+    windows = len(bins[a]["bin_count"])
     weights = torch.from_numpy(np.random.default_rng(seed).multinomial(windows, [1 / windows] * windows, size=resamples)).double()
-    diff = ece(torch.einsum("rw,wcb->rcb", weights, bins[a])) - ece(torch.einsum("rw,wcb->rcb", weights, bins[b]))
+    resampled = {name: {key: weights @ v for key, v in bins[name].items()} for name in (a, b)}
+    diff = ece(resampled[a]) - ece(resampled[b])
     low, high = torch.quantile(diff, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    return float(ece(bins[a].sum(0)) - ece(bins[b].sum(0))), low, high
+    whole = {name: {key: v.sum(0) for key, v in bins[name].items()} for name in (a, b)}
+    return float(ece(whole[a]) - ece(whole[b])), low, high
 
 
 if __name__ == "__main__":

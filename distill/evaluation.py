@@ -110,7 +110,7 @@ def _token_sums(logits: torch.Tensor, batch: dict[str, torch.Tensor], teacher_lp
         "kl": kl[kd_mask].double().sum(),
         "top1": agree[kd_mask].double().sum(),
         "positions": mask.sum().double(),
-        **_ece_bins(confidence, correct),
+        **ece_bins(confidence, correct),
         **_bytes(byte_lengths, targets, mask),
     }, kl
 
@@ -151,7 +151,6 @@ def finish(sums: dict[str, torch.Tensor]) -> dict:
     n = float(sums["positions"])
     if n == 0:
         raise ValueError("no labelled positions to evaluate")
-    gap = (sums["bin_confidence"] - sums["bin_correct"]).abs().sum()
     calibration = _calibration(sums)
     counts = sums.get("pos_count", torch.zeros(0))
     kl_by_position = [
@@ -163,7 +162,7 @@ def finish(sums: dict[str, torch.Tensor]) -> dict:
         "ppl": math.exp(float(sums["nll"]) / n),
         "kl": float(sums["kl"]) / max(aligned, 1.0),
         "top1": float(sums["top1"]) / max(aligned, 1.0),
-        "ece": float(gap) / n,
+        "ece": float(expected_calibration_error(sums)),
         "positions": int(n),
         "calibration": calibration,
         "kl_by_position": kl_by_position,
@@ -176,13 +175,21 @@ def finish(sums: dict[str, torch.Tensor]) -> dict:
     return out
 
 
-def _ece_bins(confidence: torch.Tensor, correct: torch.Tensor) -> dict[str, torch.Tensor]:
+def ece_bins(confidence: torch.Tensor, correct: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per confidence bin (``ECE_BINS`` equal-width bins): the count, the summed confidence and
+    the number correct, the sums ``expected_calibration_error`` finishes."""
     bins = torch.clamp((confidence * ECE_BINS).long(), max=ECE_BINS - 1)
     return {
         "bin_count": torch.bincount(bins, minlength=ECE_BINS).double(),
         "bin_confidence": torch.bincount(bins, weights=confidence, minlength=ECE_BINS),
         "bin_correct": torch.bincount(bins, weights=correct, minlength=ECE_BINS),
     }
+
+
+def expected_calibration_error(sums: dict[str, torch.Tensor]) -> torch.Tensor:
+    """ECE from ``ece_bins`` sums of shape (..., ECE_BINS): sum over bins of |confidence -
+    correct|, over the positions counted."""
+    return (sums["bin_confidence"] - sums["bin_correct"]).abs().sum(-1) / sums["bin_count"].sum(-1)
 
 
 def candidate_sums(student_scores: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -205,7 +212,7 @@ def candidate_sums(student_scores: torch.Tensor, batch: dict[str, torch.Tensor])
         "gold": gold.double().sum(),
         "gold_nll": (-log_q.gather(-1, answer[:, None])[:, 0])[gold].double().sum(),
         "gold_correct": correct.sum(),
-        **_ece_bins(confidence, correct),
+        **ece_bins(confidence, correct),
     }
 
 
@@ -222,7 +229,7 @@ def finish_candidates(sums: dict[str, torch.Tensor]) -> dict:
         "top1": float(sums["agree"]) / n,
         "teacher_agreement": float(sums["agree"]) / n,
         "accuracy": float(sums["gold_correct"]) / g if g else float("nan"),
-        "ece": float((sums["bin_confidence"] - sums["bin_correct"]).abs().sum()) / g if g else float("nan"),
+        "ece": float(expected_calibration_error(sums)) if g else float("nan"),
         "positions": int(n),
         "gold_examples": int(g),
         "calibration": _calibration(sums),
@@ -353,7 +360,7 @@ def teacher_sums(batch: dict[str, torch.Tensor], byte_lengths: torch.Tensor | No
         "kl": torch.zeros((), dtype=torch.float64),
         "top1": mask.sum().double(),
         "positions": mask.sum().double(),
-        **_ece_bins(confidence, correct),
+        **ece_bins(confidence, correct),
         **_bytes(byte_lengths, batch["targets"], mask),
     }
 
