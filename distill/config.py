@@ -34,6 +34,7 @@ class RunConfig:
     """On-policy (GKD) rounds after the distilled student (``distill.onpolicy``; ``rounds: 0``: none)."""
 
     def __post_init__(self):
+        self._check_sampled_labels()
         if self.onpolicy.rounds:
             needs = [(self.teacher.mode == "generate", f"teacher.mode: generate (prompts to answer), not {self.teacher.mode!r}"),
                      (self.teacher.labels == "topk", "teacher.labels: topk (the round's answers are labelled top-k and mixed with the train shards)"),
@@ -41,6 +42,37 @@ class RunConfig:
             for ok, what in needs:
                 if not ok:
                     raise ConfigError(f"onpolicy.rounds={self.onpolicy.rounds} needs {what}")
+
+    def _check_sampled_labels(self) -> None:
+        """Sampled targets (``count / draws``) equal the teacher's probabilities in expectation, so
+        a loss that is *linear* in the target is unbiased on them: forward KL's gradient is
+        ``-sum_v p(v) grad log q(v)``. Every other divergence is nonlinear in the target (reverse
+        KL, JSD and the skew divergences take its log or mix it inside one; TVD takes |p - q|; AKL
+        splits head and tail by the target's own cumulative mass), and so are a renormalized top
+        (a ratio of the draws) and a temperature (a power of them). With ``tail: bucket`` the
+        teacher's bucket in a sampled shard is the share of draws beyond the proposal (about 0)
+        while the student's bucket holds all its mass outside the *drawn* ids: forward KL weighs
+        that bucket by the teacher's (near-zero) side, every other loss lets it pull the student
+        onto the drawn ids. A student with its own tokenizer regroups the drawn ids into spans
+        and a bucket that again depends on which ids were drawn. Refuse all of these here."""
+        if self.teacher.labels != "sampled" or self.train.kd_weight == 0:
+            return
+        why = ("sampled labels are an unbiased target only for forward KL with tail: bucket at "
+               "temperature 1 (other losses are nonlinear in the drawn counts and pull the student "
+               "onto the drawn ids); use teacher.labels: topk for")
+        rules = [
+            ("train.divergence", self.train.divergence, self.train.divergence == "forward_kl", "forward_kl"),
+            ("train.tail", self.train.tail, self.train.tail == "bucket", "bucket"),
+            ("train.temperature", self.train.temperature, self.train.temperature == 1.0, "1.0"),
+            ("student.tokenizer", self.student.tokenizer, self.student.tokenizer is None,
+             "unset (a student with its own tokenizer regroups the drawn ids into spans)"),
+        ]
+        for field, value, ok, expected in rules:
+            if not ok:
+                raise ConfigError(
+                    f"teacher.labels: sampled with {field}={value!r} is refused: expected {expected}; "
+                    f"{why} {field}={value!r}, or train.kd_weight: 0"
+                )
 
     @property
     def root(self) -> Path:

@@ -116,9 +116,14 @@ class TeacherConfig:
     their logprobs, plus the tail mass) or ``sampled`` (ids drawn from the teacher's distribution
     with their counts; Anshumann et al., ACL 2025, "Sparse Logit Sampling"). Top-k targets are
     biased: the student learns a distribution truncated at k and comes out overconfident.
-    Sampled targets equal the teacher's distribution in expectation, so forward KL (with
-    ``train.tail: bucket``) is an unbiased estimate of the full-vocabulary loss; use them when
-    calibration matters or k would have to be large. Held-out shards stay top-k, so
+    Sampled targets equal the teacher's probabilities in expectation on the proposal's ids, so
+    with forward KL and ``train.tail: bucket`` at temperature 1 the gradient on those ids is an
+    unbiased estimate of the full-vocabulary one (tested); the bucket is not (with
+    ``proposal_k`` below the vocabulary, mass beyond the proposal is drawn only as the bucket).
+    Any other divergence, ``tail: renormalize``, a temperature or a student with its own
+    tokenizer is nonlinear in the drawn counts and biased, and the config refuses it
+    (``RunConfig._check_sampled_labels``). Use them when calibration matters or k would have to
+    be large. Held-out shards stay top-k, so
     evaluations compare across label kinds. ``score`` and ``generate`` modes only."""
     sampled_labels: SampledLabelsConfig = SampledLabelsConfig()
     """``labels: sampled``: draws per position, proposal size, seed."""
