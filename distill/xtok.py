@@ -185,7 +185,9 @@ def collate_cross(rows: Sequence[dict], k: int, cross: CrossTokenizer) -> dict:
         L = len(ids)
         input_ids[b, :L] = ids
         attention[b, :L] = 1
-        targets[b, :L - 1] = ids[1:]
+        # L may be 0: a window holding only part of one character (a document's last two teacher
+        # tokens can be the trailing bytes of an emoji) leaves the student nothing; the row stays padding
+        targets[b, :max(L - 1, 0)] = ids[1:]
         mask[b, a["ce_positions"]] = True
         pos, lab = a["kd_positions"], a["kd_labels"]
         n = len(row["target_logprobs"])

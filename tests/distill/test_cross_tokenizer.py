@@ -157,3 +157,197 @@ def test_collate_cross_places_labels_at_aligned_positions(teacher_tok, cross):
     assert (batch["topk_ids"][0, pos, 0] == int(cross.teacher_to_student[np.nonzero(hit)[0][0]])).all()
     assert not batch["kd_mask"][0, ~batch["mask"][0]].any() or True
     assert torch.isinf(batch["teacher_logprobs"][~batch["kd_mask"]]).all(), "no labels where nothing is aligned"
+
+
+# --- regression cases reported against other span-aligned losses -----------------------------
+
+MULTIBYTE = "日本語 🤗 ℤ Ω ẞ 𝔘𝔫𝔦 café € — naïve"
+
+
+def _brute_force_pairs(s_ids, s_table, t_ids, t_table, start, lead=0):
+    """Aligned pairs by definition: student position j and teacher label m (position start + m)
+    where both have read the same bytes (counted from byte ``lead`` of the teacher's window,
+    where the student's text starts) and what each predicts next is non-empty."""
+    def reads(table, ids, upto):
+        return b"".join(table[i] for i in ids[:upto])
+    t_text = reads(t_table, t_ids, len(t_ids))
+    pairs = set()
+    for j in range(len(s_ids) - 1):
+        s_read = t_text[:lead] + reads(s_table, s_ids, j + 1)
+        for m in range(len(t_ids) - 1 - start):
+            if t_table[t_ids[start + m + 1]] and reads(t_table, t_ids, start + m + 1) == s_read:
+                pairs.add((j, m))
+    return pairs
+
+
+def _pairs(a):
+    return set(zip(a["kd_positions"].tolist(), a["kd_labels"].tolist()))
+
+
+def _with_bos(tokenizer, bos: str):
+    """``tokenizer`` as a tokenizer whose ``__call__`` puts ``bos`` first (Llama-style), built
+    from its own tokenizers pipeline."""
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    backend = copy.deepcopy(tokenizer.backend_tokenizer)
+    bos_id = tokenizer.convert_tokens_to_ids(bos)
+    backend.post_processor = TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos, eos_token=tokenizer.eos_token)
+
+
+@pytest.fixture(scope="module")
+def teacher_with_bos(teacher_tok):
+    bos_tok = _with_bos(teacher_tok, "<|endoftext|>")
+    assert bos_tok("hi")["input_ids"][0] == bos_tok.bos_token_id, "the variant adds a BOS, as build_corpus calls it"
+    assert teacher_tok("hi")["input_ids"][0] != teacher_tok.convert_tokens_to_ids("<|endoftext|>"), "the bundled one does not"
+    return bos_tok
+
+
+@pytest.mark.parametrize("start", [0, 3])
+def test_a_bos_on_the_teacher_side_only_shifts_nothing(teacher_tok, teacher_with_bos, cross, start):
+    """The teacher's tokenizer adds a BOS (no bytes), the student's text has none: every pair
+    is the same teacher position as without the BOS (label index + 1 when labelling starts at
+    the BOS), and the BOS position itself, having read nothing, is paired with no student position."""
+    assert token_byte_table(teacher_with_bos) == cross.teacher_bytes, "a BOS has no bytes"
+    for text in TEXTS + [MULTIBYTE]:
+        plain = teacher_tok(text, add_special_tokens=False)["input_ids"]
+        with_bos = teacher_with_bos(text)["input_ids"]
+        assert with_bos[1:] == plain and with_bos[0] == teacher_with_bos.bos_token_id
+        a_plain, a_bos = cross.align(_row(plain, start), 4), cross.align(_row(with_bos, start + 1), 4)
+        assert a_bos["input_ids"] == a_plain["input_ids"], "the student reads the same text, with no token for the BOS"
+        assert _pairs(a_bos) == _pairs(a_plain) == _brute_force_pairs(a_plain["input_ids"], cross.student_bytes, plain,
+                                                                       cross.teacher_bytes, start)
+        np.testing.assert_array_equal(a_bos["ce_positions"], a_plain["ce_positions"])
+        assert (a_bos["span_bytes"], a_bos["ce_bytes"]) == (a_plain["span_bytes"], a_plain["ce_bytes"])
+        if start == 0:  # labels from the BOS on: label m + 1 is the position that was label m without it
+            a0 = cross.align(_row(with_bos, 0), 4)
+            assert {(j, m - 1) for j, m in _pairs(a0)} == _pairs(a_plain)
+            assert 0 not in a0["kd_labels"].tolist(), "the BOS position has read nothing; no student position has"
+            assert a0["span_bytes"] == len(text.encode()), "labelled from the BOS: the span is the whole text"
+            assert _pairs(a0) == _brute_force_pairs(a0["input_ids"], cross.student_bytes, with_bos, cross.teacher_bytes, 0)
+    # collated, the BOS row puts the same labels at the same student positions
+    plain = teacher_tok(TEXTS[0], add_special_tokens=False)["input_ids"]
+    row_plain, row_bos = _row(plain, start, seed=3), _row(teacher_with_bos(TEXTS[0])["input_ids"], start + 1, seed=3)
+    for name in ("topk_ids", "topk_logprobs"):
+        row_bos[name] = row_plain[name]
+    b_plain, b_bos = collate_cross([row_plain], 4, cross), collate_cross([row_bos], 4, cross)
+    for name in b_plain:
+        assert torch.equal(b_plain[name], b_bos[name]), name
+
+
+def test_a_bos_on_the_student_side_only_shifts_nothing(teacher_tok, cross, tmp_path):
+    """The student's tokenizer adds a BOS by default: alignment tokenizes without it, so pairs,
+    CE positions and byte counts are those of the same student without a BOS."""
+    from transformers import AutoTokenizer
+
+    bos_student = _with_bos(cross.tokenizer, "<|endoftext|>")
+    bos_student.save_pretrained(tmp_path / "bos")
+    reloaded = AutoTokenizer.from_pretrained(tmp_path / "bos")
+    assert reloaded("ab")["input_ids"][0] == reloaded.bos_token_id, "the saved student adds a BOS by default"
+    cross_bos = CrossTokenizer.load(teacher_tok, tmp_path / "bos")
+    for text in TEXTS + [MULTIBYTE]:
+        ids = teacher_tok(text, add_special_tokens=False)["input_ids"]
+        a, a_bos = cross.align(_row(ids, 2), 4), cross_bos.align(_row(ids, 2), 4)
+        assert a_bos["input_ids"] == a["input_ids"] and _pairs(a_bos) == _pairs(a)
+        np.testing.assert_array_equal(a_bos["ce_positions"], a["ce_positions"])
+        assert a_bos["ce_bytes"] == a["ce_bytes"]
+
+
+@pytest.fixture(scope="module")
+def cross_chars(teacher_tok, tmp_path_factory):
+    """A BPE trained on the multi-byte characters themselves: it holds them (and whole runs of
+    them) as single tokens where the teacher splits their bytes across tokens."""
+    out = tmp_path_factory.mktemp("bpe-chars") / "tok"
+    train_bpe(["日本語 🤗 ℤ Ω ẞ 𝔘𝔫𝔦 日本 本語"] * 20, 300, out)
+    return CrossTokenizer.load(teacher_tok, out)
+
+
+def _boundaries(ids, table, lead=0):
+    return set((lead + np.cumsum([len(table[i]) for i in ids])).tolist())
+
+
+def _char_starts(data: bytes) -> set[int]:
+    return {i for i, b in enumerate(data) if (b & 0xC0) != 0x80} | {len(data)}
+
+
+@pytest.mark.parametrize("student", ["cross", "cross_chars"])
+def test_multibyte_characters_split_differently_align_only_where_both_have_read_the_same_bytes(teacher_tok, student, request):
+    """Byte-level BPE splits a character's bytes across tokens on one side only (the teacher
+    splits 日, 🤗, 𝔘 where ``cross_chars`` holds them whole; ``cross`` splits é, €, — where the
+    teacher holds them whole). A boundary inside a character on one side must not be paired
+    with the other side's character boundary (what alignment by character offsets does); a pair
+    inside a character exists only where both sides split there, having read the same bytes."""
+    cross = request.getfixturevalue(student)
+    data = MULTIBYTE.encode()
+    ids = teacher_tok(MULTIBYTE, add_special_tokens=False)["input_ids"]
+    a = cross.align(_row(ids, 0), 4)
+    s_ids = a["input_ids"]
+    t_off = np.concatenate([[0], np.cumsum([len(cross.teacher_bytes[i]) for i in ids])])
+    s_off = np.concatenate([[0], np.cumsum([len(cross.student_bytes[i]) for i in s_ids])])
+    t_bounds, s_bounds, chars = set(t_off[1:-1].tolist()), set(s_off[1:-1].tolist()), _char_starts(data)
+    one_sided = (t_bounds ^ s_bounds) - chars
+    assert one_sided, "some character is split on one side only"
+    pairs = _pairs(a)
+    assert pairs == _brute_force_pairs(s_ids, cross.student_bytes, ids, cross.teacher_bytes, 0)
+    at = {int(s_off[j + 1]) for j, _ in pairs}
+    assert at == t_bounds & s_bounds, "paired at exactly the boundaries both sides have"
+    assert not at & one_sided
+    for j, m in pairs:  # each pair predicts text from the same byte on
+        assert s_off[j + 1] == t_off[m + 1]
+    # byte offsets stay right: both spell the text, CE covers every student token after the first
+    assert b"".join(cross.student_bytes[i] for i in s_ids) == data
+    np.testing.assert_array_equal(a["ce_positions"], np.nonzero(s_off[1:-1] >= t_off[1])[0])
+    assert a["span_bytes"] == len(data) - t_off[1]
+    assert a["ce_bytes"] == len(data) - s_off[a["ce_positions"][0] + 1]
+    if student == "cross_chars":  # on the characters it was trained on
+        trained = len(MULTIBYTE.split(" café")[0].encode())
+        assert not {b for b in s_bounds - chars if b < trained}, "this student splits none of them"
+        assert {b for b in t_bounds - chars if b < trained}, "the teacher splits some"
+
+
+@pytest.mark.parametrize("student", ["cross", "cross_chars"])
+def test_a_window_cut_inside_characters_keeps_byte_offsets(teacher_tok, student, request):
+    """A window that starts and ends inside characters (cut from a longer document): the
+    student reads the whole characters between, its offsets count from the window's first
+    byte, and pairs and byte counts follow."""
+    cross = request.getfixturevalue(student)
+    ids = teacher_tok(MULTIBYTE, add_special_tokens=False)["input_ids"]
+    table = cross.teacher_bytes
+    first = next(i for i, t in enumerate(ids) if table[t][0] & 0xC0 == 0x80)  # a token starting inside a character
+    last = max(i for i, t in enumerate(ids) if table[t] in (b"\xf0\x9d", b"\x94"))  # ends inside 𝔦
+    window = ids[first:last + 1]
+    data = b"".join(table[i] for i in window)
+    lead = next(i for i, b in enumerate(data) if b & 0xC0 != 0x80)
+    end = max(i for i, b in enumerate(data) if b & 0xC0 != 0x80)  # 𝔦's first byte: the incomplete character is dropped
+    assert lead > 0 and end < len(data)
+    for start in (0, 2):
+        a = cross.align(_row(window, start), 4)
+        s_ids = a["input_ids"]
+        assert b"".join(cross.student_bytes[i] for i in s_ids) == data[lead:end]
+        s_ids2, s_off = cross.student_ids(data)
+        assert s_ids2 == s_ids and s_off[0] == lead and s_off[-1] == end
+        assert _pairs(a) == _brute_force_pairs(s_ids, cross.student_bytes, window, table, start, lead=lead) != set()
+        t_off = np.concatenate([[0], np.cumsum([len(table[i]) for i in window])])
+        span_from = t_off[start + 1]
+        np.testing.assert_array_equal(a["ce_positions"], np.nonzero(s_off[1:-1] >= span_from)[0])
+        assert a["span_bytes"] == len(data) - span_from
+        assert a["ce_bytes"] == end - s_off[a["ce_positions"][0] + 1]
+
+
+def test_a_window_of_only_part_of_a_character_collates_as_padding(teacher_tok, cross):
+    """A document's last window can be its last two teacher tokens, the trailing bytes of an
+    emoji: the student has no whole character to read. The row is padding (no CE, no KD) and
+    the batch's other rows are as they would be alone."""
+    ids = teacher_tok("x 🤗", add_special_tokens=False)["input_ids"]
+    tail = ids[-2:]
+    assert all(cross.teacher_bytes[i][0] & 0xC0 == 0x80 for i in tail), "both tokens are inside 🤗"
+    a = cross.align(_row(tail, 0), 4)
+    assert a["input_ids"] == [] and a["ce_bytes"] == 0 and not len(a["kd_positions"])
+    full = _row(teacher_tok(TEXTS[0], add_special_tokens=False)["input_ids"], 1)
+    batch, alone = collate_cross([full, _row(tail, 0)], 4, cross), collate_cross([full], 4, cross)
+    assert not batch["attention_mask"][1].any() and not batch["mask"][1].any() and not batch["kd_mask"][1].any()
+    for name in alone:
+        assert torch.equal(batch[name][:1], alone[name]), name
