@@ -10,12 +10,14 @@ context beyond the first window.
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -116,11 +118,17 @@ def _local_files(source: str) -> list[str] | None:
 BUILDERS = {"jsonl": "json", "json": "json", "parquet": "parquet", "csv": "csv", "txt": "text", "text": "text"}
 
 
-def _check_local_files(files: list[str]) -> str:
+class _MixedTypes(CorpusError):
+    """A JSON column whose values change type between records."""
+
+
+def _check_local_files(files: list[str], columns: Sequence[str] = ()) -> str:
     """The ``datasets`` builder for local corpus files, after checks that name the file and line
     of what would otherwise surface as a bare StopIteration or UnicodeDecodeError from inside
     ``datasets``: one file type, no empty file, UTF-8 text, one JSON object per JSONL line, a
-    readable Parquet footer. Streams line by line (a corpus may be larger than memory)."""
+    readable Parquet footer, and in JSON Lines one JSON type per column of ``columns`` across
+    all files (``datasets`` turns a column whose type changes into JSON text: ``"text"`` with its
+    quotes, ``["a"]``). Streams line by line (a corpus may be larger than memory)."""
     exts = {f: Path(f).suffix.lstrip(".").lower() for f in files}
     for f, ext in exts.items():
         if ext not in BUILDERS:
@@ -128,6 +136,7 @@ def _check_local_files(files: list[str]) -> str:
     if len({BUILDERS[e] for e in exts.values()}) > 1:
         listed = ", ".join(f"{f} ({e})" for f, e in exts.items())
         raise CorpusError(f"corpus.source mixes file types: {listed}; use files of one type")
+    first_types: dict[str, tuple[str, str]] = {}  # column -> (JSON type, file:line of its first value)
     for f, ext in exts.items():
         if os.path.getsize(f) == 0:
             raise CorpusError(f"{f}: empty file (corpus.source); remove it or add documents")
@@ -136,8 +145,15 @@ def _check_local_files(files: list[str]) -> str:
                 pq.ParquetFile(f)  # reads the footer only
             except (pa.ArrowException, OSError) as e:
                 raise CorpusError(f"{f}: not a readable Parquet file ({e}) (corpus.source)") from None
+        elif ext == "json":  # JSON Lines, or one JSON document
+            try:
+                _check_text_file(f, jsonl=True, columns=columns, first_types=first_types)
+            except _MixedTypes:
+                raise
+            except CorpusError:
+                _check_text_file(f, jsonl=False)
         else:
-            _check_text_file(f, jsonl=ext == "jsonl")
+            _check_text_file(f, jsonl=ext == "jsonl", columns=columns, first_types=first_types)
     return BUILDERS[next(iter(exts.values()))]
 
 
@@ -167,9 +183,25 @@ def text_lines(path: str | os.PathLike, error: type[Exception], jsonl: bool) -> 
             yield n, record
 
 
-def _check_text_file(path: str, jsonl: bool) -> None:
-    """Every line UTF-8 (and, for JSONL, one JSON object or blank); errors name file and line."""
-    records = sum(1 for _ in text_lines(path, CorpusError, jsonl))
+def _json_type(value) -> str:
+    return "number" if isinstance(value, (int, float)) and not isinstance(value, bool) else type(value).__name__
+
+
+def _check_text_file(path: str, jsonl: bool, columns: Sequence[str] = (), first_types: dict | None = None) -> None:
+    """Every line UTF-8 (and, for JSONL, one JSON object or blank, whose values in ``columns``
+    have the type their first value in ``first_types`` has, nulls aside); errors name file and line."""
+    records = 0
+    for n, record in text_lines(path, CorpusError, jsonl):
+        records += 1
+        for col in columns if jsonl else ():
+            value = record.get(col)
+            if value is None:
+                continue
+            kind = _json_type(value)
+            seen, where = first_types.setdefault(col, (kind, f"{path}:{n}"))
+            if kind != seen:
+                raise _MixedTypes(f"{path}:{n}: a {kind} in column {col!r}, where {where} holds a {seen}; "
+                                  "give the column one type in every record")
     if jsonl and not records:
         raise CorpusError(f"{path}: no JSON records, only blank lines (corpus.source)")
 
@@ -183,24 +215,75 @@ def load_documents(cfg: CorpusConfig) -> Iterator[tuple[str, object]]:
 def load_records(cfg: CorpusConfig, columns: list[str], optional: tuple[str, ...] = ()) -> Iterator[tuple[str, dict]]:
     """Yield ``(doc_id, {column: value})`` for ``columns`` (required) and ``optional`` columns
     present in the data; values are whatever the dataset holds (checked by the caller)."""
+    for doc_id, record, _ in _located_records(cfg, columns, optional):
+        yield doc_id, record
+
+
+def _row_locations(path: str) -> Iterator[str]:
+    """Where each row ``datasets`` reads from the local file ``path`` comes from, in its order:
+    ``file:line`` for JSON Lines and CSV (blank lines skipped, as ``datasets`` skips them; a CSV
+    record's first line), ``file row N`` (from 0) for Parquet, a JSON array and text."""
+    ext = Path(path).suffix.lstrip(".").lower()
+    if ext == "parquet":
+        yield from (f"{path} row {r}" for r in range(pq.ParquetFile(path).metadata.num_rows))
+    elif ext == "csv":
+        with open(path, newline="", encoding="utf-8") as fh:
+            reader = csv.reader(fh)
+            line, header = 0, True
+            for record in reader:
+                first, line = line + 1, reader.line_num
+                if not record:
+                    continue
+                if header:
+                    header = False
+                    continue
+                yield f"{path}:{first}"
+    elif ext in ("json", "jsonl"):
+        try:
+            lines = [n for n, _ in text_lines(path, CorpusError, jsonl=True)]
+        except CorpusError:  # a .json file holding one JSON array
+            yield from (f"{path} row {r}" for r in range(len(json.loads(Path(path).read_text("utf-8")))))
+        else:
+            yield from (f"{path}:{n}" for n in lines)
+    else:
+        with open(path, "rb") as fh:
+            yield from (f"{path} row {r}" for r, _ in enumerate(fh))
+
+
+def _locate_row(cfg: CorpusConfig, files: list[str] | None, index: int, doc_id: str) -> str:
+    """Where row ``index`` of the corpus comes from, for an error message (computed only when
+    one is raised: it re-reads the files)."""
+    if files is None:
+        where = f"{cfg.source} (split {cfg.split!r}) row {index}"
+    else:
+        rows = itertools.chain.from_iterable(_row_locations(f) for f in files)
+        where = next(itertools.islice(rows, index, None), None) or f"{', '.join(files)} row {index}"
+    return f"{where} (document id {doc_id!r})" if cfg.id_column else where
+
+
+def _located_records(cfg: CorpusConfig, columns: list[str], optional: tuple[str, ...] = ()
+                     ) -> Iterator[tuple[str, dict, Callable[[], str]]]:
+    """``load_records`` plus, for each record, a function naming where it comes from
+    (``file:line`` and the like), for errors about its values."""
     if cfg.source == PYDOC_SOURCE:
         from pydoc_data.topics import topics
 
         if columns != [cfg.text_column]:
             raise CorpusError(f"{PYDOC_SOURCE}: holds plain documents only; prompt modes need a dataset with columns {columns}")
         for doc_id, text in sorted(topics.items())[: cfg.max_documents]:
-            yield doc_id, {cfg.text_column: text}
+            yield doc_id, {cfg.text_column: text}, (lambda doc_id=doc_id: f"{PYDOC_SOURCE} topic {doc_id!r}")
         return
     import datasets
     from datasets.exceptions import DatasetGenerationError
 
     files = _local_files(cfg.source)
     if files is not None:
-        builder = _check_local_files(files)
+        builder = _check_local_files(files, columns + ([cfg.id_column] if cfg.id_column else []))
         try:
             ds = datasets.load_dataset(builder, data_files=files, split="train")
-        except DatasetGenerationError as e:
-            # what the pre-flight cannot see (a column whose type changes between rows...)
+        except (DatasetGenerationError, ValueError) as e:
+            # what the pre-flight cannot see (the type of a column this config does not read
+            # changing between rows; with a blank line in that JSONL file, a bare ValueError)
             raise CorpusError(f"{', '.join(files)}: the datasets library cannot read the corpus.source file(s): {e.__cause__ or e}") from e
     else:
         ds = datasets.load_dataset(cfg.source, split=cfg.split)
@@ -212,7 +295,7 @@ def load_records(cfg: CorpusConfig, columns: list[str], optional: tuple[str, ...
     for i in range(n):
         row = ds[i]
         doc_id = str(row[cfg.id_column]) if cfg.id_column else f"row-{i:09d}"
-        yield doc_id, {c: row[c] for c in wanted}
+        yield doc_id, {c: row[c] for c in wanted}, (lambda i=i, doc_id=doc_id: _locate_row(cfg, files, i, doc_id))
 
 
 def windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
@@ -252,7 +335,7 @@ def encode_prompt(tokenizer, text: str, cfg: CorpusConfig) -> list[int]:
     return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
 
 
-def _answer_index(doc_id: str, answer, candidates: list[str], cfg: CorpusConfig) -> int:
+def _answer_index(where: Callable[[], str], answer, candidates: list[str], cfg: CorpusConfig) -> int:
     if answer is None:
         return -1
     if isinstance(answer, str) and answer in candidates:
@@ -260,18 +343,20 @@ def _answer_index(doc_id: str, answer, candidates: list[str], cfg: CorpusConfig)
     if isinstance(answer, (int, np.integer)) and not isinstance(answer, bool) and 0 <= answer < len(candidates):
         return int(answer)
     raise CorpusError(
-        f"{cfg.source}: example {doc_id} has {cfg.answer_column}={answer!r}, expected an index into its {len(candidates)} candidates or one of them"
+        f"{where()}: {cfg.answer_column}={answer!r}, expected an index into its {len(candidates)} candidates or one of them"
     )
 
 
-def _check_record(doc_id: str, record: dict, mode: str, cfg: CorpusConfig) -> dict | None:
-    """A validated record, None for a counted skip (empty text); raises for unusable values."""
+def _check_record(where: Callable[[], str], record: dict, mode: str, cfg: CorpusConfig) -> dict | None:
+    """A validated record, None for a counted skip (empty text); raises for unusable values,
+    naming where the record comes from (``where()``: ``file:line``, file and row...)."""
     column = cfg.text_column if mode == "score" else cfg.prompt_column
     text = record[column]
     if text is None:
         return None
     if not isinstance(text, str):
-        raise CorpusError(f"{cfg.source}: document {doc_id} has a {type(text).__name__} in column {column!r}, expected text")
+        kind = type(text).__name__
+        raise CorpusError(f"{where()}: {'an' if kind[0] in 'aeiou' else 'a'} {kind} in column {column!r}, expected text")
     if not text.strip():
         return None
     out = {"text": text}
@@ -279,14 +364,15 @@ def _check_record(doc_id: str, record: dict, mode: str, cfg: CorpusConfig) -> di
         cands = record[cfg.candidates_column]
         if not isinstance(cands, (list, tuple)) or len(cands) < 2 or not all(isinstance(c, str) and c for c in cands):
             raise CorpusError(
-                f"{cfg.source}: example {doc_id} column {cfg.candidates_column!r} must be a list of at least two non-empty strings, got {cands!r}"
+                f"{where()}: column {cfg.candidates_column!r} must be a list of at least two non-empty strings, got {cands!r}"
             )
         out["candidates"] = list(cands)
-        out["answer"] = _answer_index(doc_id, record.get(cfg.answer_column) if cfg.answer_column else None, out["candidates"], cfg)
+        out["answer"] = _answer_index(where, record.get(cfg.answer_column) if cfg.answer_column else None, out["candidates"], cfg)
     return out
 
 
-def _rows_for(doc_id: str, record: dict, ids: list[int], mode: str, cfg: CorpusConfig, tokenizer) -> list[dict] | str:
+def _rows_for(doc_id: str, record: dict, ids: list[int], mode: str, cfg: CorpusConfig, tokenizer, where: Callable[[], str]
+              ) -> list[dict] | str:
     """Corpus rows of one document or prompt, or the name of the counter of a skip."""
     if mode == "score":
         if len(ids) < cfg.min_tokens:
@@ -301,7 +387,7 @@ def _rows_for(doc_id: str, record: dict, ids: list[int], mode: str, cfg: CorpusC
     cand_ids = [list(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in record["candidates"]]
     for c, t in zip(record["candidates"], cand_ids):
         if not t:
-            raise CorpusError(f"{cfg.source}: example {doc_id} candidate {c!r} has no tokens")
+            raise CorpusError(f"{where()}: candidate {c!r} has no tokens")
     if len(ids) + max(map(len, cand_ids)) > cfg.window:
         return "dropped_long"
     return [{**row, "candidates": record["candidates"], "candidate_ids": cand_ids, "answer": record["answer"]}]
@@ -337,12 +423,12 @@ def build_corpus(cfg: CorpusConfig, tokenizer, tokenizer_hash: str, root: Path, 
     manifest_path = out / CORPUS_MANIFEST
     columns = [cfg.text_column] if mode == "score" else [cfg.prompt_column] + ([cfg.candidates_column] if mode == "candidates" else [])
     optional = (cfg.answer_column,) if mode == "candidates" and cfg.answer_column else ()
-    docs: list[tuple[str, dict]] = []
+    docs: list[tuple[str, dict, Callable[[], str]]] = []
     counts = {"documents_read": 0, "dropped_empty": 0, "dropped_short": 0, "dropped_long": 0, "dropped_duplicate_id": 0}
     seen: set[str] = set()
-    for doc_id, raw in load_records(cfg, columns, optional):
+    for doc_id, raw, where in _located_records(cfg, columns, optional):
         counts["documents_read"] += 1
-        record = _check_record(doc_id, raw, mode, cfg)
+        record = _check_record(where, raw, mode, cfg)
         if record is None:
             counts["dropped_empty"] += 1
             continue
@@ -350,11 +436,11 @@ def build_corpus(cfg: CorpusConfig, tokenizer, tokenizer_hash: str, root: Path, 
             counts["dropped_duplicate_id"] += 1
             continue
         seen.add(doc_id)
-        docs.append((doc_id, record))
+        docs.append((doc_id, record, where))
     if not docs:
         raise CorpusError(f"{cfg.source}: no non-empty documents in column {columns[0]!r}")
     # split by document: a hash of the id, so adding or editing one document moves no other
-    heldout = {d for d, _ in docs if _hash_unit(d, "split") < cfg.heldout_fraction}
+    heldout = {d for d, _, _ in docs if _hash_unit(d, "split") < cfg.heldout_fraction}
     if not heldout:  # a small corpus still gets one held-out document
         heldout = {min(docs, key=lambda d: _hash_unit(d[0], "split"))[0]}
     if len(docs) < 2:
@@ -364,11 +450,11 @@ def build_corpus(cfg: CorpusConfig, tokenizer, tokenizer_hash: str, root: Path, 
     for b in range(0, len(docs), batch_docs):
         batch = docs[b : b + batch_docs]
         if mode == "score":
-            encoded = tokenizer([r["text"] for _, r in batch])["input_ids"]
+            encoded = tokenizer([r["text"] for _, r, _ in batch])["input_ids"]
         else:
-            encoded = [encode_prompt(tokenizer, r["text"], cfg) for _, r in batch]
-        for (doc_id, record), ids in zip(batch, encoded):
-            rows = _rows_for(doc_id, record, list(ids), mode, cfg, tokenizer)
+            encoded = [encode_prompt(tokenizer, r["text"], cfg) for _, r, _ in batch]
+        for (doc_id, record, where), ids in zip(batch, encoded):
+            rows = _rows_for(doc_id, record, list(ids), mode, cfg, tokenizer, where)
             if isinstance(rows, str):
                 counts[rows] += 1
                 continue
@@ -387,6 +473,18 @@ def build_corpus(cfg: CorpusConfig, tokenizer, tokenizer_hash: str, root: Path, 
                 f"{cfg.source}: corpus.heldout_fraction={cfg.heldout_fraction} leaves the {split} split empty "
                 f"({kept['train']} train and {kept['heldout']} held-out documents kept of {counts['documents_read']} read"
                 f"{f', dropped {drops}' if drops else ''}); {advice} or add documents"
+            )
+    # a document lives in one shard: fewer documents than shards leaves shards with nothing in
+    # them that the teacher would still be started for and training would read
+    for split, field, advice in (("train", "train_shards", "lower corpus.heldout_fraction"),
+                                 ("heldout", "heldout_shards", "raise corpus.heldout_fraction")):
+        shards_wanted = getattr(cfg, field)
+        if kept[split] < shards_wanted:
+            raise CorpusError(
+                f"{cfg.source}: corpus.heldout_fraction={cfg.heldout_fraction} leaves {kept[split]} {split} document(s) "
+                f"for corpus.{field}={shards_wanted} shards ({kept['train']} train and {kept['heldout']} held-out documents "
+                f"kept of {counts['documents_read']} read), so {shards_wanted - kept[split]} shard(s) would be empty; "
+                f"set corpus.{field} to at most {kept[split]}, {advice} or add documents"
             )
     out.mkdir(parents=True, exist_ok=True)
     shard_info = {}

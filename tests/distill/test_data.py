@@ -72,17 +72,96 @@ def test_changing_one_document_changes_one_shard(tmp_path):
     assert len(changed) == 1
 
 
+def test_fewer_documents_than_shards_is_refused_before_anything_is_written(tmp_path):
+    """A heldout_fraction that leaves fewer documents in a split than it has shards would commit
+    empty shards for the teacher to label: refused, naming the counts and both fields."""
+    from distill.data import _hash_unit
+
+    ids = [f"d{i}" for i in range(8)]
+    held = sum(_hash_unit(d, "split") < 0.3 for d in ids)
+    assert 2 <= held <= 6, "precondition: both splits hold at least two of these ids"
+    train = len(ids) - held
+    src = write_jsonl(tmp_path / "docs.jsonl", [{"id": d, "text": "a few words here"} for d in ids])
+    cfg = CorpusConfig(source=str(src), id_column="id", heldout_fraction=0.3, window=8, train_shards=train + 1)
+    with pytest.raises(CorpusError, match=rf"corpus\.heldout_fraction=0\.3 leaves {train} train document\(s\) for "
+                                          rf"corpus\.train_shards={train + 1} shards \({train} train and {held} held-out .*"
+                                          rf"1 shard\(s\) would be empty; set corpus\.train_shards to at most {train}, "
+                                          "lower corpus.heldout_fraction"):
+        build_corpus(cfg, FakeTokenizer(), "tok", tmp_path / "root")
+    with pytest.raises(CorpusError, match=rf"leaves {held} heldout document\(s\) for corpus\.heldout_shards={held + 2} .*"
+                                          rf"2 shard\(s\) would be empty; .*at most {held}, raise corpus.heldout_fraction"):
+        build_corpus(dataclasses.replace(cfg, train_shards=1, heldout_shards=held + 2), FakeTokenizer(), "tok", tmp_path / "root")
+    assert not (tmp_path / "root").exists(), "nothing written"
+    # as many documents as shards is accepted
+    manifest = build_corpus(dataclasses.replace(cfg, train_shards=train), FakeTokenizer(), "tok", tmp_path / "root")
+    assert len(manifest["shards"]) == train + 1
+
+
 def test_missing_column_names_it(tmp_path):
     src = write_jsonl(tmp_path / "docs.jsonl", [{"content": "hello world"}] * 3)
     with pytest.raises(CorpusError, match=r"no column 'text'.*content"):
         list(load_documents(CorpusConfig(source=str(src))))
 
 
-def test_non_text_value_names_document(tmp_path):
-    src = write_jsonl(tmp_path / "docs.jsonl", [{"text": "fine text"}, {"text": 12345}])
-    cfg = CorpusConfig(source=str(src))
-    with pytest.raises(CorpusError, match=r"row-000000001.*int"):
+def write_lines(path, rows):
+    """JSON Lines with a blank line wherever ``rows`` holds None (line numbers count it)."""
+    path.write_text("".join(("" if r is None else json.dumps(r)) + "\n" for r in rows))
+    return str(path)
+
+
+TEXT = {"text": "a few words here"}
+
+
+@pytest.mark.parametrize("files,match", [
+    # one JSON type per column, checked before datasets reads (it would turn the column into JSON text)
+    ({"docs.jsonl": [TEXT, TEXT, {"text": 12345}]}, r"docs\.jsonl:3: a number in column 'text', where \S*docs\.jsonl:1 holds a str"),
+    ({"docs.jsonl": [TEXT, None, TEXT, None, {"text": ["a", "list"]}]},
+     r"docs\.jsonl:5: a list in column 'text', where \S*docs\.jsonl:1 holds a str"),
+    ({"a.jsonl": [TEXT, TEXT], "b.jsonl": [None, TEXT, {"text": ["a", "list"]}]},
+     r"b\.jsonl:3: a list in column 'text', where \S*a\.jsonl:1 holds a str"),
+    # without the blank line datasets reads this silently, as '"a few words here"' and '["a", "list"]'
+    ({"a.jsonl": [TEXT, TEXT], "b.jsonl": [TEXT, {"text": ["a", "list"]}]},
+     r"b\.jsonl:2: a list in column 'text', where \S*a\.jsonl:1 holds a str"),
+    # one type throughout, but not text
+    ({"a.jsonl": [{"text": ["x"]}, None, {"text": ["y"]}]}, r"a\.jsonl:1: a list in column 'text', expected text"),
+    ({"docs.json": [TEXT, {"text": ["a", "list"]}]}, r"docs\.json row 1: a list in column 'text', expected text"),
+])
+def test_non_text_value_names_file_and_line(tmp_path, files, match):
+    """A value that is not text names its file and line (the first line of its type when a
+    column mixes types), like every other corpus error, not a row id."""
+    paths = []
+    for name, rows in files.items():
+        if name.endswith(".json"):  # one JSON array
+            (tmp_path / name).write_text(json.dumps(rows))
+            paths.append(str(tmp_path / name))
+        else:
+            paths.append(write_lines(tmp_path / name, rows))
+    cfg = CorpusConfig(source=",".join(paths), window=8, train_shards=1)
+    with pytest.raises(CorpusError, match=match) as e:
         build_corpus(cfg, FakeTokenizer(), "tok", tmp_path / "root")
+    assert "row-0" not in str(e.value)
+    assert not (tmp_path / "root").exists(), "nothing written"
+
+
+def test_non_text_value_in_parquet_and_csv_names_file_and_row(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": [["a"], ["b"]]}), tmp_path / "a.parquet")
+    pq.write_table(pa.table({"text": [None, None, ["c"]]}), tmp_path / "b.parquet")
+    with pytest.raises(CorpusError, match=r"a\.parquet row 0: a list in column 'text'"):
+        build_corpus(CorpusConfig(source=str(tmp_path / "a.parquet"), window=8), FakeTokenizer(), "tok", tmp_path / "r")
+    # rows counted across files (None texts are dropped as empty before the list is met)
+    lists = pa.list_(pa.string())
+    pq.write_table(pa.table({"text": pa.array([None, None], lists), "id": ["p", "q"]}), tmp_path / "a.parquet")
+    pq.write_table(pa.table({"text": pa.array([None, ["c"]], lists), "id": ["r", "s"]}), tmp_path / "b.parquet")
+    cfg = CorpusConfig(source=f"{tmp_path / 'a.parquet'},{tmp_path / 'b.parquet'}", id_column="id", window=8)
+    with pytest.raises(CorpusError, match=r"b\.parquet row 1 \(document id 's'\): a list in column 'text'"):
+        build_corpus(cfg, FakeTokenizer(), "tok", tmp_path / "r")
+    # CSV: the line a record starts on, past a quoted field that spans two lines and a blank line
+    (tmp_path / "docs.csv").write_text('text,note\n,"two\nlines"\n\n5,x\n')
+    with pytest.raises(CorpusError, match=r"docs\.csv:5: a (float|int) in column 'text'"):
+        build_corpus(CorpusConfig(source=str(tmp_path / "docs.csv"), window=8), FakeTokenizer(), "tok", tmp_path / "r")
 
 
 def test_missing_file_is_an_error(tmp_path):
@@ -156,13 +235,13 @@ def test_prompt_corpus_rejects_bad_values(tmp_path, teacher_tokenizer):
         return build_corpus(cfg, teacher_tokenizer, "tok", tmp_path / "root", mode=mode)
 
     good = [{"id": f"c{i}", "prompt": f"Pick {i}", "candidates": ["yes", "no"], "answer": i % 2} for i in range(4)]
-    with pytest.raises(CorpusError, match="document bad has a int in column 'prompt'"):
+    with pytest.raises(CorpusError, match=r"generate\.jsonl:1 \(document id 'bad'\): an int in column 'prompt', expected text"):
         build([{"id": "bad", "prompt": 7}], "generate")
     with pytest.raises(CorpusError, match="no column 'prompt'"):
         build([{"id": "a", "text": "hello"}], "generate")
-    with pytest.raises(CorpusError, match="example bad column 'candidates' must be a list"):
+    with pytest.raises(CorpusError, match=r"candidates\.jsonl:5: a str in column 'candidates', where \S+:1 holds a list"):
         build(good + [{"id": "bad", "prompt": "p", "candidates": "yes", "answer": 0}], "candidates")
-    with pytest.raises(CorpusError, match="example bad has answer=5"):
+    with pytest.raises(CorpusError, match="candidates.jsonl:5 \\(document id 'bad'\\): answer=5, expected an index"):
         build(good + [{"id": "bad", "prompt": "p", "candidates": ["a", "b"], "answer": 5}], "candidates")
     with pytest.raises(CorpusError, match="pydoc_topics: holds plain documents only"):
         build_corpus(CorpusConfig(), teacher_tokenizer, "tok", tmp_path / "r", mode="candidates")
