@@ -12,7 +12,9 @@ Round ``r`` starts from the round ``r - 1`` student (round 0: the distilled ``st
    answers with probability ``onpolicy.lmbda`` (GKD's lambda), else a teacher answer from the
    ``generate`` train shards (``storage.reader.MixStream``). The teacher's answers take
    ``train``'s loss (KD mixed with CE); the student's own answers take the KD term alone, at
-   full weight: they are not text to imitate (``distillation_loss``'s ``kd_only``).
+   full weight: they are not text to imitate (``distillation_loss``'s ``kd_only``). The teacher's
+   rows and the lambda coins go on where the training of the round's starting model ended
+   (``start_position``): each round reads the next teacher rows, not the first ones again.
 
 A round's folder is keyed by its starting weights, answers, data and settings, so a finished
 round is reused, a crashed one resumes from its checkpoints, and raising ``onpolicy.rounds``
@@ -31,6 +33,7 @@ import pyarrow as pa
 
 from distill.configbase import check
 from distill.teacher.labels import SamplingConfig
+from storage.reader import MixPosition, StreamPosition
 
 ONPOLICY_CODE_VERSION = "onpolicy-1"
 GENERATORS = ("student", "teacher")
@@ -242,6 +245,27 @@ class RoundPlan:
     answers: AnswerSet
     student: object  # StudentConfig
     train: object  # TrainConfig
+    position: MixPosition  # where its mix of teacher rows and own answers starts
+
+
+def start_position(trained: Path) -> MixPosition:
+    """Where a round's mix starts: where the training in folder ``trained`` (the one that made
+    the round's starting model: the distilled student, or the round before) ended, from its
+    ``summary.json``. The teacher's rows and the lambda coins go on from there, so rounds never
+    restart the stream at its first rows; the round's own answers (a new stream) start at their
+    first row. A student trained in several processes ended at one position per rank, none of
+    them this single-process stream's: its first round starts at the first row."""
+    path = Path(trained) / "summary.json"
+    summary = json.loads(path.read_text())
+    if summary.get("world_size", 1) > 1:
+        return MixPosition()
+    if "position" not in summary:
+        raise ValueError(f"{path}: no 'position' (trained before the trainer recorded where its data stream ended); "
+                         f"remove {Path(trained)} to train it again")
+    saved = summary["position"]
+    if "index" in saved:  # a round: a mix position
+        return MixPosition.from_dict(saved).with_new_extra()
+    return MixPosition(0, StreamPosition.from_dict(saved))  # the distilled student: its one stream is the mix's main
 
 
 def round_train_config(cfg):
@@ -280,12 +304,13 @@ def plan_round(cfg, r: int, previous: Path | None = None) -> RoundPlan:
                         f"onpolicy-{round_name(r)}")
     student = dataclasses.replace(cfg.student, init="checkpoint", checkpoint=str(start))
     train = round_train_config(cfg)
+    position = start_position(start.parent)
     names = [n for n in cfg.corpus.shard_names() if pipeline.split_of(n) == "train"]
     code = pipeline.training_code_fingerprint() + pipeline.source_fingerprint(("distill.onpolicy",))
     key = content_key({"student": pipeline.student_key(student, train, [*pipeline.shard_keys(cfg, names).values(), answers.key],
                                                        checkpoint_hashes(start)["weights"], code),
-                       "lmbda": oc.lmbda, "generator": oc.generator, "round": r})
-    return RoundPlan(r, start, cfg.root / "onpolicy" / f"{round_name(r)}-{key}", answers, student, train)
+                       "lmbda": oc.lmbda, "generator": oc.generator, "round": r, "position": position.to_dict()})
+    return RoundPlan(r, start, cfg.root / "onpolicy" / f"{round_name(r)}-{key}", answers, student, train, position)
 
 
 def run_round(cfg, r: int, progress: bool = True, previous: Path | None = None) -> dict:
@@ -305,8 +330,9 @@ def run_round(cfg, r: int, progress: bool = True, previous: Path | None = None) 
         offpolicy = pipeline.open_split(cfg, "train")
         atomic_write_text(out / "run_config.json", json.dumps(cfg.to_dict(), indent=1, default=str))
         summary = train(plan.student, plan.train, pipeline.teacher_dir(cfg), offpolicy, out, len(pipeline.tokenizer(cfg)),
-                        mix=([answers], cfg.onpolicy.lmbda))
+                        mix=([answers], cfg.onpolicy.lmbda), start=plan.position)
         info = {**{k: v for k, v in summary.items() if k != "model_dir"}, "round": r, "start": str(plan.start),
+                "start_position": plan.position.to_dict(),
                 "generator": cfg.onpolicy.generator, "lmbda": cfg.onpolicy.lmbda, "answers_key": plan.answers.key,
                 "answers": answers.rows, "answer_tokens": answers.tokens, "prompts": plan.answers.prompts.num_rows}
         atomic_write_text(out / ROUND_INFO, json.dumps(info, indent=1))

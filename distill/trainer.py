@@ -585,6 +585,7 @@ def train(
     on_step: Callable[[dict], None] | None = None,
     cross=None,
     mix: tuple[Sequence[Shard], float] | None = None,
+    start: StreamPosition | MixPosition | None = None,
 ) -> dict:
     """Train a student on ``shards`` into ``out_dir/model``; resumes from ``out_dir/checkpoints``.
 
@@ -601,7 +602,10 @@ def train(
     else from ``shards`` (``storage.reader.MixStream``; on-policy rounds mix the student's own
     answers in this way); both sets must hold the same kind of labels. Rows of
     ``extra_shards`` learn from the KD term alone (``distillation_loss``'s ``kd_only``): their
-    tokens are the student's, not text to imitate.
+    tokens are the student's, not text to imitate. ``start``: where the data stream begins when
+    ``out_dir`` holds no checkpoint (a ``MixPosition`` with ``mix``; default: its first row), so a
+    run can continue another's stream (on-policy rounds); the summary's ``position`` is where this
+    rank's stream ended.
     """
     import torch.distributed as dist
     from tqdm.auto import tqdm
@@ -641,6 +645,10 @@ def train(
         stream = MixStream(stream, ShardStream(extra, seed=cfg.seed + 1, shuffle=cfg.shuffle, rank=rank, world_size=world,
                                                shuffle_buffer=cfg.shuffle_buffer), share, cfg.seed)
         state.position = MixPosition()
+    if start is not None:
+        if type(start) is not type(state.position):
+            raise ValueError(f"{out_dir}: start position {start} does not fit this run's stream ({type(state.position).__name__})")
+        state.position = start
     state.restore(ckpt_root, out_dir / HISTORY, rank, world)
     data = batches(stream, cfg.batch_size, k, state.position, with_ids=row_log is not None, collate_rows=collate_rows)
     log = open(f"{row_log}.rank{rank}", "a") if row_log is not None else None
@@ -706,7 +714,7 @@ def train(
         return {"steps": state.step, "finished": False}
     summary = finish(out_dir, state, teacher_dir, {
         "steps": state.step, "labelled_tokens_this_run": tokens_seen * world,
-        "seconds_this_run": time.perf_counter() - t_start, "world_size": world,
+        "seconds_this_run": time.perf_counter() - t_start, "world_size": world, "position": state.position.to_dict(),
     }, weights=weights, architecture=architecture if state.sharded else None, tokenizer=cross.tokenizer if cross is not None else None)
     _barrier(world)  # no rank leaves (and torchrun reports success) before the model is saved
     return summary

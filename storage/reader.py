@@ -314,6 +314,12 @@ class MixPosition:
     def from_dict(cls, data: dict) -> "MixPosition":
         return cls(int(data["index"]), StreamPosition(**data["main"]), StreamPosition(**data["extra"]))
 
+    def with_new_extra(self) -> "MixPosition":
+        """Where a mix of the same ``main`` stream with a new ``extra`` stream continues this one:
+        the next coin and main row, the new extra stream from its first row (an on-policy round
+        after the last one: the same teacher rows go on, the round's own answers are new)."""
+        return MixPosition(self.index, self.main, StreamPosition())
+
 
 class MixStream:
     """Rows of two streams: row ``i`` comes from ``extra`` with probability ``share`` (a coin

@@ -92,6 +92,13 @@ def test_rounds_train_on_the_students_own_answers_labelled_by_the_teacher(onpoli
     both = onpolicy.run_rounds(cfg)
     assert [i["reused"] for i in both] == [True, False]
     assert both[1]["start"] == str(Path(first["out_dir"]) / "model") and both[1]["answers_key"] != first["answers_key"]
+    # the teacher's rows and the lambda coins go on: round 1 where the distilled student's stream ended, round 2 where
+    # round 1's did (its own answers, a new stream, from their first row); tests/distill/test_onpolicy.py checks the rows
+    student_end = json.loads((start.parent / "summary.json").read_text())["position"]
+    assert first["start_position"] == {"index": 0, "main": student_end, "extra": {"epoch": 0, "unit": 0, "row": 0}}
+    assert both[1]["start_position"] == {**first["position"], "extra": {"epoch": 0, "unit": 0, "row": 0}}
+    assert first["position"]["index"] == 2 * cfg.train.batch_size * cfg.train.grad_accum
+    assert both[1]["position"]["index"] == 2 * first["position"]["index"]
     assert onpolicy.final_model(cfg) == Path(both[1]["out_dir"]) / "model"
 
     # a finished run needs no engine at all
