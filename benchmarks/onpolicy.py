@@ -17,7 +17,10 @@ the corpus first: one question per module of the standard-library docstring corp
 
 All three are evaluated on held-out prompts: KL(teacher || student) on the teacher's answers and
 on each student's own sampled answers (``self_kl``, what GKD targets), top-1 agreement, and the
-agreement of greedy answers with the teacher's. Teacher tokens are the answer tokens the teacher
+agreement of greedy answers with the teacher's. Beside ``self_kl``, what a low KL on a student's
+own answers could hide: their mean length in tokens, the share that ended by EOS (not at
+``max_tokens``), distinct-2 and the teacher's log-likelihood per token of them; the teacher's own
+answers, sampled alike, give the reference row. Teacher tokens are the answer tokens the teacher
 labelled (the off-policy set plus every round's answers). The last line is
 ``onpolicy_vs_control_self_kl=`` (below 1: on-policy rounds bring the student's own answers
 closer to the teacher than off-policy rounds at equal teacher work).
@@ -85,12 +88,17 @@ def main() -> None:
     print(f"\n{args.config}: {len(onpolicy.prompt_table(cfg, 'train'))} training prompts, {len(onpolicy.prompt_table(cfg, 'heldout'))} held-out; "
           f"{oc.rounds} rounds x {oc.steps} steps, lambda {oc.lmbda}, {oc.prompts_per_round or 'all'} prompts x {oc.sampling.n} answers per round; "
           f"held-out: {sum(s.tokens for s in heldout)} teacher-answer tokens, own answers {[s.tokens for s in own]} tokens")
-    print("| student | steps | teacher tokens | KL (teacher answers) | KL (own answers) | top-1 (own) | greedy exact | greedy prefix |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| student | steps | teacher tokens | KL (teacher answers) | KL (own answers) | top-1 (own) | greedy exact | greedy prefix | "
+          "own answer tokens | ended by EOS | distinct-2 | teacher log-lik./token (own) |")
+    print("|---|" + "---:|" * 11)
+    t = results["teacher"]
+    print(f"| teacher (own answers, sampled alike) | – | – | – | – | – | – | – | {t['self_len']:.1f} | {t['self_eos']:.3f} | "
+          f"{t['self_distinct2']:.3f} | {t['self_teacher_ll']:.4f} |")
     for name in students:
         m = results[name]
         print(f"| {name} | {steps[name]} | {teacher_tokens[name]} | {m['kl']:.4f} | {m['self_kl']:.4f} | {m['self_top1']:.4f} | "
-              f"{m['greedy_exact_match']:.3f} | {m['greedy_prefix_agreement']:.3f} |")
+              f"{m['greedy_exact_match']:.3f} | {m['greedy_prefix_agreement']:.3f} | {m['self_len']:.1f} | {m['self_eos']:.3f} | "
+              f"{m['self_distinct2']:.3f} | {m['self_teacher_ll']:.4f} |")
     for metric in ("kl", "greedy_prefix_agreement"):
         print(f"onpolicy_vs_control_{metric}={results['onpolicy'][metric] / max(results['control'][metric], 1e-12):.4f}")
     print(f"onpolicy_vs_control_teacher_tokens={teacher_tokens['onpolicy'] / teacher_tokens['control']:.4f}")

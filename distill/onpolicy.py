@@ -25,15 +25,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
 
 from distill.configbase import check
 from distill.teacher.labels import SamplingConfig
-from storage.reader import MixPosition, StreamPosition
+from storage.reader import MixPosition, ShardStream, StreamPosition
 
 ONPOLICY_CODE_VERSION = "onpolicy-1"
 GENERATORS = ("student", "teacher")
@@ -382,11 +384,62 @@ def self_answer_sets(cfg, models: dict[str, Path]) -> list[AnswerSet]:
             for name, path in models.items()]
 
 
+def teacher_answer_set(cfg) -> AnswerSet:
+    """The teacher's own answers to the students' held-out prompts, sampled as theirs are: the
+    reference for their length, EOS share and diversity."""
+    from distill import pipeline
+
+    prompts = prompt_table(cfg, "heldout")
+    prompts = prompts.slice(0, min(cfg.onpolicy.eval_prompts, prompts.num_rows))
+    sampling, teacher = eval_sampling(cfg), pipeline.teacher_dir(cfg)
+    return AnswerSet(answers_key(cfg, teacher, prompts, sampling), "teacher", teacher, prompts, sampling, "heldout", "self-teacher")
+
+
+def distinct_n(answers: Sequence[Sequence[int]], n: int = 2) -> float:
+    """Distinct-n (Li et al., NAACL 2016, "A Diversity-Promoting Objective Function for Neural
+    Conversation Models", sec. 4.3): distinct n-grams / all n-grams of ``answers`` (token ids;
+    n-grams inside each answer, counted over all answers). 0 when no answer holds an n-gram."""
+    grams = [tuple(a[i : i + n]) for a in answers for i in range(len(a) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def answer_stats(answer_ids: Sequence[Sequence[int]], finish_reasons: Sequence[str], teacher_logprobs: Sequence[Sequence[float]]) -> dict:
+    """What a low KL on a model's own answers could hide (short or repetitive answers), over a
+    set of answers: ``self_len`` (mean answer tokens, EOS included), ``self_eos`` (share of
+    answers that ended by EOS, finish reason ``stop``, rather than at ``max_tokens``,
+    ``length``), ``self_distinct2`` (``distinct_n`` of bigrams) and ``self_teacher_ll`` (the
+    teacher's log-likelihood per answer token, token-weighted: ``teacher_logprobs[i][t]`` is
+    its logprob of token t of answer i; nan when every answer is empty)."""
+    if not answer_ids:
+        raise ValueError("answer_stats: no answers")
+    if not len(answer_ids) == len(finish_reasons) == len(teacher_logprobs):
+        raise ValueError(f"answer_stats: {len(answer_ids)} answers, {len(finish_reasons)} finish reasons, {len(teacher_logprobs)} logprob lists")
+    for i, (ids, reason, logprobs) in enumerate(zip(answer_ids, finish_reasons, teacher_logprobs)):
+        if reason not in ("stop", "length"):
+            raise ValueError(f"answer_stats: answer {i} has finish reason {reason!r}, not 'stop' or 'length'")
+        if len(ids) != len(logprobs):
+            raise ValueError(f"answer_stats: answer {i} has {len(ids)} tokens but {len(logprobs)} teacher logprobs")
+    tokens = sum(len(ids) for ids in answer_ids)
+    return {"self_len": tokens / len(answer_ids), "self_eos": sum(r == "stop" for r in finish_reasons) / len(answer_ids),
+            "self_distinct2": distinct_n(answer_ids, 2),
+            "self_teacher_ll": float(sum(float(np.sum(lp, dtype=np.float64)) for lp in teacher_logprobs) / tokens) if tokens else math.nan}
+
+
+def shard_answer_stats(shard) -> dict:
+    """``answer_stats`` of the answers in a ``generate`` shard (the teacher's labels: its
+    logprobs of the answer tokens)."""
+    rows = [row for row, _ in ShardStream([shard], shuffle=False).rows(StreamPosition(), epochs=1)]
+    return answer_stats([[int(t) for t in r["input_ids"][int(r["label_start"]) + 1 :]] for r in rows], [r["finish_reason"] for r in rows],
+                        [r["target_logprobs"] for r in rows])
+
+
 def compare_students(cfg, students: dict[str, Path]) -> tuple[dict, list, list]:
     """Teacher and ``students`` (name: checkpoint) on held-out prompts: KL, top-1 and
     perplexity on the teacher's answers, greedy-answer agreement with the teacher, and KL /
     top-1 to the teacher on each student's own sampled answers (``self_kl``, ``self_top1``:
-    what on-policy training targets). Returns (results, held-out shards, own-answer shards)."""
+    what on-policy training targets) beside those answers' ``answer_stats`` (the teacher's own
+    answers, sampled alike, give its row of them). Returns (results, held-out shards, own-answer
+    shards of the students)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -396,14 +449,15 @@ def compare_students(cfg, students: dict[str, Path]) -> tuple[dict, list, list]:
     shards = pipeline.open_split(cfg, "heldout")
     results = evaluate({"teacher": pipeline.teacher_dir(cfg), **students}, shards, cfg.eval, cfg.train.precision,
                        engine_factory=lambda: pipeline.get_engine(cfg))
-    own = label_answer_sets(cfg, self_answer_sets(cfg, students))
+    *own, teacher_own = label_answer_sets(cfg, [*self_answer_sets(cfg, students), teacher_answer_set(cfg)])
+    results["teacher"].update(shard_answer_stats(teacher_own), self_tokens=teacher_own.tokens)
     free_device()
     device, bf16 = eval_device(cfg.train.precision)
     for (name, path), shard in zip(students.items(), own):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True).to(device)
         with torch.no_grad():
             m = evaluate_model(model, [shard], cfg.eval, bf16)
-        results[name].update(self_kl=m["kl"], self_top1=m["top1"], self_tokens=shard.tokens)
+        results[name].update(self_kl=m["kl"], self_top1=m["top1"], self_tokens=shard.tokens, **shard_answer_stats(shard))
         del model
     return results, shards, own
 
@@ -435,9 +489,14 @@ def evaluate_rounds(cfg) -> dict:
     return report
 
 
+ANSWER_COLUMNS = [("self_len", "own answer tokens", ".1f"), ("self_eos", "ended by EOS", ".3f"), ("self_distinct2", "distinct-2", ".3f"),
+                  ("self_teacher_ll", "teacher log-lik./token (own)", ".4f")]
+
+
 def onpolicy_table(results: dict) -> str:
     cols = [("ppl", "ppl (teacher answers)", ".2f"), ("kl", "KL (teacher answers)", ".4f"), ("top1", "top-1", ".4f"),
             ("self_kl", "KL (own answers)", ".4f"), ("self_top1", "top-1 (own answers)", ".4f"),
+            *ANSWER_COLUMNS,
             ("greedy_exact_match", "greedy exact", ".3f"), ("greedy_prefix_agreement", "greedy prefix", ".3f")]
     lines = ["| model | " + " | ".join(c[1] for c in cols) + " |", "|---|" + "---:|" * len(cols)]
     for name, m in results.items():

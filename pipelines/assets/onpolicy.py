@@ -37,13 +37,16 @@ def build_onpolicy_assets(partitions: dg.PartitionsDefinition) -> list:
         group_name="evaluation",
         deps=["onpolicy_student", "student_model", "teacher_logits"],
         description="The last on-policy round's student against the distilled (off-policy) student: KL to the teacher on the "
-                    "teacher's held-out answers and on each student's own sampled answers, and greedy agreement.",
+                    "teacher's held-out answers and on each student's own sampled answers, and greedy agreement; beside the "
+                    "own-answer KL, those answers' length, share ended by EOS, distinct-2 and teacher log-likelihood per token "
+                    "(a low KL won by short or repetitive answers shows there).",
     )
     def onpolicy_evaluation(context: dg.AssetExecutionContext, settings: DistillSettings, teacher_engine: TeacherEngine) -> dg.MaterializeResult:
         report = onpolicy.evaluate_rounds(settings.load())
         context.log.info("\n" + report["table"] + "\n" + report["summary"])
         numbers = {f"{model}_{metric}": float(value) for model, m in report["results"].items() for metric, value in m.items()
-                   if metric in ("ppl", "kl", "top1", "self_kl", "self_top1", "greedy_exact_match", "greedy_prefix_agreement", "answer_tokens")}
+                   if metric in ("ppl", "kl", "top1", "self_kl", "self_top1", "greedy_exact_match", "greedy_prefix_agreement", "answer_tokens",
+                                 "self_len", "self_eos", "self_distinct2", "self_teacher_ll")}
         return dg.MaterializeResult(metadata={"table": dg.MetadataValue.md(report["table"]), "summary": report["summary"],
                                               "report": dg.MetadataValue.path(report["out_dir"] + "/report.md"), **numbers})
 

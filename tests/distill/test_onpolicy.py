@@ -1,5 +1,7 @@
 """On-policy rounds without an engine: each round continues the teacher-row stream and the
-lambda coins where the training before it ended (the real trainer on synthetic shards)."""
+lambda coins where the training before it ended (the real trainer on synthetic shards), and the
+answer statistics reported beside the KL on a student's own answers (reference values on
+hand-made answers)."""
 from __future__ import annotations
 
 import json
@@ -10,6 +12,54 @@ from distill import onpolicy
 from storage.reader import MixPosition, MixStream, ShardStream, StreamPosition, open_shard
 from storage.writer import ShardWriter
 from tests.storage.test_shards import make_meta, make_rows
+
+
+def test_distinct_n_reference_values():
+    # bigrams (1,2) (2,3) (3,1) (1,2) | (1,2) (2,2) (2,2): 7 bigrams, 4 distinct, counted over both answers
+    assert onpolicy.distinct_n([[1, 2, 3, 1, 2], [1, 2, 2, 2]], 2) == pytest.approx(4 / 7)
+    assert onpolicy.distinct_n([[7, 7, 7, 7, 7]], 2) == pytest.approx(1 / 4)  # a loop: one bigram, four times
+    assert onpolicy.distinct_n([[1, 2, 3, 4]], 2) == 1.0
+    assert onpolicy.distinct_n([[1, 2, 3], [3, 1]], 1) == pytest.approx(3 / 5)
+    assert onpolicy.distinct_n([[5], []], 2) == 0.0  # no bigram at all (a bigram never spans two answers)
+
+
+def test_answer_stats_reference_values():
+    answers = [[1, 2, 3, 1, 2], [1, 2, 2, 2], [9]]
+    logprobs = [[-1.0, -2.0, -0.5, -0.5, -1.0], [-3.0, -1.0, -1.0, -1.0], [-0.25]]
+    stats = onpolicy.answer_stats(answers, ["stop", "length", "stop"], logprobs)
+    assert stats["self_len"] == pytest.approx(10 / 3)
+    assert stats["self_eos"] == pytest.approx(2 / 3)
+    assert stats["self_distinct2"] == pytest.approx(4 / 7)
+    assert stats["self_teacher_ll"] == pytest.approx(-11.25 / 10)  # token-weighted, not a mean of answer means
+    # one short answer and one long one: the long one's tokens weigh more
+    stats = onpolicy.answer_stats([[1], [2, 3, 4]], ["stop", "stop"], [[-4.0], [0.0, 0.0, 0.0]])
+    assert stats["self_teacher_ll"] == pytest.approx(-1.0) and stats["self_len"] == 2.0 and stats["self_eos"] == 1.0
+
+
+@pytest.mark.parametrize("answers, reasons, logprobs, match", [
+    ([], [], [], "no answers"),
+    ([[1, 2]], ["stop", "stop"], [[0.0, 0.0]], "2 finish reasons"),
+    ([[1, 2]], ["abort"], [[0.0, 0.0]], "'abort'"),
+    ([[1, 2]], ["stop"], [[0.0]], "2 tokens but 1 teacher logprobs"),
+])
+def test_answer_stats_refuses_inconsistent_input(answers, reasons, logprobs, match):
+    with pytest.raises(ValueError, match=match):
+        onpolicy.answer_stats(answers, reasons, logprobs)
+
+
+def test_shard_answer_stats_reads_the_answers_of_a_generate_shard(tmp_path):
+    rows = make_rows(12, 49152, 4, seed=3, length=(6, 20))
+    for i, r in enumerate(rows):
+        r.update(prompt_text=f"prompt {i}", response_text=f"answer {i}", finish_reason="length" if i % 4 == 0 else "stop")
+    path = tmp_path / "own.parquet"
+    with ShardWriter(path, make_meta(mode="generate", shard="self-x", split="heldout"), row_group_rows=5) as w:
+        w.write_many(rows)
+    stats = onpolicy.shard_answer_stats(open_shard(path))
+    answers = [list(r["input_ids"][r["label_start"] + 1 :]) for r in rows]
+    expect = onpolicy.answer_stats(answers, [r["finish_reason"] for r in rows], [r["target_logprobs"] for r in rows])
+    assert stats["self_len"] == expect["self_len"] and stats["self_eos"] == 0.75 and stats["self_distinct2"] == expect["self_distinct2"]
+    # the stored teacher logprobs are quantized (storage.codec): 1e-3 nats per token is far above their error
+    assert stats["self_teacher_ll"] == pytest.approx(expect["self_teacher_ll"], abs=1e-3)
 
 
 def _write(folder, prefix: str, n_shards: int, rows: int, seed: int) -> list:

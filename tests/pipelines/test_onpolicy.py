@@ -150,6 +150,14 @@ def test_rounds_are_asset_partitions_and_the_evaluation_reports_own_answer_kl(on
         assert 0 <= m["greedy_exact_match"] <= m["greedy_prefix_agreement"] <= 1
         assert meta[f"{name}_self_kl"].value == pytest.approx(m["self_kl"])
     assert results["onpolicy"]["answer_tokens"] == sum(r["answer_tokens"] for r in report["rounds"]) > 0
+    # beside the own-answer KL: what it could hide (short, cut or repetitive answers); the teacher's own answers, sampled alike
+    answers = cfg.onpolicy.sampling.n * min(cfg.onpolicy.eval_prompts, onpolicy.prompt_table(cfg, "heldout").num_rows)
+    for name in ("teacher", "offpolicy", "onpolicy"):
+        m = results[name]
+        assert m["self_len"] * answers == pytest.approx(m["self_tokens"]) and 1 <= m["self_len"] <= cfg.onpolicy.sampling.max_tokens
+        assert 0 <= m["self_eos"] <= 1 and 0 < m["self_distinct2"] <= 1 and m["self_teacher_ll"] < 0
+        assert meta[f"{name}_self_teacher_ll"].value == pytest.approx(m["self_teacher_ll"])
+    assert "distinct-2" in meta["table"].value
     assert "KL (own answers)" in meta["table"].value and len(report["rounds"]) == 2
 
 
