@@ -3,6 +3,9 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PORT   ?= 3000
 CONFIG ?= configs/demo.yaml
+# Offline unless asked: a hub id as teacher.model or corpus.source downloads once with
+# `make demo CONFIG=my.yaml HF_HUB_OFFLINE=0` (or HF_HUB_OFFLINE=0 in the environment); later
+# runs read the Hugging Face cache.
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export DAGSTER_HOME ?= $(CURDIR)/data/dagster_home

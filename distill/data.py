@@ -286,7 +286,13 @@ def _located_records(cfg: CorpusConfig, columns: list[str], optional: tuple[str,
             # changing between rows; with a blank line in that JSONL file, a bare ValueError)
             raise CorpusError(f"{', '.join(files)}: the datasets library cannot read the corpus.source file(s): {e.__cause__ or e}") from e
     else:
-        ds = datasets.load_dataset(cfg.source, split=cfg.split)
+        try:
+            ds = datasets.load_dataset(cfg.source, split=cfg.split)
+        except (ConnectionError, FileNotFoundError) as e:  # offline, or no such dataset
+            hint = ("HF_HUB_OFFLINE is on (the Makefile's default), so nothing is downloaded: run once with "
+                    "HF_HUB_OFFLINE=0 (make demo CONFIG=... HF_HUB_OFFLINE=0) to fetch it into the Hugging Face cache"
+                    if datasets.config.HF_HUB_OFFLINE else "check the dataset id, or give local files")
+            raise CorpusError(f"corpus.source={cfg.source!r}: no such local file, and the hub dataset cannot be loaded ({e}); {hint}") from e
     for col in columns + ([cfg.id_column] if cfg.id_column else []):
         if col not in ds.column_names:
             raise CorpusError(f"{cfg.source}: no column {col!r}; columns are {ds.column_names} (set the corpus.*_column options)")

@@ -169,6 +169,15 @@ def test_missing_file_is_an_error(tmp_path):
         list(load_documents(CorpusConfig(source=str(tmp_path / "nope.jsonl"))))
 
 
+def test_hub_source_offline_says_how_to_download(monkeypatch):
+    """The Makefile sets HF_HUB_OFFLINE=1: a hub dataset not yet in the cache says how to fetch it."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    with pytest.raises(CorpusError, match=r"corpus\.source='someone/no-such-dataset': .*HF_HUB_OFFLINE=0 \(make demo"):
+        list(load_documents(CorpusConfig(source="someone/no-such-dataset")))
+
+
 def test_all_empty_is_an_error(tmp_path):
     src = write_jsonl(tmp_path / "docs.jsonl", [{"text": ""}, {"text": "  "}])
     with pytest.raises(CorpusError, match="no non-empty documents"):
