@@ -149,7 +149,8 @@ def resolve_teacher(name_or_path: str, root: str | os.PathLike) -> Path:
     except Exception as e:  # add context: which teacher, and the offline hint
         raise TeacherError(
             f"teacher {name_or_path!r} is neither a local folder nor downloadable from the hub ({e}). "
-            "Offline machines need a local checkpoint folder."
+            "Offline machines need a local checkpoint folder; with HF_HUB_OFFLINE=1 (the Makefile's default) a hub id "
+            "loads only from the local Hugging Face cache: run once with HF_HUB_OFFLINE=0 to download it."
         ) from e
     return check_checkpoint(Path(path))
 
