@@ -107,8 +107,9 @@ def run_rank(job_path: Path) -> dict:
     def on_step(entry: dict) -> None:
         if entry["step"] % every == 0 or entry["step"] == entry["steps"]:
             pipes.log.info(f"step {entry['step']}/{entry['steps']}: loss {entry['loss']:.4f} (ce {entry['ce']:.4f}, kd {entry['kd']:.4f}), "
-                           f"lr {entry['lr']:.3g}, {entry['tok_s']:.0f} labelled tok/s")
-            pipes.report_custom_message({k: entry[k] for k in ("step", "loss", "ce", "kd", "lr", "tok_s")})
+                           f"lr {entry['lr']:.3g}, grad norm {entry['grad_norm']:.3g}, {entry['tok_s']:.0f} labelled tok/s (all ranks), "
+                           f"peak memory {entry['peak_memory_mib']:.0f} MiB (rank 0)")
+            pipes.report_custom_message({k: entry[k] for k in ("step", "loss", "ce", "kd", "lr", "grad_norm", "peak_memory_mib", "tok_s")})
 
     import contextlib
 

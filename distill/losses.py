@@ -45,7 +45,7 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
 
 def sparse_log_distributions(
     student_logits: torch.Tensor,
-    topk_ids: torch.Tensor,
+    topk_ids: torch.Tensor | None,
     teacher_logprobs: torch.Tensor,
     tail: str = "renormalize",
     temperature: float = 1.0,
@@ -54,15 +54,20 @@ def sparse_log_distributions(
     """Teacher and student log-distributions on a common support: (B, T, K) or (B, T, K+1).
 
     ``student_lse`` (B, T, 1) may pass a precomputed ``logsumexp(student_logits / T)`` to share
-    it with the cross-entropy term.
+    it with the cross-entropy term. ``topk_ids=None``: ``teacher_logprobs`` (B, T, V) cover the
+    whole vocabulary (an online teacher's log-softmax); both sides are then full (B, T, V)
+    distributions at temperature T, with no tail to treat (``tail`` is ignored).
     """
     if tail not in TAILS:
         raise ValueError(f"tail={tail!r}: expected one of {TAILS}")
-    if tail == "bucket" and temperature != 1.0:
-        raise ValueError("tail='bucket' needs temperature 1: the tempered tail mass is unknown from top-k labels")
     logits = student_logits.float()
     if temperature != 1.0:
         logits = logits / temperature
+    if topk_ids is None:
+        teacher_lp = torch.log_softmax(teacher_logprobs.float() / temperature, dim=-1)  # (B, T, V)
+        return teacher_lp, logits - (torch.logsumexp(logits, dim=-1, keepdim=True) if student_lse is None else student_lse)
+    if tail == "bucket" and temperature != 1.0:
+        raise ValueError("tail='bucket' needs temperature 1: the tempered tail mass is unknown from top-k labels")
     if student_lse is None:
         student_lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (B, T, 1)
     valid = torch.isfinite(teacher_logprobs)  # (B, T, K)
@@ -195,7 +200,7 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, denominator: float | t
 
 def kd_loss(
     student_logits: torch.Tensor,
-    topk_ids: torch.Tensor,
+    topk_ids: torch.Tensor | None,
     teacher_logprobs: torch.Tensor,
     mask: torch.Tensor,
     divergence: str = "forward_kl",
@@ -210,8 +215,9 @@ def kd_loss(
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence={divergence!r}: expected one of {sorted(DIVERGENCES)}")
     log_p, log_q = sparse_log_distributions(student_logits, topk_ids, teacher_logprobs, tail, temperature, student_lse)
-    # ``bucket``: the last outcome is the tail bucket (read by AKL, which counts it as tail)
-    per_position = DIVERGENCES[divergence](log_p, log_q, bucket=tail == "bucket", **divergence_kwargs)  # (B, T)
+    # ``bucket``: the last outcome is the tail bucket (read by AKL, which counts it as tail); full labels have none
+    bucket = tail == "bucket" and topk_ids is not None
+    per_position = DIVERGENCES[divergence](log_p, log_q, bucket=bucket, **divergence_kwargs)  # (B, T)
     return masked_mean(per_position, mask, denominator) * temperature ** TEMPERATURE_POWER[divergence]
 
 
@@ -230,7 +236,7 @@ def cross_entropy(
 def distillation_loss(
     student_logits: torch.Tensor,
     targets: torch.Tensor,
-    topk_ids: torch.Tensor,
+    topk_ids: torch.Tensor | None,
     teacher_logprobs: torch.Tensor,
     mask: torch.Tensor,
     kd_weight: float = 0.5,
@@ -252,6 +258,8 @@ def distillation_loss(
 
     One ``logsumexp`` over the vocabulary serves both terms at T = 1, which keeps a KD step
     nearly as cheap as a CE-only step. ``kd_weight = 0`` skips the KD term entirely.
+    ``topk_ids=None``: ``teacher_logprobs`` (B, T, V) are the teacher's whole distribution (the
+    trainer's online-teacher path), see ``sparse_log_distributions``.
     """
     logits = student_logits.float()
     lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (B, T, 1)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from distill.configbase import check
-from distill.losses import CROSS_TOKENIZER_LOSSES, DIVERGENCES, TAILS, candidate_loss, candidate_scores, cross_tokenizer_loss, distillation_loss
+from distill.losses import CROSS_TOKENIZER_LOSSES, DIVERGENCES, NEG, TAILS, candidate_loss, candidate_scores, cross_tokenizer_loss, distillation_loss
 from distill.student import StudentConfig, build_student
 from storage.reader import MixPosition, MixStream, Shard, ShardStream, StreamPosition
 from storage.writer import atomic_write_text
@@ -478,8 +478,22 @@ def step_counts(micro_batches: Sequence[dict], mode: str) -> torch.Tensor:
     return torch.tensor([tokens, tokens], dtype=torch.float64)
 
 
-def micro_batch_loss(model, batch: dict, cfg: TrainConfig, mode: str, normalize: bool, counts: torch.Tensor, device) -> tuple:
-    """This micro-batch's share of the step's loss: its sums divided by the step's counts."""
+def online_labels(teacher: torch.nn.Module, batch: dict, student_vocab: int, cfg: TrainConfig, device) -> torch.Tensor:
+    """The online teacher's log-softmax over the whole vocabulary at every position (B, T, V),
+    at the student's precision; ids the teacher's head lacks (a student padded beyond it) get
+    probability 0."""
+    with torch.no_grad(), _autocast(cfg, device):
+        teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    teacher_logprobs = torch.log_softmax(teacher_logits.float(), dim=-1)  # (B, T, V_teacher)
+    if teacher_logprobs.shape[-1] < student_vocab:
+        teacher_logprobs = torch.nn.functional.pad(teacher_logprobs, (0, student_vocab - teacher_logprobs.shape[-1]), value=NEG)  # not -inf: 0 * -inf is NaN
+    return teacher_logprobs
+
+
+def micro_batch_loss(model, batch: dict, cfg: TrainConfig, mode: str, normalize: bool, counts: torch.Tensor, device,
+                     teacher: torch.nn.Module | None = None) -> tuple:
+    """This micro-batch's share of the step's loss: its sums divided by the step's counts.
+    ``teacher``: the KD target is its full distribution, not the batch's stored labels."""
     with _autocast(cfg, device):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     if mode == "candidates":
@@ -488,8 +502,11 @@ def micro_batch_loss(model, batch: dict, cfg: TrainConfig, mode: str, normalize:
                               cfg.temperature, num_examples=counts[0], num_gold=counts[1])
     if mode == "xtok":
         return cross_tokenizer_loss(logits, batch, cfg.kd_weight, cfg.cross_tokenizer_loss, num_tokens=counts[0], num_aligned=counts[1])
+    topk_ids, teacher_logprobs = batch["topk_ids"], batch["teacher_logprobs"]
+    if teacher is not None and (cfg.kd_weight > 0 or "kd_only" in batch):  # CE alone needs no teacher (as offline)
+        topk_ids, teacher_logprobs = None, online_labels(teacher, batch, logits.shape[-1], cfg, device)
     return distillation_loss(
-        logits, batch["targets"], batch["topk_ids"], batch["teacher_logprobs"], batch["mask"],
+        logits, batch["targets"], topk_ids, teacher_logprobs, batch["mask"],
         kd_weight=cfg.kd_weight, divergence=cfg.divergence, tail=cfg.tail, temperature=cfg.temperature, num_tokens=counts[0],
         kd_only=batch.get("kd_only"),
         **({"beta": cfg.beta} if cfg.divergence == "jsd" else {}),
@@ -498,9 +515,12 @@ def micro_batch_loss(model, batch: dict, cfg: TrainConfig, mode: str, normalize:
     )
 
 
-def train_step(model, micro_batches: Sequence[dict], cfg: TrainConfig, mode: str, normalize: bool, world: int, device) -> dict:
+def train_step(model, micro_batches: Sequence[dict], cfg: TrainConfig, mode: str, normalize: bool, world: int, device,
+               teacher: torch.nn.Module | None = None) -> dict:
     """Forward and backward over one optimizer step's micro-batches; leaves the gradients in
-    ``model`` and returns the step's loss, ce and kd (token-weighted means over every rank).
+    ``model`` and returns the step's loss, ce and kd (token-weighted means over every rank) and
+    ``tokens``, the labelled tokens that every rank together processed in this step.
+    ``teacher``: an online teacher (see ``train``).
 
     Every labelled token of the step weighs the same, however the step is split into
     micro-batches and ranks: each micro-batch's loss is its sum over tokens divided by the
@@ -509,21 +529,32 @@ def train_step(model, micro_batches: Sequence[dict], cfg: TrainConfig, mode: str
     """
     import torch.distributed as dist
 
-    counts = step_counts(micro_batches, mode)
-    if world > 1:
-        dist.all_reduce(counts)
-    counts = counts.clamp(min=1.0).float().to(device)
+    tokens = float(sum(int(b["mask"].sum()) for b in micro_batches))
+    totals = torch.cat([step_counts(micro_batches, mode), torch.tensor([tokens], dtype=torch.float64)])
+    if world > 1:  # one collective for the loss denominators and the throughput count
+        dist.all_reduce(totals)
+    counts, tokens = totals[:2].clamp(min=1.0).float().to(device), float(totals[2])
     parts = torch.zeros(3, dtype=torch.float64)
     for i, batch in enumerate(micro_batches):
         batch = {name: t.to(device) for name, t in batch.items()}
         last = i == len(micro_batches) - 1
         with _gradient_sync(model, last or world == 1):
-            loss, terms = micro_batch_loss(model, batch, cfg, mode, normalize, counts, device)
+            loss, terms = micro_batch_loss(model, batch, cfg, mode, normalize, counts, device, teacher)
             (loss * world).backward()
         parts += torch.tensor([loss.item(), terms["ce"].item(), terms["kd"].item()], dtype=torch.float64)
     if world > 1:
         dist.all_reduce(parts)
-    return dict(zip(("loss", "ce", "kd"), parts.tolist()))
+    return {**dict(zip(("loss", "ce", "kd"), parts.tolist())), "tokens": tokens}
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """This process's peak memory so far, MiB: the device's peak allocation on CUDA, else the
+    process's peak resident set (``ru_maxrss``, KiB on Linux)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def tied_names(model: torch.nn.Module) -> set[str]:
@@ -566,7 +597,8 @@ def finish(out_dir: Path, state: TrainState, teacher_dir, summary: dict, weights
     os.replace(tmp, final)
     summary = {
         **summary, "finished": True, "final_loss": state.history[-1]["loss"], "final_ce": state.history[-1]["ce"],
-        "final_kd": state.history[-1]["kd"], "parameters": sum(p.numel() for p in state.model.parameters()), "model_dir": str(final),
+        "final_kd": state.history[-1]["kd"], "final_grad_norm": state.history[-1].get("grad_norm"),
+        "peak_memory_mib": max((h.get("peak_memory_mib", 0.0) for h in state.history), default=0.0), "parameters": sum(p.numel() for p in state.model.parameters()), "model_dir": str(final),
         "strategy": "fsdp" if state.sharded else ("ddp" if summary.get("world_size", 1) > 1 else "single"),
     }
     atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=1))
@@ -586,6 +618,7 @@ def train(
     cross=None,
     mix: tuple[Sequence[Shard], float] | None = None,
     start: StreamPosition | MixPosition | None = None,
+    teacher: torch.nn.Module | None = None,
 ) -> dict:
     """Train a student on ``shards`` into ``out_dir/model``; resumes from ``out_dir/checkpoints``.
 
@@ -606,6 +639,17 @@ def train(
     ``out_dir`` holds no checkpoint (a ``MixPosition`` with ``mix``; default: its first row), so a
     run can continue another's stream (on-policy rounds); the summary's ``position`` is where this
     rank's stream ended.
+
+    ``teacher``: online distillation, for reference runs (the trainer benchmark's full-vocabulary
+    student). A causal LM over the shards' vocabulary (moved to the training device, used in eval
+    mode) runs forward on every micro-batch, and its whole distribution replaces the stored
+    top-k labels as the KD target; data order, token weighting, grad_accum, clipping,
+    temperature, precision and seeding stay those of offline training, so a student trained this
+    way differs from an offline one only in its labels. Score-mode shards only.
+
+    Each history entry (``history.jsonl``) holds the step's loss, ce, kd and lr, ``grad_norm``
+    (the gradient norm before clipping), ``tokens`` (labelled tokens over all ranks) and
+    ``peak_memory_mib`` (this rank's peak so far: CUDA allocation, else resident set).
     """
     import torch.distributed as dist
     from tqdm.auto import tqdm
@@ -629,6 +673,11 @@ def train(
         from distill.xtok import collate_cross
 
         mode, collate_rows = "xtok", lambda rows: collate_cross(rows, k, cross)
+    if teacher is not None:
+        if mode != "score":
+            raise ValueError(f"{shards[0].path}: an online teacher distills on score-mode labels' windows, not {mode!r} ones "
+                             "(and not with a student that has its own tokenizer)")
+        teacher = teacher.to(device).eval()
     torch.manual_seed(cfg.seed)
     model = build_student(teacher_dir, student_cfg, tokenizer_vocab, cross.tokenizer if cross is not None else None).to(device)
     model.train()
@@ -666,7 +715,7 @@ def train(
             if log is not None:
                 log.write("".join(f"{d}\t{w}\n" for d, w in batch.pop("row_ids")))
             micro_batches.append(batch)
-        parts = train_step(step_model, micro_batches, cfg, mode, normalize, world, device)
+        parts = train_step(step_model, micro_batches, cfg, mode, normalize, world, device, teacher)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
         if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor over the ranks' shards
             grad_norm = grad_norm.full_tensor()
@@ -680,9 +729,10 @@ def train(
         state.optimizer.step()
         state.optimizer.zero_grad(set_to_none=True)
         state.step += 1
-        state.history.append({"step": state.step, "lr": cfg.lr_at(state.step - 1), **parts})
-        tokens_seen += int(sum(int(b["mask"].sum()) for b in micro_batches))
-        tok_s = tokens_seen * world / (time.perf_counter() - t_start)
+        state.history.append({"step": state.step, "lr": cfg.lr_at(state.step - 1), **parts, "grad_norm": float(grad_norm),
+                              "peak_memory_mib": peak_memory_mib(device)})
+        tokens_seen += parts["tokens"]  # every rank's, not this rank's times the world size
+        tok_s = tokens_seen / (time.perf_counter() - t_start)
         bar.set_postfix(loss=f"{parts['loss']:.3f}", ce=f"{parts['ce']:.3f}", kd=f"{parts['kd']:.3f}", tok_s=f"{tok_s:.0f}")
         bar.update(1)
         if on_step is not None and main:
@@ -713,7 +763,7 @@ def train(
         _barrier(world)
         return {"steps": state.step, "finished": False}
     summary = finish(out_dir, state, teacher_dir, {
-        "steps": state.step, "labelled_tokens_this_run": tokens_seen * world,
+        "steps": state.step, "labelled_tokens_this_run": int(tokens_seen), "online_teacher": teacher is not None,
         "seconds_this_run": time.perf_counter() - t_start, "world_size": world, "position": state.position.to_dict(),
     }, weights=weights, architecture=architecture if state.sharded else None, tokenizer=cross.tokenizer if cross is not None else None)
     _barrier(world)  # no rank leaves (and torchrun reports success) before the model is saved

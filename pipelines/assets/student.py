@@ -21,6 +21,9 @@ def _result(summary: dict, progress: list[dict] | None = None) -> dg.Materialize
         "processes": summary.get("world_size", 1),
         "strategy": summary.get("strategy", "single"),
     }
+    for key in ("final_grad_norm", "peak_memory_mib"):  # absent from summaries written before they were recorded
+        if summary.get(key) is not None:
+            metadata[key] = summary[key]
     if summary.get("seconds_this_run"):
         metadata["labelled_tok_s"] = summary["labelled_tokens_this_run"] / summary["seconds_this_run"]
     if progress:  # what the ranks reported through Pipes while training

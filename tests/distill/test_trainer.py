@@ -75,6 +75,16 @@ def test_two_process_torchrun_covers_every_row_once(shard_dir, teacher_dir, tmp_
     expected = {f"s{s}-doc-{i // 3}\t{i % 3}" for s in range(2) for i in range(32)}
     assert set(ranks[0]) | set(ranks[1]) == expected
     assert (tmp_path / "out" / "model" / "model.safetensors").exists()
+    # one epoch: the throughput count is every rank's labelled tokens, not rank 0's times two
+    import json
+    import math
+
+    from storage.reader import open_shard
+
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["labelled_tokens_this_run"] == sum(open_shard(p).tokens for p in shard_dir.glob("*.parquet"))
+    history = [json.loads(line) for line in (tmp_path / "out" / "history.jsonl").read_text().splitlines()]
+    assert len(history) == 8 and all(math.isfinite(h["grad_norm"]) and h["peak_memory_mib"] > 0 for h in history)
 
 
 def test_vocab_checks():
