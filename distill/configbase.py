@@ -34,6 +34,10 @@ def build(cls: type[T], data: Mapping[str, Any] | None, where: str) -> T:
     data = dict(data or {})
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
+    removed = getattr(cls, "REMOVED_FIELDS", {})  # field -> why it went and what replaces it
+    for name in unknown:
+        if name in removed:
+            raise ConfigError(f"{where}.{name} was removed: {removed[name]}")
     if unknown:
         raise ConfigError(f"{where}: unknown field(s) {unknown}; accepted: {sorted(fields)}")
     hints = typing.get_type_hints(cls)

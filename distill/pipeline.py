@@ -577,7 +577,8 @@ def evaluate_run(cfg: RunConfig) -> dict:
     import torch
 
     from distill.evaluation import (
-        MODE_NOTES, eval_device, evaluate, evaluate_model, gate, load_mc, markdown_table, mc_accuracy, summary_line, write_plots,
+        MODE_NOTES, eval_device, evaluate, evaluate_model, full_distribution_kl, full_kl_skip_reason, gate, load_mc, markdown_table,
+        mc_accuracy, summary_line, write_plots,
     )
     from distill.student import build_student
 
@@ -607,6 +608,26 @@ def evaluate_run(cfg: RunConfig) -> dict:
         if cfg.eval.mc_file:
             results["student_init"].update(mc_accuracy(init, cross.tokenizer if cross is not None else tok, load_mc(cfg.eval.mc_file),
                                                        cfg.eval.mc_length_normalize, cfg.eval.batch_size, bf16))
+    # KL to the teacher's full distribution on a sample of held-out windows (reported, not gated)
+    full_kl = {"skipped": (
+        "eval.full_kl_windows is 0" if not cfg.eval.full_kl_windows
+        else "candidates data has no per-token distribution" if shards[0].meta.mode == "candidates"
+        else "the students have their own tokenizer" if cross is not None
+        else "an ensemble's full distribution is its members' mixture (not computed)" if cfg.teacher.ensemble
+        else full_kl_skip_reason(models["teacher"], device, bf16)
+    )}
+    if full_kl["skipped"] is None:
+        from transformers import AutoModelForCausalLM
+
+        def load(path, dtype=torch.float32):
+            return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True).to(device)
+
+        teacher = load(models["teacher"], torch.bfloat16 if bf16 else torch.float32)
+        compared = {"student": load(models["student"]), "baseline": load(models["baseline"]), "student_init": init}
+        full_kl = {**full_distribution_kl(teacher, compared, shards, cfg.eval, bf16), "skipped": None}
+        for name in compared:
+            results[name]["kl_full"] = full_kl.pop(name)
+        del teacher, compared
     del init
     speedup = None
     if cfg.eval.generation_throughput:
@@ -627,6 +648,7 @@ def evaluate_run(cfg: RunConfig) -> dict:
         "summary": summary_line(results),
         "gate_passed": passed,
         "gate": gate_text,
+        "full_kl": full_kl,
         "generation_speedup": speedup,
         "plots": {n: str(p) for n, p in plots.items()},
     }
@@ -634,6 +656,8 @@ def evaluate_run(cfg: RunConfig) -> dict:
     images = "\n".join(f"![{n}]({p.name})" for n, p in plots.items())
     speed = f"Student generates {speedup:.2f}x the teacher's tokens/s under vLLM on this machine.\n\n" if speedup else ""
     note = MODE_NOTES[shards[0].meta.mode]
+    note += (f" KL full: KL to the teacher's full distribution (a transformers forward) on the first {full_kl['windows']} held-out "
+             f"windows ({full_kl['positions']} positions)." if full_kl["skipped"] is None else f" KL full: not computed ({full_kl['skipped']}).")
     atomic_write_text(out / "report.md", f"# Distillation report\n\n{note}\n\n{report['table']}\n\n{speed}Gate: {gate_text}\n\n{images}\n\n`{report['summary']}`\n")
     report["out_dir"] = str(out)
     train_shards = open_split(cfg, "train", verify_checksum=False)

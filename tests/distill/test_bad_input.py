@@ -50,7 +50,7 @@ def load_yaml(tmp_path, text):
         ("train: {lr: .inf}", r"train\.lr=inf is invalid: expected a finite number"),
         ("train: {weight_decay: .nan}", r"train\.weight_decay=nan is invalid: expected a finite number"),
         ("train: {max_grad_norm: 1.0e+400}", r"train\.max_grad_norm=inf is invalid: expected a finite number"),
-        ("eval: {min_kl_margin: -.inf}", r"eval\.min_kl_margin=-inf is invalid: expected a finite number"),
+        ("eval: {min_bpb_margin: -.inf}", r"eval\.min_bpb_margin=-inf is invalid: expected a finite number"),
         ("teacher: {sampling: {top_p: .nan}}", r"teacher\.sampling\.top_p=nan is invalid: expected a finite number"),
         ("train: {lr: 1e400}", r"train\.lr='1e400' is invalid: expected a finite number"),
         ("train: {steps: .inf}", r"train\.steps=inf is invalid: expected int"),

@@ -37,7 +37,7 @@ def killed_then_rerun(tiny_config_path, tmp_path_factory):
     config["storage_root"] = str(tmp / "data")
     config["corpus"]["train_shards"] = 4
     config["teacher"]["engine"] = {"slots": 1}  # the engine holds the machine's one slot
-    config["eval"].update(min_kl_margin=-1e9, min_ppl_margin=-1e9)  # 3 steps: the gate is not under test
+    config["eval"].update(min_ppl_margin=-1e9, min_bpb_margin=-1e9)  # 3 steps: the gate is not under test
     path = tmp / "kill.yaml"
     path.write_text(yaml.safe_dump(config))
     cfg = load_config(path)
@@ -173,10 +173,10 @@ def test_two_trainings_of_one_student_at_once_share_one_result(killed_then_rerun
 def test_cli_exits_non_zero_naming_the_failed_gate(killed_then_rerun, tmp_path):
     """Everything cached: only the evaluation reruns, with a gate no student can pass."""
     config = yaml.safe_load(killed_then_rerun["path"].read_text())
-    config["eval"].update(min_kl_margin=1e9)
+    config["eval"].update(min_ppl_margin=1e9)
     path = tmp_path / "strict.yaml"
     path.write_text(yaml.safe_dump(config))
     env = {**os.environ, "DAGSTER_HOME": str(killed_then_rerun["home"]), "VLLM_CPU_KVCACHE_SPACE": "1"}
     done = run_group([sys.executable, "-m", "pipelines.run", "--config", str(path)], timeout=900, cwd=REPO, env=env)
     assert done.returncode == 1, done.stderr[-3000:]
-    assert "gate FAILED: KL" in done.stdout and "(margin 1000000000.0): FAIL" in done.stdout
+    assert "gate FAILED: ppl" in done.stdout and "(margin 1000000000.0): FAIL" in done.stdout
