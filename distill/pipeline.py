@@ -181,12 +181,16 @@ def engine_dtype(cfg: RunConfig) -> str:
 
 
 def get_engine(cfg: RunConfig):
-    """The process's engine for this teacher and settings, started on first use."""
+    """The process's engine for this teacher and settings, started on first use, and started
+    anew when the one held has died or failed (the out-of-memory killer takes engines)."""
     from distill.teacher.vllm_engine import VllmTeacher
 
     from distill.teacher.slots import slot_dir
 
     key = (str(teacher_dir(cfg)), cfg.teacher.k, cfg.corpus.window, cfg.teacher.engine, cfg.teacher.max_logprobs)
+    held = _ENGINES.get(key)
+    if held is not None and not held.alive():
+        _ENGINES.pop(key).close()
     if key not in _ENGINES:
         _ENGINES[key] = VllmTeacher(teacher_dir(cfg), cfg.teacher.k, cfg.corpus.window, cfg.teacher.engine, slot_folder=slot_dir(cfg.root),
                                     max_logprobs=cfg.teacher.max_logprobs)

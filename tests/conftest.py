@@ -105,12 +105,30 @@ def mode_config(tiny_config, mode: str, **teacher):
     return dataclasses.replace(tiny_config, teacher=dataclasses.replace(tiny_config.teacher, mode=mode, **teacher), corpus=corpus)
 
 
+class SessionEngine:
+    """The session's engine, looked up in the product's registry (``pipeline.get_engine``) at
+    every use: when the out-of-memory killer of a loaded machine takes it, the next use starts a
+    fresh one instead of failing every later test."""
+
+    def __init__(self, cfg):
+        self._cfg = cfg
+
+    def current(self):
+        from distill import pipeline
+
+        return pipeline.get_engine(self._cfg)
+
+    def __getattr__(self, name):
+        return getattr(self.current(), name)
+
+
 @pytest.fixture(scope="session")
 def engine(tiny_config):
     """The one vLLM engine of the test session (the graph test reuses it through the same key)."""
     from distill import pipeline
 
-    eng = pipeline.get_engine(tiny_config)
+    eng = SessionEngine(tiny_config)
+    eng.current()
     yield eng
     pipeline.close_engines()
 

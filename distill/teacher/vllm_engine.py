@@ -5,11 +5,23 @@ off (it would skip the prompt positions whose logprobs we need), one engine per 
 across shards. vLLM returns, for each prompt position ``p >= 1``, the realized token ``p`` first
 (with its true rank) followed by ranks ``1..k``; the realized token is therefore *not* counted
 twice here: the top-k are always entries ``1..k``.
+
+Every engine call is supervised (``VllmTeacher._generate``): vLLM waits for ever when its
+``EngineCore`` process is killed (the out-of-memory killer's usual pick) or stopped, so the call
+runs in a helper thread while this one watches the engine's processes and its progress; a dead
+process fails the call at once, a call with no finished engine step for
+``EngineConfig.step_timeout_s`` fails it then, both with an ``EngineFailure`` that names the
+process, how it ended and what to try. The failed engine is ended and its slot freed, so a retry
+(Dagster's run retries) starts a fresh one and relabels only the shards not yet committed.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
+import signal
+import subprocess
+import threading
+import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -43,6 +55,11 @@ class EngineConfig:
     default). N: the devices are split into N sets (GPU ids in groups of ``tensor_parallel_size``,
     or N blocks of CPU cores); each engine claims a free set and runs pinned to it, and the
     Dagster ``teacher`` pool allows N runs at once: an 8-GPU node labels with 8 engines, not one."""
+    step_timeout_s: float = 300.0
+    """Longest an engine call may go without the engine finishing a scheduler step (at most
+    ``max_num_batched_tokens`` tokens; a second or two on a GPU, about ten on two CPU cores)
+    before the run fails naming a stalled engine (a stopped process, a hung device). A dead engine
+    process fails the call at once, whatever this is."""
 
     def __post_init__(self):
         check(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype", self.dtype, "auto, float32, bfloat16 or float16")
@@ -51,6 +68,20 @@ class EngineConfig:
         check(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", self.gpu_memory_utilization, "a number in (0, 1]")
         check(self.slots >= 0, "slots", self.slots, "an integer >= 0 (0: one engine over every device)")
         check(self.tensor_parallel_size >= 1, "tensor_parallel_size", self.tensor_parallel_size, "an integer >= 1")
+        check(self.step_timeout_s > 0, "step_timeout_s", self.step_timeout_s, "a number of seconds > 0")
+
+
+class EngineFailure(RuntimeError):
+    """The teacher engine died or stalled during a call; the message names the process, how it
+    ended and what to try. The engine is closed (its processes ended, its slot freed)."""
+
+
+POLL_S = 0.5  # how often a running call checks the engine's processes
+ADVICE = ("Labels committed so far are kept: a retry (Dagster retries a failed run, see configs/instance/dagster.yaml) "
+          "starts a fresh engine and labels only the missing shards. If memory ran out, try fewer engines at once "
+          "(teacher.engine.slots, other runs or jobs on this machine), a smaller teacher.engine.batch_windows or "
+          "max_num_batched_tokens, a smaller KV cache (teacher.engine.cpu_kv_cache_gib on a CPU, "
+          "gpu_memory_utilization on a GPU), or a machine with more memory.")
 
 
 def _on_cpu() -> bool:
@@ -116,6 +147,13 @@ class VllmTeacher:
                           if c.pid not in before and not is_resource_tracker(c)]
         if self.slot is not None:
             self.slot.record_engine(self.processes)
+        self.titles = {p.pid: _title(p) for p in self.processes}
+        # vLLM titles its long-lived processes ``VLLM::EngineCore``, ``VLLM::Worker``...: those must
+        # live as long as the engine; a helper that ends by itself is not a dead engine
+        self.watched = [p for p in self.processes if "::" in self.titles[p.pid]] or list(self.processes)
+        self.failure: str | None = None
+        self._last_step = [time.monotonic()]  # when the engine last finished a scheduler step
+        _count_steps(self.llm, self._last_step)
         self.params = vllm.SamplingParams(
             max_tokens=1, prompt_logprobs=k, detokenize=False, flat_logprobs=True, temperature=0.0
         )
@@ -164,7 +202,7 @@ class VllmTeacher:
                 if len(ids) > self.max_len:
                     raise ValueError(f"window of {len(ids)} tokens exceeds the engine's max_len {self.max_len}")
             prompts = [{"prompt_token_ids": [int(t) for t in ids]} for ids in batch]
-            outputs = self.llm.generate(prompts, params, use_tqdm=False)
+            outputs = self._generate(prompts, params)
             self.forward_calls += 1
             for ids, start, out in zip(batch, label_starts[b : b + len(batch)], outputs):
                 yield flat_to_labels(out.prompt_logprobs, np.asarray(ids), int(start), k)
@@ -203,7 +241,7 @@ class VllmTeacher:
                 if room < 1:
                     raise ValueError(f"prompt of {len(ids)} tokens leaves no room to answer within the engine's max_len {self.max_len}")
                 params.append(make_params(room, item))
-            outputs = self.llm.generate([{"prompt_token_ids": [int(t) for t in ids]} for ids in batch], params, use_tqdm=False)
+            outputs = self._generate([{"prompt_token_ids": [int(t) for t in ids]} for ids in batch], params)
             self.forward_calls += 1
             yield from outputs
 
@@ -222,7 +260,7 @@ class VllmTeacher:
                         raise ValueError(f"prompt + candidate of {len(seq)} tokens exceeds the engine's max_len {self.max_len}")
                     seqs.append(seq)
                     owners.append(i)
-            outputs = self.llm.generate([{"prompt_token_ids": s} for s in seqs], params, use_tqdm=False)
+            outputs = self._generate([{"prompt_token_ids": s} for s in seqs], params)
             self.forward_calls += 1
             scores: dict[int, list] = {}
             for seq, owner, out in zip(seqs, owners, outputs):
@@ -274,7 +312,7 @@ class VllmTeacher:
         out_rows = []
         for b in range(0, len(sequences), self.cfg.batch_windows):
             seqs = [[int(t) for t in s] for s in sequences[b : b + self.cfg.batch_windows]]
-            outputs = self.llm.generate([{"prompt_token_ids": s} for s in seqs], params, use_tqdm=False)
+            outputs = self._generate([{"prompt_token_ids": s} for s in seqs], params)
             self.forward_calls += 1
             for seq, start, out in zip(seqs, starts[b : b + len(seqs)], outputs):
                 flat = out.prompt_logprobs
@@ -286,6 +324,110 @@ class VllmTeacher:
                     row += (float(all(r == 1 for r in flat.ranks[lo:hi])),)
                 out_rows.append(row)
         return np.asarray(out_rows, np.float64).reshape(-1, 3 if greedy else 2)
+
+    def alive(self) -> bool:
+        """Whether the engine can still answer: not closed, not failed, and every process it
+        started still running (the out-of-memory killer may have taken one between calls)."""
+        return self.llm is not None and not self.failure and not self._dead_processes()
+
+    def _generate(self, prompts: list, params) -> list:
+        """``llm.generate`` under supervision: the call runs in a helper thread while this one
+        checks, every ``POLL_S`` seconds, that the engine's processes live and that it finished a
+        scheduler step within ``cfg.step_timeout_s``; otherwise the engine is ended and
+        ``EngineFailure`` raised (vLLM alone would wait for ever on a killed or stopped core)."""
+        if self.llm is None or self.failure:
+            raise EngineFailure(f"the teacher engine is closed{': ' + self.failure if self.failure else ''}")
+        dead = self._dead_processes()
+        if dead:
+            self._fail(self._death_message(dead, "between calls"))
+        llm, outcome, done = self.llm, {}, threading.Event()
+
+        def call():
+            try:
+                outcome["outputs"] = llm.generate(prompts, params, use_tqdm=False)
+            except BaseException as exc:  # handed to the supervising thread
+                outcome["error"] = exc
+            finally:
+                done.set()
+
+        self._last_step[0] = time.monotonic()
+        threading.Thread(target=call, name="teacher-engine-call", daemon=True).start()
+        while not done.wait(POLL_S):
+            dead = self._dead_processes()
+            if dead:
+                self._fail(self._death_message(dead, "during a call"))
+            stalled = time.monotonic() - self._last_step[0]
+            if stalled > self.cfg.step_timeout_s:
+                self._fail(self._stall_message(stalled))
+        if "error" in outcome:
+            error = outcome["error"]
+            dead = self._dead_processes()
+            if dead or _engine_dead(llm):
+                self._fail(self._death_message(dead, "during a call") if dead else
+                           f"the teacher engine reported itself dead ({type(error).__name__}: {error}). {ADVICE}", error)
+            raise error
+        return outcome["outputs"]
+
+    def _dead_processes(self) -> list:
+        from distill.procs import descendants_alive
+
+        procs = getattr(self, "watched", [])
+        alive = {p.pid for p in descendants_alive(procs)}
+        return [p for p in procs if p.pid not in alive]
+
+    def _death_message(self, dead: list, when: str) -> str:
+        parts = []
+        for p in dead:
+            status, oom = _exit_status(self.llm, p.pid), _oom_record(p.pid)
+            if oom:
+                how = f"was killed by the kernel's out-of-memory killer (kernel log: {oom})"
+            elif status is not None and status < 0:
+                how = f"was killed by {signal.Signals(-status).name}"
+                if -status == signal.SIGKILL:
+                    how += (", perhaps by the kernel's out-of-memory killer (the kernel log is not readable here to tell)"
+                            if oom is None else " (not by the kernel's out-of-memory killer: the kernel log has no record of it)")
+            elif status is not None:
+                how = f"exited with status {status}"
+            else:
+                how = "ended (its exit status is not visible to this process" + (
+                    "; the kernel's out-of-memory killer may have taken it, the kernel log is not readable here)" if oom is None
+                    else "; the kernel log has no out-of-memory kill of it)")
+            parts.append(f"{self.titles.get(p.pid, 'engine process')} (pid {p.pid}) {how}")
+        return (f"teacher engine process {'; '.join(parts)} {when}; the call failed instead of waiting for an "
+                f"engine that cannot answer. {ADVICE}")
+
+    def _stall_message(self, stalled: float) -> str:
+        import psutil
+
+        states = []
+        for p in self.processes:
+            try:
+                state = p.status()
+            except psutil.NoSuchProcess:
+                state = "gone"
+            note = " (by SIGSTOP or SIGTSTP: a debugger, Ctrl-Z or a job-control signal)" if state == psutil.STATUS_STOPPED else ""
+            states.append(f"{self.titles.get(p.pid, 'engine process')} (pid {p.pid}) {state}{note}")
+        return (f"the teacher engine finished no scheduler step for {stalled:.0f} s "
+                f"(teacher.engine.step_timeout_s = {self.cfg.step_timeout_s:g}); its processes: {'; '.join(states)}. "
+                f"If it is only slow (a long window on a slow device, heavy swapping), raise teacher.engine.step_timeout_s "
+                f"or lower max_num_batched_tokens. {ADVICE}")
+
+    def _fail(self, message: str, cause: BaseException | None = None):
+        """End the broken engine (every process at once: it can no longer answer), free its slot,
+        and raise ``EngineFailure``. A call still blocked inside vLLM is woken with the error."""
+        import psutil
+
+        self.failure = message
+        for p in self.processes:
+            try:
+                p.kill()  # SIGKILL acts on a stopped process too; SIGTERM would wait for a SIGCONT
+            except psutil.NoSuchProcess:
+                pass
+        queue = getattr(getattr(getattr(self.llm, "llm_engine", None), "engine_core", None), "outputs_queue", None)
+        if queue is not None:
+            queue.put_nowait(EngineFailure(message))
+        self.close()
+        raise EngineFailure(message) from cause
 
     def close(self) -> None:
         """Shut the engine down, end any of its processes that outlive the shutdown, then free
@@ -305,6 +447,70 @@ class VllmTeacher:
         if getattr(self, "slot", None) is not None:
             self.slot.release()
             self.slot = None
+
+
+def _title(proc) -> str:
+    """A process's title (vLLM names its processes ``VLLM::EngineCore``, ``VLLM::Worker``...)."""
+    import psutil
+
+    try:
+        return " ".join(proc.cmdline())[:80] or proc.name()
+    except psutil.Error:
+        return "engine process"
+
+
+def _count_steps(llm, last_step: list) -> None:
+    """Note in ``last_step[0]`` when the engine finishes each scheduler step (``LLM.generate``
+    loops over ``llm_engine.step()``); without that hook a whole call counts as one step."""
+    engine = getattr(llm, "llm_engine", None)
+    step = getattr(engine, "step", None)
+    if step is None:
+        return
+
+    def counted_step(*args, **kwargs):
+        outputs = step(*args, **kwargs)
+        last_step[0] = time.monotonic()
+        return outputs
+
+    engine.step = counted_step
+
+
+def _engine_dead(llm) -> bool:
+    resources = getattr(getattr(getattr(llm, "llm_engine", None), "engine_core", None), "resources", None)
+    return bool(getattr(resources, "engine_dead", False))
+
+
+def _exit_status(llm, pid: int) -> int | None:
+    """How process ``pid`` ended, as ``multiprocessing`` reports it (negative: the signal), from
+    vLLM's handle on its engine-core process, or from ``/proc`` while it is an unreaped zombie."""
+    resources = getattr(getattr(getattr(llm, "llm_engine", None), "engine_core", None), "resources", None)
+    for proc in getattr(getattr(resources, "engine_manager", None), "processes", None) or []:
+        if getattr(proc, "pid", None) == pid:
+            deadline = time.monotonic() + 2  # vLLM's own monitor reaps it moments after it died
+            while proc.exitcode is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if proc.exitcode is not None:
+                return proc.exitcode
+    try:  # field 52 of a zombie's stat: its status as waitpid reports it
+        status = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[-1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return -(status & 0x7F) if status & 0x7F else status >> 8
+
+
+def _oom_record(pid: int) -> str | None:
+    """The kernel log's line on its out-of-memory killer taking ``pid``; ``""`` when the log has
+    none, None when the log is not readable here."""
+    try:
+        log = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if log.returncode != 0 or not log.stdout:
+        return None
+    for line in reversed(log.stdout.splitlines()):
+        if f"Killed process {pid} " in line or ("oom-kill:" in line and f",pid={pid}," in line):
+            return line.strip()
+    return ""
 
 
 def flat_to_labels(flat, input_ids: np.ndarray, label_start: int, k: int) -> dict:

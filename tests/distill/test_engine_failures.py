@@ -1,0 +1,189 @@
+"""A dead or stopped engine fails the call in bounded time, and the next use gets a fresh engine.
+
+vLLM alone waits for ever when its ``EngineCore`` process is SIGKILLed (what the out-of-memory
+killer does) or SIGSTOPped. Each fault is caused for real on the bundled teacher's engine: only
+one engine process is signalled, as the kernel or a debugger would. The shared engine of the
+session (``tests.conftest.SessionEngine``) is killed twice here; its next use must start a new
+one, and a labelling retry must relabel only the shards not yet committed.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import yaml
+
+from tests.conftest import TINY_WINDOW
+
+ADVICE_WORDS = ("teacher.engine.slots", "batch_windows", "KV cache", "more memory")
+
+
+def _windows(n: int) -> list[list[int]]:
+    return [[1 + (i * 7 + j) % 1000 for j in range(TINY_WINDOW)] for i in range(n)]
+
+
+def _process(eng, name: str) -> psutil.Process:
+    found = [p for p in eng.processes if f"::{name}" in eng.titles[p.pid]]
+    assert found, f"no {name} process among the engine's {eng.titles}"
+    return found[0]
+
+
+def _wait_gone(procs, timeout: float = 30) -> list:
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    return alive
+
+
+@pytest.mark.slow
+def test_sigkilled_engine_core_fails_the_call_at_once_and_the_next_use_starts_a_fresh_engine(engine):
+    old = engine.current()
+    windows = _windows(2)
+    reference = list(engine.score(windows, [0, 0]))
+    core = _process(old, "EngineCore")
+    # a call long enough to be under way when the core dies: 256 windows, four macro-batches
+    killed_at = []
+
+    def kill():
+        killed_at.append(time.monotonic())
+        os.kill(core.pid, signal.SIGKILL)
+
+    timer = threading.Timer(3.0, kill)
+    timer.start()
+    try:
+        with pytest.raises(Exception) as failure:
+            for _ in engine.score(_windows(256), [0] * 256):
+                pass
+    finally:
+        timer.cancel()
+    from distill.teacher.vllm_engine import EngineFailure
+
+    assert killed_at, "the call ended before the engine was killed: give it more windows"
+    assert failure.type is EngineFailure, failure.value
+    waited = time.monotonic() - killed_at[0]
+    assert waited < 15, f"the dead engine was noticed only after {waited:.1f} s"
+    message = str(failure.value)
+    assert f"pid {core.pid}" in message and "::EngineCore" in message, message
+    assert "killed by SIGKILL" in message and "out-of-memory killer" in message, message
+    for word in ADVICE_WORDS:
+        assert word in message, (word, message)
+    assert not _wait_gone(old.processes), "the failed engine's processes outlived its failure"
+    assert not old.alive()
+
+    fresh = list(engine.score(windows, [0, 0]))  # the session's engine, started anew by the registry
+    new = engine.current()
+    assert new is not old and not {p.pid for p in new.processes} & {p.pid for p in old.processes}
+    for a, b in zip(reference, fresh):
+        np.testing.assert_array_equal(a["topk_ids"], b["topk_ids"])
+        np.testing.assert_allclose(a["topk_logprobs"], b["topk_logprobs"], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_sigstopped_engine_fails_the_call_after_step_timeout(teacher_dir):
+    from distill.teacher.vllm_engine import EngineConfig, EngineFailure, VllmTeacher
+
+    timeout = 8.0
+    eng = VllmTeacher(teacher_dir, 8, TINY_WINDOW, EngineConfig(step_timeout_s=timeout, cpu_kv_cache_gib=1))
+    stopped = []
+    try:
+        list(eng.score(_windows(2), [0, 0]))  # answers while it runs
+        core = _process(eng, "EngineCore")
+
+        def stop():
+            stopped.append(time.monotonic())
+            os.kill(core.pid, signal.SIGSTOP)
+
+        timer = threading.Timer(2.0, stop)
+        timer.start()
+        try:
+            with pytest.raises(EngineFailure) as failure:
+                for _ in eng.score(_windows(256), [0] * 256):
+                    pass
+        finally:
+            timer.cancel()
+        assert stopped, "the call ended before the engine was stopped: give it more windows"
+        waited = time.monotonic() - stopped[0]
+        assert timeout - 1 < waited < timeout + 20, f"failed {waited:.1f} s after the stop, with step_timeout_s={timeout}"
+        message = str(failure.value)
+        assert "step_timeout_s = 8" in message and f"pid {core.pid}" in message and "::EngineCore" in message, message
+        assert "stopped (by SIGSTOP" in message, message
+        assert not _wait_gone(eng.processes), "the stalled engine's processes outlived its failure"
+        with pytest.raises(EngineFailure, match="closed"):
+            list(eng.score(_windows(1), [0]))
+    finally:
+        for p in eng.processes:
+            try:
+                p.send_signal(signal.SIGCONT)
+            except psutil.NoSuchProcess:
+                pass
+        eng.close()
+
+
+@pytest.mark.slow
+def test_retry_after_a_killed_worker_relabels_only_the_missing_shards(tiny_config_path, engine, tmp_path):
+    from distill import pipeline
+    from distill.config import load_config
+    from distill.teacher.vllm_engine import EngineFailure
+
+    config = yaml.safe_load(Path(tiny_config_path).read_text())
+    config["storage_root"] = str(tmp_path / "data")
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cfg = load_config(path)
+    pipeline.prepare_corpus(cfg)
+    names = cfg.corpus.shard_names()
+    assert len(names) >= 3
+    store = pipeline.label_store(cfg)
+    keys = pipeline.shard_keys(cfg, names)
+    handed = []
+
+    def oom_on_second_shard():
+        eng = pipeline.get_engine(cfg)  # the session's engine: same teacher and settings
+        handed.append(eng)
+        if len(handed) == 2:  # between two shards, as the kernel may pick any moment
+            worker = _process(eng, "Worker")
+            worker.kill()
+            assert not _wait_gone([worker], 10)
+        return eng
+
+    with pytest.raises(EngineFailure) as failure:
+        pipeline.label_shards(cfg, names, engine_factory=oom_on_second_shard)
+    assert "::Worker" in str(failure.value) and "between calls" in str(failure.value), failure.value
+    committed = [n for n in names if store.is_committed(keys[n])]
+    assert committed == names[:1], f"one shard was labelled before the kill, got {committed}"
+    assert not list((tmp_path / "data" / "labels").rglob(".*")), "the failed shard left a temporary"
+
+    results = pipeline.label_shards(cfg, names)  # the retry, with the product's own engine lookup
+    assert [results[n]["cache_hit"] for n in names] == [True] + [False] * (len(names) - 1)
+    assert all(store.is_committed(keys[n]) for n in names)
+    assert engine.current() is not handed[0] and engine.current().alive()
+
+
+def test_step_timeout_must_be_positive():
+    from distill.configbase import ConfigError
+    from distill.teacher.vllm_engine import EngineConfig
+
+    with pytest.raises(ConfigError, match="step_timeout_s"):
+        EngineConfig(step_timeout_s=0)
+
+
+def test_exit_status_of_an_unreaped_child_names_its_signal():
+    from distill.teacher.vllm_engine import _exit_status
+
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        os.kill(child.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while psutil.Process(child.pid).status() != psutil.STATUS_ZOMBIE:  # dead, not yet reaped
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert _exit_status(None, child.pid) == -signal.SIGKILL
+    finally:
+        child.kill()
+        child.wait()
+    assert _exit_status(None, child.pid) is None  # reaped: nothing left to read
