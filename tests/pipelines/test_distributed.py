@@ -4,6 +4,7 @@ materialization fails, and the next one resumes and ends bit-identical to an uni
 run. The train split has 3 row groups, which do not divide by the 2 ranks."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -130,7 +131,11 @@ def test_rank_killed_after_checkpoint_resumes_to_the_uninterrupted_result(labell
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), f"{strategy}: {name} differs after resume"
-    assert (reference / "history.jsonl").read_text() == (out / "history.jsonl").read_text()
+    # every result in the history is bit-identical; peak memory is a measurement of the process
+    def results(folder):
+        return [{k: v for k, v in json.loads(line).items() if k != "peak_memory_mib"} for line in (folder / "history.jsonl").read_text().splitlines()]
+
+    assert results(reference) == results(out) and all("grad_norm" in h for h in results(out))
 
     # the saved student loads in transformers with its own architecture (FSDP2 renames the class)
     from transformers import AutoModelForCausalLM
