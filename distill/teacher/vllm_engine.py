@@ -12,7 +12,7 @@ runs in a helper thread while this one watches the engine's processes and its pr
 process fails the call at once, a call with no finished engine step for
 ``EngineConfig.step_timeout_s`` fails it then, both with an ``EngineFailure`` that names the
 process, how it ended and what to try. The failed engine is ended and its slot freed, so a retry
-(Dagster's run retries) starts a fresh one and relabels only the shards not yet committed.
+(the ``teacher_logits`` step's) starts a fresh one and relabels only the shards not yet committed.
 """
 from __future__ import annotations
 
@@ -77,8 +77,8 @@ class EngineFailure(RuntimeError):
 
 
 POLL_S = 0.5  # how often a running call checks the engine's processes
-ADVICE = ("Labels committed so far are kept: a retry (Dagster retries a failed run, see configs/instance/dagster.yaml) "
-          "starts a fresh engine and labels only the missing shards. If memory ran out, try fewer engines at once "
+ADVICE = ("Labels committed so far are kept: a retry (the teacher_logits asset retries its step twice after an "
+          "engine failure) starts a fresh engine and labels only the missing shards. If memory ran out, try fewer engines at once "
           "(teacher.engine.slots, other runs or jobs on this machine), a smaller teacher.engine.batch_windows or "
           "max_num_batched_tokens, a smaller KV cache (teacher.engine.cpu_kv_cache_gib on a CPU, "
           "gpu_memory_utilization on a GPU), or a machine with more memory.")

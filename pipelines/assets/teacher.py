@@ -3,7 +3,10 @@
 import dagster as dg
 
 from distill import pipeline
+from distill.teacher.vllm_engine import EngineFailure
 from pipelines.resources import DistillSettings, TeacherEngine
+
+ENGINE_RETRIES = 2  # step retries after a dead or stalled teacher engine (the instance retries crashed runs only)
 
 
 @dg.asset(group_name="teacher", description="The teacher checkpoint (safetensors), converted once if bundled.")
@@ -55,7 +58,12 @@ def build_teacher_logits(partitions: dg.PartitionsDefinition, max_partitions_per
     def teacher_logits(context: dg.AssetExecutionContext, settings: DistillSettings, teacher_engine: TeacherEngine) -> dg.MaterializeResult:
         cfg = settings.load()
         names = list(context.partition_keys)
-        results = pipeline.label_shards(cfg, names)
+        try:
+            results = pipeline.label_shards(cfg, names)
+        except EngineFailure as exc:
+            # the out-of-memory killer or a stopped process is transient: the step runs again on a
+            # fresh engine and labels only the shards not yet committed (the rest are cache hits)
+            raise dg.RetryRequested(max_retries=ENGINE_RETRIES, seconds_to_wait=10) from exc
         hits = sum(r["cache_hit"] for r in results.values())
         context.log.info(f"labelled {len(names) - hits} shard(s), {hits} cache hit(s)")
         checks = pipeline.check_shards(cfg, names)
