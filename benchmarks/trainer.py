@@ -6,9 +6,14 @@ Prints, measured in this run:
 - docs_per_batch: mean distinct documents in a training batch (with the config's shuffle buffer; without it, for scale)
 - loader_overhead: time to stream one batch from the Parquet shards (with the shuffle buffer, averaged over two
   buffer refills, so the refill cost is amortized as in training) / the time of a KD training step on it
-- kd_step_vs_ce_step: a top-k KD + CE step / a CE-only step
+- kd_step_vs_ce_step: a top-k KD + CE step / a CE-only step (median over rounds, spread min..max)
 - offline_vs_online_kd_step: our offline KD step / an online KD step running the teacher forward in the loop
-- topk_vs_full_kd_gap_closed: at equal steps, (KL_ce - KL_topk) / (KL_ce - KL_full_online) on held-out data
+  (every step is the trainer's own ``train_step`` + clipping + AdamW; the variants alternate their
+  order from round to round, and each ratio is taken within a round)
+- topk_vs_full_kd_gap_closed: at equal steps, (KL_ce - KL_topk) / (KL_ce - KL_full_online) on held-out data;
+  the full-vocabulary reference is trained by ``distill.trainer.train`` with an online teacher, so it
+  shares every setting of the other students (grad_accum, clipping, temperature, precision, seeding,
+  data order) and differs only in its labels
 - sampled_vs_full_kd_gap_closed: the same share for a student trained on sampled labels (``teacher.labels: sampled``)
 - sampled_bytes_per_token / topk_bytes_per_token: train-shard bytes per labelled token of either kind
 - sampled_minus_topk_ece: ECE of the sampled-label student minus the top-k one, with a 95% paired
@@ -19,9 +24,11 @@ Prints, measured in this run:
 from __future__ import annotations
 
 import argparse
+import math
+import shutil
 import statistics
 import sys
-import time
+import tempfile
 from pathlib import Path
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])
@@ -43,12 +50,13 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
+    from benchmarks.timing import interleave, paired_ratios
+    from benchmarks.timing import summary as median_spread
     from distill import pipeline
     from distill.config import load_config
     from distill.evaluation import evaluate_model, expected_calibration_error
-    from distill.losses import distillation_loss, masked_mean
     from distill.student import build_student
-    from distill.trainer import batches
+    from distill.trainer import batches, build_optimizer, train, train_step
     from storage.reader import ShardStream, StreamPosition
 
     cfg = load_config(args.config)
@@ -61,27 +69,19 @@ def main() -> None:
     teacher_dir = pipeline.teacher_dir(cfg)
     vocab = len(pipeline.tokenizer(cfg))
     k = train_shards[0].meta.k
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32, use_safetensors=True).eval()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32, use_safetensors=True).to(device).eval()
 
     def step(model, opt, batch, mode):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        if mode == "online":
-            with torch.no_grad():
-                teacher_lp = torch.log_softmax(teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float(), -1)
-            student_lp = torch.log_softmax(logits.float(), -1)
-            kd = masked_mean((teacher_lp.exp() * (teacher_lp - student_lp)).sum(-1), batch["mask"])
-            ce = masked_mean(-student_lp.gather(-1, batch["targets"][..., None])[..., 0], batch["mask"])
-            loss = cfg.train.kd_weight * kd + (1 - cfg.train.kd_weight) * ce
-        else:
-            loss, _ = distillation_loss(logits, batch["targets"], batch["topk_ids"], batch["teacher_logprobs"], batch["mask"],
-                                        kd_weight=0.0 if mode == "ce" else cfg.train.kd_weight, tail=cfg.train.tail)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        """One optimizer step of the trainer itself on one micro-batch: CE only, top-k KD, or online KD."""
+        train_cfg = cfg.baseline_train if mode == "ce" else cfg.train
+        train_step(model, [batch], train_cfg, "score", False, 1, device, teacher if mode == "online" else None)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.max_grad_norm or math.inf)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    model = build_student(teacher_dir, cfg.student, vocab)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    model = build_student(teacher_dir, cfg.student, vocab).to(device)
+    opt = build_optimizer(model, cfg.train)
     n = args.timing_steps
     buffer = cfg.train.shuffle_buffer
 
@@ -94,11 +94,6 @@ def main() -> None:
     preloaded = [b for b, _ in zip((b for b, _ in batches(ShardStream(train_shards, seed=1, shuffle_buffer=buffer), cfg.train.batch_size, k, StreamPosition())), range(n))]
     step(model, opt, preloaded[0], "kd")  # warm-up
 
-    def timed(fn):
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
-
     loader_batches = max(n, 2 * buffer // cfg.train.batch_size)
 
     def run_streamed():
@@ -109,25 +104,25 @@ def main() -> None:
         for b in preloaded:
             step(model, opt, b, mode)
 
-    results = {"stream": [], "preload": [], "kd": [], "ce": [], "online": []}
-    for _ in range(args.rounds):  # interleaved, so machine noise hits every variant alike
-        results["stream"].append(timed(run_streamed))
-        results["preload"].append(timed(run_preloaded))
-        results["ce"].append(timed(lambda: run_preloaded("ce")))
-        results["kd"].append(timed(lambda: run_preloaded("kd")))
-        results["online"].append(timed(lambda: run_preloaded("online")))
+    # interleaved, the order reversed every other round; each ratio within a round, then its median and spread
+    results = interleave({"stream": run_streamed, "ce": lambda: run_preloaded("ce"), "kd": lambda: run_preloaded("kd"),
+                          "online": lambda: run_preloaded("online")}, args.rounds)
     med = {key: statistics.median(v) for key, v in results.items()}
-    loader_overhead = (med["stream"] / loader_batches) / (med["preload"] / n)
-    kd_vs_ce = med["kd"] / med["ce"]
-    offline_vs_online = med["kd"] / med["online"]
+    ratios = {
+        "loader_overhead": paired_ratios([s / loader_batches for s in results["stream"]], [kd / n for kd in results["kd"]]),
+        "kd_step_vs_ce_step": paired_ratios(results["kd"], results["ce"]),
+        "offline_vs_online_kd_step": paired_ratios(results["kd"], results["online"]),
+    }
 
-    print(f"step seconds (median of {args.rounds} x {n} steps): " + ", ".join(f"{k}={v / n:.3f}" for k, v in med.items() if k != "stream")
-          + f"; streaming one batch: {med['stream'] / loader_batches:.4f}s")
+    print(f"step seconds (median of {args.rounds} rounds x {n} steps, order alternating): "
+          + ", ".join(f"{k}={v / n:.3f}" for k, v in med.items() if k != "stream") + f"; streaming one batch: {med['stream'] / loader_batches:.4f}s")
+    for name, values in ratios.items():
+        print(f"{name}: {median_spread(values, '.3f')} ({', '.join(f'{v:.3f}' for v in values)})")
     print(f"distinct documents per batch of {cfg.train.batch_size}: {docs['buffer']:.2f} with a {buffer}-window buffer, {docs['row_group_only']:.2f} mixing one row group")
     print(f"docs_per_batch={docs['buffer']:.2f}")
-    print(f"loader_overhead={loader_overhead:.4f}")
-    print(f"kd_step_vs_ce_step={kd_vs_ce:.3f}")
-    print(f"offline_vs_online_kd_step={offline_vs_online:.3f}")
+    print(f"loader_overhead={statistics.median(ratios['loader_overhead']):.4f}")
+    print(f"kd_step_vs_ce_step={statistics.median(ratios['kd_step_vs_ce_step']):.3f}")
+    print(f"offline_vs_online_kd_step={statistics.median(ratios['offline_vs_online_kd_step']):.3f}")
     if not args.quality:
         return
 
@@ -145,23 +140,21 @@ def main() -> None:
     pipeline.close_engines()
     sampled_shards = pipeline.open_split(sampled_cfg, "train")
     sampled_summary = pipeline.train_student(sampled_cfg, baseline=False)
-    online = build_student(teacher_dir, cfg.student, vocab)
-    decay = [p for p in online.parameters() if p.ndim >= 2]
-    no_decay = [p for p in online.parameters() if p.ndim < 2]
-    online_opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                                   lr=cfg.train.lr, betas=(0.9, 0.95), eps=1e-8)
-    torch.manual_seed(cfg.train.seed)
-    data = batches(ShardStream(train_shards, seed=cfg.train.seed, shuffle=cfg.train.shuffle, shuffle_buffer=buffer), cfg.train.batch_size, k, StreamPosition())
-    t0 = time.perf_counter()
-    for s in range(cfg.train.steps):  # same data order, schedule, clipping and optimizer as the trainer
-        for group in online_opt.param_groups:
-            group["lr"] = cfg.train.lr_at(s)
-        batch, _ = next(data)
-        step(online, online_opt, batch, "online")
-    online_seconds = time.perf_counter() - t0
-    students = {name: AutoModelForCausalLM.from_pretrained(Path(summary["out_dir"]) / "model", use_safetensors=True).eval()
-                for name, summary in (("ce", ce_summary), ("topk", topk_summary), ("sampled", sampled_summary))}
-    students["full"] = online.eval()
+    # the full-vocabulary reference: the same trainer, config, shards and seed as the top-k student,
+    # with the teacher's whole distribution computed in the loop instead of the stored labels
+    student_vocab, cross = pipeline.student_tokens(cfg)
+    if cross is not None:
+        raise SystemExit(f"{args.config}: the full-vocabulary reference needs a student that shares the teacher's tokenizer (student.tokenizer is set)")
+    online_dir = Path(tempfile.mkdtemp(prefix="online-reference-"))
+    try:
+        cfg_online = dataclasses.replace(cfg.train, progress=False)
+        online_summary = train(cfg.student, cfg_online, teacher_dir, train_shards, online_dir, student_vocab, teacher=teacher)
+        online_seconds = online_summary["seconds_this_run"]
+        students = {name: AutoModelForCausalLM.from_pretrained(Path(summary["out_dir"]) / "model", use_safetensors=True).eval()
+                    for name, summary in (("ce", ce_summary), ("topk", topk_summary), ("sampled", sampled_summary), ("full", {"out_dir": online_dir}))}
+    finally:
+        shutil.rmtree(online_dir, ignore_errors=True)
+    teacher = teacher.cpu()
     metrics = {name: evaluate_model(model, heldout, cfg.eval) for name, model in students.items()}
     kl, bins = full_distribution_kl(teacher, students, heldout, cfg.eval)
     gap = {name: (kl["ce"] - kl[name]) / (kl["ce"] - kl["full"]) for name in ("topk", "sampled")}
