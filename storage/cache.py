@@ -46,7 +46,12 @@ class LabelStore:
     def writer(self, key: str, meta, **kwargs):
         from storage.writer import ShardWriter
 
-        return ShardWriter(self.path_for(key), meta, fs=self.fs, **kwargs)
+        return ShardWriter(self.path_for(key), meta, fs=self.fs, store=self.display_location, **kwargs)
+
+    @property
+    def display_location(self) -> str:
+        """The location as errors name it: a URI's query (which may carry credentials) dropped."""
+        return self.location.split("?", 1)[0]
 
     def open(self, key: str, expect: Mapping[str, object] | None = None, verify_checksum: bool = True) -> Shard:
         """The verified shard under ``key``; a shard whose own cache key differs (copied or

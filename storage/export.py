@@ -9,6 +9,7 @@ student's logits at ``t`` predict): ``target_token_ids`` and ``target_logprobs``
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -16,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from storage.reader import Shard, ShardStream, StreamPosition
+from storage.writer import temp_name
 
 
 def export_axolotl(shards: Sequence[Shard], out_path: str | os.PathLike, rows_per_group: int = 256) -> int:
@@ -35,7 +37,17 @@ def export_axolotl(shards: Sequence[Shard], out_path: str | os.PathLike, rows_pe
             ("target_mask", pa.list_(pa.list_(pa.int8()))),
         ]
     )
-    tmp = f"{out_path}.tmp-{os.getpid()}"
+    tmp = temp_name(Path(out_path))
+    try:
+        written = _write_axolotl(shards, tmp, schema, k, rows_per_group)
+        os.replace(tmp, out_path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return written
+
+
+def _write_axolotl(shards: Sequence[Shard], tmp: Path, schema: pa.Schema, k: int, rows_per_group: int) -> int:
     written = 0
     batch: dict[str, list] = {name: [] for name in schema.names}
     with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
@@ -67,5 +79,4 @@ def export_axolotl(shards: Sequence[Shard], out_path: str | os.PathLike, rows_pe
                 flush()
         if batch["input_ids"]:
             flush()
-    os.replace(tmp, out_path)
     return written

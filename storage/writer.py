@@ -29,17 +29,25 @@ replaced or overwritten, so a reader that verified it keeps reading those bytes.
   shard always goes to a writer-unique object and the record is a plain PUT, so the last
   record wins; each record still names a whole object that is never overwritten, so readers
   stay consistent, but two racing writers both report a commit and one object is orphaned.
+
+Temporaries are named for their writer's host, boot and pid (``temp_name``), so that on a
+folder several nodes share, stale-temporary cleanup judges only this host's writers
+(``remove_stale_temporaries``). A failure to write raises ``ShardWriteError`` naming the shard,
+the store and the operation, after the writer removed its temporaries and local scratch.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import os
 import re
 import shutil
+import socket
 import tempfile
+import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -72,9 +80,51 @@ def is_unique_data_name(shard_path: Path, name: object) -> bool:
     return isinstance(name, str) and re.fullmatch(rf"{re.escape(shard_path.stem)}\.[0-9a-f]{{32}}{re.escape(shard_path.suffix)}", name) is not None
 
 
+ABANDONED_AFTER_S = 7 * 24 * 3600
+"""A temporary of another host (or of unknown origin) untouched this long counts as abandoned.
+Its writer cannot be asked whether it lives, so only an age far beyond any write is proof: a
+writer touches its temporary at every row group and writes its final one within ``close()``."""
+
+
+def _host_tag() -> str:
+    """This host's name as it appears in temporary names (``-`` is the field separator)."""
+    return re.sub(r"[^A-Za-z0-9_]+", "_", socket.gethostname())[:63] or "unknown"
+
+
+def _boot_tag() -> str:
+    """The first 8 hex digits of this boot's id (Linux), or ``x`` where the system has none."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip().replace("-", "")[:8] or "x"
+    except OSError:
+        return "x"
+
+
+_HOST, _BOOT = _host_tag(), _boot_tag()
+
+
 def temp_name(path: Path, tag: str = "") -> Path:
-    """Hidden sibling name carrying the writer's pid, so stale temporaries can be recognized."""
-    return path.with_name(f".{path.name}{tag}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    """Hidden sibling name ``.<name><tag>.tmp-<host>-<boot>-<pid>-<8 hex>``: the writer's host,
+    boot and pid, so that on a folder shared by several nodes (NFS) a stale temporary is
+    recognized by the one host that can tell whether its writer still runs."""
+    return path.with_name(f".{path.name}{tag}{TMP_MARK}{_HOST}-{_BOOT}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TempOwner:
+    host: str
+    boot: str
+    pid: int
+
+
+def temp_owner(name: str) -> TempOwner | None:
+    """Who wrote a temporary named by ``temp_name``; None for any other name (older versions
+    named only the pid, which says nothing on a shared folder)."""
+    if TMP_MARK not in name:
+        return None
+    fields = name.rsplit(TMP_MARK, 1)[1].split("-")
+    if len(fields) != 4 or not fields[2].isdigit():
+        return None
+    return TempOwner(fields[0], fields[1], int(fields[2]))
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
@@ -98,12 +148,62 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_name(path)
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and not e.filename:  # a full disk names no file
+            raise OSError(e.errno, f"writing {path} failed: {e.strerror or e}") from e
+        raise
     _fsync_dir(path.parent)
+
+
+class ShardWriteError(OSError):
+    """A shard could not be written. The message names the shard, the store and the operation;
+    the original error is chained (``__cause__``) and its ``errno`` kept; nothing of the shard
+    is left behind but, on S3, an object whose record PUT failed (invisible without it)."""
+
+    def __init__(self, message: str, shard: str, store: str, operation: str, errno: int | None = None):
+        super().__init__(message)
+        self.errno = errno
+        self.shard, self.store, self.operation = shard, store, operation
+
+
+def _write_errors() -> tuple[type[BaseException], ...]:
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:
+        return (OSError,)
+    return (OSError, ClientError, BotoCoreError)
+
+
+def _hint(cause: BaseException, store: str, remote: bool) -> str:
+    code = getattr(cause, "errno", None)
+    if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        where = f"the local scratch folder ({tempfile.gettempdir()}, set TMPDIR to move it)" if remote else store
+        return f"; free space (or raise the quota or file-size limit) on {where} and label again"
+    status = getattr(cause, "response", None) or {}
+    if status.get("Error", {}).get("Code") in ("AccessDenied", "403") or status.get("ResponseMetadata", {}).get("HTTPStatusCode") == 403 \
+            or "ACCESS_DENIED" in str(cause):
+        return f"; check that these credentials may write (s3:PutObject) under {store}"
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"; check that this process may write under {store}"
+    return ""
+
+
+def _discard_parquet_writer(writer: pq.ParquetWriter | None) -> None:
+    """Release a Parquet writer's file without writing a footer (its file is being thrown away,
+    perhaps because the disk is full); ``__del__`` must not try the footer again either."""
+    if writer is None:
+        return
+    writer.is_open = False
+    if writer.file_handle is not None:
+        with contextlib.suppress(OSError):
+            writer.file_handle.close()
 
 
 def _list_array(values: list, value_type: pa.DataType) -> pa.ListArray:
@@ -129,38 +229,55 @@ class ShardWriter:
     commits nothing.
     """
 
-    def __init__(self, path: str | os.PathLike, meta: ShardMeta, row_group_rows: int = ROW_GROUP_ROWS, fs=None):
+    def __init__(self, path: str | os.PathLike, meta: ShardMeta, row_group_rows: int = ROW_GROUP_ROWS, fs=None,
+                 store: str | None = None):
         """``fs``: a ``pyarrow.fs`` filesystem for object stores (``path`` is then its path);
         None writes locally. Remote shards are built in a local temporary folder and uploaded
-        whole, then the commit record is uploaded last."""
+        whole, then the commit record is uploaded last. ``store``: how errors name the store
+        (``LabelStore`` passes its location); by default the shard's folder.
+
+        Any failure to write (disk full, permission, a refused upload) raises ``ShardWriteError``
+        naming the shard, the store and the operation, after removing this writer's temporaries
+        and local scratch."""
         self.fs = fs
         self.path = Path(path)
+        self.url = str(self.path) if fs is None else f"{fs.type_name}://{self.path}"
+        self.store = store or str(self.path.parent if fs is None else f"{fs.type_name}://{self.path.parent}")
         if not meta.created:
             meta = dataclasses.replace(meta, created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
         self.meta = meta
         self.row_group_rows = row_group_rows
-        if fs is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            local = self.path
-            self._scratch = None
-        else:
-            self._scratch = Path(tempfile.mkdtemp(prefix="distill-shard-"))
-            local = self._scratch / self.path.name
-        self._raw_path = temp_name(local, ".raw")
-        self._tmp = temp_name(local)
-        self._raw_schema = decoded_schema(meta.vocab_size, meta.mode)
-        self.draws = sampled_draws(meta)  # 0: top-k labels
-        self._raw = _parquet_writer(self._raw_path, self._raw_schema, level=1)
+        self._closed = False
+        self._raw = None
+        self._scratch = None
+        self._raw_path = self._tmp = None
+        self._step = f"creating the shard's folder {self.path.parent}" if fs is None else "creating a local scratch folder"
+        try:
+            if fs is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                local = self.path
+            else:
+                self._scratch = Path(tempfile.mkdtemp(prefix="distill-shard-"))
+                local = self._scratch / self.path.name
+            self._raw_path = temp_name(local, ".raw")
+            self._tmp = temp_name(local)
+            self._raw_schema = decoded_schema(meta.vocab_size, meta.mode)
+            self.draws = sampled_draws(meta)  # 0: top-k labels
+            self._step = f"creating the temporary file {self._raw_path}"
+            self._raw = _parquet_writer(self._raw_path, self._raw_schema, level=1)
+        except BaseException as e:
+            self._fail(e)
         self._id_counts = np.zeros(meta.vocab_size, np.int64)
         self._buffer: list[Mapping[str, object]] = []
         self.rows = 0
         self.tokens = 0  # labelled positions
-        self._closed = False
         self.record: dict | None = None  # after close(): the record committed under this key
         self.lost_race = False  # after close(): another writer committed this key first
 
     def write(self, row: Mapping[str, object]) -> None:
         """Add one row: every ``decoded_schema`` column (arrays for list columns)."""
+        if self._closed:
+            raise RuntimeError(f"{self.url}: writer already closed (or discarded after a failure)")
         if self.meta.mode == "candidates":
             self._check_candidates(row)
             self._buffer.append(row)
@@ -215,6 +332,23 @@ class ShardWriter:
     def _flush_raw(self) -> None:
         if not self._buffer:
             return
+        self._step = f"writing rows to the temporary file {self._raw_path}"
+        try:
+            self._write_buffer()
+        except BaseException as e:
+            self._fail(e)
+
+    def _fail(self, cause: BaseException):
+        """Remove everything this writer made, then raise: an I/O error as ``ShardWriteError``
+        naming shard, store and operation (chained); anything else as it is."""
+        self._discard()
+        if isinstance(cause, _write_errors()) and not isinstance(cause, ShardWriteError):
+            hint = _hint(cause, self.store, remote=self.fs is not None)
+            message = f"writing shard {self.url} to store {self.store} failed while {self._step}: {cause}{hint}"
+            raise ShardWriteError(message, self.url, self.store, self._step, getattr(cause, "errno", None)) from cause
+        raise cause
+
+    def _write_buffer(self) -> None:
         cols = {}
         for field in self._raw_schema:
             values = [r[field.name] for r in self._buffer]
@@ -261,8 +395,19 @@ class ShardWriter:
         (``lost_race``), that writer's, this shard being discarded."""
         if self._closed:
             raise RuntimeError(f"{self.path}: writer already closed")
-        self._flush_raw()
-        self._raw.close()
+        try:
+            self._flush_raw()
+            self._step = f"finishing the temporary file {self._raw_path}"
+            self._raw.close()
+            self._raw = None
+            winner, record = self._encode_and_commit()
+        except BaseException as e:
+            self._fail(e)
+        self.lost_race = winner is not None
+        self.record = winner if winner is not None else record
+        return self.record
+
+    def _encode_and_commit(self) -> tuple[dict | None, dict]:
         table = codec.id_table(self._id_counts)
         encoding = {
             "logprob_levels": codec.LOGPROB_LEVELS, "logprob_scale": codec.LOGPROB_SCALE,
@@ -276,36 +421,33 @@ class ShardWriter:
             COUNTS_KEY: json.dumps({"rows": self.rows, "tokens": self.tokens}).encode(),
         }
         schema = self.schema_without_metadata
+        self._step = f"reading the temporary file {self._raw_path}"
+        raw = pq.ParquetFile(self._raw_path)
+        self._step = f"encoding the shard into the temporary file {self._tmp}"
+        out = _parquet_writer(self._tmp, schema, ZSTD_LEVEL, byte_stream_split=["topk_ids.list.element", "tail_mass_codes.list.element"])
         try:
-            raw = pq.ParquetFile(self._raw_path)
-            out = _parquet_writer(self._tmp, schema, ZSTD_LEVEL, byte_stream_split=["topk_ids.list.element", "tail_mass_codes.list.element"])
-            try:
-                out.add_key_value_metadata(footer)
-                for rg in range(raw.metadata.num_row_groups):
-                    out.write_table(self._encode(raw.read_row_group(rg), table))
-            finally:
-                out.close()
-            with open(self._tmp, "rb") as f:
-                os.fsync(f.fileno())
-            record = {
-                "file": self.path.name,
-                "bytes": self._tmp.stat().st_size,
-                "sha256": file_sha256(self._tmp),
-                "rows": self.rows,
-                "tokens": self.tokens,
-                "meta": json.loads(self.meta.to_json()),
-            }
-            winner = self._commit_local(record) if self.fs is None else self._commit_remote(record)
-        except BaseException:
-            self._tmp.unlink(missing_ok=True)
-            raise
+            out.add_key_value_metadata(footer)
+            for rg in range(raw.metadata.num_row_groups):
+                out.write_table(self._encode(raw.read_row_group(rg), table))
+            out.close()
         finally:
-            self._closed = True
-            self._raw_path.unlink(missing_ok=True)
-            self._cleanup_scratch()
-        self.lost_race = winner is not None
-        self.record = winner if winner is not None else record
-        return self.record
+            _discard_parquet_writer(out)  # only after a failure is it still open
+        self._step = f"syncing and hashing the temporary file {self._tmp}"
+        with open(self._tmp, "rb") as f:
+            os.fsync(f.fileno())
+        record = {
+            "file": self.path.name,
+            "bytes": self._tmp.stat().st_size,
+            "sha256": file_sha256(self._tmp),
+            "rows": self.rows,
+            "tokens": self.tokens,
+            "meta": json.loads(self.meta.to_json()),
+        }
+        winner = self._commit_local(record) if self.fs is None else self._commit_remote(record)
+        self._closed = True
+        self._raw_path.unlink(missing_ok=True)
+        self._cleanup_scratch()
+        return winner, record
 
     def _commit_local(self, record: dict) -> dict | None:
         """Place the shard and create its record, both exclusively. None: committed; else the
@@ -313,10 +455,12 @@ class ShardWriter:
         rec = record_path(self.path)
         rec_tmp = temp_name(rec)
         try:
+            self._step = f"writing the commit record to its temporary file {rec_tmp}"
             with open(rec_tmp, "w") as f:
                 f.write(json.dumps(record, indent=1, sort_keys=True))
                 f.flush()
                 os.fsync(f.fileno())
+            self._step = f"placing the shard at {self.path} and its record at {rec}"
             with _commit_lock(self.path):
                 if rec.exists():
                     return _read_winner(None, rec)
@@ -341,30 +485,38 @@ class ShardWriter:
         """Upload the shard, then create its record (conditionally where the store can).
         None: committed; else the winner's record (this shard's object is then deleted)."""
         rec = str(record_path(self.path))
+        scheme = f"{self.fs.type_name}://"
+        self._step = f"checking for a commit record at {scheme}{rec}"
         if fsmod.exists(self.fs, rec):  # committed while we labelled: skip the upload
             return _read_winner(self.fs, rec)
         if not fsmod.has_conditional_put(self.fs):
             data = unique_data_path(self.path)
+            self._step = f"uploading the shard to {scheme}{data}"
             fsmod.upload(self._tmp, self.fs, str(data))
             record["file"] = data.name
+            self._step = f"uploading the commit record to {scheme}{rec} (the shard's object {data.name} stays, unnamed by any record)"
             with self.fs.open_output_stream(rec) as f:
                 f.write(json.dumps(record, indent=1, sort_keys=True).encode())
             return None
         data = self.path
+        self._step = f"uploading the shard to {scheme}{data}"
         if not fsmod.put_if_absent(self.fs, str(data), self._tmp):
             # taken by a writer in flight or by one killed before its record: never overwrite it
             data = unique_data_path(self.path)
+            self._step = f"uploading the shard to {scheme}{data}"
             if not fsmod.put_if_absent(self.fs, str(data), self._tmp):
                 raise FileExistsError(f"{data}: a fresh unique object name is already taken")
         record["file"] = data.name
         # an error here (not a 412) leaves our object behind without a record, as a kill would:
         # the PUT may have landed with only its answer lost, so the object must stay
+        self._step = f"uploading the commit record to {scheme}{rec} (the shard's object {data.name} stays, unnamed by any record)"
         if fsmod.put_if_absent(self.fs, rec, json.dumps(record, indent=1, sort_keys=True).encode()):
             return None
         winner = _read_winner(self.fs, rec)
         if winner.get("file") == record["file"] and winner.get("sha256") == record["sha256"]:
             return None  # our own record: the SDK retried a PUT whose first attempt had landed
         # lost: our object is named by no record, and only we ever delete it
+        self._step = f"deleting this writer's object {scheme}{data} after another writer committed the key"
         self.fs.delete_file(str(data))
         return winner
 
@@ -373,14 +525,19 @@ class ShardWriter:
             shutil.rmtree(self._scratch, ignore_errors=True)
 
     def abort(self) -> None:
-        if not self._closed:
-            self._closed = True
-            try:
-                self._raw.close()
-            finally:
-                self._raw_path.unlink(missing_ok=True)
-                self._tmp.unlink(missing_ok=True)
-                self._cleanup_scratch()
+        """Discard this shard: remove its temporaries and local scratch, commit nothing."""
+        self._discard()
+
+    def _discard(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        _discard_parquet_writer(self._raw)
+        self._raw = None
+        for path in (self._raw_path, self._tmp):
+            if path is not None:
+                path.unlink(missing_ok=True)
+        self._cleanup_scratch()
 
     def __enter__(self) -> "ShardWriter":
         return self
@@ -467,15 +624,23 @@ def folder_lock(folder: str | os.PathLike, what: str, on_wait=None):
         yield
 
 
-def remove_stale_temporaries(folder: str | os.PathLike) -> int:
+def remove_stale_temporaries(folder: str | os.PathLike, abandoned_after_s: float = ABANDONED_AFTER_S) -> int:
     """Delete temporaries left by writers that no longer run (crashed), and commit-lock files
-    nobody holds (a writer killed inside its commit). Returns how many."""
+    nobody holds (a writer killed inside its commit). Returns how many.
+
+    Only this host can tell whether a writer lives, so on a shared folder a temporary is
+    removed when it is this host's and its writer is dead: one from an earlier boot of this
+    host (its process is gone by definition), or one of this boot whose pid no longer runs.
+    Another host's temporaries, and names without a host (older versions), are left alone
+    unless nothing touched them for ``abandoned_after_s`` (default seven days): a node that
+    crashed and never came back should not hold its share of the disk for ever.
+    """
     import fcntl
 
     removed = 0
+    now = time.time()
     for path in Path(folder).rglob(f".*{TMP_MARK}*"):
-        pid = path.name.rsplit(TMP_MARK, 1)[1].split("-")[0]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        if _temp_is_stale(path, now, abandoned_after_s):
             path.unlink(missing_ok=True)
             removed += 1
     for path in Path(folder).rglob(f".*{LOCK_SUFFIX}"):
@@ -493,6 +658,18 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> int:
         finally:
             os.close(fd)
     return removed
+
+
+def _temp_is_stale(path: Path, now: float, abandoned_after_s: float) -> bool:
+    owner = temp_owner(path.name)
+    if owner is not None and owner.host == _HOST:
+        if owner.boot != _BOOT and "x" not in (owner.boot, _BOOT):
+            return True  # written before this host's last reboot
+        return not _pid_alive(owner.pid)
+    try:
+        return now - path.lstat().st_mtime > abandoned_after_s
+    except FileNotFoundError:
+        return False  # renamed or removed by its writer meanwhile
 
 
 def _pid_alive(pid: int) -> bool:

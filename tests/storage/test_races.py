@@ -15,7 +15,7 @@ import pytest
 from storage import fs as fsmod
 from storage.cache import LabelStore
 from storage.reader import ShardError, ShardStream, open_shard
-from storage.writer import LOCK_SUFFIX, ShardWriter, record_path, remove_stale_temporaries
+from storage.writer import LOCK_SUFFIX, ShardWriter, record_path, remove_stale_temporaries, temp_name
 from tests.storage.test_shards import make_meta, make_rows
 
 RACES, ROWS, VOCAB, K = 10, 6, 1000, 4
@@ -185,8 +185,9 @@ def test_a_writer_killed_between_its_links_is_replaced_by_a_relabel(tmp_path):
     path.parent.mkdir(parents=True)
     dead = 2 ** 22 + 12345  # above the default pid_max: no such process
     path.write_bytes(b"half of someone else's shard")
-    os.link(path, path.with_name(f".{path.name}.tmp-{dead}-deadbeef"))
-    record_path(path).with_name(f".k.json.tmp-{dead}-deadbeef").write_text("{}")
+    here = temp_name(path).name.rsplit("-", 2)[0]  # this host and boot: ".k.parquet.tmp-<host>-<boot>"
+    os.link(path, path.with_name(f"{here}-{dead}-deadbeef"))
+    record_path(path).with_name(f"{here.replace('.parquet', '.json')}-{dead}-deadbeef").write_text("{}")
     path.with_name(f".{path.name}{LOCK_SUFFIX}").touch()
     assert store.lookup("k") is None
     with pytest.raises(ShardError, match="no commit record"):
