@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from distill.configbase import check
 from storage.cache import content_key
-from storage.writer import atomic_write_text
+from storage.writer import atomic_write_text, temp_name
 
 PYDOC_SOURCE = "pydoc_topics"
 CORPUS_MANIFEST = "corpus.json"
@@ -504,7 +504,7 @@ def build_corpus(cfg: CorpusConfig, tokenizer, tokenizer_hash: str, root: Path, 
             if mode == "candidates":
                 h.update(json.dumps([r["candidate_ids"], r["answer"]]).encode())
         path = out / f"{name}.parquet"
-        tmp = out / f".{name}.parquet.tmp-{os.getpid()}"
+        tmp = temp_name(path)  # host, boot and pid: nodes sharing the folder never write one temporary
         pq.write_table(table, tmp, compression="zstd")
         tmp.replace(path)
         shard_info[name] = {
