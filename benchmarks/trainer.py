@@ -117,7 +117,8 @@ def main() -> None:
     print(f"step seconds (median of {args.rounds} rounds x {n} steps, order alternating): "
           + ", ".join(f"{k}={v / n:.3f}" for k, v in med.items() if k != "stream") + f"; streaming one batch: {med['stream'] / loader_batches:.4f}s")
     for name, values in ratios.items():
-        print(f"{name}: {median_spread(values, '.3f')} ({', '.join(f'{v:.3f}' for v in values)})")
+        fmt = ".4f" if name == "loader_overhead" else ".3f"  # the loader's share is ~0.001
+        print(f"{name}: {median_spread(values, fmt)} ({', '.join(f'{v:{fmt}}' for v in values)})")
     print(f"distinct documents per batch of {cfg.train.batch_size}: {docs['buffer']:.2f} with a {buffer}-window buffer, {docs['row_group_only']:.2f} mixing one row group")
     print(f"docs_per_batch={docs['buffer']:.2f}")
     print(f"loader_overhead={statistics.median(ratios['loader_overhead']):.4f}")
