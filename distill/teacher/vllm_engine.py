@@ -454,7 +454,7 @@ def _title(proc) -> str:
     import psutil
 
     try:
-        return " ".join(proc.cmdline())[:80] or proc.name()
+        return " ".join(" ".join(proc.cmdline()).split())[:80] or proc.name()  # setproctitle pads with spaces
     except psutil.Error:
         return "engine process"
 

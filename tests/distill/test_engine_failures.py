@@ -187,3 +187,48 @@ def test_exit_status_of_an_unreaped_child_names_its_signal():
         child.kill()
         child.wait()
     assert _exit_status(None, child.pid) is None  # reaped: nothing left to read
+
+
+@pytest.mark.slow
+def test_teacher_logits_step_is_retried_on_a_fresh_engine_after_a_stall(tiny_config_path, tmp_path):
+    """The asset turns an engine failure into a step retry (the instance retries crashed runs
+    only): the first attempt finds the registry's engine with its Worker stopped, fails after
+    ``step_timeout_s``, and the retried step labels on a fresh engine."""
+    import dagster as dg
+
+    from distill import pipeline
+    from distill.config import load_config
+    from pipelines.definitions import build_definitions
+
+    config = yaml.safe_load(Path(tiny_config_path).read_text())
+    config["storage_root"] = str(tmp_path / "data")
+    config["teacher"]["engine"] = {"step_timeout_s": 5.0}  # its own engine, not the session's
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cfg = load_config(path)
+    defs = build_definitions(str(path), keep_engine_alive=True)
+    instance = dg.DagsterInstance.ephemeral()
+    inputs = dg.materialize(list(defs.assets), selection=["teacher_model", "corpus", "finetuned_teachers"],
+                            resources=defs.resources, instance=instance)
+    assert inputs.success
+    stalled = pipeline.get_engine(cfg)  # the engine the step will find in the registry
+    worker = _process(stalled, "Worker")
+    worker.suspend()
+    try:
+        result = dg.materialize(list(defs.assets), selection=["teacher_logits"], partition_key=cfg.corpus.shard_names()[0],
+                                resources=defs.resources, instance=instance, raise_on_error=False)
+        events = [e.event_type_value for e in result.all_events]
+        assert result.success, events
+        assert "STEP_UP_FOR_RETRY" in events and "STEP_RESTARTED" in events, events
+        assert stalled.failure and "stopped (by SIGSTOP" in stalled.failure, stalled.failure
+        assert not _wait_gone(stalled.processes), "the stalled engine's processes outlived its failure"
+        assert pipeline.get_engine(cfg) is not stalled
+    finally:
+        try:
+            worker.resume()
+        except psutil.NoSuchProcess:
+            pass
+        for key, eng in list(pipeline._ENGINES.items()):  # this test's engines only; the session's stays
+            if key[3] == cfg.teacher.engine:
+                pipeline._ENGINES.pop(key).close()
+        stalled.close()
