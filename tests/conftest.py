@@ -3,6 +3,7 @@ config, and one real vLLM engine for every test that needs it."""
 from __future__ import annotations
 
 import os
+import signal
 import uuid
 from pathlib import Path
 
@@ -33,6 +34,18 @@ def _exempt() -> set[int]:
         exempt.add(procs._guard[1].pid)
     exempt |= {child.pid for child in psutil.Process().children() if procs.is_resource_tracker(child)}
     return exempt
+
+
+def _terminate_as_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"the test session received signal {signal.Signals(signum).name}")
+
+
+def pytest_configure(config):
+    """A suite ended by SIGTERM (``timeout``, a CI runner, a supervisor) unwinds as after Ctrl-C:
+    the running test's ``finally`` blocks, the fixtures' finalizers and ``pytest_sessionfinish``
+    run, so the processes tests started are ended. Python's default for SIGTERM exits at once,
+    and a server in its own process group (``tests.processes.start_group``) would outlive it."""
+    signal.signal(signal.SIGTERM, _terminate_as_interrupt)
 
 
 def pytest_sessionfinish(session, exitstatus):
