@@ -180,46 +180,25 @@ def main() -> None:
     print(f"sampled_vs_full_kd_gap_closed={gap['sampled']:.3f}")
 
 
-@torch.no_grad()
 def full_distribution_kl(teacher, students: dict, shards, eval_cfg) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-    """Mean KL(teacher's full softmax || student) over the held-out labelled positions, one
-    teacher forward per batch shared by every student; and per window, each model's ECE bin sums
-    (``ece_bins``, each (windows, bins)), the teacher's included, for ``ece_interval``."""
-    from distill.evaluation import ece_bins
-    from distill.trainer import collate_for
-    from storage.reader import ShardStream, StreamPosition
+    """Mean KL(teacher's full softmax || student) over every held-out labelled position (up to
+    ``eval.max_windows`` windows), by ``distill.evaluation.full_distribution_kl``; and per window,
+    each model's ECE bin sums (``ece_bins``, each (windows, bins)), the teacher's included, for
+    ``ece_interval``."""
+    import dataclasses
 
-    collate_rows = collate_for(shards[0])
-    sums, count, rows = {name: 0.0 for name in students}, 0, []
+    from distill.evaluation import ece_bins
+    from distill.evaluation import full_distribution_kl as full_kl
+
     bins: dict[str, list] = {name: [] for name in ("teacher", *students)}
 
-    def window_bins(name, lp, batch):
-        for row_lp, row_mask, row_targets in zip(lp, batch["mask"], batch["targets"]):
-            top_lp, top_id = row_lp[row_mask].max(-1) if row_mask.any() else (row_lp[:0, 0], row_targets[:0])
-            bins[name].append(ece_bins(top_lp.exp().double(), (top_id == row_targets[row_mask]).double()))
+    def window_bins(name, log_probs, targets):
+        top_lp, top_id = log_probs.max(-1)
+        bins[name].append(ece_bins(top_lp.exp().double(), (top_id == targets).double()))
 
-    def flush():
-        nonlocal count
-        batch = collate_rows(rows)
-        mask = batch["mask"]
-        t = torch.log_softmax(teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float(), -1)
-        window_bins("teacher", t, batch)
-        for name, model in students.items():
-            s = torch.log_softmax(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float(), -1)
-            sums[name] += float((t.exp() * (t - s)).sum(-1)[mask].double().sum())
-            window_bins(name, s, batch)
-        count += int(mask.sum())
-        rows.clear()
-
-    for i, (row, _) in enumerate(ShardStream(shards, shuffle=False).rows(StreamPosition(), epochs=1)):
-        if eval_cfg.max_windows and i >= eval_cfg.max_windows:
-            break
-        rows.append(row)
-        if len(rows) == eval_cfg.batch_size:
-            flush()
-    if rows:
-        flush()
-    return ({name: total / count for name, total in sums.items()},
+    every = dataclasses.replace(eval_cfg, full_kl_windows=eval_cfg.max_windows or 2**62)
+    kl = full_kl(teacher, students, shards, every, on_window=window_bins)
+    return ({name: kl[name] for name in students},
             {name: {key: torch.stack([w[key] for w in b]) for key in b[0]} for name, b in bins.items()})
 
 

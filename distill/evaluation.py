@@ -360,12 +360,15 @@ def full_kl_skip_reason(teacher_path: str | Path, device: torch.device, bf16: bo
 
 
 @torch.no_grad()
-def full_distribution_kl(teacher, models: Mapping[str, object], shards: Sequence[Shard], cfg: EvalConfig, bf16: bool = False) -> dict:
+def full_distribution_kl(teacher, models: Mapping[str, object], shards: Sequence[Shard], cfg: EvalConfig, bf16: bool = False,
+                         on_window: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None) -> dict:
     """Mean KL(teacher's full softmax || model) over the labelled positions of the first
     ``cfg.full_kl_windows`` held-out windows, for every model in ``models`` (causal LMs sharing
     the teacher's tokenizer, on the teacher's device): one teacher forward per batch, shared by
     every model. Unlike the stored-label KL (top-k plus one bucket, what ``tail: bucket`` KD
     minimizes), it sees how each model spreads the mass outside the teacher's top-k.
+    ``on_window(name, log_probs, targets)``, if given, sees each window's full log-probabilities
+    at its labelled positions (``name`` ``"teacher"`` or a model's) and the realized targets there.
     Returns ``{name: kl, "windows": n, "positions": m}``."""
     device = _device(teacher)
     teacher.eval()
@@ -377,13 +380,18 @@ def full_distribution_kl(teacher, models: Mapping[str, object], shards: Sequence
         for b in range(len(batch["mask"])):  # a window at a time: (T, V) log-probs per model, not (B, T, V)
             mask = batch["mask"][b]
             inputs = {"input_ids": batch["input_ids"][b : b + 1], "attention_mask": batch["attention_mask"][b : b + 1]}
+            targets = batch["targets"][b][mask]
             with _autocast(device, bf16):
                 t = torch.log_softmax(teacher(**inputs).logits[0].float(), -1)[mask]
+            if on_window is not None:
+                on_window("teacher", t, targets)
             for name, model in models.items():
                 model.eval()
                 with _autocast(device, bf16):
                     q = torch.log_softmax(model(**inputs).logits[0].float(), -1)[mask]
                 sums[name] += float((t.exp() * (t - q)).sum(-1).double().sum())
+                if on_window is not None:
+                    on_window(name, q, targets)
             positions += int(mask.sum())
             rows += 1
     if not positions:
