@@ -40,32 +40,39 @@ def _wait_gone(procs, timeout: float = 30) -> list:
     return alive
 
 
+def _signal_mid_call(score, pid: int, sig: int, delay: float, expected: type[BaseException] = Exception):
+    """Send ``sig`` to ``pid`` ``delay`` seconds into a labelling call long enough to be under way
+    then (256 windows, four macro-batches); the call must raise ``expected``. Returns the
+    ``pytest.raises`` info and when the signal was sent."""
+    sent: list[float] = []
+
+    def send():
+        sent.append(time.monotonic())
+        os.kill(pid, sig)
+
+    timer = threading.Timer(delay, send)
+    timer.start()
+    try:
+        with pytest.raises(expected) as failure:
+            for _ in score(_windows(256), [0] * 256):
+                pass
+    finally:
+        timer.cancel()
+    assert sent, "the call ended before the signal was sent: give it more windows"
+    return failure, sent[0]
+
+
 @pytest.mark.slow
 def test_sigkilled_engine_core_fails_the_call_at_once_and_the_next_use_starts_a_fresh_engine(engine):
     old = engine.current()
     windows = _windows(2)
     reference = list(engine.score(windows, [0, 0]))
     core = _process(old, "EngineCore")
-    # a call long enough to be under way when the core dies: 256 windows, four macro-batches
-    killed_at = []
-
-    def kill():
-        killed_at.append(time.monotonic())
-        os.kill(core.pid, signal.SIGKILL)
-
-    timer = threading.Timer(3.0, kill)
-    timer.start()
-    try:
-        with pytest.raises(Exception) as failure:
-            for _ in engine.score(_windows(256), [0] * 256):
-                pass
-    finally:
-        timer.cancel()
+    failure, killed_at = _signal_mid_call(engine.score, core.pid, signal.SIGKILL, 3.0)
     from distill.teacher.vllm_engine import EngineFailure
 
-    assert killed_at, "the call ended before the engine was killed: give it more windows"
     assert failure.type is EngineFailure, failure.value
-    waited = time.monotonic() - killed_at[0]
+    waited = time.monotonic() - killed_at
     assert waited < 15, f"the dead engine was noticed only after {waited:.1f} s"
     message = str(failure.value)
     assert f"pid {core.pid}" in message and "::EngineCore" in message, message
@@ -89,31 +96,17 @@ def test_sigstopped_engine_fails_the_call_after_step_timeout(teacher_dir):
 
     timeout = 20.0  # a fresh engine's first step took more than 5 s on a loaded 2-core machine
     eng = VllmTeacher(teacher_dir, 8, TINY_WINDOW, EngineConfig(step_timeout_s=timeout, cpu_kv_cache_gib=1))
-    stopped = []
     try:
         list(eng.score(_windows(2), [0, 0]))  # answers while it runs
         core = _process(eng, "EngineCore")
-
-        def stop():
-            stopped.append(time.monotonic())
-            os.kill(core.pid, signal.SIGSTOP)
-
-        timer = threading.Timer(2.0, stop)
-        timer.start()
-        try:
-            with pytest.raises(EngineFailure) as failure:
-                for _ in eng.score(_windows(256), [0] * 256):
-                    pass
-        finally:
-            timer.cancel()
+        failure, stopped = _signal_mid_call(eng.score, core.pid, signal.SIGSTOP, 2.0, EngineFailure)
         failed = time.monotonic()
-        assert stopped, "the call ended before the engine was stopped: give it more windows"
         # the stall is counted from the engine's last finished step, which came up to one step
         # (about 1.5 s here) before the stop
         last_step = eng._last_step[0]
-        assert last_step <= stopped[0], "the engine finished a step after it was stopped"
+        assert last_step <= stopped, "the engine finished a step after it was stopped"
         waited = failed - last_step
-        assert timeout <= waited < timeout + 20, f"failed {waited:.1f} s after the last step ({failed - stopped[0]:.1f} s after the stop), with step_timeout_s={timeout}"
+        assert timeout <= waited < timeout + 20, f"failed {waited:.1f} s after the last step ({failed - stopped:.1f} s after the stop), with step_timeout_s={timeout}"
         message = str(failure.value)
         assert f"step_timeout_s = {timeout:g}" in message and f"pid {core.pid}" in message and "::EngineCore" in message, message
         assert "stopped (by SIGSTOP" in message, message
