@@ -18,6 +18,7 @@ Prints, per corpus, held-out KL and perplexity of both and their ratios
 ``akl_vs_fixed_heldout_kl=``, the geometric mean of the per-corpus KL ratios (below 1: AKL closer
 to the teacher).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,7 +35,17 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 STDLIB_JSONL = Path("data/corpora/stdlib_docstrings.jsonl")
 # packages left out: tests, GUI demos, vendored tools, and pydoc_data (the demo corpus itself)
-_SKIP = {"idlelib", "lib2to3", "pydoc_data", "site-packages", "turtledemo", "tkinter", "ensurepip", "venv", "__pycache__"}
+_SKIP = {
+    "idlelib",
+    "lib2to3",
+    "pydoc_data",
+    "site-packages",
+    "turtledemo",
+    "tkinter",
+    "ensurepip",
+    "venv",
+    "__pycache__",
+}
 MAX_CHARS = 2500  # per document: ~135k SmolLM2 tokens over ~280 modules
 
 
@@ -78,7 +89,7 @@ def write_stdlib_corpus(path: Path = STDLIB_JSONL) -> Path:
 
 
 def label(cfg) -> None:
-    from distill import pipeline
+    from distill.run import pipeline
 
     pipeline.prepare_teacher(cfg)
     pipeline.prepare_corpus(cfg)
@@ -87,33 +98,48 @@ def label(cfg) -> None:
     pipeline.close_engines()
     hits = sum(1 for r in results.values() if r.get("cache_hit"))
     tokens = sum(int(r.get("tokens", 0)) for r in results.values())
-    print(f"  labels: {len(results)} shards ({hits} cached), {tokens:,} labelled tokens, {time.perf_counter() - t0:.0f}s", flush=True)
+    print(
+        f"  labels: {len(results)} shards ({hits} cached), {tokens:,} labelled tokens, {time.perf_counter() - t0:.0f}s",
+        flush=True,
+    )
 
 
 def compare(cfg, name: str) -> dict:
     """Train the fixed mix and AKL at equal steps; held-out KL and perplexity of both."""
     from transformers import AutoModelForCausalLM
 
-    from distill import pipeline
-    from distill.evaluation import evaluate_model
+    from distill.eval.evaluation import evaluate_model
+    from distill.run import pipeline
 
     train_shards, heldout = pipeline.open_split(cfg, "train"), pipeline.open_split(cfg, "heldout")
-    print(f"corpus {name}: {sum(s.tokens for s in train_shards):,} labelled train tokens, {sum(s.tokens for s in heldout):,} held-out; "
-          f"window {cfg.corpus.window}, {cfg.train.steps} steps x {cfg.train.batch_size * cfg.train.grad_accum} windows, "
-          f"lr {cfg.train.lr:g}, kd_weight {cfg.train.kd_weight:g}, tail {cfg.train.tail}", flush=True)
+    print(
+        f"corpus {name}: {sum(s.tokens for s in train_shards):,} labelled train tokens, {sum(s.tokens for s in heldout):,} held-out; "
+        f"window {cfg.corpus.window}, {cfg.train.steps} steps x {cfg.train.batch_size * cfg.train.grad_accum} windows, "
+        f"lr {cfg.train.lr:g}, kd_weight {cfg.train.kd_weight:g}, tail {cfg.train.tail}",
+        flush=True,
+    )
     out = {}
     for variant, divergence in (("fixed", "forward_kl"), ("akl", "akl")):
         run = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, divergence=divergence, progress=False))
         summary = pipeline.train_student(run)
         model = AutoModelForCausalLM.from_pretrained(Path(summary["out_dir"]) / "model")
         metrics = evaluate_model(model, heldout, cfg.eval)
-        out[variant] = {"kl": metrics["kl"], "ppl": metrics["ppl"], "top1": metrics["top1"], "positions": metrics["positions"],
-                        "train_tokens": summary.get("labelled_tokens_this_run"), "train_s": summary.get("seconds_this_run"),
-                        "reused": summary.get("reused")}
+        out[variant] = {
+            "kl": metrics["kl"],
+            "ppl": metrics["ppl"],
+            "top1": metrics["top1"],
+            "positions": metrics["positions"],
+            "train_tokens": summary.get("labelled_tokens_this_run"),
+            "train_s": summary.get("seconds_this_run"),
+            "reused": summary.get("reused"),
+        }
         extra = f", mu {run.train.akl_mu:g}" if divergence == "akl" else ""
-        print(f"  {variant:5s} ({divergence}{extra}): heldout_kl={metrics['kl']:.4f} ppl={metrics['ppl']:.3f} top1={metrics['top1']:.4f} "
-              f"({metrics['positions']:,} held-out positions; trained on {out[variant]['train_tokens']:,} tokens in "
-              f"{out[variant]['train_s'] or 0:.0f}s{', reused' if summary.get('reused') else ''})", flush=True)
+        print(
+            f"  {variant:5s} ({divergence}{extra}): heldout_kl={metrics['kl']:.4f} ppl={metrics['ppl']:.3f} top1={metrics['top1']:.4f} "
+            f"({metrics['positions']:,} held-out positions; trained on {out[variant]['train_tokens']:,} tokens in "
+            f"{out[variant]['train_s'] or 0:.0f}s{', reused' if summary.get('reused') else ''})",
+            flush=True,
+        )
     out["kl_ratio"] = out["akl"]["kl"] / out["fixed"]["kl"]
     out["ppl_ratio"] = out["akl"]["ppl"] / out["fixed"]["ppl"]
     print(f"{name}_akl_vs_fixed_heldout_kl={out['kl_ratio']:.4f}")

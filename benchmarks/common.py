@@ -1,11 +1,12 @@
 """Setup shared by the benchmarks: the first windows of the demo corpus, and shard metadata."""
+
 from __future__ import annotations
 
 
 def corpus_windows(cfg, count: int, shard: str = "train-00000"):
     """(windows table, input id lists, label starts) of the first ``count`` windows of a shard."""
-    from distill import pipeline
     from distill.data import read_corpus_shard
+    from distill.run import pipeline
 
     pipeline.prepare_corpus(cfg)
     hashes = pipeline.teacher_hashes(cfg)
@@ -15,12 +16,24 @@ def corpus_windows(cfg, count: int, shard: str = "train-00000"):
 
 
 def bench_meta(cfg, k: int, engine_version: str):
-    from distill import pipeline
+    from distill.run import pipeline
     from distill.teacher.labels import mode_settings
     from storage.schema import ShardMeta
 
     hashes = pipeline.teacher_hashes(cfg)
-    return ShardMeta(teacher=cfg.teacher.model, teacher_hash=hashes["weights"], tokenizer_hash=hashes["tokenizer"],
-                     vocab_size=pipeline.expected_meta(cfg, "train")["vocab_size"], k=k, temperature=1.0, mode=cfg.teacher.mode,
-                     engine=engine_version, data_fingerprint="bench", shard="train-00000", split="train",
-                     cache_key="bench", code_version="bench", settings=mode_settings(cfg.teacher))
+    return ShardMeta(
+        teacher=cfg.teacher.model,
+        teacher_hash=hashes["weights"],
+        tokenizer_hash=hashes["tokenizer"],
+        vocab_size=pipeline.expected_meta(cfg, "train")["vocab_size"],
+        k=k,
+        temperature=1.0,
+        mode=cfg.teacher.mode,
+        engine=engine_version,
+        data_fingerprint="bench",
+        shard="train-00000",
+        split="train",
+        cache_key="bench",
+        code_version="bench",
+        settings=mode_settings(cfg.teacher),
+    )

@@ -12,6 +12,7 @@ positions) and on the multiple-choice file; the teacher's bits per byte come fro
 labels. The last line is ``xtok_kd_vs_ce_bpb=``: the better KD student's bits per byte over the
 baseline's (below 1: distillation across tokenizers helps).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,10 +32,11 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from distill import pipeline
     from distill.config import load_config
-    from distill.evaluation import evaluate_model, load_mc, mc_accuracy, teacher_metrics
-    from distill.xtok import token_byte_table
+    from distill.data import load_mc
+    from distill.eval.evaluation import evaluate_model, mc_accuracy, teacher_metrics
+    from distill.run import pipeline
+    from distill.train.xtok import token_byte_table
 
     cfg = load_config(args.config)
     train = dataclasses.replace(cfg.train, progress=False, **({"steps": args.steps} if args.steps else {}))
@@ -44,25 +46,39 @@ def main() -> None:
     pipeline.label_shards(cfg, cfg.corpus.shard_names())
     pipeline.close_engines()
     vocab, cross = pipeline.student_tokens(cfg)
-    print(f"student tokenizer: {vocab} ids; {cross.matched_fraction:.2%} of the teacher's ids have a byte-identical student token", flush=True)
+    print(
+        f"student tokenizer: {vocab} ids; {cross.matched_fraction:.2%} of the teacher's ids have a byte-identical student token",
+        flush=True,
+    )
     heldout = pipeline.open_split(cfg, "heldout")
     lengths = torch.tensor([len(b) for b in token_byte_table(pipeline.tokenizer(cfg))])
     teacher = teacher_metrics(heldout, cfg.eval, byte_lengths=lengths)
-    print(f"teacher: bpb={teacher['bpb']:.4f} ppl={teacher['ppl']:.3f} (its own tokens, from stored labels)", flush=True)
+    print(
+        f"teacher: bpb={teacher['bpb']:.4f} ppl={teacher['ppl']:.3f} (its own tokens, from stored labels)", flush=True
+    )
     items = load_mc(cfg.eval.mc_file) if cfg.eval.mc_file else None
     bpb = {}
-    runs = {"uld": (dataclasses.replace(cfg, train=dataclasses.replace(train, cross_tokenizer_loss="uld")), False),
-            "span_kl": (dataclasses.replace(cfg, train=dataclasses.replace(train, cross_tokenizer_loss="span_kl")), False),
-            "ce_baseline": (cfg, True)}
+    runs = {
+        "uld": (dataclasses.replace(cfg, train=dataclasses.replace(train, cross_tokenizer_loss="uld")), False),
+        "span_kl": (dataclasses.replace(cfg, train=dataclasses.replace(train, cross_tokenizer_loss="span_kl")), False),
+        "ce_baseline": (cfg, True),
+    }
     for name, (run, baseline) in runs.items():
         summary = pipeline.train_student(run, baseline=baseline)
         model = AutoModelForCausalLM.from_pretrained(Path(summary["out_dir"]) / "model")
         m = evaluate_model(model, heldout, cfg.eval, cross=cross)
-        mc = mc_accuracy(model, cross.tokenizer, items, cfg.eval.mc_length_normalize, cfg.eval.batch_size)["mc_accuracy"] if items else float("nan")
+        mc = (
+            mc_accuracy(model, cross.tokenizer, items, cfg.eval.mc_length_normalize, cfg.eval.batch_size)["mc_accuracy"]
+            if items
+            else float("nan")
+        )
         bpb[name] = m["bpb"]
         how = "reused" if summary.get("reused") else f"trained in {summary.get('seconds_this_run') or 0:.0f}s"
-        print(f"{name}: bpb={m['bpb']:.4f} ppl={m['ppl']:.3f} span_kl_to_teacher={m['kl']:.4f} top1_vs_teacher={m['top1']:.4f} "
-              f"mc_accuracy={mc:.3f} ({m['aligned_positions']:,} of {m['positions']:,} positions aligned; {how})", flush=True)
+        print(
+            f"{name}: bpb={m['bpb']:.4f} ppl={m['ppl']:.3f} span_kl_to_teacher={m['kl']:.4f} top1_vs_teacher={m['top1']:.4f} "
+            f"mc_accuracy={mc:.3f} ({m['aligned_positions']:,} of {m['positions']:,} positions aligned; {how})",
+            flush=True,
+        )
     print(f"xtok_kd_vs_ce_bpb={min(bpb['uld'], bpb['span_kl']) / bpb['ce_baseline']:.4f}")
 
 

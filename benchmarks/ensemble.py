@@ -14,6 +14,7 @@ a tail bucket). The CE-only baseline is trained too, for reference.
 Prints one line per student, then ``ensemble_vs_best_single_ppl=`` (the ensemble student's
 perplexity over the best single-teacher student's; below 1: the ensemble helps).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,9 +34,9 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
-    from distill import pipeline
     from distill.config import load_config
-    from distill.evaluation import evaluate_model
+    from distill.eval.evaluation import evaluate_model
+    from distill.run import pipeline
 
     cfg = load_config(args.config)
     if args.steps:
@@ -46,15 +47,21 @@ def main() -> None:
     pipeline.prepare_teacher(cfg)
     pipeline.prepare_corpus(cfg)
     for info in pipeline.prepare_finetuned(cfg):
-        print(f"fine-tuned member: loss {info['first_loss']:.3f} -> {info['final_loss']:.3f} over {info['settings']['steps']} steps, "
-              f"{info['seconds']:.0f}s{' (reused)' if info['reused'] else ''}", flush=True)
+        print(
+            f"fine-tuned member: loss {info['first_loss']:.3f} -> {info['final_loss']:.3f} over {info['settings']['steps']} steps, "
+            f"{info['seconds']:.0f}s{' (reused)' if info['reused'] else ''}",
+            flush=True,
+        )
     names = cfg.corpus.shard_names()
     t0 = time.perf_counter()
     results = pipeline.label_shards(cfg, names)
     pipeline.close_engines()
     fresh = sum(not m["cache_hit"] for r in results.values() for m in r["members"])
-    print(f"labels: {len(names)} shards x {len(cfg.teacher.members)} members ({fresh} member shards labelled now), "
-          f"{time.perf_counter() - t0:.0f}s", flush=True)
+    print(
+        f"labels: {len(names)} shards x {len(cfg.teacher.members)} members ({fresh} member shards labelled now), "
+        f"{time.perf_counter() - t0:.0f}s",
+        flush=True,
+    )
 
     runs = {"ensemble": cfg}
     for i, (member, _) in enumerate(pipeline.member_runs(cfg)):
@@ -71,11 +78,16 @@ def main() -> None:
         ppl[name] = metrics["ensemble"]["ppl"]
         kls = " ".join(f"kl_to_{target}={m['kl']:.4f}" for target, m in metrics.items())
         how = "reused" if summary.get("reused") else f"trained in {summary.get('seconds_this_run') or 0:.0f}s"
-        print(f"{name}: ppl={ppl[name]:.3f} {kls} top1_vs_ensemble={metrics['ensemble']['top1']:.4f} ({how})", flush=True)
+        print(
+            f"{name}: ppl={ppl[name]:.3f} {kls} top1_vs_ensemble={metrics['ensemble']['top1']:.4f} ({how})", flush=True
+        )
     for name, shards in heldout.items():
-        from distill.evaluation import teacher_metrics
+        from distill.eval.evaluation import teacher_metrics
 
-        print(f"teacher {name}: ppl={teacher_metrics(shards, cfg.eval)['ppl']:.3f} (from its stored held-out labels)", flush=True)
+        print(
+            f"teacher {name}: ppl={teacher_metrics(shards, cfg.eval)['ppl']:.3f} (from its stored held-out labels)",
+            flush=True,
+        )
     best = min(ppl[f"teacher{i}_student"] for i in range(len(cfg.teacher.members)))
     print(f"ensemble_vs_best_single_ppl={ppl['ensemble_student'] / best:.4f}")
 

@@ -21,6 +21,7 @@ heavy is imported: ``nvidia-smi -L`` must list a GPU, or, without ``nvidia-smi``
 then torch and vLLM must both see CUDA); 4 the labels failed their integrity check or the
 distillation gate did not pass; 1 a stage raised (traceback on stderr).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -74,8 +75,10 @@ def cuda_problem() -> str | None:
     import torch
 
     if not torch.cuda.is_available():
-        return (f"torch {torch.__version__} in {sys.executable} sees no CUDA device, torch.version.cuda={torch.version.cuda}; "
-                "use the .venv-gpu that make gpu-check installs")
+        return (
+            f"torch {torch.__version__} in {sys.executable} sees no CUDA device, torch.version.cuda={torch.version.cuda}; "
+            "use the .venv-gpu that make gpu-check installs"
+        )
     from vllm.platforms import current_platform
 
     if not current_platform.is_cuda():
@@ -87,8 +90,8 @@ def run(config: Path, root: str, steps: int | None) -> int:
     """The stages, timed; the caller has checked the GPU and closes the engines."""
     import torch
 
-    from distill import pipeline
     from distill.config import load_config
+    from distill.run import pipeline
 
     overrides = {
         "storage_root": root,
@@ -101,8 +104,11 @@ def run(config: Path, root: str, steps: int | None) -> int:
 
     # (the device's name waits until training: asking torch for it now would start CUDA in this
     # process before the engine's, which vLLM then has to work around)
-    print(f"gpu-check: torch {torch.__version__} (CUDA {torch.version.cuda}), vllm {vllm.__version__}, "
-          f"storage root {cfg.root}, {cfg.train.steps} training steps", flush=True)
+    print(
+        f"gpu-check: torch {torch.__version__} (CUDA {torch.version.cuda}), vllm {vllm.__version__}, "
+        f"storage root {cfg.root}, {cfg.train.steps} training steps",
+        flush=True,
+    )
     # fresh labels, students and report every run; the converted teacher and the corpus stay
     for sub in ("labels", "students", "evaluations"):
         shutil.rmtree(cfg.root / sub, ignore_errors=True)
@@ -122,13 +128,18 @@ def run(config: Path, root: str, steps: int | None) -> int:
     pipeline.close_engines()  # the engine's GPU memory goes back before training
     hits = [n for n, r in labelled.items() if r["cache_hit"]]
     if hits:
-        raise RuntimeError(f"shards {hits} were cache hits, so labelling was not timed (another run labelling into {cfg.root / 'labels'}?)")
+        raise RuntimeError(
+            f"shards {hits} were cache hits, so labelling was not timed (another run labelling into {cfg.root / 'labels'}?)"
+        )
     label_tokens = sum(r["tokens"] for r in labelled.values())
     label_tok_s = label_tokens / label_s
     emit(gpu_label_tokens=label_tokens, gpu_label_s=label_s, gpu_label_tok_s=label_tok_s)
     check = pipeline.check_shards(cfg, names)
     if check["problems"]:
-        print("gpu-check: label shards failed their integrity check:\n  " + "\n  ".join(check["problems"]), file=sys.stderr)
+        print(
+            "gpu-check: label shards failed their integrity check:\n  " + "\n  ".join(check["problems"]),
+            file=sys.stderr,
+        )
         return CHECK_FAILED
     emit(mean_topk_mass=f"{check['mean_topk_mass']:.4f}")
 
@@ -137,17 +148,27 @@ def run(config: Path, root: str, steps: int | None) -> int:
     for name, baseline in (("student", False), ("baseline", True)):
         summary = pipeline.train_student(cfg, baseline=baseline)
         if summary.get("reused"):
-            raise RuntimeError(f"{summary['out_dir']}: the {name} was reused, not trained (another run training into {cfg.root / 'students'}?)")
+            raise RuntimeError(
+                f"{summary['out_dir']}: the {name} was reused, not trained (another run training into {cfg.root / 'students'}?)"
+            )
         train_tok_s[name] = summary["labelled_tokens_this_run"] / summary["seconds_this_run"]
-        emit(**{f"gpu_{name}_train_tokens": summary["labelled_tokens_this_run"], f"gpu_{name}_train_s": summary["seconds_this_run"],
-                f"gpu_{name}_train_tok_s": train_tok_s[name]})
+        emit(
+            **{
+                f"gpu_{name}_train_tokens": summary["labelled_tokens_this_run"],
+                f"gpu_{name}_train_s": summary["seconds_this_run"],
+                f"gpu_{name}_train_tok_s": train_tok_s[name],
+            }
+        )
     torch.cuda.empty_cache()  # the evaluation's vLLM engines (generation throughput) want the GPU's memory
 
     t = time.perf_counter()
     report = pipeline.evaluate_run(cfg)
     eval_s = time.perf_counter() - t
     print(report["summary"], flush=True)
-    print(f"gate: {'passed' if report['gate_passed'] else 'FAILED'}: {report['gate']}; report in {report['out_dir']}", flush=True)
+    print(
+        f"gate: {'passed' if report['gate_passed'] else 'FAILED'}: {report['gate']}; report in {report['out_dir']}",
+        flush=True,
+    )
     emit(gpu_label_tok_s=label_tok_s, gpu_train_tok_s=train_tok_s["student"], gpu_eval_s=eval_s)
     return 0 if report["gate_passed"] else CHECK_FAILED
 
@@ -155,7 +176,9 @@ def run(config: Path, root: str, steps: int | None) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/demo.yaml", help="run config (default: the demo's)")
-    parser.add_argument("--root", default="data/gpu_check", help="storage root of this check (relative: to the repository)")
+    parser.add_argument(
+        "--root", default="data/gpu_check", help="storage root of this check (relative: to the repository)"
+    )
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the config's)")
     parser.add_argument("--probe", action="store_true", help="only check that a CUDA GPU is visible (exit 0 or 3)")
     args = parser.parse_args(argv)
@@ -170,8 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     config = Path(args.config).resolve()
     os.chdir(REPO)  # the config's relative paths (eval.mc_file, the storage root) are the repository's
     sys.path.insert(0, str(REPO))
-    from distill import pipeline
     from distill.procs import guard_children
+    from distill.run import pipeline
 
     guard_children()  # a killed check leaves no engine holding the GPU
     try:

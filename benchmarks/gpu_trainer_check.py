@@ -4,7 +4,7 @@ teacher's weights: everything it needs travels in a small carry folder, ``.gpuca
 Two modes.
 
 ``--make-carry`` (here, where ``data/`` holds the demo's labels; imports the pipeline, hence vLLM,
-only to find the demo's label sets through ``distill.pipeline.open_split``)::
+only to find the demo's label sets through ``distill.run.pipeline.open_split``)::
 
     .venv/bin/python benchmarks/gpu_trainer_check.py --make-carry [--config configs/demo.yaml] [--carry .gpucarry]
 
@@ -21,13 +21,13 @@ builds ``.gpucarry/``:
   (``pipeline.expected_meta``), the teacher's hashes and how the carry was built. Train shards
   are taken in config order while they fit ``--max-carry-mib`` (the demo's all fit: ~11 MiB).
 
-Run mode (default; imports neither vLLM nor Dagster: ``distill.trainer``, ``distill.student``,
-``distill.evaluation``, ``storage``; reads only the carry folder)::
+Run mode (default; imports neither vLLM nor Dagster: ``distill.train.trainer``, ``distill.train.student``,
+``distill.eval.evaluation``, ``storage``; reads only the carry folder)::
 
     python3 benchmarks/gpu_trainer_check.py [--device cuda|cpu] [--steps 60] [--carry .gpucarry]
 
 a. trains a randomly initialized student (teacher architecture, ``--layers`` 4) for ``--steps`` N
-   with ``distill.trainer.train``: batch 8, lr 1e-3, kd_weight 0.5, tail bucket (configs/demo.yaml),
+   with ``distill.train.trainer.train``: batch 8, lr 1e-3, kd_weight 0.5, tail bucket (configs/demo.yaml),
    precision bf16 (autocast; fp32 with ``--device cpu``); prints labelled tokens/s, excluding step 1 (warm-up: CUDA context,
    kernel selection, first shuffle-buffer fill), and the data loader's own tokens/s;
 b. exact resume: the same config stopped at N/2 (checkpoint) and resumed to N by a fresh
@@ -36,7 +36,7 @@ b. exact resume: the same config stopped at N/2 (checkpoint) and resumed to N by
    child process with ``torch.use_deterministic_algorithms(True)`` and
    ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` (falls back to ``warn_only=True`` if an op has no
    deterministic kernel); measurements, nothing asserted;
-c. evaluates the trained student on the held-out shards with ``distill.evaluation.evaluate_model``
+c. evaluates the trained student on the held-out shards with ``distill.eval.evaluation.evaluate_model``
    on the device (bf16 autocast where ``eval_device`` says so, and fp32) and on the CPU in fp32,
    the same saved weights; plus the teacher's metrics from its stored labels (``teacher_metrics``);
 d. trains ``--fp32-steps`` steps in fp32 for the bf16/fp32 throughput ratio;
@@ -48,9 +48,10 @@ Models and checkpoints go to a temporary folder (removed at the end unless ``--k
 ``--device cpu`` hides every CUDA device (``CUDA_VISIBLE_DEVICES=""`` before torch is
 imported), since ``train`` and ``eval_device`` pick CUDA whenever it is visible.
 
-If matplotlib is missing, ``distill.trainer._plot_history`` (the loss plot ``finish`` draws) is
+If matplotlib is missing, ``distill.train.trainer._plot_history`` (the loss plot ``finish`` draws) is
 replaced by a no-op in this process, since that plot is the only use of matplotlib on this path.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -79,8 +80,8 @@ def say(*parts) -> None:
 
 
 def make_carry(config: str, carry: Path, max_mib: float) -> None:
-    from distill import pipeline
     from distill.config import load_config
+    from distill.run import pipeline
 
     cfg = load_config(config)
     teacher = pipeline.teacher_dir(cfg)
@@ -112,25 +113,43 @@ def make_carry(config: str, carry: Path, max_mib: float) -> None:
             dest.mkdir(parents=True, exist_ok=True)
             shutil.copy2(s.file, dest / f"{key}.parquet")
             shutil.copy2(s.path.with_suffix(".json"), dest / f"{key}.json")
-            entries.append({"key": key, "shard": s.meta.shard, "rows": s.rows, "tokens": s.tokens, "bytes": s.record["bytes"],
-                            "sha256": s.record["sha256"], "source": str(s.path.relative_to(cfg.root))})
+            entries.append(
+                {
+                    "key": key,
+                    "shard": s.meta.shard,
+                    "rows": s.rows,
+                    "tokens": s.tokens,
+                    "bytes": s.record["bytes"],
+                    "sha256": s.record["sha256"],
+                    "source": str(s.path.relative_to(cfg.root)),
+                }
+            )
         splits[split] = {"shards": entries, "expect": pipeline.expected_meta(cfg, split)}
     try:
-        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
     except OSError:
         commit = ""
     manifest = {
-        "config": config, "teacher_model": cfg.teacher.model, "teacher_dir": str(teacher.relative_to(cfg.root)),
-        "teacher_hashes": pipeline.teacher_hashes(cfg), "teacher_files": copied, "splits": splits,
-        "skipped_train_shards": skipped, "git_commit": commit,
+        "config": config,
+        "teacher_model": cfg.teacher.model,
+        "teacher_dir": str(teacher.relative_to(cfg.root)),
+        "teacher_hashes": pipeline.teacher_hashes(cfg),
+        "teacher_files": copied,
+        "splits": splits,
+        "skipped_train_shards": skipped,
+        "git_commit": commit,
         "built_by": f"python benchmarks/gpu_trainer_check.py --make-carry --config {config} --carry {carry.name} --max-carry-mib {max_mib:g}",
     }
     (carry / "carry.json").write_text(json.dumps(manifest, indent=1) + "\n")
     total = sum(p.stat().st_size for p in carry.rglob("*") if p.is_file())
-    say(f"carry {carry}: {total / 2**20:.2f} MiB; teacher stub {copied}; "
+    say(
+        f"carry {carry}: {total / 2**20:.2f} MiB; teacher stub {copied}; "
         f"train {[e['shard'] for e in splits['train']['shards']]} ({sum(e['rows'] for e in splits['train']['shards'])} windows), "
         f"heldout {[e['shard'] for e in splits['heldout']['shards']]} ({sum(e['rows'] for e in splits['heldout']['shards'])} windows)"
-        + (f"; left out (over {max_mib:g} MiB): {skipped}" if skipped else ""))
+        + (f"; left out (over {max_mib:g} MiB): {skipped}" if skipped else "")
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,9 +196,9 @@ _TOKENS: list | None = None
 
 
 def _count_tokens() -> None:
-    """Record each optimizer step's labelled tokens: wrap ``distill.trainer.step_counts`` (what the
+    """Record each optimizer step's labelled tokens: wrap ``distill.train.trainer.step_counts`` (what the
     trainer itself counts the step's tokens with; read, not changed)."""
-    import distill.trainer as trainer
+    import distill.train.trainer as trainer
 
     inner = trainer.step_counts
 
@@ -192,20 +211,30 @@ def _count_tokens() -> None:
     trainer.step_counts = counted
 
 
-def run_train(ctx: dict, name: str, train_cfg, stop_after: int | None = None, out_dir: Path | None = None) -> tuple[dict, Clock, float]:
-    """One ``distill.trainer.train`` call; returns (summary, clock, seconds of the whole call)."""
+def run_train(
+    ctx: dict, name: str, train_cfg, stop_after: int | None = None, out_dir: Path | None = None
+) -> tuple[dict, Clock, float]:
+    """One ``distill.train.trainer.train`` call; returns (summary, clock, seconds of the whole call)."""
     global _TOKENS
     import torch
 
-    from distill.trainer import train
+    from distill.train.trainer import train
 
     cuda = ctx["device"] == "cuda"
     clock = Clock(torch.cuda.synchronize if cuda else (lambda: None))
     _TOKENS = clock.tokens
     out_dir = out_dir or ctx["work"] / name
     t0 = time.perf_counter()
-    summary = train(ctx["student"], train_cfg, ctx["teacher"], ctx["train"], out_dir, ctx["vocab"], stop_after=stop_after,
-                    on_step=clock.on_step)
+    summary = train(
+        ctx["student"],
+        train_cfg,
+        ctx["teacher"],
+        ctx["train"],
+        out_dir,
+        ctx["vocab"],
+        stop_after=stop_after,
+        on_step=clock.on_step,
+    )
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
@@ -230,9 +259,14 @@ def compare(a: Path, b: Path, half: int | None = None) -> dict:
     if [h["step"] for h in ha] != [h["step"] for h in hb]:
         raise ValueError(f"{a} and {b}: loss histories cover different steps")
     loss = [abs(x["loss"] - y["loss"]) for x, y in zip(ha, hb)]
-    out = {"max_weight_diff": diffs[worst], "worst_tensor": worst, "max_loss_diff": max(loss),
-           "weights_identical": all(v == 0 for v in diffs.values()), "losses_identical": max(loss) == 0,
-           "final_loss": [ha[-1]["loss"], hb[-1]["loss"]]}
+    out = {
+        "max_weight_diff": diffs[worst],
+        "worst_tensor": worst,
+        "max_loss_diff": max(loss),
+        "weights_identical": all(v == 0 for v in diffs.values()),
+        "losses_identical": max(loss) == 0,
+        "final_loss": [ha[-1]["loss"], hb[-1]["loss"]],
+    }
     if half:
         out["max_loss_diff_first_half"] = max(loss[:half])
         out["max_loss_diff_after_resume"] = max(loss[half:])
@@ -248,7 +282,9 @@ def resume_pair(ctx: dict, tag: str, cfg) -> Path:
     if first.get("finished") or not ckpts:
         raise RuntimeError(f"{out}: stop_after={half} did not leave a checkpoint ({first}, {ckpts})")
     second, _, s2 = run_train(ctx, tag, cfg, out_dir=out)
-    say(f"  {tag}: stopped at step {first['steps']} (checkpoint {ckpts[-1]}, {s1:.1f} s), resumed to {second['steps']} ({s2:.1f} s)")
+    say(
+        f"  {tag}: stopped at step {first['steps']} (checkpoint {ckpts[-1]}, {s1:.1f} s), resumed to {second['steps']} ({s2:.1f} s)"
+    )
     return out
 
 
@@ -257,7 +293,10 @@ def mem_gib(reset: bool = False) -> dict:
 
     if not torch.cuda.is_available():
         return {}
-    out = {"peak_alloc_gib": torch.cuda.max_memory_allocated() / 2**30, "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
+    out = {
+        "peak_alloc_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
+    }
     if reset:
         torch.cuda.reset_peak_memory_stats()
     return out
@@ -271,18 +310,22 @@ def setup(args) -> dict:
     from transformers import AutoTokenizer
 
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device cuda: torch {torch.__version__} (cuda {torch.version.cuda}) sees no CUDA device; use --device cpu")
+        raise SystemExit(
+            f"--device cuda: torch {torch.__version__} (cuda {torch.version.cuda}) sees no CUDA device; use --device cpu"
+        )
     if hasattr(transformers.utils.logging, "disable_progress_bar"):
         transformers.utils.logging.disable_progress_bar()  # no "Writing model shards" bars in the log
     try:
         import matplotlib  # noqa: F401  (only finish()'s loss plot needs it)
     except ImportError:
-        import distill.trainer as trainer
+        import distill.train.trainer as trainer
 
         trainer._plot_history = lambda history, path: None
-        say("note: matplotlib is not installed: distill.trainer._plot_history (finish()'s loss.png) replaced by a no-op here")
+        say(
+            "note: matplotlib is not installed: distill.train.trainer._plot_history (finish()'s loss.png) replaced by a no-op here"
+        )
     _count_tokens()
-    from distill.student import StudentConfig
+    from distill.train.config import StudentConfig
 
     teacher, train_shards, heldout, manifest = open_carry(Path(args.carry))
     vocab = len(AutoTokenizer.from_pretrained(teacher))
@@ -291,8 +334,16 @@ def setup(args) -> dict:
     results_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else work
     results_dir.mkdir(parents=True, exist_ok=True)
     return {
-        "device": args.device, "teacher": teacher, "train": train_shards, "heldout": heldout, "manifest": manifest,
-        "vocab": vocab, "work": work, "results": results_dir, "torch": torch, "transformers": transformers.__version__,
+        "device": args.device,
+        "teacher": teacher,
+        "train": train_shards,
+        "heldout": heldout,
+        "manifest": manifest,
+        "vocab": vocab,
+        "work": work,
+        "results": results_dir,
+        "torch": torch,
+        "transformers": transformers.__version__,
         "student": StudentConfig(init="random", num_layers=args.layers, seed=0),
     }
 
@@ -300,10 +351,18 @@ def setup(args) -> dict:
 def train_config(args, **changes):
     import dataclasses
 
-    from distill.trainer import TrainConfig
+    from distill.train.config import TrainConfig
 
-    base = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=1e-3, kd_weight=0.5, tail="bucket",
-                       precision=args.precision, progress=False, seed=0)
+    base = TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=1e-3,
+        kd_weight=0.5,
+        tail="bucket",
+        precision=args.precision,
+        progress=False,
+        seed=0,
+    )
     return dataclasses.replace(base, **changes)
 
 
@@ -337,26 +396,39 @@ def run(args) -> None:
     t_all = time.perf_counter()
     ctx = setup(args)
     torch = ctx["torch"]
-    from distill.evaluation import EvalConfig, eval_device, evaluate_model, teacher_metrics
-    from distill.trainer import batches
+    from distill.eval.config import EvalConfig
+    from distill.eval.evaluation import eval_device, evaluate_model, teacher_metrics
+    from distill.train.trainer import batches
     from storage.reader import ShardStream, StreamPosition
 
     cuda = ctx["device"] == "cuda"
     dev = "gpu" if cuda else "cpu"
     n = args.steps
     fp32_steps = args.fp32_steps or max(2, min(20, n))
-    say(f"python {sys.version.split()[0]} torch {torch.__version__} (cuda {torch.version.cuda}) transformers {ctx['transformers']}")
+    say(
+        f"python {sys.version.split()[0]} torch {torch.__version__} (cuda {torch.version.cuda}) transformers {ctx['transformers']}"
+    )
     if cuda:
         p = torch.cuda.get_device_properties(0)
-        say(f"device: {torch.cuda.get_device_name(0)}, {p.total_memory / 2**30:.1f} GiB, capability {p.major}.{p.minor}")
+        say(
+            f"device: {torch.cuda.get_device_name(0)}, {p.total_memory / 2**30:.1f} GiB, capability {p.major}.{p.minor}"
+        )
     else:
         say(f"device: cpu, {torch.get_num_threads()} torch threads")
     tr, ho = ctx["train"], ctx["heldout"]
-    say(f"carry {args.carry}: train {len(tr)} shard(s), {sum(s.rows for s in tr)} windows, {sum(s.tokens for s in tr)} labelled tokens, "
+    say(
+        f"carry {args.carry}: train {len(tr)} shard(s), {sum(s.rows for s in tr)} windows, {sum(s.tokens for s in tr)} labelled tokens, "
         f"k={tr[0].meta.k} ({tr[0].meta.settings.get('labels', 'topk')}); heldout {len(ho)} shard(s), {sum(s.rows for s in ho)} windows; "
-        f"vocab {ctx['vocab']}; student: random init, {args.layers} layers of the teacher's architecture")
+        f"vocab {ctx['vocab']}; student: random init, {args.layers} layers of the teacher's architecture"
+    )
     say(f"work dir {ctx['work']}; results to {ctx['results']}")
-    res: dict = {"device": dev, "steps": n, "batch_size": args.batch_size, "precision": args.precision, "layers": args.layers}
+    res: dict = {
+        "device": dev,
+        "steps": n,
+        "batch_size": args.batch_size,
+        "precision": args.precision,
+        "layers": args.layers,
+    }
 
     # the loader alone: how fast batches come off the shards (part of every training step: no prefetch thread)
     stream = ShardStream(tr, seed=0, shuffle=True, shuffle_buffer=train_config(args).shuffle_buffer)
@@ -369,19 +441,33 @@ def run(args) -> None:
     res["loader_first_batch_s"] = times[0] - t0
     res["loader_tok_s"] = sum(toks[1:]) / (times[-1] - times[0])
     res["loader_ms_per_batch"] = 1000 * (times[-1] - times[0]) / (len(times) - 1)
-    say(f"[loader] first batch {res['loader_first_batch_s']:.2f} s (shuffle-buffer fill), then {res['loader_ms_per_batch']:.2f} ms per batch of "
-        f"{args.batch_size}: {res['loader_tok_s']:.0f} labelled tok/s (the trainer reads batches synchronously, in its step loop)")
+    say(
+        f"[loader] first batch {res['loader_first_batch_s']:.2f} s (shuffle-buffer fill), then {res['loader_ms_per_batch']:.2f} ms per batch of "
+        f"{args.batch_size}: {res['loader_tok_s']:.0f} labelled tok/s (the trainer reads batches synchronously, in its step loop)"
+    )
     mem_gib(reset=True)
 
     # a. the distilled student, uninterrupted
     cfg = train_config(args)
     summary, clock, seconds = run_train(ctx, "uninterrupted", cfg)
-    res.update(train_tok_s=clock.tok_s(), train_step_ms=clock.step_ms(), train_call_s=seconds, final_loss=summary["final_loss"],
-               parameters=summary["parameters"], **{f"train_{k}": v for k, v in mem_gib(reset=True).items()})
-    say(f"[a] {n} steps {args.precision}: {res['train_tok_s']:.0f} labelled tok/s over steps 2..{n} (step 1 = warm-up, excluded), "
+    res.update(
+        train_tok_s=clock.tok_s(),
+        train_step_ms=clock.step_ms(),
+        train_call_s=seconds,
+        final_loss=summary["final_loss"],
+        parameters=summary["parameters"],
+        **{f"train_{k}": v for k, v in mem_gib(reset=True).items()},
+    )
+    say(
+        f"[a] {n} steps {args.precision}: {res['train_tok_s']:.0f} labelled tok/s over steps 2..{n} (step 1 = warm-up, excluded), "
         f"median step {res['train_step_ms']:.1f} ms, train() call {seconds:.1f} s (model build + save included), "
         f"final loss {summary['final_loss']:.4f}, {summary['parameters'] / 1e6:.1f} M parameters"
-        + (f", peak CUDA memory {res['train_peak_alloc_gib']:.2f} GiB allocated / {res['train_peak_reserved_gib']:.2f} GiB reserved" if cuda else ""))
+        + (
+            f", peak CUDA memory {res['train_peak_alloc_gib']:.2f} GiB allocated / {res['train_peak_reserved_gib']:.2f} GiB reserved"
+            if cuda
+            else ""
+        )
+    )
 
     # b. exact resume vs uninterrupted, and run-to-run noise
     pair = resume_pair(ctx, "resumed", cfg)
@@ -390,9 +476,15 @@ def run(args) -> None:
     res["rerun"] = compare(ctx["work"] / "uninterrupted", ctx["work"] / "rerun")
     for tag in ("resume", "rerun"):
         r = res[tag]
-        say(f"[b] {tag} vs uninterrupted: max |weight diff| {r['max_weight_diff']:.3g} ({r['worst_tensor']}), max |loss diff| {r['max_loss_diff']:.3g}"
-            + (f" (first half {r['max_loss_diff_first_half']:.3g}, after resume {r['max_loss_diff_after_resume']:.3g})" if tag == "resume" else "")
-            + f", identical weights {r['weights_identical']}, identical losses {r['losses_identical']}")
+        say(
+            f"[b] {tag} vs uninterrupted: max |weight diff| {r['max_weight_diff']:.3g} ({r['worst_tensor']}), max |loss diff| {r['max_loss_diff']:.3g}"
+            + (
+                f" (first half {r['max_loss_diff_first_half']:.3g}, after resume {r['max_loss_diff_after_resume']:.3g})"
+                if tag == "resume"
+                else ""
+            )
+            + f", identical weights {r['weights_identical']}, identical losses {r['losses_identical']}"
+        )
     for tag in ("resumed", "rerun"):
         if not args.keep:
             shutil.rmtree(ctx["work"] / tag, ignore_errors=True)
@@ -403,26 +495,57 @@ def run(args) -> None:
         res["det"] = {"mode": "skipped"}
     else:
         det_file = ctx["work"] / "det.json"
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--phase", "det", "--det-result", str(det_file), "--carry", args.carry,
-               "--device", args.device, "--steps", str(n), "--batch-size", str(args.batch_size), "--layers", str(args.layers),
-               "--precision", args.precision, "--work", str(ctx["work"] / "det")] + (["--keep"] if args.keep else [])
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--phase",
+            "det",
+            "--det-result",
+            str(det_file),
+            "--carry",
+            args.carry,
+            "--device",
+            args.device,
+            "--steps",
+            str(n),
+            "--batch-size",
+            str(args.batch_size),
+            "--layers",
+            str(args.layers),
+            "--precision",
+            args.precision,
+            "--work",
+            str(ctx["work"] / "det"),
+        ] + (["--keep"] if args.keep else [])
         t0 = time.perf_counter()
         rc = subprocess.run(cmd, env={**os.environ, **DET_ENV}).returncode
-        res["det"] = json.loads(det_file.read_text()) if det_file.exists() else {"mode": "error", "error": f"child exited {rc} without a result"}
+        res["det"] = (
+            json.loads(det_file.read_text())
+            if det_file.exists()
+            else {"mode": "error", "error": f"child exited {rc} without a result"}
+        )
         d = res["det"]
         if "max_weight_diff" in d:
-            say(f"[b'] deterministic ({d['mode']}, CUBLAS_WORKSPACE_CONFIG={d['cublas_workspace_config']}): resume vs uninterrupted "
+            say(
+                f"[b'] deterministic ({d['mode']}, CUBLAS_WORKSPACE_CONFIG={d['cublas_workspace_config']}): resume vs uninterrupted "
                 f"max |weight diff| {d['max_weight_diff']:.3g}, max |loss diff| {d['max_loss_diff']:.3g}, identical weights "
-                f"{d['weights_identical']}, {d['tok_s']:.0f} tok/s, child {time.perf_counter() - t0:.1f} s")
+                f"{d['weights_identical']}, {d['tok_s']:.0f} tok/s, child {time.perf_counter() - t0:.1f} s"
+            )
         else:
             say(f"[b'] deterministic: {d}")
 
     # d. fp32 throughput
     summary32, clock32, seconds32 = run_train(ctx, "fp32", train_config(args, steps=fp32_steps, precision="fp32"))
-    res.update(train_tok_s_fp32=clock32.tok_s(), train_step_ms_fp32=clock32.step_ms(), **{f"fp32_{k}": v for k, v in mem_gib(reset=True).items()})
-    say(f"[d] {fp32_steps} steps fp32: {res['train_tok_s_fp32']:.0f} labelled tok/s over steps 2..{fp32_steps}, median step "
+    res.update(
+        train_tok_s_fp32=clock32.tok_s(),
+        train_step_ms_fp32=clock32.step_ms(),
+        **{f"fp32_{k}": v for k, v in mem_gib(reset=True).items()},
+    )
+    say(
+        f"[d] {fp32_steps} steps fp32: {res['train_tok_s_fp32']:.0f} labelled tok/s over steps 2..{fp32_steps}, median step "
         f"{res['train_step_ms_fp32']:.1f} ms; {args.precision}/fp32 throughput {res['train_tok_s'] / res['train_tok_s_fp32']:.2f}x"
-        + (f"; peak CUDA memory {res['fp32_peak_alloc_gib']:.2f} GiB allocated" if cuda else ""))
+        + (f"; peak CUDA memory {res['fp32_peak_alloc_gib']:.2f} GiB allocated" if cuda else "")
+    )
     if not args.keep:
         shutil.rmtree(ctx["work"] / "fp32", ignore_errors=True)
 
@@ -447,8 +570,10 @@ def run(args) -> None:
             torch.cuda.synchronize()
         m["seconds"] = time.perf_counter() - t0
         evals[tag] = {k: v for k, v in m.items() if k not in ("calibration", "kl_by_position")}
-        say(f"[c] student on {tag}: ppl {m['ppl']:.4f} kl {m['kl']:.5f} top1 {m['top1']:.4f} ece {m['ece']:.4f} "
-            f"over {m['positions']} positions, {m['seconds']:.2f} s")
+        say(
+            f"[c] student on {tag}: ppl {m['ppl']:.4f} kl {m['kl']:.5f} top1 {m['top1']:.4f} ece {m['ece']:.4f} "
+            f"over {m['positions']} positions, {m['seconds']:.2f} s"
+        )
     del model
     teacher = teacher_metrics(ho, ecfg)
     evals["teacher_stored"] = {k: v for k, v in teacher.items() if k not in ("calibration", "kl_by_position")}
@@ -458,12 +583,16 @@ def run(args) -> None:
     res["eval_ppl_rel_diff"] = abs(first["ppl"] - ref["ppl"]) / ref["ppl"]
     res["eval_kl_abs_diff"] = abs(first["kl"] - ref["kl"])
     res["eval_top1_abs_diff"] = abs(first["top1"] - ref["top1"])
-    say(f"[c] {runs[0][0]} vs cpu_fp32: ppl rel diff {res['eval_ppl_rel_diff']:.3g}, kl abs diff {res['eval_kl_abs_diff']:.3g}, "
-        f"top1 abs diff {res['eval_top1_abs_diff']:.3g}")
+    say(
+        f"[c] {runs[0][0]} vs cpu_fp32: ppl rel diff {res['eval_ppl_rel_diff']:.3g}, kl abs diff {res['eval_kl_abs_diff']:.3g}, "
+        f"top1 abs diff {res['eval_top1_abs_diff']:.3g}"
+    )
 
     # e. memory, leftovers, the summary line
     if cuda:
-        res["peak_cuda_alloc_gib"] = max(res.get("train_peak_alloc_gib", 0), res.get("fp32_peak_alloc_gib", 0), mem_gib().get("peak_alloc_gib", 0))
+        res["peak_cuda_alloc_gib"] = max(
+            res.get("train_peak_alloc_gib", 0), res.get("fp32_peak_alloc_gib", 0), mem_gib().get("peak_alloc_gib", 0)
+        )
         say(f"[e] peak CUDA memory (max over phases): {res['peak_cuda_alloc_gib']:.2f} GiB allocated")
     for name in ("uninterrupted",):
         h = ctx["results"] / f"history-{name}.jsonl"
@@ -472,7 +601,9 @@ def run(args) -> None:
     banned = sorted(m for m in sys.modules if m.split(".")[0] in ("vllm", "dagster", "datasets"))
     res["banned_modules"] = banned
     if banned:
-        say(f"WARNING: imported {banned[:5]}{'...' if len(banned) > 5 else ''}: the remote machine has no vllm/dagster/datasets")
+        say(
+            f"WARNING: imported {banned[:5]}{'...' if len(banned) > 5 else ''}: the remote machine has no vllm/dagster/datasets"
+        )
     (ctx["results"] / "results.json").write_text(json.dumps(res, indent=1, default=str))
     if not args.keep:
         shutil.rmtree(ctx["work"] / "uninterrupted", ignore_errors=True)
@@ -508,21 +639,40 @@ def run(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--make-carry", action="store_true", help="build the carry folder from data/ (here, not on the GPU machine)")
-    parser.add_argument("--config", default="configs/demo.yaml", help="--make-carry: the run config whose label sets to carry")
-    parser.add_argument("--max-carry-mib", type=float, default=40.0, help="--make-carry: train shards are taken while the carry stays under this")
+    parser.add_argument(
+        "--make-carry", action="store_true", help="build the carry folder from data/ (here, not on the GPU machine)"
+    )
+    parser.add_argument(
+        "--config", default="configs/demo.yaml", help="--make-carry: the run config whose label sets to carry"
+    )
+    parser.add_argument(
+        "--max-carry-mib",
+        type=float,
+        default=40.0,
+        help="--make-carry: train shards are taken while the carry stays under this",
+    )
     parser.add_argument("--carry", default=str(REPO / ".gpucarry"))
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--fp32-steps", type=int, default=None, help="steps of the fp32 throughput run (default: min(20, steps))")
+    parser.add_argument(
+        "--fp32-steps", type=int, default=None, help="steps of the fp32 throughput run (default: min(20, steps))"
+    )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--precision", choices=("bf16", "fp32", "auto"), default=None,
-                        help="train.precision of the main runs (default: bf16 on cuda, fp32 on cpu, where bf16 autocast is ~10x slower)")
+    parser.add_argument(
+        "--precision",
+        choices=("bf16", "fp32", "auto"),
+        default=None,
+        help="train.precision of the main runs (default: bf16 on cuda, fp32 on cpu, where bf16 autocast is ~10x slower)",
+    )
     parser.add_argument("--eval-batch-size", type=int, default=16)
-    parser.add_argument("--skip-det", action="store_true", help="skip the deterministic-algorithms resume (child process)")
+    parser.add_argument(
+        "--skip-det", action="store_true", help="skip the deterministic-algorithms resume (child process)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep models and checkpoints")
-    parser.add_argument("--work", default=None, help="folder for models and checkpoints (default: a new temporary folder)")
+    parser.add_argument(
+        "--work", default=None, help="folder for models and checkpoints (default: a new temporary folder)"
+    )
     parser.add_argument("--phase", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--det-result", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()

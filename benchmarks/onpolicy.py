@@ -25,6 +25,7 @@ labelled (the off-policy set plus every round's answers). The last line is
 ``onpolicy_vs_control_self_kl=`` (below 1: on-policy rounds bring the student's own answers
 closer to the teacher than off-policy rounds at equal teacher work).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,8 +51,13 @@ def write_stdlib_prompts(path: Path = STDLIB_PROMPTS) -> Path:
         doc = json.loads(line)
         first = doc["text"].split("\n\n")[0].replace("\n", " ").strip()
         first = first.split(". ")[0].rstrip(".")[:200]
-        prompts.append({"id": doc["id"], "prompt": f"The Python module `{doc['id']}` is documented as: \"{first}.\" "
-                                                   "Explain in a few sentences what it is for and show a short example."})
+        prompts.append(
+            {
+                "id": doc["id"],
+                "prompt": f'The Python module `{doc["id"]}` is documented as: "{first}." '
+                "Explain in a few sentences what it is for and show a short example.",
+            }
+        )
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(p) + "\n" for p in prompts))
     tmp.replace(path)
@@ -63,8 +69,8 @@ def main() -> None:
     parser.add_argument("--config", default="configs/onpolicy.yaml")
     args = parser.parse_args()
 
-    from distill import onpolicy, pipeline
     from distill.config import load_config
+    from distill.run import onpolicy, pipeline
 
     if STDLIB_PROMPTS.name in open(args.config).read():
         write_stdlib_prompts()
@@ -79,28 +85,47 @@ def main() -> None:
     rounds = {}
     for name, arm in arms.items():
         rounds[name] = onpolicy.run_rounds(arm)
-    students = {"offpolicy": Path(base["out_dir"]) / "model", **{name: onpolicy.final_model(arm) for name, arm in arms.items()}}
+    students = {
+        "offpolicy": Path(base["out_dir"]) / "model",
+        **{name: onpolicy.final_model(arm) for name, arm in arms.items()},
+    }
     results, heldout, own = onpolicy.compare_students(cfg, students)
     pipeline.close_engines()
-    teacher_tokens = {"offpolicy": offpolicy_tokens, **{n: offpolicy_tokens + sum(r["answer_tokens"] for r in rounds[n]) for n in arms}}
-    steps = {"offpolicy": cfg.train.steps, **{n: cfg.train.steps + cfg.onpolicy.rounds * cfg.onpolicy.steps for n in arms}}
+    teacher_tokens = {
+        "offpolicy": offpolicy_tokens,
+        **{n: offpolicy_tokens + sum(r["answer_tokens"] for r in rounds[n]) for n in arms},
+    }
+    steps = {
+        "offpolicy": cfg.train.steps,
+        **{n: cfg.train.steps + cfg.onpolicy.rounds * cfg.onpolicy.steps for n in arms},
+    }
     oc = cfg.onpolicy
-    print(f"\n{args.config}: {len(onpolicy.prompt_table(cfg, 'train'))} training prompts, {len(onpolicy.prompt_table(cfg, 'heldout'))} held-out; "
-          f"{oc.rounds} rounds x {oc.steps} steps, lambda {oc.lmbda}, {oc.prompts_per_round or 'all'} prompts x {oc.sampling.n} answers per round; "
-          f"held-out: {sum(s.tokens for s in heldout)} teacher-answer tokens, own answers {[s.tokens for s in own]} tokens")
-    print("| student | steps | teacher tokens | KL (teacher answers) | KL (own answers) | top-1 (own) | greedy exact | greedy prefix | "
-          "own answer tokens | ended by EOS | distinct-2 | teacher log-lik./token (own) |")
+    print(
+        f"\n{args.config}: {len(onpolicy.prompt_table(cfg, 'train'))} training prompts, {len(onpolicy.prompt_table(cfg, 'heldout'))} held-out; "
+        f"{oc.rounds} rounds x {oc.steps} steps, lambda {oc.lmbda}, {oc.prompts_per_round or 'all'} prompts x {oc.sampling.n} answers per round; "
+        f"held-out: {sum(s.tokens for s in heldout)} teacher-answer tokens, own answers {[s.tokens for s in own]} tokens"
+    )
+    print(
+        "| student | steps | teacher tokens | KL (teacher answers) | KL (own answers) | top-1 (own) | greedy exact | greedy prefix | "
+        "own answer tokens | ended by EOS | distinct-2 | teacher log-lik./token (own) |"
+    )
     print("|---|" + "---:|" * 11)
     t = results["teacher"]
-    print(f"| teacher (own answers, sampled alike) | – | – | – | – | – | – | – | {t['self_len']:.1f} | {t['self_eos']:.3f} | "
-          f"{t['self_distinct2']:.3f} | {t['self_teacher_ll']:.4f} |")
+    print(
+        f"| teacher (own answers, sampled alike) | – | – | – | – | – | – | – | {t['self_len']:.1f} | {t['self_eos']:.3f} | "
+        f"{t['self_distinct2']:.3f} | {t['self_teacher_ll']:.4f} |"
+    )
     for name in students:
         m = results[name]
-        print(f"| {name} | {steps[name]} | {teacher_tokens[name]} | {m['kl']:.4f} | {m['self_kl']:.4f} | {m['self_top1']:.4f} | "
-              f"{m['greedy_exact_match']:.3f} | {m['greedy_prefix_agreement']:.3f} | {m['self_len']:.1f} | {m['self_eos']:.3f} | "
-              f"{m['self_distinct2']:.3f} | {m['self_teacher_ll']:.4f} |")
+        print(
+            f"| {name} | {steps[name]} | {teacher_tokens[name]} | {m['kl']:.4f} | {m['self_kl']:.4f} | {m['self_top1']:.4f} | "
+            f"{m['greedy_exact_match']:.3f} | {m['greedy_prefix_agreement']:.3f} | {m['self_len']:.1f} | {m['self_eos']:.3f} | "
+            f"{m['self_distinct2']:.3f} | {m['self_teacher_ll']:.4f} |"
+        )
     for metric in ("kl", "greedy_prefix_agreement"):
-        print(f"onpolicy_vs_control_{metric}={results['onpolicy'][metric] / max(results['control'][metric], 1e-12):.4f}")
+        print(
+            f"onpolicy_vs_control_{metric}={results['onpolicy'][metric] / max(results['control'][metric], 1e-12):.4f}"
+        )
     print(f"onpolicy_vs_control_teacher_tokens={teacher_tokens['onpolicy'] / teacher_tokens['control']:.4f}")
     print(f"onpolicy_vs_control_self_kl={results['onpolicy']['self_kl'] / results['control']['self_kl']:.4f}")
 

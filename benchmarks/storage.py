@@ -12,6 +12,7 @@ probability >= 0.9), where the tail's error shows.
 
     .venv/bin/python benchmarks/storage.py [--config configs/demo.yaml] [--windows 256]
 """
+
 from __future__ import annotations
 
 import sys
@@ -40,9 +41,9 @@ def main() -> None:
 
     import torch
 
-    from distill import pipeline
-    from distill.config import load_config
     from benchmarks.common import bench_meta, corpus_windows
+    from distill.config import load_config
+    from distill.run import pipeline
     from distill.teacher.vllm_engine import VllmTeacher
     from storage.reader import ShardStream, StreamPosition, open_shard
     from storage.writer import ShardWriter
@@ -55,12 +56,18 @@ def main() -> None:
     engine.close()
     rows = []
     for i, lab in enumerate(labels):
-        rows.append({
-            "doc_id": windows.column("doc_id")[i].as_py(), "window_index": windows.column("window_index")[i].as_py(),
-            "input_ids": np.asarray(ids_list[i]), "label_start": starts[i],
-            "topk_ids": lab["topk_ids"].reshape(-1), "topk_logprobs": lab["topk_logprobs"].reshape(-1),
-            "target_logprobs": lab["target_logprobs"], "tail_mass": lab["tail_mass"],
-        })
+        rows.append(
+            {
+                "doc_id": windows.column("doc_id")[i].as_py(),
+                "window_index": windows.column("window_index")[i].as_py(),
+                "input_ids": np.asarray(ids_list[i]),
+                "label_start": starts[i],
+                "topk_ids": lab["topk_ids"].reshape(-1),
+                "topk_logprobs": lab["topk_logprobs"].reshape(-1),
+                "target_logprobs": lab["target_logprobs"],
+                "tail_mass": lab["tail_mass"],
+            }
+        )
     tokens = sum(len(r["target_logprobs"]) for r in rows)
     out = Path(tempfile.mkdtemp(prefix="bench-storage-"))
 
@@ -75,27 +82,50 @@ def main() -> None:
         "target_token_ids": [r["topk_ids"].reshape(-1, 32).astype(np.int32).tolist() for r in rows],
         "target_logprobs": [r["topk_logprobs"].reshape(-1, 32).tolist() for r in rows],
     }
-    naive_types = [("input_ids", pa.list_(pa.int32())), ("target_token_ids", pa.list_(pa.list_(pa.int32()))),
-                   ("target_logprobs", pa.list_(pa.list_(pa.float32())))]
+    naive_types = [
+        ("input_ids", pa.list_(pa.int32())),
+        ("target_token_ids", pa.list_(pa.list_(pa.int32()))),
+        ("target_logprobs", pa.list_(pa.list_(pa.float32()))),
+    ]
     naive = pa.table(naive_cols, schema=pa.schema(naive_types))
     pq.write_table(naive, out / "naive.parquet")
     naive_bpt = (out / "naive.parquet").stat().st_size / tokens
 
     from storage.schema import ROW_GROUP_ROWS, ZSTD_LEVEL
 
-    naive_full = pa.table({
-        "doc_id": [r["doc_id"] for r in rows], "window_index": [r["window_index"] for r in rows],
-        "label_start": [r["label_start"] for r in rows], **naive_cols,
-        "target_logprob": [np.asarray(r["target_logprobs"], np.float32).tolist() for r in rows],
-        "tail_mass": [np.asarray(r["tail_mass"], np.float32).tolist() for r in rows],
-    }, schema=pa.schema([("doc_id", pa.string()), ("window_index", pa.int32()), ("label_start", pa.int32()), *naive_types,
-                         ("target_logprob", pa.list_(pa.float32())), ("tail_mass", pa.list_(pa.float32()))]))
+    naive_full = pa.table(
+        {
+            "doc_id": [r["doc_id"] for r in rows],
+            "window_index": [r["window_index"] for r in rows],
+            "label_start": [r["label_start"] for r in rows],
+            **naive_cols,
+            "target_logprob": [np.asarray(r["target_logprobs"], np.float32).tolist() for r in rows],
+            "tail_mass": [np.asarray(r["tail_mass"], np.float32).tolist() for r in rows],
+        },
+        schema=pa.schema(
+            [
+                ("doc_id", pa.string()),
+                ("window_index", pa.int32()),
+                ("label_start", pa.int32()),
+                *naive_types,
+                ("target_logprob", pa.list_(pa.float32())),
+                ("tail_mass", pa.list_(pa.float32())),
+            ]
+        ),
+    )
     float_cols = ["target_logprobs.list.element.list.element", "target_logprob.list.element", "tail_mass.list.element"]
     naive_zstd_bpt = {}
     for name, split in (("zstd", False), ("zstd_bss", float_cols)):
         path = out / f"naive_{name}.parquet"
-        pq.write_table(naive_full, path, row_group_size=ROW_GROUP_ROWS, compression="zstd", compression_level=ZSTD_LEVEL,
-                       use_dictionary=["doc_id"], use_byte_stream_split=split)
+        pq.write_table(
+            naive_full,
+            path,
+            row_group_size=ROW_GROUP_ROWS,
+            compression="zstd",
+            compression_level=ZSTD_LEVEL,
+            use_dictionary=["doc_id"],
+            use_byte_stream_split=split,
+        )
         naive_zstd_bpt[name] = path.stat().st_size / tokens
 
     meta = bench_meta(cfg, 32, engine.engine_version)
@@ -129,7 +159,7 @@ def main() -> None:
     reverse_kl = np.concatenate(reverse_kl)
 
     # read throughput: stream + decode + collate into training tensors, several passes
-    from distill.trainer import batches, collate
+    from distill.train.trainer import batches, collate
 
     t0, read_tokens = time.perf_counter(), 0
     for _ in range(5):
@@ -143,8 +173,8 @@ def main() -> None:
     read_rate = read_tokens / (time.perf_counter() - t0)
 
     # trainer consumption rate: the configured student, a few steps, same batches
-    from distill.losses import distillation_loss
-    from distill.student import build_student
+    from distill.train.losses import distillation_loss
+    from distill.train.student import build_student
 
     model = build_student(pipeline.teacher_dir(cfg), cfg.student, 49152)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -155,7 +185,9 @@ def main() -> None:
         if step == 1:
             t0, train_tokens = time.perf_counter(), 0  # first step is warm-up
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss, _ = distillation_loss(logits, batch["targets"], batch["topk_ids"], batch["teacher_logprobs"], batch["mask"])
+        loss, _ = distillation_loss(
+            logits, batch["targets"], batch["topk_ids"], batch["teacher_logprobs"], batch["mask"]
+        )
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -164,16 +196,26 @@ def main() -> None:
     train_rate = train_tokens / (time.perf_counter() - t0)
 
     print(f"positions={tokens} windows={len(rows)} write_seconds={write_s:.2f}")
-    print(f"decode: order_preserved={order_ok} max_target_logprob_error={target_err:.2e} max_tail_mass_error={tail_err:.2e} "
-          f"max_tail_mass_relative_error={tail_rel_err:.2e}")
+    print(
+        f"decode: order_preserved={order_ok} max_target_logprob_error={target_err:.2e} max_tail_mass_error={tail_err:.2e} "
+        f"max_tail_mass_relative_error={tail_rel_err:.2e}"
+    )
     print(f"read_tokens_per_s={read_rate:.0f} train_tokens_per_s={train_rate:.0f}")
-    print(f"confident positions (teacher top-1 probability >= {CONFIDENT}): {len(reverse_kl)} of {tokens}; "
-          f"reverse KL(decoded || original) over top-k + tail there: mean={reverse_kl.mean():.2e} "
-          f"p99={np.quantile(reverse_kl, 0.99):.2e} max={reverse_kl.max():.2e}")
-    print(f"naive_snappy_3col_bytes_per_token={naive_bpt:.2f}  (old baseline: ids + top-k logprobs only, pyarrow default snappy)")
-    print(f"naive_zstd_bytes_per_token={naive_zstd_bpt['zstd']:.2f}  (every column ours stores, zstd level {ZSTD_LEVEL}, "
-          f"{ROW_GROUP_ROWS} windows per row group)")
-    print(f"naive_zstd_bss_bytes_per_token={naive_zstd_bpt['zstd_bss']:.2f}  (the same plus byte-stream split on the float columns)")
+    print(
+        f"confident positions (teacher top-1 probability >= {CONFIDENT}): {len(reverse_kl)} of {tokens}; "
+        f"reverse KL(decoded || original) over top-k + tail there: mean={reverse_kl.mean():.2e} "
+        f"p99={np.quantile(reverse_kl, 0.99):.2e} max={reverse_kl.max():.2e}"
+    )
+    print(
+        f"naive_snappy_3col_bytes_per_token={naive_bpt:.2f}  (old baseline: ids + top-k logprobs only, pyarrow default snappy)"
+    )
+    print(
+        f"naive_zstd_bytes_per_token={naive_zstd_bpt['zstd']:.2f}  (every column ours stores, zstd level {ZSTD_LEVEL}, "
+        f"{ROW_GROUP_ROWS} windows per row group)"
+    )
+    print(
+        f"naive_zstd_bss_bytes_per_token={naive_zstd_bpt['zstd_bss']:.2f}  (the same plus byte-stream split on the float columns)"
+    )
     print(f"bytes_per_token={ours_bpt:.2f}")
     print(f"naive_snappy_3col_vs_ours={naive_bpt / ours_bpt:.2f}")
     print(f"naive_zstd_vs_ours={naive_zstd_bpt['zstd'] / ours_bpt:.2f}")
@@ -201,6 +243,7 @@ def _reverse_kl_confident(original: dict, decoded: dict, n: int) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
         terms = np.where(q > 0, q * np.log(q / p), 0.0)
     return terms.sum(1)
+
 
 if __name__ == "__main__":
     main()

@@ -22,6 +22,7 @@ running stay loaded and idle meanwhile; the CPU they use then is printed.
     .venv/bin/python benchmarks/teacher.py [--config configs/demo.yaml] [--windows 192] [--repeats 3]
         [--generate-config configs/generate.yaml] [--prompts 32] [--two-slots 1]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,22 +38,25 @@ def main() -> None:
     parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("--windows", type=int, default=192)
     parser.add_argument("--repeats", type=int, default=3, help="runs of each variant, interleaved")
-    parser.add_argument("--generate-config", default="configs/generate.yaml", help="'' to skip the generate-mode measurement")
+    parser.add_argument(
+        "--generate-config", default="configs/generate.yaml", help="'' to skip the generate-mode measurement"
+    )
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--two-slots", type=int, default=1, help="0 to skip the engine-slot measurement")
-    parser.add_argument("--slot-worker", nargs=4, metavar=("CONFIG", "WINDOWS", "SLOTS_DIR", "STORE"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--slot-worker", nargs=4, metavar=("CONFIG", "WINDOWS", "SLOTS_DIR", "STORE"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.slot_worker:
         return slot_worker(*args.slot_worker)
 
-    import numpy as np
     import torch
     from transformers import AutoModelForCausalLM
 
     from benchmarks.common import bench_meta, corpus_windows
     from benchmarks.timing import interleave, median, paired_ratios, rates, summary
-    from distill import pipeline
     from distill.config import load_config
+    from distill.run import pipeline
     from distill.teacher.labels import label_shard
     from distill.teacher.reference import reference_labels
     from distill.teacher.vllm_engine import VllmTeacher
@@ -68,7 +72,9 @@ def main() -> None:
     try:
         slots = SlotWorkers(args.config, windows) if args.two_slots else None  # they start while ours warms up
         list(engine.score(ids[:8], starts[:8]))  # warm-up
-        model = AutoModelForCausalLM.from_pretrained(pipeline.teacher_dir(cfg), dtype=torch.float32, use_safetensors=True).eval()
+        model = AutoModelForCausalLM.from_pretrained(
+            pipeline.teacher_dir(cfg), dtype=torch.float32, use_safetensors=True
+        ).eval()
         check_batched_reference(model, ids, starts, k, batch, reference_labels)  # also its warm-up
         if slots:
             slots.wait_ready()
@@ -84,8 +90,11 @@ def main() -> None:
             result = label_shard(lambda: engine, store, "bench", meta, windows, progress=False)
             assert not result["cache_hit"] and result["tokens"] == tokens, result
 
-        variants = {"bare_vllm": bare, "pipeline": ours,
-                    "transformers_batched": lambda: transformers_labels(model, ids, starts, k, batch)}
+        variants = {
+            "bare_vllm": bare,
+            "pipeline": ours,
+            "transformers_batched": lambda: transformers_labels(model, ids, starts, k, batch),
+        }
         if slots:
             variants["two_slots"] = lambda: slots.run(tokens)
         idle = IdleCpu({"main engine": engine.processes, **(slots.processes() if slots else {})})
@@ -97,15 +106,21 @@ def main() -> None:
         engine.close()
     tok_s = {name: rates(tokens, s) for name, s in seconds.items()}
 
-    gen = bench_generate(load_config(args.generate_config), args.prompts, args.repeats) if args.generate_config else None
+    gen = (
+        bench_generate(load_config(args.generate_config), args.prompts, args.repeats) if args.generate_config else None
+    )
 
-    print(f"windows={len(ids)} labelled_tokens={tokens} k={k} batch_windows={batch} repeats={args.repeats} (interleaved; "
-          f"median (min..max, n) below)")
+    print(
+        f"windows={len(ids)} labelled_tokens={tokens} k={k} batch_windows={batch} repeats={args.repeats} (interleaved; "
+        f"median (min..max, n) below)"
+    )
     print(idle.report())
     if gen:
         g = {name: rates(gen["tokens"], s) for name, s in gen["seconds"].items()}
-        print(f"generate: prompts={gen['prompts']} answer_tokens={gen['tokens']} tokens_per_s: "
-              f"pipeline={summary(g['pipeline'])} bare_vllm={summary(g['bare_vllm'])}")
+        print(
+            f"generate: prompts={gen['prompts']} answer_tokens={gen['tokens']} tokens_per_s: "
+            f"pipeline={summary(g['pipeline'])} bare_vllm={summary(g['bare_vllm'])}"
+        )
         ratio = paired_ratios(g["pipeline"], g["bare_vllm"])
         print(f"generate_pipeline_vs_bare_vllm: {summary(ratio, '.3f')}")
         print(f"generate_pipeline_vs_bare_vllm={median(ratio):.3f}")
@@ -115,8 +130,10 @@ def main() -> None:
     print(f"pipeline_vs_bare_vllm={median(ratio):.3f}")
     if slots:
         ratio = paired_ratios(tok_s["two_slots"], tok_s["pipeline"])
-        print(f"two slots of one core each against one engine on both cores (pipeline), labelled tokens/s: "
-              f"{summary(tok_s['two_slots'])} against {summary(tok_s['pipeline'])}")
+        print(
+            f"two slots of one core each against one engine on both cores (pipeline), labelled tokens/s: "
+            f"{summary(tok_s['two_slots'])} against {summary(tok_s['pipeline'])}"
+        )
         print(f"two_slots_vs_one: {summary(ratio, '.3f')}")
         print(f"two_slots_vs_one={median(ratio):.3f}")
     ratio = paired_ratios(tok_s["pipeline"], tok_s["transformers_batched"])
@@ -153,8 +170,14 @@ def transformers_labels(model, ids, starts, k: int, batch: int) -> list[dict]:
             tail = (1.0 - top_lp.double().exp().sum(-1)).clamp(0, 1)  # (B, L-1)
             for i, (w, s) in enumerate(zip(chunk, starts[b : b + batch])):
                 sl = slice(s, len(w) - 1)
-                out.append({"topk_ids": top_ids[i, sl].numpy(), "topk_logprobs": top_lp[i, sl].numpy(),
-                            "target_logprobs": target[i, sl].numpy(), "tail_mass": tail[i, sl].float().numpy()})
+                out.append(
+                    {
+                        "topk_ids": top_ids[i, sl].numpy(),
+                        "topk_logprobs": top_lp[i, sl].numpy(),
+                        "target_logprobs": target[i, sl].numpy(),
+                        "tail_mass": tail[i, sl].float().numpy(),
+                    }
+                )
     return out
 
 
@@ -170,8 +193,10 @@ def check_batched_reference(model, ids, starts, k: int, batch: int, reference_la
         one = reference_labels(model, np.asarray(ids[i]), starts[i], k)
         for key in ("topk_logprobs", "target_logprobs", "tail_mass"):
             if not np.allclose(one[key], batched[i][key], atol=2e-3, rtol=1e-3):
-                raise AssertionError(f"batched transformers baseline differs from reference_labels on window {i}, {key}: "
-                                     f"max |diff| {np.abs(one[key] - batched[i][key]).max():.2e}")
+                raise AssertionError(
+                    f"batched transformers baseline differs from reference_labels on window {i}, {key}: "
+                    f"max |diff| {np.abs(one[key] - batched[i][key]).max():.2e}"
+                )
 
 
 class IdleCpu:
@@ -210,7 +235,10 @@ class IdleCpu:
         print(f"round {round_} {variant}: {seconds:.1f} s", file=sys.stderr, flush=True)
 
     def report(self) -> str:
-        parts = [f"{key}: {cpu:.1f} cpu-s in {self.seconds[key.split(' during ')[1]]:.0f} s" for key, cpu in self.busy.items()]
+        parts = [
+            f"{key}: {cpu:.1f} cpu-s in {self.seconds[key.split(' during ')[1]]:.0f} s"
+            for key, cpu in self.busy.items()
+        ]
         return "idle engines' CPU while other variants ran: " + "; ".join(parts)
 
 
@@ -236,10 +264,24 @@ class SlotWorkers:
         self.workers, self.runs = [], 0
         for i, part in enumerate((windows.slice(0, half), windows.slice(half))):
             pq.write_table(part, work / f"half{i}.parquet")
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--slot-worker", config, str(work / f"half{i}.parquet"),
-                   str(work / "slots"), str(work / f"store{i}")]
-            self.workers.append(subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                                 env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}))
+            cmd = [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--slot-worker",
+                config,
+                str(work / f"half{i}.parquet"),
+                str(work / "slots"),
+                str(work / f"store{i}"),
+            ]
+            self.workers.append(
+                subprocess.Popen(
+                    cmd,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    text=True,
+                    env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
+                )
+            )
 
     def wait_ready(self) -> None:
         for w in self.workers:
@@ -249,8 +291,10 @@ class SlotWorkers:
     def processes(self) -> dict:
         import psutil
 
-        return {f"slot worker {i}": [psutil.Process(w.pid), *psutil.Process(w.pid).children(recursive=True)]
-                for i, w in enumerate(self.workers)}
+        return {
+            f"slot worker {i}": [psutil.Process(w.pid), *psutil.Process(w.pid).children(recursive=True)]
+            for i, w in enumerate(self.workers)
+        }
 
     def run(self, tokens: int) -> None:
         import json
@@ -291,8 +335,8 @@ def slot_worker(config: str, windows_file: str, slots_dir: str, store_dir: str) 
     import pyarrow.parquet as pq
 
     from benchmarks.common import bench_meta
-    from distill import pipeline
     from distill.config import load_config
+    from distill.run import pipeline
     from distill.teacher.labels import label_shard
     from distill.teacher.vllm_engine import VllmTeacher
     from storage.cache import LabelStore
@@ -322,7 +366,7 @@ def bench_generate(cfg, count: int, repeats: int) -> dict:
 
     from benchmarks.common import bench_meta, corpus_windows
     from benchmarks.timing import interleave
-    from distill import pipeline
+    from distill.run import pipeline
     from distill.teacher.labels import label_shard, prompt_seed
     from distill.teacher.vllm_engine import VllmTeacher
     from storage.cache import LabelStore
@@ -332,8 +376,18 @@ def bench_generate(cfg, count: int, repeats: int) -> dict:
     s, k = cfg.teacher.sampling, cfg.teacher.k
     engine = VllmTeacher(pipeline.teacher_dir(cfg), k, cfg.corpus.window, cfg.teacher.engine)
     list(engine.generate(ids[:4], [0] * 4, s))  # warm-up
-    params = [vllm.SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=min(s.max_tokens, cfg.corpus.window - len(p)),
-                                  logprobs=k, flat_logprobs=True, seed=prompt_seed(s.seed, d)) for p, d in zip(ids, doc_ids)]
+    params = [
+        vllm.SamplingParams(
+            n=s.n,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            max_tokens=min(s.max_tokens, cfg.corpus.window - len(p)),
+            logprobs=k,
+            flat_logprobs=True,
+            seed=prompt_seed(s.seed, d),
+        )
+        for p, d in zip(ids, doc_ids)
+    ]
     step = cfg.teacher.engine.batch_windows
     meta = bench_meta(cfg, k, engine.engine_version)
     answer_tokens = {"bare_vllm": [], "pipeline": []}
@@ -341,7 +395,9 @@ def bench_generate(cfg, count: int, repeats: int) -> dict:
     def bare():
         n = 0
         for b in range(0, len(ids), step):
-            outs = engine.llm.generate([{"prompt_token_ids": p} for p in ids[b : b + step]], params[b : b + step], use_tqdm=False)
+            outs = engine.llm.generate(
+                [{"prompt_token_ids": p} for p in ids[b : b + step]], params[b : b + step], use_tqdm=False
+            )
             n += sum(len(c.token_ids) for o in outs for c in o.outputs)
         answer_tokens["bare_vllm"].append(n)
 
@@ -351,8 +407,11 @@ def bench_generate(cfg, count: int, repeats: int) -> dict:
         answer_tokens["pipeline"].append(result["tokens"])
 
     try:
-        seconds = interleave({"bare_vllm": bare, "pipeline": ours}, repeats,
-                             on_run=lambda r, name, sec: print(f"generate round {r} {name}: {sec:.1f} s", file=sys.stderr, flush=True))
+        seconds = interleave(
+            {"bare_vllm": bare, "pipeline": ours},
+            repeats,
+            on_run=lambda r, name, sec: print(f"generate round {r} {name}: {sec:.1f} s", file=sys.stderr, flush=True),
+        )
     finally:
         engine.close()
     # seeded per prompt: every run, bare or pipeline, produces (and the pipeline labels) the same answers

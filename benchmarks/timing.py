@@ -6,6 +6,7 @@ reversing the order every other round (ABC, CBA, ABC, ...), so each pair of vari
 alternates which goes first. A ratio is taken per round, between runs that were neighbours in time, and reported
 by its median and its spread (min..max) over the rounds.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -13,8 +14,9 @@ import time
 from typing import Callable, Mapping, Sequence
 
 
-def interleave(variants: Mapping[str, Callable[[], object]], repeats: int,
-               on_run: Callable[[int, str, float], None] | None = None) -> dict[str, list[float]]:
+def interleave(
+    variants: Mapping[str, Callable[[], object]], repeats: int, on_run: Callable[[int, str, float], None] | None = None
+) -> dict[str, list[float]]:
     """Seconds of each call of each variant: ``{name: [seconds of round 0, round 1, ...]}``.
 
     Even rounds run the variants in their given order, odd rounds in reverse. ``on_run(round, name,
@@ -24,7 +26,7 @@ def interleave(variants: Mapping[str, Callable[[], object]], repeats: int,
     names = list(variants)
     seconds: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
-        for name in (names if r % 2 == 0 else names[::-1]):
+        for name in names if r % 2 == 0 else names[::-1]:
             t0 = time.perf_counter()
             variants[name]()
             seconds[name].append(time.perf_counter() - t0)
@@ -47,7 +49,7 @@ def paired_ratios(a: Sequence[float], b: Sequence[float]) -> list[float]:
 
 def summary(values: Sequence[float], fmt: str = ".0f") -> str:
     """``median (min..max, n=N)``."""
-    return (f"{statistics.median(values):{fmt}} ({min(values):{fmt}}..{max(values):{fmt}}, n={len(values)})")
+    return f"{statistics.median(values):{fmt}} ({min(values):{fmt}}..{max(values):{fmt}}, n={len(values)})"
 
 
 def median(values: Sequence[float]) -> float:

@@ -1,5 +1,6 @@
 """The run config: one YAML file holding one section per stage, each validated into that
 stage's dataclass with errors that name the field."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -9,12 +10,11 @@ from typing import Any, Mapping
 import yaml
 
 from distill.configbase import ConfigError, build
-from distill.data import CorpusConfig
-from distill.evaluation import EvalConfig, load_mc
-from distill.onpolicy import OnPolicyConfig
-from distill.student import StudentConfig
-from distill.teacher.labels import TeacherConfig
-from distill.trainer import TrainConfig
+from distill.data import CorpusConfig, load_mc
+from distill.eval.config import EvalConfig
+from distill.run.config import OnPolicyConfig
+from distill.teacher.config import TeacherConfig
+from distill.train.config import StudentConfig, TrainConfig
 
 SECTIONS = ("storage_root", "labels_uri", "teacher", "corpus", "student", "train", "eval", "onpolicy")
 
@@ -31,14 +31,25 @@ class RunConfig:
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     onpolicy: OnPolicyConfig = OnPolicyConfig()
-    """On-policy (GKD) rounds after the distilled student (``distill.onpolicy``; ``rounds: 0``: none)."""
+    """On-policy (GKD) rounds after the distilled student (``distill.run.onpolicy``; ``rounds: 0``: none)."""
 
     def __post_init__(self):
         self._check_sampled_labels()
         if self.onpolicy.rounds:
-            needs = [(self.teacher.mode == "generate", f"teacher.mode: generate (prompts to answer), not {self.teacher.mode!r}"),
-                     (self.teacher.labels == "topk", "teacher.labels: topk (the round's answers are labelled top-k and mixed with the train shards)"),
-                     (self.student.tokenizer is None, "a student that shares the teacher's tokenizer (the teacher scores the student's tokens)")]
+            needs = [
+                (
+                    self.teacher.mode == "generate",
+                    f"teacher.mode: generate (prompts to answer), not {self.teacher.mode!r}",
+                ),
+                (
+                    self.teacher.labels == "topk",
+                    "teacher.labels: topk (the round's answers are labelled top-k and mixed with the train shards)",
+                ),
+                (
+                    self.student.tokenizer is None,
+                    "a student that shares the teacher's tokenizer (the teacher scores the student's tokens)",
+                ),
+            ]
             for ok, what in needs:
                 if not ok:
                     raise ConfigError(f"onpolicy.rounds={self.onpolicy.rounds} needs {what}")
@@ -57,15 +68,21 @@ class RunConfig:
         and a bucket that again depends on which ids were drawn. Refuse all of these here."""
         if self.teacher.labels != "sampled" or self.train.kd_weight == 0:
             return
-        why = ("sampled labels are an unbiased target only for forward KL with tail: bucket at "
-               "temperature 1 (other losses are nonlinear in the drawn counts and pull the student "
-               "onto the drawn ids); use teacher.labels: topk for")
+        why = (
+            "sampled labels are an unbiased target only for forward KL with tail: bucket at "
+            "temperature 1 (other losses are nonlinear in the drawn counts and pull the student "
+            "onto the drawn ids); use teacher.labels: topk for"
+        )
         rules = [
             ("train.divergence", self.train.divergence, self.train.divergence == "forward_kl", "forward_kl"),
             ("train.tail", self.train.tail, self.train.tail == "bucket", "bucket"),
             ("train.temperature", self.train.temperature, self.train.temperature == 1.0, "1.0"),
-            ("student.tokenizer", self.student.tokenizer, self.student.tokenizer is None,
-             "unset (a student with its own tokenizer regroups the drawn ids into spans)"),
+            (
+                "student.tokenizer",
+                self.student.tokenizer,
+                self.student.tokenizer is None,
+                "unset (a student with its own tokenizer regroups the drawn ids into spans)",
+            ),
         ]
         for field, value, ok, expected in rules:
             if not ok:

@@ -1,5 +1,6 @@
 """Helpers shared by the per-stage config dataclasses: building them from YAML mappings with
 errors that name the field, the value and what would be accepted."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -92,7 +93,9 @@ def _convert(value: Any, hint: Any, field: str) -> Any:
             except ConfigError:
                 if dataclasses.is_dataclass(item_type):
                     raise  # the item's own error names the field inside it (``models[1].weight``)
-                raise ConfigError(f"{field}={value!r} is invalid: expected {_describe(hint)} (item {i} is {item!r})") from None
+                raise ConfigError(
+                    f"{field}={value!r} is invalid: expected {_describe(hint)} (item {i} is {item!r})"
+                ) from None
         return tuple(items) if origin is tuple else items
     if hint in SCALARS:
         if hint is float and isinstance(value, str):

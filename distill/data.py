@@ -8,6 +8,7 @@ every ``stride`` tokens. The label at position ``t`` of a window is the distribu
 the document's first is labelled exactly once, with at least ``window - 1 - stride`` tokens of
 context beyond the first window.
 """
+
 from __future__ import annotations
 
 import csv
@@ -72,12 +73,16 @@ class CorpusConfig:
         check(self.window >= 2, "window", self.window, "an integer >= 2")
         check(
             self.stride is None or 1 <= self.stride <= self.window - 1,
-            "stride", self.stride, f"None or an integer in [1, window - 1 = {self.window - 1}]",
+            "stride",
+            self.stride,
+            f"None or an integer in [1, window - 1 = {self.window - 1}]",
         )
         check(self.train_shards >= 1, "train_shards", self.train_shards, "an integer >= 1")
         check(self.heldout_shards >= 1, "heldout_shards", self.heldout_shards, "an integer >= 1")
         check(self.min_tokens >= 2, "min_tokens", self.min_tokens, "an integer >= 2")
-        check(self.max_documents is None or self.max_documents >= 2, "max_documents", self.max_documents, "None or >= 2")
+        check(
+            self.max_documents is None or self.max_documents >= 2, "max_documents", self.max_documents, "None or >= 2"
+        )
 
     @property
     def effective_stride(self) -> int:
@@ -132,7 +137,9 @@ def _check_local_files(files: list[str], columns: Sequence[str] = ()) -> str:
     exts = {f: Path(f).suffix.lstrip(".").lower() for f in files}
     for f, ext in exts.items():
         if ext not in BUILDERS:
-            raise CorpusError(f"{f}: unsupported file type {ext!r} (corpus.source); use json, jsonl, parquet, csv or txt")
+            raise CorpusError(
+                f"{f}: unsupported file type {ext!r} (corpus.source); use json, jsonl, parquet, csv or txt"
+            )
     if len({BUILDERS[e] for e in exts.values()}) > 1:
         listed = ", ".join(f"{f} ({e})" for f, e in exts.items())
         raise CorpusError(f"corpus.source mixes file types: {listed}; use files of one type")
@@ -168,7 +175,9 @@ def text_lines(path: str | os.PathLike, error: type[Exception], jsonl: bool) -> 
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise error(f"{path}:{n}: not UTF-8 text ({e.reason} at byte {e.start} of the line); re-save the file as UTF-8") from None
+                raise error(
+                    f"{path}:{n}: not UTF-8 text ({e.reason} at byte {e.start} of the line); re-save the file as UTF-8"
+                ) from None
             if not line.strip():
                 continue
             if not jsonl:
@@ -177,7 +186,9 @@ def text_lines(path: str | os.PathLike, error: type[Exception], jsonl: bool) -> 
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise error(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno}); a .jsonl file holds one JSON object per line") from None
+                raise error(
+                    f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno}); a .jsonl file holds one JSON object per line"
+                ) from None
             if not isinstance(record, dict):
                 raise error(f"{path}:{n}: a JSON {type(record).__name__}, expected an object with named fields")
             yield n, record
@@ -200,8 +211,10 @@ def _check_text_file(path: str, jsonl: bool, columns: Sequence[str] = (), first_
             kind = _json_type(value)
             seen, where = first_types.setdefault(col, (kind, f"{path}:{n}"))
             if kind != seen:
-                raise _MixedTypes(f"{path}:{n}: a {kind} in column {col!r}, where {where} holds a {seen}; "
-                                  "give the column one type in every record")
+                raise _MixedTypes(
+                    f"{path}:{n}: a {kind} in column {col!r}, where {where} holds a {seen}; "
+                    "give the column one type in every record"
+                )
     if jsonl and not records:
         raise CorpusError(f"{path}: no JSON records, only blank lines (corpus.source)")
 
@@ -261,15 +274,18 @@ def _locate_row(cfg: CorpusConfig, files: list[str] | None, index: int, doc_id: 
     return f"{where} (document id {doc_id!r})" if cfg.id_column else where
 
 
-def _located_records(cfg: CorpusConfig, columns: list[str], optional: tuple[str, ...] = ()
-                     ) -> Iterator[tuple[str, dict, Callable[[], str]]]:
+def _located_records(
+    cfg: CorpusConfig, columns: list[str], optional: tuple[str, ...] = ()
+) -> Iterator[tuple[str, dict, Callable[[], str]]]:
     """``load_records`` plus, for each record, a function naming where it comes from
     (``file:line`` and the like), for errors about its values."""
     if cfg.source == PYDOC_SOURCE:
         from pydoc_data.topics import topics
 
         if columns != [cfg.text_column]:
-            raise CorpusError(f"{PYDOC_SOURCE}: holds plain documents only; prompt modes need a dataset with columns {columns}")
+            raise CorpusError(
+                f"{PYDOC_SOURCE}: holds plain documents only; prompt modes need a dataset with columns {columns}"
+            )
         for doc_id, text in sorted(topics.items())[: cfg.max_documents]:
             yield doc_id, {cfg.text_column: text}, (lambda doc_id=doc_id: f"{PYDOC_SOURCE} topic {doc_id!r}")
         return
@@ -284,18 +300,27 @@ def _located_records(cfg: CorpusConfig, columns: list[str], optional: tuple[str,
         except (DatasetGenerationError, ValueError) as e:
             # what the pre-flight cannot see (the type of a column this config does not read
             # changing between rows; with a blank line in that JSONL file, a bare ValueError)
-            raise CorpusError(f"{', '.join(files)}: the datasets library cannot read the corpus.source file(s): {e.__cause__ or e}") from e
+            raise CorpusError(
+                f"{', '.join(files)}: the datasets library cannot read the corpus.source file(s): {e.__cause__ or e}"
+            ) from e
     else:
         try:
             ds = datasets.load_dataset(cfg.source, split=cfg.split)
         except (ConnectionError, FileNotFoundError) as e:  # offline, or no such dataset
-            hint = ("HF_HUB_OFFLINE is on (the Makefile's default), so nothing is downloaded: run once with "
-                    "HF_HUB_OFFLINE=0 (make demo CONFIG=... HF_HUB_OFFLINE=0) to fetch it into the Hugging Face cache"
-                    if datasets.config.HF_HUB_OFFLINE else "check the dataset id, or give local files")
-            raise CorpusError(f"corpus.source={cfg.source!r}: no such local file, and the hub dataset cannot be loaded ({e}); {hint}") from e
+            hint = (
+                "HF_HUB_OFFLINE is on (the Makefile's default), so nothing is downloaded: run once with "
+                "HF_HUB_OFFLINE=0 (make demo CONFIG=... HF_HUB_OFFLINE=0) to fetch it into the Hugging Face cache"
+                if datasets.config.HF_HUB_OFFLINE
+                else "check the dataset id, or give local files"
+            )
+            raise CorpusError(
+                f"corpus.source={cfg.source!r}: no such local file, and the hub dataset cannot be loaded ({e}); {hint}"
+            ) from e
     for col in columns + ([cfg.id_column] if cfg.id_column else []):
         if col not in ds.column_names:
-            raise CorpusError(f"{cfg.source}: no column {col!r}; columns are {ds.column_names} (set the corpus.*_column options)")
+            raise CorpusError(
+                f"{cfg.source}: no column {col!r}; columns are {ds.column_names} (set the corpus.*_column options)"
+            )
     wanted = columns + [c for c in optional if c in ds.column_names]
     n = len(ds) if cfg.max_documents is None else min(len(ds), cfg.max_documents)
     for i in range(n):
@@ -362,7 +387,9 @@ def _check_record(where: Callable[[], str], record: dict, mode: str, cfg: Corpus
         return None
     if not isinstance(text, str):
         kind = type(text).__name__
-        raise CorpusError(f"{where()}: {'an' if kind[0] in 'aeiou' else 'a'} {kind} in column {column!r}, expected text")
+        raise CorpusError(
+            f"{where()}: {'an' if kind[0] in 'aeiou' else 'a'} {kind} in column {column!r}, expected text"
+        )
     if not text.strip():
         return None
     out = {"text": text}
@@ -373,12 +400,15 @@ def _check_record(where: Callable[[], str], record: dict, mode: str, cfg: Corpus
                 f"{where()}: column {cfg.candidates_column!r} must be a list of at least two non-empty strings, got {cands!r}"
             )
         out["candidates"] = list(cands)
-        out["answer"] = _answer_index(where, record.get(cfg.answer_column) if cfg.answer_column else None, out["candidates"], cfg)
+        out["answer"] = _answer_index(
+            where, record.get(cfg.answer_column) if cfg.answer_column else None, out["candidates"], cfg
+        )
     return out
 
 
-def _rows_for(doc_id: str, record: dict, ids: list[int], mode: str, cfg: CorpusConfig, tokenizer, where: Callable[[], str]
-              ) -> list[dict] | str:
+def _rows_for(
+    doc_id: str, record: dict, ids: list[int], mode: str, cfg: CorpusConfig, tokenizer, where: Callable[[], str]
+) -> list[dict] | str:
     """Corpus rows of one document or prompt, or the name of the counter of a skip."""
     if mode == "score":
         if len(ids) < cfg.min_tokens:
@@ -387,7 +417,13 @@ def _rows_for(doc_id: str, record: dict, ids: list[int], mode: str, cfg: CorpusC
             {"doc_id": doc_id, "window_index": w, "input_ids": ids[start:end], "label_start": label_start}
             for w, (start, end, label_start) in enumerate(windows(len(ids), cfg.window, cfg.effective_stride))
         ]
-    row = {"doc_id": doc_id, "window_index": 0, "input_ids": ids, "label_start": len(ids) - 1, "prompt_text": record["text"]}
+    row = {
+        "doc_id": doc_id,
+        "window_index": 0,
+        "input_ids": ids,
+        "label_start": len(ids) - 1,
+        "prompt_text": record["text"],
+    }
     if mode == "generate":
         return "dropped_long" if len(ids) >= cfg.window else [row]
     cand_ids = [list(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in record["candidates"]]
@@ -415,7 +451,9 @@ def _corpus_table(rows: list[dict], mode: str) -> pa.Table:
     return pa.table(cols)
 
 
-def build_corpus(cfg: CorpusConfig, tokenizer, tokenizer_hash: str, root: Path, batch_docs: int = 256, mode: str = "score") -> dict:
+def build_corpus(
+    cfg: CorpusConfig, tokenizer, tokenizer_hash: str, root: Path, batch_docs: int = 256, mode: str = "score"
+) -> dict:
     """Read, tokenize and shard the corpus under ``corpus_dir``; return its manifest.
 
     ``mode``: ``score`` cuts documents (``text_column``) into windows; ``generate`` makes one
@@ -427,7 +465,11 @@ def build_corpus(cfg: CorpusConfig, tokenizer, tokenizer_hash: str, root: Path, 
     """
     out = corpus_dir(root, cfg, tokenizer_hash, mode)
     manifest_path = out / CORPUS_MANIFEST
-    columns = [cfg.text_column] if mode == "score" else [cfg.prompt_column] + ([cfg.candidates_column] if mode == "candidates" else [])
+    columns = (
+        [cfg.text_column]
+        if mode == "score"
+        else [cfg.prompt_column] + ([cfg.candidates_column] if mode == "candidates" else [])
+    )
     optional = (cfg.answer_column,) if mode == "candidates" and cfg.answer_column else ()
     docs: list[tuple[str, dict, Callable[[], str]]] = []
     counts = {"documents_read": 0, "dropped_empty": 0, "dropped_short": 0, "dropped_long": 0, "dropped_duplicate_id": 0}
@@ -450,7 +492,9 @@ def build_corpus(cfg: CorpusConfig, tokenizer, tokenizer_hash: str, root: Path, 
     if not heldout:  # a small corpus still gets one held-out document
         heldout = {min(docs, key=lambda d: _hash_unit(d[0], "split"))[0]}
     if len(docs) < 2:
-        raise CorpusError(f"{cfg.source}: only {len(docs)} non-empty document(s); need at least 2 to split train/held-out")
+        raise CorpusError(
+            f"{cfg.source}: only {len(docs)} non-empty document(s); need at least 2 to split train/held-out"
+        )
     shards: dict[str, list[dict]] = {name: [] for name in cfg.shard_names()}
     kept = {"train": 0, "heldout": 0}
     for b in range(0, len(docs), batch_docs):
@@ -482,8 +526,10 @@ def build_corpus(cfg: CorpusConfig, tokenizer, tokenizer_hash: str, root: Path, 
             )
     # a document lives in one shard: fewer documents than shards leaves shards with nothing in
     # them that the teacher would still be started for and training would read
-    for split, field, advice in (("train", "train_shards", "lower corpus.heldout_fraction"),
-                                 ("heldout", "heldout_shards", "raise corpus.heldout_fraction")):
+    for split, field, advice in (
+        ("train", "train_shards", "lower corpus.heldout_fraction"),
+        ("heldout", "heldout_shards", "raise corpus.heldout_fraction"),
+    ):
         shards_wanted = getattr(cfg, field)
         if kept[split] < shards_wanted:
             raise CorpusError(
@@ -513,7 +559,10 @@ def build_corpus(cfg: CorpusConfig, tokenizer, tokenizer_hash: str, root: Path, 
             "windows": len(rows),
             "documents": len({r["doc_id"] for r in rows}),
             # generate: response lengths are the teacher's to decide; candidates: one label per example
-            "labelled_tokens": None if mode == "generate" else len(rows) if mode == "candidates"
+            "labelled_tokens": None
+            if mode == "generate"
+            else len(rows)
+            if mode == "candidates"
             else int(sum(len(r["input_ids"]) - 1 - r["label_start"] for r in rows)),
         }
     manifest = {
@@ -532,7 +581,9 @@ def build_corpus(cfg: CorpusConfig, tokenizer, tokenizer_hash: str, root: Path, 
     return manifest
 
 
-def read_corpus_shard(root: Path, cfg: CorpusConfig, tokenizer_hash: str, shard: str, mode: str = "score") -> tuple[dict, pa.Table]:
+def read_corpus_shard(
+    root: Path, cfg: CorpusConfig, tokenizer_hash: str, shard: str, mode: str = "score"
+) -> tuple[dict, pa.Table]:
     """The manifest entry and the windows of one corpus shard; errors say to materialize the corpus."""
     out = corpus_dir(root, cfg, tokenizer_hash, mode)
     manifest_path = out / CORPUS_MANIFEST
@@ -543,3 +594,31 @@ def read_corpus_shard(root: Path, cfg: CorpusConfig, tokenizer_hash: str, shard:
         raise CorpusError(f"{manifest_path}: no shard {shard!r}; shards are {sorted(manifest['shards'])}")
     entry = manifest["shards"][shard]
     return entry, pq.read_table(out / entry["file"])
+
+
+def load_mc(path: str | Path) -> list[dict]:
+    """Questions of a multiple-choice JSONL file (``eval.mc_file``), validated with errors naming
+    the file and the 1-based line (blank lines count, as in an editor)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(
+            f"{path}: multiple-choice file not found (eval.mc_file; relative paths are relative to the working directory)"
+        )
+    items = []
+    for i, item in text_lines(path, ValueError, jsonl=True):
+        where = f"{path}:{i}"
+        for field in ("question", "choices", "answer"):
+            if field not in item:
+                raise ValueError(f"{where}: missing field {field!r} (need question, choices, answer)")
+        if not isinstance(item["question"], str):
+            raise ValueError(f"{where}: question must be a string, got {item['question']!r}")
+        choices = item["choices"]
+        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+            raise ValueError(f"{where}: choices must be a list of at least two strings, got {choices!r}")
+        answer = item["answer"]
+        if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
+            raise ValueError(f"{where}: answer must be an index into choices (0..{len(choices) - 1}), got {answer!r}")
+        items.append(item)
+    if not items:
+        raise ValueError(f"{path}: no questions")
+    return items

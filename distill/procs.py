@@ -13,6 +13,7 @@ descendant still alive: SIGTERM, then SIGKILL after a grace period. Processes ar
 (pid, start time), so a reused pid is never signalled. The watchdog needs only ``psutil`` and
 the standard library, and runs this file as a script (no package import, starts in ~0.1 s).
 """
+
 from __future__ import annotations
 
 import os
@@ -31,8 +32,13 @@ def guard_children() -> None:
     if _guard is not None and _guard[0] == os.getpid() and _guard[1].poll() is None:
         return
     # own session: a signal to our process group (Ctrl-C, killpg) must not take the watchdog first
-    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), str(os.getpid())],
-                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+    proc = subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), str(os.getpid())],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        start_new_session=True,
+        close_fds=True,
+    )
     _guard = (os.getpid(), proc)  # the pipe's write end stays open for this process's life
 
 

@@ -2,6 +2,7 @@
 
 Load with ``dagster dev -m pipelines.definitions`` (``make ui``).
 """
+
 from __future__ import annotations
 
 import dagster as dg
@@ -24,7 +25,7 @@ def build_definitions(config_path: str | None = None, keep_engine_alive: bool = 
     teacher_logits = build_teacher_logits(partitions, partitions_per_run(cfg, len(partitions.get_partition_keys())))
     assets = [teacher_model, corpus, finetuned_teachers, teacher_logits, student_model, baseline_student, evaluation]
     if cfg.onpolicy.rounds:
-        from distill.onpolicy import round_names
+        from distill.run.onpolicy import round_names
 
         assets += build_onpolicy_assets(dg.StaticPartitionsDefinition(round_names(cfg)))
     return dg.Definitions(

@@ -5,6 +5,7 @@ with N slots, N teacher runs may label at once, each on its own slot.
 
 ``make ui`` and ``pipelines.run`` set it before anything runs.
 """
+
 from __future__ import annotations
 
 import argparse

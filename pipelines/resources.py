@@ -1,4 +1,5 @@
 """Dagster resources: the run config (one YAML file) and the teacher engine's lifetime."""
+
 from __future__ import annotations
 
 import os
@@ -37,6 +38,6 @@ class TeacherEngine(dg.ConfigurableResource):
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
         if not self.keep_alive:
-            from distill.pipeline import close_engines
+            from distill.run.pipeline import close_engines
 
             close_engines()

@@ -3,6 +3,7 @@
 Runs on the persistent Dagster instance under ``$DAGSTER_HOME`` (default ``data/dagster_home``)
 so that ``make ui`` afterwards shows every materialization.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,11 +18,9 @@ from dagster._core.storage.dagster_run import IN_PROGRESS_RUN_STATUSES
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
 from distill.procs import guard_children
-
 from pipelines.definitions import build_definitions
 from pipelines.pools import sync_teacher_pool
 from pipelines.resources import default_config_path
-
 
 PID_TAG, START_TAG, HOST_TAG = "distill/pid", "distill/pid_start", "distill/host"
 
@@ -49,7 +48,9 @@ def fail_dead_runs(instance: dg.DagsterInstance) -> list[str]:
     import psutil
 
     failed = []
-    for run in instance.get_runs(filters=dg.RunsFilter(statuses=IN_PROGRESS_RUN_STATUSES, tags={HOST_TAG: socket.gethostname()})):
+    for run in instance.get_runs(
+        filters=dg.RunsFilter(statuses=IN_PROGRESS_RUN_STATUSES, tags={HOST_TAG: socket.gethostname()})
+    ):
         pid, started = int(run.tags.get(PID_TAG, "0")), run.tags.get(START_TAG)
         try:
             alive = pid > 0 and repr(psutil.Process(pid).create_time()) == started
@@ -57,13 +58,18 @@ def fail_dead_runs(instance: dg.DagsterInstance) -> list[str]:
             alive = False
         if alive:
             continue
-        instance.report_run_failed(run, message=f"process {pid} that executed this run is gone (killed or crashed); marked failed by pipelines.run")
+        instance.report_run_failed(
+            run,
+            message=f"process {pid} that executed this run is gone (killed or crashed); marked failed by pipelines.run",
+        )
         instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
         failed.append(run.run_id)
     return failed
 
 
-def materialize_all(defs: dg.Definitions, instance: dg.DagsterInstance, shard_names: list[str]) -> dg.ExecuteInProcessResult:
+def materialize_all(
+    defs: dg.Definitions, instance: dg.DagsterInstance, shard_names: list[str]
+) -> dg.ExecuteInProcessResult:
     """Three in-process runs: inputs, every teacher shard in one run (one engine start), then
     training and evaluation. Raises ``StageFailed`` (with the failing checks' problems) when
     the first two fail; the last run's result is returned even when the gate fails, because
@@ -73,16 +79,28 @@ def materialize_all(defs: dg.Definitions, instance: dg.DagsterInstance, shard_na
     tags = process_tags()
 
     def run(selection, extra_tags=None):
-        return dg.materialize(assets, selection=selection, resources=resources, instance=instance,
-                              tags={**tags, **(extra_tags or {})}, raise_on_error=False)
+        return dg.materialize(
+            assets,
+            selection=selection,
+            resources=resources,
+            instance=instance,
+            tags={**tags, **(extra_tags or {})},
+            raise_on_error=False,
+        )
 
-    for selection, extra in ((["teacher_model", "corpus", "finetuned_teachers"], None),
-                             (["teacher_logits"], {ASSET_PARTITION_RANGE_START_TAG: shard_names[0],
-                                                   ASSET_PARTITION_RANGE_END_TAG: shard_names[-1]})):
+    for selection, extra in (
+        (["teacher_model", "corpus", "finetuned_teachers"], None),
+        (
+            ["teacher_logits"],
+            {ASSET_PARTITION_RANGE_START_TAG: shard_names[0], ASSET_PARTITION_RANGE_END_TAG: shard_names[-1]},
+        ),
+    ):
         result = run(selection, extra)
         problems = failed_checks(result)
         if not result.success or problems:
-            raise StageFailed("\n".join([f"materializing {', '.join(selection)} failed:", *run_errors(result), *problems]))
+            raise StageFailed(
+                "\n".join([f"materializing {', '.join(selection)} failed:", *run_errors(result), *problems])
+            )
     return run(["student_model", "baseline_student", "evaluation"])
 
 
@@ -93,12 +111,24 @@ def materialize_rounds(defs: dg.Definitions, instance: dg.DagsterInstance) -> dg
         return None
     rounds = defs.resolve_assets_def("onpolicy_student").partitions_def.get_partition_keys()
     tags = process_tags()
-    result = dg.materialize(list(defs.assets), selection=["onpolicy_student"], resources=defs.resources, instance=instance, raise_on_error=False,
-                            tags={**tags, ASSET_PARTITION_RANGE_START_TAG: rounds[0], ASSET_PARTITION_RANGE_END_TAG: rounds[-1]})
+    result = dg.materialize(
+        list(defs.assets),
+        selection=["onpolicy_student"],
+        resources=defs.resources,
+        instance=instance,
+        raise_on_error=False,
+        tags={**tags, ASSET_PARTITION_RANGE_START_TAG: rounds[0], ASSET_PARTITION_RANGE_END_TAG: rounds[-1]},
+    )
     if not result.success:
         raise StageFailed("\n".join(["materializing onpolicy_student failed:", *run_errors(result)]))
-    return dg.materialize(list(defs.assets), selection=["onpolicy_evaluation"], resources=defs.resources, instance=instance, tags=tags,
-                          raise_on_error=False)
+    return dg.materialize(
+        list(defs.assets),
+        selection=["onpolicy_evaluation"],
+        resources=defs.resources,
+        instance=instance,
+        tags=tags,
+        raise_on_error=False,
+    )
 
 
 def failed_checks(result: dg.ExecuteInProcessResult, severity=dg.AssetCheckSeverity.ERROR) -> list[str]:
@@ -108,7 +138,9 @@ def failed_checks(result: dg.ExecuteInProcessResult, severity=dg.AssetCheckSever
         if check.passed or check.severity != severity:
             continue
         details = {k: v.value for k, v in check.metadata.items()}
-        lines.append(f"check {check.asset_key.to_user_string()}:{check.check_name} FAILED: {json.dumps(details, default=str)}")
+        lines.append(
+            f"check {check.asset_key.to_user_string()}:{check.check_name} FAILED: {json.dumps(details, default=str)}"
+        )
     return lines
 
 
@@ -155,7 +187,10 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     mats = {m.asset_key.to_user_string(): m for m in result.get_asset_materialization_events()}
     if "evaluation" not in mats:
-        print("\n".join(["the evaluation did not materialize:", *run_errors(result), *failed_checks(result)]), file=sys.stderr)
+        print(
+            "\n".join(["the evaluation did not materialize:", *run_errors(result), *failed_checks(result)]),
+            file=sys.stderr,
+        )
         return 1
     meta = mats["evaluation"].materialization.metadata
     checks = result.get_asset_check_evaluations()

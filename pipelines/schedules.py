@@ -3,6 +3,7 @@ changed shards (unchanged ones are cache hits), retrains and re-evaluates.
 
 Turn on the schedule and the ``default_automation_condition_sensor`` in the UI (Automation).
 """
+
 from __future__ import annotations
 
 import os

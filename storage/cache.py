@@ -5,6 +5,7 @@ Every shard is stored under a content key: the hash of everything its labels dep
 version). Labelling a shard whose key is already committed is a cache hit: no teacher work.
 Changing any input changes exactly the keys of the shards it affects.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -78,8 +79,14 @@ def set_manifest(shards) -> dict:
     """The manifest of a shard set: files, rows, tokens, checksums and metadata, in order."""
     return {
         "shards": [
-            {"file": str(s.path), "rows": s.rows, "tokens": s.tokens, "bytes": s.record["bytes"],
-             "sha256": s.record["sha256"], "meta": s.record["meta"]}
+            {
+                "file": str(s.path),
+                "rows": s.rows,
+                "tokens": s.tokens,
+                "bytes": s.record["bytes"],
+                "sha256": s.record["sha256"],
+                "meta": s.record["meta"],
+            }
             for s in shards
         ],
         "rows": sum(s.rows for s in shards),

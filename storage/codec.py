@@ -28,6 +28,7 @@
 - Top-k ids: remapped by their frequency in the shard (frequent candidates get small
   numbers), which makes the high bytes nearly constant under byte-stream-split + zstd.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -38,11 +39,15 @@ TARGET_STEP = 2.0**-10
 TAIL_LOGIT_MIN = -96.0  # log-odds of code 1; code 65534 is -96 + 65533 * 2^-9 = 31.998
 TAIL_LOGIT_STEP = 2.0**-9
 TAIL_CODE_ONE = 65535  # code 0 is a tail of exactly 0, code 65535 exactly 1
-TAIL_MAX_REL_ERROR = 9.8e-4  # of t and of 1 - t, for t in [2e-42, 1 - 1e-10]: expm1(TAIL_LOGIT_STEP / 2) = 9.77e-4 + rounding
+TAIL_MAX_REL_ERROR = (
+    9.8e-4  # of t and of 1 - t, for t in [2e-42, 1 - 1e-10]: expm1(TAIL_LOGIT_STEP / 2) = 9.77e-4 + rounding
+)
 MIN_TOPK_MASS = 1e-7
 
 
-def encode_topk_logprobs(topk_logprobs: np.ndarray, levels: int = LOGPROB_LEVELS, scale: float = LOGPROB_SCALE) -> np.ndarray:
+def encode_topk_logprobs(
+    topk_logprobs: np.ndarray, levels: int = LOGPROB_LEVELS, scale: float = LOGPROB_SCALE
+) -> np.ndarray:
     """(n, k) logprobs sorted descending -> (n, k) uint8 rank-differences of companded codes.
     Trailing ``-inf`` slots (padding; the first slot is finite) take the code ``levels + 1``."""
     lp = np.asarray(topk_logprobs, np.float64)
@@ -56,7 +61,9 @@ def encode_topk_logprobs(topk_logprobs: np.ndarray, levels: int = LOGPROB_LEVELS
     return diffs.astype(np.uint8)
 
 
-def decode_topk_logprobs(diffs: np.ndarray, tail_mass: np.ndarray, levels: int = LOGPROB_LEVELS, scale: float = LOGPROB_SCALE) -> np.ndarray:
+def decode_topk_logprobs(
+    diffs: np.ndarray, tail_mass: np.ndarray, levels: int = LOGPROB_LEVELS, scale: float = LOGPROB_SCALE
+) -> np.ndarray:
     """Inverse of ``encode_topk_logprobs``: (n, k) float32 logprobs whose mass is ``1 - tail_mass``
     (``-inf`` in padding slots, code ``levels + 1``)."""
     codes = np.cumsum(diffs, axis=1, dtype=np.int32)
@@ -101,7 +108,9 @@ def encode_tail(tail_mass: np.ndarray) -> np.ndarray:
     return np.where(t == 0.0, 0, np.where(t == 1.0, TAIL_CODE_ONE, codes)).astype(np.uint16)
 
 
-def decode_tail(codes: np.ndarray, logit_min: float = TAIL_LOGIT_MIN, logit_step: float = TAIL_LOGIT_STEP) -> np.ndarray:
+def decode_tail(
+    codes: np.ndarray, logit_min: float = TAIL_LOGIT_MIN, logit_step: float = TAIL_LOGIT_STEP
+) -> np.ndarray:
     """Inverse of ``encode_tail``: float64, so that ``1 - tail`` keeps its precision near 1."""
     codes = np.asarray(codes)
     log_odds = logit_min + (codes.astype(np.float64) - 1.0) * logit_step

@@ -6,6 +6,7 @@ input position ``t`` the teacher's top-k for the token ``t + 1`` (the same posit
 student's logits at ``t`` predict): ``target_token_ids`` and ``target_logprobs`` (k each), and
 ``target_mask`` (1 where labelled). Positions without labels hold zeros and mask 0.
 """
+
 from __future__ import annotations
 
 import os
@@ -25,7 +26,9 @@ def export_axolotl(shards: Sequence[Shard], out_path: str | os.PathLike, rows_pe
     ``generate`` shards export like ``score`` shards (labels on answer tokens only)."""
     for shard in shards:
         if shard.meta.mode == "candidates":
-            raise ValueError(f"{shard.path}: candidates shards hold a distribution over answers, not per-token labels; nothing to export for axolotl")
+            raise ValueError(
+                f"{shard.path}: candidates shards hold a distribution over answers, not per-token labels; nothing to export for axolotl"
+            )
     k = shards[0].meta.k
     schema = pa.schema(
         [
@@ -51,6 +54,7 @@ def _write_axolotl(shards: Sequence[Shard], tmp: Path, schema: pa.Schema, k: int
     written = 0
     batch: dict[str, list] = {name: [] for name in schema.names}
     with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+
         def flush():
             writer.write_table(pa.table(batch, schema=schema))
             for values in batch.values():

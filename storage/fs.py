@@ -2,6 +2,7 @@
 ``pyarrow.fs``, plus the one thing pyarrow cannot do: create an S3 object only if its key is
 free (a conditional PUT, ``If-None-Match: *``, through boto3), which makes a commit record
 "first writer wins" on S3 (``storage.writer``)."""
+
 from __future__ import annotations
 
 import os
@@ -88,8 +89,10 @@ def _new_s3_client(opts: dict):
         from botocore import UNSIGNED
         from botocore.config import Config
     except ImportError as e:
-        raise ImportError("committing shards to s3:// needs boto3 (for a conditional PUT, which pyarrow lacks): "
-                          "pip install 'offline-distill[s3]'") from e
+        raise ImportError(
+            "committing shards to s3:// needs boto3 (for a conditional PUT, which pyarrow lacks): "
+            "pip install 'offline-distill[s3]'"
+        ) from e
     endpoint = opts.get("endpoint_override") or None
     if endpoint and "://" not in endpoint:
         endpoint = f"{opts.get('scheme') or 'https'}://{endpoint}"
@@ -97,9 +100,14 @@ def _new_s3_client(opts: dict):
     style = "virtual" if opts.get("force_virtual_addressing") or not endpoint else "path"
     config = Config(s3={"addressing_style": style}, signature_version=UNSIGNED if opts.get("anonymous") else None)
     return boto3.session.Session().client(  # the default session is not thread-safe
-        "s3", region_name=opts.get("region") or None, endpoint_url=endpoint, config=config,
-        aws_access_key_id=opts.get("access_key") or None, aws_secret_access_key=opts.get("secret_key") or None,
-        aws_session_token=opts.get("session_token") or None, verify=opts.get("tls_ca_file_path") or None,
+        "s3",
+        region_name=opts.get("region") or None,
+        endpoint_url=endpoint,
+        config=config,
+        aws_access_key_id=opts.get("access_key") or None,
+        aws_secret_access_key=opts.get("secret_key") or None,
+        aws_session_token=opts.get("session_token") or None,
+        verify=opts.get("tls_ca_file_path") or None,
     )
 
 
@@ -136,7 +144,7 @@ def put_if_absent(fs: pafs.FileSystem, path: str, source: Path | bytes, retries:
             if status == 412 or code == "PreconditionFailed":
                 return False
             if (status == 409 or code == "ConditionalRequestConflict") and attempt + 1 < retries:
-                time.sleep(0.05 * 2 ** attempt)
+                time.sleep(0.05 * 2**attempt)
                 continue
             raise
     raise AssertionError("unreachable")
@@ -151,7 +159,9 @@ def _multipart_if_absent(client, bucket: str, key: str, source: Path) -> None:
                 n = len(parts) + 1
                 etag = client.upload_part(Bucket=bucket, Key=key, UploadId=upload, PartNumber=n, Body=block)["ETag"]
                 parts.append({"PartNumber": n, "ETag": etag})
-        client.complete_multipart_upload(Bucket=bucket, Key=key, UploadId=upload, MultipartUpload={"Parts": parts}, IfNoneMatch="*")
+        client.complete_multipart_upload(
+            Bucket=bucket, Key=key, UploadId=upload, MultipartUpload={"Parts": parts}, IfNoneMatch="*"
+        )
     except BaseException:
         client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload)
         raise

@@ -11,6 +11,7 @@ if the name is later replaced or removed), on object stores the object its recor
 which writers never overwrite (``storage.writer``). ``Shard.parquet()`` reads from that, so
 rows are never decoded against another file's id table.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,7 +27,16 @@ import pyarrow.parquet as pq
 
 from storage import codec
 from storage import fs as fsmod
-from storage.schema import COUNTS_KEY, ENCODING_KEY, ID_TABLE_KEY, METADATA_KEY, SCHEMA_VERSION, ShardMeta, arrow_schema, text_columns
+from storage.schema import (
+    COUNTS_KEY,
+    ENCODING_KEY,
+    ID_TABLE_KEY,
+    METADATA_KEY,
+    SCHEMA_VERSION,
+    ShardMeta,
+    arrow_schema,
+    text_columns,
+)
 from storage.writer import is_unique_data_name, record_path
 
 RECORD_FIELDS = frozenset({"bytes", "sha256", "rows", "tokens", "meta"})
@@ -50,7 +60,9 @@ class Shard:
     id_table: np.ndarray
     fs: object = None  # pyarrow filesystem for object stores; None: local
     counts: dict = dataclasses.field(default_factory=dict)  # from the footer (covered by the checksum)
-    file: Path | None = None  # the file or object the record names: ``path``, or a writer-unique sibling on object stores
+    file: Path | None = (
+        None  # the file or object the record names: ``path``, or a writer-unique sibling on object stores
+    )
     source: object = dataclasses.field(default=None, repr=False, compare=False)  # the verified local file, open
     pin: tuple | None = dataclasses.field(default=None, repr=False, compare=False)  # its (st_dev, st_ino, size)
 
@@ -70,8 +82,11 @@ class Shard:
         if self.fs is not None:
             f = self.fs.open_input_file(str(self.file))
             if f.size() != self.record["bytes"]:
-                raise ShardError(self.file, f"size {f.size()} != {self.record['bytes']} since it was verified (overwritten "
-                                            "by something other than a shard writer); open the shard again")
+                raise ShardError(
+                    self.file,
+                    f"size {f.size()} != {self.record['bytes']} since it was verified (overwritten "
+                    "by something other than a shard writer); open the shard again",
+                )
             return pq.ParquetFile(f)
         if self.source is None:  # unpickled: file handles do not travel, so reopen and check it is the same file
             f = open(self.file, "rb")
@@ -103,7 +118,9 @@ def _open_verified(fs, data: Path, record: dict, verify_checksum: bool, where) -
             raise ShardError(where, "listed by its commit record but the file is missing")
         size = fsmod.size(fs, str(data))
         if size != record.get("bytes"):
-            raise ShardError(where, f"size {size} != {record.get('bytes')} in the commit record (truncated or replaced)")
+            raise ShardError(
+                where, f"size {size} != {record.get('bytes')} in the commit record (truncated or replaced)"
+            )
         if verify_checksum:
             with fs.open_input_stream(str(data)) as f:
                 if _sha256(f) != record.get("sha256"):
@@ -116,7 +133,9 @@ def _open_verified(fs, data: Path, record: dict, verify_checksum: bool, where) -
     try:
         st = os.fstat(f.fileno())
         if st.st_size != record.get("bytes"):
-            raise ShardError(where, f"size {st.st_size} != {record.get('bytes')} in the commit record (truncated or replaced)")
+            raise ShardError(
+                where, f"size {st.st_size} != {record.get('bytes')} in the commit record (truncated or replaced)"
+            )
         if verify_checksum:
             if _sha256(f) != record.get("sha256"):
                 raise ShardError(where, "sha256 does not match the commit record (corrupt file)")
@@ -148,7 +167,10 @@ def open_shard(
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ShardError(rec_path, f"unreadable commit record ({e}); relabel its partition") from e
     if not isinstance(record, dict) or not RECORD_FIELDS <= set(record):
-        raise ShardError(rec_path, f"not a commit record (expected a JSON object with {sorted(RECORD_FIELDS)}); relabel its partition")
+        raise ShardError(
+            rec_path,
+            f"not a commit record (expected a JSON object with {sorted(RECORD_FIELDS)}); relabel its partition",
+        )
     # a record names its own file, or on object stores a writer-unique sibling; any other name
     # (a record copied from another key) is ignored, and the footer's cache key then disagrees
     data = path.with_name(record["file"]) if is_unique_data_name(path, record.get("file")) else path
@@ -192,17 +214,35 @@ def open_shard(
     # the checksum. Readers use the footer and accept the record only if it agrees.
     for field in ("rows", "tokens"):
         if record[field] != counts[field]:
-            raise ShardError(rec_path, f"field {field!r} is {record[field]!r} but the file holds {counts[field]} "
-                                       "(edited or foreign commit record); relabel its partition")
+            raise ShardError(
+                rec_path,
+                f"field {field!r} is {record[field]!r} but the file holds {counts[field]} "
+                "(edited or foreign commit record); relabel its partition",
+            )
     if record["meta"] != meta_dict:
         changed = sorted(k for k in set(meta_dict) | set(record["meta"]) if meta_dict.get(k) != record["meta"].get(k))
-        raise ShardError(rec_path, f"metadata field(s) {changed} differ from the file's footer (edited or foreign commit record); relabel its partition")
+        raise ShardError(
+            rec_path,
+            f"metadata field(s) {changed} differ from the file's footer (edited or foreign commit record); relabel its partition",
+        )
     for key, value in (expect or {}).items():
         got = getattr(meta, key)
         if got != value:
-            raise ShardError(path, f"field {key!r} is {got!r} but the run expects {value!r} (shard from another run or key)")
-    return Shard(path=path, record=record, meta=meta, encoding=encoding, id_table=table, fs=fs, counts=counts,
-                 file=data, source=source, pin=pin)
+            raise ShardError(
+                path, f"field {key!r} is {got!r} but the run expects {value!r} (shard from another run or key)"
+            )
+    return Shard(
+        path=path,
+        record=record,
+        meta=meta,
+        encoding=encoding,
+        id_table=table,
+        fs=fs,
+        counts=counts,
+        file=data,
+        source=source,
+        pin=pin,
+    )
 
 
 def _footer_counts(path: Path, pf: pq.ParquetFile) -> dict:
@@ -219,7 +259,7 @@ def _footer_counts(path: Path, pf: pq.ParquetFile) -> dict:
 def _flat(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
     col = table.column(name).combine_chunks()
     offsets = col.offsets.to_numpy()
-    return col.values.to_numpy(zero_copy_only=False)[offsets[0]:offsets[-1]], offsets - offsets[0]
+    return col.values.to_numpy(zero_copy_only=False)[offsets[0] : offsets[-1]], offsets - offsets[0]
 
 
 def decode_table(shard: Shard, table: pa.Table) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -227,13 +267,18 @@ def decode_table(shard: Shard, table: pa.Table) -> dict[str, tuple[np.ndarray, n
     k, enc = shard.meta.k, shard.encoding
     ids, id_off = _flat(table, "topk_ids")
     if ids.size and int(ids.max()) >= len(shard.id_table):
-        raise ShardError(shard.path, f"topk_ids holds remapped id {int(ids.max())} beyond the id table ({len(shard.id_table)})")
+        raise ShardError(
+            shard.path, f"topk_ids holds remapped id {int(ids.max())} beyond the id table ({len(shard.id_table)})"
+        )
     diffs, lp_off = _flat(table, "topk_logprob_codes")
     tail_codes, pos_off = _flat(table, "tail_mass_codes")
     target_codes, _ = _flat(table, "target_logprob_codes")
     n = len(tail_codes)
     if ids.size != n * k or diffs.size != n * k or target_codes.size != n:
-        raise ShardError(shard.path, f"label columns disagree in length ({ids.size}, {diffs.size}, {target_codes.size} for {n} positions, k={k})")
+        raise ShardError(
+            shard.path,
+            f"label columns disagree in length ({ids.size}, {diffs.size}, {target_codes.size} for {n} positions, k={k})",
+        )
     tail = codec.decode_tail(tail_codes, enc["tail_logit_min"], enc["tail_logit_step"])
     if enc.get("values") == "counts":  # sampled labels: draw counts
         draws = int(enc["draws"])
@@ -242,7 +287,10 @@ def decode_table(shard: Shard, table: pa.Table) -> dict[str, tuple[np.ndarray, n
         logprobs = codec.decode_counts(diffs.reshape(n, k), draws)
     else:
         codes_total = np.cumsum(diffs.reshape(n, k), axis=1, dtype=np.int32)
-        if n and (int(codes_total[:, -1].max()) > enc["logprob_levels"] + 1 or int(codes_total[:, 0].max()) > enc["logprob_levels"]):
+        if n and (
+            int(codes_total[:, -1].max()) > enc["logprob_levels"] + 1
+            or int(codes_total[:, 0].max()) > enc["logprob_levels"]
+        ):
             raise ShardError(shard.path, "topk_logprob_codes exceed the encoding's levels (corrupt or not sorted)")
         logprobs = codec.decode_topk_logprobs(diffs.reshape(n, k), tail, enc["logprob_levels"], enc["logprob_scale"])
     input_ids, in_off = _flat(table, "input_ids")
@@ -266,7 +314,7 @@ def decode_row_group(shard: Shard, table: pa.Table) -> list[dict]:
     for i in range(table.num_rows):
         row = {name: values[i] for name, values in scalars.items()}
         for name, (values, offsets) in cols.items():
-            row[name] = values[offsets[i]:offsets[i + 1]]
+            row[name] = values[offsets[i] : offsets[i + 1]]
         rows.append(row)
     return rows
 
@@ -276,7 +324,9 @@ def _candidate_rows(shard: Shard, table: pa.Table) -> list[dict]:
     for row in rows:
         c = len(row["candidates"])
         if c < 2 or len(row["candidate_ids"]) != c or len(row["teacher_logprobs"]) != c or not -1 <= row["answer"] < c:
-            raise ShardError(shard.path, f"example {row['doc_id']}: candidate columns disagree in length or answer out of range")
+            raise ShardError(
+                shard.path, f"example {row['doc_id']}: candidate columns disagree in length or answer out of range"
+            )
         row["teacher_logprobs"] = np.asarray(row["teacher_logprobs"], np.float32)
         row["candidate_scores"] = np.asarray(row["candidate_scores"], np.float32)
     return rows
@@ -339,7 +389,10 @@ class MixStream:
 
     def rows(self, start: MixPosition = MixPosition()) -> Iterator[tuple[dict, MixPosition]]:
         """Yield ``(row, position_after_row)`` forever, starting at ``start``."""
-        main_rows, extra_rows = self.main.rows(start.main), self.extra.rows(start.extra)  # lazy: a stream never drawn is never read
+        main_rows, extra_rows = (
+            self.main.rows(start.main),
+            self.extra.rows(start.extra),
+        )  # lazy: a stream never drawn is never read
         index, main_pos, extra_pos = start.index, start.main, start.extra
         while True:
             if self.takes_extra(index):
@@ -428,7 +481,9 @@ class ShardStream:
         order = self._order(epoch)
         return min(sum(self._unit_rows[u] for u in order[r :: self.world_size]) for r in range(self.world_size))
 
-    def rows(self, start: StreamPosition = StreamPosition(), epochs: int | None = None) -> Iterator[tuple[dict, StreamPosition]]:
+    def rows(
+        self, start: StreamPosition = StreamPosition(), epochs: int | None = None
+    ) -> Iterator[tuple[dict, StreamPosition]]:
         """Yield ``(row, position_after_row)`` forever (or for ``epochs``), starting at ``start``."""
         epoch = start.epoch
         unit_i, row_i = start.unit, start.row
@@ -438,8 +493,10 @@ class ShardStream:
             if not units:
                 raise ValueError(f"rank {self.rank} of {self.world_size} has no row groups to read")
             if unit_i % self.units_per_chunk:
-                raise ValueError(f"stream position unit {unit_i} is not the start of a chunk of {self.units_per_chunk} "
-                                 "units: resume with the shuffle_buffer the position was saved with")
+                raise ValueError(
+                    f"stream position unit {unit_i} is not the start of a chunk of {self.units_per_chunk} "
+                    "units: resume with the shuffle_buffer the position was saved with"
+                )
             quota = self.rows_per_epoch(epoch)
             done = sum(self._unit_rows[u] for u in units[:unit_i])  # rows of the chunks before this one
             while unit_i < len(units) and done < quota:
@@ -456,7 +513,11 @@ class ShardStream:
                 end = min(len(index), quota - done)
                 for j in range(row_i, end):
                     t, r = index[order[j]]
-                    row = decoded[r] if decoded is not None else decode_row_group(tables[t][0], tables[t][1].slice(r, 1))[0]
+                    row = (
+                        decoded[r]
+                        if decoded is not None
+                        else decode_row_group(tables[t][0], tables[t][1].slice(r, 1))[0]
+                    )
                     if j + 1 < end:
                         nxt = StreamPosition(epoch, unit_i, j + 1)
                     elif end < len(index) or done + end >= quota:
@@ -486,7 +547,9 @@ def shard_stats(shard: Shard) -> dict:
         if lp.size:
             mass_sum += float(np.exp(lp.astype(np.float64)).sum())
             max_logprob = max(max_logprob, float(lp.max()))
-            unsorted += int((np.diff(np.where(np.isneginf(lp), -1e30, lp), axis=1) > 1e-6).any(axis=1).sum())  # -inf: padding
+            unsorted += int(
+                (np.diff(np.where(np.isneginf(lp), -1e30, lp), axis=1) > 1e-6).any(axis=1).sum()
+            )  # -inf: padding
     return {
         "rows": rows,
         "tokens": tokens,
@@ -506,5 +569,10 @@ def _candidate_stats(shard: Shard, pf: pq.ParquetFile) -> dict:
             lp = row["teacher_logprobs"].astype(np.float64)
             max_logprob = max(max_logprob, float(lp.max()))
             unnormalized += abs(np.exp(lp).sum() - 1.0) > 1e-3
-    return {"rows": rows, "tokens": rows, "mean_topk_mass": 1.0 if rows else float("nan"),
-            "max_logprob": max_logprob, "unsorted_positions": unnormalized}
+    return {
+        "rows": rows,
+        "tokens": rows,
+        "mean_topk_mass": 1.0 if rows else float("nan"),
+        "max_logprob": max_logprob,
+        "unsorted_positions": unnormalized,
+    }

@@ -12,6 +12,7 @@ only response tokens are labelled) plus the prompt and response text. ``candidat
 one example each: the prompt, its candidate answers (text and ids), the gold index (-1: none)
 and the teacher's normalized log-distribution over the candidates (no per-token columns).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -89,14 +90,20 @@ def _schema(vocab_size: int, mode: str, label_fields: list[tuple[str, pa.DataTyp
 def arrow_schema(vocab_size: int, mode: str = "score") -> pa.Schema:
     """The stored (encoded) columns; see ``storage.codec`` for the encodings. Stored
     ``topk_ids`` are remapped by the shard's id table."""
-    return _schema(vocab_size, mode, [("topk_logprob_codes", pa.uint8()), ("target_logprob_codes", pa.uint16()),
-                                      ("tail_mass_codes", pa.uint16())])
+    return _schema(
+        vocab_size,
+        mode,
+        [("topk_logprob_codes", pa.uint8()), ("target_logprob_codes", pa.uint16()), ("tail_mass_codes", pa.uint16())],
+    )
 
 
 def decoded_schema(vocab_size: int, mode: str = "score") -> pa.Schema:
     """Plain columns (float32 logprobs, original ids): the writer's input, the export format."""
-    return _schema(vocab_size, mode, [("topk_logprobs", pa.float32()), ("target_logprobs", pa.float32()),
-                                      ("tail_mass", pa.float32())])
+    return _schema(
+        vocab_size,
+        mode,
+        [("topk_logprobs", pa.float32()), ("target_logprobs", pa.float32()), ("tail_mass", pa.float32())],
+    )
 
 
 def sampled_draws(meta: "ShardMeta") -> int:

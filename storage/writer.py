@@ -35,6 +35,7 @@ folder several nodes share, stale-temporary cleanup judges only this host's writ
 (``remove_stale_temporaries``). A failure to write raises ``ShardWriteError`` naming the shard,
 the store and the operation, after the writer removed its temporaries and local scratch.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -59,7 +60,19 @@ import pyarrow.parquet as pq
 
 from storage import codec
 from storage import fs as fsmod
-from storage.schema import COUNTS_KEY, ENCODING_KEY, ID_TABLE_KEY, METADATA_KEY, ROW_GROUP_ROWS, ZSTD_LEVEL, ShardMeta, arrow_schema, sampled_draws, decoded_schema, text_columns
+from storage.schema import (
+    COUNTS_KEY,
+    ENCODING_KEY,
+    ID_TABLE_KEY,
+    METADATA_KEY,
+    ROW_GROUP_ROWS,
+    ZSTD_LEVEL,
+    ShardMeta,
+    arrow_schema,
+    decoded_schema,
+    sampled_draws,
+    text_columns,
+)
 
 RECORD_SUFFIX = ".json"
 TMP_MARK = ".tmp-"
@@ -77,7 +90,11 @@ def unique_data_path(shard_path: Path) -> Path:
 
 def is_unique_data_name(shard_path: Path, name: object) -> bool:
     """Whether ``name`` is one of ``shard_path``'s writer-unique names (what a record may name)."""
-    return isinstance(name, str) and re.fullmatch(rf"{re.escape(shard_path.stem)}\.[0-9a-f]{{32}}{re.escape(shard_path.suffix)}", name) is not None
+    return (
+        isinstance(name, str)
+        and re.fullmatch(rf"{re.escape(shard_path.stem)}\.[0-9a-f]{{32}}{re.escape(shard_path.suffix)}", name)
+        is not None
+    )
 
 
 ABANDONED_AFTER_S = 7 * 24 * 3600
@@ -187,8 +204,11 @@ def _hint(cause: BaseException, store: str, remote: bool) -> str:
         where = f"the local scratch folder ({tempfile.gettempdir()}, set TMPDIR to move it)" if remote else store
         return f"; free space (or raise the quota or file-size limit) on {where} and label again"
     status = getattr(cause, "response", None) or {}
-    if status.get("Error", {}).get("Code") in ("AccessDenied", "403") or status.get("ResponseMetadata", {}).get("HTTPStatusCode") == 403 \
-            or "ACCESS_DENIED" in str(cause):
+    if (
+        status.get("Error", {}).get("Code") in ("AccessDenied", "403")
+        or status.get("ResponseMetadata", {}).get("HTTPStatusCode") == 403
+        or "ACCESS_DENIED" in str(cause)
+    ):
         return f"; check that these credentials may write (s3:PutObject) under {store}"
     if code in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"; check that this process may write under {store}"
@@ -214,10 +234,17 @@ def _list_array(values: list, value_type: pa.DataType) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(flat, value_type))
 
 
-def _parquet_writer(path: Path, schema: pa.Schema, level: int, byte_stream_split: list[str] | bool = False) -> pq.ParquetWriter:
+def _parquet_writer(
+    path: Path, schema: pa.Schema, level: int, byte_stream_split: list[str] | bool = False
+) -> pq.ParquetWriter:
     return pq.ParquetWriter(
-        path, schema, compression="zstd", compression_level=level, use_dictionary=["doc_id"],
-        use_byte_stream_split=byte_stream_split, write_statistics=["doc_id", "window_index", "label_start"],
+        path,
+        schema,
+        compression="zstd",
+        compression_level=level,
+        use_dictionary=["doc_id"],
+        use_byte_stream_split=byte_stream_split,
+        write_statistics=["doc_id", "window_index", "label_start"],
         store_schema=False,  # Parquet logical types carry the schema; the Arrow copy would duplicate the id table
     )
 
@@ -229,8 +256,14 @@ class ShardWriter:
     commits nothing.
     """
 
-    def __init__(self, path: str | os.PathLike, meta: ShardMeta, row_group_rows: int = ROW_GROUP_ROWS, fs=None,
-                 store: str | None = None):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        meta: ShardMeta,
+        row_group_rows: int = ROW_GROUP_ROWS,
+        fs=None,
+        store: str | None = None,
+    ):
         """``fs``: a ``pyarrow.fs`` filesystem for object stores (``path`` is then its path);
         None writes locally. Remote shards are built in a local temporary folder and uploaded
         whole, then the commit record is uploaded last. ``store``: how errors name the store
@@ -251,7 +284,9 @@ class ShardWriter:
         self._raw = None
         self._scratch = None
         self._raw_path = self._tmp = None
-        self._step = f"creating the shard's folder {self.path.parent}" if fs is None else "creating a local scratch folder"
+        self._step = (
+            f"creating the shard's folder {self.path.parent}" if fs is None else "creating a local scratch folder"
+        )
         try:
             if fs is None:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -290,7 +325,12 @@ class ShardWriter:
         n = len(row["target_logprobs"])
         where = f"{self.path.name}: row {row['doc_id']}#{row['window_index']}"
         expected = len(row["input_ids"]) - 1 - int(row["label_start"])
-        if n != expected or len(row["tail_mass"]) != n or len(row["topk_ids"]) != n * k or len(row["topk_logprobs"]) != n * k:
+        if (
+            n != expected
+            or len(row["tail_mass"]) != n
+            or len(row["topk_ids"]) != n * k
+            or len(row["topk_logprobs"]) != n * k
+        ):
             raise ValueError(
                 f"{where} has inconsistent lengths (input_ids={len(row['input_ids'])}, label_start={row['label_start']}, "
                 f"target_logprobs={n}, topk_ids={len(row['topk_ids'])}, k={k})"
@@ -301,12 +341,24 @@ class ShardWriter:
         lp = np.asarray(row["topk_logprobs"], np.float32).reshape(n, k)
         if self.draws:  # sampled labels: log(count / draws), -inf for unused slots
             counts = np.exp(lp.astype(np.float64)) * self.draws
-            if n and (np.abs(counts - np.rint(counts)).max() > 1e-3 or (np.rint(counts).sum(axis=1) > self.draws).any()
-                      or (np.diff(counts, axis=1) > 1e-3).any()):
-                raise ValueError(f"{where}: sampled topk_logprobs must be log(count / {self.draws}) of at most {self.draws} draws, most drawn first")
-        elif n and (not np.isfinite(lp[:, 0]).all() or np.isnan(lp).any() or np.isposinf(lp).any() or lp.max() > 1e-4
-                    or (np.diff(np.where(np.isneginf(lp), -1e30, lp), axis=1) > 1e-5).any()):
-            raise ValueError(f"{where}: topk_logprobs must be <= 0 and sorted descending, finite but for trailing -inf padding")
+            if n and (
+                np.abs(counts - np.rint(counts)).max() > 1e-3
+                or (np.rint(counts).sum(axis=1) > self.draws).any()
+                or (np.diff(counts, axis=1) > 1e-3).any()
+            ):
+                raise ValueError(
+                    f"{where}: sampled topk_logprobs must be log(count / {self.draws}) of at most {self.draws} draws, most drawn first"
+                )
+        elif n and (
+            not np.isfinite(lp[:, 0]).all()
+            or np.isnan(lp).any()
+            or np.isposinf(lp).any()
+            or lp.max() > 1e-4
+            or (np.diff(np.where(np.isneginf(lp), -1e30, lp), axis=1) > 1e-5).any()
+        ):
+            raise ValueError(
+                f"{where}: topk_logprobs must be <= 0 and sorted descending, finite but for trailing -inf padding"
+            )
         np.add.at(self._id_counts, ids, 1)
         self._buffer.append(row)
         self.rows += 1
@@ -317,7 +369,12 @@ class ShardWriter:
     def _check_candidates(self, row: Mapping[str, object]) -> None:
         where = f"{self.path.name}: example {row['doc_id']}"
         c = len(row["candidates"])
-        if c < 2 or len(row["candidate_ids"]) != c or len(row["candidate_scores"]) != c or len(row["teacher_logprobs"]) != c:
+        if (
+            c < 2
+            or len(row["candidate_ids"]) != c
+            or len(row["candidate_scores"]) != c
+            or len(row["teacher_logprobs"]) != c
+        ):
             raise ValueError(f"{where}: needs >= 2 candidates with one id list, score and logprob each (got {c})")
         if not -1 <= int(row["answer"]) < c:
             raise ValueError(f"{where}: answer {row['answer']} is not -1 or an index into {c} candidates")
@@ -352,7 +409,9 @@ class ShardWriter:
         cols = {}
         for field in self._raw_schema:
             values = [r[field.name] for r in self._buffer]
-            fast = pa.types.is_list(field.type) and (pa.types.is_integer(field.type.value_type) or pa.types.is_floating(field.type.value_type))
+            fast = pa.types.is_list(field.type) and (
+                pa.types.is_integer(field.type.value_type) or pa.types.is_floating(field.type.value_type)
+            )
             cols[field.name] = _list_array(values, field.type.value_type) if fast else pa.array(values, field.type)
         self._raw.write_table(pa.Table.from_pydict(cols, schema=self._raw_schema))
         self._buffer.clear()
@@ -368,7 +427,9 @@ class ShardWriter:
         n = len(tail.values)
         ids = codec.remap_ids(topk.values.to_numpy().astype(np.int64), table, self.meta.vocab_size)
         values = lps.values.to_numpy().reshape(n, k)
-        codes = (codec.encode_counts(values, self.draws) if self.draws else codec.encode_topk_logprobs(values)).reshape(-1)
+        codes = (codec.encode_counts(values, self.draws) if self.draws else codec.encode_topk_logprobs(values)).reshape(
+            -1
+        )
         id_t = arrow_schema(self.meta.vocab_size).field("topk_ids").type.value_type
         return pa.table(
             {
@@ -379,8 +440,12 @@ class ShardWriter:
                 **{name: raw.column(name) for name in text_columns(self.meta.mode)},
                 "topk_ids": pa.ListArray.from_arrays(topk.offsets, pa.array(ids, id_t)),
                 "topk_logprob_codes": pa.ListArray.from_arrays(lps.offsets, pa.array(codes, pa.uint8())),
-                "target_logprob_codes": pa.ListArray.from_arrays(target.offsets, pa.array(codec.encode_target(target.values.to_numpy()), pa.uint16())),
-                "tail_mass_codes": pa.ListArray.from_arrays(tail.offsets, pa.array(codec.encode_tail(tail.values.to_numpy()), pa.uint16())),
+                "target_logprob_codes": pa.ListArray.from_arrays(
+                    target.offsets, pa.array(codec.encode_target(target.values.to_numpy()), pa.uint16())
+                ),
+                "tail_mass_codes": pa.ListArray.from_arrays(
+                    tail.offsets, pa.array(codec.encode_tail(tail.values.to_numpy()), pa.uint16())
+                ),
             },
             schema=self.schema_without_metadata,
         )
@@ -410,13 +475,17 @@ class ShardWriter:
     def _encode_and_commit(self) -> tuple[dict | None, dict]:
         table = codec.id_table(self._id_counts)
         encoding = {
-            "logprob_levels": codec.LOGPROB_LEVELS, "logprob_scale": codec.LOGPROB_SCALE,
-            "target_step": codec.TARGET_STEP, "tail_logit_min": codec.TAIL_LOGIT_MIN,
-            "tail_logit_step": codec.TAIL_LOGIT_STEP, "id_table_size": len(table),
+            "logprob_levels": codec.LOGPROB_LEVELS,
+            "logprob_scale": codec.LOGPROB_SCALE,
+            "target_step": codec.TARGET_STEP,
+            "tail_logit_min": codec.TAIL_LOGIT_MIN,
+            "tail_logit_step": codec.TAIL_LOGIT_STEP,
+            "id_table_size": len(table),
             **({"values": "counts", "draws": self.draws} if self.draws else {}),
         }
         footer = {
-            METADATA_KEY: self.meta.to_json().encode(), ENCODING_KEY: json.dumps(encoding).encode(),
+            METADATA_KEY: self.meta.to_json().encode(),
+            ENCODING_KEY: json.dumps(encoding).encode(),
             ID_TABLE_KEY: codec.pack_table(table, self.meta.vocab_size),
             COUNTS_KEY: json.dumps({"rows": self.rows, "tokens": self.tokens}).encode(),
         }
@@ -424,7 +493,9 @@ class ShardWriter:
         self._step = f"reading the temporary file {self._raw_path}"
         raw = pq.ParquetFile(self._raw_path)
         self._step = f"encoding the shard into the temporary file {self._tmp}"
-        out = _parquet_writer(self._tmp, schema, ZSTD_LEVEL, byte_stream_split=["topk_ids.list.element", "tail_mass_codes.list.element"])
+        out = _parquet_writer(
+            self._tmp, schema, ZSTD_LEVEL, byte_stream_split=["topk_ids.list.element", "tail_mass_codes.list.element"]
+        )
         try:
             out.add_key_value_metadata(footer)
             for rg in range(raw.metadata.num_row_groups):
@@ -553,8 +624,10 @@ def _read_winner(fs, rec: str | os.PathLike) -> dict:
     try:
         return json.loads(fsmod.read_bytes(fs, str(rec)))
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"{rec}: another writer committed this key first, but its record was removed "
-                                "(found invalid) before it could be read; label the shard again") from e
+        raise FileNotFoundError(
+            f"{rec}: another writer committed this key first, but its record was removed "
+            "(found invalid) before it could be read; label the shard again"
+        ) from e
 
 
 def _lock_path(shard_path: Path) -> Path:

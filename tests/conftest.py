@@ -1,5 +1,6 @@
 """Shared fixtures: the bundled teacher (converted once into the repo's data folder), a tiny run
 config, and one real vLLM engine for every test that needs it."""
+
 from __future__ import annotations
 
 import os
@@ -51,7 +52,7 @@ def pytest_configure(config):
 def pytest_sessionfinish(session, exitstatus):
     """The suite must end with no process of its own alive: anything started by a test (engine,
     server, torchrun) that is still running is ended here and fails the run, named."""
-    from distill.pipeline import close_engines
+    from distill.run.pipeline import close_engines
 
     close_engines()
     left = wait_until_gone(SESSION_ENV, SESSION_MARK, timeout=30, exclude=_exempt())
@@ -62,8 +63,11 @@ def pytest_sessionfinish(session, exitstatus):
         end_processes(left)
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
         if reporter is not None:
-            reporter.write_line(f"FAILED: the test session left {len(left)} process(es) running (now ended): {names}", red=True)
+            reporter.write_line(
+                f"FAILED: the test session left {len(left)} process(es) running (now ended): {names}", red=True
+            )
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_K = 8
@@ -83,7 +87,13 @@ def tiny_config_path(tmp_path_factory, teacher_dir) -> Path:
     config = {
         "storage_root": str(root / "data"),
         "teacher": {"model": str(teacher_dir), "k": TINY_K},
-        "corpus": {"max_documents": 10, "window": TINY_WINDOW, "train_shards": 2, "heldout_shards": 1, "heldout_fraction": 0.25},
+        "corpus": {
+            "max_documents": 10,
+            "window": TINY_WINDOW,
+            "train_shards": 2,
+            "heldout_shards": 1,
+            "heldout_fraction": 0.25,
+        },
         "train": {"steps": 3, "batch_size": 4, "progress": False},
         "eval": {"max_windows": 12, "mc_file": str(REPO / "examples" / "python_mc.jsonl")},
     }
@@ -114,8 +124,12 @@ def mode_config(tiny_config, mode: str, **teacher):
     import dataclasses
 
     source = {"generate": "prompts.jsonl", "candidates": "candidates.jsonl"}[mode]
-    corpus = dataclasses.replace(tiny_config.corpus, source=str(REPO / "examples" / source), id_column="id", max_documents=12)
-    return dataclasses.replace(tiny_config, teacher=dataclasses.replace(tiny_config.teacher, mode=mode, **teacher), corpus=corpus)
+    corpus = dataclasses.replace(
+        tiny_config.corpus, source=str(REPO / "examples" / source), id_column="id", max_documents=12
+    )
+    return dataclasses.replace(
+        tiny_config, teacher=dataclasses.replace(tiny_config.teacher, mode=mode, **teacher), corpus=corpus
+    )
 
 
 class SessionEngine:
@@ -127,7 +141,7 @@ class SessionEngine:
         self._cfg = cfg
 
     def current(self):
-        from distill import pipeline
+        from distill.run import pipeline
 
         return pipeline.get_engine(self._cfg)
 
@@ -138,7 +152,7 @@ class SessionEngine:
 @pytest.fixture(scope="session")
 def engine(tiny_config):
     """The one vLLM engine of the test session (the graph test reuses it through the same key)."""
-    from distill import pipeline
+    from distill.run import pipeline
 
     eng = SessionEngine(tiny_config)
     eng.current()

@@ -4,6 +4,7 @@ path (SIGTERM, then SIGKILL of the whole group), and a census of what the suite 
 Every process the suite starts inherits ``SESSION_ENV`` in its environment (set by conftest),
 so the census finds them even after they were re-parented to init.
 """
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """The benchmarks' interleaved timing: the order alternates, ratios pair runs of one round."""
+
 from __future__ import annotations
 
 import pytest
@@ -9,7 +10,7 @@ from benchmarks.timing import interleave, paired_ratios, summary
 def test_interleave_reverses_the_order_every_other_round():
     order: list[str] = []
     seconds = interleave({name: (lambda name=name: order.append(name)) for name in "abc"}, repeats=4)
-    assert order == list("abc" "cba" "abc" "cba")
+    assert order == list("abccbaabccba")
     assert {name: len(s) for name, s in seconds.items()} == {"a": 4, "b": 4, "c": 4}
     assert all(s >= 0 for runs in seconds.values() for s in runs)
     with pytest.raises(ValueError, match="repeats=0"):

@@ -4,6 +4,7 @@ seconds with one clear line, before creating a venv or installing anything.
 The GPU path itself needs a CUDA machine (``make gpu-check`` there); the tests with
 ``CUDA_VISIBLE_DEVICES=""`` run on one too, since that hides every device.
 """
+
 from __future__ import annotations
 
 import os
@@ -32,8 +33,12 @@ def gpu_present() -> bool:
     return out.returncode == 0 and any(line.startswith("GPU ") for line in out.stdout.splitlines())
 
 
-no_gpu_here = pytest.mark.skipif(gpu_present(), reason="a GPU is visible here: make gpu-check would run the check for real")
-needs_make = pytest.mark.skipif(shutil.which("make") is None or shutil.which("python3") is None, reason="needs make and python3 on PATH")
+no_gpu_here = pytest.mark.skipif(
+    gpu_present(), reason="a GPU is visible here: make gpu-check would run the check for real"
+)
+needs_make = pytest.mark.skipif(
+    shutil.which("make") is None or shutil.which("python3") is None, reason="needs make and python3 on PATH"
+)
 
 
 @pytest.fixture
@@ -81,7 +86,9 @@ def test_gpu_check_has_no_prerequisites():
     env = {k: v for k, v in os.environ.items() if k not in ("CONFIG", "GPU_CHECK_ARGS", "MAKEFLAGS")}
     out = run_group(["make", "--no-print-directory", "-n", "gpu-check"], timeout=60, cwd=REPO, env=env)
     assert out.returncode == 0, out.stderr
-    assert [line.strip() for line in out.stdout.splitlines()] == ["bash benchmarks/gpu_check.sh --config configs/demo.yaml"], out.stdout
+    assert [line.strip() for line in out.stdout.splitlines()] == [
+        "bash benchmarks/gpu_check.sh --config configs/demo.yaml"
+    ], out.stdout
 
 
 @no_gpu_here
@@ -94,7 +101,9 @@ def test_make_gpu_check_fails_fast_without_gpu(no_install_env):
     out, seconds = run_timed(["make", "--no-print-directory", "gpu-check"], env)
     assert_fails_fast(out, seconds, marker, venv_existed)
     assert f"Error {NO_GPU}" in out.stderr  # make reports the wrapper's own status
-    assert (stamp.stat().st_mtime if stamp.exists() else None) == stamp_before, "make gpu-check touched the .venv install"
+    assert (stamp.stat().st_mtime if stamp.exists() else None) == stamp_before, (
+        "make gpu-check touched the .venv install"
+    )
 
 
 @no_gpu_here
@@ -113,7 +122,9 @@ def test_hidden_gpus_fail_fast(no_install_env, how):
     env, marker = no_install_env
     env["CUDA_VISIBLE_DEVICES"] = ""
     venv_existed = (REPO / ".venv-gpu").exists()
-    cmd = ["make", "--no-print-directory", "gpu-check"] if how == "make" else [sys.executable, "benchmarks/gpu_check.py"]
+    cmd = (
+        ["make", "--no-print-directory", "gpu-check"] if how == "make" else [sys.executable, "benchmarks/gpu_check.py"]
+    )
     out, seconds = run_timed(cmd, env)
     assert_fails_fast(out, seconds, marker, venv_existed)
     assert "CUDA_VISIBLE_DEVICES" in out.stderr

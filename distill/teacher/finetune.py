@@ -7,6 +7,7 @@ ordinary safetensors checkpoint folder with the base model's tokenizer files, un
 ``<root>/models/finetuned-<key>``; the key covers the base weights, the training windows'
 fingerprints, these settings and this module's source, so it is built once and reused.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,31 +21,9 @@ from typing import Sequence
 
 import numpy as np
 
-from distill.configbase import check
+from distill.teacher.config import FinetuneConfig
 
 FINETUNE_INFO = "finetune.json"
-
-
-@dataclasses.dataclass(frozen=True)
-class FinetuneConfig:
-    """``teacher.models[i].finetune``: how the member is adapted to the training split."""
-
-    steps: int = 100
-    """Optimizer steps (each ``batch_size`` windows; the windows are cycled in a seeded order)."""
-    lr: float = 2.0e-5
-    """Peak AdamW learning rate: linear warmup over the first 10% of steps, cosine to 10% of it."""
-    batch_size: int = 8
-    """Windows per step."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    seed: int = 0
-    """Seed of the window order."""
-
-    def __post_init__(self):
-        check(self.steps >= 1, "steps", self.steps, "an integer >= 1")
-        check(self.lr > 0, "lr", self.lr, "a number > 0")
-        check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
-        check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
 
 
 def lr_at(step: int, cfg: FinetuneConfig) -> float:
@@ -68,7 +47,9 @@ def _batches(windows: Sequence[tuple[list[int], int]], cfg: FinetuneConfig):
         yield batch
 
 
-def finetune(base_dir: Path, windows: Sequence[tuple[list[int], int]], cfg: FinetuneConfig, out: Path, progress: bool = True) -> dict:
+def finetune(
+    base_dir: Path, windows: Sequence[tuple[list[int], int]], cfg: FinetuneConfig, out: Path, progress: bool = True
+) -> dict:
     """Fine-tune the checkpoint in ``base_dir`` on ``windows`` ((token ids, label start) pairs:
     the loss covers the tokens after ``label_start``) and save it to ``out`` atomically (a
     temporary folder renamed into place). Returns the run's summary (also in ``out/finetune.json``)."""
@@ -89,20 +70,24 @@ def finetune(base_dir: Path, windows: Sequence[tuple[list[int], int]], cfg: Fine
     losses = []
     t0 = time.perf_counter()
     tokens = 0
-    for step, batch in enumerate(tqdm(_batches(windows, cfg), total=cfg.steps, desc=f"fine-tune {base_dir.name}", disable=not progress)):
+    for step, batch in enumerate(
+        tqdm(_batches(windows, cfg), total=cfg.steps, desc=f"fine-tune {base_dir.name}", disable=not progress)
+    ):
         T = max(len(ids) for ids, _ in batch)
         input_ids = torch.zeros(len(batch), T, dtype=torch.long)
         attention = torch.zeros(len(batch), T, dtype=torch.long)
         labels = torch.full((len(batch), T), -100, dtype=torch.long)
         for b, (ids, start) in enumerate(batch):
-            input_ids[b, :len(ids)] = torch.as_tensor(ids)
-            attention[b, :len(ids)] = 1
-            labels[b, start + 1:len(ids)] = torch.as_tensor(ids[start + 1:])  # predicted after label_start
+            input_ids[b, : len(ids)] = torch.as_tensor(ids)
+            attention[b, : len(ids)] = 1
+            labels[b, start + 1 : len(ids)] = torch.as_tensor(ids[start + 1 :])  # predicted after label_start
         tokens += int((labels != -100).sum())
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = model(input_ids=input_ids.to(device), attention_mask=attention.to(device), labels=labels.to(device)).loss
+            loss = model(
+                input_ids=input_ids.to(device), attention_mask=attention.to(device), labels=labels.to(device)
+            ).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -110,9 +95,16 @@ def finetune(base_dir: Path, windows: Sequence[tuple[list[int], int]], cfg: Fine
         losses.append(float(loss.detach()))
         if not math.isfinite(losses[-1]):
             raise FloatingPointError(f"fine-tuning {base_dir}: loss is {losses[-1]} at step {step}; lower finetune.lr")
-    summary = {"base": str(base_dir), "settings": dataclasses.asdict(cfg), "windows": len(windows), "tokens": tokens,
-               "first_loss": losses[0], "final_loss": float(np.mean(losses[-max(1, len(losses) // 10):])),
-               "seconds": time.perf_counter() - t0, "device": device.type}
+    summary = {
+        "base": str(base_dir),
+        "settings": dataclasses.asdict(cfg),
+        "windows": len(windows),
+        "tokens": tokens,
+        "first_loss": losses[0],
+        "final_loss": float(np.mean(losses[-max(1, len(losses) // 10) :])),
+        "seconds": time.perf_counter() - t0,
+        "device": device.type,
+    }
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         model.to("cpu").save_pretrained(tmp, safe_serialization=True)

@@ -3,6 +3,7 @@
 A shard's content key covers everything its labels depend on; a committed key is reused with
 no teacher work at all (not even an engine start: engines are created lazily).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,162 +16,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
-from distill.configbase import check
-from distill.teacher.checkpoint import BUNDLED
-from distill.teacher.ensemble import TeacherMember
-from distill.teacher.vllm_engine import EngineConfig
+from distill.teacher.config import SAMPLERS, SampledLabelsConfig, TeacherConfig
 from storage.cache import LabelStore, content_key
 from storage.schema import SCHEMA_VERSION, ShardMeta
 
 LABEL_CODE_VERSION = "labels-3"
-MODES = ("score", "generate", "candidates")
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingConfig:
-    """How the teacher answers prompts in ``generate`` mode (vLLM sampling parameters)."""
-
-    n: int = 1
-    """Answers sampled per prompt."""
-    temperature: float = 0.7
-    """Sampling temperature (0: greedy). Stored labels are always the raw, temperature-1 distributions."""
-    top_p: float = 0.95
-    """Nucleus sampling threshold."""
-    max_tokens: int = 256
-    """Longest answer, in tokens (also capped by ``corpus.window`` minus the prompt)."""
-    seed: int = 0
-    """Base seed; each prompt's answers are seeded from it and the prompt's id."""
-
-    def __post_init__(self):
-        check(self.n >= 1, "n", self.n, "an integer >= 1")
-        check(self.temperature >= 0, "temperature", self.temperature, "a number >= 0")
-        check(self.n == 1 or self.temperature > 0, "n", self.n, "1 when temperature is 0 (greedy answers are identical)")
-        check(0 < self.top_p <= 1, "top_p", self.top_p, "a number in (0, 1]")
-        check(self.max_tokens >= 1, "max_tokens", self.max_tokens, "an integer >= 1")
-
-
-SAMPLERS = ("systematic", "multinomial")
-
-
-@dataclasses.dataclass(frozen=True)
-class SampledLabelsConfig:
-    """``teacher.labels: sampled``: how many ids to draw per position, and from what."""
-
-    draws: int = 80
-    """Ids drawn (with replacement) from the teacher's distribution at every position; the
-    shard stores each distinct drawn id once with its count, in ``draws`` slots (unused slots
-    compress to almost nothing). The target's variance falls as 1/draws (``multinomial``), and
-    for the head faster (``systematic``). 80 systematic draws from the top-2048 take about 58
-    bytes per labelled token against top-32's 63 (64 draws: 50), and closed 0.983 (demo) and
-    0.993 (stdlib docstrings) of the full-vocabulary KD gain against 0.978 and 0.992 with 64;
-    ``benchmarks/trainer.py --draws N`` measures another budget."""
-    proposal_k: int = 2048
-    """The teacher distribution is read as its top ``proposal_k`` logprobs plus the remaining
-    tail mass (vLLM cannot return the full vocabulary cheaply). A draw that lands in the tail
-    is stored as tail mass, not as an id: the tail beyond ``proposal_k`` is the sampler's only
-    bias, and it decides how close the student gets to full-vocabulary KD. With the 135M
-    teacher on the standard-library docstrings the tail holds 5.5% of the mass beyond 256 ids,
-    1.0% beyond 2048 and 0.4% beyond 4096 (a larger, more confident teacher leaves less);
-    reading 2048 instead of 256 logprobs made CPU labelling ~20% slower, 4096 ~65%. That extra
-    cost is host-side (vLLM hands back ``proposal_k`` logprobs per position as Python lists), so
-    expect it to weigh more next to a fast accelerator (not measured on a GPU yet): lower it when
-    labelling throughput matters more than the last percent of the KD gain."""
-    sampler: str = "systematic"
-    """How the ``draws`` are placed: ``systematic`` (one uniform offset per position, then
-    evenly spaced points on the teacher's cumulative distribution: every id gets
-    ``floor(draws * p)`` or ``ceil(draws * p)`` draws, so the head's share is almost exact and
-    only the low-probability ids are left to chance) or ``multinomial`` (independent draws, the
-    random-sampling KD of Anshumann et al., ACL 2025). Both targets have expectation ``p`` on
-    every id; systematic's error is at most ``1 / draws`` per id, multinomial's about
-    ``sqrt(p / draws)``."""
-    seed: int = 0
-    """Base seed; each window's draws are seeded from it, the document id and window index."""
-
-    def __post_init__(self):
-        check(1 <= self.draws <= 255, "draws", self.draws, "an integer in [1, 255] (counts are stored as uint8)")
-        check(1 <= self.proposal_k <= 4096, "proposal_k", self.proposal_k, "an integer in [1, 4096]")
-        check(self.sampler in SAMPLERS, "sampler", self.sampler, " or ".join(SAMPLERS))
-
-
-LABEL_KINDS = ("topk", "sampled")
-
-
-@dataclasses.dataclass(frozen=True)
-class TeacherConfig:
-    model: str = BUNDLED
-    """Local checkpoint folder, hub id, or ``bundled:smollm2-135m-instruct``."""
-    k: int = 32
-    """Top-k entries stored per labelled position."""
-    mode: str = "score"
-    """Labelling mode: ``score`` (teacher-forced top-k over corpus text), ``generate`` (the teacher answers prompts; top-k labels of every answer token) or ``candidates`` (the teacher's distribution over each example's candidate answers)."""
-    sampling: SamplingConfig = SamplingConfig()
-    """``generate`` mode: answers per prompt, temperature, top-p, max tokens."""
-    length_normalize: bool = False
-    """``candidates`` mode: score a candidate by its mean instead of summed token logprob."""
-    engine: EngineConfig = EngineConfig()
-    """vLLM engine settings."""
-    min_topk_mass: float = 0.5
-    """Asset check (warning): mean teacher probability inside the stored top-k must reach this; raise k if it does not."""
-    labels: str = "topk"
-    """What the train shards store per position: ``topk`` (the teacher's k most likely ids and
-    their logprobs, plus the tail mass) or ``sampled`` (ids drawn from the teacher's distribution
-    with their counts; Anshumann et al., ACL 2025, "Sparse Logit Sampling"). Top-k targets are
-    biased: the student learns a distribution truncated at k and comes out overconfident.
-    Sampled targets equal the teacher's probabilities in expectation on the proposal's ids, so
-    with forward KL and ``train.tail: bucket`` at temperature 1 the gradient on those ids is an
-    unbiased estimate of the full-vocabulary one (tested); the bucket is not (with
-    ``proposal_k`` below the vocabulary, mass beyond the proposal is drawn only as the bucket).
-    Any other divergence, ``tail: renormalize``, a temperature or a student with its own
-    tokenizer is nonlinear in the drawn counts and biased, and the config refuses it
-    (``RunConfig._check_sampled_labels``). Use them when calibration matters or k would have to
-    be large. Held-out shards stay top-k, so
-    evaluations compare across label kinds. ``score`` and ``generate`` modes only."""
-    sampled_labels: SampledLabelsConfig = SampledLabelsConfig()
-    """``labels: sampled``: draws per position, proposal size, seed."""
-    models: tuple[TeacherMember, ...] = ()
-    """A teacher ensemble, replacing ``model``: a list of ``{model, weight, finetune}``, every
-    member sharing the first one's tokenizer. Each member's labels are cached on their own
-    (adding a member labels only that member); the train and held-out targets are the
-    weighted mixture in probability space over the union of the members' top-k ids, plus the
-    remaining tail (``distill.teacher.ensemble``), stored as a shard set of its own with
-    ``k`` x members slots. The first member is the reference: its tokenizer cuts the corpus, its
-    layers initialize a ``teacher_layers`` student, and it answers the evaluation's greedy and
-    multiple-choice questions. Members are labelled one after another, so only one engine
-    holds the device at a time. Use an ensemble of comparably good teachers that disagree; weigh
-    a clearly better member up: on the demo an equal-weight mix of the bundled teacher (held-out
-    ppl 26.4) and its fine-tuned self (16.0) gave a student between the two single teachers'
-    students (ppl 122.3 vs 124.4 and 115.0; ``benchmarks/ensemble.py``). ``score`` mode and
-    top-k labels only."""
-    relabel_tag: str = ""
-    """Part of every shard's cache key and nothing else: change it to force relabelling, e.g. after a vLLM upgrade (engine versions are recorded, not keyed)."""
-
-    def __post_init__(self):
-        check(1 <= self.k <= 1024, "k", self.k, "an integer in [1, 1024]")
-        check(self.mode in MODES, "mode", self.mode, f"one of {MODES}")
-        check(0.0 <= self.min_topk_mass <= 1.0, "min_topk_mass", self.min_topk_mass, "a number in [0, 1]")
-        check(self.labels in LABEL_KINDS, "labels", self.labels, f"one of {LABEL_KINDS}")
-        check(self.labels == "topk" or self.mode != "candidates", "labels", self.labels, "topk in candidates mode (it stores no per-token labels)")
-        if self.models:
-            check(self.mode == "score", "models", "[...]", "a single teacher (model) outside score mode: ensembles mix per-token labels of the same text")
-            check(self.labels == "topk", "models", "[...]", "a single teacher (model) with labels: sampled")
-
-    @property
-    def members(self) -> tuple[TeacherMember, ...]:
-        """The teachers: ``models``, or ``model`` alone."""
-        return self.models or (TeacherMember(self.model),)
-
-    @property
-    def ensemble(self) -> bool:
-        return len(self.members) > 1
-
-    def samples(self, split: str) -> bool:
-        """Whether shards of ``split`` hold sampled labels (train shards only)."""
-        return self.labels == "sampled" and split == "train"
-
-    @property
-    def max_logprobs(self) -> int:
-        """Logprobs per position the engine must be able to return: k, or the sampler's proposal."""
-        return max(self.k, self.sampled_labels.proposal_k)
 
 
 def mode_settings(cfg: TeacherConfig, split: str = "train") -> dict:
@@ -219,8 +69,12 @@ def sample_labels(labels: dict, draws: int, rng: np.random.Generator, sampler: s
     drawn = np.where(top > 0, drawn, drawn[:, :1])
     with np.errstate(divide="ignore"):
         logprobs = np.log(top / draws)
-    return {**labels, "topk_ids": drawn.astype(np.int64), "topk_logprobs": logprobs.astype(np.float32),
-            "tail_mass": (counts[:, -1] / draws).astype(np.float32)}
+    return {
+        **labels,
+        "topk_ids": drawn.astype(np.int64),
+        "topk_logprobs": logprobs.astype(np.float32),
+        "tail_mass": (counts[:, -1] / draws).astype(np.float32),
+    }
 
 
 def window_rng(seed: int, doc_id: str, window_index: int) -> np.random.Generator:
@@ -232,14 +86,29 @@ def _sampled_rows(rows: list[dict], cfg: SampledLabelsConfig) -> list[dict]:
     out = []
     for row in rows:
         n = len(row["target_logprobs"])
-        labels = sample_labels({"topk_ids": row["topk_ids"].reshape(n, -1), "topk_logprobs": row["topk_logprobs"].reshape(n, -1),
-                                "tail_mass": row["tail_mass"], "target_logprobs": row["target_logprobs"]},
-                               cfg.draws, window_rng(cfg.seed, row["doc_id"], row["window_index"]), cfg.sampler)
+        labels = sample_labels(
+            {
+                "topk_ids": row["topk_ids"].reshape(n, -1),
+                "topk_logprobs": row["topk_logprobs"].reshape(n, -1),
+                "tail_mass": row["tail_mass"],
+                "target_logprobs": row["target_logprobs"],
+            },
+            cfg.draws,
+            window_rng(cfg.seed, row["doc_id"], row["window_index"]),
+            cfg.sampler,
+        )
         out.append({**row, **_flat_label_columns(labels)})
     return out
 
 
-def shard_key(teacher_hashes: dict, fingerprint: str, cfg: TeacherConfig, dtype: str, window: int | None = None, split: str = "train") -> str:
+def shard_key(
+    teacher_hashes: dict,
+    fingerprint: str,
+    cfg: TeacherConfig,
+    dtype: str,
+    window: int | None = None,
+    split: str = "train",
+) -> str:
     """Content key of one labelled shard: everything its labels depend on.
 
     ``teacher_hashes`` (``checkpoint_hashes``): the weights hash covers ``config.json`` too, so a
@@ -249,7 +118,7 @@ def shard_key(teacher_hashes: dict, fingerprint: str, cfg: TeacherConfig, dtype:
     which rows exist (how documents are cut, which examples are dropped), and the fingerprint
     already hashes every row's tokens and ``label_start``, so keying it there would relabel
     identical rows (``distill.data.build_corpus`` hashes ``input_ids`` and ``label_start`` of
-    each row into the fingerprint). ``distill.pipeline.shard_keys`` passes it.
+    each row into the fingerprint). ``distill.run.pipeline.shard_keys`` passes it.
 
     The engine (vLLM) version is recorded in each shard's metadata but deliberately not keyed:
     relabelling every shard on each upgrade costs a full teacher pass for differences at
@@ -286,8 +155,15 @@ def _score_rows(engine, part: pa.Table, cfg: TeacherConfig, k: int) -> list[dict
     window_idx = part.column("window_index").to_pylist()
     rows = []
     for i, labels in enumerate(engine.score(input_ids, label_starts, k=k)):
-        rows.append({"doc_id": doc_ids[i], "window_index": window_idx[i], "input_ids": np.asarray(input_ids[i], np.int64),
-                     "label_start": label_starts[i], **_flat_label_columns(labels)})
+        rows.append(
+            {
+                "doc_id": doc_ids[i],
+                "window_index": window_idx[i],
+                "input_ids": np.asarray(input_ids[i], np.int64),
+                "label_start": label_starts[i],
+                **_flat_label_columns(labels),
+            }
+        )
     return rows
 
 
@@ -309,13 +185,18 @@ def _generate_rows(engine, part: pa.Table, cfg: TeacherConfig, k: int) -> list[d
     rows = []
     for i, samples in enumerate(engine.generate(prompts, seeds, cfg.sampling, k=k)):
         for j, sample in enumerate(samples):
-            rows.append({
-                "doc_id": doc_ids[i], "window_index": j,
-                "input_ids": np.concatenate([np.asarray(prompts[i], np.int64), sample["response_ids"]]),
-                "label_start": len(prompts[i]) - 1,
-                "prompt_text": texts[i], "response_text": sample["text"], "finish_reason": sample["finish_reason"],
-                **_flat_label_columns(sample),
-            })
+            rows.append(
+                {
+                    "doc_id": doc_ids[i],
+                    "window_index": j,
+                    "input_ids": np.concatenate([np.asarray(prompts[i], np.int64), sample["response_ids"]]),
+                    "label_start": len(prompts[i]) - 1,
+                    "prompt_text": texts[i],
+                    "response_text": sample["text"],
+                    "finish_reason": sample["finish_reason"],
+                    **_flat_label_columns(sample),
+                }
+            )
     return rows
 
 
@@ -326,16 +207,30 @@ def _answer_rows(engine, part: pa.Table, cfg: TeacherConfig, k: int) -> list[dic
     prompts = part.column("input_ids").to_pylist()
     answers = part.column("response_ids").to_pylist()
     seqs = [np.asarray(p + a, np.int64) for p, a in zip(prompts, answers)]
-    cols = {c: part.column(c).to_pylist() for c in ("doc_id", "window_index", "prompt_text", "response_text", "finish_reason")}
+    cols = {
+        c: part.column(c).to_pylist()
+        for c in ("doc_id", "window_index", "prompt_text", "response_text", "finish_reason")
+    }
     rows = []
     for i, labels in enumerate(engine.score(seqs, [len(p) - 1 for p in prompts], k=k)):
-        rows.append({"doc_id": cols["doc_id"][i], "window_index": cols["window_index"][i], "input_ids": seqs[i],
-                     "label_start": len(prompts[i]) - 1, "prompt_text": cols["prompt_text"][i], "response_text": cols["response_text"][i],
-                     "finish_reason": cols["finish_reason"][i], **_flat_label_columns(labels)})
+        rows.append(
+            {
+                "doc_id": cols["doc_id"][i],
+                "window_index": cols["window_index"][i],
+                "input_ids": seqs[i],
+                "label_start": len(prompts[i]) - 1,
+                "prompt_text": cols["prompt_text"][i],
+                "response_text": cols["response_text"][i],
+                "finish_reason": cols["finish_reason"][i],
+                **_flat_label_columns(labels),
+            }
+        )
     return rows
 
 
-def candidate_distribution(sums: np.ndarray, counts: np.ndarray, length_normalize: bool) -> tuple[np.ndarray, np.ndarray]:
+def candidate_distribution(
+    sums: np.ndarray, counts: np.ndarray, length_normalize: bool
+) -> tuple[np.ndarray, np.ndarray]:
     """Candidate scores (sum, or mean, of token logprobs) and their log-softmax."""
     scores = sums / counts if length_normalize else sums
     shifted = scores - scores.max()
@@ -350,11 +245,18 @@ def _candidate_rows(engine, part: pa.Table, cfg: TeacherConfig, k: int) -> list[
     rows = []
     for i, (sums, counts) in enumerate(engine.score_candidates(prompts, cand_ids)):
         scores, logprobs = candidate_distribution(sums, counts, cfg.length_normalize)
-        rows.append({
-            "doc_id": doc_ids[i], "prompt_text": texts[i], "prompt_ids": prompts[i], "candidates": cands[i],
-            "candidate_ids": cand_ids[i], "answer": answers[i],
-            "candidate_scores": scores.astype(np.float32), "teacher_logprobs": logprobs.astype(np.float32),
-        })
+        rows.append(
+            {
+                "doc_id": doc_ids[i],
+                "prompt_text": texts[i],
+                "prompt_ids": prompts[i],
+                "candidates": cands[i],
+                "candidate_ids": cand_ids[i],
+                "answer": answers[i],
+                "candidate_scores": scores.astype(np.float32),
+                "teacher_logprobs": logprobs.astype(np.float32),
+            }
+        )
     return rows
 
 
@@ -380,20 +282,37 @@ def label_shard(
     cfg = cfg or TeacherConfig()
     existing = store.lookup(key)
     if existing is not None:
-        return {"cache_hit": True, "rows": existing.rows, "tokens": existing.tokens, "teacher_seconds": 0.0, "path": str(existing.path)}
+        return {
+            "cache_hit": True,
+            "rows": existing.rows,
+            "tokens": existing.tokens,
+            "teacher_seconds": 0.0,
+            "path": str(existing.path),
+        }
     engine = engine_factory()
-    sampled = SampledLabelsConfig(**{f.name: meta.settings[f.name] for f in dataclasses.fields(SampledLabelsConfig)}) if meta.settings.get("labels") == "sampled" else None
+    sampled = (
+        SampledLabelsConfig(**{f.name: meta.settings[f.name] for f in dataclasses.fields(SampledLabelsConfig)})
+        if meta.settings.get("labels") == "sampled"
+        else None
+    )
     if sampled is not None and meta.k != sampled.draws:
         raise ValueError(f"{meta.shard}: a shard of sampled labels has k = draws ({sampled.draws}), got k={meta.k}")
     label_k = sampled.proposal_k if sampled is not None else meta.k
     if cfg.mode == "score":
         lengths = pc.list_value_length(windows.column("input_ids"))
-        total, unit = int(pc.sum(lengths).as_py() or 0) - int(pc.sum(windows.column("label_start")).as_py() or 0) - windows.num_rows, "tok"
+        total, unit = (
+            int(pc.sum(lengths).as_py() or 0)
+            - int(pc.sum(windows.column("label_start")).as_py() or 0)
+            - windows.num_rows,
+            "tok",
+        )
     else:
         total, unit = windows.num_rows, "prompt"
     bar = tqdm(total=total, desc=f"label {meta.shard} ({cfg.mode})", unit=unit, unit_scale=True, disable=not progress)
     step = getattr(getattr(engine, "cfg", None), "batch_windows", 64)
-    make_rows = _answer_rows if cfg.mode == "generate" and "response_ids" in windows.column_names else _MODE_ROWS[cfg.mode]
+    make_rows = (
+        _answer_rows if cfg.mode == "generate" and "response_ids" in windows.column_names else _MODE_ROWS[cfg.mode]
+    )
     t0 = time.perf_counter()
     with store.writer(key, meta) as writer, ThreadPoolExecutor(1) as pool, bar:
         pending = None
@@ -412,8 +331,21 @@ def label_shard(
     if writer.lost_race:
         # another run or node committed this key while we labelled: its shard stands and ours
         # was discarded, so this is a cache hit (the teacher time spent is still reported)
-        return {"cache_hit": True, "lost_race": True, "rows": writer.record["rows"], "tokens": writer.record["tokens"],
-                "teacher_seconds": seconds, "path": str(store.path_for(key))}
-    return {"cache_hit": False, "rows": writer.rows, "tokens": writer.tokens, "teacher_seconds": seconds, "path": str(store.path_for(key)),
-            "labelled_from": time.time() - seconds, "labelled_until": time.time(),
-            "slot": getattr(getattr(engine, "slot", None), "index", None)}
+        return {
+            "cache_hit": True,
+            "lost_race": True,
+            "rows": writer.record["rows"],
+            "tokens": writer.record["tokens"],
+            "teacher_seconds": seconds,
+            "path": str(store.path_for(key)),
+        }
+    return {
+        "cache_hit": False,
+        "rows": writer.rows,
+        "tokens": writer.tokens,
+        "teacher_seconds": seconds,
+        "path": str(store.path_for(key)),
+        "labelled_from": time.time() - seconds,
+        "labelled_until": time.time(),
+        "slot": getattr(getattr(engine, "slot", None), "index", None),
+    }

@@ -1,5 +1,6 @@
 """Plain transformers reference for teacher labels: forward, log_softmax over the full
 vocabulary, top-k. The yardstick the vLLM engine is tested and benchmarked against."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -14,6 +14,7 @@ recorded that is still alive (the watchdog of ``distill.procs`` normally has, a 
 after the holder died). The Dagster ``teacher`` pool limit follows the slot count, so a
 backfill runs one run per slot at the same time (``pipelines.pools``).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -42,12 +43,16 @@ def device_sets(slots: int, tensor_parallel_size: int, on_gpu: bool) -> list[lis
             ids = list(range(torch.cuda.device_count()))
         need = slots * tensor_parallel_size
         if need > len(ids):
-            raise ConfigError(f"teacher.engine.slots={slots} x tensor_parallel_size={tensor_parallel_size} needs {need} GPUs; "
-                              f"this process sees {len(ids)} ({ids})")
+            raise ConfigError(
+                f"teacher.engine.slots={slots} x tensor_parallel_size={tensor_parallel_size} needs {need} GPUs; "
+                f"this process sees {len(ids)} ({ids})"
+            )
         return [ids[i * tensor_parallel_size : (i + 1) * tensor_parallel_size] for i in range(slots)]
     cores = sorted(os.sched_getaffinity(0))
     if slots > len(cores):
-        raise ConfigError(f"teacher.engine.slots={slots} exceeds the {len(cores)} CPU cores this process may use ({cores})")
+        raise ConfigError(
+            f"teacher.engine.slots={slots} exceeds the {len(cores)} CPU cores this process may use ({cores})"
+        )
     size = len(cores) // slots
     return [cores[i * size : (i + 1) * size] for i in range(slots)]
 
@@ -80,7 +85,9 @@ class Slot:
             self.handle.close()
 
 
-def claim_slot(folder: Path, sets: list[list[int]], timeout: float | None = None, poll: float = 1.0, on_wait=None) -> Slot:
+def claim_slot(
+    folder: Path, sets: list[list[int]], timeout: float | None = None, poll: float = 1.0, on_wait=None
+) -> Slot:
     """The first free slot of ``sets`` (waiting up to ``timeout`` seconds, None: for ever)."""
     folder.mkdir(parents=True, exist_ok=True)
     deadline = None if timeout is None else time.monotonic() + timeout

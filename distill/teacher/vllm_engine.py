@@ -14,9 +14,9 @@ process fails the call at once, a call with no finished engine step for
 process, how it ended and what to try. The failed engine is ended and its slot freed, so a retry
 (the ``teacher_logits`` step's) starts a fresh one and relabels only the shards not yet committed.
 """
+
 from __future__ import annotations
 
-import dataclasses
 import os
 import signal
 import subprocess
@@ -27,48 +27,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from distill.configbase import check
-
-
-@dataclasses.dataclass(frozen=True)
-class EngineConfig:
-    dtype: str = "auto"
-    """Weights/activation dtype; ``auto`` uses float32 on CPU (bf16 is slow without AVX-512) and the checkpoint's dtype on GPU."""
-    batch_windows: int = 64
-    """Windows sent to the engine per call (a macro-batch)."""
-    max_num_batched_tokens: int = 4096
-    """Engine scheduler token budget per step (bounds the logits memory of prompt logprobs)."""
-    enforce_eager: bool = True
-    """Skip CUDA-graph / torch.compile warm-up (prefill-only work gains little from it)."""
-    gpu_memory_utilization: float = 0.85
-    """Fraction of GPU memory vLLM may use (GPU only)."""
-    tensor_parallel_size: int = 1
-    """GPUs to shard the teacher over."""
-    cpu_kv_cache_gib: int = 2
-    """KV cache size on the CPU engine, GiB."""
-    trust_remote_code: bool = False
-    """Allow the checkpoint's own Python code (off unless you trust the checkpoint)."""
-    seed: int = 0
-    """Engine seed."""
-    slots: int = 0
-    """Engine slots on a machine. 0: one engine per process over every device it sees (vLLM's
-    default). N: the devices are split into N sets (GPU ids in groups of ``tensor_parallel_size``,
-    or N blocks of CPU cores); each engine claims a free set and runs pinned to it, and the
-    Dagster ``teacher`` pool allows N runs at once: an 8-GPU node labels with 8 engines, not one."""
-    step_timeout_s: float = 300.0
-    """Longest an engine call may go without the engine finishing a scheduler step (at most
-    ``max_num_batched_tokens`` tokens; a second or two on a GPU, about ten on two CPU cores)
-    before the run fails naming a stalled engine (a stopped process, a hung device). A dead engine
-    process fails the call at once, whatever this is."""
-
-    def __post_init__(self):
-        check(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype", self.dtype, "auto, float32, bfloat16 or float16")
-        check(self.batch_windows >= 1, "batch_windows", self.batch_windows, "an integer >= 1")
-        check(self.max_num_batched_tokens >= 256, "max_num_batched_tokens", self.max_num_batched_tokens, ">= 256")
-        check(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", self.gpu_memory_utilization, "a number in (0, 1]")
-        check(self.slots >= 0, "slots", self.slots, "an integer >= 0 (0: one engine over every device)")
-        check(self.tensor_parallel_size >= 1, "tensor_parallel_size", self.tensor_parallel_size, "an integer >= 1")
-        check(self.step_timeout_s > 0, "step_timeout_s", self.step_timeout_s, "a number of seconds > 0")
+from distill.teacher.config import EngineConfig
 
 
 class EngineFailure(RuntimeError):
@@ -77,11 +36,13 @@ class EngineFailure(RuntimeError):
 
 
 POLL_S = 0.5  # how often a running call checks the engine's processes
-ADVICE = ("Labels committed so far are kept: a retry (the teacher_logits asset retries its step twice after an "
-          "engine failure) starts a fresh engine and labels only the missing shards. If memory ran out, try fewer engines at once "
-          "(teacher.engine.slots, other runs or jobs on this machine), a smaller teacher.engine.batch_windows or "
-          "max_num_batched_tokens, a smaller KV cache (teacher.engine.cpu_kv_cache_gib on a CPU, "
-          "gpu_memory_utilization on a GPU), or a machine with more memory.")
+ADVICE = (
+    "Labels committed so far are kept: a retry (the teacher_logits asset retries its step twice after an "
+    "engine failure) starts a fresh engine and labels only the missing shards. If memory ran out, try fewer engines at once "
+    "(teacher.engine.slots, other runs or jobs on this machine), a smaller teacher.engine.batch_windows or "
+    "max_num_batched_tokens, a smaller KV cache (teacher.engine.cpu_kv_cache_gib on a CPU, "
+    "gpu_memory_utilization on a GPU), or a machine with more memory."
+)
 
 
 def _on_cpu() -> bool:
@@ -93,7 +54,10 @@ def _on_cpu() -> bool:
 def _cpu_env(cfg: EngineConfig) -> None:
     """Use every core this process may run on, unless the user chose otherwise."""
     cores = sorted(os.sched_getaffinity(0))
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"{cores[0]}-{cores[-1]}" if cores == list(range(cores[0], cores[-1] + 1)) else ",".join(map(str, cores)))
+    os.environ.setdefault(
+        "VLLM_CPU_OMP_THREADS_BIND",
+        f"{cores[0]}-{cores[-1]}" if cores == list(range(cores[0], cores[-1] + 1)) else ",".join(map(str, cores)),
+    )
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.cpu_kv_cache_gib))
 
@@ -101,8 +65,15 @@ def _cpu_env(cfg: EngineConfig) -> None:
 class VllmTeacher:
     """One vLLM engine over a local checkpoint, producing top-k labels for token windows."""
 
-    def __init__(self, model_dir: str | os.PathLike, k: int, max_len: int, cfg: EngineConfig = EngineConfig(),
-                 slot_folder: str | os.PathLike | None = None, max_logprobs: int | None = None):
+    def __init__(
+        self,
+        model_dir: str | os.PathLike,
+        k: int,
+        max_len: int,
+        cfg: EngineConfig = EngineConfig(),
+        slot_folder: str | os.PathLike | None = None,
+        max_logprobs: int | None = None,
+    ):
         """``k``: logprobs per position by default; ``max_logprobs`` (default ``k``): the most a
         call may ask for (sampled labels read a larger top-K'); ``slot_folder``: where this
         machine's engine slots are claimed (``cfg.slots`` > 0)."""
@@ -123,8 +94,11 @@ class VllmTeacher:
             if slot_folder is None:
                 raise ValueError("teacher.engine.slots is set but no slot folder was given")
             on_gpu = not _on_cpu()
-            self.slot = claim_slot(Path(slot_folder), device_sets(cfg.slots, cfg.tensor_parallel_size, on_gpu),
-                                   on_wait=lambda msg: print(msg, file=sys.stderr, flush=True))
+            self.slot = claim_slot(
+                Path(slot_folder),
+                device_sets(cfg.slots, cfg.tensor_parallel_size, on_gpu),
+                on_wait=lambda msg: print(msg, file=sys.stderr, flush=True),
+            )
             pin = pinned(self.slot.devices, on_gpu)
         before = {c.pid for c in psutil.Process().children(recursive=True)}
         self.model_dir = Path(model_dir)
@@ -143,8 +117,9 @@ class VllmTeacher:
                 self.slot.release()
             raise
         # the engine's own processes; multiprocessing's resource tracker is shared and ends by itself
-        self.processes = [c for c in psutil.Process().children(recursive=True)
-                          if c.pid not in before and not is_resource_tracker(c)]
+        self.processes = [
+            c for c in psutil.Process().children(recursive=True) if c.pid not in before and not is_resource_tracker(c)
+        ]
         if self.slot is not None:
             self.slot.record_engine(self.processes)
         self.titles = {p.pid: _title(p) for p in self.processes}
@@ -188,14 +163,21 @@ class VllmTeacher:
             raise ValueError(f"{k} logprobs per position asked of an engine started for at most {self.max_logprobs}")
         return k
 
-    def score(self, windows: Sequence[Sequence[int]], label_starts: Sequence[int], k: int | None = None) -> Iterator[dict]:
+    def score(
+        self, windows: Sequence[Sequence[int]], label_starts: Sequence[int], k: int | None = None
+    ) -> Iterator[dict]:
         """Per window, the labels of positions ``label_start .. len - 2`` (see ``flat_to_labels``),
         ``k`` (default: the engine's) logprobs per position."""
         import vllm
 
         k = self._check_k(k)
-        params = self.params if k == self.k else vllm.SamplingParams(
-            max_tokens=1, prompt_logprobs=k, detokenize=False, flat_logprobs=True, temperature=0.0)
+        params = (
+            self.params
+            if k == self.k
+            else vllm.SamplingParams(
+                max_tokens=1, prompt_logprobs=k, detokenize=False, flat_logprobs=True, temperature=0.0
+            )
+        )
         for b in range(0, len(windows), self.cfg.batch_windows):
             batch = windows[b : b + self.cfg.batch_windows]
             for ids in batch:
@@ -207,7 +189,9 @@ class VllmTeacher:
             for ids, start, out in zip(batch, label_starts[b : b + len(batch)], outputs):
                 yield flat_to_labels(out.prompt_logprobs, np.asarray(ids), int(start), k)
 
-    def generate(self, prompts: Sequence[Sequence[int]], seeds: Sequence[int], sampling, k: int | None = None) -> Iterator[list[dict]]:
+    def generate(
+        self, prompts: Sequence[Sequence[int]], seeds: Sequence[int], sampling, k: int | None = None
+    ) -> Iterator[list[dict]]:
         """Per prompt, ``sampling.n`` teacher answers with top-k labels for every generated token.
 
         ``sampling``: ``n``, ``temperature``, ``top_p``, ``max_tokens`` (capped so prompt + answer
@@ -218,15 +202,30 @@ class VllmTeacher:
         import vllm
 
         k = self._check_k(k)
-        for out in self._answers(prompts, seeds, lambda room, seed: vllm.SamplingParams(
-            n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
-            max_tokens=min(sampling.max_tokens, room), logprobs=k, flat_logprobs=True, seed=int(seed),
-        )):
+        for out in self._answers(
+            prompts,
+            seeds,
+            lambda room, seed: vllm.SamplingParams(
+                n=sampling.n,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                max_tokens=min(sampling.max_tokens, room),
+                logprobs=k,
+                flat_logprobs=True,
+                seed=int(seed),
+            ),
+        ):
             samples = []
             for c in sorted(out.outputs, key=lambda c: c.index):
                 ids = np.asarray(c.token_ids, np.int64)
-                samples.append({"response_ids": ids, "text": c.text, "finish_reason": str(c.finish_reason),
-                                **_flat_positions(c.logprobs, 0, ids, k)})
+                samples.append(
+                    {
+                        "response_ids": ids,
+                        "text": c.text,
+                        "finish_reason": str(c.finish_reason),
+                        **_flat_positions(c.logprobs, 0, ids, k),
+                    }
+                )
             yield samples
 
     def _answers(self, prompts: Sequence[Sequence[int]], per_prompt: Sequence, make_params) -> Iterator:
@@ -239,25 +238,33 @@ class VllmTeacher:
             for ids, item in zip(batch, per_prompt[b : b + len(batch)]):
                 room = self.max_len - len(ids)
                 if room < 1:
-                    raise ValueError(f"prompt of {len(ids)} tokens leaves no room to answer within the engine's max_len {self.max_len}")
+                    raise ValueError(
+                        f"prompt of {len(ids)} tokens leaves no room to answer within the engine's max_len {self.max_len}"
+                    )
                 params.append(make_params(room, item))
             outputs = self._generate([{"prompt_token_ids": [int(t) for t in ids]} for ids in batch], params)
             self.forward_calls += 1
             yield from outputs
 
-    def score_candidates(self, prompts: Sequence[Sequence[int]], candidates: Sequence[Sequence[Sequence[int]]]) -> Iterator[np.ndarray]:
+    def score_candidates(
+        self, prompts: Sequence[Sequence[int]], candidates: Sequence[Sequence[Sequence[int]]]
+    ) -> Iterator[np.ndarray]:
         """Per example, the summed logprob of each candidate's tokens following its prompt
         and the token counts: an array of shape (2, C)."""
         import vllm
 
-        params = vllm.SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False, flat_logprobs=True, temperature=0.0)
+        params = vllm.SamplingParams(
+            max_tokens=1, prompt_logprobs=0, detokenize=False, flat_logprobs=True, temperature=0.0
+        )
         for b in range(0, len(prompts), self.cfg.batch_windows):
             seqs, owners = [], []
             for i in range(b, min(b + self.cfg.batch_windows, len(prompts))):
                 for cand in candidates[i]:
                     seq = [int(t) for t in prompts[i]] + [int(t) for t in cand]
                     if len(seq) > self.max_len:
-                        raise ValueError(f"prompt + candidate of {len(seq)} tokens exceeds the engine's max_len {self.max_len}")
+                        raise ValueError(
+                            f"prompt + candidate of {len(seq)} tokens exceeds the engine's max_len {self.max_len}"
+                        )
                     seqs.append(seq)
                     owners.append(i)
             outputs = self._generate([{"prompt_token_ids": s} for s in seqs], params)
@@ -269,13 +276,17 @@ class VllmTeacher:
                 lo, hi = flat.start_indices[start], flat.end_indices[len(seq) - 1]
                 if hi - lo != len(seq) - start or list(flat.token_ids[lo:hi]) != seq[start:]:
                     raise RuntimeError("candidate prompt logprobs are not aligned with the candidate tokens")
-                scores.setdefault(owner, []).append((float(np.sum(np.asarray(flat.logprobs[lo:hi], np.float64))), len(seq) - start))
+                scores.setdefault(owner, []).append(
+                    (float(np.sum(np.asarray(flat.logprobs[lo:hi], np.float64))), len(seq) - start)
+                )
             for i in sorted(scores):
                 yield np.asarray(scores[i], np.float64).T
 
-    def greedy(self, prompts: Sequence[Sequence[int]], max_tokens: int | Sequence[int], eos_token_id: int | None) -> list[list[int]]:
+    def greedy(
+        self, prompts: Sequence[Sequence[int]], max_tokens: int | Sequence[int], eos_token_id: int | None
+    ) -> list[list[int]]:
         """Each prompt's greedy (temperature 0) continuation, up to and excluding ``eos_token_id``
-        (the only stop token, as in ``distill.evaluation.greedy_answers``), at most ``max_tokens``
+        (the only stop token, as in ``distill.eval.evaluation.greedy_answers``), at most ``max_tokens``
         tokens (one number, or one per prompt). A prompt that leaves no room within ``max_len``
         raises; a longer answer than the room left is cut there."""
         import vllm
@@ -284,17 +295,26 @@ class VllmTeacher:
         if len(limits) != len(prompts):
             raise ValueError(f"{len(limits)} max_tokens values for {len(prompts)} prompts")
         answers: list[list[int]] = []
-        for out in self._answers(prompts, limits, lambda room, limit: vllm.SamplingParams(
-            temperature=0.0, max_tokens=min(limit, room), detokenize=False, ignore_eos=True,
-            stop_token_ids=[int(eos_token_id)] if eos_token_id is not None else None,
-        )):
+        for out in self._answers(
+            prompts,
+            limits,
+            lambda room, limit: vllm.SamplingParams(
+                temperature=0.0,
+                max_tokens=min(limit, room),
+                detokenize=False,
+                ignore_eos=True,
+                stop_token_ids=[int(eos_token_id)] if eos_token_id is not None else None,
+            ),
+        ):
             answer = [int(t) for t in out.outputs[0].token_ids]
             if eos_token_id is not None and eos_token_id in answer:
                 answer = answer[: answer.index(eos_token_id)]
             answers.append(answer)
         return answers
 
-    def sequence_logprobs(self, sequences: Sequence[Sequence[int]], starts: Sequence[int], greedy: bool = False) -> np.ndarray:
+    def sequence_logprobs(
+        self, sequences: Sequence[Sequence[int]], starts: Sequence[int], greedy: bool = False
+    ) -> np.ndarray:
         """Per sequence, the summed logprob of its tokens ``start ..`` given everything before
         them, and their count: an array of shape (N, 2) (float64); with ``greedy``, a third
         column: 1.0 where every one of those tokens was the engine's most likely (rank 1). A
@@ -307,8 +327,12 @@ class VllmTeacher:
             if len(seq) > self.max_len:
                 raise ValueError(f"sequence {i} of {len(seq)} tokens exceeds the engine's max_len {self.max_len}")
             if not 1 <= start < len(seq):
-                raise ValueError(f"sequence {i}: start {start} must be in 1..{len(seq) - 1} (at least one scored token after a prefix)")
-        params = vllm.SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False, flat_logprobs=True, temperature=0.0)
+                raise ValueError(
+                    f"sequence {i}: start {start} must be in 1..{len(seq) - 1} (at least one scored token after a prefix)"
+                )
+        params = vllm.SamplingParams(
+            max_tokens=1, prompt_logprobs=0, detokenize=False, flat_logprobs=True, temperature=0.0
+        )
         out_rows = []
         for b in range(0, len(sequences), self.cfg.batch_windows):
             seqs = [[int(t) for t in s] for s in sequences[b : b + self.cfg.batch_windows]]
@@ -363,8 +387,12 @@ class VllmTeacher:
             error = outcome["error"]
             dead = self._dead_processes()
             if dead or _engine_dead(llm):
-                self._fail(self._death_message(dead, "during a call") if dead else
-                           f"the teacher engine reported itself dead ({type(error).__name__}: {error}). {ADVICE}", error)
+                self._fail(
+                    self._death_message(dead, "during a call")
+                    if dead
+                    else f"the teacher engine reported itself dead ({type(error).__name__}: {error}). {ADVICE}",
+                    error,
+                )
             raise error
         return outcome["outputs"]
 
@@ -384,17 +412,24 @@ class VllmTeacher:
             elif status is not None and status < 0:
                 how = f"was killed by {signal.Signals(-status).name}"
                 if -status == signal.SIGKILL:
-                    how += (", perhaps by the kernel's out-of-memory killer (the kernel log is not readable here to tell)"
-                            if oom is None else " (not by the kernel's out-of-memory killer: the kernel log has no record of it)")
+                    how += (
+                        ", perhaps by the kernel's out-of-memory killer (the kernel log is not readable here to tell)"
+                        if oom is None
+                        else " (not by the kernel's out-of-memory killer: the kernel log has no record of it)"
+                    )
             elif status is not None:
                 how = f"exited with status {status}"
             else:
                 how = "ended (its exit status is not visible to this process" + (
-                    "; the kernel's out-of-memory killer may have taken it, the kernel log is not readable here)" if oom is None
-                    else "; the kernel log has no out-of-memory kill of it)")
+                    "; the kernel's out-of-memory killer may have taken it, the kernel log is not readable here)"
+                    if oom is None
+                    else "; the kernel log has no out-of-memory kill of it)"
+                )
             parts.append(f"{self.titles.get(p.pid, 'engine process')} (pid {p.pid}) {how}")
-        return (f"teacher engine process {'; '.join(parts)} {when}; the call failed instead of waiting for an "
-                f"engine that cannot answer. {ADVICE}")
+        return (
+            f"teacher engine process {'; '.join(parts)} {when}; the call failed instead of waiting for an "
+            f"engine that cannot answer. {ADVICE}"
+        )
 
     def _stall_message(self, stalled: float) -> str:
         import psutil
@@ -405,12 +440,18 @@ class VllmTeacher:
                 state = p.status()
             except psutil.NoSuchProcess:
                 state = "gone"
-            note = " (by SIGSTOP or SIGTSTP: a debugger, Ctrl-Z or a job-control signal)" if state == psutil.STATUS_STOPPED else ""
+            note = (
+                " (by SIGSTOP or SIGTSTP: a debugger, Ctrl-Z or a job-control signal)"
+                if state == psutil.STATUS_STOPPED
+                else ""
+            )
             states.append(f"{self.titles.get(p.pid, 'engine process')} (pid {p.pid}) {state}{note}")
-        return (f"the teacher engine finished no scheduler step for {stalled:.0f} s "
-                f"(teacher.engine.step_timeout_s = {self.cfg.step_timeout_s:g}); its processes: {'; '.join(states)}. "
-                f"If it is only slow (a long window on a slow device, heavy swapping), raise teacher.engine.step_timeout_s "
-                f"or lower max_num_batched_tokens. {ADVICE}")
+        return (
+            f"the teacher engine finished no scheduler step for {stalled:.0f} s "
+            f"(teacher.engine.step_timeout_s = {self.cfg.step_timeout_s:g}); its processes: {'; '.join(states)}. "
+            f"If it is only slow (a long window on a slow device, heavy swapping), raise teacher.engine.step_timeout_s "
+            f"or lower max_num_batched_tokens. {ADVICE}"
+        )
 
     def _fail(self, message: str, cause: BaseException | None = None):
         """End the broken engine (every process at once: it can no longer answer), free its slot,
@@ -531,10 +572,16 @@ def _flat_positions(flat, first: int, realized: np.ndarray, k: int) -> dict:
     starts = np.asarray(flat.start_indices[first:])
     ends = np.asarray(flat.end_indices[first:])
     if len(starts) != n or not np.all(ends - starts == k + 1):
-        raise RuntimeError(f"unexpected logprobs layout: {len(starts)} positions for {n} tokens, widths {set((ends - starts).tolist())}")
+        raise RuntimeError(
+            f"unexpected logprobs layout: {len(starts)} positions for {n} tokens, widths {set((ends - starts).tolist())}"
+        )
     if n == 0:
-        return {"topk_ids": np.zeros((0, k), np.int64), "topk_logprobs": np.zeros((0, k), np.float32),
-                "target_logprobs": np.zeros(0, np.float32), "tail_mass": np.zeros(0, np.float32)}
+        return {
+            "topk_ids": np.zeros((0, k), np.int64),
+            "topk_logprobs": np.zeros((0, k), np.float32),
+            "target_logprobs": np.zeros(0, np.float32),
+            "tail_mass": np.zeros(0, np.float32),
+        }
     lo, hi = starts[0], ends[-1]
     token_ids = np.asarray(flat.token_ids[lo:hi], dtype=np.int64).reshape(n, k + 1)
     logprobs = np.asarray(flat.logprobs[lo:hi], dtype=np.float32).reshape(n, k + 1)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from distill import pipeline
+from distill.run import pipeline
 from pipelines.resources import DistillSettings, TeacherEngine
 
 
@@ -13,26 +13,64 @@ from pipelines.resources import DistillSettings, TeacherEngine
     group_name="evaluation",
     deps=["student_model", "baseline_student", "teacher_logits"],
     automation_condition=dg.AutomationCondition.eager(),
-    check_specs=[dg.AssetCheckSpec("distillation_gate", asset="evaluation", blocking=True,
-                                   description="The distilled student beats the CE-only baseline (by eval.min_ppl_margin / "
-                                               "min_bpb_margin) and its initialization on held-out perplexity and bits per byte.")],
+    check_specs=[
+        dg.AssetCheckSpec(
+            "distillation_gate",
+            asset="evaluation",
+            blocking=True,
+            description="The distilled student beats the CE-only baseline (by eval.min_ppl_margin / "
+            "min_bpb_margin) and its initialization on held-out perplexity and bits per byte.",
+        )
+    ],
     description="Perplexity, KL(teacher‖model) and top-1 agreement on held-out shards (the teacher's from its stored labels).",
 )
-def evaluation(context: dg.AssetExecutionContext, settings: DistillSettings, teacher_engine: TeacherEngine) -> dg.MaterializeResult:
+def evaluation(
+    context: dg.AssetExecutionContext, settings: DistillSettings, teacher_engine: TeacherEngine
+) -> dg.MaterializeResult:
     # teacher_engine: with eval.teacher_backend "stored" the teacher's greedy answers and
     # multiple-choice scores come from its vLLM engine, shut down when this step ends
     report = pipeline.evaluate_run(settings.load())
     context.log.info("\n" + report["table"] + "\n" + report["summary"])
-    numbers = {f"{model}_{metric}": float(value) for model, m in report["results"].items() for metric, value in m.items()
-               if metric in ("ppl", "bpb", "kl", "kl_full", "top1", "ece", "accuracy", "teacher_agreement", "greedy_exact_match",
-                             "greedy_prefix_agreement", "mc_accuracy", "generation_tokens_per_s") or metric.startswith("lm_eval_")}
+    numbers = {
+        f"{model}_{metric}": float(value)
+        for model, m in report["results"].items()
+        for metric, value in m.items()
+        if metric
+        in (
+            "ppl",
+            "bpb",
+            "kl",
+            "kl_full",
+            "top1",
+            "ece",
+            "accuracy",
+            "teacher_agreement",
+            "greedy_exact_match",
+            "greedy_prefix_agreement",
+            "mc_accuracy",
+            "generation_tokens_per_s",
+        )
+        or metric.startswith("lm_eval_")
+    }
     if report["generation_speedup"]:
         numbers["generation_speedup"] = float(report["generation_speedup"])
-    plots = {f"plot_{name}": dg.MetadataValue.md(f"![{name}](data:image/png;base64,{base64.b64encode(Path(path).read_bytes()).decode()})")
-             for name, path in report["plots"].items()}
+    plots = {
+        f"plot_{name}": dg.MetadataValue.md(
+            f"![{name}](data:image/png;base64,{base64.b64encode(Path(path).read_bytes()).decode()})"
+        )
+        for name, path in report["plots"].items()
+    }
     return dg.MaterializeResult(
-        metadata={"table": dg.MetadataValue.md(report["table"]), "summary": report["summary"],
-                  "report": dg.MetadataValue.path(report["out_dir"] + "/report.md"), **numbers, **plots},
-        check_results=[dg.AssetCheckResult(check_name="distillation_gate", passed=report["gate_passed"],
-                                           metadata={"gate": report["gate"]})],
+        metadata={
+            "table": dg.MetadataValue.md(report["table"]),
+            "summary": report["summary"],
+            "report": dg.MetadataValue.path(report["out_dir"] + "/report.md"),
+            **numbers,
+            **plots,
+        },
+        check_results=[
+            dg.AssetCheckResult(
+                check_name="distillation_gate", passed=report["gate_passed"], metadata={"gate": report["gate"]}
+            )
+        ],
     )

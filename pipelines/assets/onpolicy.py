@@ -3,7 +3,7 @@
 
 import dagster as dg
 
-from distill import onpolicy
+from distill.run import onpolicy
 from pipelines.resources import DistillSettings, TeacherEngine
 
 
@@ -15,21 +15,33 @@ def build_onpolicy_assets(partitions: dg.PartitionsDefinition) -> list:
         backfill_policy=dg.BackfillPolicy.single_run(),  # rounds run in order, in one run
         pool="teacher",
         description="One on-policy round: the previous round's student answers the training prompts under vLLM, the teacher "
-                    "labels the answers, the student trains on its own answers mixed with the teacher's (GKD lambda). "
-                    "A round runs any earlier round still missing; finished rounds are reused.",
+        "labels the answers, the student trains on its own answers mixed with the teacher's (GKD lambda). "
+        "A round runs any earlier round still missing; finished rounds are reused.",
     )
-    def onpolicy_student(context: dg.AssetExecutionContext, settings: DistillSettings, teacher_engine: TeacherEngine) -> dg.MaterializeResult:
+    def onpolicy_student(
+        context: dg.AssetExecutionContext, settings: DistillSettings, teacher_engine: TeacherEngine
+    ) -> dg.MaterializeResult:
         cfg = settings.load()
         upto = max(int(key.split("-")[1]) for key in context.partition_keys)
         done = onpolicy.run_rounds(cfg, upto)
         for info in done:
-            context.log.info(f"{onpolicy.round_name(info['round'])}: {'reused' if info['reused'] else 'trained'} "
-                             f"({info['answers']} answers, {info['answer_tokens']} labelled tokens, final loss {info['final_loss']:.4f})")
+            context.log.info(
+                f"{onpolicy.round_name(info['round'])}: {'reused' if info['reused'] else 'trained'} "
+                f"({info['answers']} answers, {info['answer_tokens']} labelled tokens, final loss {info['final_loss']:.4f})"
+            )
         last = done[-1]
         return dg.MaterializeResult(
-            metadata={"model_dir": dg.MetadataValue.path(last["out_dir"] + "/model"), "round": last["round"], "reused": last["reused"],
-                      "generator": last["generator"], "lmbda": last["lmbda"], "answers": last["answers"],
-                      "answer_tokens": last["answer_tokens"], "final_loss": last["final_loss"], "final_kd": last["final_kd"]},
+            metadata={
+                "model_dir": dg.MetadataValue.path(last["out_dir"] + "/model"),
+                "round": last["round"],
+                "reused": last["reused"],
+                "generator": last["generator"],
+                "lmbda": last["lmbda"],
+                "answers": last["answers"],
+                "answer_tokens": last["answer_tokens"],
+                "final_loss": last["final_loss"],
+                "final_kd": last["final_kd"],
+            },
             data_version=dg.DataVersion(last["out_dir"].rsplit("/", 1)[-1]),
         )
 
@@ -37,17 +49,42 @@ def build_onpolicy_assets(partitions: dg.PartitionsDefinition) -> list:
         group_name="evaluation",
         deps=["onpolicy_student", "student_model", "teacher_logits"],
         description="The last on-policy round's student against the distilled (off-policy) student: KL to the teacher on the "
-                    "teacher's held-out answers and on each student's own sampled answers, and greedy agreement; beside the "
-                    "own-answer KL, those answers' length, share ended by EOS, distinct-2 and teacher log-likelihood per token "
-                    "(a low KL won by short or repetitive answers shows there).",
+        "teacher's held-out answers and on each student's own sampled answers, and greedy agreement; beside the "
+        "own-answer KL, those answers' length, share ended by EOS, distinct-2 and teacher log-likelihood per token "
+        "(a low KL won by short or repetitive answers shows there).",
     )
-    def onpolicy_evaluation(context: dg.AssetExecutionContext, settings: DistillSettings, teacher_engine: TeacherEngine) -> dg.MaterializeResult:
+    def onpolicy_evaluation(
+        context: dg.AssetExecutionContext, settings: DistillSettings, teacher_engine: TeacherEngine
+    ) -> dg.MaterializeResult:
         report = onpolicy.evaluate_rounds(settings.load())
         context.log.info("\n" + report["table"] + "\n" + report["summary"])
-        numbers = {f"{model}_{metric}": float(value) for model, m in report["results"].items() for metric, value in m.items()
-                   if metric in ("ppl", "kl", "top1", "self_kl", "self_top1", "greedy_exact_match", "greedy_prefix_agreement", "answer_tokens",
-                                 "self_len", "self_eos", "self_distinct2", "self_teacher_ll")}
-        return dg.MaterializeResult(metadata={"table": dg.MetadataValue.md(report["table"]), "summary": report["summary"],
-                                              "report": dg.MetadataValue.path(report["out_dir"] + "/report.md"), **numbers})
+        numbers = {
+            f"{model}_{metric}": float(value)
+            for model, m in report["results"].items()
+            for metric, value in m.items()
+            if metric
+            in (
+                "ppl",
+                "kl",
+                "top1",
+                "self_kl",
+                "self_top1",
+                "greedy_exact_match",
+                "greedy_prefix_agreement",
+                "answer_tokens",
+                "self_len",
+                "self_eos",
+                "self_distinct2",
+                "self_teacher_ll",
+            )
+        }
+        return dg.MaterializeResult(
+            metadata={
+                "table": dg.MetadataValue.md(report["table"]),
+                "summary": report["summary"],
+                "report": dg.MetadataValue.path(report["out_dir"] + "/report.md"),
+                **numbers,
+            }
+        )
 
     return [onpolicy_student, onpolicy_evaluation]

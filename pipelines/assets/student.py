@@ -5,7 +5,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from distill import pipeline
+from distill.run import pipeline
 from pipelines.resources import DistillSettings
 
 
@@ -35,7 +35,9 @@ def _result(summary: dict, progress: list[dict] | None = None) -> dg.Materialize
     return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(Path(summary["out_dir"]).name))
 
 
-def _train(context: dg.AssetExecutionContext, settings: DistillSettings, client: dg.PipesSubprocessClient, baseline: bool) -> dg.MaterializeResult:
+def _train(
+    context: dg.AssetExecutionContext, settings: DistillSettings, client: dg.PipesSubprocessClient, baseline: bool
+) -> dg.MaterializeResult:
     """Train in this process, or (``train.nproc_per_node`` x ``nnodes`` > 1) run ``torchrun``
     through Dagster Pipes: its output goes to the step's logs, rank 0's step reports to the run's
     event log, and a failed rank fails the step (the next materialization resumes from the last
@@ -55,11 +57,25 @@ def _train(context: dg.AssetExecutionContext, settings: DistillSettings, client:
     return _result(summary, progress)
 
 
-@dg.asset(group_name="student", deps=["teacher_logits"], automation_condition=dg.AutomationCondition.eager(), description="Student trained on the train shards with KD + cross-entropy (save_pretrained, safetensors).")
-def student_model(context: dg.AssetExecutionContext, settings: DistillSettings, pipes_subprocess_client: dg.PipesSubprocessClient) -> dg.MaterializeResult:
+@dg.asset(
+    group_name="student",
+    deps=["teacher_logits"],
+    automation_condition=dg.AutomationCondition.eager(),
+    description="Student trained on the train shards with KD + cross-entropy (save_pretrained, safetensors).",
+)
+def student_model(
+    context: dg.AssetExecutionContext, settings: DistillSettings, pipes_subprocess_client: dg.PipesSubprocessClient
+) -> dg.MaterializeResult:
     return _train(context, settings, pipes_subprocess_client, baseline=False)
 
 
-@dg.asset(group_name="student", deps=["teacher_logits"], automation_condition=dg.AutomationCondition.eager(), description="The same student, data order and steps with cross-entropy only.")
-def baseline_student(context: dg.AssetExecutionContext, settings: DistillSettings, pipes_subprocess_client: dg.PipesSubprocessClient) -> dg.MaterializeResult:
+@dg.asset(
+    group_name="student",
+    deps=["teacher_logits"],
+    automation_condition=dg.AutomationCondition.eager(),
+    description="The same student, data order and steps with cross-entropy only.",
+)
+def baseline_student(
+    context: dg.AssetExecutionContext, settings: DistillSettings, pipes_subprocess_client: dg.PipesSubprocessClient
+) -> dg.MaterializeResult:
     return _train(context, settings, pipes_subprocess_client, baseline=True)

@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from distill import pipeline
+from distill.run import pipeline
 from distill.teacher.vllm_engine import EngineFailure
 from pipelines.resources import DistillSettings, TeacherEngine
 
@@ -18,15 +18,28 @@ def teacher_model(settings: DistillSettings) -> dg.MaterializeResult:
     )
 
 
-@dg.asset(group_name="teacher", deps=["corpus"], automation_condition=dg.AutomationCondition.eager(), description="Teachers adapted to the training split by a short fine-tune (teacher.models members with finetune set; none otherwise), cached by base weights, data and settings.")
+@dg.asset(
+    group_name="teacher",
+    deps=["corpus"],
+    automation_condition=dg.AutomationCondition.eager(),
+    description="Teachers adapted to the training split by a short fine-tune (teacher.models members with finetune set; none otherwise), cached by base weights, data and settings.",
+)
 def finetuned_teachers(settings: DistillSettings) -> dg.MaterializeResult:
     done = pipeline.prepare_finetuned(settings.load())
     metadata: dict = {"members": len(done)}
     for i, info in enumerate(done):
-        metadata.update({f"member_{i}_path": dg.MetadataValue.path(info["path"]), f"member_{i}_reused": info["reused"],
-                         f"member_{i}_first_loss": info["first_loss"], f"member_{i}_final_loss": info["final_loss"],
-                         f"member_{i}_seconds": round(info["seconds"], 1)})
-    return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(pipeline.content_key([d["path"] for d in done])))
+        metadata.update(
+            {
+                f"member_{i}_path": dg.MetadataValue.path(info["path"]),
+                f"member_{i}_reused": info["reused"],
+                f"member_{i}_first_loss": info["first_loss"],
+                f"member_{i}_final_loss": info["final_loss"],
+                f"member_{i}_seconds": round(info["seconds"], 1),
+            }
+        )
+    return dg.MaterializeResult(
+        metadata=metadata, data_version=dg.DataVersion(pipeline.content_key([d["path"] for d in done]))
+    )
 
 
 def _labelling_window(results: dict) -> dict:
@@ -35,8 +48,11 @@ def _labelling_window(results: dict) -> dict:
     if not done:
         return {}
     slots = {r["slot"] for r in done if r.get("slot") is not None}
-    return {"labelled_from": min(r["labelled_from"] for r in done), "labelled_until": max(r["labelled_until"] for r in done),
-            **({"engine_slot": slots.pop()} if len(slots) == 1 else {})}
+    return {
+        "labelled_from": min(r["labelled_from"] for r in done),
+        "labelled_until": max(r["labelled_until"] for r in done),
+        **({"engine_slot": slots.pop()} if len(slots) == 1 else {}),
+    }
 
 
 def build_teacher_logits(partitions: dg.PartitionsDefinition, max_partitions_per_run: int = 4):
@@ -48,14 +64,23 @@ def build_teacher_logits(partitions: dg.PartitionsDefinition, max_partitions_per
         pool="teacher",
         automation_condition=dg.AutomationCondition.eager() | dg.AutomationCondition.on_missing(),
         check_specs=[
-            dg.AssetCheckSpec("shard_integrity", asset="teacher_logits", blocking=True,
-                              description="Schema, provenance, checksums, row and token counts against the corpus, logprob sanity."),
-            dg.AssetCheckSpec("topk_mass_coverage", asset="teacher_logits",
-                              description="Mean teacher probability inside the stored top-k reaches teacher.min_topk_mass."),
+            dg.AssetCheckSpec(
+                "shard_integrity",
+                asset="teacher_logits",
+                blocking=True,
+                description="Schema, provenance, checksums, row and token counts against the corpus, logprob sanity.",
+            ),
+            dg.AssetCheckSpec(
+                "topk_mass_coverage",
+                asset="teacher_logits",
+                description="Mean teacher probability inside the stored top-k reaches teacher.min_topk_mass.",
+            ),
         ],
         description="Teacher top-k soft labels of one corpus shard (Parquet, content-addressed; a known key is a cache hit).",
     )
-    def teacher_logits(context: dg.AssetExecutionContext, settings: DistillSettings, teacher_engine: TeacherEngine) -> dg.MaterializeResult:
+    def teacher_logits(
+        context: dg.AssetExecutionContext, settings: DistillSettings, teacher_engine: TeacherEngine
+    ) -> dg.MaterializeResult:
         cfg = settings.load()
         names = list(context.partition_keys)
         try:
@@ -71,11 +96,20 @@ def build_teacher_logits(partitions: dg.PartitionsDefinition, max_partitions_per
         return dg.MaterializeResult(
             data_version=dg.DataVersion(pipeline.content_key(keys)),
             check_results=[
-                dg.AssetCheckResult(check_name="shard_integrity", passed=not checks["problems"],
-                                    metadata={"problems": dg.MetadataValue.json(checks["problems"])}),
-                dg.AssetCheckResult(check_name="topk_mass_coverage", passed=bool(checks["mean_topk_mass"] >= cfg.teacher.min_topk_mass),
-                                    severity=dg.AssetCheckSeverity.WARN,
-                                    metadata={"mean_topk_mass": float(checks["mean_topk_mass"]), "threshold": cfg.teacher.min_topk_mass}),
+                dg.AssetCheckResult(
+                    check_name="shard_integrity",
+                    passed=not checks["problems"],
+                    metadata={"problems": dg.MetadataValue.json(checks["problems"])},
+                ),
+                dg.AssetCheckResult(
+                    check_name="topk_mass_coverage",
+                    passed=bool(checks["mean_topk_mass"] >= cfg.teacher.min_topk_mass),
+                    severity=dg.AssetCheckSeverity.WARN,
+                    metadata={
+                        "mean_topk_mass": float(checks["mean_topk_mass"]),
+                        "threshold": cfg.teacher.min_topk_mass,
+                    },
+                ),
             ],
             metadata={
                 "shards": len(names),
@@ -85,7 +119,7 @@ def build_teacher_logits(partitions: dg.PartitionsDefinition, max_partitions_per
                 "teacher_seconds": round(sum(r["teacher_seconds"] for r in results.values()), 3),
                 **_labelling_window(results),
                 "keys": dg.MetadataValue.json(keys),
-            }
+            },
         )
 
     return teacher_logits

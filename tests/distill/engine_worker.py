@@ -1,9 +1,10 @@
 """A labelling process for the signal tests: starts the config's engine, says "ready", then
 labels the same windows until it is ended.  Usage: python -m tests.distill.engine_worker CONFIG"""
+
 import sys
 
-from distill import pipeline
 from distill.config import load_config
+from distill.run import pipeline
 
 if __name__ == "__main__":
     cfg = load_config(sys.argv[1])

@@ -2,11 +2,13 @@
 ragged rows, runs ``train_step`` through DDP, and rank 0 saves the gradients.
 
     torchrun --nproc_per_node=N -m tests.distill.grad_worker TEACHER_DIR OUT.safetensors"""
+
 import sys
 
 import torch
 
-from distill.trainer import TrainConfig, collate, setup_distributed, train_step
+from distill.train.config import TrainConfig
+from distill.train.trainer import collate, setup_distributed, train_step
 from tests.distill.test_token_weighting import model_and_rows
 
 if __name__ == "__main__":

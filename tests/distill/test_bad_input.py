@@ -1,5 +1,6 @@
 """Bad input gets an error naming the file and the field or line, raised before anything is
 written: config values, teacher weights, corpus files and the multiple-choice file."""
+
 from __future__ import annotations
 
 import json
@@ -10,8 +11,7 @@ import pytest
 
 from distill.config import load_config
 from distill.configbase import ConfigError
-from distill.data import CorpusConfig, CorpusError, _hash_unit, build_corpus, corpus_dir, load_records
-from distill.evaluation import load_mc
+from distill.data import CorpusConfig, CorpusError, _hash_unit, build_corpus, corpus_dir, load_mc, load_records
 from distill.teacher.checkpoint import TeacherError, check_checkpoint, check_safetensors
 
 
@@ -43,7 +43,10 @@ def load_yaml(tmp_path, text):
         ("train: [1, 2]", r"train=\[1, 2\] is invalid: expected a mapping of TrainConfig fields"),
         # wrong list items
         ("student: {layer_indices: abc}", r"student\.layer_indices=.abc. is invalid: expected a list of int"),
-        ("student: {num_layers: 2, layer_indices: [1, x]}", r"student\.layer_indices=\[1, 'x'\] is invalid: expected a list of int.*item 1 is 'x'"),
+        (
+            "student: {num_layers: 2, layer_indices: [1, x]}",
+            r"student\.layer_indices=\[1, 'x'\] is invalid: expected a list of int.*item 1 is 'x'",
+        ),
         ("student: {num_layers: 2, layer_indices: [1, 2.5]}", r"student\.layer_indices=\[1, 2\.5\].*item 1 is 2\.5"),
         ("student: {num_layers: 2, layer_indices: [1, true]}", r"student\.layer_indices=\[1, True\].*item 1 is True"),
         # non-finite numbers
@@ -106,13 +109,15 @@ def test_whole_safetensors_file_passes(tiny_safetensors):
 def test_broken_safetensors_named(tmp_path, tiny_safetensors, cut):
     data = tiny_safetensors.read_bytes()
     bad = tmp_path / "model.safetensors"
-    bad.write_bytes({
-        "half": data[: len(data) // 2],
-        "zero": b"",
-        "one_byte_short": data[:-1],
-        "garbage_header": (20).to_bytes(8, "little") + b"{not json at all!!!}" + data[28:],
-        "huge_header_length": (1 << 40).to_bytes(8, "little") + data[8:],
-    }[cut])
+    bad.write_bytes(
+        {
+            "half": data[: len(data) // 2],
+            "zero": b"",
+            "one_byte_short": data[:-1],
+            "garbage_header": (20).to_bytes(8, "little") + b"{not json at all!!!}" + data[28:],
+            "huge_header_length": (1 << 40).to_bytes(8, "little") + data[8:],
+        }[cut]
+    )
     match = {
         "half": rf"truncated: {len(data) // 2} bytes, header says {len(data)}",
         "zero": "truncated safetensors file: 0 bytes",
@@ -190,7 +195,9 @@ def test_mixed_extensions_named(tmp_path):
     a.write_text('{"text": "hello"}\n')
     b = tmp_path / "b.csv"
     b.write_text("text\nhello\n")
-    with pytest.raises(CorpusError, match=rf"mixes file types: {re.escape(str(a))} \(jsonl\), {re.escape(str(b))} \(csv\)"):
+    with pytest.raises(
+        CorpusError, match=rf"mixes file types: {re.escape(str(a))} \(jsonl\), {re.escape(str(b))} \(csv\)"
+    ):
         records(f"{a},{b}")
 
 
@@ -204,15 +211,22 @@ def test_json_and_jsonl_mix(tmp_path):
 
 
 def write_docs(path, ids, short=()):
-    path.write_text("".join(json.dumps({"id": d, "text": "one" if d in short else "a few words here"}) + "\n" for d in ids))
+    path.write_text(
+        "".join(json.dumps({"id": d, "text": "one" if d in short else "a few words here"}) + "\n" for d in ids)
+    )
     return path
 
 
 def test_train_split_empty_blames_heldout_fraction(tmp_path):
     ids = [f"d{i}" for i in range(5)]
     assert all(_hash_unit(d, "split") < 0.99 for d in ids), "precondition: 0.99 holds out every one of these ids"
-    cfg = CorpusConfig(source=str(write_docs(tmp_path / "docs.jsonl", ids)), id_column="id", heldout_fraction=0.99, window=8)
-    with pytest.raises(CorpusError, match=r"corpus\.heldout_fraction=0\.99 leaves the train split empty \(0 train and 5 held-out .*lower it"):
+    cfg = CorpusConfig(
+        source=str(write_docs(tmp_path / "docs.jsonl", ids)), id_column="id", heldout_fraction=0.99, window=8
+    )
+    with pytest.raises(
+        CorpusError,
+        match=r"corpus\.heldout_fraction=0\.99 leaves the train split empty \(0 train and 5 held-out .*lower it",
+    ):
         build_corpus(cfg, FakeTokenizer(), "tok", tmp_path / "root")
     assert not corpus_dir(tmp_path / "root", cfg, "tok").exists(), "nothing written"
 
@@ -221,8 +235,16 @@ def test_heldout_split_empty_after_drops(tmp_path):
     ids = ["a", "b", "c"]
     # 0.05 of 3 documents holds none out by hash, so the lowest hash is held out; make it too short
     held = min(ids, key=lambda d: _hash_unit(d, "split"))
-    cfg = CorpusConfig(source=str(write_docs(tmp_path / "docs.jsonl", ids, short={held})), id_column="id", heldout_fraction=0.05, window=8)
-    with pytest.raises(CorpusError, match=r"corpus\.heldout_fraction=0\.05 leaves the heldout split empty \(2 train and 0 held-out .*dropped_short.*raise it"):
+    cfg = CorpusConfig(
+        source=str(write_docs(tmp_path / "docs.jsonl", ids, short={held})),
+        id_column="id",
+        heldout_fraction=0.05,
+        window=8,
+    )
+    with pytest.raises(
+        CorpusError,
+        match=r"corpus\.heldout_fraction=0\.05 leaves the heldout split empty \(2 train and 0 held-out .*dropped_short.*raise it",
+    ):
         build_corpus(cfg, FakeTokenizer(), "tok", tmp_path / "root")
     assert not corpus_dir(tmp_path / "root", cfg, "tok").exists(), "nothing written"
 
@@ -261,7 +283,9 @@ def test_mc_bad_line_named(tmp_path, bad, match):
 
 def test_mc_non_utf8_named(tmp_path):
     path = tmp_path / "mc.jsonl"
-    path.write_bytes(f"{GOOD_MC}\n".encode() + '{"question": "caf\xe9?", "choices": ["a", "b"], "answer": 0}\n'.encode("latin-1"))
+    path.write_bytes(
+        f"{GOOD_MC}\n".encode() + '{"question": "caf\xe9?", "choices": ["a", "b"], "answer": 0}\n'.encode("latin-1")
+    )
     with pytest.raises(ValueError, match=re.escape(f"{path}:2: not UTF-8 text")):
         load_mc(path)
 

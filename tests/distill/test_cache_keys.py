@@ -1,6 +1,7 @@
 """Cache keys cover every input of what they name: a changed input gives a new key (relabel,
 retrain), an unchanged one the same key (a cache hit). Tiny fake checkpoint folders stand in for
 teachers and students; no engine starts."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,15 +17,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from distill import pipeline
 from distill.config import RunConfig
 from distill.configbase import ConfigError
 from distill.data import CorpusConfig, corpus_dir
-from distill.student import StudentConfig
+from distill.run import pipeline
 from distill.teacher.checkpoint import HASH_CACHE, checkpoint_hashes
-from distill.teacher.labels import SamplingConfig, TeacherConfig, shard_key
-from distill.teacher.vllm_engine import EngineConfig
-from distill.trainer import TrainConfig
+from distill.teacher.config import EngineConfig, TeacherConfig
+from distill.teacher.labels import shard_key
+from distill.train.config import StudentConfig, TrainConfig
 
 HASHES = {"weights": "w", "tokenizer": "t"}
 CONFIG = {"architectures": ["LlamaForCausalLM"], "vocab_size": 16, "rms_norm_eps": 1e-5, "rope_scaling": None}
@@ -125,7 +125,9 @@ def test_old_or_torn_hash_caches_are_rebuilt(tmp_path):
     hashes = checkpoint_hashes(folder)
     cached = json.loads((folder / HASH_CACHE).read_text())
     # a cache from before config.json was hashed: no version, right stamp, stale hashes
-    (folder / HASH_CACHE).write_text(json.dumps({"stamp": cached["stamp"], "hashes": {"weights": "old", "tokenizer": "old"}}))
+    (folder / HASH_CACHE).write_text(
+        json.dumps({"stamp": cached["stamp"], "hashes": {"weights": "old", "tokenizer": "old"}})
+    )
     assert checkpoint_hashes(folder) == hashes
     (folder / HASH_CACHE).write_text('{"stamp": [[')
     assert checkpoint_hashes(folder) == hashes
@@ -137,7 +139,9 @@ def test_old_or_torn_hash_caches_are_rebuilt(tmp_path):
 def run_config(tmp_path: Path, teacher: Path, mode: str = "score", window: int = 64, **teacher_fields) -> RunConfig:
     return RunConfig(
         storage_root=str(tmp_path / "data"),
-        teacher=TeacherConfig(model=str(teacher), k=4, mode=mode, engine=EngineConfig(dtype="float32"), **teacher_fields),
+        teacher=TeacherConfig(
+            model=str(teacher), k=4, mode=mode, engine=EngineConfig(dtype="float32"), **teacher_fields
+        ),
         corpus=CorpusConfig(window=window, train_shards=2, heldout_shards=1),
     )
 
@@ -190,13 +194,23 @@ def test_student_key_covers_code_and_init_weights():
     assert base == pipeline.student_key(student, train, ["a", "b"], None, "code-1"), "shard order does not matter"
     assert base != pipeline.student_key(student, train, ["a", "b"], None, "code-2"), "edited training code retrains"
     assert base != pipeline.student_key(student, train, ["a", "c"], None, "code-1")
-    assert base != pipeline.student_key(student, dataclasses.replace(train, lr=train.lr * 2), ["a", "b"], None, "code-1")
-    assert base == pipeline.student_key(student, dataclasses.replace(train, progress=not train.progress), ["a", "b"], None, "code-1")
+    assert base != pipeline.student_key(
+        student, dataclasses.replace(train, lr=train.lr * 2), ["a", "b"], None, "code-1"
+    )
+    assert base == pipeline.student_key(
+        student, dataclasses.replace(train, progress=not train.progress), ["a", "b"], None, "code-1"
+    )
     uld = dataclasses.replace(train, cross_tokenizer_loss="uld")
-    assert base == pipeline.student_key(student, uld, ["a", "b"], None, "code-1"), "no own tokenizer: the cross-tokenizer loss is unused"
+    assert base == pipeline.student_key(student, uld, ["a", "b"], None, "code-1"), (
+        "no own tokenizer: the cross-tokenizer loss is unused"
+    )
     own = StudentConfig(init="random", tokenizer="bpe:1000")
-    assert pipeline.student_key(own, train, ["a"], None, "code-1", "tok-1") != pipeline.student_key(own, uld, ["a"], None, "code-1", "tok-1")
-    assert pipeline.student_key(own, train, ["a"], None, "code-1", "tok-1") != pipeline.student_key(own, train, ["a"], None, "code-1", "tok-2")
+    assert pipeline.student_key(own, train, ["a"], None, "code-1", "tok-1") != pipeline.student_key(
+        own, uld, ["a"], None, "code-1", "tok-1"
+    )
+    assert pipeline.student_key(own, train, ["a"], None, "code-1", "tok-1") != pipeline.student_key(
+        own, train, ["a"], None, "code-1", "tok-2"
+    )
 
     at_a = StudentConfig(init="checkpoint", checkpoint="/a/student")
     at_b = StudentConfig(init="checkpoint", checkpoint="/b/student")
@@ -224,7 +238,9 @@ def test_student_init_hash_follows_the_weights_not_the_path(tmp_path):
 def test_student_dir_retrains_on_code_or_init_weights(tmp_path, monkeypatch):
     teacher = fake_checkpoint(tmp_path / "teacher")
     init = fake_checkpoint(tmp_path / "init", fill=1.0)
-    cfg = dataclasses.replace(run_config(tmp_path, teacher), student=StudentConfig(init="checkpoint", checkpoint=str(init)))
+    cfg = dataclasses.replace(
+        run_config(tmp_path, teacher), student=StudentConfig(init="checkpoint", checkpoint=str(init))
+    )
     write_manifest(cfg)
     base = pipeline.student_dir(cfg, baseline=False)
     assert pipeline.student_dir(cfg, baseline=False) == base
@@ -247,7 +263,9 @@ def test_training_code_fingerprint_is_cached_and_covers_the_sources():
     assert pipeline.training_code_fingerprint() == first
     assert pipeline.training_code_fingerprint.cache_info().hits == hits + 1, "computed once per process"
     assert first == pipeline.source_fingerprint(pipeline.TRAINING_CODE)
-    assert {"distill.trainer", "distill.losses", "distill.student", "storage.reader"} <= set(pipeline.TRAINING_CODE)
+    assert {"distill.train.trainer", "distill.train.losses", "distill.train.student", "storage.reader"} <= set(
+        pipeline.TRAINING_CODE
+    )
 
 
 def test_source_fingerprint_changes_with_any_source(tmp_path, monkeypatch):

@@ -1,4 +1,5 @@
 """Shipped configs load; bad values and unknown fields are named in the error."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -38,7 +39,10 @@ def test_shipped_config_loads(path):
         ({"trainer": {}}, r"unknown section.*trainer"),
         ({"train": {"tail": "bucket", "temperature": 2.0}}, r"train\.temperature"),
         ({"onpolicy": {"rounds": 2}}, r"onpolicy\.rounds=2 needs teacher\.mode: generate"),
-        ({"teacher": {"mode": "generate", "labels": "sampled"}, "onpolicy": {"rounds": 1}}, r"onpolicy\.rounds=1 needs teacher\.labels: topk"),
+        (
+            {"teacher": {"mode": "generate", "labels": "sampled"}, "onpolicy": {"rounds": 1}},
+            r"onpolicy\.rounds=1 needs teacher\.labels: topk",
+        ),
         ({"onpolicy": {"lmbda": 0}}, r"onpolicy\.lmbda=0"),
         ({"onpolicy": {"generator": "both"}}, r"onpolicy\.generator='both'"),
         ({"onpolicy": {"sampling": {"top_p": 0}}}, r"onpolicy\.sampling\.top_p=0"),

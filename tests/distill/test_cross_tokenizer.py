@@ -1,13 +1,14 @@
 """Students with their own tokenizer: byte tables, alignment by byte offsets (texts the two
 tokenizers split differently), and the ULD and span-aligned losses against reference formulas."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from distill.losses import cross_tokenizer_loss, uld_distance
-from distill.xtok import CrossTokenizer, collate_cross, decodable, token_byte_table, train_bpe
+from distill.train.losses import cross_tokenizer_loss, uld_distance
+from distill.train.xtok import CrossTokenizer, collate_cross, decodable, token_byte_table, train_bpe
 
 TEXTS = [
     "Distillation transfers knowledge: the student imitates the teacher's distribution.",
@@ -54,8 +55,13 @@ def _row(ids, start, k=4, seed=0):
     n = len(ids) - 1 - start
     rng = np.random.default_rng(seed)
     lp = np.sort(np.log(rng.dirichlet(np.ones(k + 2), n)[:, :k]), axis=1)[:, ::-1]
-    return {"input_ids": np.asarray(ids), "label_start": start, "topk_ids": rng.integers(0, 49152, n * k),
-            "topk_logprobs": lp.reshape(-1).astype(np.float32), "target_logprobs": np.zeros(n, np.float32)}
+    return {
+        "input_ids": np.asarray(ids),
+        "label_start": start,
+        "topk_ids": rng.integers(0, 49152, n * k),
+        "topk_logprobs": lp.reshape(-1).astype(np.float32),
+        "target_logprobs": np.zeros(n, np.float32),
+    }
 
 
 def test_alignment_pairs_exactly_the_positions_with_the_same_text_behind_them(teacher_tok, cross):
@@ -67,10 +73,14 @@ def test_alignment_pairs_exactly_the_positions_with_the_same_text_behind_them(te
         a = cross.align(_row(ids, start), 4)
         s_ids = a["input_ids"]
         assert len(s_ids) != len(ids), "the two tokenizers split this text differently"
-        s_prefix = [len(b"".join(cross.student_bytes[i] for i in s_ids[:j + 1])) for j in range(len(s_ids))]
-        t_prefix = [len(b"".join(table[i] for i in ids[:i + 1])) for i in range(len(ids))]
-        want = {(j, m) for j in range(len(s_ids) - 1) for m in range(len(ids) - 1 - start)
-                if s_prefix[j] == t_prefix[start + m]}
+        s_prefix = [len(b"".join(cross.student_bytes[i] for i in s_ids[: j + 1])) for j in range(len(s_ids))]
+        t_prefix = [len(b"".join(table[i] for i in ids[: i + 1])) for i in range(len(ids))]
+        want = {
+            (j, m)
+            for j in range(len(s_ids) - 1)
+            for m in range(len(ids) - 1 - start)
+            if s_prefix[j] == t_prefix[start + m]
+        }
         got = set(zip(a["kd_positions"].tolist(), a["kd_labels"].tolist()))
         assert got == want and len(got) > 0, "aligned where, and only where, both have read the same bytes"
         partial += len(got) < len(ids) - 1 - start
@@ -123,10 +133,14 @@ def test_span_kl_compares_the_exactly_matching_tokens_with_the_rest_as_one_bucke
     mapped = np.array([[[3, 0, 7, 0], [1, 2, 0, 0]]])  # student ids of the teacher's top-k
     matched = np.array([[[True, False, True, False], [True, True, False, False]]])
     lp = np.log(teacher_p)[None]
-    batch = {"targets": torch.zeros(1, 2, dtype=torch.long), "mask": torch.ones(1, 2, dtype=torch.bool),
-             "kd_mask": torch.ones(1, 2, dtype=torch.bool), "topk_ids": torch.tensor(mapped),
-             "matched_logprobs": torch.tensor(np.where(matched, lp, -np.inf), dtype=torch.float32),
-             "teacher_logprobs": torch.tensor(lp, dtype=torch.float32)}
+    batch = {
+        "targets": torch.zeros(1, 2, dtype=torch.long),
+        "mask": torch.ones(1, 2, dtype=torch.bool),
+        "kd_mask": torch.ones(1, 2, dtype=torch.bool),
+        "topk_ids": torch.tensor(mapped),
+        "matched_logprobs": torch.tensor(np.where(matched, lp, -np.inf), dtype=torch.float32),
+        "teacher_logprobs": torch.tensor(lp, dtype=torch.float32),
+    }
     loss, parts = cross_tokenizer_loss(logits, batch, kd_weight=1.0, loss="span_kl")
     q = torch.softmax(logits, -1).numpy()[0].astype(np.float64)
     want = []
@@ -168,8 +182,10 @@ def _brute_force_pairs(s_ids, s_table, t_ids, t_table, start, lead=0):
     """Aligned pairs by definition: student position j and teacher label m (position start + m)
     where both have read the same bytes (counted from byte ``lead`` of the teacher's window,
     where the student's text starts) and what each predicts next is non-empty."""
+
     def reads(table, ids, upto):
         return b"".join(table[i] for i in ids[:upto])
+
     t_text = reads(t_table, t_ids, len(t_ids))
     pairs = set()
     for j in range(len(s_ids) - 1):
@@ -194,7 +210,9 @@ def _with_bos(tokenizer, bos: str):
 
     backend = copy.deepcopy(tokenizer.backend_tokenizer)
     bos_id = tokenizer.convert_tokens_to_ids(bos)
-    backend.post_processor = TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)])
+    backend.post_processor = TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
+    )
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos, eos_token=tokenizer.eos_token)
 
 
@@ -202,7 +220,9 @@ def _with_bos(tokenizer, bos: str):
 def teacher_with_bos(teacher_tok):
     bos_tok = _with_bos(teacher_tok, "<|endoftext|>")
     assert bos_tok("hi")["input_ids"][0] == bos_tok.bos_token_id, "the variant adds a BOS, as build_corpus calls it"
-    assert teacher_tok("hi")["input_ids"][0] != teacher_tok.convert_tokens_to_ids("<|endoftext|>"), "the bundled one does not"
+    assert teacher_tok("hi")["input_ids"][0] != teacher_tok.convert_tokens_to_ids("<|endoftext|>"), (
+        "the bundled one does not"
+    )
     return bos_tok
 
 
@@ -218,8 +238,11 @@ def test_a_bos_on_the_teacher_side_only_shifts_nothing(teacher_tok, teacher_with
         assert with_bos[1:] == plain and with_bos[0] == teacher_with_bos.bos_token_id
         a_plain, a_bos = cross.align(_row(plain, start), 4), cross.align(_row(with_bos, start + 1), 4)
         assert a_bos["input_ids"] == a_plain["input_ids"], "the student reads the same text, with no token for the BOS"
-        assert _pairs(a_bos) == _pairs(a_plain) == _brute_force_pairs(a_plain["input_ids"], cross.student_bytes, plain,
-                                                                       cross.teacher_bytes, start)
+        assert (
+            _pairs(a_bos)
+            == _pairs(a_plain)
+            == _brute_force_pairs(a_plain["input_ids"], cross.student_bytes, plain, cross.teacher_bytes, start)
+        )
         np.testing.assert_array_equal(a_bos["ce_positions"], a_plain["ce_positions"])
         assert (a_bos["span_bytes"], a_bos["ce_bytes"]) == (a_plain["span_bytes"], a_plain["ce_bytes"])
         if start == 0:  # labels from the BOS on: label m + 1 is the position that was label m without it
@@ -227,7 +250,9 @@ def test_a_bos_on_the_teacher_side_only_shifts_nothing(teacher_tok, teacher_with
             assert {(j, m - 1) for j, m in _pairs(a0)} == _pairs(a_plain)
             assert 0 not in a0["kd_labels"].tolist(), "the BOS position has read nothing; no student position has"
             assert a0["span_bytes"] == len(text.encode()), "labelled from the BOS: the span is the whole text"
-            assert _pairs(a0) == _brute_force_pairs(a0["input_ids"], cross.student_bytes, with_bos, cross.teacher_bytes, 0)
+            assert _pairs(a0) == _brute_force_pairs(
+                a0["input_ids"], cross.student_bytes, with_bos, cross.teacher_bytes, 0
+            )
     # collated, the BOS row puts the same labels at the same student positions
     plain = teacher_tok(TEXTS[0], add_special_tokens=False)["input_ids"]
     row_plain, row_bos = _row(plain, start, seed=3), _row(teacher_with_bos(TEXTS[0])["input_ids"], start + 1, seed=3)
@@ -274,7 +299,9 @@ def _char_starts(data: bytes) -> set[int]:
 
 
 @pytest.mark.parametrize("student", ["cross", "cross_chars"])
-def test_multibyte_characters_split_differently_align_only_where_both_have_read_the_same_bytes(teacher_tok, student, request):
+def test_multibyte_characters_split_differently_align_only_where_both_have_read_the_same_bytes(
+    teacher_tok, student, request
+):
     """Byte-level BPE splits a character's bytes across tokens on one side only (the teacher
     splits 日, 🤗, 𝔘 where ``cross_chars`` holds them whole; ``cross`` splits é, €, — where the
     teacher holds them whole). A boundary inside a character on one side must not be paired
@@ -318,7 +345,7 @@ def test_a_window_cut_inside_characters_keeps_byte_offsets(teacher_tok, student,
     table = cross.teacher_bytes
     first = next(i for i, t in enumerate(ids) if table[t][0] & 0xC0 == 0x80)  # a token starting inside a character
     last = max(i for i, t in enumerate(ids) if table[t] in (b"\xf0\x9d", b"\x94"))  # ends inside 𝔦
-    window = ids[first:last + 1]
+    window = ids[first : last + 1]
     data = b"".join(table[i] for i in window)
     lead = next(i for i, b in enumerate(data) if b & 0xC0 != 0x80)
     end = max(i for i, b in enumerate(data) if b & 0xC0 != 0x80)  # 𝔦's first byte: the incomplete character is dropped

@@ -1,4 +1,5 @@
 """Corpus loading, windowing, splitting and the errors users see for bad data."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -9,7 +10,9 @@ import pytest
 from distill.data import CorpusConfig, CorpusError, build_corpus, load_documents, read_corpus_shard, windows
 
 
-@pytest.mark.parametrize("n,window,stride", [(2, 4, 3), (10, 4, 3), (10, 4, 1), (100, 16, 8), (17, 16, 15), (16, 16, 15)])
+@pytest.mark.parametrize(
+    "n,window,stride", [(2, 4, 3), (10, 4, 3), (10, 4, 1), (100, 16, 8), (17, 16, 15), (16, 16, 15)]
+)
 def test_windows_label_every_token_once(n, window, stride):
     labelled = []
     for start, end, label_start in windows(n, window, stride):
@@ -41,7 +44,15 @@ def test_local_jsonl_split_and_drops(tmp_path):
     docs = [{"body": " ".join(["word"] * (5 + i)), "id": f"d{i}"} for i in range(30)]
     docs += [{"body": "", "id": "empty"}, {"body": "   ", "id": "blank"}, {"body": "one", "id": "short"}]
     src = write_jsonl(tmp_path / "docs.jsonl", docs)
-    cfg = CorpusConfig(source=str(src), text_column="body", id_column="id", window=8, train_shards=3, heldout_shards=1, heldout_fraction=0.2)
+    cfg = CorpusConfig(
+        source=str(src),
+        text_column="body",
+        id_column="id",
+        window=8,
+        train_shards=3,
+        heldout_shards=1,
+        heldout_fraction=0.2,
+    )
     manifest = build_corpus(cfg, FakeTokenizer(), "tok", tmp_path / "root")
     assert manifest["dropped_empty"] == 2 and manifest["dropped_short"] == 1
     assert manifest["documents"] == 30
@@ -58,7 +69,9 @@ def test_local_jsonl_split_and_drops(tmp_path):
     assert total == sum(5 + i - 1 for i in range(30))
     # deterministic: building again elsewhere gives the same fingerprints
     again = build_corpus(cfg, FakeTokenizer(), "tok", tmp_path / "root2")
-    assert {n: s["fingerprint"] for n, s in again["shards"].items()} == {n: s["fingerprint"] for n, s in manifest["shards"].items()}
+    assert {n: s["fingerprint"] for n, s in again["shards"].items()} == {
+        n: s["fingerprint"] for n, s in manifest["shards"].items()
+    }
 
 
 def test_changing_one_document_changes_one_shard(tmp_path):
@@ -83,14 +96,22 @@ def test_fewer_documents_than_shards_is_refused_before_anything_is_written(tmp_p
     train = len(ids) - held
     src = write_jsonl(tmp_path / "docs.jsonl", [{"id": d, "text": "a few words here"} for d in ids])
     cfg = CorpusConfig(source=str(src), id_column="id", heldout_fraction=0.3, window=8, train_shards=train + 1)
-    with pytest.raises(CorpusError, match=rf"corpus\.heldout_fraction=0\.3 leaves {train} train document\(s\) for "
-                                          rf"corpus\.train_shards={train + 1} shards \({train} train and {held} held-out .*"
-                                          rf"1 shard\(s\) would be empty; set corpus\.train_shards to at most {train}, "
-                                          "lower corpus.heldout_fraction"):
+    with pytest.raises(
+        CorpusError,
+        match=rf"corpus\.heldout_fraction=0\.3 leaves {train} train document\(s\) for "
+        rf"corpus\.train_shards={train + 1} shards \({train} train and {held} held-out .*"
+        rf"1 shard\(s\) would be empty; set corpus\.train_shards to at most {train}, "
+        "lower corpus.heldout_fraction",
+    ):
         build_corpus(cfg, FakeTokenizer(), "tok", tmp_path / "root")
-    with pytest.raises(CorpusError, match=rf"leaves {held} heldout document\(s\) for corpus\.heldout_shards={held + 2} .*"
-                                          rf"2 shard\(s\) would be empty; .*at most {held}, raise corpus.heldout_fraction"):
-        build_corpus(dataclasses.replace(cfg, train_shards=1, heldout_shards=held + 2), FakeTokenizer(), "tok", tmp_path / "root")
+    with pytest.raises(
+        CorpusError,
+        match=rf"leaves {held} heldout document\(s\) for corpus\.heldout_shards={held + 2} .*"
+        rf"2 shard\(s\) would be empty; .*at most {held}, raise corpus.heldout_fraction",
+    ):
+        build_corpus(
+            dataclasses.replace(cfg, train_shards=1, heldout_shards=held + 2), FakeTokenizer(), "tok", tmp_path / "root"
+        )
     assert not (tmp_path / "root").exists(), "nothing written"
     # as many documents as shards is accepted
     manifest = build_corpus(dataclasses.replace(cfg, train_shards=train), FakeTokenizer(), "tok", tmp_path / "root")
@@ -112,20 +133,32 @@ def write_lines(path, rows):
 TEXT = {"text": "a few words here"}
 
 
-@pytest.mark.parametrize("files,match", [
-    # one JSON type per column, checked before datasets reads (it would turn the column into JSON text)
-    ({"docs.jsonl": [TEXT, TEXT, {"text": 12345}]}, r"docs\.jsonl:3: a number in column 'text', where \S*docs\.jsonl:1 holds a str"),
-    ({"docs.jsonl": [TEXT, None, TEXT, None, {"text": ["a", "list"]}]},
-     r"docs\.jsonl:5: a list in column 'text', where \S*docs\.jsonl:1 holds a str"),
-    ({"a.jsonl": [TEXT, TEXT], "b.jsonl": [None, TEXT, {"text": ["a", "list"]}]},
-     r"b\.jsonl:3: a list in column 'text', where \S*a\.jsonl:1 holds a str"),
-    # without the blank line datasets reads this silently, as '"a few words here"' and '["a", "list"]'
-    ({"a.jsonl": [TEXT, TEXT], "b.jsonl": [TEXT, {"text": ["a", "list"]}]},
-     r"b\.jsonl:2: a list in column 'text', where \S*a\.jsonl:1 holds a str"),
-    # one type throughout, but not text
-    ({"a.jsonl": [{"text": ["x"]}, None, {"text": ["y"]}]}, r"a\.jsonl:1: a list in column 'text', expected text"),
-    ({"docs.json": [TEXT, {"text": ["a", "list"]}]}, r"docs\.json row 1: a list in column 'text', expected text"),
-])
+@pytest.mark.parametrize(
+    "files,match",
+    [
+        # one JSON type per column, checked before datasets reads (it would turn the column into JSON text)
+        (
+            {"docs.jsonl": [TEXT, TEXT, {"text": 12345}]},
+            r"docs\.jsonl:3: a number in column 'text', where \S*docs\.jsonl:1 holds a str",
+        ),
+        (
+            {"docs.jsonl": [TEXT, None, TEXT, None, {"text": ["a", "list"]}]},
+            r"docs\.jsonl:5: a list in column 'text', where \S*docs\.jsonl:1 holds a str",
+        ),
+        (
+            {"a.jsonl": [TEXT, TEXT], "b.jsonl": [None, TEXT, {"text": ["a", "list"]}]},
+            r"b\.jsonl:3: a list in column 'text', where \S*a\.jsonl:1 holds a str",
+        ),
+        # without the blank line datasets reads this silently, as '"a few words here"' and '["a", "list"]'
+        (
+            {"a.jsonl": [TEXT, TEXT], "b.jsonl": [TEXT, {"text": ["a", "list"]}]},
+            r"b\.jsonl:2: a list in column 'text', where \S*a\.jsonl:1 holds a str",
+        ),
+        # one type throughout, but not text
+        ({"a.jsonl": [{"text": ["x"]}, None, {"text": ["y"]}]}, r"a\.jsonl:1: a list in column 'text', expected text"),
+        ({"docs.json": [TEXT, {"text": ["a", "list"]}]}, r"docs\.json row 1: a list in column 'text', expected text"),
+    ],
+)
 def test_non_text_value_names_file_and_line(tmp_path, files, match):
     """A value that is not text names its file and line (the first line of its type when a
     column mixes types), like every other corpus error, not a row id."""
@@ -190,12 +223,15 @@ def test_default_corpus_ships_with_python():
 
 
 def test_label_keys_change_with_exactly_their_inputs():
-    from distill.teacher.labels import TeacherConfig, shard_key
+    from distill.teacher.config import TeacherConfig
+    from distill.teacher.labels import shard_key
 
     hashes = {"weights": "w", "tokenizer": "t"}
     base = shard_key(hashes, "fp", TeacherConfig(k=32), "float32")
     assert base == shard_key(hashes, "fp", TeacherConfig(k=32), "float32")
-    assert base == shard_key(hashes, "fp", TeacherConfig(k=32, min_topk_mass=0.9), "float32"), "check thresholds do not relabel"
+    assert base == shard_key(hashes, "fp", TeacherConfig(k=32, min_topk_mass=0.9), "float32"), (
+        "check thresholds do not relabel"
+    )
     changed = [
         shard_key(hashes, "fp", TeacherConfig(k=16), "float32"),
         shard_key({**hashes, "weights": "w2"}, "fp", TeacherConfig(k=32), "float32"),
@@ -218,8 +254,12 @@ def teacher_tokenizer():
 
 def test_prompt_corpus_counts_skips(tmp_path, teacher_tokenizer):
     rows = [{"id": f"p{i}", "prompt": f"Question number {i}: what is {i} plus {i}?"} for i in range(6)]
-    rows += [{"id": "empty", "prompt": ""}, {"id": "blank", "prompt": "   "}, {"id": "none", "prompt": None},
-             {"id": "long", "prompt": "word " * 200}]
+    rows += [
+        {"id": "empty", "prompt": ""},
+        {"id": "blank", "prompt": "   "},
+        {"id": "none", "prompt": None},
+        {"id": "long", "prompt": "word " * 200},
+    ]
     src = write_jsonl(tmp_path / "prompts.jsonl", rows)
     cfg = CorpusConfig(source=str(src), id_column="id", window=64, train_shards=1, heldout_fraction=0.3)
     manifest = build_corpus(cfg, teacher_tokenizer, "tok", tmp_path / "root", mode="generate")
@@ -228,8 +268,12 @@ def test_prompt_corpus_counts_skips(tmp_path, teacher_tokenizer):
     row = table.slice(0, 1).to_pylist()[0]
     # chat template applied: the prompt ends at the assistant turn, nothing is labelled yet
     assert teacher_tokenizer.decode(row["input_ids"]).endswith("<|im_start|>assistant\n")
-    assert row["label_start"] == len(row["input_ids"]) - 1 and row["prompt_text"] in teacher_tokenizer.decode(row["input_ids"])
-    plain = build_corpus(dataclasses.replace(cfg, chat_template=False), teacher_tokenizer, "tok", tmp_path / "plain", mode="generate")
+    assert row["label_start"] == len(row["input_ids"]) - 1 and row["prompt_text"] in teacher_tokenizer.decode(
+        row["input_ids"]
+    )
+    plain = build_corpus(
+        dataclasses.replace(cfg, chat_template=False), teacher_tokenizer, "tok", tmp_path / "plain", mode="generate"
+    )
     assert plain["shards"]["train-00000"]["windows"] == manifest["shards"]["train-00000"]["windows"]
     with pytest.raises(CorpusError, match="no chat template"):
         tok = teacher_tokenizer.__class__.from_pretrained(teacher_tokenizer.name_or_path)
@@ -244,11 +288,15 @@ def test_prompt_corpus_rejects_bad_values(tmp_path, teacher_tokenizer):
         return build_corpus(cfg, teacher_tokenizer, "tok", tmp_path / "root", mode=mode)
 
     good = [{"id": f"c{i}", "prompt": f"Pick {i}", "candidates": ["yes", "no"], "answer": i % 2} for i in range(4)]
-    with pytest.raises(CorpusError, match=r"generate\.jsonl:1 \(document id 'bad'\): an int in column 'prompt', expected text"):
+    with pytest.raises(
+        CorpusError, match=r"generate\.jsonl:1 \(document id 'bad'\): an int in column 'prompt', expected text"
+    ):
         build([{"id": "bad", "prompt": 7}], "generate")
     with pytest.raises(CorpusError, match="no column 'prompt'"):
         build([{"id": "a", "text": "hello"}], "generate")
-    with pytest.raises(CorpusError, match=r"candidates\.jsonl:5: a str in column 'candidates', where \S+:1 holds a list"):
+    with pytest.raises(
+        CorpusError, match=r"candidates\.jsonl:5: a str in column 'candidates', where \S+:1 holds a list"
+    ):
         build(good + [{"id": "bad", "prompt": "p", "candidates": "yes", "answer": 0}], "candidates")
     with pytest.raises(CorpusError, match="candidates.jsonl:5 \\(document id 'bad'\\): answer=5, expected an index"):
         build(good + [{"id": "bad", "prompt": "p", "candidates": ["a", "b"], "answer": 5}], "candidates")

@@ -6,6 +6,7 @@ one engine process is signalled, as the kernel or a debugger would. The shared e
 session (``tests.conftest.SessionEngine``) is killed twice here; its next use must start a new
 one, and a labelling retry must relabel only the shards not yet committed.
 """
+
 from __future__ import annotations
 
 import os
@@ -92,7 +93,8 @@ def test_sigkilled_engine_core_fails_the_call_at_once_and_the_next_use_starts_a_
 
 @pytest.mark.slow
 def test_sigstopped_engine_fails_the_call_after_step_timeout(teacher_dir):
-    from distill.teacher.vllm_engine import EngineConfig, EngineFailure, VllmTeacher
+    from distill.teacher.config import EngineConfig
+    from distill.teacher.vllm_engine import EngineFailure, VllmTeacher
 
     timeout = 20.0  # a fresh engine's first step took more than 5 s on a loaded 2-core machine
     eng = VllmTeacher(teacher_dir, 8, TINY_WINDOW, EngineConfig(step_timeout_s=timeout, cpu_kv_cache_gib=1))
@@ -106,9 +108,13 @@ def test_sigstopped_engine_fails_the_call_after_step_timeout(teacher_dir):
         last_step = eng._last_step[0]
         assert last_step <= stopped, "the engine finished a step after it was stopped"
         waited = failed - last_step
-        assert timeout <= waited < timeout + 20, f"failed {waited:.1f} s after the last step ({failed - stopped:.1f} s after the stop), with step_timeout_s={timeout}"
+        assert timeout <= waited < timeout + 20, (
+            f"failed {waited:.1f} s after the last step ({failed - stopped:.1f} s after the stop), with step_timeout_s={timeout}"
+        )
         message = str(failure.value)
-        assert f"step_timeout_s = {timeout:g}" in message and f"pid {core.pid}" in message and "::EngineCore" in message, message
+        assert (
+            f"step_timeout_s = {timeout:g}" in message and f"pid {core.pid}" in message and "::EngineCore" in message
+        ), message
         assert "stopped (by SIGSTOP" in message, message
         assert not _wait_gone(eng.processes), "the stalled engine's processes outlived its failure"
         with pytest.raises(EngineFailure, match="closed"):
@@ -124,8 +130,8 @@ def test_sigstopped_engine_fails_the_call_after_step_timeout(teacher_dir):
 
 @pytest.mark.slow
 def test_retry_after_a_killed_worker_relabels_only_the_missing_shards(tiny_config_path, engine, tmp_path):
-    from distill import pipeline
     from distill.config import load_config
+    from distill.run import pipeline
     from distill.teacher.vllm_engine import EngineFailure
 
     config = yaml.safe_load(Path(tiny_config_path).read_text())
@@ -164,7 +170,7 @@ def test_retry_after_a_killed_worker_relabels_only_the_missing_shards(tiny_confi
 
 def test_step_timeout_must_be_positive():
     from distill.configbase import ConfigError
-    from distill.teacher.vllm_engine import EngineConfig
+    from distill.teacher.config import EngineConfig
 
     with pytest.raises(ConfigError, match="step_timeout_s"):
         EngineConfig(step_timeout_s=0)
@@ -194,8 +200,8 @@ def test_teacher_logits_step_is_retried_on_a_fresh_engine_after_a_stall(tiny_con
     ``step_timeout_s``, and the retried step labels on a fresh engine."""
     import dagster as dg
 
-    from distill import pipeline
     from distill.config import load_config
+    from distill.run import pipeline
     from pipelines.definitions import build_definitions
 
     config = yaml.safe_load(Path(tiny_config_path).read_text())
@@ -209,15 +215,25 @@ def test_teacher_logits_step_is_retried_on_a_fresh_engine_after_a_stall(tiny_con
     cfg = load_config(path)
     defs = build_definitions(str(path), keep_engine_alive=True)
     instance = dg.DagsterInstance.ephemeral()
-    inputs = dg.materialize(list(defs.assets), selection=["teacher_model", "corpus", "finetuned_teachers"],
-                            resources=defs.resources, instance=instance)
+    inputs = dg.materialize(
+        list(defs.assets),
+        selection=["teacher_model", "corpus", "finetuned_teachers"],
+        resources=defs.resources,
+        instance=instance,
+    )
     assert inputs.success
     stalled = pipeline.get_engine(cfg)  # the engine the step will find in the registry
     worker = _process(stalled, "Worker")
     worker.suspend()
     try:
-        result = dg.materialize(list(defs.assets), selection=["teacher_logits"], partition_key=cfg.corpus.shard_names()[0],
-                                resources=defs.resources, instance=instance, raise_on_error=False)
+        result = dg.materialize(
+            list(defs.assets),
+            selection=["teacher_logits"],
+            partition_key=cfg.corpus.shard_names()[0],
+            resources=defs.resources,
+            instance=instance,
+            raise_on_error=False,
+        )
         events = [e.event_type_value for e in result.all_events]
         assert result.success, events
         assert "STEP_UP_FOR_RETRY" in events and "STEP_RESTARTED" in events, events

@@ -2,6 +2,7 @@
 a Dagster run termination), SIGINT (Ctrl-C, Dagster's cancel), SIGKILL (the out-of-memory
 killer, a node drain). Only the labelling process is signalled, as those do; the engine
 (``VLLM::EngineCore``, ``VLLM::Worker``) and the watchdog must all be gone soon after."""
+
 from __future__ import annotations
 
 import os
@@ -22,10 +23,20 @@ pytestmark = pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL], ids=["SIGTERM", "SIGINT", "SIGKILL"])
 def test_no_engine_process_outlives_the_labelling_process(sig, tiny_config_path):
     mark = uuid.uuid4().hex
-    env = {**os.environ, "ENGINE_TEST_MARK": mark, "VLLM_CPU_KVCACHE_SPACE": "1",
-           "VLLM_PROCESS_NAME_PREFIX": f"{os.environ['VLLM_PROCESS_NAME_PREFIX']}-{mark}"}
-    proc = start_group([sys.executable, "-m", "tests.distill.engine_worker", str(tiny_config_path)], cwd=REPO, env=env,
-                       stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    env = {
+        **os.environ,
+        "ENGINE_TEST_MARK": mark,
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_PROCESS_NAME_PREFIX": f"{os.environ['VLLM_PROCESS_NAME_PREFIX']}-{mark}",
+    }
+    proc = start_group(
+        [sys.executable, "-m", "tests.distill.engine_worker", str(tiny_config_path)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     try:
         for line in proc.stdout:  # vLLM logs to stdout too
             if line.strip() == "ready":

@@ -1,5 +1,6 @@
 """Teacher ensembles: the mixture against a dense reference, padded top-k storage, and the
 shard-level mix (alignment checks, provenance, round trip)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,8 +24,16 @@ def _teacher(rng, n, vocab, k, sharpness):
     ids = np.argsort(-p, axis=1, kind="stable")[:, :k]
     top = np.take_along_axis(p, ids, axis=1)
     targets = rng.integers(0, vocab, n)
-    return p, targets, {"topk_ids": ids, "topk_logprobs": np.log(top), "tail_mass": 1 - top.sum(1),
-                        "target_logprobs": np.log(p[np.arange(n), targets])}
+    return (
+        p,
+        targets,
+        {
+            "topk_ids": ids,
+            "topk_logprobs": np.log(top),
+            "tail_mass": 1 - top.sum(1),
+            "target_logprobs": np.log(p[np.arange(n), targets]),
+        },
+    )
 
 
 def test_mixture_equals_the_dense_reference_over_the_union():
@@ -86,8 +95,13 @@ def _padded(rows, k, pad):
         n = len(r["tail_mass"])
         ids = r["topk_ids"].reshape(n, k)
         lp = r["topk_logprobs"].reshape(n, k)
-        out.append({**r, "topk_ids": np.concatenate([ids, np.repeat(ids[:, :1], pad, 1)], 1).reshape(-1),
-                    "topk_logprobs": np.concatenate([lp, np.full((n, pad), -np.inf, np.float32)], 1).reshape(-1)})
+        out.append(
+            {
+                **r,
+                "topk_ids": np.concatenate([ids, np.repeat(ids[:, :1], pad, 1)], 1).reshape(-1),
+                "topk_logprobs": np.concatenate([lp, np.full((n, pad), -np.inf, np.float32)], 1).reshape(-1),
+            }
+        )
     return out
 
 
@@ -126,15 +140,19 @@ def _member_store(tmp_path, name, rows, k, teacher_hash):
 
 def test_mix_shard_writes_the_mixture_and_refuses_misaligned_members(tmp_path):
     rows_a = make_rows(30, 500, 4, seed=0)
-    rows_b = [{**r, **{c: v for c, v in s.items() if c in ("topk_ids", "topk_logprobs", "tail_mass")}}
-              for r, s in zip(rows_a, make_rows(30, 500, 4, seed=0))]
+    rows_b = [
+        {**r, **{c: v for c, v in s.items() if c in ("topk_ids", "topk_logprobs", "tail_mass")}}
+        for r, s in zip(rows_a, make_rows(30, 500, 4, seed=0))
+    ]
     rng = np.random.default_rng(5)
     for r in rows_b:  # another teacher on the same windows: other ids
         r["topk_ids"] = rng.permutation(500)[: len(r["topk_ids"])] if len(r["topk_ids"]) else r["topk_ids"]
     a = _member_store(tmp_path, "aa", rows_a, 4, "wa")
     b = _member_store(tmp_path, "bb", rows_b, 4, "wb")
     out = LabelStore(tmp_path / "mix")
-    meta = make_meta(vocab=500, k=8, teacher_hash="ens", cache_key="e" * 32, settings={"ensemble": [{"model": "a"}, {"model": "b"}]})
+    meta = make_meta(
+        vocab=500, k=8, teacher_hash="ens", cache_key="e" * 32, settings={"ensemble": [{"model": "a"}, {"model": "b"}]}
+    )
     result = mix_shard(out, "e" * 32, meta, [a, b], [0.25, 0.75], batch_rows=7)
     assert not result["cache_hit"] and result["rows"] == 30
     mixed = out.open("e" * 32, expect={"k": 8, "teacher_hash": "ens"})
@@ -146,8 +164,13 @@ def test_mix_shard_writes_the_mixture_and_refuses_misaligned_members(tmp_path):
         n = len(x["tail_mass"])
         if not n:
             continue
-        want = mix_labels([{c: x[c] for c in ("topk_ids", "topk_logprobs", "tail_mass", "target_logprobs")},
-                           {c: y[c] for c in ("topk_ids", "topk_logprobs", "tail_mass", "target_logprobs")}], [0.25, 0.75])
+        want = mix_labels(
+            [
+                {c: x[c] for c in ("topk_ids", "topk_logprobs", "tail_mass", "target_logprobs")},
+                {c: y[c] for c in ("topk_ids", "topk_logprobs", "tail_mass", "target_logprobs")},
+            ],
+            [0.25, 0.75],
+        )
         np.testing.assert_array_equal(m["input_ids"], x["input_ids"])
         live = np.isfinite(want["topk_logprobs"])
         np.testing.assert_array_equal(np.isfinite(m["topk_logprobs"].reshape(n, 8)), live)

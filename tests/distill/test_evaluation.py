@@ -1,4 +1,5 @@
 """Evaluation metrics against hand-computed values on tiny tensors, and the gate."""
+
 from __future__ import annotations
 
 import math
@@ -8,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from distill.evaluation import EvalConfig, batch_sums, finish, gate
+from distill.eval.config import EvalConfig
+from distill.eval.evaluation import batch_sums, finish, gate
 
 
 def tiny_batch():
@@ -63,8 +65,10 @@ def test_gate_fails_a_student_no_better_than_its_initialization():
     """A baseline that training made worse than the initialization (a cut-from-the-teacher
     student can start well) must not let an untrained-looking student pass."""
     init = {"ppl": 80.0, "bpb": 1.8}
-    passed, text = gate({"student": {"ppl": 85.0, "bpb": 1.85}, "baseline": {"ppl": 120.0, "bpb": 2.1}, "student_init": init},
-                        EvalConfig())
+    passed, text = gate(
+        {"student": {"ppl": 85.0, "bpb": 1.85}, "baseline": {"ppl": 120.0, "bpb": 2.1}, "student_init": init},
+        EvalConfig(),
+    )
     assert not passed
     assert "ppl 85.00 vs baseline 120.00 (margin 0.0): ok, vs student_init 80.00: FAIL" in text
     assert "bpb 1.8500 vs baseline 2.1000 (margin 0.0): ok, vs student_init 1.8000: FAIL" in text
@@ -81,7 +85,8 @@ def test_removed_kl_margin_says_what_replaced_it():
 def test_multiple_choice_scoring_by_hand(teacher_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from distill.evaluation import choice_scores, load_mc, mc_accuracy
+    from distill.data import load_mc
+    from distill.eval.evaluation import choice_scores, mc_accuracy
 
     tok = AutoTokenizer.from_pretrained(teacher_dir)
     model = AutoModelForCausalLM.from_pretrained(teacher_dir, use_safetensors=True).eval()
@@ -94,7 +99,9 @@ def test_multiple_choice_scoring_by_hand(teacher_dir, tmp_path):
     by_hand = sum(lp[t - 1, ids[t]].item() for t in range(n_prompt, len(ids)))
     assert abs(scores[0].item() - by_hand) < 1e-4
     path = tmp_path / "mc.jsonl"
-    path.write_text('{"question": "q?", "choices": ["a", "b"], "answer": 0}\n{"question": "r?", "choices": ["c"], "answer": 0}\n')
+    path.write_text(
+        '{"question": "q?", "choices": ["a", "b"], "answer": 0}\n{"question": "r?", "choices": ["c"], "answer": 0}\n'
+    )
     with pytest.raises(ValueError, match=r"mc.jsonl:2: choices"):
         load_mc(path)
     items = load_mc(Path(__file__).resolve().parents[2] / "examples" / "python_mc.jsonl")
@@ -103,7 +110,7 @@ def test_multiple_choice_scoring_by_hand(teacher_dir, tmp_path):
 
 
 def test_candidate_metrics_by_hand():
-    from distill.evaluation import candidate_sums, finish_candidates
+    from distill.eval.evaluation import candidate_sums, finish_candidates
 
     # example 0: 2 candidates, gold 0; example 1: 3 candidates, gold 2; example 2: no gold
     student = torch.log(torch.tensor([[0.7, 0.3, 1.0], [0.2, 0.5, 0.3], [0.4, 0.6, 1.0]]))
@@ -111,9 +118,11 @@ def test_candidate_metrics_by_hand():
     mask = torch.tensor([[True, True, False], [True, True, True], [True, True, False]])
     batch = {"candidate_mask": mask, "teacher_logprobs": teacher, "answer": torch.tensor([0, 2, -1])}
     m = finish_candidates(candidate_sums(student, batch))
-    kl = [0.9 * math.log(0.9 / 0.7) + 0.1 * math.log(0.1 / 0.3),
-          0.1 * math.log(0.1 / 0.2) + 0.2 * math.log(0.2 / 0.5) + 0.7 * math.log(0.7 / 0.3),
-          0.5 * math.log(0.5 / 0.4) + 0.5 * math.log(0.5 / 0.6)]
+    kl = [
+        0.9 * math.log(0.9 / 0.7) + 0.1 * math.log(0.1 / 0.3),
+        0.1 * math.log(0.1 / 0.2) + 0.2 * math.log(0.2 / 0.5) + 0.7 * math.log(0.7 / 0.3),
+        0.5 * math.log(0.5 / 0.4) + 0.5 * math.log(0.5 / 0.6),
+    ]
     assert abs(m["kl"] - sum(kl) / 3) < 1e-5
     # choices 0, 1, 1 vs teacher 0, 2, 0 (tie at 0.5 -> argmax takes the first)
     assert abs(m["teacher_agreement"] - 1 / 3) < 1e-9 and m["top1"] == m["teacher_agreement"]
@@ -124,7 +133,7 @@ def test_candidate_metrics_by_hand():
 
 
 def test_answer_agreement_by_hand():
-    from distill.evaluation import answer_agreement
+    from distill.eval.evaluation import answer_agreement
 
     got = answer_agreement([[1, 2, 3], [4, 5], [], [9]], [[1, 2, 3], [4, 6, 7], [], [8, 9]])
     assert got["greedy_exact_match"] == 0.5
@@ -142,11 +151,13 @@ def test_teacher_backend_is_validated():
 
 
 def test_teacher_candidate_metrics_from_stored_distribution():
-    from distill.evaluation import candidate_sums, collate_teacher_candidates, finish_candidates
+    from distill.eval.evaluation import candidate_sums, collate_teacher_candidates, finish_candidates
 
-    rows = [{"teacher_logprobs": np.log([0.9, 0.1]), "answer": 0},
-            {"teacher_logprobs": np.log([0.2, 0.3, 0.5]), "answer": 1},
-            {"teacher_logprobs": np.log([0.6, 0.4]), "answer": -1}]
+    rows = [
+        {"teacher_logprobs": np.log([0.9, 0.1]), "answer": 0},
+        {"teacher_logprobs": np.log([0.2, 0.3, 0.5]), "answer": 1},
+        {"teacher_logprobs": np.log([0.6, 0.4]), "answer": -1},
+    ]
     batch = collate_teacher_candidates(rows)
     m = finish_candidates(candidate_sums(batch["teacher_logprobs"], batch))
     assert abs(m["kl"]) < 1e-7 and m["teacher_agreement"] == 1.0 and m["gold_examples"] == 2
@@ -157,24 +168,25 @@ def test_teacher_candidate_metrics_from_stored_distribution():
 
 def _one_at_a_time_scores(model, tok, items):
     """The multiple-choice scores as evaluation computed them before batching: one forward per choice."""
-    from distill.evaluation import mc_prompt
+    from distill.eval.evaluation import mc_prompt
 
     scores = []
     for item in items:
         prompt, choices = mc_prompt(item)
         prompt_ids = tok(prompt)["input_ids"]
         for choice in choices:
-            ids = torch.tensor([prompt_ids + tok(prompt + choice)["input_ids"][len(prompt_ids):]])
+            ids = torch.tensor([prompt_ids + tok(prompt + choice)["input_ids"][len(prompt_ids) :]])
             with torch.no_grad():
                 lp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
-            scores.append(lp[len(prompt_ids) - 1:].gather(-1, ids[0, len(prompt_ids):, None])[:, 0].sum().item())
+            scores.append(lp[len(prompt_ids) - 1 :].gather(-1, ids[0, len(prompt_ids) :, None])[:, 0].sum().item())
     return scores
 
 
 def test_batched_mc_and_greedy_equal_one_at_a_time(hf_teacher, teacher_dir):
     from transformers import AutoTokenizer
 
-    from distill.evaluation import greedy_answers, load_mc, mc_accuracy, mc_sequences, sequence_logprobs
+    from distill.data import load_mc
+    from distill.eval.evaluation import greedy_answers, mc_accuracy, mc_sequences, sequence_logprobs
 
     tok = AutoTokenizer.from_pretrained(teacher_dir)
     items = load_mc(Path(__file__).resolve().parents[2] / "examples" / "python_mc.jsonl")[:5]
@@ -187,7 +199,12 @@ def test_batched_mc_and_greedy_equal_one_at_a_time(hf_teacher, teacher_dir):
     assert len({len(p) for p in prompts}) > 1
     one = greedy_answers(hf_teacher, prompts, 6, tok.eos_token_id)
     assert greedy_answers(hf_teacher, prompts, 6, tok.eos_token_id, batch_size=3) == one
-    assert greedy_answers(hf_teacher, prompts, [6, 2, 6, 1], tok.eos_token_id, batch_size=4) == [one[0], one[1][:2], one[2], one[3][:1]]
+    assert greedy_answers(hf_teacher, prompts, [6, 2, 6, 1], tok.eos_token_id, batch_size=4) == [
+        one[0],
+        one[1][:2],
+        one[2],
+        one[3][:1],
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -195,24 +212,28 @@ def heldout(tiny_config, engine, tmp_path_factory):
     """Labelled held-out shards of the tiny config (its own storage root; the session's engine)."""
     import dataclasses
 
-    from distill import pipeline
+    from distill.run import pipeline
 
     cfg = dataclasses.replace(tiny_config, storage_root=str(tmp_path_factory.mktemp("eval") / "data"))
     pipeline.prepare_corpus(cfg)
-    pipeline.label_shards(cfg, [n for n in cfg.corpus.shard_names() if n.startswith("heldout")], engine_factory=lambda: engine)
+    pipeline.label_shards(
+        cfg, [n for n in cfg.corpus.shard_names() if n.startswith("heldout")], engine_factory=lambda: engine
+    )
     return cfg, pipeline.open_split(cfg, "heldout")
 
 
 @pytest.mark.slow
 def test_stored_teacher_metrics_match_a_transformers_forward(heldout, hf_teacher, teacher_dir):
-    from distill.evaluation import evaluate_model, teacher_metrics
+    from distill.eval.evaluation import evaluate_model, teacher_metrics
 
     cfg, shards = heldout
     stored = teacher_metrics(shards, cfg.eval, teacher_dir)
     forward = evaluate_model(hf_teacher, shards, cfg.eval)
     rel = abs(stored["ppl"] - forward["ppl"]) / forward["ppl"]
-    print(f"stored teacher ppl {stored['ppl']:.6f} vs transformers {forward['ppl']:.6f}: relative error {rel:.2e} "
-          f"over {stored['positions']} positions")
+    print(
+        f"stored teacher ppl {stored['ppl']:.6f} vs transformers {forward['ppl']:.6f}: relative error {rel:.2e} "
+        f"over {stored['positions']} positions"
+    )
     assert rel < 1e-3
     assert stored["positions"] == forward["positions"] and stored["parameters"] == forward["parameters"]
     assert stored["kl"] == 0.0 and stored["top1"] == 1.0 and forward["kl"] < 0.01 and forward["top1"] > 0.98
@@ -227,20 +248,25 @@ def test_stored_teacher_metrics_match_a_transformers_forward(heldout, hf_teacher
 def test_engine_greedy_and_mc_match_transformers(heldout, engine, hf_teacher, teacher_dir, tmp_path):
     from transformers import AutoTokenizer
 
-    from distill.evaluation import engine_mc_accuracy, greedy_answers, load_mc, mc_accuracy, mc_sequences, sequence_logprobs
+    from distill.data import load_mc
+    from distill.eval.evaluation import engine_mc_accuracy, greedy_answers, mc_accuracy, mc_sequences, sequence_logprobs
 
     tok = AutoTokenizer.from_pretrained(teacher_dir)
     mc_file = Path(__file__).resolve().parents[2] / "examples" / "python_mc.jsonl"
     items = load_mc(mc_file)
     seqs, starts, _ = mc_sequences(tok, items)
-    np.testing.assert_allclose(engine.sequence_logprobs(seqs, starts), sequence_logprobs(hf_teacher, seqs, starts, 16).numpy(), atol=2e-3)
+    np.testing.assert_allclose(
+        engine.sequence_logprobs(seqs, starts), sequence_logprobs(hf_teacher, seqs, starts, 16).numpy(), atol=2e-3
+    )
     assert engine_mc_accuracy(engine, tok, items, source=mc_file) == mc_accuracy(hf_teacher, tok, items)
     prompts = [s[:n] for s, n in zip(seqs[::4], starts[::4])][:4]
     assert engine.greedy(prompts, 8, tok.eos_token_id) == greedy_answers(hf_teacher, prompts, 8, tok.eos_token_id)
     # a question that does not fit the engine's context is named
     long = tmp_path / "long.jsonl"
-    long.write_text('{"question": "q?", "choices": ["a", "b"], "answer": 0}\n'
-                    + '{"question": "%s", "choices": ["a", "b"], "answer": 1}\n' % ("why " * 80))
+    long.write_text(
+        '{"question": "q?", "choices": ["a", "b"], "answer": 0}\n'
+        + '{"question": "%s", "choices": ["a", "b"], "answer": 1}\n' % ("why " * 80)
+    )
     with pytest.raises(ValueError, match=r"long.jsonl: question 2 \('why why.*beyond the teacher engine's max_len 64"):
         engine_mc_accuracy(engine, tok, load_mc(long), source=long)
 
@@ -251,11 +277,13 @@ def test_evaluate_never_builds_the_teacher_unless_asked(heldout, engine, teacher
 
     import transformers
 
-    from distill.evaluation import evaluate
+    from distill.eval.evaluation import evaluate
 
     cfg, shards = heldout
     real = transformers.AutoModelForCausalLM.from_pretrained
-    stored = evaluate({"teacher": teacher_dir}, shards, cfg.eval, engine_factory=lambda: engine)  # mc_file set: needs the engine
+    stored = evaluate(
+        {"teacher": teacher_dir}, shards, cfg.eval, engine_factory=lambda: engine
+    )  # mc_file set: needs the engine
     assert stored["teacher"]["kl"] == 0.0 and 0 <= stored["teacher"]["mc_accuracy"] <= 1
     with pytest.raises(ValueError, match="needs the teacher's vLLM engine"):
         evaluate({"teacher": teacher_dir}, shards, cfg.eval)
@@ -277,14 +305,17 @@ def test_full_distribution_kl_against_a_direct_computation(heldout, hf_teacher, 
     itself, and for a 2-layer cut of it the value of a direct batched computation."""
     import dataclasses
 
-    from distill import evaluation
-    from distill.evaluation import full_distribution_kl, full_kl_skip_reason, heldout_batches
-    from distill.student import StudentConfig, build_student
-    from distill.trainer import collate_for
+    from distill.eval import evaluation
+    from distill.eval.evaluation import full_distribution_kl, full_kl_skip_reason, heldout_batches
+    from distill.train.config import StudentConfig
+    from distill.train.student import build_student
+    from distill.train.trainer import collate_for
 
     cfg, shards = heldout
     eval_cfg = dataclasses.replace(cfg.eval, full_kl_windows=3, batch_size=2)
-    student = build_student(teacher_dir, StudentConfig(init="teacher_layers", num_layers=2), hf_teacher.config.vocab_size)
+    student = build_student(
+        teacher_dir, StudentConfig(init="teacher_layers", num_layers=2), hf_teacher.config.vocab_size
+    )
     out = full_distribution_kl(hf_teacher, {"self": hf_teacher, "cut": student}, shards, eval_cfg)
     assert out["windows"] == 3 and abs(out["self"]) < 1e-6
     total, positions = 0.0, 0

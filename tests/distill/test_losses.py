@@ -2,6 +2,7 @@
 
 Tolerances: 1e-5 absolute on fp32 values of order 1.
 """
+
 from __future__ import annotations
 
 import math
@@ -11,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill.losses import DIVERGENCES, cross_entropy, distillation_loss, kd_loss
+from distill.train.losses import DIVERGENCES, cross_entropy, distillation_loss, kd_loss
 
 B, T, V = 2, 5, 11
 TOL = 1e-5
@@ -97,7 +98,9 @@ def test_forward_kl_equals_torch_kl_div(tensors):
     student_logits, teacher_logits, mask = tensors
     ids, lp = full_topk(teacher_logits, V)
     got = kd_loss(student_logits, ids, lp, torch.ones(B, T, dtype=torch.bool))
-    want = F.kl_div(torch.log_softmax(student_logits, -1), torch.log_softmax(teacher_logits, -1), log_target=True, reduction="sum") / (B * T)
+    want = F.kl_div(
+        torch.log_softmax(student_logits, -1), torch.log_softmax(teacher_logits, -1), log_target=True, reduction="sum"
+    ) / (B * T)
     assert abs(got.item() - want.item()) < TOL
 
 
@@ -220,7 +223,9 @@ def test_bucket_loss_with_decoded_tiny_tail(name):
         def loss(tail_mass):
             teacher_logprobs = torch.from_numpy(codec.decode_topk_logprobs(diffs, tail_mass))[None]  # (1, 1, K)
             one = torch.ones(1, 1, dtype=torch.bool)
-            return kd_loss(student_logits[b:b + 1, -1:], ids[None, None], teacher_logprobs, one, divergence=name, tail="bucket").item()
+            return kd_loss(
+                student_logits[b : b + 1, -1:], ids[None, None], teacher_logprobs, one, divergence=name, tail="bucket"
+            ).item()
 
         decoded = codec.decode_tail(codec.encode_tail(tail))
         assert abs(decoded[0] - tiny) <= codec.TAIL_MAX_REL_ERROR * tiny
@@ -253,7 +258,9 @@ def test_temperature_factor_matches_gradient_scaling(name):
     raw, scaled = [], []
     for temp in temps:
         s = student_logits.clone().requires_grad_(True)
-        divergence = DIVERGENCES[name](torch.log_softmax(teacher_logits.float() / temp, -1), torch.log_softmax(s / temp, -1))
+        divergence = DIVERGENCES[name](
+            torch.log_softmax(teacher_logits.float() / temp, -1), torch.log_softmax(s / temp, -1)
+        )
         (grad,) = torch.autograd.grad(masked(divergence, mask), s)
         raw.append(grad.norm().item())
         s = student_logits.clone().requires_grad_(True)
@@ -266,7 +273,10 @@ def test_temperature_factor_matches_gradient_scaling(name):
     # and the value is the divergence of the tempered distributions times T^(-want), here for a
     # student far enough from the teacher that float32 rounding is small against the loss
     temp, far = 2.0, student_logits + torch.randn(4, 16, V, generator=g)
-    p, q = torch.softmax(lp / temp, -1), torch.softmax(far.double() / temp, -1).gather(-1, ids)  # K = V, teacher's order
+    p, q = (
+        torch.softmax(lp / temp, -1),
+        torch.softmax(far.double() / temp, -1).gather(-1, ids),
+    )  # K = V, teacher's order
     got = kd_loss(far, ids, lp.float(), mask, divergence=name, tail="renormalize", temperature=temp)
     assert abs(got.item() - masked(reference(name, p, q), mask).item() * temp**-want) <= 1e-4 * abs(got.item())
 
@@ -335,12 +345,16 @@ def test_kd_only_positions_take_no_cross_entropy(tensors, kd_weight):
     per_token = torch.where(own, kd_t, kd_weight * kd_t + (1 - kd_weight) * ce_t)
     want = (per_token * mask).sum() / mask.sum()
     ids, lp = full_topk(teacher_logits, V)
-    got, parts = distillation_loss(student_logits, targets, ids, lp, mask, kd_weight=kd_weight, tail="bucket", kd_only=own & mask)
+    got, parts = distillation_loss(
+        student_logits, targets, ids, lp, mask, kd_weight=kd_weight, tail="bucket", kd_only=own & mask
+    )
     assert abs(got.item() - want.item()) < 1e-4
     assert abs(parts["ce"].item() - ((ce_t * (mask & ~own)).sum() / mask.sum()).item()) < 1e-4
     # without own tokens, the plain mix
     plain, _ = distillation_loss(student_logits, targets, ids, lp, mask, kd_weight=kd_weight, tail="bucket")
-    none, _ = distillation_loss(student_logits, targets, ids, lp, mask, kd_weight=kd_weight, tail="bucket", kd_only=torch.zeros_like(mask))
+    none, _ = distillation_loss(
+        student_logits, targets, ids, lp, mask, kd_weight=kd_weight, tail="bucket", kd_only=torch.zeros_like(mask)
+    )
     assert torch.equal(plain, none)
 
 
@@ -355,7 +369,7 @@ def test_golden_value():
 
 
 def test_candidate_kl_reference_and_invariants():
-    from distill.losses import candidate_kl
+    from distill.train.losses import candidate_kl
 
     g = torch.Generator().manual_seed(3)
     student_scores = torch.randn(4, 5, generator=g) * 3
@@ -380,12 +394,17 @@ def test_candidate_kl_reference_and_invariants():
 
 
 def test_candidate_scores_and_loss_by_hand():
-    from distill.losses import candidate_kl, candidate_loss, candidate_scores
-    from distill.trainer import collate_candidates
+    from distill.train.losses import candidate_kl, candidate_loss, candidate_scores
+    from distill.train.trainer import collate_candidates
 
     rows = [
         {"prompt_ids": [5, 6], "candidate_ids": [[1], [2, 3]], "teacher_logprobs": np.log([0.8, 0.2]), "answer": 1},
-        {"prompt_ids": [7], "candidate_ids": [[4], [0], [3, 3]], "teacher_logprobs": np.log([0.1, 0.3, 0.6]), "answer": -1},
+        {
+            "prompt_ids": [7],
+            "candidate_ids": [[4], [0], [3, 3]],
+            "teacher_logprobs": np.log([0.1, 0.3, 0.6]),
+            "answer": -1,
+        },
     ]
     batch = collate_candidates(rows)
     assert batch["input_ids"].shape == (5, 4) and batch["index"].tolist() == [[0, 1, -1], [2, 3, 4]]
@@ -402,7 +421,9 @@ def test_candidate_scores_and_loss_by_hand():
             by_hand.append(sum(toks) / (len(toks) if normalize else 1))
         assert torch.allclose(scores[0, :2], torch.stack(by_hand[:2])) and scores[0, 2] == 0
         assert torch.allclose(scores[1], torch.stack(by_hand[2:]))
-    loss, terms = candidate_loss(scores, batch["teacher_logprobs"], batch["candidate_mask"], batch["answer"], kd_weight=0.3)
+    loss, terms = candidate_loss(
+        scores, batch["teacher_logprobs"], batch["candidate_mask"], batch["answer"], kd_weight=0.3
+    )
     # CE only over the example with a gold answer (index 1 of the first example's two candidates)
     ce = -torch.log_softmax(scores[0, :2], -1)[1]
     kd = candidate_kl(scores, batch["teacher_logprobs"], batch["candidate_mask"])
@@ -497,12 +518,20 @@ def test_akl_limits(tail):
     assert abs(value) < 1e-6 and grad.abs().max() < 1e-6
     # all the gap in the head: forward KL, value and gradient
     assert akl_weights(p[None], head_only[None])[0] == 1.0
-    (akl, g_akl), (fkl, g_fkl), (rkl, _) = loss(head_only, "akl"), loss(head_only, "forward_kl"), loss(head_only, "reverse_kl")
+    (akl, g_akl), (fkl, g_fkl), (rkl, _) = (
+        loss(head_only, "akl"),
+        loss(head_only, "forward_kl"),
+        loss(head_only, "reverse_kl"),
+    )
     assert abs(akl - fkl) <= 1e-6 * fkl and abs(fkl - rkl) > 1e-3 * fkl
     assert torch.allclose(g_akl, g_fkl, atol=1e-7)
     # all the gap in the tail: reverse KL
     assert akl_weights(p[None], tail_only[None])[0] == 0.0
-    (akl, g_akl), (rkl, g_rkl), (fkl, _) = loss(tail_only, "akl"), loss(tail_only, "reverse_kl"), loss(tail_only, "forward_kl")
+    (akl, g_akl), (rkl, g_rkl), (fkl, _) = (
+        loss(tail_only, "akl"),
+        loss(tail_only, "reverse_kl"),
+        loss(tail_only, "forward_kl"),
+    )
     assert abs(akl - rkl) <= 1e-6 * rkl and abs(fkl - rkl) > 1e-3 * rkl
     assert torch.allclose(g_akl, g_rkl, atol=1e-7)
 
@@ -539,7 +568,7 @@ def test_akl_weights_are_constants_for_the_gradient():
 
     def grad(divergence, weights=None):
         s = student_logits.clone().requires_grad_(True)
-        from distill.losses import sparse_log_distributions
+        from distill.train.losses import sparse_log_distributions
 
         log_p, log_q = sparse_log_distributions(s, ids, lp.float(), "renormalize")
         per_position = DIVERGENCES[divergence](log_p, log_q)
@@ -562,8 +591,9 @@ def test_token_weighted_denominator(tensors, name):
 
     def run(rows, denominator):
         s = student_logits[rows].clone().requires_grad_(True)
-        loss, parts = distillation_loss(s, targets[rows], ids[rows], lp[rows], mask[rows], divergence=name, tail="bucket",
-                                        num_tokens=denominator)
+        loss, parts = distillation_loss(
+            s, targets[rows], ids[rows], lp[rows], mask[rows], divergence=name, tail="bucket", num_tokens=denominator
+        )
         loss.backward()
         return loss, parts["kd"], s.grad
 
@@ -581,7 +611,8 @@ def test_akl_mu_validation_and_trainer_plumbing():
     from types import SimpleNamespace
 
     from distill.configbase import ConfigError
-    from distill.trainer import TrainConfig, micro_batch_loss
+    from distill.train.config import TrainConfig
+    from distill.train.trainer import micro_batch_loss
 
     student_logits, _ = akl_dense_case()
     teacher, _ = akl_dense_case(seed=1)
@@ -592,15 +623,23 @@ def test_akl_mu_validation_and_trainer_plumbing():
             kd_loss(student_logits, ids, lp.float(), mask, divergence="akl", mu=mu)
         with pytest.raises(ConfigError, match="akl_mu"):
             TrainConfig(divergence="akl", akl_mu=mu)
-    batch = {"input_ids": torch.zeros(2, 4, dtype=torch.long), "attention_mask": torch.ones(2, 4, dtype=torch.long),
-             "targets": torch.zeros(2, 4, dtype=torch.long), "mask": mask, "topk_ids": ids, "teacher_logprobs": lp.float()}
+    batch = {
+        "input_ids": torch.zeros(2, 4, dtype=torch.long),
+        "attention_mask": torch.ones(2, 4, dtype=torch.long),
+        "targets": torch.zeros(2, 4, dtype=torch.long),
+        "mask": mask,
+        "topk_ids": ids,
+        "teacher_logprobs": lp.float(),
+    }
     model = lambda **_: SimpleNamespace(logits=student_logits)
     counts = torch.tensor([8.0, 8.0])
     values = {}
     for mu in (0.2, 0.8):
         cfg = TrainConfig(divergence="akl", akl_mu=mu, tail="bucket")
         loss, _ = micro_batch_loss(model, batch, cfg, "score", False, counts, torch.device("cpu"))
-        want, _ = distillation_loss(student_logits, batch["targets"], ids, lp.float(), mask, divergence="akl", tail="bucket", mu=mu)
+        want, _ = distillation_loss(
+            student_logits, batch["targets"], ids, lp.float(), mask, divergence="akl", tail="bucket", mu=mu
+        )
         assert abs(loss.item() - want.item()) < TOL
         values[mu] = loss.item()
     assert abs(values[0.2] - values[0.8]) > 1e-4  # mu reaches the loss

@@ -1,6 +1,7 @@
 """The trainer's online-teacher path (the benchmark's full-vocabulary reference) and its
 bookkeeping (grad_norm, memory, tokens in ``history.jsonl``), on a tiny random Llama teacher of
 64 ids and shards written by the project's writer. Fast: no engine, a few seconds."""
+
 from __future__ import annotations
 
 import json
@@ -10,15 +11,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from distill.losses import distillation_loss
-from distill.student import StudentConfig, build_student
-from distill.trainer import TrainConfig, batches, micro_batch_loss, online_labels, train
+from distill.train.config import StudentConfig, TrainConfig
+from distill.train.losses import distillation_loss
+from distill.train.student import build_student
+from distill.train.trainer import batches, micro_batch_loss, online_labels, train
 from storage.reader import ShardStream, StreamPosition, open_shard
 from storage.writer import ShardWriter
 from tests.storage.test_shards import make_meta, make_rows
 
 VOCAB, K = 64, 4
-STUDENT = StudentConfig(init="random", num_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1)
+STUDENT = StudentConfig(
+    init="random", num_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1
+)
 
 
 @pytest.fixture(scope="module")
@@ -31,26 +35,49 @@ def tiny(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tiny")
     torch.manual_seed(123)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=1, max_position_embeddings=64, bos_token_id=0, eos_token_id=1, pad_token_id=None)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=None,
+    )
     teacher = LlamaForCausalLM(config)
     with torch.no_grad():  # a peaked teacher, so its distribution differs from the student's initial one
         teacher.lm_head.weight.mul_(40.0)
     teacher.save_pretrained(root / "teacher")
     words = {f"w{i}": i for i in range(VOCAB)}
-    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(words, unk_token="w2"))).save_pretrained(root / "teacher")
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(words, unk_token="w2"))).save_pretrained(
+        root / "teacher"
+    )
     for s in range(2):
         rows = make_rows(16, VOCAB, K, seed=s, length=(10, 33))
         for r in rows:
             r["doc_id"] = f"s{s}-{r['doc_id']}"
-        with ShardWriter(root / f"shard{s}.parquet", make_meta(vocab=VOCAB, k=K, shard=f"train-{s:05d}"), row_group_rows=4) as w:
+        with ShardWriter(
+            root / f"shard{s}.parquet", make_meta(vocab=VOCAB, k=K, shard=f"train-{s:05d}"), row_group_rows=4
+        ) as w:
             w.write_many(rows)
     shards = [open_shard(root / f"shard{s}.parquet") for s in range(2)]
     return root / "teacher", teacher.eval(), shards
 
 
 def _cfg(**kw) -> TrainConfig:
-    base = dict(steps=4, batch_size=4, grad_accum=2, lr=3e-3, max_grad_norm=0.5, warmup_steps=1, shuffle_buffer=8, progress=False)
+    base = dict(
+        steps=4,
+        batch_size=4,
+        grad_accum=2,
+        lr=3e-3,
+        max_grad_norm=0.5,
+        warmup_steps=1,
+        shuffle_buffer=8,
+        progress=False,
+    )
     return TrainConfig(**{**base, **kw})
 
 
@@ -73,9 +100,15 @@ def test_online_path_with_kd_weight_zero_is_ce_training(tiny, tmp_path):
     assert any(not torch.allclose(a[name], kd[name]) for name in a)
 
 
-@pytest.mark.parametrize("divergence,tail,temperature", [
-    ("forward_kl", "bucket", 1.0), ("reverse_kl", "renormalize", 1.0), ("jsd", "renormalize", 2.0), ("akl", "bucket", 1.0),
-])
+@pytest.mark.parametrize(
+    "divergence,tail,temperature",
+    [
+        ("forward_kl", "bucket", 1.0),
+        ("reverse_kl", "renormalize", 1.0),
+        ("jsd", "renormalize", 2.0),
+        ("akl", "bucket", 1.0),
+    ],
+)
 def test_online_labels_equal_offline_labels_holding_the_whole_vocabulary(tiny, divergence, tail, temperature):
     """The online target is the offline loss on labels with k = V: loss and every gradient agree
     within 1e-5 (the bucket of k = V labels holds the clamped 1e-8 on both sides)."""
@@ -83,9 +116,14 @@ def test_online_labels_equal_offline_labels_holding_the_whole_vocabulary(tiny, d
     cfg = _cfg(kd_weight=0.7, divergence=divergence, tail=tail, temperature=temperature)
     batch, _ = next(batches(ShardStream(shards, seed=0, shuffle=False), 4, K, StreamPosition()))
     with torch.no_grad():
-        full_lp = torch.log_softmax(teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float(), -1)
-    full = {**batch, "topk_ids": torch.arange(VOCAB).expand(*batch["mask"].shape, VOCAB).contiguous(),
-            "teacher_logprobs": torch.where(batch["mask"][..., None], full_lp, -math.inf)}
+        full_lp = torch.log_softmax(
+            teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float(), -1
+        )
+    full = {
+        **batch,
+        "topk_ids": torch.arange(VOCAB).expand(*batch["mask"].shape, VOCAB).contiguous(),
+        "teacher_logprobs": torch.where(batch["mask"][..., None], full_lp, -math.inf),
+    }
     counts = batch["mask"].sum().float().repeat(2)
     student = build_student(teacher_dir, STUDENT, VOCAB)
     results = []
@@ -110,7 +148,9 @@ def test_online_labels_pad_a_student_vocabulary_beyond_the_teacher(tiny):
     teacher_lp = online_labels(teacher, batch, VOCAB + 16, _cfg(), torch.device("cpu"))
     assert teacher_lp.shape[-1] == VOCAB + 16 and bool((teacher_lp[..., VOCAB:].exp() == 0).all())
     for divergence in ("forward_kl", "reverse_kl"):
-        loss, _ = distillation_loss(student_logits, batch["targets"], None, teacher_lp, batch["mask"], kd_weight=1.0, divergence=divergence)
+        loss, _ = distillation_loss(
+            student_logits, batch["targets"], None, teacher_lp, batch["mask"], kd_weight=1.0, divergence=divergence
+        )
         loss.backward()
         assert torch.isfinite(loss) and torch.isfinite(student_logits.grad).all()
 
@@ -123,10 +163,24 @@ def test_online_teacher_refuses_candidates_shards(tiny, tmp_path):
     lp = np.log(np.array([0.7, 0.3], np.float32))
     with ShardWriter(tmp_path / "c.parquet", meta) as w:
         for i in range(4):
-            w.write({"doc_id": f"c{i}", "prompt_text": "p", "prompt_ids": [1, 2, 3], "candidates": ["yes", "no"],
-                     "candidate_ids": [[10], [11, 12]], "answer": 0, "candidate_scores": lp, "teacher_logprobs": lp})
-    with pytest.raises(ValueError, match=r"c\.parquet: an online teacher distills on score-mode labels' windows, not 'candidates'"):
-        train(STUDENT, _cfg(), teacher_dir, [open_shard(tmp_path / "c.parquet")], tmp_path / "out", VOCAB, teacher=teacher)
+            w.write(
+                {
+                    "doc_id": f"c{i}",
+                    "prompt_text": "p",
+                    "prompt_ids": [1, 2, 3],
+                    "candidates": ["yes", "no"],
+                    "candidate_ids": [[10], [11, 12]],
+                    "answer": 0,
+                    "candidate_scores": lp,
+                    "teacher_logprobs": lp,
+                }
+            )
+    with pytest.raises(
+        ValueError, match=r"c\.parquet: an online teacher distills on score-mode labels' windows, not 'candidates'"
+    ):
+        train(
+            STUDENT, _cfg(), teacher_dir, [open_shard(tmp_path / "c.parquet")], tmp_path / "out", VOCAB, teacher=teacher
+        )
 
 
 def test_history_records_pre_clipping_grad_norm_memory_and_tokens(tiny, tmp_path):
@@ -149,10 +203,17 @@ def test_history_records_pre_clipping_grad_norm_memory_and_tokens(tiny, tmp_path
     assert history[0]["tokens"] == tokens and summary["labelled_tokens_this_run"] == tokens + history[1]["tokens"]
     for b in micro:
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        loss, _ = distillation_loss(logits, b["targets"], b["topk_ids"], b["teacher_logprobs"], b["mask"], kd_weight=0.5,
-                                    tail=cfg.tail, num_tokens=torch.tensor(float(tokens)))
+        loss, _ = distillation_loss(
+            logits,
+            b["targets"],
+            b["topk_ids"],
+            b["teacher_logprobs"],
+            b["mask"],
+            kd_weight=0.5,
+            tail=cfg.tail,
+            num_tokens=torch.tensor(float(tokens)),
+        )
         loss.backward()
     norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])))
     assert norm > 100 * cfg.max_grad_norm, "the norm after clipping would be max_grad_norm"
     assert history[0]["grad_norm"] == pytest.approx(norm, rel=1e-5)
-

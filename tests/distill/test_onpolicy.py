@@ -2,13 +2,14 @@
 lambda coins where the training before it ended (the real trainer on synthetic shards), and the
 answer statistics reported beside the KL on a student's own answers (reference values on
 hand-made answers)."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
 
-from distill import onpolicy
+from distill.run import onpolicy
 from storage.reader import MixPosition, MixStream, ShardStream, StreamPosition, open_shard
 from storage.writer import ShardWriter
 from tests.storage.test_shards import make_meta, make_rows
@@ -36,12 +37,15 @@ def test_answer_stats_reference_values():
     assert stats["self_teacher_ll"] == pytest.approx(-1.0) and stats["self_len"] == 2.0 and stats["self_eos"] == 1.0
 
 
-@pytest.mark.parametrize("answers, reasons, logprobs, match", [
-    ([], [], [], "no answers"),
-    ([[1, 2]], ["stop", "stop"], [[0.0, 0.0]], "2 finish reasons"),
-    ([[1, 2]], ["abort"], [[0.0, 0.0]], "'abort'"),
-    ([[1, 2]], ["stop"], [[0.0]], "2 tokens but 1 teacher logprobs"),
-])
+@pytest.mark.parametrize(
+    "answers, reasons, logprobs, match",
+    [
+        ([], [], [], "no answers"),
+        ([[1, 2]], ["stop", "stop"], [[0.0, 0.0]], "2 finish reasons"),
+        ([[1, 2]], ["abort"], [[0.0, 0.0]], "'abort'"),
+        ([[1, 2]], ["stop"], [[0.0]], "2 tokens but 1 teacher logprobs"),
+    ],
+)
 def test_answer_stats_refuses_inconsistent_input(answers, reasons, logprobs, match):
     with pytest.raises(ValueError, match=match):
         onpolicy.answer_stats(answers, reasons, logprobs)
@@ -50,14 +54,20 @@ def test_answer_stats_refuses_inconsistent_input(answers, reasons, logprobs, mat
 def test_shard_answer_stats_reads_the_answers_of_a_generate_shard(tmp_path):
     rows = make_rows(12, 49152, 4, seed=3, length=(6, 20))
     for i, r in enumerate(rows):
-        r.update(prompt_text=f"prompt {i}", response_text=f"answer {i}", finish_reason="length" if i % 4 == 0 else "stop")
+        r.update(
+            prompt_text=f"prompt {i}", response_text=f"answer {i}", finish_reason="length" if i % 4 == 0 else "stop"
+        )
     path = tmp_path / "own.parquet"
     with ShardWriter(path, make_meta(mode="generate", shard="self-x", split="heldout"), row_group_rows=5) as w:
         w.write_many(rows)
     stats = onpolicy.shard_answer_stats(open_shard(path))
     answers = [list(r["input_ids"][r["label_start"] + 1 :]) for r in rows]
     expect = onpolicy.answer_stats(answers, [r["finish_reason"] for r in rows], [r["target_logprobs"] for r in rows])
-    assert stats["self_len"] == expect["self_len"] and stats["self_eos"] == 0.75 and stats["self_distinct2"] == expect["self_distinct2"]
+    assert (
+        stats["self_len"] == expect["self_len"]
+        and stats["self_eos"] == 0.75
+        and stats["self_distinct2"] == expect["self_distinct2"]
+    )
     # the stored teacher logprobs are quantized (storage.codec): 1e-3 nats per token is far above their error
     assert stats["self_teacher_ll"] == pytest.approx(expect["self_teacher_ll"], abs=1e-3)
 
@@ -69,7 +79,9 @@ def _write(folder, prefix: str, n_shards: int, rows: int, seed: int) -> list:
         batch = make_rows(rows, 49152, 4, seed=seed + s, length=(10, 33))
         for r in batch:
             r["doc_id"] = f"{prefix}{s}-{r['doc_id']}"
-        with ShardWriter(folder / f"{prefix}{s}.parquet", make_meta(k=4, shard=f"train-{s:05d}"), row_group_rows=4) as w:
+        with ShardWriter(
+            folder / f"{prefix}{s}.parquet", make_meta(k=4, shard=f"train-{s:05d}"), row_group_rows=4
+        ) as w:
             w.write_many(batch)
         shards.append(open_shard(folder / f"{prefix}{s}.parquet"))
     return shards
@@ -85,7 +97,8 @@ def test_rounds_continue_the_teacher_stream_and_the_coins(teacher_dir, tmp_path)
     trainer, each round starting at ``start_position`` of the training before it): the teacher
     rows of the three runs are exactly one uninterrupted stream's, no round replays another's,
     the lambda coins go on across rounds, and each round's own answers start at their first row."""
-    from distill.trainer import TrainConfig, train
+    from distill.train.config import TrainConfig
+    from distill.train.trainer import train
     from tests.distill.train_worker import TINY_STUDENT
 
     teacher = _write(tmp_path / "teacher", "t", 2, 32, seed=0)  # 64 teacher rows: one epoch outlasts all three runs
@@ -95,8 +108,17 @@ def test_rounds_continue_the_teacher_stream_and_the_coins(teacher_dir, tmp_path)
     starts = {}
     for r, before in ((1, "student"), (2, "round1")):
         starts[r] = onpolicy.start_position(tmp_path / before)
-        train(TINY_STUDENT, cfg, teacher_dir, teacher, tmp_path / f"round{r}", 49152, row_log=tmp_path / f"round{r}-rows",
-              mix=(answers[r], 0.5), start=starts[r])
+        train(
+            TINY_STUDENT,
+            cfg,
+            teacher_dir,
+            teacher,
+            tmp_path / f"round{r}",
+            49152,
+            row_log=tmp_path / f"round{r}-rows",
+            mix=(answers[r], 0.5),
+            start=starts[r],
+        )
     student_end = json.loads((tmp_path / "student" / "summary.json").read_text())["position"]
     assert starts[1] == MixPosition(0, StreamPosition.from_dict(student_end))
     assert starts[2].index == 12 and starts[2].extra == StreamPosition()
@@ -123,12 +145,19 @@ def test_rounds_continue_the_teacher_stream_and_the_coins(teacher_dir, tmp_path)
     # each round's own answers from their first row
     for r in (1, 2):
         first = ShardStream(answers[r], seed=cfg.seed + 1, shuffle=cfg.shuffle, shuffle_buffer=cfg.shuffle_buffer)
-        assert own[r] == [(row["doc_id"], int(row["window_index"])) for row, _ in first.rows(StreamPosition(), epochs=1)][: len(own[r])]
+        assert (
+            own[r]
+            == [(row["doc_id"], int(row["window_index"])) for row, _ in first.rows(StreamPosition(), epochs=1)][
+                : len(own[r])
+            ]
+        )
 
 
 def test_start_position_from_the_training_before(tmp_path):
     (tmp_path / "single").mkdir()
-    (tmp_path / "single" / "summary.json").write_text(json.dumps({"world_size": 1, "position": {"epoch": 1, "unit": 4, "row": 2}}))
+    (tmp_path / "single" / "summary.json").write_text(
+        json.dumps({"world_size": 1, "position": {"epoch": 1, "unit": 4, "row": 2}})
+    )
     assert onpolicy.start_position(tmp_path / "single") == MixPosition(0, StreamPosition(1, 4, 2))
     (tmp_path / "round").mkdir()
     end = MixPosition(37, StreamPosition(2, 0, 5), StreamPosition(0, 3, 1))
@@ -136,7 +165,9 @@ def test_start_position_from_the_training_before(tmp_path):
     assert onpolicy.start_position(tmp_path / "round") == MixPosition(37, StreamPosition(2, 0, 5), StreamPosition())
     # a student of several processes ended at one position per rank: the round starts at the first row
     (tmp_path / "ranks").mkdir()
-    (tmp_path / "ranks" / "summary.json").write_text(json.dumps({"world_size": 2, "position": {"epoch": 0, "unit": 2, "row": 0}}))
+    (tmp_path / "ranks" / "summary.json").write_text(
+        json.dumps({"world_size": 2, "position": {"epoch": 0, "unit": 2, "row": 0}})
+    )
     assert onpolicy.start_position(tmp_path / "ranks") == MixPosition()
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "summary.json").write_text(json.dumps({"world_size": 1}))

@@ -1,6 +1,7 @@
 """Sampled labels (``teacher.labels: sampled``): the sampler is unbiased, the shards store the
 draws exactly, the real engine's sampled targets converge to the teacher's full distribution,
 and the pipeline labels train shards sampled while held-out shards stay top-k."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -9,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from distill.teacher.labels import SampledLabelsConfig, sample_labels, window_rng
+from distill.teacher.config import SampledLabelsConfig
+from distill.teacher.labels import sample_labels, window_rng
 
 
 def _distribution(n_ids: int, proposal: int, seed: int = 0):
@@ -34,8 +36,12 @@ def _mean_target(labels: dict, n_ids: int) -> np.ndarray:
 def test_sampler_is_unbiased_and_lays_out_slots(sampler):
     n_ids, proposal, draws, m = 50, 20, 16, 20000
     p, ids, lp, tail = _distribution(n_ids, proposal)
-    labels = {"topk_ids": np.tile(ids, (m, 1)), "topk_logprobs": np.tile(lp, (m, 1)).astype(np.float32),
-              "tail_mass": np.full(m, tail, np.float32), "target_logprobs": np.zeros(m, np.float32)}
+    labels = {
+        "topk_ids": np.tile(ids, (m, 1)),
+        "topk_logprobs": np.tile(lp, (m, 1)).astype(np.float32),
+        "tail_mass": np.full(m, tail, np.float32),
+        "target_logprobs": np.zeros(m, np.float32),
+    }
     out = sample_labels(labels, draws, np.random.default_rng(1), sampler)
     assert out["topk_ids"].shape == out["topk_logprobs"].shape == (m, draws)
     mean = _mean_target(out, n_ids)
@@ -44,7 +50,9 @@ def test_sampler_is_unbiased_and_lays_out_slots(sampler):
     assert np.all(np.abs(mean[ids] - p[ids]) < 5 * se + 1e-12), np.abs(mean[ids] - p[ids]).max()
     assert abs(out["tail_mass"].mean() - tail) < 5 * np.sqrt(tail * (1 - tail) / (m * draws))
     # counts: most drawn first, unused slots repeat the first id at -inf, draws add up
-    counts = np.where(np.isfinite(out["topk_logprobs"]), np.rint(np.exp(out["topk_logprobs"].astype(np.float64)) * draws), 0)
+    counts = np.where(
+        np.isfinite(out["topk_logprobs"]), np.rint(np.exp(out["topk_logprobs"].astype(np.float64)) * draws), 0
+    )
     assert np.all(np.diff(counts, axis=1) <= 0)
     assert np.allclose(counts.sum(1) + out["tail_mass"] * draws, draws)
     pad = ~np.isfinite(out["topk_logprobs"])
@@ -65,10 +73,15 @@ def test_sampler_is_unbiased_and_lays_out_slots(sampler):
 
 def test_unknown_sampler_is_refused():
     from distill.configbase import ConfigError, build
-    from distill.teacher.labels import TeacherConfig
+    from distill.teacher.config import TeacherConfig
 
     with pytest.raises(ValueError, match="sampler='stratified'"):
-        sample_labels({"topk_ids": np.zeros((1, 2)), "topk_logprobs": np.zeros((1, 2)), "tail_mass": np.zeros(1)}, 4, np.random.default_rng(0), "stratified")
+        sample_labels(
+            {"topk_ids": np.zeros((1, 2)), "topk_logprobs": np.zeros((1, 2)), "tail_mass": np.zeros(1)},
+            4,
+            np.random.default_rng(0),
+            "stratified",
+        )
     with pytest.raises(ConfigError, match="sampler='stratified' is invalid"):
         build(TeacherConfig, {"labels": "sampled", "sampled_labels": {"sampler": "stratified"}}, "teacher")
 
@@ -77,17 +90,27 @@ def test_unknown_sampler_is_refused():
 def test_forward_kl_on_sampled_targets_estimates_the_full_loss(sampler):
     """E[forward-KL loss on sampled targets] = the full cross-entropy to the teacher (up to the
     teacher's entropy), gradient included: the expectation of the sampled gradient is the full one."""
-    from distill.losses import kd_loss
+    from distill.train.losses import kd_loss
 
     n_ids, draws, m = 40, 8, 4000
     p, ids, lp, tail = _distribution(n_ids, n_ids)  # proposal = whole vocabulary: no tail
     student = torch.randn(n_ids, dtype=torch.float64) * 1.5
-    labels = {"topk_ids": np.tile(ids, (m, 1)), "topk_logprobs": np.tile(lp, (m, 1)).astype(np.float32),
-              "tail_mass": np.zeros(m, np.float32), "target_logprobs": np.zeros(m, np.float32)}
+    labels = {
+        "topk_ids": np.tile(ids, (m, 1)),
+        "topk_logprobs": np.tile(lp, (m, 1)).astype(np.float32),
+        "tail_mass": np.zeros(m, np.float32),
+        "target_logprobs": np.zeros(m, np.float32),
+    }
     out = sample_labels(labels, draws, np.random.default_rng(2), sampler)
     logits = student.float().expand(1, m, n_ids).clone().requires_grad_(True)
-    loss = kd_loss(logits, torch.from_numpy(out["topk_ids"])[None], torch.from_numpy(out["topk_logprobs"])[None],
-                   torch.ones(1, m, dtype=torch.bool), "forward_kl", "bucket")
+    loss = kd_loss(
+        logits,
+        torch.from_numpy(out["topk_ids"])[None],
+        torch.from_numpy(out["topk_logprobs"])[None],
+        torch.ones(1, m, dtype=torch.bool),
+        "forward_kl",
+        "bucket",
+    )
     loss.backward()
     sampled_grad = logits.grad[0].sum(0).double()  # mean over positions (the loss averages)
     q = torch.softmax(student, -1)
@@ -100,23 +123,37 @@ def test_other_divergences_are_biased_on_sampled_targets(divergence):
     """Why the config refuses them: on the same draws, the mean gradient over sampled targets
     stays far from the gradient on the full distribution for these losses (nonlinear in the
     target), while forward KL's comes within the tolerance of the test above."""
-    from distill.losses import kd_loss
+    from distill.train.losses import kd_loss
 
     n_ids, draws, m = 40, 8, 16000
     p, ids, lp, _ = _distribution(n_ids, n_ids)
     student = torch.randn(n_ids, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) * 1.5
-    labels = {"topk_ids": np.tile(ids, (m, 1)), "topk_logprobs": np.tile(lp, (m, 1)).astype(np.float32),
-              "tail_mass": np.zeros(m, np.float32), "target_logprobs": np.zeros(m, np.float32)}
+    labels = {
+        "topk_ids": np.tile(ids, (m, 1)),
+        "topk_logprobs": np.tile(lp, (m, 1)).astype(np.float32),
+        "tail_mass": np.zeros(m, np.float32),
+        "target_logprobs": np.zeros(m, np.float32),
+    }
     out = sample_labels(labels, draws, np.random.default_rng(2), "systematic")
 
     def grad(name, target_ids, target_logprobs):
         logits = student.float().expand(1, len(target_ids), n_ids).clone().requires_grad_(True)
-        kd_loss(logits, torch.from_numpy(target_ids)[None], torch.from_numpy(target_logprobs)[None],
-                torch.ones(1, len(target_ids), dtype=torch.bool), name, "bucket").backward()
+        kd_loss(
+            logits,
+            torch.from_numpy(target_ids)[None],
+            torch.from_numpy(target_logprobs)[None],
+            torch.ones(1, len(target_ids), dtype=torch.bool),
+            name,
+            "bucket",
+        ).backward()
         return logits.grad[0].sum(0).double()
 
     def bias(name):
-        return float((grad(name, out["topk_ids"], out["topk_logprobs"]) - grad(name, ids[None], lp[None].astype(np.float32))).abs().max())
+        return float(
+            (grad(name, out["topk_ids"], out["topk_logprobs"]) - grad(name, ids[None], lp[None].astype(np.float32)))
+            .abs()
+            .max()
+        )
 
     unbiased, biased = bias("forward_kl"), bias(divergence)
     assert unbiased < 2e-3 and biased > 4 * unbiased, (divergence, biased, unbiased)
@@ -130,7 +167,10 @@ def test_config_refuses_losses_biased_on_sampled_labels():
 
     sampled = {"teacher": {"labels": "sampled"}}
     for train, match in [
-        ({"divergence": "reverse_kl"}, r"teacher\.labels: sampled with train\.divergence='reverse_kl' is refused: expected forward_kl"),
+        (
+            {"divergence": "reverse_kl"},
+            r"teacher\.labels: sampled with train\.divergence='reverse_kl' is refused: expected forward_kl",
+        ),
         ({"divergence": "jsd"}, r"train\.divergence='jsd'"),
         ({"divergence": "akl"}, r"train\.divergence='akl'"),
         ({"divergence": "tvd"}, r"train\.divergence='tvd'"),
@@ -144,7 +184,9 @@ def test_config_refuses_losses_biased_on_sampled_labels():
     with pytest.raises(ConfigError, match=r"student\.tokenizer='bpe:8000' is refused"):
         from_mapping({**sampled, "student": {"tokenizer": "bpe:8000", "init": "random"}})
     # accepted: forward KL with the bucket, and any loss when the KD term is off (CE only)
-    assert from_mapping({**sampled, "train": {"divergence": "forward_kl", "tail": "bucket"}}).teacher.labels == "sampled"
+    assert (
+        from_mapping({**sampled, "train": {"divergence": "forward_kl", "tail": "bucket"}}).teacher.labels == "sampled"
+    )
     assert from_mapping({**sampled, "train": {"divergence": "reverse_kl", "kd_weight": 0.0}}).train.kd_weight == 0.0
     assert from_mapping({"train": {"divergence": "reverse_kl"}}).train.divergence == "reverse_kl"  # top-k: any loss
 
@@ -171,9 +213,21 @@ def test_sampled_shard_stores_counts_exactly(tmp_path):
     rows = make_rows(6, 49152, 40, seed=3)
     for i, row in enumerate(rows):
         n = len(row["target_logprobs"])
-        labels = sample_labels({"topk_ids": np.asarray(row["topk_ids"]).reshape(n, 40), "topk_logprobs": np.asarray(row["topk_logprobs"]).reshape(n, 40),
-                                "tail_mass": row["tail_mass"], "target_logprobs": row["target_logprobs"]}, draws, np.random.default_rng(i))
-        row.update(topk_ids=labels["topk_ids"].reshape(-1), topk_logprobs=labels["topk_logprobs"].reshape(-1), tail_mass=labels["tail_mass"])
+        labels = sample_labels(
+            {
+                "topk_ids": np.asarray(row["topk_ids"]).reshape(n, 40),
+                "topk_logprobs": np.asarray(row["topk_logprobs"]).reshape(n, 40),
+                "tail_mass": row["tail_mass"],
+                "target_logprobs": row["target_logprobs"],
+            },
+            draws,
+            np.random.default_rng(i),
+        )
+        row.update(
+            topk_ids=labels["topk_ids"].reshape(-1),
+            topk_logprobs=labels["topk_logprobs"].reshape(-1),
+            tail_mass=labels["tail_mass"],
+        )
     path = tmp_path / "s.parquet"
     with ShardWriter(path, _sampled_meta(draws)) as w:
         w.write_many(rows)
@@ -193,7 +247,7 @@ def test_sampled_shard_stores_counts_exactly(tmp_path):
 
 def test_config_checks():
     from distill.configbase import ConfigError, build
-    from distill.teacher.labels import TeacherConfig
+    from distill.teacher.config import TeacherConfig
 
     with pytest.raises(ConfigError, match="labels='full' is invalid"):
         build(TeacherConfig, {"labels": "full"}, "teacher")
@@ -210,7 +264,7 @@ def test_engine_sampled_targets_converge_to_the_full_distribution(engine, hf_tea
     every id within sampling noise, and what it misses is exactly the mass beyond the K' (the
     sampler's stated bias)."""
     from distill.data import read_corpus_shard
-    from distill import pipeline
+    from distill.run import pipeline
 
     hashes = pipeline.teacher_hashes(tiny_config)
     pipeline.prepare_corpus(tiny_config)
@@ -223,7 +277,10 @@ def test_engine_sampled_targets_converge_to_the_full_distribution(engine, hf_tea
     m, draws = 3000, 16
     n = len(labels["tail_mass"])
     for t, sampler in ((0, "systematic"), (n // 2, "multinomial"), (n - 1, "systematic")):
-        one = {name: np.repeat(np.asarray(labels[name])[t : t + 1], m, axis=0) for name in ("topk_ids", "topk_logprobs", "tail_mass", "target_logprobs")}
+        one = {
+            name: np.repeat(np.asarray(labels[name])[t : t + 1], m, axis=0)
+            for name in ("topk_ids", "topk_logprobs", "tail_mass", "target_logprobs")
+        }
         out = sample_labels(one, draws, np.random.default_rng(t), sampler)
         mean = _mean_target(out, full.shape[1])
         p = full[t]
@@ -237,17 +294,22 @@ def test_engine_sampled_targets_converge_to_the_full_distribution(engine, hf_tea
         assert not bad[in_proposal].any(), (t, sampler, mean[in_proposal & bad], p[in_proposal & bad])
         # beyond them: no id is drawn; their total is the tail the draws put in the bucket
         assert mean[~in_proposal].sum() == 0.0
-        assert abs(out["tail_mass"].mean() - p[~in_proposal].sum()) < 5 * np.sqrt(max(p[~in_proposal].sum(), 1e-12) / (m * draws)) + 1e-4
+        assert (
+            abs(out["tail_mass"].mean() - p[~in_proposal].sum())
+            < 5 * np.sqrt(max(p[~in_proposal].sum(), 1e-12) / (m * draws)) + 1e-4
+        )
 
 
 @pytest.mark.slow
 def test_pipeline_labels_train_sampled_and_heldout_topk(engine, tiny_config, tmp_path):
-    from distill import pipeline
-    from distill.student import StudentConfig
-    from distill.trainer import TrainConfig, train
+    from distill.run import pipeline
+    from distill.train.config import StudentConfig, TrainConfig
+    from distill.train.trainer import train
 
-    cfg = dataclasses.replace(tiny_config, teacher=dataclasses.replace(tiny_config.teacher, labels="sampled",
-                                                                        sampled_labels=SampledLabelsConfig(draws=6)))
+    cfg = dataclasses.replace(
+        tiny_config,
+        teacher=dataclasses.replace(tiny_config.teacher, labels="sampled", sampled_labels=SampledLabelsConfig(draws=6)),
+    )
     pipeline.prepare_corpus(cfg)
     names = cfg.corpus.shard_names()
     topk_keys, sampled_keys = pipeline.shard_keys(tiny_config, names), pipeline.shard_keys(cfg, names)
@@ -261,6 +323,15 @@ def test_pipeline_labels_train_sampled_and_heldout_topk(engine, tiny_config, tmp
     # labelling again is all cache hits; the draws are the same in any batch
     again = pipeline.label_shards(cfg, names, engine_factory=lambda: engine)
     assert all(r["cache_hit"] for r in again.values())
-    student = StudentConfig(init="random", num_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1)
-    summary = train(student, TrainConfig(steps=2, batch_size=2, progress=False), pipeline.teacher_dir(cfg), train_shards, tmp_path / "s", 49152)
+    student = StudentConfig(
+        init="random", num_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1
+    )
+    summary = train(
+        student,
+        TrainConfig(steps=2, batch_size=2, progress=False),
+        pipeline.teacher_dir(cfg),
+        train_shards,
+        tmp_path / "s",
+        49152,
+    )
     assert summary["finished"] and summary["final_kd"] > 0

@@ -1,4 +1,5 @@
 """Engine slots without an engine: device sets, claiming, and a dead holder's leftovers."""
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """Teacher resolution: the bundled GGUF is converted once; bad folders get clear errors."""
+
 from __future__ import annotations
 
 import json

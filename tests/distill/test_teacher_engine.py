@@ -1,4 +1,5 @@
 """The real vLLM engine on the bundled teacher against a plain transformers forward pass."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -13,6 +14,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def windows(teacher_dir):
     from pydoc_data.topics import topics
+
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(teacher_dir)

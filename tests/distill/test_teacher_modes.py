@@ -1,5 +1,6 @@
 """``generate`` and ``candidates`` labelling with the real vLLM engine, checked against plain
 transformers on the same checkpoint, through the pipeline's own stage functions."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -8,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from distill import pipeline
-from distill.teacher.labels import SamplingConfig
+from distill.run import pipeline
+from distill.teacher.config import SamplingConfig
 from distill.teacher.reference import reference_labels
 from storage.reader import ShardStream, StreamPosition
 from tests.conftest import TINY_K, mode_config
@@ -61,7 +62,9 @@ def test_generated_labels_match_transformers(generated, engine, hf_teacher):
             for t in range(n):
                 positions += 1
                 if not np.array_equal(sample["topk_ids"][t], ref["topk_ids"][t]):
-                    assert np.abs(np.diff(ref["topk_logprobs"][t])).min() < 1e-3, f"top-k ids differ at {t} without a near-tie"
+                    assert np.abs(np.diff(ref["topk_logprobs"][t])).min() < 1e-3, (
+                        f"top-k ids differ at {t} without a near-tie"
+                    )
                     near_ties += 1
                 np.testing.assert_allclose(sample["topk_logprobs"][t], ref["topk_logprobs"][t], atol=1e-3)
     assert positions >= 100 and near_ties <= positions * 0.01
@@ -74,7 +77,7 @@ def test_generated_labels_match_transformers(generated, engine, hf_teacher):
 def test_generated_rows_hold_prompt_answer_and_only_answer_labels(generated, teacher_dir):
     from transformers import AutoTokenizer
 
-    from distill.trainer import collate
+    from distill.train.trainer import collate
 
     cfg, results, shards, rows = generated
     tok = AutoTokenizer.from_pretrained(teacher_dir)
@@ -84,11 +87,13 @@ def test_generated_rows_hold_prompt_answer_and_only_answer_labels(generated, tea
         start = int(row["label_start"])
         prompt, answer = row["input_ids"][: start + 1], row["input_ids"][start + 1 :]
         assert len(row["target_logprobs"]) == len(answer) >= 1
-        assert tok.decode(prompt) .endswith("<|im_start|>assistant\n") and row["prompt_text"] in tok.decode(prompt)
+        assert tok.decode(prompt).endswith("<|im_start|>assistant\n") and row["prompt_text"] in tok.decode(prompt)
         assert row["response_text"] == tok.decode(answer, skip_special_tokens=True)
         assert row["finish_reason"] in ("stop", "length")
         assert len(answer) <= 16 or row["finish_reason"] == "stop"
-    assert all(sorted(r["window_index"] for r in group) == [0, 1] for group in by_doc.values()), "n=2 answers per prompt"
+    assert all(sorted(r["window_index"] for r in group) == [0, 1] for group in by_doc.values()), (
+        "n=2 answers per prompt"
+    )
     # the student's loss covers answer tokens only
     batch = collate(rows[:4], TINY_K)
     for b, row in enumerate(rows[:4]):
@@ -102,7 +107,7 @@ def test_temperature_is_recorded_and_applied_once(generated, engine, hf_teacher)
     """Answers were sampled at T=0.5, but vLLM hands back raw logprobs: shards record label
     temperature 1.0 and the sampling settings; the distillation temperature then softens the
     stored labels exactly once."""
-    from distill.losses import sparse_log_distributions
+    from distill.train.losses import sparse_log_distributions
 
     cfg, results, shards, rows = generated
     assert shards[0].meta.temperature == 1.0 and shards[0].meta.settings["sampling"]["temperature"] == 0.5
@@ -119,7 +124,9 @@ def test_temperature_is_recorded_and_applied_once(generated, engine, hf_teacher)
     sampled_t = torch.log_softmax(logits / 0.5, -1).gather(-1, topk)
     assert (stored - raw).abs().max() < 2e-3 and (stored - sampled_t).abs().max() > 0.05
     for T in (2.0, 0.5):
-        teacher_lp, _ = sparse_log_distributions(torch.zeros(1, n, logits.shape[-1]), topk[None], stored[None], "renormalize", T)
+        teacher_lp, _ = sparse_log_distributions(
+            torch.zeros(1, n, logits.shape[-1]), topk[None], stored[None], "renormalize", T
+        )
         once = torch.log_softmax(torch.log_softmax(logits / T, -1).gather(-1, topk), -1)
         twice = torch.log_softmax(torch.log_softmax(logits / T**2, -1).gather(-1, topk), -1)
         assert (teacher_lp[0].exp() - once.exp()).abs().max() < 2e-3
@@ -153,11 +160,16 @@ def test_candidate_distributions_match_transformers(tiny_config, engine, hf_teac
 
 def test_mode_settings_are_part_of_the_cache_key(tiny_config):
     gen = mode_config(tiny_config, "generate")
-    hotter = dataclasses.replace(gen, teacher=dataclasses.replace(gen.teacher, sampling=SamplingConfig(temperature=1.0)))
+    hotter = dataclasses.replace(
+        gen, teacher=dataclasses.replace(gen.teacher, sampling=SamplingConfig(temperature=1.0))
+    )
     from distill.teacher.labels import shard_key
 
     hashes = {"weights": "w", "tokenizer": "t"}
-    keys = {shard_key(hashes, "f", c.teacher, "float32") for c in (tiny_config, gen, hotter, mode_config(tiny_config, "candidates"))}
+    keys = {
+        shard_key(hashes, "f", c.teacher, "float32")
+        for c in (tiny_config, gen, hotter, mode_config(tiny_config, "candidates"))
+    }
     assert len(keys) == 4
 
 

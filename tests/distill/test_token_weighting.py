@@ -1,6 +1,7 @@
 """Every labelled token of an optimizer step weighs the same, however the step is split into
 micro-batches or ranks (TRL's ``num_items_in_batch``): a micro-batch with 2 labelled tokens no
 longer counts as much as one with 40."""
+
 from __future__ import annotations
 
 import os
@@ -10,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill.trainer import TrainConfig, collate, train_step
+from distill.train.config import TrainConfig
+from distill.train.trainer import collate, train_step
 from tests.processes import run_group
 from tests.storage.test_shards import make_rows
 
@@ -20,7 +22,7 @@ TOL = 1e-5  # fp32 gradients of the same sums, taken over differently padded bat
 
 def model_and_rows(teacher_dir):
     """A tiny random student and 8 windows whose labelled spans range from 0 to ~40 tokens."""
-    from distill.student import build_student
+    from distill.train.student import build_student
     from tests.distill.train_worker import TINY_STUDENT
 
     model = build_student(teacher_dir, TINY_STUDENT, 49152)
@@ -33,11 +35,13 @@ def _grads(model, micro_batches, world=1, weighting="step"):
     if weighting == "step":
         train_step(model, micro_batches, TrainConfig(), "score", False, world, torch.device("cpu"))
     else:  # the old rule: the mean inside each micro-batch, divided by the number of micro-batches
-        from distill.losses import distillation_loss
+        from distill.train.losses import distillation_loss
 
         for b in micro_batches:
             logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-            loss, _ = distillation_loss(logits, b["targets"], b["topk_ids"], b["teacher_logprobs"], b["mask"], tail="bucket")
+            loss, _ = distillation_loss(
+                logits, b["targets"], b["topk_ids"], b["teacher_logprobs"], b["mask"], tail="bucket"
+            )
             (loss / len(micro_batches)).backward()
     return {name: p.grad.clone() for name, p in model.named_parameters()}
 
@@ -65,8 +69,15 @@ def test_two_ranks_give_the_gradients_of_one(teacher_dir, tmp_path):
     model, rows = model_and_rows(teacher_dir)
     single = _grads(model, [collate(rows, 4)])
     out = tmp_path / "grads.safetensors"
-    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "tests.distill.grad_worker",
-           str(teacher_dir), str(out)]
+    cmd = [
+        str(Path(sys.executable).parent / "torchrun"),
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "tests.distill.grad_worker",
+        str(teacher_dir),
+        str(out),
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     done = run_group(cmd, timeout=600, cwd=REPO, env=env)
     assert done.returncode == 0, done.stderr[-3000:]

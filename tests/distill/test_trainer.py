@@ -1,5 +1,6 @@
 """Trainer: exact resume after a real SIGKILL, a 2-process torchrun run covering every row once,
 and student vocabulary checks."""
+
 from __future__ import annotations
 
 import os
@@ -14,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from distill.configbase import ConfigError
-from distill.student import check_vocab
+from distill.train.student import check_vocab
 from tests.distill.train_worker import write_shards
 from tests.processes import run_group, start_group, stop_group
 
@@ -32,14 +33,30 @@ def shard_dir(tmp_path_factory):
 
 
 def _worker(shard_dir, out, teacher_dir, steps, every, *extra):
-    return [sys.executable, "-m", "tests.distill.train_worker", str(shard_dir), str(out), str(teacher_dir), str(steps), str(every), *extra]
+    return [
+        sys.executable,
+        "-m",
+        "tests.distill.train_worker",
+        str(shard_dir),
+        str(out),
+        str(teacher_dir),
+        str(steps),
+        str(every),
+        *extra,
+    ]
 
 
 def test_resume_after_sigkill_is_exact(shard_dir, teacher_dir, tmp_path):
     steps = 10
     full = run_group(_worker(shard_dir, tmp_path / "a", teacher_dir, steps, 2), timeout=600, cwd=REPO, env=ENV)
     assert full.returncode == 0, full.stderr[-2000:]
-    proc = start_group(_worker(shard_dir, tmp_path / "b", teacher_dir, steps, 2), cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_group(
+        _worker(shard_dir, tmp_path / "b", teacher_dir, steps, 2),
+        cwd=REPO,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         ckpts = tmp_path / "b" / "checkpoints"
         deadline = time.time() + 300
@@ -65,8 +82,19 @@ def test_two_process_torchrun_covers_every_row_once(shard_dir, teacher_dir, tmp_
     torchrun = Path(sys.executable).parent / "torchrun"
     log = tmp_path / "rows"
     # 64 rows in 16 row groups of 4: 8 row groups per rank, batch 4 -> 8 steps is one epoch
-    cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "tests.distill.train_worker",
-           str(shard_dir), str(tmp_path / "out"), str(teacher_dir), "8", "0", str(log)]
+    cmd = [
+        str(torchrun),
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "tests.distill.train_worker",
+        str(shard_dir),
+        str(tmp_path / "out"),
+        str(teacher_dir),
+        "8",
+        "0",
+        str(log),
+    ]
     out = run_group(cmd, timeout=600, cwd=REPO, env=ENV)
     assert out.returncode == 0, out.stderr[-3000:]
     ranks = [Path(f"{log}.rank{r}").read_text().splitlines() for r in range(2)]
@@ -96,39 +124,80 @@ def test_vocab_checks():
 def test_candidates_training_needs_gold_for_ce_and_forward_kl(tmp_path, teacher_dir):
     import numpy as np
 
-    from distill.student import StudentConfig
-    from distill.trainer import TrainConfig, train
+    from distill.train.config import StudentConfig, TrainConfig
+    from distill.train.trainer import train
     from storage.reader import open_shard
     from storage.schema import ShardMeta
     from storage.writer import ShardWriter
 
-    meta = ShardMeta(teacher="t", teacher_hash="w", tokenizer_hash="tok", vocab_size=49152, k=8, temperature=1.0,
-                     mode="candidates", engine="test", data_fingerprint="fp", shard="train-00000", split="train",
-                     cache_key="c", code_version="test", settings={"length_normalize": False})
+    meta = ShardMeta(
+        teacher="t",
+        teacher_hash="w",
+        tokenizer_hash="tok",
+        vocab_size=49152,
+        k=8,
+        temperature=1.0,
+        mode="candidates",
+        engine="test",
+        data_fingerprint="fp",
+        shard="train-00000",
+        split="train",
+        cache_key="c",
+        code_version="test",
+        settings={"length_normalize": False},
+    )
     lp = np.log(np.array([0.7, 0.3], np.float32))
     with ShardWriter(tmp_path / "c.parquet", meta) as w:
         for i in range(4):
-            w.write({"doc_id": f"c{i}", "prompt_text": "p", "prompt_ids": [1, 2, 3], "candidates": ["yes", "no"],
-                     "candidate_ids": [[10], [11, 12]], "answer": -1, "candidate_scores": lp, "teacher_logprobs": lp})
+            w.write(
+                {
+                    "doc_id": f"c{i}",
+                    "prompt_text": "p",
+                    "prompt_ids": [1, 2, 3],
+                    "candidates": ["yes", "no"],
+                    "candidate_ids": [[10], [11, 12]],
+                    "answer": -1,
+                    "candidate_scores": lp,
+                    "teacher_logprobs": lp,
+                }
+            )
     shard = open_shard(tmp_path / "c.parquet")
     student = StudentConfig(num_layers=1)
     with pytest.raises(ValueError, match="no example has a gold answer"):
         train(student, TrainConfig(steps=1, kd_weight=0.0, progress=False), teacher_dir, [shard], tmp_path / "b", 49152)
     with pytest.raises(ConfigError, match="divergence='jsd' is invalid for candidates data"):
-        train(student, TrainConfig(steps=1, kd_weight=1.0, divergence="jsd", progress=False), teacher_dir, [shard], tmp_path / "j", 49152)
+        train(
+            student,
+            TrainConfig(steps=1, kd_weight=1.0, divergence="jsd", progress=False),
+            teacher_dir,
+            [shard],
+            tmp_path / "j",
+            49152,
+        )
     # KD only needs no gold: two steps on the teacher's candidate distribution
-    summary = train(student, TrainConfig(steps=2, batch_size=2, kd_weight=1.0, progress=False), teacher_dir, [shard], tmp_path / "s", 49152)
+    summary = train(
+        student,
+        TrainConfig(steps=2, batch_size=2, kd_weight=1.0, progress=False),
+        teacher_dir,
+        [shard],
+        tmp_path / "s",
+        49152,
+    )
     assert summary["finished"] and summary["final_ce"] == 0.0 and summary["final_kd"] > 0
 
 
 def test_diverging_run_stops_naming_the_step_and_saves_nothing(shard_dir, teacher_dir, tmp_path):
-    from distill.trainer import TrainConfig, latest_checkpoint, train
+    from distill.train.config import TrainConfig
+    from distill.train.trainer import latest_checkpoint, train
     from storage.reader import open_shard
     from tests.distill.train_worker import TINY_STUDENT
 
     shards = [open_shard(p) for p in sorted(shard_dir.glob("*.parquet"))]
     cfg = TrainConfig(steps=6, batch_size=4, lr=1e30, warmup_steps=1, checkpoint_every=1, progress=False)
-    with pytest.raises(FloatingPointError, match=r"training diverged at step 2: loss .*nothing of this step was saved\. Lower train\.lr \(now 1e\+30\)"):
+    with pytest.raises(
+        FloatingPointError,
+        match=r"training diverged at step 2: loss .*nothing of this step was saved\. Lower train\.lr \(now 1e\+30\)",
+    ):
         train(TINY_STUDENT, cfg, teacher_dir, shards, tmp_path / "out", 49152)
     assert not (tmp_path / "out" / "model").exists() and not (tmp_path / "out" / "summary.json").exists()
     last = latest_checkpoint(tmp_path / "out" / "checkpoints")

@@ -1,4 +1,5 @@
 """The real Dagster web server, daemon and code server (``dagster dev``) on 127.0.0.1, for tests."""
+
 from __future__ import annotations
 
 import contextlib
@@ -24,8 +25,13 @@ def dagster_dev(config_path: str | Path, home: Path, log: Path, timeout: float =
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "DISTILL_CONFIG": str(config_path), "DAGSTER_HOME": str(home), "VLLM_CPU_KVCACHE_SPACE": "1"}
-    proc = start_group([str(BIN / "dagster"), "dev", "-h", "127.0.0.1", "-p", str(port)],
-                       cwd=REPO, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    proc = start_group(
+        [str(BIN / "dagster"), "dev", "-h", "127.0.0.1", "-p", str(port)],
+        cwd=REPO,
+        env=env,
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+    )
     try:
         deadline = time.time() + timeout
         while True:
@@ -43,5 +49,7 @@ def dagster_dev(config_path: str | Path, home: Path, log: Path, timeout: float =
 
 def graphql(port: int, query: str, variables: dict | None = None) -> dict:
     body = json.dumps({"query": query, "variables": variables or {}}).encode()
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/graphql", data=body, headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/graphql", data=body, headers={"Content-Type": "application/json"}
+    )
     return json.loads(urllib.request.urlopen(req, timeout=30).read())

@@ -1,5 +1,6 @@
 """Schedule and declarative automation, with Dagster's own testing APIs, over real
 materializations (the tiny config; shards and students are cache hits after the graph test)."""
+
 from __future__ import annotations
 
 import datetime
@@ -21,7 +22,11 @@ def test_refresh_schedule_requests_the_corpus_job(tiny_config_path):
     assert [r.job_name for r in data.run_requests] in ([None], ["refresh_corpus"])
     assert schedule.job_name == "refresh_corpus"
     job = defs.get_job_def("refresh_corpus")
-    assert {k.to_user_string() for k in job.asset_layer.executable_asset_keys} == {"teacher_model", "corpus", "finetuned_teachers"}
+    assert {k.to_user_string() for k in job.asset_layer.executable_asset_keys} == {
+        "teacher_model",
+        "corpus",
+        "finetuned_teachers",
+    }
 
 
 def _requested(result, key):
@@ -53,12 +58,19 @@ def test_automation_labels_then_retrains_then_evaluates(tiny_config_path, tiny_c
     assert _requested(tick, "teacher_logits") == shards
     assert not _requested(tick, "student_model"), "students wait for their labels"
     for shard in sorted(shards):  # cache hits: no teacher work
-        dg.materialize(assets, selection=["teacher_logits"], partition_key=shard, resources=resources, instance=instance)
+        dg.materialize(
+            assets, selection=["teacher_logits"], partition_key=shard, resources=resources, instance=instance
+        )
     tick = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=tick.cursor)
     # both students, and the evaluation after them in the same request
     assert _requested(tick, "student_model") and _requested(tick, "baseline_student") and _requested(tick, "evaluation")
     assert not _requested(tick, "teacher_logits")
-    dg.materialize(assets, selection=["student_model", "baseline_student", "evaluation"], resources=resources, instance=instance,
-                   raise_on_error=False)
+    dg.materialize(
+        assets,
+        selection=["student_model", "baseline_student", "evaluation"],
+        resources=resources,
+        instance=instance,
+        raise_on_error=False,
+    )
     tick = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=tick.cursor)
     assert tick.total_requested == 0, "nothing changed: nothing to do"

@@ -1,6 +1,7 @@
 """A partition-range backfill launched through the real web server's GraphQL API (as the UI
 does), executed by the real daemon, on 127.0.0.1, with two engine slots of one core each: two
 runs may label at the same time, never on the same slot."""
+
 from __future__ import annotations
 
 import shutil
@@ -12,7 +13,6 @@ import pytest
 import yaml
 
 from pipelines.pools import sync_teacher_pool
-
 from tests.pipelines.dagster_server import REPO, dagster_dev, graphql
 
 pytestmark = pytest.mark.slow
@@ -34,8 +34,8 @@ STATUS = """query($id: String!) {
 
 
 def test_backfill_through_server(tiny_config_path, tmp_path):
-    from distill import pipeline
     from distill.config import load_config
+    from distill.run import pipeline
 
     config = yaml.safe_load(Path(tiny_config_path).read_text())
     config["storage_root"] = str(tmp_path / "data")  # label for real, not from the session's cache
@@ -76,8 +76,11 @@ def test_backfill_through_server(tiny_config_path, tmp_path):
         for record in instance.fetch_materializations(dg.AssetKey("teacher_logits"), limit=100).records:
             meta = record.event_log_entry.asset_materialization.metadata
             start, end, slots = windows.get(record.run_id, (float("inf"), float("-inf"), set()))
-            windows[record.run_id] = (min(start, meta["labelled_from"].value), max(end, meta["labelled_until"].value),
-                                      slots | {meta["engine_slot"].value})
+            windows[record.run_id] = (
+                min(start, meta["labelled_from"].value),
+                max(end, meta["labelled_until"].value),
+                slots | {meta["engine_slot"].value},
+            )
     assert len(windows) == 2, windows
     (a_from, a_until, a_slots), (b_from, b_until, b_slots) = windows.values()
     # what the pool and the slots guarantee, whatever the timing: each run labelled with one

@@ -1,6 +1,7 @@
 """A student with its own tokenizer, end to end on the real teacher's labels: a BPE trained on
 the training split, both cross-tokenizer losses, the CE-only baseline, and an evaluation that
 compares every model in bits per byte."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,8 +13,16 @@ import pytest
 
 
 def _cross_config(tiny_config, loss):
-    student = dataclasses.replace(tiny_config.student, init="random", tokenizer="bpe:400", num_layers=2, hidden_size=64,
-                                  intermediate_size=128, num_attention_heads=2, num_key_value_heads=1)
+    student = dataclasses.replace(
+        tiny_config.student,
+        init="random",
+        tokenizer="bpe:400",
+        num_layers=2,
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
     train = dataclasses.replace(tiny_config.train, cross_tokenizer_loss=loss, lr=3e-3)
     return dataclasses.replace(tiny_config, student=student, train=train)
 
@@ -21,7 +30,7 @@ def _cross_config(tiny_config, loss):
 def test_student_with_its_own_tokenizer_end_to_end(tiny_config, engine):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from distill import pipeline
+    from distill.run import pipeline
 
     pipeline.prepare_corpus(tiny_config)
     pipeline.label_shards(tiny_config, tiny_config.corpus.shard_names(), engine_factory=lambda: engine)
@@ -32,14 +41,20 @@ def test_student_with_its_own_tokenizer_end_to_end(tiny_config, engine):
     assert len(tok) == 400
 
     summaries = {}
-    for name, run, baseline in (("uld", cfg, False), ("span_kl", _cross_config(tiny_config, "span_kl"), False), ("baseline", cfg, True)):
+    for name, run, baseline in (
+        ("uld", cfg, False),
+        ("span_kl", _cross_config(tiny_config, "span_kl"), False),
+        ("baseline", cfg, True),
+    ):
         summaries[name] = pipeline.train_student(run, baseline=baseline)
         assert summaries[name]["steps"] == run.train.steps and math.isfinite(summaries[name]["final_loss"])
         if not baseline:
             assert summaries[name]["final_kd"] > 0, f"{name}: the KD term saw aligned positions"
     model_dir = Path(summaries["uld"]["out_dir"]) / "model"
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    assert model.config.vocab_size == 400 and len(AutoTokenizer.from_pretrained(model_dir)) == 400, "saved with its own tokenizer"
+    assert model.config.vocab_size == 400 and len(AutoTokenizer.from_pretrained(model_dir)) == 400, (
+        "saved with its own tokenizer"
+    )
     assert len({s["out_dir"] for s in summaries.values()}) == 3
     assert pipeline.student_dir(cfg, False) != pipeline.student_dir(tiny_config, False)
 

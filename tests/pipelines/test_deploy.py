@@ -12,6 +12,7 @@
 dagster-k8s / dagster-postgres are installed with --no-deps (pyproject.toml, `k8s` extra, says
 why); the tests that need them are skipped, saying so, where they are absent.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,7 +35,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:Found version mismatch:UserWarni
 
 def _needs(module: str):
     return pytest.importorskip(
-        module, reason=f"{module} not installed: pip install --no-deps dagster-k8s==0.29.27 dagster-postgres==0.29.27 (see pyproject.toml)"
+        module,
+        reason=f"{module} not installed: pip install --no-deps dagster-k8s==0.29.27 dagster-postgres==0.29.27 (see pyproject.toml)",
     )
 
 
@@ -128,12 +130,18 @@ def launcher(tmp_path):
     assert result.success, result.errors
 
     kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "none",
-        "clusters": [{"name": "none", "cluster": {"server": "https://127.0.0.1:9"}}],
-        "users": [{"name": "none", "user": {"token": "unused"}}],
-        "contexts": [{"name": "none", "context": {"cluster": "none", "user": "none"}}],
-    }))
+    kubeconfig.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "none",
+                "clusters": [{"name": "none", "cluster": {"server": "https://127.0.0.1:9"}}],
+                "users": [{"name": "none", "user": {"token": "unused"}}],
+                "contexts": [{"name": "none", "context": {"cluster": "none", "user": "none"}}],
+            }
+        )
+    )
     assert result.value["load_incluster_config"] is True  # what the cluster uses
     value = {**result.value, "load_incluster_config": False, "kubeconfig_file": str(kubeconfig)}
     return klass.from_config_value(None, value)
@@ -148,10 +156,17 @@ def _run_job(launcher, tags: dict):
 
     run = DagsterRun(job_name="__ASSET_JOB", run_id="0f0f0f0f-0000-4000-8000-000000000000", tags=tags)
     context = K8sContainerContext.create_for_run(run, launcher, include_run_tags=True)
-    job_config = context.get_k8s_job_config(job_image="registry.example.com/offline-distill:0.1.0", run_launcher=launcher)
+    job_config = context.get_k8s_job_config(
+        job_image="registry.example.com/offline-distill:0.1.0", run_launcher=launcher
+    )
     return construct_dagster_k8s_job(
-        job_config=job_config, args=["dagster", "api", "execute_run"], job_name="dagster-run-0f0f0f0f",
-        pod_name="dagster-run-0f0f0f0f", component="run_worker", user_defined_k8s_config=context.run_k8s_config, labels={},
+        job_config=job_config,
+        args=["dagster", "api", "execute_run"],
+        job_name="dagster-run-0f0f0f0f",
+        pod_name="dagster-run-0f0f0f0f",
+        component="run_worker",
+        user_defined_k8s_config=context.run_k8s_config,
+        labels={},
     )
 
 
@@ -199,22 +214,91 @@ def test_a_run_tag_gives_a_tensor_parallel_teacher_two_gpus(launcher):
 # values.yaml (official Dagster Helm chart). Allowed keys: the chart's own schema
 # (helm/dagster/schema/schema/charts/... in dagster-io/dagster, 1.13 line).
 
-CHART_TOP = {"dagsterWebserver", "dagster-user-deployments", "postgresql", "generatePostgresqlPasswordSecret",
-             "generateCeleryConfigSecret", "rabbitmq", "redis", "flower", "ingress", "imagePullSecrets",
-             "computeLogManager", "scheduler", "runLauncher", "pythonLogs", "dagsterDaemon", "busybox", "migrate",
-             "telemetry", "serviceAccount", "global", "retention", "concurrency", "additionalInstanceConfig"}
-CHART_USER_DEPLOYMENT = {"name", "image", "dagsterApiGrpcArgs", "codeServerArgs", "includeConfigInLaunchedRuns", "port",
-                         "env", "envConfigMaps", "envSecrets", "annotations", "nodeSelector", "affinity", "tolerations",
-                         "podSecurityContext", "securityContext", "resources", "livenessProbe", "readinessProbe",
-                         "startupProbe", "labels", "volumeMounts", "volumes", "schedulerName"}
-CHART_K8S_RUN_LAUNCHER = {"image", "imagePullPolicy", "jobNamespace", "loadInclusterConfig", "kubeconfigFile", "envConfigMaps",
-                          "envSecrets", "envVars", "volumeMounts", "volumes", "labels", "failPodOnRunFailure", "resources",
-                          "schedulerName", "securityContext", "runK8sConfig"}
+CHART_TOP = {
+    "dagsterWebserver",
+    "dagster-user-deployments",
+    "postgresql",
+    "generatePostgresqlPasswordSecret",
+    "generateCeleryConfigSecret",
+    "rabbitmq",
+    "redis",
+    "flower",
+    "ingress",
+    "imagePullSecrets",
+    "computeLogManager",
+    "scheduler",
+    "runLauncher",
+    "pythonLogs",
+    "dagsterDaemon",
+    "busybox",
+    "migrate",
+    "telemetry",
+    "serviceAccount",
+    "global",
+    "retention",
+    "concurrency",
+    "additionalInstanceConfig",
+}
+CHART_USER_DEPLOYMENT = {
+    "name",
+    "image",
+    "dagsterApiGrpcArgs",
+    "codeServerArgs",
+    "includeConfigInLaunchedRuns",
+    "port",
+    "env",
+    "envConfigMaps",
+    "envSecrets",
+    "annotations",
+    "nodeSelector",
+    "affinity",
+    "tolerations",
+    "podSecurityContext",
+    "securityContext",
+    "resources",
+    "livenessProbe",
+    "readinessProbe",
+    "startupProbe",
+    "labels",
+    "volumeMounts",
+    "volumes",
+    "schedulerName",
+}
+CHART_K8S_RUN_LAUNCHER = {
+    "image",
+    "imagePullPolicy",
+    "jobNamespace",
+    "loadInclusterConfig",
+    "kubeconfigFile",
+    "envConfigMaps",
+    "envSecrets",
+    "envVars",
+    "volumeMounts",
+    "volumes",
+    "labels",
+    "failPodOnRunFailure",
+    "resources",
+    "schedulerName",
+    "securityContext",
+    "runK8sConfig",
+}
 CHART_RUN_K8S_CONFIG = {"containerConfig", "podSpecConfig", "podTemplateSpecMetadata", "jobSpecConfig", "jobMetadata"}
-CHART_POSTGRESQL = {"postgresqlScheme", "image", "enabled", "postgresqlHost", "postgresqlUsername", "postgresqlPassword",
-                    "postgresqlDatabase", "postgresqlParams", "service"}
-CHART_CONCURRENCY = {"enabled": None, "pools": {"defaultLimit", "granularity", "opGranularityRunBuffer"},
-                     "runs": {"maxConcurrentRuns", "tagConcurrencyLimits"}}
+CHART_POSTGRESQL = {
+    "postgresqlScheme",
+    "image",
+    "enabled",
+    "postgresqlHost",
+    "postgresqlUsername",
+    "postgresqlPassword",
+    "postgresqlDatabase",
+    "postgresqlParams",
+    "service",
+}
+CHART_CONCURRENCY = {
+    "enabled": None,
+    "pools": {"defaultLimit", "granularity", "opGranularityRunBuffer"},
+    "runs": {"maxConcurrentRuns", "tagConcurrencyLimits"},
+}
 
 
 def test_helm_values_use_only_keys_of_the_charts_schema():
@@ -291,7 +375,6 @@ def test_dockerfile_builds_our_package_on_cuda_with_the_gpu_extra():
             for source in line.split()[1:-1]:
                 assert (REPO / source).exists(), f"Dockerfile copies {source}, which is not in the repository"
     assert "pipelines.definitions" in text
-
 
 
 def test_the_k8s_extra_holds_what_the_image_needs_and_dev_lets_ci_run_these_tests():

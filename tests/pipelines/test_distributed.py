@@ -2,6 +2,7 @@
 gloo on the CPU): for DDP and FSDP, one rank is SIGKILLed after a checkpoint, the asset's
 materialization fails, and the next one resumes and ends bit-identical to an uninterrupted
 run. The train split has 3 row groups, which do not divide by the 2 ranks."""
+
 from __future__ import annotations
 
 import json
@@ -28,22 +29,42 @@ def labelled(tiny_config_path, engine, tmp_path_factory) -> dict:
     """The tiny config on 10 short documents in 3 train shards (5, 10 and 9 windows: one row
     group each) and a small random student, its train shards labelled by the session's engine."""
     import json
-
     import pydoc_data.topics
 
-    from distill import pipeline
     from distill.config import load_config
+    from distill.run import pipeline
 
     root = tmp_path_factory.mktemp("distributed")
     texts = list(pydoc_data.topics.topics.values())
-    (root / "docs.jsonl").write_text("".join(json.dumps({"id": f"d{i}", "text": texts[i * 7][:1200]}) + "\n" for i in range(10)))
+    (root / "docs.jsonl").write_text(
+        "".join(json.dumps({"id": f"d{i}", "text": texts[i * 7][:1200]}) + "\n" for i in range(10))
+    )
     data = yaml.safe_load(tiny_config_path.read_text())
     data["storage_root"] = str(root / "data")
-    data["corpus"] = {**data["corpus"], "source": str(root / "docs.jsonl"), "id_column": "id", "max_documents": None, "train_shards": 3}
-    data["student"] = {"init": "random", "num_layers": 2, "hidden_size": 64, "intermediate_size": 128,
-                       "num_attention_heads": 2, "num_key_value_heads": 1}
-    data["train"] = {"steps": STEPS, "batch_size": 2, "lr": 1e-3, "checkpoint_every": EVERY, "keep_checkpoints": 10,
-                     "progress": False, "nproc_per_node": 2}
+    data["corpus"] = {
+        **data["corpus"],
+        "source": str(root / "docs.jsonl"),
+        "id_column": "id",
+        "max_documents": None,
+        "train_shards": 3,
+    }
+    data["student"] = {
+        "init": "random",
+        "num_layers": 2,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+    }
+    data["train"] = {
+        "steps": STEPS,
+        "batch_size": 2,
+        "lr": 1e-3,
+        "checkpoint_every": EVERY,
+        "keep_checkpoints": 10,
+        "progress": False,
+        "nproc_per_node": 2,
+    }
     cfg = load_config(_write(tiny_config_path.parent / "distributed-base.yaml", data))
     pipeline.prepare_corpus(cfg)
     train = [n for n in cfg.corpus.shard_names() if n.startswith("train")]
@@ -86,13 +107,19 @@ def _materialize(config: Path, instance) -> dg.ExecuteInProcessResult:
     from pipelines.definitions import build_definitions
 
     defs = build_definitions(str(config))
-    return dg.materialize(list(defs.assets), selection=["student_model"], resources=defs.resources, instance=instance, raise_on_error=False)
+    return dg.materialize(
+        list(defs.assets),
+        selection=["student_model"],
+        resources=defs.resources,
+        instance=instance,
+        raise_on_error=False,
+    )
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_rank_killed_after_checkpoint_resumes_to_the_uninterrupted_result(labelled, tiny_config_path, strategy):
-    from distill import pipeline
     from distill.config import load_config
+    from distill.run import pipeline
     from pipelines.run import run_errors
 
     data = {**labelled, "train": {**labelled["train"], "strategy": strategy}}
@@ -112,7 +139,9 @@ def test_rank_killed_after_checkpoint_resumes_to_the_uninterrupted_result(labell
 
     # rank 1 is SIGKILLed once the step-2 checkpoint is committed: the step fails, no model
     killed: list[int] = []
-    killer = threading.Thread(target=_kill_rank_after, args=(out / "checkpoints" / f"step-{EVERY:08d}", 1, killed), daemon=True)
+    killer = threading.Thread(
+        target=_kill_rank_after, args=(out / "checkpoints" / f"step-{EVERY:08d}", 1, killed), daemon=True
+    )
     killer.start()
     try:
         crashed = _materialize(config, instance)
@@ -120,7 +149,9 @@ def test_rank_killed_after_checkpoint_resumes_to_the_uninterrupted_result(labell
         killer.join(timeout=620)
     assert killed, "the run ended before a rank could be killed"
     assert not crashed.success, "a killed rank must fail the step"
-    assert any(f"training in 2 processes failed" in e and f"resumes from checkpoint step-" in e for e in run_errors(crashed)), run_errors(crashed)
+    assert any(
+        "training in 2 processes failed" in e and "resumes from checkpoint step-" in e for e in run_errors(crashed)
+    ), run_errors(crashed)
     assert not (out / "model").exists() and not (out / "summary.json").exists()
     assert _rank_pid(0) is None and _rank_pid(1) is None, "torchrun left a rank running"
 
@@ -131,9 +162,13 @@ def test_rank_killed_after_checkpoint_resumes_to_the_uninterrupted_result(labell
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), f"{strategy}: {name} differs after resume"
+
     # every result in the history is bit-identical; peak memory is a measurement of the process
     def results(folder):
-        return [{k: v for k, v in json.loads(line).items() if k != "peak_memory_mib"} for line in (folder / "history.jsonl").read_text().splitlines()]
+        return [
+            {k: v for k, v in json.loads(line).items() if k != "peak_memory_mib"}
+            for line in (folder / "history.jsonl").read_text().splitlines()
+        ]
 
     assert results(reference) == results(out) and all("grad_norm" in h for h in results(out))
 

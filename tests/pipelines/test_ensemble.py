@@ -1,6 +1,7 @@
 """A real two-teacher ensemble: the bundled teacher and the same teacher fine-tuned on the
 training split (its own cached stage), each labelled by a real vLLM engine and cached on its
 own, mixed into one shard set, then a student trained on the mixture."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -11,8 +12,8 @@ import numpy as np
 import pytest
 
 from distill.configbase import ConfigError
-from distill.teacher.ensemble import TeacherMember, mix_labels
-from distill.teacher.finetune import FinetuneConfig
+from distill.teacher.config import FinetuneConfig, TeacherMember
+from distill.teacher.ensemble import mix_labels
 from tests.conftest import TINY_K
 
 
@@ -23,15 +24,23 @@ def _rows(shard):
 
 
 def test_ensemble_of_the_teacher_and_its_finetuned_self(tiny_config, engine, teacher_dir):
-    from distill import pipeline
+    from distill.run import pipeline
 
     base = tiny_config
     names = base.corpus.shard_names()
     pipeline.prepare_corpus(base)
     pipeline.label_shards(base, names, engine_factory=lambda: engine)  # the first teacher alone, as a user had it
     tuned = FinetuneConfig(steps=3, batch_size=2, lr=1e-4)
-    cfg = dataclasses.replace(base, teacher=dataclasses.replace(base.teacher, models=(
-        TeacherMember(str(teacher_dir), weight=1.0), TeacherMember(str(teacher_dir), weight=3.0, finetune=tuned))))
+    cfg = dataclasses.replace(
+        base,
+        teacher=dataclasses.replace(
+            base.teacher,
+            models=(
+                TeacherMember(str(teacher_dir), weight=1.0),
+                TeacherMember(str(teacher_dir), weight=3.0, finetune=tuned),
+            ),
+        ),
+    )
     with pytest.raises(pipeline.IncompleteLabelsError, match="materialize finetuned_teachers"):
         pipeline.shard_keys(cfg, names)
 
@@ -58,7 +67,10 @@ def test_ensemble_of_the_teacher_and_its_finetuned_self(tiny_config, engine, tea
     members = meta.settings["ensemble"]
     assert [m["weight"] for m in members] == [0.25, 0.75]
     assert members[0]["weights_hash"] == pipeline.teacher_hashes(base)["weights"]
-    assert members[1]["weights_hash"] == pipeline.teacher_hashes(tuned_run)["weights"] and members[1]["finetune"]["steps"] == 3
+    assert (
+        members[1]["weights_hash"] == pipeline.teacher_hashes(tuned_run)["weights"]
+        and members[1]["finetune"]["steps"] == 3
+    )
 
     # the stored mixture is the mixture of the members' stored labels
     store = pipeline.label_store(cfg)
@@ -88,7 +100,7 @@ def test_ensemble_of_the_teacher_and_its_finetuned_self(tiny_config, engine, tea
 
 
 def test_ensemble_members_must_share_a_tokenizer(tiny_config, teacher_dir, tmp_path):
-    from distill import pipeline
+    from distill.run import pipeline
 
     other = tmp_path / "other-teacher"
     other.mkdir()
@@ -99,9 +111,15 @@ def test_ensemble_members_must_share_a_tokenizer(tiny_config, teacher_dir, tmp_p
             else:
                 shutil.copyfile(f, other / f.name)
     config = (other / "tokenizer_config.json").read_text()
-    (other / "tokenizer_config.json").write_text(config.replace("{", '{"model_max_length_note": "another tokenizer",', 1))
-    cfg = dataclasses.replace(tiny_config, teacher=dataclasses.replace(tiny_config.teacher, models=(
-        TeacherMember(str(teacher_dir)), TeacherMember(str(other)))))
+    (other / "tokenizer_config.json").write_text(
+        config.replace("{", '{"model_max_length_note": "another tokenizer",', 1)
+    )
+    cfg = dataclasses.replace(
+        tiny_config,
+        teacher=dataclasses.replace(
+            tiny_config.teacher, models=(TeacherMember(str(teacher_dir)), TeacherMember(str(other)))
+        ),
+    )
     with pytest.raises(ConfigError, match="does not share the first member's tokenizer"):
         pipeline.prepare_teacher(cfg)
 

@@ -1,5 +1,6 @@
 """The whole asset graph materializes in-process on a tiny setting, with the real engine, and
 every asset's output exists and reads back; a second labelling pass is all cache hits."""
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,8 @@ def test_every_asset_materialized(materialized, tiny_config):
 def test_outputs_read_back(materialized, tiny_config, teacher_dir):
     from transformers import AutoModelForCausalLM
 
-    from distill import pipeline
     from distill.data import corpus_dir
+    from distill.run import pipeline
 
     defs, instance, result = materialized
     corpus = corpus_dir(tiny_config.root, tiny_config.corpus, pipeline.teacher_hashes(tiny_config)["tokenizer"])
@@ -66,7 +67,7 @@ def test_outputs_read_back(materialized, tiny_config, teacher_dir):
 def test_second_labelling_is_all_cache_hits(materialized, tiny_config):
     import time
 
-    from distill import pipeline
+    from distill.run import pipeline
 
     defs, instance, result = materialized
     first_teacher_seconds = _metadata(instance, "teacher_logits", partition="train-00000")["teacher_seconds"].value
@@ -82,8 +83,13 @@ def test_second_labelling_is_all_cache_hits(materialized, tiny_config):
     from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
     names = tiny_config.corpus.shard_names()
-    again = dg.materialize(list(defs.assets), selection=["teacher_logits"], resources=defs.resources, instance=instance,
-                           tags={ASSET_PARTITION_RANGE_START_TAG: names[0], ASSET_PARTITION_RANGE_END_TAG: names[-1]})
+    again = dg.materialize(
+        list(defs.assets),
+        selection=["teacher_logits"],
+        resources=defs.resources,
+        instance=instance,
+        tags={ASSET_PARTITION_RANGE_START_TAG: names[0], ASSET_PARTITION_RANGE_END_TAG: names[-1]},
+    )
     meta = again.get_asset_materialization_events()[0].materialization.metadata
     assert meta["cache_hits"].value == len(names) and meta["teacher_seconds"].value == 0.0
     assert pipeline.get_engine(tiny_config).forward_calls == calls_before
@@ -95,17 +101,18 @@ def test_shard_checks_ran(materialized):
     assert "distillation_gate" in checks
     # the labelling run's checks were recorded on the instance
     for name in ("shard_integrity", "topk_mass_coverage"):
-        record = instance.event_log_storage.get_latest_asset_check_execution_by_key([dg.AssetCheckKey(dg.AssetKey("teacher_logits"), name)])
+        record = instance.event_log_storage.get_latest_asset_check_execution_by_key(
+            [dg.AssetCheckKey(dg.AssetKey("teacher_logits"), name)]
+        )
         execution = record[dg.AssetCheckKey(dg.AssetKey("teacher_logits"), name)]
         assert execution is not None and execution.status.value == "SUCCEEDED", (name, execution)
 
 
 def test_changing_one_document_relabels_only_its_shard(tiny_config, engine, tmp_path):
     import dataclasses
-
     from pydoc_data.topics import topics
 
-    from distill import pipeline
+    from distill.run import pipeline
 
     docs = [{"text": topics[name]} for name in sorted(topics)[:8]]
     src = tmp_path / "docs.jsonl"
@@ -130,8 +137,8 @@ def test_changing_one_document_relabels_only_its_shard(tiny_config, engine, tmp_
 def test_student_checkpoint_generates_in_vllm_and_transformers(materialized, tiny_config):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from distill import pipeline
-    from distill.generation import generation_throughput
+    from distill.eval.generation import generation_throughput
+    from distill.run import pipeline
 
     model_dir = pipeline.student_dir(tiny_config, baseline=False) / "model"
     tok = AutoTokenizer.from_pretrained(model_dir)

@@ -1,5 +1,6 @@
 """The whole asset graph in ``generate`` and ``candidates`` mode on the shipped example data:
 teacher labels, distilled and CE-only students trained on them, and the mode's evaluation."""
+
 from __future__ import annotations
 
 import json
@@ -50,7 +51,7 @@ def _meta(instance, key):
 
 
 def test_mode_runs_through_the_graph(mode_run):
-    from distill import pipeline
+    from distill.run import pipeline
 
     mode, cfg, instance, result = mode_run
     assert instance.get_materialized_partitions(dg.AssetKey("teacher_logits")) == set(cfg.corpus.shard_names())

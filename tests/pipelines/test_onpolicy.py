@@ -1,6 +1,7 @@
 """On-policy (GKD) rounds on the real engine: the student answers the training prompts under
 vLLM, the teacher labels its answers, the student trains on a mix; rounds are cached, chained
 and partitions of a Dagster asset; the evaluation measures KL on the students' own answers."""
+
 from __future__ import annotations
 
 import json
@@ -16,21 +17,31 @@ from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
 
-ROUNDS = {"rounds": 2, "steps": 2, "lmbda": 0.5, "prompts_per_round": 4, "eval_prompts": 3, "sampling": {"n": 2, "max_tokens": 12}}
+ROUNDS = {
+    "rounds": 2,
+    "steps": 2,
+    "lmbda": 0.5,
+    "prompts_per_round": 4,
+    "eval_prompts": 3,
+    "sampling": {"n": 2, "max_tokens": 12},
+}
 
 
 @pytest.fixture(scope="module")
 def onpolicy_config(tiny_config_path, engine, tmp_path_factory):
     """The tiny config in generate mode with two short rounds, and its distilled student."""
-    from distill import pipeline
     from distill.config import load_config, merge
+    from distill.run import pipeline
 
-    data = merge(yaml.safe_load(tiny_config_path.read_text()), {
-        "teacher": {"mode": "generate", "sampling": {"n": 2, "temperature": 0.8, "max_tokens": 12}},
-        "corpus": {"source": str(REPO / "examples" / "prompts.jsonl"), "id_column": "id", "max_documents": 16},
-        "eval": {"agreement_prompts": 3, "agreement_max_tokens": 8},
-        "onpolicy": ROUNDS,
-    })
+    data = merge(
+        yaml.safe_load(tiny_config_path.read_text()),
+        {
+            "teacher": {"mode": "generate", "sampling": {"n": 2, "temperature": 0.8, "max_tokens": 12}},
+            "corpus": {"source": str(REPO / "examples" / "prompts.jsonl"), "id_column": "id", "max_documents": 16},
+            "eval": {"agreement_prompts": 3, "agreement_max_tokens": 8},
+            "onpolicy": ROUNDS,
+        },
+    )
     data["eval"].pop("mc_file")
     path = tmp_path_factory.mktemp("onpolicy") / "onpolicy.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -45,9 +56,10 @@ def onpolicy_config(tiny_config_path, engine, tmp_path_factory):
 def test_rounds_train_on_the_students_own_answers_labelled_by_the_teacher(onpolicy_config, hf_teacher, monkeypatch):
     import dataclasses
 
-    from distill import onpolicy, pipeline
-    from distill.teacher.checkpoint import checkpoint_hashes
     from safetensors.torch import load_file
+
+    from distill.run import onpolicy, pipeline
+    from distill.teacher.checkpoint import checkpoint_hashes
 
     _, cfg = onpolicy_config
     first = onpolicy.run_rounds(cfg, 1)[0]
@@ -60,7 +72,10 @@ def test_rounds_train_on_the_students_own_answers_labelled_by_the_teacher(onpoli
     assert shard.meta.mode == "generate" and shard.meta.k == cfg.teacher.k and shard.meta.split == "train"
     assert shard.meta.settings["generator"] == "student"
     assert shard.meta.settings["generator_weights"] == checkpoint_hashes(start)["weights"]
-    prompts = {d: ids for d, ids in zip(*(onpolicy.prompt_table(cfg, "train").column(c).to_pylist() for c in ("doc_id", "input_ids")))}
+    prompts = {
+        d: ids
+        for d, ids in zip(*(onpolicy.prompt_table(cfg, "train").column(c).to_pylist() for c in ("doc_id", "input_ids")))
+    }
     from storage.reader import ShardStream, StreamPosition
 
     table = [row for row, _ in ShardStream([shard], shuffle=False).rows(StreamPosition(), epochs=1)]
@@ -73,9 +88,13 @@ def test_rounds_train_on_the_students_own_answers_labelled_by_the_teacher(onpoli
         n = len(ids) - 1 - row["label_start"]
         assert len(row["target_logprobs"]) == n, "one label per answer token"
         with torch.no_grad():
-            logp = torch.log_softmax(hf_teacher(input_ids=torch.tensor([ids])).logits[0].double(), -1)[row["label_start"] : len(ids) - 1]
+            logp = torch.log_softmax(hf_teacher(input_ids=torch.tensor([ids])).logits[0].double(), -1)[
+                row["label_start"] : len(ids) - 1
+            ]
         realized = logp.gather(1, torch.tensor(ids[row["label_start"] + 1 :])[:, None])[:, 0]
-        diffs.append((realized - torch.tensor(np.asarray(row["target_logprobs"]), dtype=torch.float64)).abs().max().item())
+        diffs.append(
+            (realized - torch.tensor(np.asarray(row["target_logprobs"]), dtype=torch.float64)).abs().max().item()
+        )
         top = np.asarray(row["topk_ids"]).reshape(n, -1)[:, 0]
         agree.append(float((logp.argmax(-1).numpy() == top).mean()))
     assert max(diffs) < 2e-3, f"the teacher's logprobs of the student's tokens differ from transformers by {max(diffs)}"
@@ -85,7 +104,10 @@ def test_rounds_train_on_the_students_own_answers_labelled_by_the_teacher(onpoli
     assert "round 1 of GKD-style rounds" in card and "8 answers to 4 training prompts by the student" in card
 
     # the round's student moved from where it started
-    before, after = load_file(start / "model.safetensors"), load_file(Path(first["out_dir"]) / "model" / "model.safetensors")
+    before, after = (
+        load_file(start / "model.safetensors"),
+        load_file(Path(first["out_dir"]) / "model" / "model.safetensors"),
+    )
     assert any(not torch.equal(before[n], after[n]) for n in before)
 
     # round 2 starts from round 1; round 1 is reused, not recomputed
@@ -115,13 +137,17 @@ def test_rounds_train_on_the_students_own_answers_labelled_by_the_teacher(onpoli
     control = dataclasses.replace(cfg, onpolicy=dataclasses.replace(cfg.onpolicy, generator="teacher"))
     ctl = onpolicy.run_rounds(control, 1)[0]
     ctl_shard = pipeline.label_store(cfg).open(ctl["answers_key"])
-    assert ctl_shard.meta.settings["generator"] == "teacher" and ctl["answers"] == 8 and ctl["out_dir"] != first["out_dir"]
+    assert (
+        ctl_shard.meta.settings["generator"] == "teacher" and ctl["answers"] == 8 and ctl["out_dir"] != first["out_dir"]
+    )
     assert ctl_shard.meta.settings["generator_weights"] == pipeline.teacher_hashes(cfg)["weights"]
-    assert {r["doc_id"] for r in ctl_shard.parquet().read(columns=["doc_id"]).to_pylist()} == {r["doc_id"] for r in table}
+    assert {r["doc_id"] for r in ctl_shard.parquet().read(columns=["doc_id"]).to_pylist()} == {
+        r["doc_id"] for r in table
+    }
 
 
 def test_rounds_are_asset_partitions_and_the_evaluation_reports_own_answer_kl(onpolicy_config):
-    from distill import onpolicy
+    from distill.run import onpolicy
     from pipelines.definitions import build_definitions
     from pipelines.run import materialize_rounds
 
@@ -130,7 +156,9 @@ def test_rounds_are_asset_partitions_and_the_evaluation_reports_own_answer_kl(on
     assets = list(defs.assets)
     instance = dg.DagsterInstance.ephemeral()
     assert defs.resolve_assets_def("onpolicy_student").partitions_def.get_partition_keys() == ["round-001", "round-002"]
-    result = dg.materialize(assets, selection=["onpolicy_student"], partition_key="round-002", resources=defs.resources, instance=instance)
+    result = dg.materialize(
+        assets, selection=["onpolicy_student"], partition_key="round-002", resources=defs.resources, instance=instance
+    )
     assert result.success
     meta = instance.get_latest_materialization_event(dg.AssetKey("onpolicy_student")).asset_materialization.metadata
     assert meta["round"].value == 2 and Path(meta["model_dir"].value) == onpolicy.final_model(cfg)
@@ -154,7 +182,10 @@ def test_rounds_are_asset_partitions_and_the_evaluation_reports_own_answer_kl(on
     answers = cfg.onpolicy.sampling.n * min(cfg.onpolicy.eval_prompts, onpolicy.prompt_table(cfg, "heldout").num_rows)
     for name in ("teacher", "offpolicy", "onpolicy"):
         m = results[name]
-        assert m["self_len"] * answers == pytest.approx(m["self_tokens"]) and 1 <= m["self_len"] <= cfg.onpolicy.sampling.max_tokens
+        assert (
+            m["self_len"] * answers == pytest.approx(m["self_tokens"])
+            and 1 <= m["self_len"] <= cfg.onpolicy.sampling.max_tokens
+        )
         assert 0 <= m["self_eos"] <= 1 and 0 < m["self_distinct2"] <= 1 and m["self_teacher_ll"] < 0
         assert meta[f"{name}_self_teacher_ll"].value == pytest.approx(m["self_teacher_ll"])
     assert "distinct-2" in meta["table"].value
@@ -168,8 +199,8 @@ def test_a_round_resumes_exactly_inside_its_mix(onpolicy_config, tmp_path):
 
     from safetensors.torch import load_file
 
-    from distill import onpolicy, pipeline
-    from distill.trainer import train
+    from distill.run import onpolicy, pipeline
+    from distill.train.trainer import train
 
     _, cfg = onpolicy_config
     plan = onpolicy.plan_round(cfg, 1)
@@ -181,7 +212,9 @@ def test_a_round_resumes_exactly_inside_its_mix(onpolicy_config, tmp_path):
     stopped = train(*args, tmp_path / "b", vocab, mix=(answers, 0.5), stop_after=1)
     assert not stopped["finished"] and (tmp_path / "b" / "checkpoints").exists()
     saved = json.loads(next((tmp_path / "b" / "checkpoints").glob("step-*/position.json")).read_text())
-    assert set(saved["positions"][0]) == {"index", "main", "extra"} and saved["positions"][0]["index"] == steps.batch_size
+    assert (
+        set(saved["positions"][0]) == {"index", "main", "extra"} and saved["positions"][0]["index"] == steps.batch_size
+    )
     train(*args, tmp_path / "b", vocab, mix=(answers, 0.5))
     a, b = (load_file(tmp_path / d / "model" / "model.safetensors") for d in "ab")
     assert all(torch.equal(a[n], b[n]) for n in a)

@@ -1,6 +1,7 @@
 """Kills and edits that used to lose data or hang: a SIGKILLed ``pipelines.run`` (its run held the
 teacher pool's only slot for ever and its engine kept running), an edited commit record, a
 shard copied under another key. Each is reproduced for real and must heal on the next run."""
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,8 @@ def killed_then_rerun(tiny_config_path, tmp_path_factory):
     it labels, then run again on the same Dagster instance."""
     import dagster as dg
 
-    from distill import pipeline
     from distill.config import load_config
+    from distill.run import pipeline
     from distill.teacher.slots import claim_slot, slot_dir
 
     tmp = tmp_path_factory.mktemp("killed")
@@ -48,8 +49,13 @@ def killed_then_rerun(tiny_config_path, tmp_path_factory):
     home.mkdir()
     shutil.copy(REPO / "configs" / "instance" / "dagster.yaml", home / "dagster.yaml")  # teacher pool limit 1
     mark = uuid.uuid4().hex
-    env = {**os.environ, "DAGSTER_HOME": str(home), "VLLM_CPU_KVCACHE_SPACE": "1", "KILL_TEST_MARK": mark,
-           "VLLM_PROCESS_NAME_PREFIX": f"{os.environ['VLLM_PROCESS_NAME_PREFIX']}-{mark}"}
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "KILL_TEST_MARK": mark,
+        "VLLM_PROCESS_NAME_PREFIX": f"{os.environ['VLLM_PROCESS_NAME_PREFIX']}-{mark}",
+    }
     cmd = [sys.executable, "-m", "pipelines.run", "--config", str(path)]
     first = start_group(cmd, cwd=REPO, env=env, stdout=open(tmp / "first.log", "w"), stderr=subprocess.STDOUT)
     try:
@@ -62,7 +68,11 @@ def killed_then_rerun(tiny_config_path, tmp_path_factory):
         assert any("::EngineCore" in t for t in engine), f"the run's engine is not visible: {engine}"
         os.kill(first.pid, signal.SIGKILL)
         first.wait()
-        committed = {k: store.path_for(k).with_suffix(".json").stat().st_mtime_ns for k in set(keys.values()) if store.is_committed(k)}
+        committed = {
+            k: store.path_for(k).with_suffix(".json").stat().st_mtime_ns
+            for k in set(keys.values())
+            if store.is_committed(k)
+        }
         orphans = wait_until_gone("KILL_TEST_MARK", mark, timeout=30)
         slot = claim_slot(slot_dir(cfg.root), [[0]], timeout=30)  # the dead run's slot is free again
         slot.release()
@@ -75,8 +85,18 @@ def killed_then_rerun(tiny_config_path, tmp_path_factory):
         out, _ = second.communicate(timeout=900)
     finally:
         stop_group(second)
-    return {"cfg": cfg, "keys": keys, "store": store, "committed": committed, "orphans": describe(orphans),
-            "stuck": stuck, "rc": second.returncode, "out": out, "home": home, "path": path}
+    return {
+        "cfg": cfg,
+        "keys": keys,
+        "store": store,
+        "committed": committed,
+        "orphans": describe(orphans),
+        "stuck": stuck,
+        "rc": second.returncode,
+        "out": out,
+        "home": home,
+        "path": path,
+    }
 
 
 def test_killed_run_leaves_no_engine_running(killed_then_rerun):
@@ -101,14 +121,16 @@ def test_rerun_after_kill_frees_the_pool_and_labels_only_what_was_missing(killed
         statuses = {run.run_id: run.status for run in instance.get_runs()}
         assert all(statuses[run_id] == dg.DagsterRunStatus.FAILURE for run_id in r["stuck"])
         assert not [s for s in statuses.values() if s == dg.DagsterRunStatus.STARTED]
-        hits = [e.asset_materialization.metadata["cache_hits"].value
-                for e in [instance.get_latest_materialization_event(dg.AssetKey("teacher_logits"))]]
+        hits = [
+            e.asset_materialization.metadata["cache_hits"].value
+            for e in [instance.get_latest_materialization_event(dg.AssetKey("teacher_logits"))]
+        ]
     # empty shards share one key: each key missing before the rerun was labelled once, the rest were hits
     assert hits == [len(keys) - len(set(keys.values()) - set(r["committed"]))]
 
 
 def test_edited_commit_record_is_caught_and_relabelled(killed_then_rerun, engine):
-    from distill import pipeline
+    from distill.run import pipeline
     from storage.reader import ShardError
 
     cfg, keys, store = killed_then_rerun["cfg"], killed_then_rerun["keys"], killed_then_rerun["store"]
@@ -121,12 +143,16 @@ def test_edited_commit_record_is_caught_and_relabelled(killed_then_rerun, engine
     with pytest.raises(ShardError, match="edited or foreign commit record"):
         pipeline.open_split(cfg, "train")  # training refuses instead of silently skipping the shard
     relabelled = pipeline.label_shards(cfg, [name], engine_factory=lambda: engine)[name]
-    assert not relabelled["cache_hit"] and relabelled["rows"] == record["rows"] and relabelled["tokens"] == record["tokens"]
+    assert (
+        not relabelled["cache_hit"]
+        and relabelled["rows"] == record["rows"]
+        and relabelled["tokens"] == record["tokens"]
+    )
     assert pipeline.check_shards(cfg, [name])["problems"] == []
 
 
 def test_shard_copied_under_another_key_is_relabelled(killed_then_rerun, engine):
-    from distill import pipeline
+    from distill.run import pipeline
 
     cfg, keys, store = killed_then_rerun["cfg"], killed_then_rerun["keys"], killed_then_rerun["store"]
     src, dst = [n for n in keys if n.startswith("train") and store.open(keys[n]).rows][:2]
@@ -144,19 +170,29 @@ def test_shard_copied_under_another_key_is_relabelled(killed_then_rerun, engine)
 def test_two_trainings_of_one_student_at_once_share_one_result(killed_then_rerun, tmp_path):
     """Two launches of one config: the second waits on the student folder's lock, then reuses
     the first one's model; no temporary folder is left behind."""
-    from distill import pipeline
-
     from distill.config import load_config
+    from distill.run import pipeline
 
     config = yaml.safe_load(killed_then_rerun["path"].read_text())
     config["train"]["seed"] = 7  # a student not trained yet
     path = tmp_path / "twice.yaml"
     path.write_text(yaml.safe_dump(config))
-    code = ("import json, sys; from distill import pipeline; from distill.config import load_config\n"
-            "s = pipeline.train_student(load_config(sys.argv[1]))\nprint(json.dumps({'reused': s['reused']}))")
+    code = (
+        "import json, sys; from distill import pipeline; from distill.config import load_config\n"
+        "s = pipeline.train_student(load_config(sys.argv[1]))\nprint(json.dumps({'reused': s['reused']}))"
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [start_group([sys.executable, "-c", code, str(path)], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [
+        start_group(
+            [sys.executable, "-c", code, str(path)],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     try:
         outs = [p.communicate(timeout=600) for p in procs]
     finally:

@@ -1,4 +1,5 @@
 """Storage fixtures: a real S3-compatible server (moto) on loopback."""
+
 from __future__ import annotations
 
 import logging
@@ -29,8 +30,13 @@ def s3_server():
     from werkzeug.serving import make_server
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # not a line per request
-    server = make_server("127.0.0.1", 0, _OneRequestAtATime(DomainDispatcherApplication(create_backend_app)),
-                         threaded=True, request_handler=MotoRequestHandler)
+    server = make_server(
+        "127.0.0.1",
+        0,
+        _OneRequestAtATime(DomainDispatcherApplication(create_backend_app)),
+        threaded=True,
+        request_handler=MotoRequestHandler,
+    )
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     host, port = server.server_address[:2]

@@ -2,6 +2,7 @@
 ``SIGXFSZ`` ignored makes the kernel refuse writes past the limit with ``EFBIG``, as a full disk
 refuses them with ``ENOSPC``. Prints one JSON line: where the writer failed and how.
 Usage: python -m tests.storage.fsize_worker ROOT ROWS ROW_GROUP_ROWS LIMIT_BYTES"""
+
 import json
 import resource
 import signal
@@ -24,5 +25,15 @@ if __name__ == "__main__":
             phase = "close"
         print(json.dumps({"phase": "committed"}))
     except OSError as e:
-        print(json.dumps({"phase": phase, "type": type(e).__name__, "message": str(e), "errno": e.errno,
-                          "cause": repr(e.__cause__), "operation": getattr(e, "operation", None)}))
+        print(
+            json.dumps(
+                {
+                    "phase": phase,
+                    "type": type(e).__name__,
+                    "message": str(e),
+                    "errno": e.errno,
+                    "cause": repr(e.__cause__),
+                    "operation": getattr(e, "operation", None),
+                }
+            )
+        )

@@ -1,4 +1,5 @@
 """Crash safety under real SIGKILLs, a real S3-compatible server on loopback, and interop."""
+
 from __future__ import annotations
 
 import os
@@ -47,7 +48,9 @@ def test_sigkill_never_leaves_an_accepted_partial_shard(tmp_path):
     # how long the whole set takes on this machine now (under load it is several times the
     # ~2 s of an idle machine): kills land uniformly inside that window
     t0 = time.monotonic()
-    timing = subprocess.run([*cmd[:-3], str(tmp_path / "timing"), *cmd[-2:]], cwd=REPO, env=env, capture_output=True, timeout=300)
+    timing = subprocess.run(
+        [*cmd[:-3], str(tmp_path / "timing"), *cmd[-2:]], cwd=REPO, env=env, capture_output=True, timeout=300
+    )
     assert timing.returncode == 0, timing.stderr[-2000:]
     window = time.monotonic() - t0
     kills = attempts = mid_write = 0
@@ -134,7 +137,9 @@ def test_interop_pyarrow_datasets_and_axolotl_export(tmp_path):
     L, s = len(r["input_ids"]), r["label_start"]
     assert len(first["target_token_ids"]) == L and sum(map(sum, first["target_mask"])) == (L - 1 - s) * 4
     assert first["target_token_ids"][s] == [int(x) for x in r["topk_ids"][:4]]
-    assert first["labels"][: s + 1] == [-100] * (s + 1) and first["labels"][s + 1 :] == [int(x) for x in r["input_ids"][s + 1 :]]
+    assert first["labels"][: s + 1] == [-100] * (s + 1) and first["labels"][s + 1 :] == [
+        int(x) for x in r["input_ids"][s + 1 :]
+    ]
 
 
 def open_writer(path):

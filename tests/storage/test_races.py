@@ -1,5 +1,6 @@
 """First writer wins: two processes committing one key, locally and on a real S3-compatible
 server; leftovers of a killed writer; readers keep the file they verified."""
+
 from __future__ import annotations
 
 import multiprocessing
@@ -123,7 +124,7 @@ def _check_outcomes(store: LabelStore, outcomes: dict[int, list[tuple]]) -> list
         key = f"race-{race:02d}"
         results = outcomes[race]
         assert sorted(lost for _, lost, _, _ in results) == [False, True], f"{key}: {results}"
-        (winner, _, sha, who), = [r for r in results if not r[1]]
+        ((winner, _, sha, who),) = [r for r in results if not r[1]]
         assert all(r[2] == sha and r[3] == who for r in results), f"{key}: the loser did not report the winner's record"
         shard = store.open(key)
         assert shard.record["sha256"] == sha and shard.meta.shard == f"writer-{winner}"
@@ -137,9 +138,12 @@ def test_two_processes_racing_locally_commit_exactly_once(tmp_path):
     t0 = time.perf_counter()
     winners = _check_outcomes(store, _run_races(str(tmp_path), poll_interval=0.005))
     names = sorted(p.name for p in store.path_for("race-00").parent.iterdir())
-    assert names == sorted(f"race-{r:02d}{ext}" for r in range(RACES) for ext in (".json", ".parquet")), \
+    assert names == sorted(f"race-{r:02d}{ext}" for r in range(RACES) for ext in (".json", ".parquet")), (
         f"losers' files, temporaries or lock files were left: {names}"
-    print(f"{RACES} local races in {time.perf_counter() - t0:.1f}s, wins per writer {np.bincount(winners, minlength=2)}")
+    )
+    print(
+        f"{RACES} local races in {time.perf_counter() - t0:.1f}s, wins per writer {np.bincount(winners, minlength=2)}"
+    )
 
 
 def test_two_processes_racing_on_s3_commit_exactly_once(s3_server):
@@ -154,7 +158,9 @@ def test_two_processes_racing_on_s3_commit_exactly_once(s3_server):
         key = f"race-{race:02d}"
         shard = store.open(key)
         folder = str(store.path_for(key).parent)
-        names = sorted(Path(i.path).name for i in store.fs.get_file_info(FileSelector(folder)) if Path(i.path).name.startswith(key))
+        names = sorted(
+            Path(i.path).name for i in store.fs.get_file_info(FileSelector(folder)) if Path(i.path).name.startswith(key)
+        )
         assert names == sorted([f"{key}.json", shard.file.name]), f"{key}: the loser left {names}"
     print(f"{RACES} S3 races in {time.perf_counter() - t0:.1f}s, wins per writer {np.bincount(winners, minlength=2)}")
 
@@ -183,7 +189,7 @@ def test_a_writer_killed_between_its_links_is_replaced_by_a_relabel(tmp_path):
     store = LabelStore(tmp_path)
     path = store.path_for("k")
     path.parent.mkdir(parents=True)
-    dead = 2 ** 22 + 12345  # above the default pid_max: no such process
+    dead = 2**22 + 12345  # above the default pid_max: no such process
     path.write_bytes(b"half of someone else's shard")
     here = temp_name(path).name.rsplit("-", 2)[0]  # this host and boot: ".k.parquet.tmp-<host>-<boot>"
     os.link(path, path.with_name(f"{here}-{dead}-deadbeef"))
@@ -239,7 +245,8 @@ def test_label_shard_reports_a_lost_race_as_a_cache_hit(tmp_path):
     the result is the other run's shard, reported as a cache hit."""
     import pyarrow as pa
 
-    from distill.teacher.labels import TeacherConfig, label_shard
+    from distill.teacher.config import TeacherConfig
+    from distill.teacher.labels import label_shard
 
     store = LabelStore(tmp_path)
     theirs = _rows(0, 0)
@@ -250,12 +257,22 @@ def test_label_shard_reports_a_lost_race_as_a_cache_hit(tmp_path):
                 _commit(store, "k", 0)  # the other run finishes first
             for row in _rows(0, 1)[: len(input_ids)]:
                 n = len(row["target_logprobs"])
-                yield {"topk_ids": row["topk_ids"].reshape(n, K), "topk_logprobs": row["topk_logprobs"].reshape(n, K),
-                       "target_logprobs": row["target_logprobs"], "tail_mass": row["tail_mass"]}
+                yield {
+                    "topk_ids": row["topk_ids"].reshape(n, K),
+                    "topk_logprobs": row["topk_logprobs"].reshape(n, K),
+                    "target_logprobs": row["target_logprobs"],
+                    "tail_mass": row["tail_mass"],
+                }
 
     mine = _rows(0, 1)
-    windows = pa.table({"doc_id": [r["doc_id"] for r in mine], "window_index": [r["window_index"] for r in mine],
-                        "input_ids": [r["input_ids"].tolist() for r in mine], "label_start": [r["label_start"] for r in mine]})
+    windows = pa.table(
+        {
+            "doc_id": [r["doc_id"] for r in mine],
+            "window_index": [r["window_index"] for r in mine],
+            "input_ids": [r["input_ids"].tolist() for r in mine],
+            "label_start": [r["label_start"] for r in mine],
+        }
+    )
     result = label_shard(Engine, store, "k", _meta("k", 1), windows, TeacherConfig(k=K), progress=False)
     assert result["cache_hit"] and result["lost_race"]
     assert result["rows"] == len(theirs) and result["tokens"] == sum(len(r["target_logprobs"]) for r in theirs)

@@ -1,6 +1,7 @@
 """Commit records are plain JSON anyone can edit or copy: readers trust the Parquet footer
 (covered by the checksum) and accept a record only when it agrees with it, and a store accepts
 a shard only under its own cache key."""
+
 from __future__ import annotations
 
 import json
@@ -34,7 +35,9 @@ def test_counts_come_from_the_footer_and_must_match_the_record(tmp_path):
     shard = store.open("k1")
     assert shard.rows == 12 and shard.tokens == shard.record["tokens"] > 0
     original = _edit_record(store.path_for("k1"), rows=0, tokens=0)
-    with pytest.raises(ShardError, match=r"k1\.json: field 'rows' is 0 but the file holds 12 \(edited or foreign commit record\)"):
+    with pytest.raises(
+        ShardError, match=r"k1\.json: field 'rows' is 0 but the file holds 12 \(edited or foreign commit record\)"
+    ):
         store.open("k1")
     _edit_record(store.path_for("k1"), rows=12, tokens=original["tokens"] + 1)
     with pytest.raises(ShardError, match="field 'tokens'"):
@@ -85,10 +88,19 @@ def test_folder_lock_serializes_and_is_released_by_a_dead_holder(tmp_path):
     import threading
 
     folder = tmp_path / "student"
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from storage.writer import folder_lock\n"
-        f"with folder_lock({str(folder)!r}, 'test'):\n    print('held', flush=True); time.sleep(60)")],
-        stdout=subprocess.PIPE, text=True, cwd=REPO)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sys, time; from storage.writer import folder_lock\n"
+                f"with folder_lock({str(folder)!r}, 'test'):\n    print('held', flush=True); time.sleep(60)"
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         waits = []

@@ -1,4 +1,5 @@
 """Shard writer/reader round trip, crash safety of commits, validation errors, streaming order."""
+
 from __future__ import annotations
 
 import json
@@ -17,9 +18,19 @@ from storage.writer import ShardWriter, record_path
 
 def make_meta(vocab=49152, k=4, **kw):
     base = dict(
-        teacher="t", teacher_hash="w1", tokenizer_hash="tok1", vocab_size=vocab, k=k, temperature=1.0,
-        mode="score", engine="test", data_fingerprint="fp", shard="train-00000", split="train",
-        cache_key="key", code_version="test",
+        teacher="t",
+        teacher_hash="w1",
+        tokenizer_hash="tok1",
+        vocab_size=vocab,
+        k=k,
+        temperature=1.0,
+        mode="score",
+        engine="test",
+        data_fingerprint="fp",
+        shard="train-00000",
+        split="train",
+        cache_key="key",
+        code_version="test",
     )
     base.update(kw)
     return ShardMeta(**base)
@@ -36,13 +47,18 @@ def make_rows(n_rows, vocab, k, seed=0, length=(3, 20)):
         full_lp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
         lp = -np.sort(-full_lp, axis=1)[:, :k].astype(np.float32)
         ids = np.stack([rng.choice(vocab, k, replace=False) for _ in range(n)]) if n else np.zeros((0, k), np.int64)
-        rows.append({
-            "doc_id": f"doc-{i // 3}", "window_index": i % 3,
-            "input_ids": rng.integers(0, vocab, L), "label_start": label_start,
-            "topk_ids": ids.reshape(-1), "topk_logprobs": lp.reshape(-1),
-            "target_logprobs": full_lp[:, 5].astype(np.float32),
-            "tail_mass": (1 - np.exp(lp.astype(np.float64)).sum(1)).astype(np.float32),
-        })
+        rows.append(
+            {
+                "doc_id": f"doc-{i // 3}",
+                "window_index": i % 3,
+                "input_ids": rng.integers(0, vocab, L),
+                "label_start": label_start,
+                "topk_ids": ids.reshape(-1),
+                "topk_logprobs": lp.reshape(-1),
+                "target_logprobs": full_lp[:, 5].astype(np.float32),
+                "tail_mass": (1 - np.exp(lp.astype(np.float64)).sum(1)).astype(np.float32),
+            }
+        )
     return rows
 
 
@@ -102,8 +118,12 @@ def test_tail_code_relative_error():
     # the decoded top-k carry 1 - tail to the same relative error
     lp = np.log(np.array([[0.6, 0.3, 0.1]]))
     for tail in (1e-9, 1e-4, 0.5, 1 - 1e-6):
-        got = codec.decode_topk_logprobs(codec.encode_topk_logprobs(lp), codec.decode_tail(codec.encode_tail(np.array([tail]))))
-        assert abs(np.exp(got.astype(np.float64)).sum() / (1 - tail) - 1) <= codec.TAIL_MAX_REL_ERROR + 1e-6  # + float32 logprobs
+        got = codec.decode_topk_logprobs(
+            codec.encode_topk_logprobs(lp), codec.decode_tail(codec.encode_tail(np.array([tail])))
+        )
+        assert (
+            abs(np.exp(got.astype(np.float64)).sum() / (1 - tail) - 1) <= codec.TAIL_MAX_REL_ERROR + 1e-6
+        )  # + float32 logprobs
     with pytest.raises(ValueError, match="NaN"):
         codec.encode_tail(np.array([0.1, np.nan]))
 
@@ -154,7 +174,9 @@ def test_flipped_byte_is_rejected(tmp_path):
         open_shard(path)
 
 
-@pytest.mark.parametrize("field,value", [("teacher_hash", "other"), ("tokenizer_hash", "other"), ("k", 8), ("vocab_size", 32000)])
+@pytest.mark.parametrize(
+    "field,value", [("teacher_hash", "other"), ("tokenizer_hash", "other"), ("k", 8), ("vocab_size", 32000)]
+)
 def test_shard_from_another_run_is_rejected(tmp_path, field, value):
     path = _committed(tmp_path)
     with pytest.raises(ShardError, match=field):
@@ -199,12 +221,23 @@ def _rewrite(path, name, fn):
 
 def test_bad_values_are_rejected_at_read(tmp_path):
     path = _committed(tmp_path)
-    _rewrite(path, "topk_ids", lambda col: pa.ListArray.from_arrays(col.combine_chunks().offsets, pa.array(np.full(len(col.combine_chunks().flatten()), 65000, np.uint16))))
+    _rewrite(
+        path,
+        "topk_ids",
+        lambda col: pa.ListArray.from_arrays(
+            col.combine_chunks().offsets, pa.array(np.full(len(col.combine_chunks().flatten()), 65000, np.uint16))
+        ),
+    )
     with pytest.raises(ShardError, match="beyond the id table"):
         list(ShardStream([open_shard(path)]).rows(epochs=1))
     path2 = _committed(tmp_path / "b")
-    _rewrite(path2, "topk_logprob_codes", lambda col: pa.ListArray.from_arrays(
-        col.combine_chunks().offsets, pa.array(np.full(len(col.combine_chunks().flatten()), 200, np.uint8))))
+    _rewrite(
+        path2,
+        "topk_logprob_codes",
+        lambda col: pa.ListArray.from_arrays(
+            col.combine_chunks().offsets, pa.array(np.full(len(col.combine_chunks().flatten()), 200, np.uint8))
+        ),
+    )
     with pytest.raises(ShardError, match="exceed the encoding's levels"):
         list(ShardStream([open_shard(path2)]).rows(epochs=1))
 
@@ -272,7 +305,8 @@ def test_workers_within_ranks_split_without_overlap(tmp_path):
     full = sorted(_stream_ids(ShardStream([shard], seed=1))[0])
     parts = [
         _stream_ids(ShardStream([shard], seed=1, rank=r, world_size=2, worker=w, num_workers=2))[0]
-        for r in range(2) for w in range(2)
+        for r in range(2)
+        for w in range(2)
     ]
     # 10 row groups over 4 (rank, worker) pairs: 3, 3, 2, 2; each yields 2 groups' rows
     merged = sum(parts, [])
@@ -283,23 +317,33 @@ def test_generate_and_candidates_shards_round_trip(tmp_path):
     from storage.reader import shard_stats
 
     # generate: token labels plus the prompt and answer text
-    rows = [{**r, "prompt_text": f"prompt {i}", "response_text": f"answer {i}", "finish_reason": "stop"}
-            for i, r in enumerate(make_rows(10, 49152, 4))]
+    rows = [
+        {**r, "prompt_text": f"prompt {i}", "response_text": f"answer {i}", "finish_reason": "stop"}
+        for i, r in enumerate(make_rows(10, 49152, 4))
+    ]
     meta = make_meta(mode="generate", settings={"sampling": {"n": 1, "temperature": 0.7}})
     with ShardWriter(tmp_path / "g.parquet", meta) as w:
         w.write_many(rows)
     shard = open_shard(tmp_path / "g.parquet", expect={"mode": "generate"})
     assert shard.meta.settings == {"sampling": {"n": 1, "temperature": 0.7}}
     got = [r for r, _ in ShardStream([shard], shuffle=False).rows(epochs=1)]
-    assert [(g["prompt_text"], g["response_text"]) for g in got] == [(r["prompt_text"], r["response_text"]) for r in rows]
+    assert [(g["prompt_text"], g["response_text"]) for g in got] == [
+        (r["prompt_text"], r["response_text"]) for r in rows
+    ]
     with pytest.raises(ShardError, match="field 'mode' is 'generate' but the run expects 'score'"):
         open_shard(tmp_path / "g.parquet", expect={"mode": "score"})
 
     # candidates: one example per row, stored plain
     examples = [
-        {"doc_id": f"c{i}", "prompt_text": "p", "prompt_ids": [1, 2], "candidates": ["a", "bb", "c"][: 2 + i % 2],
-         "candidate_ids": [[3], [4, 5], [6]][: 2 + i % 2], "answer": i % 2 - (i == 4),
-         "candidate_scores": np.array([-1.0, -2.0, -3.0][: 2 + i % 2], np.float32)}
+        {
+            "doc_id": f"c{i}",
+            "prompt_text": "p",
+            "prompt_ids": [1, 2],
+            "candidates": ["a", "bb", "c"][: 2 + i % 2],
+            "candidate_ids": [[3], [4, 5], [6]][: 2 + i % 2],
+            "answer": i % 2 - (i == 4),
+            "candidate_scores": np.array([-1.0, -2.0, -3.0][: 2 + i % 2], np.float32),
+        }
         for i in range(6)
     ]
     for e in examples:
@@ -311,17 +355,26 @@ def test_generate_and_candidates_shards_round_trip(tmp_path):
     assert shard.rows == shard.tokens == 6
     got = [r for r, _ in ShardStream([shard], shuffle=False).rows(epochs=1)]
     for g, e in zip(got, examples):
-        assert g["candidates"] == e["candidates"] and g["candidate_ids"] == e["candidate_ids"] and g["answer"] == e["answer"]
+        assert (
+            g["candidates"] == e["candidates"]
+            and g["candidate_ids"] == e["candidate_ids"]
+            and g["answer"] == e["answer"]
+        )
         np.testing.assert_array_equal(g["teacher_logprobs"], e["teacher_logprobs"])
     assert shard_stats(shard)["unsorted_positions"] == 0 and shard_stats(shard)["rows"] == 6
     from storage.export import export_axolotl
 
     with pytest.raises(ValueError, match="candidates shards hold a distribution"):
         export_axolotl([shard], tmp_path / "x.parquet")
-    bad = [({**examples[0], "answer": 2}, "answer 2 is not -1 or an index"),
-           ({**examples[0], "candidates": ["only"], "candidate_ids": [[1]]}, "needs >= 2 candidates"),
-           ({**examples[0], "teacher_logprobs": np.array([0.0, 0.0], np.float32)}, "normalized log-distribution")]
+    bad = [
+        ({**examples[0], "answer": 2}, "answer 2 is not -1 or an index"),
+        ({**examples[0], "candidates": ["only"], "candidate_ids": [[1]]}, "needs >= 2 candidates"),
+        ({**examples[0], "teacher_logprobs": np.array([0.0, 0.0], np.float32)}, "normalized log-distribution"),
+    ]
     for row, match in bad:
-        with pytest.raises(ValueError, match=match), ShardWriter(tmp_path / "bad.parquet", make_meta(mode="candidates")) as w:
+        with (
+            pytest.raises(ValueError, match=match),
+            ShardWriter(tmp_path / "bad.parquet", make_meta(mode="candidates")) as w,
+        ):
             w.write(row)
         assert not (tmp_path / "bad.parquet").exists() and not record_path(tmp_path / "bad.parquet").exists()

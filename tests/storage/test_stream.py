@@ -1,5 +1,6 @@
 """The shuffle buffer: rows mixed across many row groups and shards, still deterministic,
 resumable exactly from any position and disjoint across ranks."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -144,7 +145,9 @@ def test_mix_stream_draws_its_share_and_resumes_exactly(shards, share):
     from storage.reader import MixPosition, MixStream
 
     def make():
-        return MixStream(ShardStream(shards[:2], seed=1, shuffle_buffer=16), ShardStream(shards[2:], seed=2), share, seed=5)
+        return MixStream(
+            ShardStream(shards[:2], seed=1, shuffle_buffer=16), ShardStream(shards[2:], seed=2), share, seed=5
+        )
 
     full, _ = _mixed(make(), 300)  # past an epoch of either stream
     extra = [d for d, _ in full if d.startswith("s2-")]
@@ -155,7 +158,10 @@ def test_mix_stream_draws_its_share_and_resumes_exactly(shards, share):
         assert abs(len(extra) / 300 - share) < 0.08, len(extra)
     # the rows of each stream are that stream's own order, unaffected by the mixing
     main_rows = [r for r in full if not r[0].startswith("s2-")]
-    alone, _ = _mixed(MixStream(ShardStream(shards[:2], seed=1, shuffle_buffer=16), ShardStream(shards[2:], seed=2), 0.0), len(main_rows))
+    alone, _ = _mixed(
+        MixStream(ShardStream(shards[:2], seed=1, shuffle_buffer=16), ShardStream(shards[2:], seed=2), 0.0),
+        len(main_rows),
+    )
     assert main_rows == alone
     for cut in (1, 37, 80, 201):
         head, pos = _mixed(make(), cut)
@@ -164,7 +170,7 @@ def test_mix_stream_draws_its_share_and_resumes_exactly(shards, share):
         tail, _ = _mixed(make(), 300 - cut, restored)
         assert head + tail == full, f"resume after {cut} rows differs"
     # rows of the extra stream say so; the trainer's collate turns that into kd_only positions
-    from distill.trainer import collate
+    from distill.train.trainer import collate
 
     rows = [row for row, _ in zip((r for r, _ in make().rows()), range(16))]
     assert all(bool(r.get("from_extra")) == r["doc_id"].startswith("s2-") for r in rows)

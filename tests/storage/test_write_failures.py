@@ -2,6 +2,7 @@
 this host's dead ones), and write failures that name shard, store and operation and leave
 nothing behind: a real file-size limit (EFBIG, the kernel's answer past RLIMIT_FSIZE, as
 ENOSPC is a full disk's) and a real refused PUT (a bucket policy that moto enforces)."""
+
 from __future__ import annotations
 
 import errno
@@ -21,11 +22,18 @@ import pytest
 from storage import writer as writer_mod
 from storage.cache import LabelStore
 from storage.reader import ShardError
-from storage.writer import ShardWriteError, ShardWriter, atomic_write_text, remove_stale_temporaries, temp_name, temp_owner
+from storage.writer import (
+    ShardWriteError,
+    ShardWriter,
+    atomic_write_text,
+    remove_stale_temporaries,
+    temp_name,
+    temp_owner,
+)
 from tests.storage.test_shards import make_meta, make_rows
 
 REPO = Path(__file__).resolve().parents[2]
-DEAD_PID = 2 ** 22 + 12345  # above the default pid_max: no such process here
+DEAD_PID = 2**22 + 12345  # above the default pid_max: no such process here
 
 
 # --- temporaries on a shared folder -------------------------------------------------------
@@ -89,8 +97,14 @@ def test_cleanup_during_a_write_keeps_the_writers_temporaries(tmp_path):
 
 
 def _write_under_limit(root: Path, rows: int, row_group_rows: int, limit: int) -> dict:
-    out = subprocess.run([sys.executable, "-m", "tests.storage.fsize_worker", str(root), str(rows), str(row_group_rows), str(limit)],
-                         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "tests.storage.fsize_worker", str(root), str(rows), str(row_group_rows), str(limit)],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -110,7 +124,11 @@ def test_a_full_disk_names_shard_store_and_operation_and_leaves_nothing(tmp_path
     larger than the raw one, so only it crosses the limit)."""
     root = tmp_path / "store"
     if case == "rows":
-        got, phase, operation = _write_under_limit(root, 200, 16, 8 << 10), "write", "writing rows to the temporary file"
+        got, phase, operation = (
+            _write_under_limit(root, 200, 16, 8 << 10),
+            "write",
+            "writing rows to the temporary file",
+        )
     elif case == "last rows in close":
         got, phase, operation = _write_under_limit(root, 30, 64, 8 << 10), "close", "writing rows to the temporary file"
     else:
@@ -147,8 +165,22 @@ def _deny(s3_server: str, bucket: str, resource: str) -> str:
     endpoint = "http://" + dict(kv.split("=") for kv in query.split("&"))["endpoint_override"]
     client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
     client.create_bucket(Bucket=bucket)
-    client.put_bucket_policy(Bucket=bucket, Policy=json.dumps({"Version": "2012-10-17", "Statement": [
-        {"Effect": "Deny", "Principal": "*", "Action": "s3:PutObject", "Resource": f"arn:aws:s3:::{bucket}/{resource}"}]}))
+    client.put_bucket_policy(
+        Bucket=bucket,
+        Policy=json.dumps(
+            {
+                "Version": "2012-10-17",
+                "Statement": [
+                    {
+                        "Effect": "Deny",
+                        "Principal": "*",
+                        "Action": "s3:PutObject",
+                        "Resource": f"arn:aws:s3:::{bucket}/{resource}",
+                    }
+                ],
+            }
+        ),
+    )
     return f"s3://{bucket}/run?{query}"
 
 
@@ -168,8 +200,10 @@ def test_a_refused_upload_names_bucket_key_and_store_and_leaves_no_scratch(s3_se
         with store.writer("abc", make_meta(k=8, cache_key="abc")) as w:
             w.write_many(make_rows(5, 49152, 8))
     message = str(info.value)
-    assert message.startswith("writing shard s3://denied/run/ab/abc.parquet to store s3://denied/run failed while "
-                              "uploading the shard to s3://denied/run/ab/abc.parquet: "), message
+    assert message.startswith(
+        "writing shard s3://denied/run/ab/abc.parquet to store s3://denied/run failed while "
+        "uploading the shard to s3://denied/run/ab/abc.parquet: "
+    ), message
     assert "PutObject" in message and "403" in message and "s3:PutObject" in message
     assert "endpoint_override" not in message  # the URI's query (which can hold keys) stays out
     assert type(info.value.__cause__).__name__ == "ClientError"
@@ -182,8 +216,11 @@ def test_a_refused_record_names_the_record_and_the_object_that_stays(s3_server, 
     may have been lost after it landed, so only a record could prove it ours), and no reader
     accepts it."""
     store = LabelStore(_deny(s3_server, "norecords", "run/*.json"))
-    with pytest.raises(ShardWriteError, match=r"failed while uploading the commit record to "
-                       r"s3://norecords/run/ab/abc\.json \(the shard's object abc\.parquet stays"):
+    with pytest.raises(
+        ShardWriteError,
+        match=r"failed while uploading the commit record to "
+        r"s3://norecords/run/ab/abc\.json \(the shard's object abc\.parquet stays",
+    ):
         with store.writer("abc", make_meta(k=8, cache_key="abc")) as w:
             w.write_many(make_rows(5, 49152, 8))
     assert list(scratch.iterdir()) == []

@@ -1,5 +1,6 @@
 """A writer process for the SIGKILL test: commits shards ``key-0 .. key-{n-1}`` into a store,
 skipping committed ones, as the labeller does. Usage: python -m tests.storage.writer_worker ROOT N ROWS"""
+
 import sys
 
 from storage.cache import LabelStore

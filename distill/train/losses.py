@@ -27,14 +27,16 @@ and the factor is ``T^2`` (also for AKL, a mix of forward and reverse KL with de
 does not shrink with T, so its gradient goes as ``1/T`` and the factor is ``T`` (``T^2``
 would make it grow as T). Measured in ``tests/distill/test_losses.py``.
 """
+
 from __future__ import annotations
 
 from typing import Callable
 
 import torch
 
+from distill.train.config import CROSS_TOKENIZER_LOSSES, TAILS
+
 NEG = -1e4  # stands in for -inf: exp(NEG) == 0 in fp32 yet NEG * 0 == 0 (no NaN in gradients)
-TAILS = ("renormalize", "bucket")
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -65,7 +67,9 @@ def sparse_log_distributions(
         logits = logits / temperature
     if topk_ids is None:
         teacher_lp = torch.log_softmax(teacher_logprobs.float() / temperature, dim=-1)  # (B, T, V)
-        return teacher_lp, logits - (torch.logsumexp(logits, dim=-1, keepdim=True) if student_lse is None else student_lse)
+        return teacher_lp, logits - (
+            torch.logsumexp(logits, dim=-1, keepdim=True) if student_lse is None else student_lse
+        )
     if tail == "bucket" and temperature != 1.0:
         raise ValueError("tail='bucket' needs temperature 1: the tempered tail mass is unknown from top-k labels")
     if student_lse is None:
@@ -154,7 +158,9 @@ def adaptive_kl(log_p, log_q, mu: float = 0.5, bucket: bool = False, **_):
     If the top-k hold less than ``mu``, every top-k outcome is head.
     """
     if not 0.0 < mu < 1.0:
-        raise ValueError(f"mu={mu}: AKL needs 0 < mu < 1 (its head would be empty or everything: use reverse_kl / forward_kl)")
+        raise ValueError(
+            f"mu={mu}: AKL needs 0 < mu < 1 (its head would be empty or everything: use reverse_kl / forward_kl)"
+        )
     with torch.no_grad():
         p, gap = log_p.exp(), (log_p.exp() - log_q.exp()).abs()
         ranked = p[..., :-1] if bucket else p
@@ -185,7 +191,9 @@ DIVERGENCES: dict[str, Callable[..., torch.Tensor]] = {
 TEMPERATURE_POWER: dict[str, int] = {name: 2 for name in DIVERGENCES} | {"tvd": 1}
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor, denominator: float | torch.Tensor | None = None) -> torch.Tensor:
+def masked_mean(
+    values: torch.Tensor, mask: torch.Tensor, denominator: float | torch.Tensor | None = None
+) -> torch.Tensor:
     """Sum of ``values`` (B, T) over ``mask`` (B, T) divided by ``denominator`` (default: the
     mask's count); 0 when the mask is empty.
 
@@ -222,7 +230,10 @@ def kd_loss(
 
 
 def cross_entropy(
-    student_logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, student_lse: torch.Tensor | None = None,
+    student_logits: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    student_lse: torch.Tensor | None = None,
     denominator: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean negative log-likelihood of ``targets`` (B, T) over ``mask``; 0 when nothing is labelled."""
@@ -269,8 +280,18 @@ def distillation_loss(
     ce = cross_entropy(logits, targets, supervised, student_lse=lse, denominator=num_tokens)
 
     def kd_over(positions):
-        return kd_loss(logits, topk_ids, teacher_logprobs, positions, divergence, tail, temperature,
-                       student_lse=lse if temperature == 1.0 else None, denominator=num_tokens, **divergence_kwargs)
+        return kd_loss(
+            logits,
+            topk_ids,
+            teacher_logprobs,
+            positions,
+            divergence,
+            tail,
+            temperature,
+            student_lse=lse if temperature == 1.0 else None,
+            denominator=num_tokens,
+            **divergence_kwargs,
+        )
 
     own = kd_over(mask & kd_only) if kd_only is not None and bool(kd_only.any()) else None
     if kd_weight == 0.0:
@@ -281,7 +302,9 @@ def distillation_loss(
     return loss, {"ce": ce.detach(), "kd": kd.detach()}
 
 
-def candidate_log_distribution(scores: torch.Tensor, candidate_mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def candidate_log_distribution(
+    scores: torch.Tensor, candidate_mask: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
     """Log-softmax of (B, C) candidate scores at temperature T over each example's valid
     candidates; padded entries get ~0 probability."""
     return torch.log_softmax(torch.where(candidate_mask.bool(), scores.float() / temperature, NEG), -1)
@@ -358,9 +381,7 @@ def candidate_loss(
     return kd_weight * kd + (1.0 - kd_weight) * ce, {"ce": ce.detach(), "kd": kd.detach()}
 
 
-# --- students with another tokenizer (``distill.xtok`` aligns the positions) -------------------
-
-CROSS_TOKENIZER_LOSSES = ("uld", "span_kl")
+# --- students with another tokenizer (``distill.train.xtok`` aligns the positions) -------------------
 
 
 def uld_distance(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
@@ -393,7 +414,7 @@ def cross_tokenizer_loss(
     num_aligned: float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``kd_weight * KD + (1 - kd_weight) * CE`` for a student whose tokenizer is not the teacher's
-    (a ``distill.xtok.collate_cross`` batch). CE covers the student's tokens of the labelled span
+    (a ``distill.train.xtok.collate_cross`` batch). CE covers the student's tokens of the labelled span
     (divided by ``num_tokens``); KD the aligned positions (divided by ``num_aligned``):
 
     - ``uld``: ``uld_distance`` between the teacher's stored top-k and the student's distribution;
@@ -412,6 +433,14 @@ def cross_tokenizer_loss(
     if loss == "uld":
         kd = masked_mean(uld_distance(logits, batch["teacher_logprobs"]), kd_mask, num_aligned)
     else:
-        kd = kd_loss(logits, batch["topk_ids"], batch["matched_logprobs"], kd_mask, "forward_kl", "bucket", student_lse=lse,
-                     denominator=num_aligned)
+        kd = kd_loss(
+            logits,
+            batch["topk_ids"],
+            batch["matched_logprobs"],
+            kd_mask,
+            "forward_kl",
+            "bucket",
+            student_lse=lse,
+            denominator=num_aligned,
+        )
     return kd_weight * kd + (1.0 - kd_weight) * ce, {"ce": ce.detach(), "kd": kd.detach()}

@@ -6,13 +6,14 @@ Both tokenizations cover the same bytes. A teacher position ``i`` predicts teach
 ``j + 1``, starting at ``S[j + 1]``. Where ``B_t[i + 1] == S[j + 1]`` both models have read
 exactly the same text and are about to predict the text from the same byte on: those pairs are
 *aligned*, and only there is the teacher's distribution compared with the student's
-(``distill.losses.uld_loss`` and the span-aligned KL over exactly matching tokens). Cross-entropy
+(``distill.train.losses.uld_loss`` and the span-aligned KL over exactly matching tokens). Cross-entropy
 covers every student token of the labelled span.
 
 Tokens are read as bytes (``token_byte_table``): byte-level BPE (GPT-2, Llama 3, Qwen, SmolLM)
 maps each token's characters back through the byte-to-unicode table; SentencePiece-style
 vocabularies map ``▁`` to a space and ``<0xNN>`` to its byte. Special tokens are empty.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,7 +27,9 @@ BPE_SPECIAL = "<|endoftext|>"
 
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character map used by byte-level BPE vocabularies."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars = printable[:]
     extra = 0
     for b in range(256):
@@ -40,7 +43,9 @@ def bytes_to_unicode() -> dict[int, str]:
 def token_byte_table(tokenizer) -> list[bytes]:
     """The bytes each id of ``tokenizer`` stands for (special tokens: empty)."""
     vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-    special = set(tokenizer.all_special_ids) | {i for i, t in enumerate(vocab) if t in getattr(tokenizer, "added_tokens_encoder", {})}
+    special = set(tokenizer.all_special_ids) | {
+        i for i, t in enumerate(vocab) if t in getattr(tokenizer, "added_tokens_encoder", {})
+    }
     decoder = {c: b for b, c in bytes_to_unicode().items()}
     plain = [t for i, t in enumerate(vocab) if i not in special and t]
     byte_level = sum(all(c in decoder for c in t) for t in plain) >= 0.99 * len(plain)
@@ -66,11 +71,16 @@ def train_bpe(texts: Sequence[str], vocab_size: int, out: Path) -> None:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BPE_SPECIAL], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[BPE_SPECIAL],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer)
-    wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BPE_SPECIAL, eos_token=BPE_SPECIAL, pad_token=BPE_SPECIAL,
-                                      unk_token=None)
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BPE_SPECIAL, eos_token=BPE_SPECIAL, pad_token=BPE_SPECIAL, unk_token=None
+    )
     wrapped.save_pretrained(out)
 
 
@@ -91,7 +101,7 @@ def decodable(data: bytes) -> tuple[int, int]:
     end = len(data)
     for cut in range(4):
         try:
-            data[lead:end - cut].decode("utf-8")
+            data[lead : end - cut].decode("utf-8")
             return lead, end - cut
         except UnicodeDecodeError:
             continue
@@ -121,8 +131,10 @@ class CrossTokenizer:
         probe = "Ünïcode, tabs\tand  spaces: naïve café 123"
         ids = student(probe, add_special_tokens=False)["input_ids"]
         if b"".join(student_bytes[i] for i in ids) != probe.encode():
-            raise ValueError(f"student tokenizer {student_dir}: its tokens do not spell the text they encode (a normalizing "
-                             "tokenizer); cross-tokenizer distillation aligns tokens by bytes and needs a lossless one")
+            raise ValueError(
+                f"student tokenizer {student_dir}: its tokens do not spell the text they encode (a normalizing "
+                "tokenizer); cross-tokenizer distillation aligns tokens by bytes and needs a lossless one"
+            )
         return cls(student, teacher_bytes, student_bytes, mapping)
 
     @property
@@ -148,18 +160,24 @@ class CrossTokenizer:
         s_ids, s_off = self.student_ids(data)
         span_from = int(t_off[start + 1]) if start + 1 < len(t_off) else len(data)
         # student position j predicts token j + 1 (start s_off[j + 1]); CE where that token starts in the span
-        ce_pos = np.nonzero(s_off[1:len(s_ids)] >= span_from)[0]
+        ce_pos = np.nonzero(s_off[1 : len(s_ids)] >= span_from)[0]
         # teacher label index m (position start + m) predicts the token starting at t_off[start + 1 + m]
         n = len(ids) - 1 - start
-        teacher_next = t_off[start + 1:start + 1 + n].copy()
+        teacher_next = t_off[start + 1 : start + 1 + n].copy()
         # a special (empty) token shares its offset with the token after it: only the position
         # predicting real text is aligned
-        teacher_next[np.diff(t_off)[start + 1:start + 1 + n] == 0] = -1
-        s_next = s_off[1:len(s_ids)]
+        teacher_next[np.diff(t_off)[start + 1 : start + 1 + n] == 0] = -1
+        s_next = s_off[1 : len(s_ids)]
         _, s_idx, t_idx = np.intersect1d(s_next, teacher_next, return_indices=True)
-        s_len = np.diff(s_off)[1:len(s_ids)]  # bytes of the token each student position predicts
-        return {"input_ids": s_ids, "ce_positions": ce_pos, "kd_positions": s_idx, "kd_labels": t_idx,
-                "span_bytes": len(data) - span_from, "ce_bytes": int(s_len[ce_pos].sum())}
+        s_len = np.diff(s_off)[1 : len(s_ids)]  # bytes of the token each student position predicts
+        return {
+            "input_ids": s_ids,
+            "ce_positions": ce_pos,
+            "kd_positions": s_idx,
+            "kd_labels": t_idx,
+            "span_bytes": len(data) - span_from,
+            "ce_bytes": int(s_len[ce_pos].sum()),
+        }
 
 
 def collate_cross(rows: Sequence[dict], k: int, cross: CrossTokenizer) -> dict:
@@ -187,7 +205,7 @@ def collate_cross(rows: Sequence[dict], k: int, cross: CrossTokenizer) -> dict:
         attention[b, :L] = 1
         # L may be 0: a window holding only part of one character (a document's last two teacher
         # tokens can be the trailing bytes of an emoji) leaves the student nothing; the row stays padding
-        targets[b, :max(L - 1, 0)] = ids[1:]
+        targets[b, : max(L - 1, 0)] = ids[1:]
         mask[b, a["ce_positions"]] = True
         pos, lab = a["kd_positions"], a["kd_labels"]
         n = len(row["target_logprobs"])
@@ -199,8 +217,12 @@ def collate_cross(rows: Sequence[dict], k: int, cross: CrossTokenizer) -> dict:
         mapped[b, pos] = np.maximum(sid, 0)
         matched_lp[b, pos] = np.where(sid >= 0, lp, -np.inf)
     return {
-        "input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention),
-        "targets": torch.from_numpy(targets), "mask": torch.from_numpy(mask), "kd_mask": torch.from_numpy(kd_mask),
-        "teacher_logprobs": torch.from_numpy(teacher_lp), "topk_ids": torch.from_numpy(mapped),
+        "input_ids": torch.from_numpy(input_ids),
+        "attention_mask": torch.from_numpy(attention),
+        "targets": torch.from_numpy(targets),
+        "mask": torch.from_numpy(mask),
+        "kd_mask": torch.from_numpy(kd_mask),
+        "teacher_logprobs": torch.from_numpy(teacher_lp),
+        "topk_ids": torch.from_numpy(mapped),
         "matched_logprobs": torch.from_numpy(matched_lp),
     }

@@ -1,5 +1,6 @@
 """Generation throughput of a checkpoint under vLLM, measured in a child process so that the
-engine's thread binding never touches the caller (run as ``python -m distill.generation``)."""
+engine's thread binding never touches the caller (run as ``python -m distill.eval.generation``)."""
+
 from __future__ import annotations
 
 import json
@@ -21,7 +22,8 @@ def measure(model_dir: str, max_tokens: int, copies: int) -> dict:
     from vllm import LLM, SamplingParams
 
     from distill.procs import guard_children
-    from distill.teacher.vllm_engine import _cpu_env, _on_cpu, EngineConfig
+    from distill.teacher.config import EngineConfig
+    from distill.teacher.vllm_engine import _cpu_env, _on_cpu
 
     guard_children()
 
@@ -37,15 +39,25 @@ def measure(model_dir: str, max_tokens: int, copies: int) -> dict:
     outputs = llm.generate(prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - t0
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
-            "sample": outputs[0].outputs[0].text[:200]}
+    return {
+        "tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds,
+        "sample": outputs[0].outputs[0].text[:200],
+    }
 
 
 def generation_throughput(model_dir: str | Path, max_tokens: int = 64, copies: int = 4, timeout: int = 900) -> dict:
     """Greedy generation tokens/s of ``model_dir`` under vLLM (a fresh engine in a child process)."""
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
-    out = subprocess.run([sys.executable, "-m", "distill.generation", str(model_dir), str(max_tokens), str(copies)],
-                         capture_output=True, text=True, timeout=timeout, env=env, cwd=Path(__file__).resolve().parents[1])
+    out = subprocess.run(
+        [sys.executable, "-m", "distill.eval.generation", str(model_dir), str(max_tokens), str(copies)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
     if out.returncode != 0 or not lines:
         raise RuntimeError(f"{model_dir}: vLLM generation failed (exit {out.returncode}):\n{out.stderr[-3000:]}")

@@ -3,6 +3,7 @@
 Paths are derived from content keys, so every stage finds its inputs from the config alone
 and a stage whose inputs did not change finds its outputs already there.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,11 +20,10 @@ from typing import Sequence
 from distill.config import RunConfig
 from distill.configbase import ConfigError
 from distill.data import build_corpus, read_corpus_shard
-from distill.student import StudentConfig
 from distill.teacher.checkpoint import checkpoint_hashes, resolve_teacher
 from distill.teacher.ensemble import ENSEMBLE_CODE_VERSION
 from distill.teacher.labels import LABEL_CODE_VERSION, label_shard, mode_settings, shard_key
-from distill.trainer import TrainConfig
+from distill.train.config import StudentConfig, TrainConfig
 from storage.cache import LabelStore, content_key, set_manifest
 from storage.reader import Shard, ShardError
 from storage.schema import SCHEMA_VERSION, ShardMeta
@@ -71,8 +71,14 @@ def finetuned_dir(cfg: RunConfig, member) -> Path:
     """Where ``member`` (with ``finetune`` set) is adapted to the training split: a folder keyed
     by the base weights, the training windows, the settings and the fine-tuning code."""
     base = resolve_teacher(member.model, cfg.root)
-    key = content_key({"base": checkpoint_hashes(base)["weights"], "data": train_fingerprints(cfg),
-                       "finetune": dataclasses.asdict(member.finetune), "code": source_fingerprint(("distill.teacher.finetune",))})
+    key = content_key(
+        {
+            "base": checkpoint_hashes(base)["weights"],
+            "data": train_fingerprints(cfg),
+            "finetune": dataclasses.asdict(member.finetune),
+            "code": source_fingerprint(("distill.teacher.finetune",)),
+        }
+    )
     return cfg.root / "models" / f"finetuned-{key}"
 
 
@@ -85,14 +91,22 @@ def prepare_finetuned(cfg: RunConfig, progress: bool = True) -> list[dict]:
         if member.finetune is None:
             continue
         out = finetuned_dir(cfg, member)
-        with folder_lock(out, "fine-tuning of this teacher", on_wait=lambda msg: print(msg, file=sys.stderr, flush=True)):
+        with folder_lock(
+            out, "fine-tuning of this teacher", on_wait=lambda msg: print(msg, file=sys.stderr, flush=True)
+        ):
             info = out / "model" / FINETUNE_INFO
             if info.exists():
                 done.append({**json.loads(info.read_text()), "path": str(out / "model"), "reused": True})
                 continue
             for tmp in out.glob(".model.tmp-*"):  # left by a run that died while saving
                 shutil.rmtree(tmp, ignore_errors=True)
-            summary = finetune(resolve_teacher(member.model, cfg.root), train_windows(cfg), member.finetune, out / "model", progress=progress)
+            summary = finetune(
+                resolve_teacher(member.model, cfg.root),
+                train_windows(cfg),
+                member.finetune,
+                out / "model",
+                progress=progress,
+            )
             done.append({**summary, "path": str(out / "model"), "reused": False})
     return done
 
@@ -109,9 +123,13 @@ def member_runs(cfg: RunConfig) -> list[tuple[RunConfig, float]]:
         if member.finetune is not None:
             folder = finetuned_dir(cfg, member) / "model"
             if not (folder / "config.json").exists():
-                raise IncompleteLabelsError(f"{folder}: teacher member {member.model!r} is not fine-tuned yet; materialize finetuned_teachers")
+                raise IncompleteLabelsError(
+                    f"{folder}: teacher member {member.model!r} is not fine-tuned yet; materialize finetuned_teachers"
+                )
             model = str(folder)
-        runs.append((dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, model=model, models=())), member.weight))
+        runs.append(
+            (dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, model=model, models=())), member.weight)
+        )
     return runs
 
 
@@ -125,9 +143,16 @@ def ensemble_meta(cfg: RunConfig) -> tuple[list[tuple[RunConfig, float]], str, l
     the provenance of each member."""
     runs = member_runs(cfg)
     total = sum(w for _, w in runs)
-    members = [{"model": m.model, "weights_hash": teacher_hashes(run)["weights"], "weight": w / total,
-                "finetune": dataclasses.asdict(m.finetune) if m.finetune else None, "folder": run.teacher.model}
-               for (run, w), m in zip(runs, cfg.teacher.members)]
+    members = [
+        {
+            "model": m.model,
+            "weights_hash": teacher_hashes(run)["weights"],
+            "weight": w / total,
+            "finetune": dataclasses.asdict(m.finetune) if m.finetune else None,
+            "folder": run.teacher.model,
+        }
+        for (run, w), m in zip(runs, cfg.teacher.members)
+    ]
     return runs, content_key({"ensemble": [[m["weights_hash"], m["weight"]] for m in members]}), members
 
 
@@ -150,17 +175,27 @@ def prepare_teacher(cfg: RunConfig) -> dict:
     for member in cfg.teacher.members[1:]:
         other = resolve_teacher(member.model, cfg.root)
         if checkpoint_hashes(other)["tokenizer"] != tokenizer_hash:
-            raise ConfigError(f"teacher.models: {member.model!r} ({other}) does not share the first member's tokenizer ({path}); "
-                              "an ensemble mixes distributions over the same token ids")
+            raise ConfigError(
+                f"teacher.models: {member.model!r} ({other}) does not share the first member's tokenizer ({path}); "
+                "an ensemble mixes distributions over the same token ids"
+            )
     model_config = AutoConfig.from_pretrained(path)
     if cfg.corpus.window > getattr(model_config, "max_position_embeddings", cfg.corpus.window):
         raise ValueError(
             f"corpus.window={cfg.corpus.window} exceeds the teacher's context ({model_config.max_position_embeddings})"
         )
     if cfg.teacher.k > model_config.vocab_size:
-        raise ValueError(f"teacher.k={cfg.teacher.k} exceeds the teacher's vocabulary ({model_config.vocab_size} tokens)")
-    return {"path": str(path), **checkpoint_hashes(path), "members": len(cfg.teacher.members), "vocab_size": model_config.vocab_size,
-            "layers": model_config.num_hidden_layers, "architecture": (model_config.architectures or ["?"])[0]}
+        raise ValueError(
+            f"teacher.k={cfg.teacher.k} exceeds the teacher's vocabulary ({model_config.vocab_size} tokens)"
+        )
+    return {
+        "path": str(path),
+        **checkpoint_hashes(path),
+        "members": len(cfg.teacher.members),
+        "vocab_size": model_config.vocab_size,
+        "layers": model_config.num_hidden_layers,
+        "architecture": (model_config.architectures or ["?"])[0],
+    }
 
 
 def prepare_corpus(cfg: RunConfig) -> dict:
@@ -183,17 +218,22 @@ def engine_dtype(cfg: RunConfig) -> str:
 def get_engine(cfg: RunConfig):
     """The process's engine for this teacher and settings, started on first use, and started
     anew when the one held has died or failed (the out-of-memory killer takes engines)."""
-    from distill.teacher.vllm_engine import VllmTeacher
-
     from distill.teacher.slots import slot_dir
+    from distill.teacher.vllm_engine import VllmTeacher
 
     key = (str(teacher_dir(cfg)), cfg.teacher.k, cfg.corpus.window, cfg.teacher.engine, cfg.teacher.max_logprobs)
     held = _ENGINES.get(key)
     if held is not None and not held.alive():
         _ENGINES.pop(key).close()
     if key not in _ENGINES:
-        _ENGINES[key] = VllmTeacher(teacher_dir(cfg), cfg.teacher.k, cfg.corpus.window, cfg.teacher.engine, slot_folder=slot_dir(cfg.root),
-                                    max_logprobs=cfg.teacher.max_logprobs)
+        _ENGINES[key] = VllmTeacher(
+            teacher_dir(cfg),
+            cfg.teacher.k,
+            cfg.corpus.window,
+            cfg.teacher.engine,
+            slot_folder=slot_dir(cfg.root),
+            max_logprobs=cfg.teacher.max_logprobs,
+        )
     return _ENGINES[key]
 
 
@@ -214,8 +254,16 @@ def shard_keys(cfg: RunConfig, names: Sequence[str]) -> dict[str, str]:
         runs = member_runs(cfg)
         total = sum(w for _, w in runs)
         member_keys = [shard_keys(run, names) for run, _ in runs]
-        return {n: content_key({"ensemble": [[keys[n], w / total] for keys, (_, w) in zip(member_keys, runs)],
-                                "code": ENSEMBLE_CODE_VERSION, "schema": SCHEMA_VERSION}) for n in names}
+        return {
+            n: content_key(
+                {
+                    "ensemble": [[keys[n], w / total] for keys, (_, w) in zip(member_keys, runs)],
+                    "code": ENSEMBLE_CODE_VERSION,
+                    "schema": SCHEMA_VERSION,
+                }
+            )
+            for n in names
+        }
     cfg = _single(cfg)
 
     hashes, shards = teacher_hashes(cfg), corpus_shards(cfg)
@@ -237,9 +285,14 @@ def expected_meta(cfg: RunConfig, split: str) -> dict:
 
     if cfg.teacher.ensemble:
         _, ensemble_hash, members = ensemble_meta(cfg)
-        return {"teacher_hash": ensemble_hash, "tokenizer_hash": teacher_hashes(cfg)["tokenizer"],
-                "vocab_size": AutoConfig.from_pretrained(teacher_dir(cfg)).vocab_size, "k": cfg.teacher.k * len(members),
-                "mode": cfg.teacher.mode, "temperature": 1.0}
+        return {
+            "teacher_hash": ensemble_hash,
+            "tokenizer_hash": teacher_hashes(cfg)["tokenizer"],
+            "vocab_size": AutoConfig.from_pretrained(teacher_dir(cfg)).vocab_size,
+            "k": cfg.teacher.k * len(members),
+            "mode": cfg.teacher.mode,
+            "temperature": 1.0,
+        }
     cfg = _single(cfg)
     hashes = teacher_hashes(cfg)
     return {
@@ -269,10 +322,19 @@ def label_shards(cfg: RunConfig, names: Sequence[str], engine_factory=None) -> d
         split = split_of(name)
         expect = expected_meta(cfg, split)
         meta = ShardMeta(
-            teacher=cfg.teacher.model, teacher_hash=hashes["weights"], tokenizer_hash=hashes["tokenizer"],
-            vocab_size=expect["vocab_size"], k=expect["k"], temperature=1.0, mode=cfg.teacher.mode,
-            engine=_engine_name(), data_fingerprint=entry["fingerprint"], shard=name,
-            split=split, cache_key=keys[name], code_version=LABEL_CODE_VERSION,
+            teacher=cfg.teacher.model,
+            teacher_hash=hashes["weights"],
+            tokenizer_hash=hashes["tokenizer"],
+            vocab_size=expect["vocab_size"],
+            k=expect["k"],
+            temperature=1.0,
+            mode=cfg.teacher.mode,
+            engine=_engine_name(),
+            data_fingerprint=entry["fingerprint"],
+            shard=name,
+            split=split,
+            cache_key=keys[name],
+            code_version=LABEL_CODE_VERSION,
             settings=mode_settings(cfg.teacher, split),
         )
         results[name] = {"key": keys[name], **label_shard(factory, store, keys[name], meta, windows, cfg.teacher)}
@@ -287,13 +349,17 @@ def label_ensemble(cfg: RunConfig, names: Sequence[str], engine_factory=None) ->
     runs, ensemble_hash, members = ensemble_meta(cfg)
     tokenizers = {teacher_hashes(run)["tokenizer"] for run, _ in runs}
     if len(tokenizers) != 1:
-        raise ConfigError(f"teacher.models: the members do not share a tokenizer ({', '.join(m['folder'] for m in members)} "
-                          "hash their tokenizer files differently); an ensemble mixes distributions over the same token ids")
-    pending = [any(not label_store(run).is_committed(key) for key in shard_keys(run, names).values()) for run, _ in runs]
+        raise ConfigError(
+            f"teacher.models: the members do not share a tokenizer ({', '.join(m['folder'] for m in members)} "
+            "hash their tokenizer files differently); an ensemble mixes distributions over the same token ids"
+        )
+    pending = [
+        any(not label_store(run).is_committed(key) for key in shard_keys(run, names).values()) for run, _ in runs
+    ]
     member_results = []
     for i, (run, _) in enumerate(runs):
         member_results.append(label_shards(run, names, engine_factory if i == 0 else None))
-        if pending[i] and any(pending[i + 1:]):
+        if pending[i] and any(pending[i + 1 :]):
             close_engine(run)  # the next member's engine needs the device
     keys = shard_keys(cfg, names)
     store = label_store(cfg)
@@ -301,23 +367,39 @@ def label_ensemble(cfg: RunConfig, names: Sequence[str], engine_factory=None) ->
     results = {}
     for name in names:
         split = split_of(name)
-        shards = [label_store(run).open(member_results[i][name]["key"], expect=expected_meta(run, split)) for i, (run, _) in enumerate(runs)]
+        shards = [
+            label_store(run).open(member_results[i][name]["key"], expect=expected_meta(run, split))
+            for i, (run, _) in enumerate(runs)
+        ]
         meta = ShardMeta(
-            teacher="ensemble:" + "+".join(f"{m['model']}@{m['weight']:.4g}" for m in members), teacher_hash=ensemble_hash,
-            tokenizer_hash=expect["tokenizer_hash"], vocab_size=expect["vocab_size"], k=expect["k"], temperature=1.0,
-            mode=cfg.teacher.mode, engine=shards[0].meta.engine, data_fingerprint=shards[0].meta.data_fingerprint, shard=name,
-            split=split, cache_key=keys[name], code_version=ENSEMBLE_CODE_VERSION,
+            teacher="ensemble:" + "+".join(f"{m['model']}@{m['weight']:.4g}" for m in members),
+            teacher_hash=ensemble_hash,
+            tokenizer_hash=expect["tokenizer_hash"],
+            vocab_size=expect["vocab_size"],
+            k=expect["k"],
+            temperature=1.0,
+            mode=cfg.teacher.mode,
+            engine=shards[0].meta.engine,
+            data_fingerprint=shards[0].meta.data_fingerprint,
+            shard=name,
+            split=split,
+            cache_key=keys[name],
+            code_version=ENSEMBLE_CODE_VERSION,
             settings={"ensemble": [{**m, "cache_key": member_results[i][name]["key"]} for i, m in enumerate(members)]},
         )
         started = time.time()
         mixed = mix_shard(store, keys[name], meta, shards, [m["weight"] for m in members])
         labelled = [r[name] for r in member_results]
         fresh = [r for r in labelled if not r["cache_hit"]]
-        results[name] = {"key": keys[name], **mixed, "cache_hit": mixed["cache_hit"] and not fresh,
-                         "teacher_seconds": sum(r["teacher_seconds"] for r in labelled),
-                         "members": [{"key": r["key"], "cache_hit": r["cache_hit"]} for r in labelled],
-                         "labelled_from": min([r["labelled_from"] for r in fresh] + [started]),
-                         "labelled_until": time.time()}
+        results[name] = {
+            "key": keys[name],
+            **mixed,
+            "cache_hit": mixed["cache_hit"] and not fresh,
+            "teacher_seconds": sum(r["teacher_seconds"] for r in labelled),
+            "members": [{"key": r["key"], "cache_hit": r["cache_hit"]} for r in labelled],
+            "labelled_from": min([r["labelled_from"] for r in fresh] + [started]),
+            "labelled_until": time.time(),
+        }
     return results
 
 
@@ -343,8 +425,14 @@ def check_shards(cfg: RunConfig, names: Sequence[str]) -> dict:
         entry = corpus[name]
         want_rows = entry["windows"] * (cfg.teacher.sampling.n if cfg.teacher.mode == "generate" else 1)
         want = entry["labelled_tokens"]  # None for generate: answer lengths are the teacher's
-        if stats["rows"] != want_rows or (want is not None and stats["tokens"] != want) or (want is None and stats["tokens"] < stats["rows"]):
-            problems.append(f"{name}: {stats['rows']} rows / {stats['tokens']} labels, corpus expects {want_rows} / {want if want is not None else '>= 1 per answer'}")
+        if (
+            stats["rows"] != want_rows
+            or (want is not None and stats["tokens"] != want)
+            or (want is None and stats["tokens"] < stats["rows"])
+        ):
+            problems.append(
+                f"{name}: {stats['rows']} rows / {stats['tokens']} labels, corpus expects {want_rows} / {want if want is not None else '>= 1 per answer'}"
+            )
         if stats["max_logprob"] > 1e-4 or stats["unsorted_positions"]:
             problems.append(f"{name}: logprobs > 0 or unsorted at {stats['unsorted_positions']} positions")
         if stats["tokens"]:
@@ -383,7 +471,13 @@ def open_split(cfg: RunConfig, split: str, verify_checksum: bool = True) -> list
 
 # the code that shapes a trained student beyond its config and data: the training loop, the
 # losses, student construction, and the shard reader (data order) and codec (decoded labels)
-TRAINING_CODE = ("distill.trainer", "distill.losses", "distill.student", "storage.reader", "storage.codec")
+TRAINING_CODE = (
+    "distill.train.trainer",
+    "distill.train.losses",
+    "distill.train.student",
+    "storage.reader",
+    "storage.codec",
+)
 
 
 def source_fingerprint(modules: Sequence[str]) -> str:
@@ -394,7 +488,9 @@ def source_fingerprint(modules: Sequence[str]) -> str:
     for name in modules:
         spec = importlib.util.find_spec(name)
         if spec is None or not spec.origin or not spec.origin.endswith(".py"):
-            raise FileNotFoundError(f"module {name}: no Python source file to fingerprint (is the package installed from source?)")
+            raise FileNotFoundError(
+                f"module {name}: no Python source file to fingerprint (is the package installed from source?)"
+            )
         h.update(f"{name}\x1f".encode())
         h.update(Path(spec.origin).read_bytes())
     return h.hexdigest()[:32]
@@ -416,16 +512,19 @@ def student_tokenizer_dir(cfg: RunConfig) -> Path | None:
     if not spec.startswith("bpe:"):
         folder = Path(spec).expanduser()
         if not (folder / "tokenizer.json").exists() and not (folder / "tokenizer_config.json").exists():
-            raise ConfigError(f"student.tokenizer={spec!r} is invalid: expected a local tokenizer folder (tokenizer.json) or bpe:N")
+            raise ConfigError(
+                f"student.tokenizer={spec!r} is invalid: expected a local tokenizer folder (tokenizer.json) or bpe:N"
+            )
         return folder
-    key = content_key({"bpe": int(spec[4:]), "data": train_fingerprints(cfg),
-                       "code": source_fingerprint(("distill.xtok",))})
+    key = content_key(
+        {"bpe": int(spec[4:]), "data": train_fingerprints(cfg), "code": source_fingerprint(("distill.train.xtok",))}
+    )
     return cfg.root / "tokenizers" / f"bpe-{key}"
 
 
 def prepare_student_tokenizer(cfg: RunConfig) -> Path | None:
     """Train the student's ``bpe:N`` tokenizer on the training split once (atomic, locked)."""
-    from distill.xtok import token_byte_table, train_bpe
+    from distill.train.xtok import token_byte_table, train_bpe
 
     folder = student_tokenizer_dir(cfg)
     if folder is None or not cfg.student.tokenizer.startswith("bpe:") or (folder / "tokenizer.json").exists():
@@ -444,11 +543,11 @@ def prepare_student_tokenizer(cfg: RunConfig) -> Path | None:
 
 def student_tokens(cfg: RunConfig) -> tuple[int, object]:
     """The student's vocabulary size and, when it has its own tokenizer, the
-    ``distill.xtok.CrossTokenizer`` that aligns it with the teacher's (else None)."""
+    ``distill.train.xtok.CrossTokenizer`` that aligns it with the teacher's (else None)."""
     folder = prepare_student_tokenizer(cfg)
     if folder is None:
         return len(tokenizer(cfg)), None
-    from distill.xtok import CrossTokenizer
+    from distill.train.xtok import CrossTokenizer
 
     cross = CrossTokenizer.load(tokenizer(cfg), folder)
     return len(cross.tokenizer), cross
@@ -467,8 +566,14 @@ def student_init_hash(student: StudentConfig) -> str | None:
     return checkpoint_hashes(path)["weights"]
 
 
-def student_key(student: StudentConfig, train: TrainConfig, train_shard_keys: Sequence[str], init_hash: str | None, code: str,
-                tokenizer_hash: str | None = None) -> str:
+def student_key(
+    student: StudentConfig,
+    train: TrainConfig,
+    train_shard_keys: Sequence[str],
+    init_hash: str | None,
+    code: str,
+    tokenizer_hash: str | None = None,
+) -> str:
     """Content key of a trained student: its config (a ``checkpoint`` init by ``init_hash``, not
     by path), the training settings that shape the model, its train shards' keys and ``code``
     (``training_code_fingerprint()``)."""
@@ -482,8 +587,12 @@ def student_key(student: StudentConfig, train: TrainConfig, train_shard_keys: Se
             "student": student_fields,
             # what shapes the model: not how it is shown or where the ranks meet (nor the
             # cross-tokenizer loss of a student that shares the teacher's tokenizer)
-            "train": {k: v for k, v in dataclasses.asdict(train).items()
-                      if k not in ("progress", "num_threads", "rdzv_endpoint") and (k != "cross_tokenizer_loss" or student.tokenizer)},
+            "train": {
+                k: v
+                for k, v in dataclasses.asdict(train).items()
+                if k not in ("progress", "num_threads", "rdzv_endpoint")
+                and (k != "cross_tokenizer_loss" or student.tokenizer)
+            },
             "shards": sorted(train_shard_keys),
             "code": code,
         }
@@ -523,10 +632,10 @@ def train_student(cfg: RunConfig, baseline: bool = False, launcher=None, log=pri
     """Train (or resume, or reuse when finished) the distilled student or the CE-only baseline.
 
     With ``train.nproc_per_node`` x ``train.nnodes`` > 1 the ranks run under ``torchrun``,
-    started by ``launcher`` (``distill.launch.Launcher``; default: a subprocess); else training
+    started by ``launcher`` (``distill.run.launch.Launcher``; default: a subprocess); else training
     runs in this process.
     """
-    from distill.trainer import train
+    from distill.train.trainer import train
 
     out = student_dir(cfg, baseline)
     # two runs of one config (two launches, a retry beside a stuck run) must not write the same
@@ -547,9 +656,8 @@ def train_student(cfg: RunConfig, baseline: bool = False, launcher=None, log=pri
             vocab, cross = student_tokens(cfg)
             summary = train(cfg.student, train_cfg, teacher_dir(cfg), shards, out, vocab, cross=cross)
         else:
-            from distill.launch import launch
-
-            from distill.trainer import CKPT_DIR, latest_checkpoint
+            from distill.run.launch import launch
+            from distill.train.trainer import CKPT_DIR, latest_checkpoint
 
             prepare_student_tokenizer(cfg)  # once, here, not by every rank
             try:
@@ -570,9 +678,11 @@ def train_student(cfg: RunConfig, baseline: bool = False, launcher=None, log=pri
 
 def _card(cfg: RunConfig, summary: dict, shards, baseline: bool, results=None, table=None) -> None:
     """The student's model card (``model/README.md``), with the evaluation's table when given."""
-    from distill.card import card_info, write_card
+    from distill.run.card import card_info, write_card
 
-    write_card(Path(summary["out_dir"]) / "model", card_info(cfg, summary, shards, baseline, teacher_dir(cfg)), results, table)
+    write_card(
+        Path(summary["out_dir"]) / "model", card_info(cfg, summary, shards, baseline, teacher_dir(cfg)), results, table
+    )
 
 
 def evaluate_run(cfg: RunConfig) -> dict:
@@ -580,11 +690,21 @@ def evaluate_run(cfg: RunConfig) -> dict:
     held-out shards; report (markdown + PNG plots + JSON) in ``<root>/evaluations/<key>``."""
     import torch
 
-    from distill.evaluation import (
-        MODE_NOTES, eval_device, evaluate, evaluate_model, full_distribution_kl, full_kl_skip_reason, gate, load_mc, markdown_table,
-        mc_accuracy, summary_line, write_plots,
+    from distill.data import load_mc
+    from distill.eval.evaluation import (
+        MODE_NOTES,
+        eval_device,
+        evaluate,
+        evaluate_model,
+        full_distribution_kl,
+        full_kl_skip_reason,
+        gate,
+        markdown_table,
+        mc_accuracy,
+        summary_line,
+        write_plots,
     )
-    from distill.student import build_student
+    from distill.train.student import build_student
 
     shards = open_split(cfg, "heldout")
     models = {"teacher": teacher_dir(cfg)}
@@ -592,34 +712,61 @@ def evaluate_run(cfg: RunConfig) -> dict:
     for name, baseline in (("student", False), ("baseline", True)):
         folder = student_dir(cfg, baseline)
         if not (folder / "model").exists():
-            raise FileNotFoundError(f"{folder / 'model'}: {name} not trained; materialize the {'baseline_student' if baseline else 'student_model'} asset")
+            raise FileNotFoundError(
+                f"{folder / 'model'}: {name} not trained; materialize the {'baseline_student' if baseline else 'student_model'} asset"
+            )
         models[name] = folder / "model"
         histories[name] = [json.loads(line) for line in (folder / "history.jsonl").read_text().splitlines()]
     # the teacher from its stored labels and its vLLM engine (eval.teacher_backend), the students
     # on the training device and precision
-    from distill.xtok import token_byte_table
+    from distill.train.xtok import token_byte_table
 
     tok = tokenizer(cfg)
-    byte_lengths = torch.tensor([len(b) for b in token_byte_table(tok)]) if shards[0].meta.mode != "candidates" else None
+    byte_lengths = (
+        torch.tensor([len(b) for b in token_byte_table(tok)]) if shards[0].meta.mode != "candidates" else None
+    )
     vocab, cross = student_tokens(cfg)
     students = {"student": cross, "baseline": cross} if cross is not None else {}
-    results = evaluate(models, shards, cfg.eval, cfg.train.precision, engine_factory=lambda: get_engine(cfg), byte_lengths=byte_lengths,
-                       cross=students)
+    results = evaluate(
+        models,
+        shards,
+        cfg.eval,
+        cfg.train.precision,
+        engine_factory=lambda: get_engine(cfg),
+        byte_lengths=byte_lengths,
+        cross=students,
+    )
     device, bf16 = eval_device(cfg.train.precision)
-    init = build_student(teacher_dir(cfg), cfg.student, vocab, cross.tokenizer if cross is not None else None).to(device)
+    init = build_student(teacher_dir(cfg), cfg.student, vocab, cross.tokenizer if cross is not None else None).to(
+        device
+    )
     with torch.no_grad():
         results["student_init"] = evaluate_model(init, shards, cfg.eval, bf16, byte_lengths, cross)
         if cfg.eval.mc_file:
-            results["student_init"].update(mc_accuracy(init, cross.tokenizer if cross is not None else tok, load_mc(cfg.eval.mc_file),
-                                                       cfg.eval.mc_length_normalize, cfg.eval.batch_size, bf16))
+            results["student_init"].update(
+                mc_accuracy(
+                    init,
+                    cross.tokenizer if cross is not None else tok,
+                    load_mc(cfg.eval.mc_file),
+                    cfg.eval.mc_length_normalize,
+                    cfg.eval.batch_size,
+                    bf16,
+                )
+            )
     # KL to the teacher's full distribution on a sample of held-out windows (reported, not gated)
-    full_kl = {"skipped": (
-        "eval.full_kl_windows is 0" if not cfg.eval.full_kl_windows
-        else "candidates data has no per-token distribution" if shards[0].meta.mode == "candidates"
-        else "the students have their own tokenizer" if cross is not None
-        else "an ensemble's full distribution is its members' mixture (not computed)" if cfg.teacher.ensemble
-        else full_kl_skip_reason(models["teacher"], device, bf16)
-    )}
+    full_kl = {
+        "skipped": (
+            "eval.full_kl_windows is 0"
+            if not cfg.eval.full_kl_windows
+            else "candidates data has no per-token distribution"
+            if shards[0].meta.mode == "candidates"
+            else "the students have their own tokenizer"
+            if cross is not None
+            else "an ensemble's full distribution is its members' mixture (not computed)"
+            if cfg.teacher.ensemble
+            else full_kl_skip_reason(models["teacher"], device, bf16)
+        )
+    }
     if full_kl["skipped"] is None:
         from transformers import AutoModelForCausalLM
 
@@ -635,15 +782,20 @@ def evaluate_run(cfg: RunConfig) -> dict:
     del init
     speedup = None
     if cfg.eval.generation_throughput:
-        from distill.generation import generation_throughput
+        from distill.eval.generation import generation_throughput
 
         close_engines()  # the teacher engine evaluate() used: each measurement starts its own engine on the device
         for name in ("teacher", "student"):
             results[name]["generation_tokens_per_s"] = generation_throughput(models[name])["tokens_per_s"]
         speedup = results["student"]["generation_tokens_per_s"] / results["teacher"]["generation_tokens_per_s"]
     passed, gate_text = gate(results, cfg.eval)
-    key = content_key({"models": {n: str(p) for n, p in models.items()}, "heldout": [s.meta.cache_key for s in shards],
-                       "eval": dataclasses.asdict(cfg.eval)})
+    key = content_key(
+        {
+            "models": {n: str(p) for n, p in models.items()},
+            "heldout": [s.meta.cache_key for s in shards],
+            "eval": dataclasses.asdict(cfg.eval),
+        }
+    )
     out = cfg.root / "evaluations" / key
     plots = write_plots(results, histories, out)
     report = {
@@ -658,11 +810,20 @@ def evaluate_run(cfg: RunConfig) -> dict:
     }
     atomic_write_text(out / "results.json", json.dumps(report, indent=1))
     images = "\n".join(f"![{n}]({p.name})" for n, p in plots.items())
-    speed = f"Student generates {speedup:.2f}x the teacher's tokens/s under vLLM on this machine.\n\n" if speedup else ""
+    speed = (
+        f"Student generates {speedup:.2f}x the teacher's tokens/s under vLLM on this machine.\n\n" if speedup else ""
+    )
     note = MODE_NOTES[shards[0].meta.mode]
-    note += (f" KL full: KL to the teacher's full distribution (a transformers forward) on the first {full_kl['windows']} held-out "
-             f"windows ({full_kl['positions']} positions)." if full_kl["skipped"] is None else f" KL full: not computed ({full_kl['skipped']}).")
-    atomic_write_text(out / "report.md", f"# Distillation report\n\n{note}\n\n{report['table']}\n\n{speed}Gate: {gate_text}\n\n{images}\n\n`{report['summary']}`\n")
+    note += (
+        f" KL full: KL to the teacher's full distribution (a transformers forward) on the first {full_kl['windows']} held-out "
+        f"windows ({full_kl['positions']} positions)."
+        if full_kl["skipped"] is None
+        else f" KL full: not computed ({full_kl['skipped']})."
+    )
+    atomic_write_text(
+        out / "report.md",
+        f"# Distillation report\n\n{note}\n\n{report['table']}\n\n{speed}Gate: {gate_text}\n\n{images}\n\n`{report['summary']}`\n",
+    )
     report["out_dir"] = str(out)
     train_shards = open_split(cfg, "train", verify_checksum=False)
     for name, baseline in (("student", False), ("baseline", True)):

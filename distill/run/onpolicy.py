@@ -21,6 +21,7 @@ round is reused, a crashed one resumes from its checkpoints, and raising ``onpol
 trains only the new rounds. ``generator: teacher`` is the off-policy control at equal teacher
 work: the teacher answers the same prompts with the same sampling each round instead.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,64 +34,12 @@ from typing import Sequence
 import numpy as np
 import pyarrow as pa
 
-from distill.configbase import check
-from distill.teacher.labels import SamplingConfig
+from distill.teacher.config import SamplingConfig
 from storage.reader import MixPosition, ShardStream, StreamPosition
 
 ONPOLICY_CODE_VERSION = "onpolicy-1"
-GENERATORS = ("student", "teacher")
 ROUND_INFO = "round.json"
 EVAL_SEED_OFFSET = 1_000_003  # held-out answers never share seeds with a round's
-
-
-@dataclasses.dataclass(frozen=True)
-class PolicySampling(SamplingConfig):
-    """How the generator answers in a round: GKD samples the student's own distribution
-    (temperature 1, no nucleus cut)."""
-
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_tokens: int = 128
-
-
-@dataclasses.dataclass(frozen=True)
-class OnPolicyConfig:
-    """On-policy rounds after the distilled student (``teacher.mode: generate`` only)."""
-
-    rounds: int = 0
-    """Rounds to run (0: none). Each is a partition ``round-NNN`` of the ``onpolicy_student``
-    asset; round r needs round r - 1 (materializing it runs any earlier round still missing)."""
-    steps: int = 20
-    """Optimizer steps per round (``train``'s settings otherwise, with a fresh warm-up and decay)."""
-    lmbda: float = 0.5
-    """GKD's lambda: the share of each round's training rows that are the student's own answers
-    (KD only) rather than the teacher's answers from the ``generate`` train shards (KD + CE).
-    1: purely on-policy."""
-    generator: str = "student"
-    """Who answers the prompts each round: ``student`` (on-policy, GKD) or ``teacher`` (fresh
-    teacher answers to the same prompts: the off-policy control at equal teacher work)."""
-    prompts_per_round: int = 0
-    """Training prompts answered per round, rotating through a seeded order of all of them
-    (0: every training prompt every round)."""
-    sampling: PolicySampling = PolicySampling()
-    """How the generator answers: answers per prompt ``n``, ``temperature`` (GKD samples the
-    student at 1), ``top_p``, ``max_tokens``, ``seed``. The seed moves with the round, so every
-    round draws fresh answers."""
-    lr: float | None = None
-    """Peak learning rate of a round (None: ``train.lr``)."""
-    eval_prompts: int = 32
-    """Held-out prompts the evaluation has each student answer (``sampling.n`` answers each,
-    sampled like a round with seeds of their own), to measure KL to the teacher on the
-    student's own generations."""
-
-    def __post_init__(self):
-        check(self.rounds >= 0, "rounds", self.rounds, "an integer >= 0")
-        check(self.steps >= 1, "steps", self.steps, "an integer >= 1")
-        check(0 < self.lmbda <= 1, "lmbda", self.lmbda, "a number in (0, 1]")
-        check(self.generator in GENERATORS, "generator", self.generator, f"one of {GENERATORS}")
-        check(self.prompts_per_round >= 0, "prompts_per_round", self.prompts_per_round, "an integer >= 0 (0: all)")
-        check(self.lr is None or self.lr > 0, "lr", self.lr, "a positive number (or null: train.lr)")
-        check(self.eval_prompts >= 1, "eval_prompts", self.eval_prompts, "an integer >= 1")
 
 
 def round_name(r: int) -> str:
@@ -104,12 +53,15 @@ def round_names(cfg) -> list[str]:
 
 def prompt_table(cfg, split: str) -> pa.Table:
     """Every prompt of the ``generate`` corpus's ``split`` shards (doc_id, input_ids, prompt_text)."""
-    from distill import pipeline
     from distill.data import read_corpus_shard
+    from distill.run import pipeline
 
     tokenizer_hash = pipeline.teacher_hashes(cfg)["tokenizer"]
-    tables = [read_corpus_shard(cfg.root, cfg.corpus, tokenizer_hash, n, "generate")[1]
-              for n in cfg.corpus.shard_names() if pipeline.split_of(n) == split]
+    tables = [
+        read_corpus_shard(cfg.root, cfg.corpus, tokenizer_hash, n, "generate")[1]
+        for n in cfg.corpus.shard_names()
+        if pipeline.split_of(n) == split
+    ]
     table = pa.concat_tables(tables).select(["doc_id", "input_ids", "prompt_text"])
     if not table.num_rows:
         raise ValueError(f"corpus.source {cfg.corpus.source}: no {split} prompts to answer")
@@ -137,31 +89,43 @@ def eval_sampling(cfg) -> SamplingConfig:
 def answers_key(cfg, generator_dir: Path, prompts: pa.Table, sampling: SamplingConfig) -> str:
     """Content key of a set of answers and their teacher labels: the teacher and its label
     settings, the answering model's weights, the prompts and the sampling."""
-    from distill import pipeline
+    from distill.run import pipeline
     from distill.teacher.checkpoint import checkpoint_hashes
     from distill.teacher.labels import LABEL_CODE_VERSION
     from storage.cache import content_key
     from storage.schema import SCHEMA_VERSION
 
     hashes = pipeline.teacher_hashes(cfg)
-    return content_key({
-        "teacher": hashes["weights"], "tokenizer": hashes["tokenizer"], "k": cfg.teacher.k, "dtype": pipeline.engine_dtype(cfg),
-        "labels": LABEL_CODE_VERSION, "code": ONPOLICY_CODE_VERSION, "schema": SCHEMA_VERSION, "relabel_tag": cfg.teacher.relabel_tag,
-        "generator": checkpoint_hashes(generator_dir)["weights"], "window": cfg.corpus.window, "sampling": dataclasses.asdict(sampling),
-        "prompts": prompts_fingerprint(prompts),
-    })
+    return content_key(
+        {
+            "teacher": hashes["weights"],
+            "tokenizer": hashes["tokenizer"],
+            "k": cfg.teacher.k,
+            "dtype": pipeline.engine_dtype(cfg),
+            "labels": LABEL_CODE_VERSION,
+            "code": ONPOLICY_CODE_VERSION,
+            "schema": SCHEMA_VERSION,
+            "relabel_tag": cfg.teacher.relabel_tag,
+            "generator": checkpoint_hashes(generator_dir)["weights"],
+            "window": cfg.corpus.window,
+            "sampling": dataclasses.asdict(sampling),
+            "prompts": prompts_fingerprint(prompts),
+        }
+    )
 
 
 def prompts_fingerprint(prompts: pa.Table) -> str:
     from storage.cache import content_key
 
-    return content_key({"doc_id": prompts.column("doc_id").to_pylist(), "input_ids": prompts.column("input_ids").to_pylist()})
+    return content_key(
+        {"doc_id": prompts.column("doc_id").to_pylist(), "input_ids": prompts.column("input_ids").to_pylist()}
+    )
 
 
 def free_device() -> None:
     """Close this process's teacher engines on a GPU, where an engine holds most of the
     device's memory; on the CPU they stay (no shared device pool, and a restart costs time)."""
-    from distill import pipeline
+    from distill.run import pipeline
     from distill.teacher.vllm_engine import _on_cpu
 
     if not _on_cpu():
@@ -181,7 +145,9 @@ class AnswerSet:
     name: str
 
 
-def policy_answers(cfg, model_dir: Path, prompts: pa.Table, sampling: SamplingConfig, progress: bool = True) -> pa.Table:
+def policy_answers(
+    cfg, model_dir: Path, prompts: pa.Table, sampling: SamplingConfig, progress: bool = True
+) -> pa.Table:
     """``sampling.n`` answers of the checkpoint ``model_dir`` to each prompt, from its own vLLM
     engine (closed before returning): ``generate`` corpus rows plus ``response_ids``,
     ``response_text`` and ``finish_reason``, seeded per prompt like the teacher's answers."""
@@ -196,12 +162,28 @@ def policy_answers(cfg, model_dir: Path, prompts: pa.Table, sampling: SamplingCo
     rows = []
     try:
         answers = engine.generate(ids, [prompt_seed(sampling.seed, d) for d in docs], sampling, k=1)
-        for i, samples in enumerate(tqdm(answers, total=len(ids), desc=f"answers of {Path(model_dir).parent.name}", unit="prompt",
-                                         disable=not progress)):
+        for i, samples in enumerate(
+            tqdm(
+                answers,
+                total=len(ids),
+                desc=f"answers of {Path(model_dir).parent.name}",
+                unit="prompt",
+                disable=not progress,
+            )
+        ):
             for j, sample in enumerate(samples):
-                rows.append({"doc_id": docs[i], "window_index": j, "input_ids": ids[i], "label_start": len(ids[i]) - 1,
-                             "prompt_text": texts[i], "response_ids": sample["response_ids"].tolist(),
-                             "response_text": sample["text"], "finish_reason": sample["finish_reason"]})
+                rows.append(
+                    {
+                        "doc_id": docs[i],
+                        "window_index": j,
+                        "input_ids": ids[i],
+                        "label_start": len(ids[i]) - 1,
+                        "prompt_text": texts[i],
+                        "response_ids": sample["response_ids"].tolist(),
+                        "response_text": sample["text"],
+                        "finish_reason": sample["finish_reason"],
+                    }
+                )
     finally:
         engine.close()
     return pa.Table.from_pylist(rows)
@@ -211,7 +193,7 @@ def label_answer_sets(cfg, sets: list[AnswerSet], progress: bool = True) -> list
     """The teacher-labelled shard of each answer set (a committed one is reused as it is). The
     models that answer run first, one engine at a time; then one teacher engine labels them all
     (``generator: teacher`` sets are answered and labelled by the teacher in one pass)."""
-    from distill import pipeline
+    from distill.run import pipeline
     from distill.teacher.checkpoint import checkpoint_hashes
     from distill.teacher.labels import label_shard
     from storage.schema import ShardMeta
@@ -227,11 +209,25 @@ def label_answer_sets(cfg, sets: list[AnswerSet], progress: bool = True) -> list
     for s in todo:
         expect = pipeline.expected_meta(cfg, s.split)
         meta = ShardMeta(
-            teacher=cfg.teacher.model, teacher_hash=hashes["weights"], tokenizer_hash=hashes["tokenizer"], vocab_size=expect["vocab_size"],
-            k=cfg.teacher.k, temperature=1.0, mode="generate", engine=pipeline._engine_name(), data_fingerprint=prompts_fingerprint(s.prompts),
-            shard=s.name, split=s.split, cache_key=s.key, code_version=ONPOLICY_CODE_VERSION,
-            settings={"sampling": dataclasses.asdict(s.sampling), "generator": s.generator, "generator_model": str(s.model_dir),
-                      "generator_weights": checkpoint_hashes(s.model_dir)["weights"]},
+            teacher=cfg.teacher.model,
+            teacher_hash=hashes["weights"],
+            tokenizer_hash=hashes["tokenizer"],
+            vocab_size=expect["vocab_size"],
+            k=cfg.teacher.k,
+            temperature=1.0,
+            mode="generate",
+            engine=pipeline._engine_name(),
+            data_fingerprint=prompts_fingerprint(s.prompts),
+            shard=s.name,
+            split=s.split,
+            cache_key=s.key,
+            code_version=ONPOLICY_CODE_VERSION,
+            settings={
+                "sampling": dataclasses.asdict(s.sampling),
+                "generator": s.generator,
+                "generator_model": str(s.model_dir),
+                "generator_weights": checkpoint_hashes(s.model_dir)["weights"],
+            },
         )
         teacher = dataclasses.replace(cfg.teacher, sampling=s.sampling, labels="topk")
         windows = answered.get(s.key, s.prompts)  # a student's answers are scored; the teacher answers prompts itself
@@ -262,8 +258,10 @@ def start_position(trained: Path) -> MixPosition:
     if summary.get("world_size", 1) > 1:
         return MixPosition()
     if "position" not in summary:
-        raise ValueError(f"{path}: no 'position' (trained before the trainer recorded where its data stream ended); "
-                         f"remove {Path(trained)} to train it again")
+        raise ValueError(
+            f"{path}: no 'position' (trained before the trainer recorded where its data stream ended); "
+            f"remove {Path(trained)} to train it again"
+        )
     saved = summary["position"]
     if "index" in saved:  # a round: a mix position
         return MixPosition.from_dict(saved).with_new_extra()
@@ -277,7 +275,7 @@ def round_train_config(cfg):
 def start_dir(cfg, r: int, previous: Path | None = None) -> Path:
     """The model round ``r`` starts from (``previous``: round r - 1's folder, when the caller
     already knows it); raises when it is not trained yet."""
-    from distill import pipeline
+    from distill.run import pipeline
 
     if r == 1:
         folder = pipeline.student_dir(cfg, False) / "model"
@@ -286,14 +284,15 @@ def start_dir(cfg, r: int, previous: Path | None = None) -> Path:
     if not (folder / "config.json").exists():
         raise pipeline.IncompleteLabelsError(
             f"{folder}: {'the distilled student' if r == 1 else f'on-policy {round_name(r - 1)}'} is not trained yet; "
-            f"materialize {'student_model' if r == 1 else 'onpolicy_student ' + round_name(r - 1)} first")
+            f"materialize {'student_model' if r == 1 else 'onpolicy_student ' + round_name(r - 1)} first"
+        )
     return folder
 
 
 def plan_round(cfg, r: int, previous: Path | None = None) -> RoundPlan:
     """Round ``r``'s inputs and folder: ``<root>/onpolicy/round-NNN-<key>``, keyed by its start
     weights, its answers, the off-policy shards, the settings and the training code."""
-    from distill import pipeline
+    from distill.run import pipeline
     from distill.teacher.checkpoint import checkpoint_hashes
     from storage.cache import content_key
 
@@ -302,23 +301,42 @@ def plan_round(cfg, r: int, previous: Path | None = None) -> RoundPlan:
     prompts = round_prompts(prompt_table(cfg, "train"), oc.prompts_per_round, oc.sampling.seed, r)
     sampling = round_sampling(cfg, r)
     generator_dir = start if oc.generator == "student" else pipeline.teacher_dir(cfg)
-    answers = AnswerSet(answers_key(cfg, generator_dir, prompts, sampling), oc.generator, generator_dir, prompts, sampling, "train",
-                        f"onpolicy-{round_name(r)}")
+    answers = AnswerSet(
+        answers_key(cfg, generator_dir, prompts, sampling),
+        oc.generator,
+        generator_dir,
+        prompts,
+        sampling,
+        "train",
+        f"onpolicy-{round_name(r)}",
+    )
     student = dataclasses.replace(cfg.student, init="checkpoint", checkpoint=str(start))
     train = round_train_config(cfg)
     position = start_position(start.parent)
     names = [n for n in cfg.corpus.shard_names() if pipeline.split_of(n) == "train"]
-    code = pipeline.training_code_fingerprint() + pipeline.source_fingerprint(("distill.onpolicy",))
-    key = content_key({"student": pipeline.student_key(student, train, [*pipeline.shard_keys(cfg, names).values(), answers.key],
-                                                       checkpoint_hashes(start)["weights"], code),
-                       "lmbda": oc.lmbda, "generator": oc.generator, "round": r, "position": position.to_dict()})
+    code = pipeline.training_code_fingerprint() + pipeline.source_fingerprint(("distill.run.onpolicy",))
+    key = content_key(
+        {
+            "student": pipeline.student_key(
+                student,
+                train,
+                [*pipeline.shard_keys(cfg, names).values(), answers.key],
+                checkpoint_hashes(start)["weights"],
+                code,
+            ),
+            "lmbda": oc.lmbda,
+            "generator": oc.generator,
+            "round": r,
+            "position": position.to_dict(),
+        }
+    )
     return RoundPlan(r, start, cfg.root / "onpolicy" / f"{round_name(r)}-{key}", answers, student, train, position)
 
 
 def run_round(cfg, r: int, progress: bool = True, previous: Path | None = None) -> dict:
     """Train round ``r`` (reused when finished, resumed from its checkpoints when not)."""
-    from distill import pipeline
-    from distill.trainer import train
+    from distill.run import pipeline
+    from distill.train.trainer import train
     from storage.writer import atomic_write_text, folder_lock
 
     plan = plan_round(cfg, r, previous)
@@ -331,12 +349,28 @@ def run_round(cfg, r: int, progress: bool = True, previous: Path | None = None) 
         free_device()  # training needs it
         offpolicy = pipeline.open_split(cfg, "train")
         atomic_write_text(out / "run_config.json", json.dumps(cfg.to_dict(), indent=1, default=str))
-        summary = train(plan.student, plan.train, pipeline.teacher_dir(cfg), offpolicy, out, len(pipeline.tokenizer(cfg)),
-                        mix=([answers], cfg.onpolicy.lmbda), start=plan.position)
-        info = {**{k: v for k, v in summary.items() if k != "model_dir"}, "round": r, "start": str(plan.start),
-                "start_position": plan.position.to_dict(),
-                "generator": cfg.onpolicy.generator, "lmbda": cfg.onpolicy.lmbda, "answers_key": plan.answers.key,
-                "answers": answers.rows, "answer_tokens": answers.tokens, "prompts": plan.answers.prompts.num_rows}
+        summary = train(
+            plan.student,
+            plan.train,
+            pipeline.teacher_dir(cfg),
+            offpolicy,
+            out,
+            len(pipeline.tokenizer(cfg)),
+            mix=([answers], cfg.onpolicy.lmbda),
+            start=plan.position,
+        )
+        info = {
+            **{k: v for k, v in summary.items() if k != "model_dir"},
+            "round": r,
+            "start": str(plan.start),
+            "start_position": plan.position.to_dict(),
+            "generator": cfg.onpolicy.generator,
+            "lmbda": cfg.onpolicy.lmbda,
+            "answers_key": plan.answers.key,
+            "answers": answers.rows,
+            "answer_tokens": answers.tokens,
+            "prompts": plan.answers.prompts.num_rows,
+        }
         atomic_write_text(out / ROUND_INFO, json.dumps(info, indent=1))
         _card(cfg, plan, info, [answers, *offpolicy])
         return {**info, "reused": False, "out_dir": str(out)}
@@ -344,12 +378,14 @@ def run_round(cfg, r: int, progress: bool = True, previous: Path | None = None) 
 
 def _card(cfg, plan: RoundPlan, info: dict, shards) -> None:
     """The round student's model card (``model/README.md``)."""
-    from distill import pipeline
-    from distill.card import card_info, write_card
+    from distill.run import pipeline
+    from distill.run.card import card_info, write_card
 
     summary = {**info, "out_dir": str(plan.out)}
     run = dataclasses.replace(cfg, student=plan.student, train=plan.train)
-    write_card(plan.out / "model", {**card_info(run, summary, shards, False, pipeline.teacher_dir(cfg)), "onpolicy": info})
+    write_card(
+        plan.out / "model", {**card_info(run, summary, shards, False, pipeline.teacher_dir(cfg)), "onpolicy": info}
+    )
 
 
 def run_rounds(cfg, upto: int | None = None, progress: bool = True) -> list[dict]:
@@ -380,19 +416,31 @@ def self_answer_sets(cfg, models: dict[str, Path]) -> list[AnswerSet]:
     prompts = prompt_table(cfg, "heldout")
     prompts = prompts.slice(0, min(cfg.onpolicy.eval_prompts, prompts.num_rows))
     sampling = eval_sampling(cfg)
-    return [AnswerSet(answers_key(cfg, path, prompts, sampling), "student", Path(path), prompts, sampling, "heldout", f"self-{name}")
-            for name, path in models.items()]
+    return [
+        AnswerSet(
+            answers_key(cfg, path, prompts, sampling),
+            "student",
+            Path(path),
+            prompts,
+            sampling,
+            "heldout",
+            f"self-{name}",
+        )
+        for name, path in models.items()
+    ]
 
 
 def teacher_answer_set(cfg) -> AnswerSet:
     """The teacher's own answers to the students' held-out prompts, sampled as theirs are: the
     reference for their length, EOS share and diversity."""
-    from distill import pipeline
+    from distill.run import pipeline
 
     prompts = prompt_table(cfg, "heldout")
     prompts = prompts.slice(0, min(cfg.onpolicy.eval_prompts, prompts.num_rows))
     sampling, teacher = eval_sampling(cfg), pipeline.teacher_dir(cfg)
-    return AnswerSet(answers_key(cfg, teacher, prompts, sampling), "teacher", teacher, prompts, sampling, "heldout", "self-teacher")
+    return AnswerSet(
+        answers_key(cfg, teacher, prompts, sampling), "teacher", teacher, prompts, sampling, "heldout", "self-teacher"
+    )
 
 
 def distinct_n(answers: Sequence[Sequence[int]], n: int = 2) -> float:
@@ -403,7 +451,9 @@ def distinct_n(answers: Sequence[Sequence[int]], n: int = 2) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
-def answer_stats(answer_ids: Sequence[Sequence[int]], finish_reasons: Sequence[str], teacher_logprobs: Sequence[Sequence[float]]) -> dict:
+def answer_stats(
+    answer_ids: Sequence[Sequence[int]], finish_reasons: Sequence[str], teacher_logprobs: Sequence[Sequence[float]]
+) -> dict:
     """What a low KL on a model's own answers could hide (short or repetitive answers), over a
     set of answers: ``self_len`` (mean answer tokens, EOS included), ``self_eos`` (share of
     answers that ended by EOS, finish reason ``stop``, rather than at ``max_tokens``,
@@ -413,24 +463,34 @@ def answer_stats(answer_ids: Sequence[Sequence[int]], finish_reasons: Sequence[s
     if not answer_ids:
         raise ValueError("answer_stats: no answers")
     if not len(answer_ids) == len(finish_reasons) == len(teacher_logprobs):
-        raise ValueError(f"answer_stats: {len(answer_ids)} answers, {len(finish_reasons)} finish reasons, {len(teacher_logprobs)} logprob lists")
+        raise ValueError(
+            f"answer_stats: {len(answer_ids)} answers, {len(finish_reasons)} finish reasons, {len(teacher_logprobs)} logprob lists"
+        )
     for i, (ids, reason, logprobs) in enumerate(zip(answer_ids, finish_reasons, teacher_logprobs)):
         if reason not in ("stop", "length"):
             raise ValueError(f"answer_stats: answer {i} has finish reason {reason!r}, not 'stop' or 'length'")
         if len(ids) != len(logprobs):
             raise ValueError(f"answer_stats: answer {i} has {len(ids)} tokens but {len(logprobs)} teacher logprobs")
     tokens = sum(len(ids) for ids in answer_ids)
-    return {"self_len": tokens / len(answer_ids), "self_eos": sum(r == "stop" for r in finish_reasons) / len(answer_ids),
-            "self_distinct2": distinct_n(answer_ids, 2),
-            "self_teacher_ll": float(sum(float(np.sum(lp, dtype=np.float64)) for lp in teacher_logprobs) / tokens) if tokens else math.nan}
+    return {
+        "self_len": tokens / len(answer_ids),
+        "self_eos": sum(r == "stop" for r in finish_reasons) / len(answer_ids),
+        "self_distinct2": distinct_n(answer_ids, 2),
+        "self_teacher_ll": float(sum(float(np.sum(lp, dtype=np.float64)) for lp in teacher_logprobs) / tokens)
+        if tokens
+        else math.nan,
+    }
 
 
 def shard_answer_stats(shard) -> dict:
     """``answer_stats`` of the answers in a ``generate`` shard (the teacher's labels: its
     logprobs of the answer tokens)."""
     rows = [row for row, _ in ShardStream([shard], shuffle=False).rows(StreamPosition(), epochs=1)]
-    return answer_stats([[int(t) for t in r["input_ids"][int(r["label_start"]) + 1 :]] for r in rows], [r["finish_reason"] for r in rows],
-                        [r["target_logprobs"] for r in rows])
+    return answer_stats(
+        [[int(t) for t in r["input_ids"][int(r["label_start"]) + 1 :]] for r in rows],
+        [r["finish_reason"] for r in rows],
+        [r["target_logprobs"] for r in rows],
+    )
 
 
 def compare_students(cfg, students: dict[str, Path]) -> tuple[dict, list, list]:
@@ -443,12 +503,17 @@ def compare_students(cfg, students: dict[str, Path]) -> tuple[dict, list, list]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from distill import pipeline
-    from distill.evaluation import eval_device, evaluate, evaluate_model
+    from distill.eval.evaluation import eval_device, evaluate, evaluate_model
+    from distill.run import pipeline
 
     shards = pipeline.open_split(cfg, "heldout")
-    results = evaluate({"teacher": pipeline.teacher_dir(cfg), **students}, shards, cfg.eval, cfg.train.precision,
-                       engine_factory=lambda: pipeline.get_engine(cfg))
+    results = evaluate(
+        {"teacher": pipeline.teacher_dir(cfg), **students},
+        shards,
+        cfg.eval,
+        cfg.train.precision,
+        engine_factory=lambda: pipeline.get_engine(cfg),
+    )
     *own, teacher_own = label_answer_sets(cfg, [*self_answer_sets(cfg, students), teacher_answer_set(cfg)])
     results["teacher"].update(shard_answer_stats(teacher_own), self_tokens=teacher_own.tokens)
     free_device()
@@ -457,7 +522,9 @@ def compare_students(cfg, students: dict[str, Path]) -> tuple[dict, list, list]:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True).to(device)
         with torch.no_grad():
             m = evaluate_model(model, [shard], cfg.eval, bf16)
-        results[name].update(self_kl=m["kl"], self_top1=m["top1"], self_tokens=shard.tokens, **shard_answer_stats(shard))
+        results[name].update(
+            self_kl=m["kl"], self_top1=m["top1"], self_tokens=shard.tokens, **shard_answer_stats(shard)
+        )
         del model
     return results, shards, own
 
@@ -470,7 +537,7 @@ def round_infos(cfg) -> list[dict]:
 def evaluate_rounds(cfg) -> dict:
     """The distilled (off-policy) student and the last round's student through
     ``compare_students``; written to ``<root>/evaluations/onpolicy-<key>``."""
-    from distill import pipeline
+    from distill.run import pipeline
     from storage.cache import content_key
     from storage.writer import atomic_write_text
 
@@ -479,25 +546,51 @@ def evaluate_rounds(cfg) -> dict:
     rounds = round_infos(cfg)
     results["onpolicy"]["answer_tokens"] = sum(r["answer_tokens"] for r in rounds)
     table = onpolicy_table(results)
-    key = content_key({"models": {n: str(p) for n, p in students.items()}, "heldout": [s.meta.cache_key for s in shards],
-                       "own": [s.meta.cache_key for s in own], "eval": dataclasses.asdict(cfg.eval)})
+    key = content_key(
+        {
+            "models": {n: str(p) for n, p in students.items()},
+            "heldout": [s.meta.cache_key for s in shards],
+            "own": [s.meta.cache_key for s in own],
+            "eval": dataclasses.asdict(cfg.eval),
+        }
+    )
     out = cfg.root / "evaluations" / f"onpolicy-{key}"
-    report = {"results": results, "rounds": rounds, "table": table, "out_dir": str(out),
-              "summary": " ".join(f"{n}_{m}={results[n][m]:.4f}" for n in students for m in ("kl", "self_kl", "greedy_prefix_agreement"))}
+    report = {
+        "results": results,
+        "rounds": rounds,
+        "table": table,
+        "out_dir": str(out),
+        "summary": " ".join(
+            f"{n}_{m}={results[n][m]:.4f}" for n in students for m in ("kl", "self_kl", "greedy_prefix_agreement")
+        ),
+    }
     atomic_write_text(out / "results.json", json.dumps(report, indent=1, default=str))
-    atomic_write_text(out / "report.md", f"# On-policy rounds ({cfg.onpolicy.generator} answers, lambda {cfg.onpolicy.lmbda})\n\n{table}\n\n`{report['summary']}`\n")
+    atomic_write_text(
+        out / "report.md",
+        f"# On-policy rounds ({cfg.onpolicy.generator} answers, lambda {cfg.onpolicy.lmbda})\n\n{table}\n\n`{report['summary']}`\n",
+    )
     return report
 
 
-ANSWER_COLUMNS = [("self_len", "own answer tokens", ".1f"), ("self_eos", "ended by EOS", ".3f"), ("self_distinct2", "distinct-2", ".3f"),
-                  ("self_teacher_ll", "teacher log-lik./token (own)", ".4f")]
+ANSWER_COLUMNS = [
+    ("self_len", "own answer tokens", ".1f"),
+    ("self_eos", "ended by EOS", ".3f"),
+    ("self_distinct2", "distinct-2", ".3f"),
+    ("self_teacher_ll", "teacher log-lik./token (own)", ".4f"),
+]
 
 
 def onpolicy_table(results: dict) -> str:
-    cols = [("ppl", "ppl (teacher answers)", ".2f"), ("kl", "KL (teacher answers)", ".4f"), ("top1", "top-1", ".4f"),
-            ("self_kl", "KL (own answers)", ".4f"), ("self_top1", "top-1 (own answers)", ".4f"),
-            *ANSWER_COLUMNS,
-            ("greedy_exact_match", "greedy exact", ".3f"), ("greedy_prefix_agreement", "greedy prefix", ".3f")]
+    cols = [
+        ("ppl", "ppl (teacher answers)", ".2f"),
+        ("kl", "KL (teacher answers)", ".4f"),
+        ("top1", "top-1", ".4f"),
+        ("self_kl", "KL (own answers)", ".4f"),
+        ("self_top1", "top-1 (own answers)", ".4f"),
+        *ANSWER_COLUMNS,
+        ("greedy_exact_match", "greedy exact", ".3f"),
+        ("greedy_prefix_agreement", "greedy prefix", ".3f"),
+    ]
     lines = ["| model | " + " | ".join(c[1] for c in cols) + " |", "|---|" + "---:|" * len(cols)]
     for name, m in results.items():
         lines.append(f"| {name} | " + " | ".join(format(m[c], f) if c in m else "–" for c, _, f in cols) + " |")

@@ -1,14 +1,15 @@
 """Training in several processes: ``torchrun`` over a job file, started by the caller (the
 Dagster asset through Pipes, or a plain subprocess), one rank per device.
 
-    python -m distill.launch <student folder>/launch.json
+    python -m distill.run.launch <student folder>/launch.json
 
 The same command does two things. Under ``torchrun`` (``LOCAL_RANK`` set) it is a rank: it
-reads the job, opens the verified train shards and runs ``distill.trainer.train``; rank 0
+reads the job, opens the verified train shards and runs ``distill.train.trainer.train``; rank 0
 reports each step to Dagster when started through Pipes. Anywhere else it starts ``torchrun``
 for this node with the job's settings, which is how the other nodes of a multi-node run join
 (the first node's asset logs this command).
 """
+
 from __future__ import annotations
 
 import json
@@ -30,18 +31,27 @@ def write_job(out_dir: Path, config: dict, baseline: bool, rdzv_id: str) -> Path
     from storage.writer import atomic_write_text
 
     path = out_dir / JOB_FILE
-    atomic_write_text(path, json.dumps({"config": config, "baseline": baseline, "out_dir": str(out_dir), "rdzv_id": rdzv_id}, indent=1))
+    atomic_write_text(
+        path,
+        json.dumps({"config": config, "baseline": baseline, "out_dir": str(out_dir), "rdzv_id": rdzv_id}, indent=1),
+    )
     return path
 
 
 def torchrun_command(train, job: Path, rdzv_id: str) -> list[str]:
     """``torchrun`` for this node: ``--standalone`` on one node, c10d rendezvous across several."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={train.nproc_per_node}", f"--nnodes={train.nnodes}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={train.nproc_per_node}",
+        f"--nnodes={train.nnodes}",
+    ]
     if train.nnodes > 1:
         cmd += ["--rdzv_backend=c10d", f"--rdzv_endpoint={train.rdzv_endpoint}", f"--rdzv_id={rdzv_id}"]
     else:
         cmd += ["--standalone"]
-    return [*cmd, "-m", "distill.launch", str(job)]
+    return [*cmd, "-m", "distill.run.launch", str(job)]
 
 
 def worker_env(train) -> dict[str, str]:
@@ -69,8 +79,10 @@ def launch(out_dir: Path, config: dict, train, baseline: bool, launcher: Launche
     job = write_job(out_dir, config, baseline, rdzv_id)
     cmd = torchrun_command(train, job, rdzv_id)
     if train.nnodes > 1:
-        log(f"training on {train.nnodes} nodes: run `{sys.executable} -m distill.launch {job}` on each of the other "
-            f"{train.nnodes - 1} node(s) (same code and storage); they meet at {train.rdzv_endpoint}")
+        log(
+            f"training on {train.nnodes} nodes: run `{sys.executable} -m distill.run.launch {job}` on each of the other "
+            f"{train.nnodes - 1} node(s) (same code and storage); they meet at {train.rdzv_endpoint}"
+        )
     (launcher or run_subprocess)(cmd, worker_env(train))
 
 
@@ -95,8 +107,8 @@ def read_job(job_path: Path) -> tuple[dict, object, object]:
 def run_rank(job_path: Path) -> dict:
     """One rank of the job: open the train shards (their records and sizes; the launching
     process verified their checksums) and train."""
-    from distill import pipeline
-    from distill.trainer import train
+    from distill.run import pipeline
+    from distill.train.trainer import train
 
     job, cfg, train_cfg = read_job(job_path)
     shards = pipeline.open_split(cfg, "train", verify_checksum=False)
@@ -106,22 +118,34 @@ def run_rank(job_path: Path) -> dict:
 
     def on_step(entry: dict) -> None:
         if entry["step"] % every == 0 or entry["step"] == entry["steps"]:
-            pipes.log.info(f"step {entry['step']}/{entry['steps']}: loss {entry['loss']:.4f} (ce {entry['ce']:.4f}, kd {entry['kd']:.4f}), "
-                           f"lr {entry['lr']:.3g}, grad norm {entry['grad_norm']:.3g}, {entry['tok_s']:.0f} labelled tok/s (all ranks), "
-                           f"peak memory {entry['peak_memory_mib']:.0f} MiB (rank 0)")
-            pipes.report_custom_message({k: entry[k] for k in ("step", "loss", "ce", "kd", "lr", "grad_norm", "peak_memory_mib", "tok_s")})
+            pipes.log.info(
+                f"step {entry['step']}/{entry['steps']}: loss {entry['loss']:.4f} (ce {entry['ce']:.4f}, kd {entry['kd']:.4f}), "
+                f"lr {entry['lr']:.3g}, grad norm {entry['grad_norm']:.3g}, {entry['tok_s']:.0f} labelled tok/s (all ranks), "
+                f"peak memory {entry['peak_memory_mib']:.0f} MiB (rank 0)"
+            )
+            pipes.report_custom_message(
+                {k: entry[k] for k in ("step", "loss", "ce", "kd", "lr", "grad_norm", "peak_memory_mib", "tok_s")}
+            )
 
     import contextlib
 
     with pipes if pipes is not None else contextlib.nullcontext():
-        return train(cfg.student, train_cfg, pipeline.teacher_dir(cfg), shards, job["out_dir"], vocab,
-                     on_step=on_step if pipes is not None else None, cross=cross)
+        return train(
+            cfg.student,
+            train_cfg,
+            pipeline.teacher_dir(cfg),
+            shards,
+            job["out_dir"],
+            vocab,
+            on_step=on_step if pipes is not None else None,
+            cross=cross,
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print(f"usage: python -m distill.launch <student folder>/{JOB_FILE}", file=sys.stderr)
+        print(f"usage: python -m distill.run.launch <student folder>/{JOB_FILE}", file=sys.stderr)
         return 2
     job_path = Path(argv[0])
     if not job_path.is_file():

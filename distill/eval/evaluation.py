@@ -5,97 +5,22 @@ The teacher itself is not run through transformers unless ``eval.teacher_backend
 it: its held-out metrics come from the labels already stored in the shards (``teacher_metrics``),
 and its greedy answers and multiple-choice scores from its vLLM engine. Students run on the
 training device (CUDA if present, bf16 where training resolves to bf16; else CPU fp32)."""
+
 from __future__ import annotations
 
 import dataclasses
 import math
-import typing
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from distill.configbase import check
-from distill.losses import candidate_log_distribution, candidate_scores, forward_kl, sparse_log_distributions
-from distill.trainer import collate, collate_for
+from distill.data import load_mc
+from distill.eval.config import EvalConfig
+from distill.train.losses import candidate_log_distribution, candidate_scores, forward_kl, sparse_log_distributions
+from distill.train.trainer import collate, collate_for
 from storage.reader import Shard, ShardStream, StreamPosition
-
-
-TEACHER_BACKENDS = ("stored", "transformers")
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalConfig:
-    batch_size: int = 8
-    """Windows per forward pass; also multiple-choice questions (all their choices) per padded
-    forward and prompts per left-padded greedy batch."""
-    max_windows: int | None = None
-    """Evaluate at most this many held-out windows (None: all)."""
-    min_ppl_margin: float = 0.0
-    """Gate: the distilled student's held-out perplexity must be below the baseline's by at least
-    this (and below the student's at initialization)."""
-    min_bpb_margin: float = 0.0
-    """Gate: the distilled student's held-out bits per byte must be below the baseline's by at
-    least this (and below the student's at initialization), where bits per byte are measured
-    (``score`` and ``generate`` data). The stored-label KL is reported, not gated: it is the
-    quantity ``tail: bucket`` KD minimizes, so a KD student passes it almost by construction."""
-    full_kl_windows: int = 16
-    """Held-out windows (the first N in shard order) on which every student that shares the
-    teacher's tokenizer is also scored by KL to the teacher's *full* distribution (column ``KL
-    full``), from a transformers forward of the teacher on the evaluation device, one batch at a
-    time beside each student. Reported, not gated. Skipped, with the reason in the report, when
-    the teacher's weights would not fit in the device's free memory, for ``candidates`` data, and
-    at 0."""
-    mc_file: str | None = None
-    """Bring-your-own multiple-choice benchmark: a JSONL file of {question, choices, answer (index)}, scored by log-likelihood."""
-    mc_length_normalize: bool = False
-    """Score MC choices by mean instead of summed token logprob."""
-    generation_throughput: bool = False
-    """Also measure teacher and student generation tokens/s under vLLM (starts two engines)."""
-    agreement_prompts: int = 32
-    """``generate`` data: held-out prompts on which each model's greedy answer is compared with the teacher's."""
-    agreement_max_tokens: int = 64
-    """``generate`` data: longest greedy answer compared, in tokens (with the ``stored`` teacher
-    backend also at most what the teacher engine's ``corpus.window`` leaves after each prompt,
-    for every model alike)."""
-    teacher_backend: str = "stored"
-    """How the teacher is evaluated. ``stored``: its held-out metrics from the labels already in
-    the held-out shards (perplexity from the stored realized-token logprobs, KL 0 and top-1
-    agreement 1 by definition, ECE from the stored top-1), its greedy answers and
-    multiple-choice scores from its vLLM engine; no transformers copy of the teacher is built.
-    ``transformers``: the teacher loaded and run like the students (full forward passes, on
-    the training device; needs the teacher's weights in memory in fp32 on a CPU)."""
-
-    lm_eval_tasks: tuple[str, ...] = ()
-    """lm-evaluation-harness tasks run for teacher, student and baseline (the ``lm-eval``
-    extra): harness task names, or tasks defined by YAML files under ``lm_eval_include``. The
-    teacher answers through its vLLM engine, the students through the harness's ``HFLM``; each
-    task's metrics go into the report, its table and the asset's metadata
-    (``<model>_lm_eval_<task>_<metric>``). Nothing is downloaded: a hub dataset must be in the
-    local cache (``examples/lm_eval`` ships a local task, ``python_basics``)."""
-    lm_eval_include: str | None = None
-    """A folder of lm-eval task YAMLs (relative paths are relative to the working directory)."""
-    lm_eval_limit: int | None = None
-    """At most this many documents per lm-eval task (None: all)."""
-
-    REMOVED_FIELDS: typing.ClassVar[dict[str, str]] = {
-        "min_kl_margin": "the gate no longer uses the held-out KL to the stored top-k plus bucket (the training "
-                         "objective of tail: bucket KD, so it passes almost by construction); it gates on perplexity "
-                         "(min_ppl_margin) and bits per byte (min_bpb_margin)",
-    }
-
-    def __post_init__(self):
-        check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
-        check(self.full_kl_windows >= 0, "full_kl_windows", self.full_kl_windows, "an integer >= 0")
-        check(self.lm_eval_limit is None or self.lm_eval_limit >= 1, "lm_eval_limit", self.lm_eval_limit, "None or >= 1")
-        check(self.lm_eval_include is None or Path(self.lm_eval_include).is_dir(), "lm_eval_include", self.lm_eval_include,
-              f"a folder of lm-eval task YAMLs (relative to the working directory, {Path.cwd()})")
-        check(self.max_windows is None or self.max_windows >= 1, "max_windows", self.max_windows, "None or >= 1")
-        check(self.agreement_prompts >= 0, "agreement_prompts", self.agreement_prompts, "an integer >= 0")
-        check(self.agreement_max_tokens >= 1, "agreement_max_tokens", self.agreement_max_tokens, "an integer >= 1")
-        check(self.teacher_backend in TEACHER_BACKENDS, "teacher_backend", self.teacher_backend, " or ".join(TEACHER_BACKENDS))
-
 
 ECE_BINS = 15
 POSITION_BUCKETS = 12  # position t falls in bucket floor(log2(t + 1)): 0, 1-2, 3-6, 7-14, ...
@@ -109,8 +34,13 @@ def _bytes(byte_lengths: torch.Tensor | None, targets: torch.Tensor, mask: torch
     return {"bytes": byte_lengths.to(targets.device)[targets][mask].double().sum()}
 
 
-def _token_sums(logits: torch.Tensor, batch: dict[str, torch.Tensor], teacher_lp: torch.Tensor, kd_mask: torch.Tensor,
-                byte_lengths: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def _token_sums(
+    logits: torch.Tensor,
+    batch: dict[str, torch.Tensor],
+    teacher_lp: torch.Tensor,
+    kd_mask: torch.Tensor,
+    byte_lengths: torch.Tensor | None,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """The sums both ``batch_sums`` and ``cross_batch_sums`` take: NLL, ECE bins and bytes over
     ``batch["mask"]``; KL over ``topk_ids``/``teacher_lp`` plus a tail bucket and top-1 agreement
     over ``kd_mask``. Also returns the per-position KL (B, T)."""
@@ -134,10 +64,12 @@ def _token_sums(logits: torch.Tensor, batch: dict[str, torch.Tensor], teacher_lp
     }, kl
 
 
-def batch_sums(student_logits: torch.Tensor, batch: dict[str, torch.Tensor], byte_lengths: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def batch_sums(
+    student_logits: torch.Tensor, batch: dict[str, torch.Tensor], byte_lengths: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
     """Per-batch sums from which every metric is finished by ``finish``.
 
-    ``student_logits`` (B, T, V); ``batch`` as built by ``distill.trainer.collate``. Returns
+    ``student_logits`` (B, T, V); ``batch`` as built by ``distill.train.trainer.collate``. Returns
     sums over labelled positions of: NLL of the realized token, KL(teacher ‖ model) over the
     teacher's top-k plus a tail bucket (also by position bucket), top-1 agreement with the
     teacher, per confidence bin (``ECE_BINS`` equal-width bins of the model's max probability)
@@ -155,8 +87,10 @@ def batch_sums(student_logits: torch.Tensor, batch: dict[str, torch.Tensor], byt
     }
 
 
-def cross_batch_sums(student_logits: torch.Tensor, batch: dict[str, torch.Tensor], byte_lengths: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``batch_sums`` of a model with its own tokenizer (a ``distill.xtok.collate_cross`` batch):
+def cross_batch_sums(
+    student_logits: torch.Tensor, batch: dict[str, torch.Tensor], byte_lengths: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """``batch_sums`` of a model with its own tokenizer (a ``distill.train.xtok.collate_cross`` batch):
     NLL, ECE and bytes over its own tokens of the labelled span; KL(teacher ‖ model) and top-1
     agreement at the aligned positions, over the teacher's top-k ids the model's vocabulary holds
     exactly (the rest of each distribution as one bucket; top-1 counts a position as agreeing
@@ -173,8 +107,13 @@ def finish(sums: dict[str, torch.Tensor]) -> dict:
     calibration = _calibration(sums)
     counts = sums.get("pos_count", torch.zeros(0))
     kl_by_position = [
-        {"positions": f"{2**b - 1}-{2**(b + 1) - 2}", "count": int(counts[b]), "kl": float(sums["pos_kl"][b] / counts[b])}
-        for b in range(len(counts)) if counts[b] > 0
+        {
+            "positions": f"{2**b - 1}-{2 ** (b + 1) - 2}",
+            "count": int(counts[b]),
+            "kl": float(sums["pos_kl"][b] / counts[b]),
+        }
+        for b in range(len(counts))
+        if counts[b] > 0
     ]
     aligned = float(sums.get("kl_positions", n))  # a model with its own tokenizer: aligned positions
     out = {
@@ -259,9 +198,14 @@ def finish_candidates(sums: dict[str, torch.Tensor]) -> dict:
 def _calibration(sums: dict[str, torch.Tensor]) -> list[dict]:
     count = sums["bin_count"]
     return [
-        {"bin": i, "count": int(count[i]), "confidence": float(sums["bin_confidence"][i] / count[i]),
-         "accuracy": float(sums["bin_correct"][i] / count[i])}
-        for i in range(len(count)) if count[i] > 0
+        {
+            "bin": i,
+            "count": int(count[i]),
+            "confidence": float(sums["bin_confidence"][i] / count[i]),
+            "accuracy": float(sums["bin_correct"][i] / count[i]),
+        }
+        for i in range(len(count))
+        if count[i] > 0
     ]
 
 
@@ -304,13 +248,19 @@ def _accumulate(totals: dict[str, torch.Tensor], sums: dict[str, torch.Tensor]) 
 
 
 @torch.no_grad()
-def evaluate_model(model, shards: Sequence[Shard], cfg: EvalConfig, bf16: bool = False, byte_lengths: torch.Tensor | None = None,
-                   cross=None) -> dict:
+def evaluate_model(
+    model,
+    shards: Sequence[Shard],
+    cfg: EvalConfig,
+    bf16: bool = False,
+    byte_lengths: torch.Tensor | None = None,
+    cross=None,
+) -> dict:
     """Held-out metrics of one causal LM against the teacher labels in ``shards``, on the
     model's device (``bf16``: under bf16 autocast; metrics are finished in fp32/fp64).
     ``byte_lengths``: bytes per token id of the teacher's tokenizer, for bits per byte.
-    ``cross``: a ``distill.xtok.CrossTokenizer`` for a model with its own tokenizer."""
-    from distill.xtok import collate_cross
+    ``cross``: a ``distill.train.xtok.CrossTokenizer`` for a model with its own tokenizer."""
+    from distill.train.xtok import collate_cross
 
     model.eval()
     device = _device(model)
@@ -360,8 +310,14 @@ def full_kl_skip_reason(teacher_path: str | Path, device: torch.device, bf16: bo
 
 
 @torch.no_grad()
-def full_distribution_kl(teacher, models: Mapping[str, object], shards: Sequence[Shard], cfg: EvalConfig, bf16: bool = False,
-                         on_window: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None) -> dict:
+def full_distribution_kl(
+    teacher,
+    models: Mapping[str, object],
+    shards: Sequence[Shard],
+    cfg: EvalConfig,
+    bf16: bool = False,
+    on_window: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None,
+) -> dict:
     """Mean KL(teacher's full softmax || model) over the labelled positions of the first
     ``cfg.full_kl_windows`` held-out windows, for every model in ``models`` (causal LMs sharing
     the teacher's tokenizer, on the teacher's device): one teacher forward per batch, shared by
@@ -400,7 +356,7 @@ def full_distribution_kl(teacher, models: Mapping[str, object], shards: Sequence
 
 
 def collate_teacher(rows: Sequence[dict], k: int) -> dict[str, torch.Tensor]:
-    """``distill.trainer.collate`` plus ``target_logprobs`` (B, T): the teacher's stored logprob
+    """``distill.train.trainer.collate`` plus ``target_logprobs`` (B, T): the teacher's stored logprob
     of the realized next token at each labelled position (0 elsewhere)."""
     batch = collate(rows, k)
     target = np.zeros(tuple(batch["mask"].shape), np.float32)
@@ -419,8 +375,11 @@ def collate_teacher_candidates(rows: Sequence[dict]) -> dict[str, torch.Tensor]:
     for b, r in enumerate(rows):
         teacher[b, : len(r["teacher_logprobs"])] = r["teacher_logprobs"]
         valid[b, : len(r["teacher_logprobs"])] = True
-    return {"candidate_mask": torch.from_numpy(valid), "teacher_logprobs": torch.from_numpy(teacher),
-            "answer": torch.tensor([int(r["answer"]) for r in rows], dtype=torch.int64)}
+    return {
+        "candidate_mask": torch.from_numpy(valid),
+        "teacher_logprobs": torch.from_numpy(teacher),
+        "answer": torch.tensor([int(r["answer"]) for r in rows], dtype=torch.int64),
+    }
 
 
 def teacher_sums(batch: dict[str, torch.Tensor], byte_lengths: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -461,8 +420,12 @@ def checkpoint_parameters(path: str | Path) -> int:
     return total
 
 
-def teacher_metrics(shards: Sequence[Shard], cfg: EvalConfig, checkpoint: str | Path | None = None,
-                    byte_lengths: torch.Tensor | None = None) -> dict:
+def teacher_metrics(
+    shards: Sequence[Shard],
+    cfg: EvalConfig,
+    checkpoint: str | Path | None = None,
+    byte_lengths: torch.Tensor | None = None,
+) -> dict:
     """The teacher's held-out metrics from its stored labels, with no forward pass: the dict
     ``evaluate_model`` returns. Token modes: perplexity from the stored realized-token logprobs
     (codec steps of 2^-10 nats: at most 4.9e-4 relative error), KL 0, top-1 1, ECE from the
@@ -503,13 +466,21 @@ def _cut(answer: list[int], limit: int, eos_token_id: int | None) -> list[int]:
 
 
 @torch.no_grad()
-def greedy_answers(model, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int], eos_token_id: int | None,
-                   batch_size: int = 1, bf16: bool = False) -> list[list[int]]:
+def greedy_answers(
+    model,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int | Sequence[int],
+    eos_token_id: int | None,
+    batch_size: int = 1,
+    bf16: bool = False,
+) -> list[list[int]]:
     """Each prompt's greedy continuation (up to and excluding EOS), at most ``max_new_tokens``
     (one number, or one per prompt), generated ``batch_size`` prompts at a time, left-padded."""
     model.eval()
     device = _device(model)
-    limits = [int(max_new_tokens)] * len(prompts) if isinstance(max_new_tokens, int) else [int(m) for m in max_new_tokens]
+    limits = (
+        [int(max_new_tokens)] * len(prompts) if isinstance(max_new_tokens, int) else [int(m) for m in max_new_tokens]
+    )
     if len(limits) != len(prompts):
         raise ValueError(f"{len(limits)} max_new_tokens values for {len(prompts)} prompts")
     pad = eos_token_id if eos_token_id is not None else 0
@@ -520,12 +491,18 @@ def greedy_answers(model, prompts: Sequence[Sequence[int]], max_new_tokens: int 
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
         attention = torch.zeros((len(batch), width), dtype=torch.long)
         for i, p in enumerate(batch):
-            ids[i, width - len(p):] = torch.tensor([int(t) for t in p])
-            attention[i, width - len(p):] = 1
+            ids[i, width - len(p) :] = torch.tensor([int(t) for t in p])
+            attention[i, width - len(p) :] = 1
         ids, attention = ids.to(device), attention.to(device)
         with _autocast(device, bf16):
-            out = model.generate(input_ids=ids, attention_mask=attention, max_new_tokens=max(lims), do_sample=False,
-                                 eos_token_id=eos_token_id, pad_token_id=pad)
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=attention,
+                max_new_tokens=max(lims),
+                do_sample=False,
+                eos_token_id=eos_token_id,
+                pad_token_id=pad,
+            )
         for i, limit in enumerate(lims):
             answers.append(_cut(out[i, width:].tolist(), limit, eos_token_id))
     return answers
@@ -548,34 +525,6 @@ def answer_agreement(answers: Sequence[Sequence[int]], reference: Sequence[Seque
     return {"greedy_exact_match": exact / len(reference), "greedy_prefix_agreement": prefix / len(reference)}
 
 
-def load_mc(path: str | Path) -> list[dict]:
-    """Questions of a multiple-choice JSONL file (``eval.mc_file``), validated with errors naming
-    the file and the 1-based line (blank lines count, as in an editor)."""
-    from distill.data import text_lines
-
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: multiple-choice file not found (eval.mc_file; relative paths are relative to the working directory)")
-    items = []
-    for i, item in text_lines(path, ValueError, jsonl=True):
-        where = f"{path}:{i}"
-        for field in ("question", "choices", "answer"):
-            if field not in item:
-                raise ValueError(f"{where}: missing field {field!r} (need question, choices, answer)")
-        if not isinstance(item["question"], str):
-            raise ValueError(f"{where}: question must be a string, got {item['question']!r}")
-        choices = item["choices"]
-        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
-            raise ValueError(f"{where}: choices must be a list of at least two strings, got {choices!r}")
-        answer = item["answer"]
-        if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
-            raise ValueError(f"{where}: answer must be an index into choices (0..{len(choices) - 1}), got {answer!r}")
-        items.append(item)
-    if not items:
-        raise ValueError(f"{path}: no questions")
-    return items
-
-
 def mc_prompt(item: dict) -> tuple[str, list[str]]:
     """The prompt and the choice continuations a multiple-choice question is scored on."""
     return f"Question: {item['question']}\nAnswer:", [" " + c for c in item["choices"]]
@@ -587,7 +536,7 @@ def choice_token_ids(tokenizer, prompt: str, choices: Sequence[str]) -> tuple[li
     prompt_ids = list(tokenizer(prompt)["input_ids"])
     choice_ids = []
     for choice in choices:
-        ids = list(tokenizer(prompt + choice)["input_ids"])[len(prompt_ids):]
+        ids = list(tokenizer(prompt + choice)["input_ids"])[len(prompt_ids) :]
         if not ids:
             raise ValueError(f"choice {choice!r} adds no tokens to the prompt")
         choice_ids.append(ids)
@@ -595,7 +544,9 @@ def choice_token_ids(tokenizer, prompt: str, choices: Sequence[str]) -> tuple[li
 
 
 @torch.no_grad()
-def sequence_logprobs(model, sequences: Sequence[Sequence[int]], starts: Sequence[int], batch_size: int, bf16: bool = False) -> torch.Tensor:
+def sequence_logprobs(
+    model, sequences: Sequence[Sequence[int]], starts: Sequence[int], batch_size: int, bf16: bool = False
+) -> torch.Tensor:
     """Per sequence, the summed logprob of its tokens ``start ..`` and their count, (N, 2)
     float64: right-padded forwards of ``batch_size`` sequences (padding after a sequence does
     not change a causal model's logits on it)."""
@@ -620,12 +571,16 @@ def sequence_logprobs(model, sequences: Sequence[Sequence[int]], starts: Sequenc
     return torch.cat(out) if out else torch.zeros((0, 2), dtype=torch.float64)
 
 
-def choice_scores(model, tokenizer, prompt: str, choices: Sequence[str], length_normalize: bool = False) -> torch.Tensor:
+def choice_scores(
+    model, tokenizer, prompt: str, choices: Sequence[str], length_normalize: bool = False
+) -> torch.Tensor:
     """Log-likelihood of each choice continuing ``prompt`` (summed, or mean, over its tokens),
     every choice in one padded forward."""
     model.eval()
     prompt_ids, choice_ids = choice_token_ids(tokenizer, prompt, choices)
-    scored = sequence_logprobs(model, [prompt_ids + c for c in choice_ids], [len(prompt_ids)] * len(choice_ids), len(choice_ids))
+    scored = sequence_logprobs(
+        model, [prompt_ids + c for c in choice_ids], [len(prompt_ids)] * len(choice_ids), len(choice_ids)
+    )
     return (scored[:, 0] / scored[:, 1] if length_normalize else scored[:, 0]).float()
 
 
@@ -654,7 +609,9 @@ def mc_sequences(tokenizer, items: Sequence[dict]) -> tuple[list[list[int]], lis
     return seqs, starts, owners
 
 
-def mc_accuracy(model, tokenizer, items: Sequence[dict], length_normalize: bool = False, batch_size: int = 8, bf16: bool = False) -> dict:
+def mc_accuracy(
+    model, tokenizer, items: Sequence[dict], length_normalize: bool = False, batch_size: int = 8, bf16: bool = False
+) -> dict:
     """Multiple-choice accuracy by log-likelihood; the choices of ``batch_size`` questions are
     scored in one padded forward."""
     model.eval()
@@ -666,7 +623,9 @@ def mc_accuracy(model, tokenizer, items: Sequence[dict], length_normalize: bool 
     return _mc_result(items, torch.cat(scored), length_normalize)
 
 
-def engine_mc_accuracy(engine, tokenizer, items: Sequence[dict], length_normalize: bool = False, source: str | Path = "eval.mc_file") -> dict:
+def engine_mc_accuracy(
+    engine, tokenizer, items: Sequence[dict], length_normalize: bool = False, source: str | Path = "eval.mc_file"
+) -> dict:
     """``mc_accuracy`` of the teacher through its vLLM engine (``VllmTeacher.sequence_logprobs``).
     A question whose prompt + choice exceeds the engine's length raises, naming ``source`` and the question."""
     seqs, starts, owners = mc_sequences(tokenizer, items)
@@ -683,9 +642,15 @@ def checkpoint_bytes(path: str | Path) -> int:
     return sum(p.stat().st_size for p in Path(path).glob("*.safetensors"))
 
 
-def evaluate(models: Mapping[str, str | Path], shards: Sequence[Shard], cfg: EvalConfig, precision: str = "auto",
-             engine_factory: Callable[[], object] | None = None, byte_lengths: torch.Tensor | None = None,
-             cross: Mapping[str, object] | None = None) -> dict[str, dict]:
+def evaluate(
+    models: Mapping[str, str | Path],
+    shards: Sequence[Shard],
+    cfg: EvalConfig,
+    precision: str = "auto",
+    engine_factory: Callable[[], object] | None = None,
+    byte_lengths: torch.Tensor | None = None,
+    cross: Mapping[str, object] | None = None,
+) -> dict[str, dict]:
     """Metrics for each named checkpoint folder. The first model is the teacher: on ``generate``
     data its greedy answers are the reference the others are compared with.
 
@@ -695,15 +660,19 @@ def evaluate(models: Mapping[str, str | Path], shards: Sequence[Shard], cfg: Eva
     ``transformers``, are loaded from safetensors onto ``eval_device(precision)``
     (``precision``: the training's ``train.precision``). ``byte_lengths`` (bytes per teacher
     token id) adds bits per byte; ``cross`` maps the names of models with their own tokenizer to
-    their ``distill.xtok.CrossTokenizer``."""
+    their ``distill.train.xtok.CrossTokenizer``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cross = cross or {}
     harness = bool(cfg.lm_eval_tasks)
     if harness:
-        from distill.harness import engine_lm, flatten, run_tasks, student_lm
+        from distill.eval.harness import engine_lm, flatten, run_tasks, student_lm
     items = load_mc(cfg.mc_file) if cfg.mc_file else None
-    prompts = heldout_prompts(shards, cfg.agreement_prompts) if shards[0].meta.mode == "generate" and cfg.agreement_prompts else []
+    prompts = (
+        heldout_prompts(shards, cfg.agreement_prompts)
+        if shards[0].meta.mode == "generate" and cfg.agreement_prompts
+        else []
+    )
     device, bf16 = eval_device(precision)
     limits: list[int] | int = cfg.agreement_max_tokens
     reference = None
@@ -711,11 +680,16 @@ def evaluate(models: Mapping[str, str | Path], shards: Sequence[Shard], cfg: Eva
     for i, (name, path) in enumerate(models.items()):
         tok = AutoTokenizer.from_pretrained(path) if items or prompts or harness else None
         if i == 0 and cfg.teacher_backend == "stored":
-            results[name] = {**teacher_metrics(shards, cfg, path, byte_lengths), "checkpoint_bytes": checkpoint_bytes(path)}
+            results[name] = {
+                **teacher_metrics(shards, cfg, path, byte_lengths),
+                "checkpoint_bytes": checkpoint_bytes(path),
+            }
             if items or prompts or harness:
                 if engine_factory is None:
-                    raise ValueError("eval.teacher_backend='stored' needs the teacher's vLLM engine for greedy answers and "
-                                     "multiple-choice scores: pass engine_factory (or set eval.teacher_backend: transformers)")
+                    raise ValueError(
+                        "eval.teacher_backend='stored' needs the teacher's vLLM engine for greedy answers and "
+                        "multiple-choice scores: pass engine_factory (or set eval.teacher_backend: transformers)"
+                    )
                 engine = engine_factory()
                 if items:
                     results[name].update(engine_mc_accuracy(engine, tok, items, cfg.mc_length_normalize, cfg.mc_file))
@@ -724,11 +698,16 @@ def evaluate(models: Mapping[str, str | Path], shards: Sequence[Shard], cfg: Eva
                     reference = engine.greedy(prompts, limits, tok.eos_token_id)
                     results[name].update(answer_agreement(reference, reference))
                 if harness:
-                    scores = run_tasks(engine_lm(engine, tok), cfg.lm_eval_tasks, cfg.lm_eval_include, cfg.lm_eval_limit)
+                    scores = run_tasks(
+                        engine_lm(engine, tok), cfg.lm_eval_tasks, cfg.lm_eval_include, cfg.lm_eval_limit
+                    )
                     results[name].update({"lm_eval": scores, **flatten(scores)})
             continue
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True).to(device)
-        results[name] = {**evaluate_model(model, shards, cfg, bf16, byte_lengths, cross.get(name)), "checkpoint_bytes": checkpoint_bytes(path)}
+        results[name] = {
+            **evaluate_model(model, shards, cfg, bf16, byte_lengths, cross.get(name)),
+            "checkpoint_bytes": checkpoint_bytes(path),
+        }
         if items:
             results[name].update(mc_accuracy(model, tok, items, cfg.mc_length_normalize, cfg.batch_size, bf16))
         if prompts:
@@ -736,7 +715,9 @@ def evaluate(models: Mapping[str, str | Path], shards: Sequence[Shard], cfg: Eva
             reference = reference if reference is not None else answers
             results[name].update(answer_agreement(answers, reference))
         if harness:
-            scores = run_tasks(student_lm(model, tok, cfg.batch_size), cfg.lm_eval_tasks, cfg.lm_eval_include, cfg.lm_eval_limit)
+            scores = run_tasks(
+                student_lm(model, tok, cfg.batch_size), cfg.lm_eval_tasks, cfg.lm_eval_include, cfg.lm_eval_limit
+            )
             results[name].update({"lm_eval": scores, **flatten(scores)})
         del model
         if device.type == "cuda":
@@ -744,7 +725,9 @@ def evaluate(models: Mapping[str, str | Path], shards: Sequence[Shard], cfg: Eva
     return results
 
 
-def write_plots(results: Mapping[str, dict], histories: Mapping[str, list[dict]], out_dir: str | Path) -> dict[str, Path]:
+def write_plots(
+    results: Mapping[str, dict], histories: Mapping[str, list[dict]], out_dir: str | Path
+) -> dict[str, Path]:
     """Training curves, KL by position bucket and a calibration diagram as PNG files."""
     import matplotlib
 
@@ -764,7 +747,12 @@ def write_plots(results: Mapping[str, dict], histories: Mapping[str, list[dict]]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for name, m in results.items():
         if name != "teacher":
-            ax.plot([b["positions"] for b in m["kl_by_position"]], [b["kl"] for b in m["kl_by_position"]], marker="o", label=name)
+            ax.plot(
+                [b["positions"] for b in m["kl_by_position"]],
+                [b["kl"] for b in m["kl_by_position"]],
+                marker="o",
+                label=name,
+            )
     ax.set_xlabel("position in window"), ax.set_ylabel("KL(teacher‖model)"), ax.legend(), fig.tight_layout()
     ax.tick_params(axis="x", labelrotation=45)
     paths["kl_by_position"] = out_dir / "kl_by_position.png"
@@ -773,7 +761,12 @@ def write_plots(results: Mapping[str, dict], histories: Mapping[str, list[dict]]
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1)
     for name, m in results.items():
-        ax.plot([c["confidence"] for c in m["calibration"]], [c["accuracy"] for c in m["calibration"]], marker="o", label=f"{name} (ECE {m['ece']:.3f})")
+        ax.plot(
+            [c["confidence"] for c in m["calibration"]],
+            [c["accuracy"] for c in m["calibration"]],
+            marker="o",
+            label=f"{name} (ECE {m['ece']:.3f})",
+        )
     ax.set_xlabel("confidence"), ax.set_ylabel("accuracy"), ax.legend(fontsize=8), fig.tight_layout()
     paths["calibration"] = out_dir / "calibration.png"
     fig.savefig(paths["calibration"], dpi=100)
@@ -785,18 +778,22 @@ MODE_NOTES = {
     "score": "Held-out text: perplexity of each model on the held-out windows; KL and top-1 against the teacher's stored labels.",
     "generate": "Held-out prompts: perplexity, KL and top-1 over the teacher's answer tokens; greedy answers compared with the teacher's greedy answers.",
     "candidates": "Held-out examples: KL over each example's candidates; top-1 = the model's choice agrees with the teacher's; "
-                  "ppl = perplexity of the gold answer among the candidates; gold accuracy where the data has gold answers.",
+    "ppl = perplexity of the gold answer among the candidates; gold accuracy where the data has gold answers.",
 }
 
 
 def markdown_table(results: Mapping[str, dict]) -> str:
     titles = {
-        "accuracy": "gold accuracy", "teacher_agreement": "agrees with teacher's choice",
-        "greedy_exact_match": "greedy = teacher's", "greedy_prefix_agreement": "greedy prefix agreement",
-        "mc_accuracy": "MC accuracy", "generation_tokens_per_s": "vLLM gen tok/s", "kl_full": "KL full (sample)",
+        "accuracy": "gold accuracy",
+        "teacher_agreement": "agrees with teacher's choice",
+        "greedy_exact_match": "greedy = teacher's",
+        "greedy_prefix_agreement": "greedy prefix agreement",
+        "mc_accuracy": "MC accuracy",
+        "generation_tokens_per_s": "vLLM gen tok/s",
+        "kl_full": "KL full (sample)",
     }
     harness = sorted({c for m in results.values() for c in m if c.startswith("lm_eval_")})
-    titles = {**titles, **{c: c[len("lm_eval_"):].replace("_acc", " acc") for c in harness}}
+    titles = {**titles, **{c: c[len("lm_eval_") :].replace("_acc", " acc") for c in harness}}
     extra = [c for c in titles if any(c in m for m in results.values())]
     lines = [
         "| model | params (M) | checkpoint (MB) | held-out ppl | KL(teacher‖model) | top-1 agreement | ECE |"
@@ -809,7 +806,9 @@ def markdown_table(results: Mapping[str, dict]) -> str:
         size = f"{m['checkpoint_bytes'] / 1e6:.0f}" if "checkpoint_bytes" in m else "–"
         cells = "".join(f" {m[c]:.3f} |" if c in m else " – |" for c in extra)
         bpb = (f" {m['bpb']:.4f} |" if "bpb" in m else " – |") if "bits/byte" in lines[0] else ""
-        lines.append(f"| {name} | {m['parameters'] / 1e6:.1f} | {size} | {m['ppl']:.2f} |{bpb} {m['kl']:.4f} | {m['top1']:.4f} | {m['ece']:.4f} |{cells}")
+        lines.append(
+            f"| {name} | {m['parameters'] / 1e6:.1f} | {size} | {m['ppl']:.2f} |{bpb} {m['kl']:.4f} | {m['top1']:.4f} | {m['ece']:.4f} |{cells}"
+        )
     return "\n".join(lines)
 
 
@@ -819,8 +818,16 @@ def summary_line(results: Mapping[str, dict]) -> str:
         f"teacher_ppl={t['ppl']:.2f} student_ppl={s['ppl']:.2f} baseline_ppl={b['ppl']:.2f} "
         f"student_kl={s['kl']:.4f} baseline_kl={b['kl']:.4f} "
         f"student_top1={s['top1']:.4f} baseline_top1={b['top1']:.4f}"
-        + (f" teacher_bpb={t['bpb']:.4f} student_bpb={s['bpb']:.4f} baseline_bpb={b['bpb']:.4f}" if all("bpb" in m for m in (t, s, b)) else "")
-        + (f" student_kl_full={s['kl_full']:.4f} baseline_kl_full={b['kl_full']:.4f}" if "kl_full" in s and "kl_full" in b else "")
+        + (
+            f" teacher_bpb={t['bpb']:.4f} student_bpb={s['bpb']:.4f} baseline_bpb={b['bpb']:.4f}"
+            if all("bpb" in m for m in (t, s, b))
+            else ""
+        )
+        + (
+            f" student_kl_full={s['kl_full']:.4f} baseline_kl_full={b['kl_full']:.4f}"
+            if "kl_full" in s and "kl_full" in b
+            else ""
+        )
     )
 
 
@@ -839,6 +846,8 @@ def gate(results: Mapping[str, dict], cfg: EvalConfig) -> tuple[bool, str]:
         vs_base = s[metric] < b[metric] - margin
         vs_init = s[metric] < init[metric]
         passed = passed and vs_base and vs_init
-        parts.append(f"{metric} {fmt.format(s[metric])} vs baseline {fmt.format(b[metric])} (margin {margin}): "
-                     f"{'ok' if vs_base else 'FAIL'}, vs student_init {fmt.format(init[metric])}: {'ok' if vs_init else 'FAIL'}")
+        parts.append(
+            f"{metric} {fmt.format(s[metric])} vs baseline {fmt.format(b[metric])} (margin {margin}): "
+            f"{'ok' if vs_base else 'FAIL'}, vs student_init {fmt.format(init[metric])}: {'ok' if vs_init else 'FAIL'}"
+        )
     return passed, "; ".join(parts)

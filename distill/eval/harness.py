@@ -5,6 +5,7 @@ evaluation. The teacher runs through ``EngineLM``: the harness's requests answer
 engine the evaluation already holds (``VllmTeacher``), so no transformers copy of the teacher
 is built. Needs the ``lm-eval`` extra (``pip install -e '.[lm-eval]'``).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -30,7 +31,7 @@ def encode_pair(tokenizer, context: str, continuation: str, prefix_id: int) -> t
         return [prefix_id], list(tokenizer(continuation, add_special_tokens=False)["input_ids"])
     whole = list(tokenizer(context + continuation, add_special_tokens=False)["input_ids"])
     ctx = list(tokenizer(context, add_special_tokens=False)["input_ids"])
-    return whole[:len(ctx)], whole[len(ctx):]
+    return whole[: len(ctx)], whole[len(ctx) :]
 
 
 def engine_lm(engine, tokenizer, source: str = "eval.lm_eval_tasks"):
@@ -48,9 +49,11 @@ def engine_lm(engine, tokenizer, source: str = "eval.lm_eval_tasks"):
                 seq = ctx + cont
                 if len(seq) > engine.max_len:  # keep the continuation and the end of the context
                     if len(cont) >= engine.max_len:
-                        raise ValueError(f"{source}: request {i}: a continuation of {len(cont)} tokens does not fit the teacher "
-                                         f"engine's max_len {engine.max_len} (corpus.window)")
-                    seq = seq[-engine.max_len:]
+                        raise ValueError(
+                            f"{source}: request {i}: a continuation of {len(cont)} tokens does not fit the teacher "
+                            f"engine's max_len {engine.max_len} (corpus.window)"
+                        )
+                    seq = seq[-engine.max_len :]
                 seqs.append(seq)
                 starts.append(len(seq) - len(cont))
             scored = engine.sequence_logprobs(seqs, starts, greedy=True) if seqs else []
@@ -62,7 +65,7 @@ def engine_lm(engine, tokenizer, source: str = "eval.lm_eval_tasks"):
                 ids = [prefix] + list(tokenizer(request.args[0], add_special_tokens=False)["input_ids"])
                 seqs, starts, step = [], [], engine.max_len - 1
                 for lo in range(1, len(ids), step):  # each window: one token of context, then scored tokens
-                    seqs.append(ids[lo - 1:lo + step])
+                    seqs.append(ids[lo - 1 : lo + step])
                     starts.append(1)
                 out.append(float(engine.sequence_logprobs(seqs, starts)[:, 0].sum()) if seqs else 0.0)
             return out
@@ -73,9 +76,11 @@ def engine_lm(engine, tokenizer, source: str = "eval.lm_eval_tasks"):
                 context, kwargs = request.args
                 until = kwargs.get("until") or []
                 until = [until] if isinstance(until, str) else list(until)
-                ids = list(tokenizer(context, add_special_tokens=False)["input_ids"])[-(engine.max_len - 1):]
+                ids = list(tokenizer(context, add_special_tokens=False)["input_ids"])[-(engine.max_len - 1) :]
                 limit = min(int(kwargs.get("max_gen_toks", 256)), engine.max_len - len(ids))
-                answer = tokenizer.decode(engine.greedy([ids], limit, tokenizer.eos_token_id)[0], skip_special_tokens=True)
+                answer = tokenizer.decode(
+                    engine.greedy([ids], limit, tokenizer.eos_token_id)[0], skip_special_tokens=True
+                )
                 cut = min([answer.find(u) for u in until if u and u in answer], default=len(answer))
                 out.append(answer[:cut])
             return out
@@ -83,7 +88,9 @@ def engine_lm(engine, tokenizer, source: str = "eval.lm_eval_tasks"):
     return EngineLM()
 
 
-def run_tasks(lm, tasks: Sequence[str], include: str | Path | None = None, limit: int | None = None) -> dict[str, dict[str, float]]:
+def run_tasks(
+    lm, tasks: Sequence[str], include: str | Path | None = None, limit: int | None = None
+) -> dict[str, dict[str, float]]:
     """Run lm-eval ``tasks`` (names from the harness, or from task YAMLs under ``include``) on
     ``lm``; returns ``{task: {metric: value}}`` (standard errors left out)."""
     _lm_base()
@@ -95,13 +102,26 @@ def run_tasks(lm, tasks: Sequence[str], include: str | Path | None = None, limit
     if missing:
         where = f" or in {include}" if include else " (set eval.lm_eval_include to a folder of task YAMLs)"
         raise ValueError(f"eval.lm_eval_tasks: no task named {missing} in lm-evaluation-harness{where}")
-    out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit, log_samples=False,
-                                  bootstrap_iters=0, random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
+    out = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=list(tasks),
+        task_manager=manager,
+        limit=limit,
+        log_samples=False,
+        bootstrap_iters=0,
+        random_seed=0,
+        numpy_random_seed=0,
+        torch_random_seed=0,
+        fewshot_random_seed=0,
+    )
     results = {}
     for task in tasks:
         metrics = out["results"][task]
-        results[task] = {name.split(",")[0]: float(value) for name, value in metrics.items()
-                         if "," in name and "_stderr" not in name and isinstance(value, (int, float))}
+        results[task] = {
+            name.split(",")[0]: float(value)
+            for name, value in metrics.items()
+            if "," in name and "_stderr" not in name and isinstance(value, (int, float))
+        }
     return results
 
 

@@ -5,6 +5,7 @@ Written when training ends and rewritten by the evaluation with its table. The Y
 follows the Hub's model-card metadata (``license``, ``library_name``, ``base_model``, ``tags``,
 ``pipeline_tag``), so ``huggingface_hub.ModelCard.load`` reads it and the Hub shows it.
 """
+
 from __future__ import annotations
 
 import json
@@ -47,7 +48,9 @@ def model_card(info: Mapping, results: Mapping[str, Mapping] | None = None, tabl
     ``windows``, ``tokens``), ``student`` and ``train`` (config dicts), ``summary`` (the
     trainer's). ``results``/``table``: the evaluation's, when there is one."""
     labels, train, student, summary = info["labels"], info["train"], info["student"], info["summary"]
-    base_model = info["teacher"] if not str(info["teacher"]).startswith(("/", ".", "~", "bundled:", "ensemble:")) else None
+    base_model = (
+        info["teacher"] if not str(info["teacher"]).startswith(("/", ".", "~", "bundled:", "ensemble:")) else None
+    )
     header = {
         "license": info["license"],
         "library_name": "transformers",
@@ -57,60 +60,106 @@ def model_card(info: Mapping, results: Mapping[str, Mapping] | None = None, tabl
     }
     mode = labels["mode"]
     settings = labels.get("settings") or {}
-    kind = (f"sampled ids with counts ({settings['draws']} {settings.get('sampler', 'multinomial')} draws per position from the "
-            f"top-{settings['proposal_k']} + tail)") if settings.get("labels") == "sampled" else "top-k logprobs and the tail mass"
+    kind = (
+        (
+            f"sampled ids with counts ({settings['draws']} {settings.get('sampler', 'multinomial')} draws per position from the "
+            f"top-{settings['proposal_k']} + tail)"
+        )
+        if settings.get("labels") == "sampled"
+        else "top-k logprobs and the tail mass"
+    )
     ensemble = settings.get("ensemble")
-    teacher_line = (f"an ensemble of {len(ensemble)} teachers ("
-                    + ", ".join(f"`{m['model']}`{' fine-tuned on the training split' if m.get('finetune') else ''} × {m['weight']:.2f}"
-                                for m in ensemble) + ")") if ensemble else f"`{info['teacher']}`"
+    teacher_line = (
+        (
+            f"an ensemble of {len(ensemble)} teachers ("
+            + ", ".join(
+                f"`{m['model']}`{' fine-tuned on the training split' if m.get('finetune') else ''} × {m['weight']:.2f}"
+                for m in ensemble
+            )
+            + ")"
+        )
+        if ensemble
+        else f"`{info['teacher']}`"
+    )
     if info["baseline"]:
         objective = "cross-entropy on the text only (the CE-only baseline: no distillation, same data, order and steps)"
     else:
-        objective = (f"{train['kd_weight']} × KD + {1 - train['kd_weight']:.2g} × cross-entropy; KD = "
-                     + (f"`{train['cross_tokenizer_loss']}` across tokenizers" if student.get("tokenizer") else
-                        f"`{train['divergence']}`, tail `{train['tail']}`, temperature {train['temperature']}"))
+        objective = f"{train['kd_weight']} × KD + {1 - train['kd_weight']:.2g} × cross-entropy; KD = " + (
+            f"`{train['cross_tokenizer_loss']}` across tokenizers"
+            if student.get("tokenizer")
+            else f"`{train['divergence']}`, tail `{train['tail']}`, temperature {train['temperature']}"
+        )
     lines = [
-        "---", yaml.safe_dump(header, sort_keys=False).strip(), "---", "",
-        f"# {info['name']}", "",
+        "---",
+        yaml.safe_dump(header, sort_keys=False).strip(),
+        "---",
+        "",
+        f"# {info['name']}",
+        "",
         f"A {'baseline for a ' if info['baseline'] else ''}student distilled offline from {teacher_line} with "
         "offline-distill: the teacher labelled the training text once under vLLM, and this model "
-        "was trained by streaming those labels.", "",
-        "## Provenance", "",
+        "was trained by streaming those labels.",
+        "",
+        "## Provenance",
+        "",
         f"- Teacher: {teacher_line}; weights content hash `{labels['teacher_hash']}`, tokenizer content hash `{labels['tokenizer_hash']}`",
         f"- Data: `{info['data']['source']}`, training split fingerprint `{info['data']['fingerprint']}` "
         f"({info['data']['windows']:,} windows, {info['data']['tokens']:,} labelled tokens)",
         f"- Labels: `{mode}` mode, k = {labels['k']} ({kind}), engine {labels['engine']}",
         f"- Student: init `{student['init']}`, {student['num_layers']} layers, {summary.get('parameters', 0) / 1e6:.1f}M parameters"
-        + (f", its own tokenizer (`{student['tokenizer']}`)" if student.get("tokenizer") else ", the teacher's tokenizer"),
+        + (
+            f", its own tokenizer (`{student['tokenizer']}`)"
+            if student.get("tokenizer")
+            else ", the teacher's tokenizer"
+        ),
         f"- Objective: {objective}",
         f"- Training: {summary.get('steps')} steps × {train['batch_size'] * train['grad_accum']} windows × "
         f"{summary.get('world_size', 1)} process(es), AdamW lr {train['lr']:g} (warm-up, cosine to {train['min_lr_ratio']:g}×), "
         f"weight decay {train['weight_decay']:g}, seed {train['seed']}, precision `{train['precision']}`; final loss "
         f"{_fmt(summary.get('final_loss'))}",
-        *([f"- On-policy: round {info['onpolicy']['round']} of GKD-style rounds, continuing `{info['onpolicy']['start']}`; "
-           f"{info['onpolicy']['answers']:,} answers to {info['onpolicy']['prompts']:,} training prompts by the "
-           f"{info['onpolicy']['generator']}, labelled by the teacher, mixed with the teacher's answers "
-           f"(lambda {info['onpolicy']['lmbda']:g})"] if info.get("onpolicy") else []), "",
-        "## Evaluation", "",
+        *(
+            [
+                f"- On-policy: round {info['onpolicy']['round']} of GKD-style rounds, continuing `{info['onpolicy']['start']}`; "
+                f"{info['onpolicy']['answers']:,} answers to {info['onpolicy']['prompts']:,} training prompts by the "
+                f"{info['onpolicy']['generator']}, labelled by the teacher, mixed with the teacher's answers "
+                f"(lambda {info['onpolicy']['lmbda']:g})"
+            ]
+            if info.get("onpolicy")
+            else []
+        ),
+        "",
+        "## Evaluation",
+        "",
     ]
     if table:
-        lines += ["Held-out windows of documents the students never saw (KL and top-1 against the teacher's stored labels;"
-                  " bits per byte compare models across tokenizers):", "", table, ""]
+        lines += [
+            "Held-out windows of documents the students never saw (KL and top-1 against the teacher's stored labels;"
+            " bits per byte compare models across tokenizers):",
+            "",
+            table,
+            "",
+        ]
         if results and "student" in results and "baseline" in results:
             s, b = results["student"], results["baseline"]
-            lines += [f"Distilled student vs CE-only baseline: perplexity {s['ppl']:.2f} vs {b['ppl']:.2f}, "
-                      f"KL(teacher‖model) {s['kl']:.4f} vs {b['kl']:.4f}.", ""]
+            lines += [
+                f"Distilled student vs CE-only baseline: perplexity {s['ppl']:.2f} vs {b['ppl']:.2f}, "
+                f"KL(teacher‖model) {s['kl']:.4f} vs {b['kl']:.4f}.",
+                "",
+            ]
     else:
         lines += ["Not evaluated yet: materialize the `evaluation` asset; it rewrites this card with its table.", ""]
     lines += [
-        "## Intended use and limits", "",
+        "## Intended use and limits",
+        "",
         "- A smaller, faster stand-in for the teacher on text like the training data; it inherits the teacher's "
         "biases and errors, and its license terms (see the teacher's card).",
         "- Trained on a limited corpus for a limited number of steps: check it on your own task before use; the "
         "evaluation above covers held-out text of the same corpus only.",
-        "- Not safety-tuned beyond what it learned from the teacher's distributions.", "",
+        "- Not safety-tuned beyond what it learned from the teacher's distributions.",
+        "",
         "Reproduce: the run config is in `run_config.json` beside this card's folder; label shards and the student "
-        "are content-addressed, so the same config on the same data finds them again.", "",
+        "are content-addressed, so the same config on the same data finds them again.",
+        "",
     ]
     return "\n".join(lines)
 
@@ -123,12 +172,20 @@ def card_info(cfg, summary: Mapping, shards, baseline: bool, teacher_folder: Pat
 
     meta = shards[0].record["meta"]
     return {
-        "name": Path(summary["out_dir"]).name, "baseline": baseline,
-        "teacher": meta["teacher"], "license": teacher_license(teacher_folder, cfg.teacher.members[0].model),
-        "labels": meta, "student": dataclasses.asdict(cfg.student),
-        "train": dataclasses.asdict(cfg.baseline_train if baseline else cfg.train), "summary": dict(summary),
-        "data": {"source": cfg.corpus.source, "fingerprint": content_key({s.meta.shard: s.meta.data_fingerprint for s in shards}),
-                 "windows": sum(s.rows for s in shards), "tokens": sum(s.tokens for s in shards)},
+        "name": Path(summary["out_dir"]).name,
+        "baseline": baseline,
+        "teacher": meta["teacher"],
+        "license": teacher_license(teacher_folder, cfg.teacher.members[0].model),
+        "labels": meta,
+        "student": dataclasses.asdict(cfg.student),
+        "train": dataclasses.asdict(cfg.baseline_train if baseline else cfg.train),
+        "summary": dict(summary),
+        "data": {
+            "source": cfg.corpus.source,
+            "fingerprint": content_key({s.meta.shard: s.meta.data_fingerprint for s in shards}),
+            "windows": sum(s.rows for s in shards),
+            "tokens": sum(s.tokens for s in shards),
+        },
     }
 
 

@@ -3,6 +3,7 @@ checkpoint that transformers and vLLM load.
 
 Reads top to bottom: ``collate`` -> ``train`` (setup, resume, step loop, checkpoints, save).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,142 +19,15 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from distill.configbase import check
-from distill.losses import CROSS_TOKENIZER_LOSSES, DIVERGENCES, NEG, TAILS, candidate_loss, candidate_scores, cross_tokenizer_loss, distillation_loss
-from distill.student import StudentConfig, build_student
+from distill.train.config import StudentConfig, TrainConfig
+from distill.train.losses import NEG, candidate_loss, candidate_scores, cross_tokenizer_loss, distillation_loss
+from distill.train.student import build_student
 from storage.reader import MixPosition, MixStream, Shard, ShardStream, StreamPosition
 from storage.writer import atomic_write_text
 
 FINAL_DIR = "model"
 CKPT_DIR = "checkpoints"
 HISTORY = "history.jsonl"
-STRATEGIES = ("ddp", "fsdp")
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    steps: int = 1000
-    """Optimizer steps."""
-    batch_size: int = 8
-    """Windows per micro-batch."""
-    grad_accum: int = 1
-    """Micro-batches per optimizer step."""
-    lr: float = 3e-4
-    """Peak learning rate (AdamW)."""
-    min_lr_ratio: float = 0.1
-    """Final learning rate as a fraction of ``lr`` (cosine decay)."""
-    warmup_steps: int = 0
-    """Linear warm-up steps; 0: 5% of ``steps``."""
-    weight_decay: float = 0.01
-    """AdamW weight decay."""
-    max_grad_norm: float = 1.0
-    """Gradient clipping norm (0: off)."""
-    kd_weight: float = 0.5
-    """Weight of the KD term; ``1 - kd_weight`` goes to cross-entropy on the realized tokens. 0: CE-only baseline."""
-    divergence: str = "forward_kl"
-    """KD divergence: forward_kl, reverse_kl, jsd, skew_kl, skew_reverse_kl, tvd or akl (adaptive KL: forward and reverse KL mixed per token by where the student is wrong, see ``akl_mu``)."""
-    tail: str = "bucket"
-    """Missing-tail treatment: ``bucket`` (an explicit outcome holds the mass outside the teacher's top-k, on both sides, so the student also learns how much mass to leave outside it) or ``renormalize`` (top-k only; measured worse here: it never penalizes student mass outside the top-k)."""
-    temperature: float = 1.0
-    """Distillation temperature (loss scaled by T^2)."""
-    beta: float = 0.5
-    """JSD beta (``jsd`` only)."""
-    alpha: float = 0.1
-    """Skew alpha (``skew_kl`` / ``skew_reverse_kl`` only)."""
-    akl_mu: float = 0.5
-    """AKL head threshold (``akl`` only; Wu et al., COLING 2025, who use 0.5): per token, the teacher's
-    top outcomes up to this cumulative probability are the head, the rest (and the tail bucket) the
-    tail; forward KL gets the head's share of |p - q|, reverse KL the tail's. Lower it to weigh
-    reverse KL more. ``akl`` is for runs too short for forward or reverse KL alone to fit both the
-    head (forward KL's strength early on) and the tail (reverse KL's), as in the paper's
-    instruction-tuning students. In this repository's 60-step runs it did not beat ``forward_kl``
-    (held-out KL 3% and 5% higher on two corpora, ``benchmarks/adaptive.py``; README, Training)."""
-    cross_tokenizer_loss: str = "span_kl"
-    """KD term for a student with its own tokenizer (``student.tokenizer``), at the positions
-    where both tokenizations start the next token at the same byte: ``span_kl`` (forward KL over
-    the teacher's top-k tokens that the student's vocabulary holds byte for byte, the rest as one
-    bucket; GOLD's exact-match part) or ``uld`` (Universal Logit Distillation, Boizard et al.,
-    2024: L1 between the sorted probability vectors; needs no shared tokens at all, for
-    vocabularies that share almost nothing). On the demo with an 8,000-id BPE student
-    (``benchmarks/cross_tokenizer.py``, 300 steps) ``span_kl`` beat the CE-only baseline
-    (1.640 vs 1.659 bits per byte, perplexity 157.5 vs 167.1) and ``uld`` did not (1.726)."""
-    seed: int = 0
-    """Seeds data order and any randomness of training."""
-    shuffle: bool = True
-    """Shuffle the data each epoch (seeded): the order of row groups, then rows across ``shuffle_buffer``."""
-    shuffle_buffer: int = 4096
-    """Windows mixed at once. Shards keep a document's windows together (64 per row group), so
-    without mixing a batch holds consecutive windows of one or two documents. The stream reads
-    this many windows' row groups (from every shard, in a random order) and yields their rows
-    shuffled, so a batch of 8 draws from ~8 documents. Memory: the buffer stays encoded, about
-    the shard's bytes per labelled token (~63 at k=32) x window x buffer: ~33 MB at window 128,
-    ~530 MB at window 2048; lower it for very long windows. Resume stays exact. 0: one row group."""
-    checkpoint_every: int = 0
-    """Save a resumable checkpoint every N steps (0: only the final model)."""
-    keep_checkpoints: int = 2
-    """Resumable checkpoints kept on disk."""
-    precision: str = "auto"
-    """``auto`` (bf16 autocast on CUDA, fp32 on CPU), ``fp32`` or ``bf16``."""
-    num_threads: int | None = None
-    """CPU threads for torch (None: torch's default)."""
-    progress: bool = True
-    """Show a progress bar."""
-    nproc_per_node: int = 1
-    """Training processes on this machine (one per GPU). 1: train inside the calling process (the
-    Dagster step); more: the asset starts ``torchrun`` through Dagster Pipes and streams its logs
-    and metrics into the run. Changes the result (each rank reads its own share of the data), so
-    it is part of the student's cache key, and a checkpoint resumes only with the same world size."""
-    nnodes: int = 1
-    """Machines training together. Above 1, every other node runs ``python -m distill.launch
-    <student folder>/launch.json`` (the asset logs the exact command) and they meet at ``rdzv_endpoint``."""
-    rdzv_endpoint: str | None = None
-    """``host:port`` of the c10d rendezvous (a port on the first node), required when ``nnodes > 1``."""
-    strategy: str = "ddp"
-    """With more than one process: ``ddp`` (every rank holds the whole model; gradients all-reduced)
-    or ``fsdp`` (FSDP2 ``fully_shard`` per decoder layer plus the root: parameters, gradients and
-    optimizer state sharded across ranks, for students that do not fit one device; distributed
-    checkpoints, a full ``save_pretrained`` at the end). Ignored with one process."""
-
-    def __post_init__(self):
-        check(self.steps >= 1, "steps", self.steps, "an integer >= 1")
-        check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
-        check(self.grad_accum >= 1, "grad_accum", self.grad_accum, "an integer >= 1")
-        check(self.lr > 0, "lr", self.lr, "a positive number")
-        check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "a number in [0, 1]")
-        check(0 <= self.kd_weight <= 1, "kd_weight", self.kd_weight, "a number in [0, 1]")
-        check(self.divergence in DIVERGENCES, "divergence", self.divergence, f"one of {sorted(DIVERGENCES)}")
-        check(self.tail in TAILS, "tail", self.tail, f"one of {TAILS}")
-        check(self.temperature > 0, "temperature", self.temperature, "a positive number")
-        check(self.tail != "bucket" or self.temperature == 1.0, "temperature", self.temperature, "1.0 when tail is 'bucket'")
-        check(0 < self.beta < 1, "beta", self.beta, "a number in (0, 1)")
-        check(0 <= self.alpha < 1, "alpha", self.alpha, "a number in [0, 1)")
-        check(0 < self.akl_mu < 1, "akl_mu", self.akl_mu, "a number in (0, 1)")
-        check(self.precision in ("auto", "fp32", "bf16"), "precision", self.precision, "auto, fp32 or bf16")
-        check(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, "an integer >= 0")
-        check(self.shuffle_buffer >= 0, "shuffle_buffer", self.shuffle_buffer, "an integer >= 0 (windows)")
-        check(self.nproc_per_node >= 1, "nproc_per_node", self.nproc_per_node, "an integer >= 1")
-        check(self.nnodes >= 1, "nnodes", self.nnodes, "an integer >= 1")
-        check(self.nnodes == 1 or bool(self.rdzv_endpoint and ":" in self.rdzv_endpoint), "rdzv_endpoint",
-              self.rdzv_endpoint, "host:port of the rendezvous (needed when nnodes > 1)")
-        check(self.strategy in STRATEGIES, "strategy", self.strategy, f"one of {STRATEGIES}")
-        check(self.cross_tokenizer_loss in CROSS_TOKENIZER_LOSSES, "cross_tokenizer_loss", self.cross_tokenizer_loss,
-              f"one of {CROSS_TOKENIZER_LOSSES}")
-
-    @property
-    def world_size(self) -> int:
-        return self.nproc_per_node * self.nnodes
-
-    @property
-    def effective_warmup(self) -> int:
-        return self.warmup_steps or max(1, self.steps // 20)
-
-    def lr_at(self, step: int) -> float:
-        """Learning rate for optimizer step ``step`` (0-based): linear warm-up, cosine decay."""
-        warm = self.effective_warmup
-        if step < warm:
-            return self.lr * (step + 1) / warm
-        progress = (step - warm) / max(1, self.steps - warm)
-        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def collate(rows: Sequence[dict], k: int) -> dict[str, torch.Tensor]:
@@ -223,9 +97,12 @@ def collate_candidates(rows: Sequence[dict]) -> dict[str, torch.Tensor]:
         targets[n, : len(seq) - 1] = seq[1:]
         mask[n, lo:hi] = True
     return {
-        "input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention),
-        "targets": torch.from_numpy(targets), "mask": torch.from_numpy(mask),
-        "index": torch.from_numpy(index), "candidate_mask": torch.from_numpy(index >= 0),
+        "input_ids": torch.from_numpy(input_ids),
+        "attention_mask": torch.from_numpy(attention),
+        "targets": torch.from_numpy(targets),
+        "mask": torch.from_numpy(mask),
+        "index": torch.from_numpy(index),
+        "candidate_mask": torch.from_numpy(index >= 0),
         "teacher_logprobs": torch.from_numpy(teacher),
         "answer": torch.tensor([int(r["answer"]) for r in rows], dtype=torch.int64),
     }
@@ -240,7 +117,12 @@ def collate_for(shard: Shard):
 
 
 def batches(
-    stream: ShardStream, batch_size: int, k: int, start: StreamPosition, with_ids: bool = False, collate_rows=None,
+    stream: ShardStream,
+    batch_size: int,
+    k: int,
+    start: StreamPosition,
+    with_ids: bool = False,
+    collate_rows=None,
 ) -> Iterator[tuple[dict, StreamPosition]]:
     """Micro-batches and the stream position after each (for exact resume)."""
     rows, pos = [], start
@@ -317,7 +199,9 @@ class TrainState:
             if not self.sharded:
                 save_model(self.model, str(tmp / "model.safetensors"))  # handles tied embeddings
                 torch.save({"optimizer": self.optimizer.state_dict()}, tmp / "trainer_state.pt")
-            (tmp / "position.json").write_text(json.dumps({"step": self.step, "positions": [p.to_dict() for p in positions]}))
+            (tmp / "position.json").write_text(
+                json.dumps({"step": self.step, "positions": [p.to_dict() for p in positions]})
+            )
             for f in tmp.rglob("*"):
                 if f.is_file():
                     with open(f, "rb") as fh:
@@ -338,9 +222,13 @@ class TrainState:
             return None
         saved = json.loads((resume / "position.json").read_text())
         if len(saved["positions"]) != world:
-            raise ValueError(f"{resume}: saved with {len(saved['positions'])} ranks, resuming with {world}; resume with the same world size")
+            raise ValueError(
+                f"{resume}: saved with {len(saved['positions'])} ranks, resuming with {world}; resume with the same world size"
+            )
         if (resume / "dcp").is_dir() != self.sharded:
-            raise ValueError(f"{resume}: saved {'sharded (fsdp)' if (resume / 'dcp').is_dir() else 'unsharded (ddp)'}; resume with the same train.strategy")
+            raise ValueError(
+                f"{resume}: saved {'sharded (fsdp)' if (resume / 'dcp').is_dir() else 'unsharded (ddp)'}; resume with the same train.strategy"
+            )
         if self.sharded:
             import torch.distributed.checkpoint as dcp
             from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -348,7 +236,9 @@ class TrainState:
             model_state, optim_state = get_state_dict(self.model, self.optimizer)
             state = {"model": model_state, "optimizer": optim_state}
             dcp.load(state, checkpoint_id=str(resume / "dcp"))
-            set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+            set_state_dict(
+                self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"]
+            )
         else:
             load_model(self.model, str(resume / "model.safetensors"))
             self.optimizer.load_state_dict(torch.load(resume / "trainer_state.pt", weights_only=True)["optimizer"])
@@ -426,7 +316,9 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     names = set(getattr(model, "_no_split_modules", None) or [])
     layers = [m for m in model.modules() if type(m).__name__ in names]
     if not layers:
-        raise ValueError(f"{type(model).__name__}: no decoder layers found to shard (its _no_split_modules is {sorted(names)}); use train.strategy: ddp")
+        raise ValueError(
+            f"{type(model).__name__}: no decoder layers found to shard (its _no_split_modules is {sorted(names)}); use train.strategy: ddp"
+        )
     return layers
 
 
@@ -442,7 +334,9 @@ def parallelize(model: torch.nn.Module, cfg: TrainConfig, world: int, device: to
             fully_shard(layer)
         fully_shard(model)
         return model
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None
+    )
 
 
 def _gradient_sync(model, enabled: bool):
@@ -461,7 +355,10 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, foreach=True,
+        lr=cfg.lr,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+        foreach=True,
     )
 
 
@@ -469,11 +366,21 @@ def step_counts(micro_batches: Sequence[dict], mode: str) -> torch.Tensor:
     """What each loss term is averaged over in one optimizer step on this rank: labelled tokens
     (both terms), or for candidates data (examples, examples with a gold answer). Shape (2,)."""
     if mode == "candidates":
-        return torch.tensor([float(sum(len(b["answer"]) for b in micro_batches)),
-                             float(sum(int((b["answer"] >= 0).sum()) for b in micro_batches))], dtype=torch.float64)
+        return torch.tensor(
+            [
+                float(sum(len(b["answer"]) for b in micro_batches)),
+                float(sum(int((b["answer"] >= 0).sum()) for b in micro_batches)),
+            ],
+            dtype=torch.float64,
+        )
     if mode == "xtok":  # a student with its own tokenizer: its tokens (CE), the aligned positions (KD)
-        return torch.tensor([float(sum(int(b["mask"].sum()) for b in micro_batches)),
-                             float(sum(int(b["kd_mask"].sum()) for b in micro_batches))], dtype=torch.float64)
+        return torch.tensor(
+            [
+                float(sum(int(b["mask"].sum()) for b in micro_batches)),
+                float(sum(int(b["kd_mask"].sum()) for b in micro_batches)),
+            ],
+            dtype=torch.float64,
+        )
     tokens = float(sum(int(b["mask"].sum()) for b in micro_batches))
     return torch.tensor([tokens, tokens], dtype=torch.float64)
 
@@ -486,28 +393,56 @@ def online_labels(teacher: torch.nn.Module, batch: dict, student_vocab: int, cfg
         teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     teacher_logprobs = torch.log_softmax(teacher_logits.float(), dim=-1)  # (B, T, V_teacher)
     if teacher_logprobs.shape[-1] < student_vocab:
-        teacher_logprobs = torch.nn.functional.pad(teacher_logprobs, (0, student_vocab - teacher_logprobs.shape[-1]), value=NEG)  # not -inf: 0 * -inf is NaN
+        teacher_logprobs = torch.nn.functional.pad(
+            teacher_logprobs, (0, student_vocab - teacher_logprobs.shape[-1]), value=NEG
+        )  # not -inf: 0 * -inf is NaN
     return teacher_logprobs
 
 
-def micro_batch_loss(model, batch: dict, cfg: TrainConfig, mode: str, normalize: bool, counts: torch.Tensor, device,
-                     teacher: torch.nn.Module | None = None) -> tuple:
+def micro_batch_loss(
+    model,
+    batch: dict,
+    cfg: TrainConfig,
+    mode: str,
+    normalize: bool,
+    counts: torch.Tensor,
+    device,
+    teacher: torch.nn.Module | None = None,
+) -> tuple:
     """This micro-batch's share of the step's loss: its sums divided by the step's counts.
     ``teacher``: the KD target is its full distribution, not the batch's stored labels."""
     with _autocast(cfg, device):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     if mode == "candidates":
         scores = candidate_scores(logits, batch["targets"], batch["mask"], batch["index"], normalize)
-        return candidate_loss(scores, batch["teacher_logprobs"], batch["candidate_mask"], batch["answer"], cfg.kd_weight,
-                              cfg.temperature, num_examples=counts[0], num_gold=counts[1])
+        return candidate_loss(
+            scores,
+            batch["teacher_logprobs"],
+            batch["candidate_mask"],
+            batch["answer"],
+            cfg.kd_weight,
+            cfg.temperature,
+            num_examples=counts[0],
+            num_gold=counts[1],
+        )
     if mode == "xtok":
-        return cross_tokenizer_loss(logits, batch, cfg.kd_weight, cfg.cross_tokenizer_loss, num_tokens=counts[0], num_aligned=counts[1])
+        return cross_tokenizer_loss(
+            logits, batch, cfg.kd_weight, cfg.cross_tokenizer_loss, num_tokens=counts[0], num_aligned=counts[1]
+        )
     topk_ids, teacher_logprobs = batch["topk_ids"], batch["teacher_logprobs"]
     if teacher is not None and (cfg.kd_weight > 0 or "kd_only" in batch):  # CE alone needs no teacher (as offline)
         topk_ids, teacher_logprobs = None, online_labels(teacher, batch, logits.shape[-1], cfg, device)
     return distillation_loss(
-        logits, batch["targets"], topk_ids, teacher_logprobs, batch["mask"],
-        kd_weight=cfg.kd_weight, divergence=cfg.divergence, tail=cfg.tail, temperature=cfg.temperature, num_tokens=counts[0],
+        logits,
+        batch["targets"],
+        topk_ids,
+        teacher_logprobs,
+        batch["mask"],
+        kd_weight=cfg.kd_weight,
+        divergence=cfg.divergence,
+        tail=cfg.tail,
+        temperature=cfg.temperature,
+        num_tokens=counts[0],
         kd_only=batch.get("kd_only"),
         **({"beta": cfg.beta} if cfg.divergence == "jsd" else {}),
         **({"alpha": cfg.alpha} if cfg.divergence.startswith("skew") else {}),
@@ -515,8 +450,16 @@ def micro_batch_loss(model, batch: dict, cfg: TrainConfig, mode: str, normalize:
     )
 
 
-def train_step(model, micro_batches: Sequence[dict], cfg: TrainConfig, mode: str, normalize: bool, world: int, device,
-               teacher: torch.nn.Module | None = None) -> dict:
+def train_step(
+    model,
+    micro_batches: Sequence[dict],
+    cfg: TrainConfig,
+    mode: str,
+    normalize: bool,
+    world: int,
+    device,
+    teacher: torch.nn.Module | None = None,
+) -> dict:
     """Forward and backward over one optimizer step's micro-batches; leaves the gradients in
     ``model`` and returns the step's loss, ce and kd (token-weighted means over every rank) and
     ``tokens``, the labelled tokens that every rank together processed in this step.
@@ -575,8 +518,15 @@ def full_state_dict(state: TrainState, skip: set[str]) -> dict | None:
     return {name: w for name, w in weights.items() if name not in skip}
 
 
-def finish(out_dir: Path, state: TrainState, teacher_dir, summary: dict, weights: dict | None = None, architecture: str | None = None,
-           tokenizer=None) -> dict:
+def finish(
+    out_dir: Path,
+    state: TrainState,
+    teacher_dir,
+    summary: dict,
+    weights: dict | None = None,
+    architecture: str | None = None,
+    tokenizer=None,
+) -> dict:
     """Rank 0 after the last step: loss plot, ``save_pretrained`` (safetensors + tokenizer)
     committed by rename, ``summary.json``. ``weights``: the gathered state dict of a sharded
     model; ``architecture``: its class name before sharding (FSDP2 renames the class)."""
@@ -591,14 +541,22 @@ def finish(out_dir: Path, state: TrainState, teacher_dir, summary: dict, weights
         config = json.loads(config_path.read_text())
         config["architectures"] = [architecture]
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    (tokenizer or AutoTokenizer.from_pretrained(teacher_dir)).save_pretrained(tmp)  # the student's own, or the teacher's
+    (tokenizer or AutoTokenizer.from_pretrained(teacher_dir)).save_pretrained(
+        tmp
+    )  # the student's own, or the teacher's
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     summary = {
-        **summary, "finished": True, "final_loss": state.history[-1]["loss"], "final_ce": state.history[-1]["ce"],
-        "final_kd": state.history[-1]["kd"], "final_grad_norm": state.history[-1].get("grad_norm"),
-        "peak_memory_mib": max((h.get("peak_memory_mib", 0.0) for h in state.history), default=0.0), "parameters": sum(p.numel() for p in state.model.parameters()), "model_dir": str(final),
+        **summary,
+        "finished": True,
+        "final_loss": state.history[-1]["loss"],
+        "final_ce": state.history[-1]["ce"],
+        "final_kd": state.history[-1]["kd"],
+        "final_grad_norm": state.history[-1].get("grad_norm"),
+        "peak_memory_mib": max((h.get("peak_memory_mib", 0.0) for h in state.history), default=0.0),
+        "parameters": sum(p.numel() for p in state.model.parameters()),
+        "model_dir": str(final),
         "strategy": "fsdp" if state.sharded else ("ddp" if summary.get("world_size", 1) > 1 else "single"),
     }
     atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=1))
@@ -622,14 +580,14 @@ def train(
 ) -> dict:
     """Train a student on ``shards`` into ``out_dir/model``; resumes from ``out_dir/checkpoints``.
 
-    Under ``torchrun --nproc_per_node=N`` (``distill.launch``) each rank reads a disjoint,
+    Under ``torchrun --nproc_per_node=N`` (``distill.run.launch``) each rank reads a disjoint,
     equal share of row groups; gradients are all-reduced by DDP, or reduce-scattered by FSDP2
     (``cfg.strategy``); checkpoints hold every rank's data position and RNG, and rank 0 commits
     them and saves the final model. ``stop_after`` ends the run early after that many steps (with a
     checkpoint), as a crash would. ``row_log`` appends the (doc_id, window_index) of every row
     this rank trained on to ``<row_log>.rank<r>`` (for coverage checks). ``on_step`` is called on
     rank 0 after every step with its history entry plus ``tok_s`` (labelled tokens per second,
-    all ranks) and ``steps`` (the run's total). ``cross``: a ``distill.xtok.CrossTokenizer``
+    all ranks) and ``steps`` (the run's total). ``cross``: a ``distill.train.xtok.CrossTokenizer``
     when the student has its own tokenizer (``tokenizer_vocab`` is then its size). ``mix``:
     ``(extra_shards, share)``: each row comes from ``extra_shards`` with probability ``share``,
     else from ``shards`` (``storage.reader.MixStream``; on-policy rounds mix the student's own
@@ -669,34 +627,61 @@ def train(
     collate_rows = None
     if cross is not None:
         if mode != "score":
-            raise ValueError(f"{shards[0].path}: a student with its own tokenizer learns from score-mode labels, not {mode!r} ones")
-        from distill.xtok import collate_cross
+            raise ValueError(
+                f"{shards[0].path}: a student with its own tokenizer learns from score-mode labels, not {mode!r} ones"
+            )
+        from distill.train.xtok import collate_cross
 
         mode, collate_rows = "xtok", lambda rows: collate_cross(rows, k, cross)
     if teacher is not None:
         if mode != "score":
-            raise ValueError(f"{shards[0].path}: an online teacher distills on score-mode labels' windows, not {mode!r} ones "
-                             "(and not with a student that has its own tokenizer)")
+            raise ValueError(
+                f"{shards[0].path}: an online teacher distills on score-mode labels' windows, not {mode!r} ones "
+                "(and not with a student that has its own tokenizer)"
+            )
         teacher = teacher.to(device).eval()
     torch.manual_seed(cfg.seed)
-    model = build_student(teacher_dir, student_cfg, tokenizer_vocab, cross.tokenizer if cross is not None else None).to(device)
+    model = build_student(teacher_dir, student_cfg, tokenizer_vocab, cross.tokenizer if cross is not None else None).to(
+        device
+    )
     model.train()
     architecture, tied = type(model).__name__, tied_names(model)
     step_model = parallelize(model, cfg, world, device)
     state = TrainState(model, build_optimizer(model, cfg), sharded=world > 1 and cfg.strategy == "fsdp")
-    stream = ShardStream(shards, seed=cfg.seed, shuffle=cfg.shuffle, rank=rank, world_size=world, shuffle_buffer=cfg.shuffle_buffer)
+    stream = ShardStream(
+        shards, seed=cfg.seed, shuffle=cfg.shuffle, rank=rank, world_size=world, shuffle_buffer=cfg.shuffle_buffer
+    )
     if mix is not None:
         extra, share = mix
         for shard in extra:
-            if (shard.meta.mode, shard.meta.k, shard.meta.vocab_size) != (shards[0].meta.mode, k, shards[0].meta.vocab_size):
-                raise ValueError(f"{shard.path}: mode {shard.meta.mode!r}, k={shard.meta.k}, vocabulary {shard.meta.vocab_size} cannot be "
-                                 f"mixed with {shards[0].path} (mode {mode!r}, k={k}, vocabulary {shards[0].meta.vocab_size})")
-        stream = MixStream(stream, ShardStream(extra, seed=cfg.seed + 1, shuffle=cfg.shuffle, rank=rank, world_size=world,
-                                               shuffle_buffer=cfg.shuffle_buffer), share, cfg.seed)
+            if (shard.meta.mode, shard.meta.k, shard.meta.vocab_size) != (
+                shards[0].meta.mode,
+                k,
+                shards[0].meta.vocab_size,
+            ):
+                raise ValueError(
+                    f"{shard.path}: mode {shard.meta.mode!r}, k={shard.meta.k}, vocabulary {shard.meta.vocab_size} cannot be "
+                    f"mixed with {shards[0].path} (mode {mode!r}, k={k}, vocabulary {shards[0].meta.vocab_size})"
+                )
+        stream = MixStream(
+            stream,
+            ShardStream(
+                extra,
+                seed=cfg.seed + 1,
+                shuffle=cfg.shuffle,
+                rank=rank,
+                world_size=world,
+                shuffle_buffer=cfg.shuffle_buffer,
+            ),
+            share,
+            cfg.seed,
+        )
         state.position = MixPosition()
     if start is not None:
         if type(start) is not type(state.position):
-            raise ValueError(f"{out_dir}: start position {start} does not fit this run's stream ({type(state.position).__name__})")
+            raise ValueError(
+                f"{out_dir}: start position {start} does not fit this run's stream ({type(state.position).__name__})"
+            )
         state.position = start
     state.restore(ckpt_root, out_dir / HISTORY, rank, world)
     data = batches(stream, cfg.batch_size, k, state.position, with_ids=row_log is not None, collate_rows=collate_rows)
@@ -716,7 +701,9 @@ def train(
                 log.write("".join(f"{d}\t{w}\n" for d, w in batch.pop("row_ids")))
             micro_batches.append(batch)
         parts = train_step(step_model, micro_batches, cfg, mode, normalize, world, device, teacher)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
+        )
         if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor over the ranks' shards
             grad_norm = grad_norm.full_tensor()
         # loss and norm are the same on every rank (all-reduced), so every rank stops together
@@ -729,15 +716,28 @@ def train(
         state.optimizer.step()
         state.optimizer.zero_grad(set_to_none=True)
         state.step += 1
-        state.history.append({"step": state.step, "lr": cfg.lr_at(state.step - 1), **parts, "grad_norm": float(grad_norm),
-                              "peak_memory_mib": peak_memory_mib(device)})
+        state.history.append(
+            {
+                "step": state.step,
+                "lr": cfg.lr_at(state.step - 1),
+                **parts,
+                "grad_norm": float(grad_norm),
+                "peak_memory_mib": peak_memory_mib(device),
+            }
+        )
         tokens_seen += parts["tokens"]  # every rank's, not this rank's times the world size
         tok_s = tokens_seen / (time.perf_counter() - t_start)
-        bar.set_postfix(loss=f"{parts['loss']:.3f}", ce=f"{parts['ce']:.3f}", kd=f"{parts['kd']:.3f}", tok_s=f"{tok_s:.0f}")
+        bar.set_postfix(
+            loss=f"{parts['loss']:.3f}", ce=f"{parts['ce']:.3f}", kd=f"{parts['kd']:.3f}", tok_s=f"{tok_s:.0f}"
+        )
         bar.update(1)
         if on_step is not None and main:
             on_step({**state.history[-1], "tok_s": tok_s, "steps": cfg.steps})
-        if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 or (stop_after and state.step == last < cfg.steps):
+        if (
+            cfg.checkpoint_every
+            and state.step % cfg.checkpoint_every == 0
+            or (stop_after and state.step == last < cfg.steps)
+        ):
             if log is not None:
                 log.flush()
                 os.fsync(log.fileno())
@@ -762,9 +762,21 @@ def train(
     if state.step < cfg.steps:
         _barrier(world)
         return {"steps": state.step, "finished": False}
-    summary = finish(out_dir, state, teacher_dir, {
-        "steps": state.step, "labelled_tokens_this_run": int(tokens_seen), "online_teacher": teacher is not None,
-        "seconds_this_run": time.perf_counter() - t_start, "world_size": world, "position": state.position.to_dict(),
-    }, weights=weights, architecture=architecture if state.sharded else None, tokenizer=cross.tokenizer if cross is not None else None)
+    summary = finish(
+        out_dir,
+        state,
+        teacher_dir,
+        {
+            "steps": state.step,
+            "labelled_tokens_this_run": int(tokens_seen),
+            "online_teacher": teacher is not None,
+            "seconds_this_run": time.perf_counter() - t_start,
+            "world_size": world,
+            "position": state.position.to_dict(),
+        },
+        weights=weights,
+        architecture=architecture if state.sharded else None,
+        tokenizer=cross.tokenizer if cross is not None else None,
+    )
     _barrier(world)  # no rank leaves (and torchrun reports success) before the model is saved
     return summary

@@ -1,0 +1,261 @@
+"""The teacher section of a run config: which model labels, how (mode, label kind, sampling)
+and on which engine. Plain dataclasses (no torch, no vLLM), validated when built."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from distill.configbase import check
+from distill.teacher.checkpoint import BUNDLED
+
+MODES = ("score", "generate", "candidates")
+
+
+LABEL_KINDS = ("topk", "sampled")
+
+
+SAMPLERS = ("systematic", "multinomial")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    dtype: str = "auto"
+    """Weights/activation dtype; ``auto`` uses float32 on CPU (bf16 is slow without AVX-512) and the checkpoint's dtype on GPU."""
+    batch_windows: int = 64
+    """Windows sent to the engine per call (a macro-batch)."""
+    max_num_batched_tokens: int = 4096
+    """Engine scheduler token budget per step (bounds the logits memory of prompt logprobs)."""
+    enforce_eager: bool = True
+    """Skip CUDA-graph / torch.compile warm-up (prefill-only work gains little from it)."""
+    gpu_memory_utilization: float = 0.85
+    """Fraction of GPU memory vLLM may use (GPU only)."""
+    tensor_parallel_size: int = 1
+    """GPUs to shard the teacher over."""
+    cpu_kv_cache_gib: int = 2
+    """KV cache size on the CPU engine, GiB."""
+    trust_remote_code: bool = False
+    """Allow the checkpoint's own Python code (off unless you trust the checkpoint)."""
+    seed: int = 0
+    """Engine seed."""
+    slots: int = 0
+    """Engine slots on a machine. 0: one engine per process over every device it sees (vLLM's
+    default). N: the devices are split into N sets (GPU ids in groups of ``tensor_parallel_size``,
+    or N blocks of CPU cores); each engine claims a free set and runs pinned to it, and the
+    Dagster ``teacher`` pool allows N runs at once: an 8-GPU node labels with 8 engines, not one."""
+    step_timeout_s: float = 300.0
+    """Longest an engine call may go without the engine finishing a scheduler step (at most
+    ``max_num_batched_tokens`` tokens; a second or two on a GPU, about ten on two CPU cores)
+    before the run fails naming a stalled engine (a stopped process, a hung device). A dead engine
+    process fails the call at once, whatever this is."""
+
+    def __post_init__(self):
+        check(
+            self.dtype in ("auto", "float32", "bfloat16", "float16"),
+            "dtype",
+            self.dtype,
+            "auto, float32, bfloat16 or float16",
+        )
+        check(self.batch_windows >= 1, "batch_windows", self.batch_windows, "an integer >= 1")
+        check(self.max_num_batched_tokens >= 256, "max_num_batched_tokens", self.max_num_batched_tokens, ">= 256")
+        check(
+            0 < self.gpu_memory_utilization <= 1,
+            "gpu_memory_utilization",
+            self.gpu_memory_utilization,
+            "a number in (0, 1]",
+        )
+        check(self.slots >= 0, "slots", self.slots, "an integer >= 0 (0: one engine over every device)")
+        check(self.tensor_parallel_size >= 1, "tensor_parallel_size", self.tensor_parallel_size, "an integer >= 1")
+        check(self.step_timeout_s > 0, "step_timeout_s", self.step_timeout_s, "a number of seconds > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    """``teacher.models[i].finetune``: how the member is adapted to the training split."""
+
+    steps: int = 100
+    """Optimizer steps (each ``batch_size`` windows; the windows are cycled in a seeded order)."""
+    lr: float = 2.0e-5
+    """Peak AdamW learning rate: linear warmup over the first 10% of steps, cosine to 10% of it."""
+    batch_size: int = 8
+    """Windows per step."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    seed: int = 0
+    """Seed of the window order."""
+
+    def __post_init__(self):
+        check(self.steps >= 1, "steps", self.steps, "an integer >= 1")
+        check(self.lr > 0, "lr", self.lr, "a number > 0")
+        check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+        check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherMember:
+    """One teacher of an ensemble (``teacher.models``)."""
+
+    model: str
+    """Local checkpoint folder, hub id, or ``bundled:smollm2-135m-instruct``; every member must
+    share the first member's tokenizer."""
+    weight: float = 1.0
+    """Share of this teacher in the mixture (weights are normalized to sum to 1)."""
+    finetune: FinetuneConfig | None = None
+    """Adapt ``model`` to the run's training split first (a short causal-LM fine-tune, its own
+    cached asset ``finetuned_teachers``), and use the adapted checkpoint as this member."""
+
+    def __post_init__(self):
+        check(bool(self.model), "model", self.model, "a checkpoint folder, hub id or bundled name")
+        check(self.weight > 0, "weight", self.weight, "a number > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How the teacher answers prompts in ``generate`` mode (vLLM sampling parameters)."""
+
+    n: int = 1
+    """Answers sampled per prompt."""
+    temperature: float = 0.7
+    """Sampling temperature (0: greedy). Stored labels are always the raw, temperature-1 distributions."""
+    top_p: float = 0.95
+    """Nucleus sampling threshold."""
+    max_tokens: int = 256
+    """Longest answer, in tokens (also capped by ``corpus.window`` minus the prompt)."""
+    seed: int = 0
+    """Base seed; each prompt's answers are seeded from it and the prompt's id."""
+
+    def __post_init__(self):
+        check(self.n >= 1, "n", self.n, "an integer >= 1")
+        check(self.temperature >= 0, "temperature", self.temperature, "a number >= 0")
+        check(
+            self.n == 1 or self.temperature > 0, "n", self.n, "1 when temperature is 0 (greedy answers are identical)"
+        )
+        check(0 < self.top_p <= 1, "top_p", self.top_p, "a number in (0, 1]")
+        check(self.max_tokens >= 1, "max_tokens", self.max_tokens, "an integer >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class SampledLabelsConfig:
+    """``teacher.labels: sampled``: how many ids to draw per position, and from what."""
+
+    draws: int = 80
+    """Ids drawn (with replacement) from the teacher's distribution at every position; the
+    shard stores each distinct drawn id once with its count, in ``draws`` slots (unused slots
+    compress to almost nothing). The target's variance falls as 1/draws (``multinomial``), and
+    for the head faster (``systematic``). 80 systematic draws from the top-2048 take about 58
+    bytes per labelled token against top-32's 63 (64 draws: 50), and closed 0.983 (demo) and
+    0.993 (stdlib docstrings) of the full-vocabulary KD gain against 0.978 and 0.992 with 64;
+    ``benchmarks/trainer.py --draws N`` measures another budget."""
+    proposal_k: int = 2048
+    """The teacher distribution is read as its top ``proposal_k`` logprobs plus the remaining
+    tail mass (vLLM cannot return the full vocabulary cheaply). A draw that lands in the tail
+    is stored as tail mass, not as an id: the tail beyond ``proposal_k`` is the sampler's only
+    bias, and it decides how close the student gets to full-vocabulary KD. With the 135M
+    teacher on the standard-library docstrings the tail holds 5.5% of the mass beyond 256 ids,
+    1.0% beyond 2048 and 0.4% beyond 4096 (a larger, more confident teacher leaves less);
+    reading 2048 instead of 256 logprobs made CPU labelling ~20% slower, 4096 ~65%. That extra
+    cost is host-side (vLLM hands back ``proposal_k`` logprobs per position as Python lists), so
+    expect it to weigh more next to a fast accelerator (not measured on a GPU yet): lower it when
+    labelling throughput matters more than the last percent of the KD gain."""
+    sampler: str = "systematic"
+    """How the ``draws`` are placed: ``systematic`` (one uniform offset per position, then
+    evenly spaced points on the teacher's cumulative distribution: every id gets
+    ``floor(draws * p)`` or ``ceil(draws * p)`` draws, so the head's share is almost exact and
+    only the low-probability ids are left to chance) or ``multinomial`` (independent draws, the
+    random-sampling KD of Anshumann et al., ACL 2025). Both targets have expectation ``p`` on
+    every id; systematic's error is at most ``1 / draws`` per id, multinomial's about
+    ``sqrt(p / draws)``."""
+    seed: int = 0
+    """Base seed; each window's draws are seeded from it, the document id and window index."""
+
+    def __post_init__(self):
+        check(1 <= self.draws <= 255, "draws", self.draws, "an integer in [1, 255] (counts are stored as uint8)")
+        check(1 <= self.proposal_k <= 4096, "proposal_k", self.proposal_k, "an integer in [1, 4096]")
+        check(self.sampler in SAMPLERS, "sampler", self.sampler, " or ".join(SAMPLERS))
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherConfig:
+    model: str = BUNDLED
+    """Local checkpoint folder, hub id, or ``bundled:smollm2-135m-instruct``."""
+    k: int = 32
+    """Top-k entries stored per labelled position."""
+    mode: str = "score"
+    """Labelling mode: ``score`` (teacher-forced top-k over corpus text), ``generate`` (the teacher answers prompts; top-k labels of every answer token) or ``candidates`` (the teacher's distribution over each example's candidate answers)."""
+    sampling: SamplingConfig = SamplingConfig()
+    """``generate`` mode: answers per prompt, temperature, top-p, max tokens."""
+    length_normalize: bool = False
+    """``candidates`` mode: score a candidate by its mean instead of summed token logprob."""
+    engine: EngineConfig = EngineConfig()
+    """vLLM engine settings."""
+    min_topk_mass: float = 0.5
+    """Asset check (warning): mean teacher probability inside the stored top-k must reach this; raise k if it does not."""
+    labels: str = "topk"
+    """What the train shards store per position: ``topk`` (the teacher's k most likely ids and
+    their logprobs, plus the tail mass) or ``sampled`` (ids drawn from the teacher's distribution
+    with their counts; Anshumann et al., ACL 2025, "Sparse Logit Sampling"). Top-k targets are
+    biased: the student learns a distribution truncated at k and comes out overconfident.
+    Sampled targets equal the teacher's probabilities in expectation on the proposal's ids, so
+    with forward KL and ``train.tail: bucket`` at temperature 1 the gradient on those ids is an
+    unbiased estimate of the full-vocabulary one (tested); the bucket is not (with
+    ``proposal_k`` below the vocabulary, mass beyond the proposal is drawn only as the bucket).
+    Any other divergence, ``tail: renormalize``, a temperature or a student with its own
+    tokenizer is nonlinear in the drawn counts and biased, and the config refuses it
+    (``RunConfig._check_sampled_labels``). Use them when calibration matters or k would have to
+    be large. Held-out shards stay top-k, so
+    evaluations compare across label kinds. ``score`` and ``generate`` modes only."""
+    sampled_labels: SampledLabelsConfig = SampledLabelsConfig()
+    """``labels: sampled``: draws per position, proposal size, seed."""
+    models: tuple[TeacherMember, ...] = ()
+    """A teacher ensemble, replacing ``model``: a list of ``{model, weight, finetune}``, every
+    member sharing the first one's tokenizer. Each member's labels are cached on their own
+    (adding a member labels only that member); the train and held-out targets are the
+    weighted mixture in probability space over the union of the members' top-k ids, plus the
+    remaining tail (``distill.teacher.ensemble``), stored as a shard set of its own with
+    ``k`` x members slots. The first member is the reference: its tokenizer cuts the corpus, its
+    layers initialize a ``teacher_layers`` student, and it answers the evaluation's greedy and
+    multiple-choice questions. Members are labelled one after another, so only one engine
+    holds the device at a time. Use an ensemble of comparably good teachers that disagree; weigh
+    a clearly better member up: on the demo an equal-weight mix of the bundled teacher (held-out
+    ppl 26.4) and its fine-tuned self (16.0) gave a student between the two single teachers'
+    students (ppl 122.3 vs 124.4 and 115.0; ``benchmarks/ensemble.py``). ``score`` mode and
+    top-k labels only."""
+    relabel_tag: str = ""
+    """Part of every shard's cache key and nothing else: change it to force relabelling, e.g. after a vLLM upgrade (engine versions are recorded, not keyed)."""
+
+    def __post_init__(self):
+        check(1 <= self.k <= 1024, "k", self.k, "an integer in [1, 1024]")
+        check(self.mode in MODES, "mode", self.mode, f"one of {MODES}")
+        check(0.0 <= self.min_topk_mass <= 1.0, "min_topk_mass", self.min_topk_mass, "a number in [0, 1]")
+        check(self.labels in LABEL_KINDS, "labels", self.labels, f"one of {LABEL_KINDS}")
+        check(
+            self.labels == "topk" or self.mode != "candidates",
+            "labels",
+            self.labels,
+            "topk in candidates mode (it stores no per-token labels)",
+        )
+        if self.models:
+            check(
+                self.mode == "score",
+                "models",
+                "[...]",
+                "a single teacher (model) outside score mode: ensembles mix per-token labels of the same text",
+            )
+            check(self.labels == "topk", "models", "[...]", "a single teacher (model) with labels: sampled")
+
+    @property
+    def members(self) -> tuple[TeacherMember, ...]:
+        """The teachers: ``models``, or ``model`` alone."""
+        return self.models or (TeacherMember(self.model),)
+
+    @property
+    def ensemble(self) -> bool:
+        return len(self.members) > 1
+
+    def samples(self, split: str) -> bool:
+        """Whether shards of ``split`` hold sampled labels (train shards only)."""
+        return self.labels == "sampled" and split == "train"
+
+    @property
+    def max_logprobs(self) -> int:
+        """Logprobs per position the engine must be able to return: k, or the sampler's proposal."""
+        return max(self.k, self.sampled_labels.proposal_k)
