@@ -58,5 +58,15 @@ ui: install $(DAGSTER_HOME)/dagster.yaml
 	$(PY) -m pipelines.pools --config $(CONFIG)
 	$(VENV)/bin/dagster dev -h 127.0.0.1 -p $(PORT)
 
+# The documentation site (mkdocs.yml, docs/): `make docs` serves it on 127.0.0.1:8000 with live
+# reload; `make docs-build` builds it as CI does (--strict: a broken link, anchor or config
+# reference fails) into the git-ignored data/site.
+.PHONY: docs docs-build
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve -a 127.0.0.1:8000
+
+docs-build: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -d data/site
+
 clean:
 	rm -rf data/corpus data/labels data/students data/evaluations
