@@ -70,3 +70,14 @@ docs-build: install
 
 clean:
 	rm -rf data/corpus data/labels data/students data/evaluations
+
+# Format and lint (ruff, settings in pyproject.toml); CI runs `make lint` before the tests.
+# `make fmt` rewrites files in place.
+.PHONY: lint fmt
+lint: install
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+
+fmt: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
