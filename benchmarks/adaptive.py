@@ -8,7 +8,7 @@ corpus is written to ``data/corpora/stdlib_docstrings.jsonl`` first), label it w
 teacher (cache hits once labelled; the bundled teacher runs at a few hundred tokens/s on a CPU),
 then train two students that differ only in ``train.divergence``: ``forward_kl`` (the fixed mix,
 the default) and ``akl`` (same ``kd_weight``, steps, data order, seed, lr, ``tail``), through
-``pipeline.train_student`` (students are cached under ``data/students`` by config and training
+``training.train_student`` (students are cached under ``data/students`` by config and training
 code, so a rerun with unchanged code only evaluates). Both are evaluated on the held-out shards
 with ``evaluate_model``: KL(teacher || student) over the teacher's top-k plus a tail bucket, and
 perplexity.
@@ -89,13 +89,13 @@ def write_stdlib_corpus(path: Path = STDLIB_JSONL) -> Path:
 
 
 def label(cfg) -> None:
-    from distill.run import pipeline
+    from distill.run import engines, labelling
 
-    pipeline.prepare_teacher(cfg)
-    pipeline.prepare_corpus(cfg)
+    labelling.prepare_teacher(cfg)
+    labelling.prepare_corpus(cfg)
     t0 = time.perf_counter()
-    results = pipeline.label_shards(cfg, cfg.corpus.shard_names())
-    pipeline.close_engines()
+    results = labelling.label_shards(cfg, cfg.corpus.shard_names())
+    engines.close_engines()
     hits = sum(1 for r in results.values() if r.get("cache_hit"))
     tokens = sum(int(r.get("tokens", 0)) for r in results.values())
     print(
@@ -109,9 +109,9 @@ def compare(cfg, name: str) -> dict:
     from transformers import AutoModelForCausalLM
 
     from distill.eval.evaluation import evaluate_model
-    from distill.run import pipeline
+    from distill.run import labelling, training
 
-    train_shards, heldout = pipeline.open_split(cfg, "train"), pipeline.open_split(cfg, "heldout")
+    train_shards, heldout = labelling.open_split(cfg, "train"), labelling.open_split(cfg, "heldout")
     print(
         f"corpus {name}: {sum(s.tokens for s in train_shards):,} labelled train tokens, {sum(s.tokens for s in heldout):,} held-out; "
         f"window {cfg.corpus.window}, {cfg.train.steps} steps x {cfg.train.batch_size * cfg.train.grad_accum} windows, "
@@ -121,7 +121,7 @@ def compare(cfg, name: str) -> dict:
     out = {}
     for variant, divergence in (("fixed", "forward_kl"), ("akl", "akl")):
         run = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, divergence=divergence, progress=False))
-        summary = pipeline.train_student(run)
+        summary = training.train_student(run)
         model = AutoModelForCausalLM.from_pretrained(Path(summary["out_dir"]) / "model")
         metrics = evaluate_model(model, heldout, cfg.eval)
         out[variant] = {

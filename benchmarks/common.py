@@ -6,26 +6,26 @@ from __future__ import annotations
 def corpus_windows(cfg, count: int, shard: str = "train-00000"):
     """(windows table, input id lists, label starts) of the first ``count`` windows of a shard."""
     from distill.data import read_corpus_shard
-    from distill.run import pipeline
+    from distill.run import labelling, paths
 
-    pipeline.prepare_corpus(cfg)
-    hashes = pipeline.teacher_hashes(cfg)
+    labelling.prepare_corpus(cfg)
+    hashes = paths.teacher_hashes(cfg)
     _, windows = read_corpus_shard(cfg.root, cfg.corpus, hashes["tokenizer"], shard, cfg.teacher.mode)
     windows = windows.slice(0, count)
     return windows, windows.column("input_ids").to_pylist(), windows.column("label_start").to_pylist()
 
 
 def bench_meta(cfg, k: int, engine_version: str):
-    from distill.run import pipeline
+    from distill.run import labelling, paths
     from distill.teacher.labels import mode_settings
     from storage.schema import ShardMeta
 
-    hashes = pipeline.teacher_hashes(cfg)
+    hashes = paths.teacher_hashes(cfg)
     return ShardMeta(
         teacher=cfg.teacher.model,
         teacher_hash=hashes["weights"],
         tokenizer_hash=hashes["tokenizer"],
-        vocab_size=pipeline.expected_meta(cfg, "train")["vocab_size"],
+        vocab_size=labelling.expected_meta(cfg, "train")["vocab_size"],
         k=k,
         temperature=1.0,
         mode=cfg.teacher.mode,

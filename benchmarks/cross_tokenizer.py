@@ -5,7 +5,7 @@ CE-only baseline (same tokenizer, model, steps, data order and seed).
 
 Run from the repository root. Labels the config's corpus with its teacher (cache hits once the
 demo ran), trains the student's BPE tokenizer once, then trains three students through
-``pipeline.train_student``: ``uld`` and ``span_kl`` (``train.cross_tokenizer_loss``) and the
+``training.train_student``: ``uld`` and ``span_kl`` (``train.cross_tokenizer_loss``) and the
 CE-only baseline. Each is evaluated on the held-out windows with ``evaluate_model`` (bits per
 byte of the held-out text, perplexity over its own tokens, span KL to the teacher at aligned
 positions) and on the multiple-choice file; the teacher's bits per byte come from its stored
@@ -35,23 +35,23 @@ def main() -> None:
     from distill.config import load_config
     from distill.data import load_mc
     from distill.eval.evaluation import evaluate_model, mc_accuracy, teacher_metrics
-    from distill.run import pipeline
+    from distill.run import engines, labelling, tokenizing, training
     from distill.train.xtok import token_byte_table
 
     cfg = load_config(args.config)
     train = dataclasses.replace(cfg.train, progress=False, **({"steps": args.steps} if args.steps else {}))
     cfg = dataclasses.replace(cfg, train=train)
-    pipeline.prepare_teacher(cfg)
-    pipeline.prepare_corpus(cfg)
-    pipeline.label_shards(cfg, cfg.corpus.shard_names())
-    pipeline.close_engines()
-    vocab, cross = pipeline.student_tokens(cfg)
+    labelling.prepare_teacher(cfg)
+    labelling.prepare_corpus(cfg)
+    labelling.label_shards(cfg, cfg.corpus.shard_names())
+    engines.close_engines()
+    vocab, cross = tokenizing.student_tokens(cfg)
     print(
         f"student tokenizer: {vocab} ids; {cross.matched_fraction:.2%} of the teacher's ids have a byte-identical student token",
         flush=True,
     )
-    heldout = pipeline.open_split(cfg, "heldout")
-    lengths = torch.tensor([len(b) for b in token_byte_table(pipeline.tokenizer(cfg))])
+    heldout = labelling.open_split(cfg, "heldout")
+    lengths = torch.tensor([len(b) for b in token_byte_table(tokenizing.teacher_tokenizer(cfg))])
     teacher = teacher_metrics(heldout, cfg.eval, byte_lengths=lengths)
     print(
         f"teacher: bpb={teacher['bpb']:.4f} ppl={teacher['ppl']:.3f} (its own tokens, from stored labels)", flush=True
@@ -64,7 +64,7 @@ def main() -> None:
         "ce_baseline": (cfg, True),
     }
     for name, (run, baseline) in runs.items():
-        summary = pipeline.train_student(run, baseline=baseline)
+        summary = training.train_student(run, baseline=baseline)
         model = AutoModelForCausalLM.from_pretrained(Path(summary["out_dir"]) / "model")
         m = evaluate_model(model, heldout, cfg.eval, cross=cross)
         mc = (

@@ -4,9 +4,9 @@
 
 Run from the repository root. From the ensemble config it derives three runs that differ only in
 the teacher: the ensemble, its first member alone and its second member alone (a ``finetune``
-member by its adapted checkpoint, built once by ``pipeline.prepare_finetuned``). Each is
+member by its adapted checkpoint, built once by ``labelling.prepare_finetuned``). Each is
 labelled (every member's shards are cached on their own, so the single runs reuse the ensemble's
-member labels), a student is trained through ``pipeline.train_student`` (same student, steps,
+member labels), a student is trained through ``training.train_student`` (same student, steps,
 data order, seed and losses), and all are evaluated on the same held-out windows with
 ``evaluate_model``: perplexity of the text, and KL to each teacher's held-out labels (top-k plus
 a tail bucket). The CE-only baseline is trained too, for reference.
@@ -36,7 +36,7 @@ def main() -> None:
 
     from distill.config import load_config
     from distill.eval.evaluation import evaluate_model
-    from distill.run import pipeline
+    from distill.run import engines, labelling, paths, training
 
     cfg = load_config(args.config)
     if args.steps:
@@ -44,9 +44,9 @@ def main() -> None:
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, progress=False))
     if not cfg.teacher.ensemble:
         raise SystemExit(f"{args.config}: teacher.models must list two or more teachers")
-    pipeline.prepare_teacher(cfg)
-    pipeline.prepare_corpus(cfg)
-    for info in pipeline.prepare_finetuned(cfg):
+    labelling.prepare_teacher(cfg)
+    labelling.prepare_corpus(cfg)
+    for info in labelling.prepare_finetuned(cfg):
         print(
             f"fine-tuned member: loss {info['first_loss']:.3f} -> {info['final_loss']:.3f} over {info['settings']['steps']} steps, "
             f"{info['seconds']:.0f}s{' (reused)' if info['reused'] else ''}",
@@ -54,8 +54,8 @@ def main() -> None:
         )
     names = cfg.corpus.shard_names()
     t0 = time.perf_counter()
-    results = pipeline.label_shards(cfg, names)
-    pipeline.close_engines()
+    results = labelling.label_shards(cfg, names)
+    engines.close_engines()
     fresh = sum(not m["cache_hit"] for r in results.values() for m in r["members"])
     print(
         f"labels: {len(names)} shards x {len(cfg.teacher.members)} members ({fresh} member shards labelled now), "
@@ -64,13 +64,13 @@ def main() -> None:
     )
 
     runs = {"ensemble": cfg}
-    for i, (member, _) in enumerate(pipeline.member_runs(cfg)):
+    for i, (member, _) in enumerate(paths.member_runs(cfg)):
         runs[f"teacher{i}"] = member
-    heldout = {name: pipeline.open_split(run, "heldout") for name, run in runs.items()}
+    heldout = {name: labelling.open_split(run, "heldout") for name, run in runs.items()}
     for name, shards in heldout.items():
         print(f"  {name} labels: {shards[0].meta.teacher}; held-out k={shards[0].meta.k}", flush=True)
-    students = {f"{name}_student": pipeline.train_student(run) for name, run in runs.items()}
-    students["ce_baseline"] = pipeline.train_student(cfg, baseline=True)
+    students = {f"{name}_student": training.train_student(run) for name, run in runs.items()}
+    students["ce_baseline"] = training.train_student(cfg, baseline=True)
     ppl = {}
     for name, summary in students.items():
         model = AutoModelForCausalLM.from_pretrained(Path(summary["out_dir"]) / "model")

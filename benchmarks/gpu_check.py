@@ -95,7 +95,7 @@ def run(config: Path, root: str, steps: int | None) -> int:
     import torch
 
     from distill.config import load_config
-    from distill.run import pipeline
+    from distill.run import engines, evaluating, labelling, training
 
     overrides = {
         "storage_root": root,
@@ -118,18 +118,18 @@ def run(config: Path, root: str, steps: int | None) -> int:
         shutil.rmtree(cfg.root / sub, ignore_errors=True)
 
     t = time.perf_counter()
-    pipeline.prepare_teacher(cfg)
-    pipeline.prepare_corpus(cfg)
+    labelling.prepare_teacher(cfg)
+    labelling.prepare_corpus(cfg)
     emit(gpu_prepare_s=time.perf_counter() - t)
 
     t = time.perf_counter()
-    engine = pipeline.get_engine(cfg)
+    engine = engines.get_engine(cfg)
     emit(gpu_engine_start_s=time.perf_counter() - t, engine_dtype=engine.dtype)
     names = cfg.corpus.shard_names()
     t = time.perf_counter()
-    labelled = pipeline.label_shards(cfg, names)
+    labelled = labelling.label_shards(cfg, names)
     label_s = time.perf_counter() - t
-    pipeline.close_engines()  # the engine's GPU memory goes back before training
+    engines.close_engines()  # the engine's GPU memory goes back before training
     hits = [n for n, r in labelled.items() if r["cache_hit"]]
     if hits:
         raise RuntimeError(
@@ -139,7 +139,7 @@ def run(config: Path, root: str, steps: int | None) -> int:
     label_tokens = sum(r["tokens"] for r in labelled.values())
     label_tok_s = label_tokens / label_s
     emit(gpu_label_tokens=label_tokens, gpu_label_s=label_s, gpu_label_tok_s=label_tok_s)
-    check = pipeline.check_shards(cfg, names)
+    check = labelling.check_shards(cfg, names)
     if check["problems"]:
         print(
             "gpu-check: label shards failed their integrity check:\n  " + "\n  ".join(check["problems"]),
@@ -151,7 +151,7 @@ def run(config: Path, root: str, steps: int | None) -> int:
     print(f"gpu-check: training on {torch.cuda.get_device_name(0)}", flush=True)
     train_tok_s = {}
     for name, baseline in (("student", False), ("baseline", True)):
-        summary = pipeline.train_student(cfg, baseline=baseline)
+        summary = training.train_student(cfg, baseline=baseline)
         if summary.get("reused"):
             raise RuntimeError(
                 f"{summary['out_dir']}: the {name} was reused, not trained "
@@ -168,7 +168,7 @@ def run(config: Path, root: str, steps: int | None) -> int:
     torch.cuda.empty_cache()  # the evaluation's vLLM engines (generation throughput) want the GPU's memory
 
     t = time.perf_counter()
-    report = pipeline.evaluate_run(cfg)
+    report = evaluating.evaluate_run(cfg)
     eval_s = time.perf_counter() - t
     print(report["summary"], flush=True)
     print(
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     os.chdir(REPO)  # the config's relative paths (eval.mc_file, the storage root) are the repository's
     sys.path.insert(0, str(REPO))
     from distill.procs import guard_children
-    from distill.run import pipeline
+    from distill.run import engines
 
     guard_children()  # a killed check leaves no engine holding the GPU
     try:
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             return no_gpu(problem)
         return run(config, args.root, args.steps)
     finally:
-        pipeline.close_engines()
+        engines.close_engines()
 
 
 if __name__ == "__main__":  # vLLM starts its engine with spawn: the guard is required

@@ -4,7 +4,7 @@ teacher's weights: everything it needs travels in a small carry folder, ``.gpuca
 Two modes.
 
 ``--make-carry`` (here, where ``data/`` holds the demo's labels; imports the pipeline, hence vLLM,
-only to find the demo's label sets through ``distill.run.pipeline.open_split``)::
+only to find the demo's label sets through ``distill.run.labelling.open_split``)::
 
     .venv/bin/python benchmarks/gpu_trainer_check.py --make-carry [--config configs/demo.yaml] [--carry .gpucarry]
 
@@ -18,7 +18,7 @@ builds ``.gpucarry/``:
   the ``LabelStore`` layout (Parquet file + commit record), so the run reopens them with
   ``LabelStore.open`` and the reader's full checks (record, sha256, schema, provenance, cache key);
 - ``carry.json``: the shard keys per split, the metadata the run expects of them
-  (``pipeline.expected_meta``), the teacher's hashes and how the carry was built. Train shards
+  (``labelling.expected_meta``), the teacher's hashes and how the carry was built. Train shards
   are taken in config order while they fit ``--max-carry-mib`` (the demo's all fit: ~11 MiB).
 
 Run mode (default; imports neither vLLM nor Dagster: ``distill.train.trainer``, ``distill.train.student``,
@@ -81,10 +81,10 @@ def say(*parts) -> None:
 
 def make_carry(config: str, carry: Path, max_mib: float) -> None:
     from distill.config import load_config
-    from distill.run import pipeline
+    from distill.run import labelling, paths
 
     cfg = load_config(config)
-    teacher = pipeline.teacher_dir(cfg)
+    teacher = paths.teacher_dir(cfg)
     if carry.exists():
         shutil.rmtree(carry)
     (carry / "teacher").mkdir(parents=True)
@@ -96,10 +96,10 @@ def make_carry(config: str, carry: Path, max_mib: float) -> None:
     stub_bytes = sum((carry / "teacher" / n).stat().st_size for n in copied)
     budget = max_mib * 2**20 - stub_bytes
     splits, skipped = {}, []
-    heldout = pipeline.open_split(cfg, "heldout")
+    heldout = labelling.open_split(cfg, "heldout")
     budget -= sum(s.record["bytes"] for s in heldout)
     train = []
-    for s in pipeline.open_split(cfg, "train"):
+    for s in labelling.open_split(cfg, "train"):
         if train and s.record["bytes"] > budget:
             skipped.append(s.meta.shard)
             continue
@@ -124,7 +124,7 @@ def make_carry(config: str, carry: Path, max_mib: float) -> None:
                     "source": str(s.path.relative_to(cfg.root)),
                 }
             )
-        splits[split] = {"shards": entries, "expect": pipeline.expected_meta(cfg, split)}
+        splits[split] = {"shards": entries, "expect": labelling.expected_meta(cfg, split)}
     try:
         commit = subprocess.run(
             ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True
@@ -135,7 +135,7 @@ def make_carry(config: str, carry: Path, max_mib: float) -> None:
         "config": config,
         "teacher_model": cfg.teacher.model,
         "teacher_dir": str(teacher.relative_to(cfg.root)),
-        "teacher_hashes": pipeline.teacher_hashes(cfg),
+        "teacher_hashes": paths.teacher_hashes(cfg),
         "teacher_files": copied,
         "splits": splits,
         "skipped_train_shards": skipped,

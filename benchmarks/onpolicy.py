@@ -70,16 +70,16 @@ def main() -> None:
     args = parser.parse_args()
 
     from distill.config import load_config
-    from distill.run import onpolicy, pipeline
+    from distill.run import engines, labelling, onpolicy, training
 
     if STDLIB_PROMPTS.name in open(args.config).read():
         write_stdlib_prompts()
     cfg = load_config(args.config)
-    pipeline.prepare_teacher(cfg)
-    pipeline.prepare_corpus(cfg)
-    pipeline.label_shards(cfg, cfg.corpus.shard_names())
-    base = pipeline.train_student(cfg)
-    offpolicy_tokens = sum(s.tokens for s in pipeline.open_split(cfg, "train"))
+    labelling.prepare_teacher(cfg)
+    labelling.prepare_corpus(cfg)
+    labelling.label_shards(cfg, cfg.corpus.shard_names())
+    base = training.train_student(cfg)
+    offpolicy_tokens = sum(s.tokens for s in labelling.open_split(cfg, "train"))
     control = dataclasses.replace(cfg, onpolicy=dataclasses.replace(cfg.onpolicy, generator="teacher"))
     arms = {"onpolicy": cfg, "control": control}
     rounds = {}
@@ -90,7 +90,7 @@ def main() -> None:
         **{name: onpolicy.final_model(arm) for name, arm in arms.items()},
     }
     results, heldout, own = onpolicy.compare_students(cfg, students)
-    pipeline.close_engines()
+    engines.close_engines()
     teacher_tokens = {
         "offpolicy": offpolicy_tokens,
         **{n: offpolicy_tokens + sum(r["answer_tokens"] for r in rounds[n]) for n in arms},

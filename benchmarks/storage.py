@@ -43,7 +43,7 @@ def main() -> None:
 
     from benchmarks.common import bench_meta, corpus_windows
     from distill.config import load_config
-    from distill.run import pipeline
+    from distill.run import paths
     from distill.teacher.vllm_engine import VllmTeacher
     from storage.reader import ShardStream, StreamPosition, open_shard
     from storage.writer import ShardWriter
@@ -51,7 +51,7 @@ def main() -> None:
     cfg = load_config(args.config)
     cfg = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, k=32))
     windows, ids_list, starts = corpus_windows(cfg, args.windows)
-    engine = VllmTeacher(pipeline.teacher_dir(cfg), 32, cfg.corpus.window, cfg.teacher.engine)
+    engine = VllmTeacher(paths.teacher_dir(cfg), 32, cfg.corpus.window, cfg.teacher.engine)
     labels = list(engine.score(ids_list, starts))
     engine.close()
     rows = []
@@ -176,7 +176,7 @@ def main() -> None:
     from distill.train.losses import distillation_loss
     from distill.train.student import build_student
 
-    model = build_student(pipeline.teacher_dir(cfg), cfg.student, 49152)
+    model = build_student(paths.teacher_dir(cfg), cfg.student, 49152)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     data = batches(ShardStream([shard], seed=0), cfg.train.batch_size, 32, StreamPosition())
     batch, _ = next(data)

@@ -56,7 +56,7 @@ def main() -> None:
     from benchmarks.common import bench_meta, corpus_windows
     from benchmarks.timing import interleave, median, paired_ratios, rates, summary
     from distill.config import load_config
-    from distill.run import pipeline
+    from distill.run import paths
     from distill.teacher.labels import label_shard
     from distill.teacher.reference import reference_labels
     from distill.teacher.vllm_engine import VllmTeacher
@@ -67,13 +67,13 @@ def main() -> None:
     tokens = sum(len(w) - 1 - s for w, s in zip(ids, starts))
     k, batch = cfg.teacher.k, cfg.teacher.engine.batch_windows
     # ours first: an engine takes as its own the processes that appear while it starts
-    engine = VllmTeacher(pipeline.teacher_dir(cfg), k, cfg.corpus.window, cfg.teacher.engine)
+    engine = VllmTeacher(paths.teacher_dir(cfg), k, cfg.corpus.window, cfg.teacher.engine)
     slots = None
     try:
         slots = SlotWorkers(args.config, windows) if args.two_slots else None  # they start while ours warms up
         list(engine.score(ids[:8], starts[:8]))  # warm-up
         model = AutoModelForCausalLM.from_pretrained(
-            pipeline.teacher_dir(cfg), dtype=torch.float32, use_safetensors=True
+            paths.teacher_dir(cfg), dtype=torch.float32, use_safetensors=True
         ).eval()
         check_batched_reference(model, ids, starts, k, batch, reference_labels)  # also its warm-up
         if slots:
@@ -336,7 +336,7 @@ def slot_worker(config: str, windows_file: str, slots_dir: str, store_dir: str) 
 
     from benchmarks.common import bench_meta
     from distill.config import load_config
-    from distill.run import pipeline
+    from distill.run import paths
     from distill.teacher.labels import label_shard
     from distill.teacher.vllm_engine import VllmTeacher
     from storage.cache import LabelStore
@@ -344,7 +344,7 @@ def slot_worker(config: str, windows_file: str, slots_dir: str, store_dir: str) 
     cfg = load_config(config)
     windows = pq.read_table(windows_file)
     engine_cfg = dataclasses.replace(cfg.teacher.engine, slots=2)
-    engine = VllmTeacher(pipeline.teacher_dir(cfg), cfg.teacher.k, cfg.corpus.window, engine_cfg, slot_folder=slots_dir)
+    engine = VllmTeacher(paths.teacher_dir(cfg), cfg.teacher.k, cfg.corpus.window, engine_cfg, slot_folder=slots_dir)
     ids, starts = windows.column("input_ids").to_pylist(), windows.column("label_start").to_pylist()
     list(engine.score(ids[:4], starts[:4]))  # warm-up
     meta = bench_meta(cfg, cfg.teacher.k, engine.engine_version)
@@ -366,7 +366,7 @@ def bench_generate(cfg, count: int, repeats: int) -> dict:
 
     from benchmarks.common import bench_meta, corpus_windows
     from benchmarks.timing import interleave
-    from distill.run import pipeline
+    from distill.run import paths
     from distill.teacher.labels import label_shard, prompt_seed
     from distill.teacher.vllm_engine import VllmTeacher
     from storage.cache import LabelStore
@@ -374,7 +374,7 @@ def bench_generate(cfg, count: int, repeats: int) -> dict:
     windows, ids, _ = corpus_windows(cfg, count)
     doc_ids = windows.column("doc_id").to_pylist()
     s, k = cfg.teacher.sampling, cfg.teacher.k
-    engine = VllmTeacher(pipeline.teacher_dir(cfg), k, cfg.corpus.window, cfg.teacher.engine)
+    engine = VllmTeacher(paths.teacher_dir(cfg), k, cfg.corpus.window, cfg.teacher.engine)
     list(engine.generate(ids[:4], [0] * 4, s))  # warm-up
     params = [
         vllm.SamplingParams(

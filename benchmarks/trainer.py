@@ -68,20 +68,20 @@ def main() -> None:
     from benchmarks.timing import summary as median_spread
     from distill.config import load_config
     from distill.eval.evaluation import evaluate_model, expected_calibration_error
-    from distill.run import pipeline
+    from distill.run import engines, labelling, paths, tokenizing, training
     from distill.train.student import build_student
     from distill.train.trainer import batches, build_optimizer, train, train_step
     from storage.reader import ShardStream, StreamPosition
 
     cfg = load_config(args.config)
-    pipeline.prepare_teacher(cfg)
-    pipeline.prepare_corpus(cfg)
+    labelling.prepare_teacher(cfg)
+    labelling.prepare_corpus(cfg)
     names = cfg.corpus.shard_names()
-    pipeline.label_shards(cfg, names)  # cache hits when the demo already ran
-    pipeline.close_engines()
-    train_shards, heldout = pipeline.open_split(cfg, "train"), pipeline.open_split(cfg, "heldout")
-    teacher_dir = pipeline.teacher_dir(cfg)
-    vocab = len(pipeline.tokenizer(cfg))
+    labelling.label_shards(cfg, names)  # cache hits when the demo already ran
+    engines.close_engines()
+    train_shards, heldout = labelling.open_split(cfg, "train"), labelling.open_split(cfg, "heldout")
+    teacher_dir = paths.teacher_dir(cfg)
+    vocab = len(tokenizing.teacher_tokenizer(cfg))
     k = train_shards[0].meta.k
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     teacher = (
@@ -182,20 +182,20 @@ def main() -> None:
     import dataclasses
 
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, divergence="forward_kl"))
-    ce_summary = pipeline.train_student(cfg, baseline=True)
-    topk_summary = pipeline.train_student(cfg, baseline=False)
+    ce_summary = training.train_student(cfg, baseline=True)
+    topk_summary = training.train_student(cfg, baseline=False)
     chosen = {"draws": args.draws, "proposal_k": args.proposal_k, "sampler": args.sampler, "seed": args.sample_seed}
     sampled = dataclasses.replace(cfg.teacher.sampled_labels, **{f: v for f, v in chosen.items() if v is not None})
     sampled_cfg = dataclasses.replace(
         cfg, teacher=dataclasses.replace(cfg.teacher, labels="sampled", sampled_labels=sampled)
     )
-    pipeline.label_shards(sampled_cfg, [n for n in names if n.startswith("train")])
-    pipeline.close_engines()
-    sampled_shards = pipeline.open_split(sampled_cfg, "train")
-    sampled_summary = pipeline.train_student(sampled_cfg, baseline=False)
+    labelling.label_shards(sampled_cfg, [n for n in names if n.startswith("train")])
+    engines.close_engines()
+    sampled_shards = labelling.open_split(sampled_cfg, "train")
+    sampled_summary = training.train_student(sampled_cfg, baseline=False)
     # the full-vocabulary reference: the same trainer, config, shards and seed as the top-k student,
     # with the teacher's whole distribution computed in the loop instead of the stored labels
-    student_vocab, cross = pipeline.student_tokens(cfg)
+    student_vocab, cross = tokenizing.student_tokens(cfg)
     if cross is not None:
         raise SystemExit(
             f"{args.config}: the full-vocabulary reference needs a student that shares the teacher's tokenizer (student.tokenizer is set)"

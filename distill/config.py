@@ -1,11 +1,16 @@
 """The run config: one YAML file holding one section per stage, each validated into that
-stage's dataclass with errors that name the field."""
+stage's dataclass with errors that name the field.
+
+Every rule that relates fields of different sections lives here: ``RunConfig.__post_init__``
+checks those the config alone decides (at load), ``check_against_teacher`` those that need the
+teacher's files (called by the run layer once the teacher is resolved). Loading a config imports
+neither torch nor vLLM nor transformers, so a config error comes back at once."""
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import yaml
 
@@ -22,9 +27,11 @@ SECTIONS = ("storage_root", "labels_uri", "teacher", "corpus", "student", "train
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     storage_root: str = "data"
-    """Folder for converted teachers, corpora, label shards, students and reports (relative paths are relative to the config file's project, i.e. the working directory)."""
+    """Folder for converted teachers, corpora, label shards, students and reports (relative paths
+    are relative to the config file's project, i.e. the working directory)."""
     labels_uri: str | None = None
-    """Where label shards live: a local folder or an object-store URI (``s3://bucket/prefix``); default ``<storage_root>/labels``."""
+    """Where label shards live: a local folder or an object-store URI (``s3://bucket/prefix``);
+    default ``<storage_root>/labels``."""
     teacher: TeacherConfig = TeacherConfig()
     corpus: CorpusConfig = CorpusConfig()
     student: StudentConfig = StudentConfig()
@@ -34,25 +41,51 @@ class RunConfig:
     """On-policy (GKD) rounds after the distilled student (``distill.run.onpolicy``; ``rounds: 0``: none)."""
 
     def __post_init__(self):
+        # every rule that relates fields of different sections; those that need the teacher's
+        # files are in ``check_against_teacher``
+        self._check_onpolicy()
         self._check_sampled_labels()
-        if self.onpolicy.rounds:
-            needs = [
-                (
-                    self.teacher.mode == "generate",
-                    f"teacher.mode: generate (prompts to answer), not {self.teacher.mode!r}",
-                ),
-                (
-                    self.teacher.labels == "topk",
-                    "teacher.labels: topk (the round's answers are labelled top-k and mixed with the train shards)",
-                ),
-                (
-                    self.student.tokenizer is None,
-                    "a student that shares the teacher's tokenizer (the teacher scores the student's tokens)",
-                ),
-            ]
-            for ok, what in needs:
-                if not ok:
-                    raise ConfigError(f"onpolicy.rounds={self.onpolicy.rounds} needs {what}")
+        self._check_candidates()
+        self._check_student_tokenizer()
+
+    def _check_onpolicy(self) -> None:
+        if not self.onpolicy.rounds:
+            return
+        needs = [
+            (
+                self.teacher.mode == "generate",
+                f"teacher.mode: generate (prompts to answer), not {self.teacher.mode!r}",
+            ),
+            (
+                self.teacher.labels == "topk",
+                "teacher.labels: topk (the round's answers are labelled top-k and mixed with the train shards)",
+            ),
+            (
+                self.student.tokenizer is None,
+                "a student that shares the teacher's tokenizer (the teacher scores the student's tokens)",
+            ),
+        ]
+        for ok, what in needs:
+            if not ok:
+                raise ConfigError(f"onpolicy.rounds={self.onpolicy.rounds} needs {what}")
+
+    def _check_candidates(self) -> None:
+        """Candidates data holds the teacher's distribution over an example's candidates, which
+        the student learns by forward KL (the other divergences are not defined on it)."""
+        if self.teacher.mode == "candidates" and self.train.kd_weight > 0 and self.train.divergence != "forward_kl":
+            raise ConfigError(
+                f"train.divergence={self.train.divergence!r} is invalid for candidates data (teacher.mode: "
+                "candidates): expected forward_kl, or train.kd_weight: 0"
+            )
+
+    def _check_student_tokenizer(self) -> None:
+        """A student with its own tokenizer learns from the teacher's per-token distributions over
+        a text, aligned by bytes: only ``score`` labels are that."""
+        if self.student.tokenizer is not None and self.teacher.mode != "score":
+            raise ConfigError(
+                f"student.tokenizer={self.student.tokenizer!r} needs teacher.mode: score (labels of a text to align "
+                f"by bytes), not {self.teacher.mode!r}"
+            )
 
     def _check_sampled_labels(self) -> None:
         """Sampled targets (``count / draws``) equal the teacher's probabilities in expectation, so
@@ -167,9 +200,45 @@ def check_mc_file(mc_file: str | None, where: str) -> None:
         return
     if not Path(mc_file).is_file():
         raise ConfigError(
-            f"{where}: eval.mc_file={mc_file!r}: no such file (relative paths are relative to the working directory, {Path.cwd()})"
+            f"{where}: eval.mc_file={mc_file!r}: no such file (relative paths are relative to the working "
+            f"directory, {Path.cwd()})"
         )
     try:
         load_mc(mc_file)
     except ValueError as e:
         raise ConfigError(f"{where}: eval.mc_file: {e}") from None
+
+
+def check_against_teacher(
+    cfg: RunConfig, teacher_config: Mapping[str, Any], member_tokenizers: Sequence[tuple[str, str]] = ()
+) -> None:
+    """The rules that need the teacher's files, checked by the run layer once the teacher is
+    resolved: ``teacher_config`` is its model config (``config.json`` as a mapping);
+    ``member_tokenizers`` the (folder, tokenizer content hash) of each ``teacher.models`` member,
+    in order (empty for one teacher)."""
+    model = teacher_config.get("text_config") or teacher_config  # a multimodal checkpoint nests its LM's
+    context = model.get("max_position_embeddings")
+    if context is not None and cfg.corpus.window > context:
+        raise ConfigError(
+            f"corpus.window={cfg.corpus.window} exceeds the teacher's context ({context} positions: "
+            "max_position_embeddings in its config.json)"
+        )
+    vocab = model.get("vocab_size")
+    if vocab is not None and cfg.teacher.k > vocab:
+        raise ConfigError(f"teacher.k={cfg.teacher.k} exceeds the teacher's vocabulary ({vocab} tokens)")
+    check_member_tokenizers(cfg, member_tokenizers)
+
+
+def check_member_tokenizers(cfg: RunConfig, member_tokenizers: Sequence[tuple[str, str]]) -> None:
+    """An ensemble mixes its members' distributions over the same token ids: every member's
+    tokenizer (``(folder, content hash)`` per ``teacher.models`` member, in order) is the first's."""
+    if not member_tokenizers:
+        return
+    first_folder, first_hash = member_tokenizers[0]
+    for i, (folder, tokenizer_hash) in enumerate(member_tokenizers):
+        if tokenizer_hash != first_hash:
+            model = cfg.teacher.members[i].model if i < len(cfg.teacher.members) else folder
+            raise ConfigError(
+                f"teacher.models[{i}].model={model!r} ({folder}) does not share the first member's tokenizer "
+                f"({first_folder}); an ensemble mixes distributions over the same token ids"
+            )

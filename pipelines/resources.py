@@ -38,6 +38,6 @@ class TeacherEngine(dg.ConfigurableResource):
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
         if not self.keep_alive:
-            from distill.run.pipeline import close_engines
+            from distill.run.engines import close_engines
 
             close_engines()

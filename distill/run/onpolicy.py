@@ -33,9 +33,42 @@ from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
+import torch
+from tqdm.auto import tqdm
 
+from distill.config import RunConfig
+from distill.data import read_corpus_shard
+from distill.eval.evaluation import evaluate, evaluate_model
+from distill.eval.models import eval_device, load_model
+from distill.run.card import card_info, write_card
+from distill.run.engines import close_engines, engine_name, get_engine
+from distill.run.labelling import expected_meta, open_split
+from distill.run.paths import (
+    IncompleteLabelsError,
+    engine_dtype,
+    label_store,
+    shard_keys,
+    source_fingerprint,
+    split_of,
+    student_dir,
+    student_key,
+    teacher_dir,
+    teacher_hashes,
+    training_code_fingerprint,
+)
+from distill.run.tokenizing import teacher_tokenizer
+from distill.run.training import remove_stale_dirs
+from distill.teacher.checkpoint import checkpoint_hashes
 from distill.teacher.config import SamplingConfig
-from storage.reader import MixPosition, ShardStream, StreamPosition
+from distill.teacher.labels import LABEL_CODE_VERSION, label_shard, prompt_seed
+from distill.teacher.slots import slot_dir
+from distill.teacher.vllm_engine import VllmTeacher, _on_cpu
+from distill.train.config import StudentConfig, TrainConfig
+from distill.train.trainer import train
+from storage.cache import content_key
+from storage.reader import MixPosition, Shard, ShardStream, StreamPosition
+from storage.schema import SCHEMA_VERSION, ShardMeta
+from storage.writer import atomic_write_text, folder_lock
 
 ONPOLICY_CODE_VERSION = "onpolicy-1"
 ROUND_INFO = "round.json"
@@ -46,21 +79,18 @@ def round_name(r: int) -> str:
     return f"round-{r:03d}"
 
 
-def round_names(cfg) -> list[str]:
+def round_names(cfg: RunConfig) -> list[str]:
     """The partition keys of ``cfg.onpolicy.rounds`` rounds."""
     return [round_name(r) for r in range(1, cfg.onpolicy.rounds + 1)]
 
 
-def prompt_table(cfg, split: str) -> pa.Table:
+def prompt_table(cfg: RunConfig, split: str) -> pa.Table:
     """Every prompt of the ``generate`` corpus's ``split`` shards (doc_id, input_ids, prompt_text)."""
-    from distill.data import read_corpus_shard
-    from distill.run import pipeline
-
-    tokenizer_hash = pipeline.teacher_hashes(cfg)["tokenizer"]
+    tokenizer_hash = teacher_hashes(cfg)["tokenizer"]
     tables = [
         read_corpus_shard(cfg.root, cfg.corpus, tokenizer_hash, n, "generate")[1]
         for n in cfg.corpus.shard_names()
-        if pipeline.split_of(n) == split
+        if split_of(n) == split
     ]
     table = pa.concat_tables(tables).select(["doc_id", "input_ids", "prompt_text"])
     if not table.num_rows:
@@ -77,31 +107,25 @@ def round_prompts(prompts: pa.Table, per_round: int, seed: int, r: int) -> pa.Ta
     return prompts.take(pa.array(order[(np.arange(per_round) + (r - 1) * per_round) % n]))
 
 
-def round_sampling(cfg, r: int) -> SamplingConfig:
+def round_sampling(cfg: RunConfig, r: int) -> SamplingConfig:
     return dataclasses.replace(cfg.onpolicy.sampling, seed=cfg.onpolicy.sampling.seed + r)
 
 
-def eval_sampling(cfg) -> SamplingConfig:
+def eval_sampling(cfg: RunConfig) -> SamplingConfig:
     """The held-out answers' sampling: a round's (``n`` answers per prompt), with seeds of its own."""
     return dataclasses.replace(cfg.onpolicy.sampling, seed=cfg.onpolicy.sampling.seed + EVAL_SEED_OFFSET)
 
 
-def answers_key(cfg, generator_dir: Path, prompts: pa.Table, sampling: SamplingConfig) -> str:
+def answers_key(cfg: RunConfig, generator_dir: Path, prompts: pa.Table, sampling: SamplingConfig) -> str:
     """Content key of a set of answers and their teacher labels: the teacher and its label
     settings, the answering model's weights, the prompts and the sampling."""
-    from distill.run import pipeline
-    from distill.teacher.checkpoint import checkpoint_hashes
-    from distill.teacher.labels import LABEL_CODE_VERSION
-    from storage.cache import content_key
-    from storage.schema import SCHEMA_VERSION
-
-    hashes = pipeline.teacher_hashes(cfg)
+    hashes = teacher_hashes(cfg)
     return content_key(
         {
             "teacher": hashes["weights"],
             "tokenizer": hashes["tokenizer"],
             "k": cfg.teacher.k,
-            "dtype": pipeline.engine_dtype(cfg),
+            "dtype": engine_dtype(cfg),
             "labels": LABEL_CODE_VERSION,
             "code": ONPOLICY_CODE_VERSION,
             "schema": SCHEMA_VERSION,
@@ -115,8 +139,6 @@ def answers_key(cfg, generator_dir: Path, prompts: pa.Table, sampling: SamplingC
 
 
 def prompts_fingerprint(prompts: pa.Table) -> str:
-    from storage.cache import content_key
-
     return content_key(
         {"doc_id": prompts.column("doc_id").to_pylist(), "input_ids": prompts.column("input_ids").to_pylist()}
     )
@@ -125,11 +147,8 @@ def prompts_fingerprint(prompts: pa.Table) -> str:
 def free_device() -> None:
     """Close this process's teacher engines on a GPU, where an engine holds most of the
     device's memory; on the CPU they stay (no shared device pool, and a restart costs time)."""
-    from distill.run import pipeline
-    from distill.teacher.vllm_engine import _on_cpu
-
     if not _on_cpu():
-        pipeline.close_engines()
+        close_engines()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,12 +170,6 @@ def policy_answers(
     """``sampling.n`` answers of the checkpoint ``model_dir`` to each prompt, from its own vLLM
     engine (closed before returning): ``generate`` corpus rows plus ``response_ids``,
     ``response_text`` and ``finish_reason``, seeded per prompt like the teacher's answers."""
-    from tqdm.auto import tqdm
-
-    from distill.teacher.labels import prompt_seed
-    from distill.teacher.slots import slot_dir
-    from distill.teacher.vllm_engine import VllmTeacher
-
     ids, docs, texts = (prompts.column(c).to_pylist() for c in ("input_ids", "doc_id", "prompt_text"))
     engine = VllmTeacher(model_dir, 1, cfg.corpus.window, cfg.teacher.engine, slot_folder=slot_dir(cfg.root))
     rows = []
@@ -189,25 +202,20 @@ def policy_answers(
     return pa.Table.from_pylist(rows)
 
 
-def label_answer_sets(cfg, sets: list[AnswerSet], progress: bool = True) -> list:
+def label_answer_sets(cfg: RunConfig, sets: list[AnswerSet], progress: bool = True) -> list[Shard]:
     """The teacher-labelled shard of each answer set (a committed one is reused as it is). The
     models that answer run first, one engine at a time; then one teacher engine labels them all
     (``generator: teacher`` sets are answered and labelled by the teacher in one pass)."""
-    from distill.run import pipeline
-    from distill.teacher.checkpoint import checkpoint_hashes
-    from distill.teacher.labels import label_shard
-    from storage.schema import ShardMeta
-
-    store = pipeline.label_store(cfg)
+    store = label_store(cfg)
     todo = [s for s in sets if not store.is_committed(s.key)]
     answered = {}
     for s in todo:
         if s.generator == "student":
             free_device()  # for this model's engine
             answered[s.key] = policy_answers(cfg, s.model_dir, s.prompts, s.sampling, progress)
-    hashes = pipeline.teacher_hashes(cfg)
+    hashes = teacher_hashes(cfg)
     for s in todo:
-        expect = pipeline.expected_meta(cfg, s.split)
+        expect = expected_meta(cfg, s.split)
         meta = ShardMeta(
             teacher=cfg.teacher.model,
             teacher_hash=hashes["weights"],
@@ -216,7 +224,7 @@ def label_answer_sets(cfg, sets: list[AnswerSet], progress: bool = True) -> list
             k=cfg.teacher.k,
             temperature=1.0,
             mode="generate",
-            engine=pipeline._engine_name(),
+            engine=engine_name(),
             data_fingerprint=prompts_fingerprint(s.prompts),
             shard=s.name,
             split=s.split,
@@ -231,8 +239,8 @@ def label_answer_sets(cfg, sets: list[AnswerSet], progress: bool = True) -> list
         )
         teacher = dataclasses.replace(cfg.teacher, sampling=s.sampling, labels="topk")
         windows = answered.get(s.key, s.prompts)  # a student's answers are scored; the teacher answers prompts itself
-        label_shard(lambda: pipeline.get_engine(cfg), store, s.key, meta, windows, teacher, progress=progress)
-    return [store.open(s.key, expect=pipeline.expected_meta(cfg, s.split)) for s in sets]
+        label_shard(lambda: get_engine(cfg), store, s.key, meta, windows, teacher, progress=progress)
+    return [store.open(s.key, expect=expected_meta(cfg, s.split)) for s in sets]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,8 +249,8 @@ class RoundPlan:
     start: Path  # the checkpoint the round starts from (and, on-policy, answers with)
     out: Path
     answers: AnswerSet
-    student: object  # StudentConfig
-    train: object  # TrainConfig
+    student: StudentConfig
+    train: TrainConfig
     position: MixPosition  # where its mix of teacher rows and own answers starts
 
 
@@ -268,39 +276,33 @@ def start_position(trained: Path) -> MixPosition:
     return MixPosition(0, StreamPosition.from_dict(saved))  # the distilled student: its one stream is the mix's main
 
 
-def round_train_config(cfg):
+def round_train_config(cfg: RunConfig) -> TrainConfig:
     return dataclasses.replace(cfg.train, steps=cfg.onpolicy.steps, lr=cfg.onpolicy.lr or cfg.train.lr, warmup_steps=0)
 
 
-def start_dir(cfg, r: int, previous: Path | None = None) -> Path:
+def start_dir(cfg: RunConfig, r: int, previous: Path | None = None) -> Path:
     """The model round ``r`` starts from (``previous``: round r - 1's folder, when the caller
     already knows it); raises when it is not trained yet."""
-    from distill.run import pipeline
-
     if r == 1:
-        folder = pipeline.student_dir(cfg, False) / "model"
+        folder = student_dir(cfg, False) / "model"
     else:
         folder = (previous or plan_round(cfg, r - 1).out) / "model"
     if not (folder / "config.json").exists():
-        raise pipeline.IncompleteLabelsError(
+        raise IncompleteLabelsError(
             f"{folder}: {'the distilled student' if r == 1 else f'on-policy {round_name(r - 1)}'} is not trained yet; "
             f"materialize {'student_model' if r == 1 else 'onpolicy_student ' + round_name(r - 1)} first"
         )
     return folder
 
 
-def plan_round(cfg, r: int, previous: Path | None = None) -> RoundPlan:
+def plan_round(cfg: RunConfig, r: int, previous: Path | None = None) -> RoundPlan:
     """Round ``r``'s inputs and folder: ``<root>/onpolicy/round-NNN-<key>``, keyed by its start
     weights, its answers, the off-policy shards, the settings and the training code."""
-    from distill.run import pipeline
-    from distill.teacher.checkpoint import checkpoint_hashes
-    from storage.cache import content_key
-
     oc = cfg.onpolicy
     start = start_dir(cfg, r, previous)
     prompts = round_prompts(prompt_table(cfg, "train"), oc.prompts_per_round, oc.sampling.seed, r)
     sampling = round_sampling(cfg, r)
-    generator_dir = start if oc.generator == "student" else pipeline.teacher_dir(cfg)
+    generator_dir = start if oc.generator == "student" else teacher_dir(cfg)
     answers = AnswerSet(
         answers_key(cfg, generator_dir, prompts, sampling),
         oc.generator,
@@ -311,16 +313,16 @@ def plan_round(cfg, r: int, previous: Path | None = None) -> RoundPlan:
         f"onpolicy-{round_name(r)}",
     )
     student = dataclasses.replace(cfg.student, init="checkpoint", checkpoint=str(start))
-    train = round_train_config(cfg)
+    train_cfg = round_train_config(cfg)
     position = start_position(start.parent)
-    names = [n for n in cfg.corpus.shard_names() if pipeline.split_of(n) == "train"]
-    code = pipeline.training_code_fingerprint() + pipeline.source_fingerprint(("distill.run.onpolicy",))
+    names = [n for n in cfg.corpus.shard_names() if split_of(n) == "train"]
+    code = training_code_fingerprint() + source_fingerprint(("distill.run.onpolicy",))
     key = content_key(
         {
-            "student": pipeline.student_key(
+            "student": student_key(
                 student,
-                train,
-                [*pipeline.shard_keys(cfg, names).values(), answers.key],
+                train_cfg,
+                [*shard_keys(cfg, names).values(), answers.key],
                 checkpoint_hashes(start)["weights"],
                 code,
             ),
@@ -330,32 +332,29 @@ def plan_round(cfg, r: int, previous: Path | None = None) -> RoundPlan:
             "position": position.to_dict(),
         }
     )
-    return RoundPlan(r, start, cfg.root / "onpolicy" / f"{round_name(r)}-{key}", answers, student, train, position)
+    return RoundPlan(r, start, cfg.root / "onpolicy" / f"{round_name(r)}-{key}", answers, student, train_cfg, position)
 
 
-def run_round(cfg, r: int, progress: bool = True, previous: Path | None = None) -> dict:
+def run_round(cfg: RunConfig, r: int, progress: bool = True, previous: Path | None = None) -> dict:
     """Train round ``r`` (reused when finished, resumed from its checkpoints when not)."""
-    from distill.run import pipeline
-    from distill.train.trainer import train
-    from storage.writer import atomic_write_text, folder_lock
 
     plan = plan_round(cfg, r, previous)
     out = plan.out
     with folder_lock(out, f"on-policy {round_name(r)}", on_wait=lambda msg: print(msg, file=sys.stderr, flush=True)):
         if (out / ROUND_INFO).exists() and (out / "model").exists():
             return {**json.loads((out / ROUND_INFO).read_text()), "reused": True, "out_dir": str(out)}
-        pipeline.remove_stale_dirs(out)
+        remove_stale_dirs(out)
         answers = label_answer_sets(cfg, [plan.answers], progress)[0]
         free_device()  # training needs it
-        offpolicy = pipeline.open_split(cfg, "train")
+        offpolicy = open_split(cfg, "train")
         atomic_write_text(out / "run_config.json", json.dumps(cfg.to_dict(), indent=1, default=str))
         summary = train(
             plan.student,
             plan.train,
-            pipeline.teacher_dir(cfg),
+            teacher_dir(cfg),
             offpolicy,
             out,
-            len(pipeline.tokenizer(cfg)),
+            len(teacher_tokenizer(cfg)),
             mix=([answers], cfg.onpolicy.lmbda),
             start=plan.position,
         )
@@ -376,19 +375,14 @@ def run_round(cfg, r: int, progress: bool = True, previous: Path | None = None) 
         return {**info, "reused": False, "out_dir": str(out)}
 
 
-def _card(cfg, plan: RoundPlan, info: dict, shards) -> None:
+def _card(cfg: RunConfig, plan: RoundPlan, info: dict, shards) -> None:
     """The round student's model card (``model/README.md``)."""
-    from distill.run import pipeline
-    from distill.run.card import card_info, write_card
-
     summary = {**info, "out_dir": str(plan.out)}
     run = dataclasses.replace(cfg, student=plan.student, train=plan.train)
-    write_card(
-        plan.out / "model", {**card_info(run, summary, shards, False, pipeline.teacher_dir(cfg)), "onpolicy": info}
-    )
+    write_card(plan.out / "model", {**card_info(run, summary, shards, False, teacher_dir(cfg)), "onpolicy": info})
 
 
-def run_rounds(cfg, upto: int | None = None, progress: bool = True) -> list[dict]:
+def run_rounds(cfg: RunConfig, upto: int | None = None, progress: bool = True) -> list[dict]:
     """Rounds 1 .. ``upto`` (default: ``onpolicy.rounds``) in order; finished ones are reused."""
     upto = cfg.onpolicy.rounds if upto is None else upto
     done, previous = [], None
@@ -398,7 +392,7 @@ def run_rounds(cfg, upto: int | None = None, progress: bool = True) -> list[dict
     return done
 
 
-def round_plans(cfg) -> list[RoundPlan]:
+def round_plans(cfg: RunConfig) -> list[RoundPlan]:
     """The plans of rounds 1 .. ``onpolicy.rounds``, each from the one before (all trained)."""
     plans: list[RoundPlan] = []
     for r in range(1, cfg.onpolicy.rounds + 1):
@@ -406,12 +400,12 @@ def round_plans(cfg) -> list[RoundPlan]:
     return plans
 
 
-def final_model(cfg) -> Path:
+def final_model(cfg: RunConfig) -> Path:
     plans = round_plans(cfg)
     return start_dir(cfg, cfg.onpolicy.rounds + 1, plans[-1].out if plans else None)
 
 
-def self_answer_sets(cfg, models: dict[str, Path]) -> list[AnswerSet]:
+def self_answer_sets(cfg: RunConfig, models: dict[str, Path]) -> list[AnswerSet]:
     """One set per model: its own sampled answers to the first ``onpolicy.eval_prompts`` held-out prompts."""
     prompts = prompt_table(cfg, "heldout")
     prompts = prompts.slice(0, min(cfg.onpolicy.eval_prompts, prompts.num_rows))
@@ -430,14 +424,12 @@ def self_answer_sets(cfg, models: dict[str, Path]) -> list[AnswerSet]:
     ]
 
 
-def teacher_answer_set(cfg) -> AnswerSet:
+def teacher_answer_set(cfg: RunConfig) -> AnswerSet:
     """The teacher's own answers to the students' held-out prompts, sampled as theirs are: the
     reference for their length, EOS share and diversity."""
-    from distill.run import pipeline
-
     prompts = prompt_table(cfg, "heldout")
     prompts = prompts.slice(0, min(cfg.onpolicy.eval_prompts, prompts.num_rows))
-    sampling, teacher = eval_sampling(cfg), pipeline.teacher_dir(cfg)
+    sampling, teacher = eval_sampling(cfg), teacher_dir(cfg)
     return AnswerSet(
         answers_key(cfg, teacher, prompts, sampling), "teacher", teacher, prompts, sampling, "heldout", "self-teacher"
     )
@@ -464,7 +456,8 @@ def answer_stats(
         raise ValueError("answer_stats: no answers")
     if not len(answer_ids) == len(finish_reasons) == len(teacher_logprobs):
         raise ValueError(
-            f"answer_stats: {len(answer_ids)} answers, {len(finish_reasons)} finish reasons, {len(teacher_logprobs)} logprob lists"
+            f"answer_stats: {len(answer_ids)} answers, {len(finish_reasons)} finish reasons, "
+            f"{len(teacher_logprobs)} logprob lists"
         )
     for i, (ids, reason, logprobs) in enumerate(zip(answer_ids, finish_reasons, teacher_logprobs)):
         if reason not in ("stop", "length"):
@@ -482,7 +475,7 @@ def answer_stats(
     }
 
 
-def shard_answer_stats(shard) -> dict:
+def shard_answer_stats(shard: Shard) -> dict:
     """``answer_stats`` of the answers in a ``generate`` shard (the teacher's labels: its
     logprobs of the answer tokens)."""
     rows = [row for row, _ in ShardStream([shard], shuffle=False).rows(StreamPosition(), epochs=1)]
@@ -493,33 +486,27 @@ def shard_answer_stats(shard) -> dict:
     )
 
 
-def compare_students(cfg, students: dict[str, Path]) -> tuple[dict, list, list]:
+def compare_students(cfg: RunConfig, students: dict[str, Path]) -> tuple[dict, list, list]:
     """Teacher and ``students`` (name: checkpoint) on held-out prompts: KL, top-1 and
     perplexity on the teacher's answers, greedy-answer agreement with the teacher, and KL /
     top-1 to the teacher on each student's own sampled answers (``self_kl``, ``self_top1``:
     what on-policy training targets) beside those answers' ``answer_stats`` (the teacher's own
     answers, sampled alike, give its row of them). Returns (results, held-out shards, own-answer
     shards of the students)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from distill.eval.evaluation import eval_device, evaluate, evaluate_model
-    from distill.run import pipeline
-
-    shards = pipeline.open_split(cfg, "heldout")
+    shards = open_split(cfg, "heldout")
     results = evaluate(
-        {"teacher": pipeline.teacher_dir(cfg), **students},
+        {"teacher": teacher_dir(cfg), **students},
         shards,
         cfg.eval,
         cfg.train.precision,
-        engine_factory=lambda: pipeline.get_engine(cfg),
+        engine_factory=lambda: get_engine(cfg),
     )
     *own, teacher_own = label_answer_sets(cfg, [*self_answer_sets(cfg, students), teacher_answer_set(cfg)])
     results["teacher"].update(shard_answer_stats(teacher_own), self_tokens=teacher_own.tokens)
     free_device()
     device, bf16 = eval_device(cfg.train.precision)
     for (name, path), shard in zip(students.items(), own):
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True).to(device)
+        model = load_model(path, device)
         with torch.no_grad():
             m = evaluate_model(model, [shard], cfg.eval, bf16)
         results[name].update(
@@ -529,19 +516,15 @@ def compare_students(cfg, students: dict[str, Path]) -> tuple[dict, list, list]:
     return results, shards, own
 
 
-def round_infos(cfg) -> list[dict]:
+def round_infos(cfg: RunConfig) -> list[dict]:
     """``round.json`` of every finished round."""
     return [json.loads((plan.out / ROUND_INFO).read_text()) for plan in round_plans(cfg)]
 
 
-def evaluate_rounds(cfg) -> dict:
+def evaluate_rounds(cfg: RunConfig) -> dict:
     """The distilled (off-policy) student and the last round's student through
     ``compare_students``; written to ``<root>/evaluations/onpolicy-<key>``."""
-    from distill.run import pipeline
-    from storage.cache import content_key
-    from storage.writer import atomic_write_text
-
-    students = {"offpolicy": pipeline.student_dir(cfg, False) / "model", "onpolicy": final_model(cfg)}
+    students = {"offpolicy": student_dir(cfg, False) / "model", "onpolicy": final_model(cfg)}
     results, shards, own = compare_students(cfg, students)
     rounds = round_infos(cfg)
     results["onpolicy"]["answer_tokens"] = sum(r["answer_tokens"] for r in rounds)
@@ -567,7 +550,8 @@ def evaluate_rounds(cfg) -> dict:
     atomic_write_text(out / "results.json", json.dumps(report, indent=1, default=str))
     atomic_write_text(
         out / "report.md",
-        f"# On-policy rounds ({cfg.onpolicy.generator} answers, lambda {cfg.onpolicy.lmbda})\n\n{table}\n\n`{report['summary']}`\n",
+        f"# On-policy rounds ({cfg.onpolicy.generator} answers, lambda {cfg.onpolicy.lmbda})\n\n{table}\n\n"
+        f"`{report['summary']}`\n",
     )
     return report
 

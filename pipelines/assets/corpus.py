@@ -2,8 +2,9 @@
 
 import dagster as dg
 
-from distill.run import pipeline
+from distill.run import labelling
 from pipelines.resources import DistillSettings
+from storage.cache import content_key
 
 
 @dg.asset(
@@ -12,7 +13,7 @@ from pipelines.resources import DistillSettings
     description="Documents (or prompts, or candidate examples) tokenized with the teacher's tokenizer, split train/held-out by document, windowed and sharded.",
 )
 def corpus(settings: DistillSettings) -> dg.MaterializeResult:
-    manifest = pipeline.prepare_corpus(settings.load())
+    manifest = labelling.prepare_corpus(settings.load())
     shards = manifest["shards"]
     return dg.MaterializeResult(
         metadata={
@@ -39,5 +40,5 @@ def corpus(settings: DistillSettings) -> dg.MaterializeResult:
             ),
             "empty_shards": dg.MetadataValue.json([n for n, s in shards.items() if not s["windows"]]),
         },
-        data_version=dg.DataVersion(pipeline.content_key({n: s["fingerprint"] for n, s in shards.items()})),
+        data_version=dg.DataVersion(content_key({n: s["fingerprint"] for n, s in shards.items()})),
     )

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from distill.run import pipeline
+from distill.run import evaluating
 from pipelines.resources import DistillSettings, TeacherEngine
 
 
@@ -29,7 +29,7 @@ def evaluation(
 ) -> dg.MaterializeResult:
     # teacher_engine: with eval.teacher_backend "stored" the teacher's greedy answers and
     # multiple-choice scores come from its vLLM engine, shut down when this step ends
-    report = pipeline.evaluate_run(settings.load())
+    report = evaluating.evaluate_run(settings.load())
     context.log.info("\n" + report["table"] + "\n" + report["summary"])
     numbers = {
         f"{model}_{metric}": float(value)

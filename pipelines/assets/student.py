@@ -5,7 +5,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from distill.run import pipeline
+from distill.run import training
 from pipelines.resources import DistillSettings
 
 
@@ -53,7 +53,7 @@ def _train(
         completed = client.run(context=context, command=list(cmd), env=dict(env))
         progress.extend(completed.get_custom_messages())
 
-    summary = pipeline.train_student(settings.load(), baseline=baseline, launcher=launcher, log=context.log.info)
+    summary = training.train_student(settings.load(), baseline=baseline, launcher=launcher, log=context.log.info)
     return _result(summary, progress)
 
 

@@ -2,16 +2,17 @@
 
 import dagster as dg
 
-from distill.run import pipeline
+from distill.run import labelling
 from distill.teacher.vllm_engine import EngineFailure
 from pipelines.resources import DistillSettings, TeacherEngine
+from storage.cache import content_key
 
 ENGINE_RETRIES = 2  # step retries after a dead or stalled teacher engine (the instance retries crashed runs only)
 
 
 @dg.asset(group_name="teacher", description="The teacher checkpoint (safetensors), converted once if bundled.")
 def teacher_model(settings: DistillSettings) -> dg.MaterializeResult:
-    info = pipeline.prepare_teacher(settings.load())
+    info = labelling.prepare_teacher(settings.load())
     return dg.MaterializeResult(
         metadata={"path": dg.MetadataValue.path(info["path"]), **{k: v for k, v in info.items() if k != "path"}},
         data_version=dg.DataVersion(info["weights"]),
@@ -25,7 +26,7 @@ def teacher_model(settings: DistillSettings) -> dg.MaterializeResult:
     description="Teachers adapted to the training split by a short fine-tune (teacher.models members with finetune set; none otherwise), cached by base weights, data and settings.",
 )
 def finetuned_teachers(settings: DistillSettings) -> dg.MaterializeResult:
-    done = pipeline.prepare_finetuned(settings.load())
+    done = labelling.prepare_finetuned(settings.load())
     metadata: dict = {"members": len(done)}
     for i, info in enumerate(done):
         metadata.update(
@@ -38,7 +39,7 @@ def finetuned_teachers(settings: DistillSettings) -> dg.MaterializeResult:
             }
         )
     return dg.MaterializeResult(
-        metadata=metadata, data_version=dg.DataVersion(pipeline.content_key([d["path"] for d in done]))
+        metadata=metadata, data_version=dg.DataVersion(content_key([d["path"] for d in done]))
     )
 
 
@@ -84,17 +85,17 @@ def build_teacher_logits(partitions: dg.PartitionsDefinition, max_partitions_per
         cfg = settings.load()
         names = list(context.partition_keys)
         try:
-            results = pipeline.label_shards(cfg, names)
+            results = labelling.label_shards(cfg, names)
         except EngineFailure as exc:
             # the out-of-memory killer or a stopped process is transient: the step runs again on a
             # fresh engine and labels only the shards not yet committed (the rest are cache hits)
             raise dg.RetryRequested(max_retries=ENGINE_RETRIES, seconds_to_wait=10) from exc
         hits = sum(r["cache_hit"] for r in results.values())
         context.log.info(f"labelled {len(names) - hits} shard(s), {hits} cache hit(s)")
-        checks = pipeline.check_shards(cfg, names)
+        checks = labelling.check_shards(cfg, names)
         keys = {n: r["key"] for n, r in results.items()}
         return dg.MaterializeResult(
-            data_version=dg.DataVersion(pipeline.content_key(keys)),
+            data_version=dg.DataVersion(content_key(keys)),
             check_results=[
                 dg.AssetCheckResult(
                     check_name="shard_integrity",

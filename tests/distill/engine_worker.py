@@ -4,11 +4,11 @@ labels the same windows until it is ended.  Usage: python -m tests.distill.engin
 import sys
 
 from distill.config import load_config
-from distill.run import pipeline
+from distill.run import engines
 
 if __name__ == "__main__":
     cfg = load_config(sys.argv[1])
-    engine = pipeline.get_engine(cfg)
+    engine = engines.get_engine(cfg)
     windows = [[1 + (i * 7 + j) % 1000 for j in range(cfg.corpus.window)] for i in range(8)]
     print("ready", flush=True)
     while True:

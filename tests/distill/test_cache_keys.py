@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from distill.config import RunConfig
 from distill.configbase import ConfigError
 from distill.data import CorpusConfig, corpus_dir
-from distill.run import pipeline
+from distill.run import engines, paths
 from distill.teacher.checkpoint import HASH_CACHE, checkpoint_hashes
 from distill.teacher.config import EngineConfig, TeacherConfig
 from distill.teacher.labels import shard_key
@@ -156,7 +156,7 @@ def write_manifest(cfg: RunConfig) -> None:
 
 def keys_of(cfg: RunConfig) -> dict[str, str]:
     write_manifest(cfg)
-    return pipeline.shard_keys(cfg, cfg.corpus.shard_names())
+    return paths.shard_keys(cfg, cfg.corpus.shard_names())
 
 
 def test_shard_keys_follow_the_teacher_config_and_the_generate_window(tmp_path):
@@ -178,7 +178,7 @@ def test_engine_version_is_recorded_not_keyed(tmp_path, monkeypatch):
     names = []
     for version in ("0.11.0", "0.12.0"):
         monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(__version__=version))
-        names.append((pipeline._engine_name(), keys_of(cfg)))
+        names.append((engines.engine_name(), keys_of(cfg)))
     (engine_a, keys_a), (engine_b, keys_b) = names
     assert engine_a != engine_b and keys_a == keys_b, "an engine upgrade alone must not relabel"
     tagged = keys_of(run_config(tmp_path, teacher, relabel_tag="vllm-0.12.0"))
@@ -190,49 +190,49 @@ def test_engine_version_is_recorded_not_keyed(tmp_path, monkeypatch):
 
 def test_student_key_covers_code_and_init_weights():
     student, train = StudentConfig(), TrainConfig()
-    base = pipeline.student_key(student, train, ["b", "a"], None, "code-1")
-    assert base == pipeline.student_key(student, train, ["a", "b"], None, "code-1"), "shard order does not matter"
-    assert base != pipeline.student_key(student, train, ["a", "b"], None, "code-2"), "edited training code retrains"
-    assert base != pipeline.student_key(student, train, ["a", "c"], None, "code-1")
-    assert base != pipeline.student_key(
+    base = paths.student_key(student, train, ["b", "a"], None, "code-1")
+    assert base == paths.student_key(student, train, ["a", "b"], None, "code-1"), "shard order does not matter"
+    assert base != paths.student_key(student, train, ["a", "b"], None, "code-2"), "edited training code retrains"
+    assert base != paths.student_key(student, train, ["a", "c"], None, "code-1")
+    assert base != paths.student_key(
         student, dataclasses.replace(train, lr=train.lr * 2), ["a", "b"], None, "code-1"
     )
-    assert base == pipeline.student_key(
+    assert base == paths.student_key(
         student, dataclasses.replace(train, progress=not train.progress), ["a", "b"], None, "code-1"
     )
     uld = dataclasses.replace(train, cross_tokenizer_loss="uld")
-    assert base == pipeline.student_key(student, uld, ["a", "b"], None, "code-1"), (
+    assert base == paths.student_key(student, uld, ["a", "b"], None, "code-1"), (
         "no own tokenizer: the cross-tokenizer loss is unused"
     )
     own = StudentConfig(init="random", tokenizer="bpe:1000")
-    assert pipeline.student_key(own, train, ["a"], None, "code-1", "tok-1") != pipeline.student_key(
+    assert paths.student_key(own, train, ["a"], None, "code-1", "tok-1") != paths.student_key(
         own, uld, ["a"], None, "code-1", "tok-1"
     )
-    assert pipeline.student_key(own, train, ["a"], None, "code-1", "tok-1") != pipeline.student_key(
+    assert paths.student_key(own, train, ["a"], None, "code-1", "tok-1") != paths.student_key(
         own, train, ["a"], None, "code-1", "tok-2"
     )
 
     at_a = StudentConfig(init="checkpoint", checkpoint="/a/student")
     at_b = StudentConfig(init="checkpoint", checkpoint="/b/student")
-    key_a = pipeline.student_key(at_a, train, ["a"], "weights-1", "code-1")
-    assert key_a == pipeline.student_key(at_b, train, ["a"], "weights-1", "code-1"), "keyed by weights, not path"
-    assert key_a != pipeline.student_key(at_a, train, ["a"], "weights-2", "code-1")
+    key_a = paths.student_key(at_a, train, ["a"], "weights-1", "code-1")
+    assert key_a == paths.student_key(at_b, train, ["a"], "weights-1", "code-1"), "keyed by weights, not path"
+    assert key_a != paths.student_key(at_a, train, ["a"], "weights-2", "code-1")
 
 
 def test_student_init_hash_follows_the_weights_not_the_path(tmp_path):
-    assert pipeline.student_init_hash(StudentConfig()) is None
+    assert paths.student_init_hash(StudentConfig()) is None
     first = fake_checkpoint(tmp_path / "a" / "student", fill=1.0)
-    h = pipeline.student_init_hash(StudentConfig(init="checkpoint", checkpoint=str(first)))
+    h = paths.student_init_hash(StudentConfig(init="checkpoint", checkpoint=str(first)))
     moved = tmp_path / "b" / "student"
     shutil.move(str(first), moved)
-    assert pipeline.student_init_hash(StudentConfig(init="checkpoint", checkpoint=str(moved))) == h
+    assert paths.student_init_hash(StudentConfig(init="checkpoint", checkpoint=str(moved))) == h
     fake_checkpoint(moved, fill=2.0)  # new weights at the same path
-    replaced = pipeline.student_init_hash(StudentConfig(init="checkpoint", checkpoint=str(moved)))
+    replaced = paths.student_init_hash(StudentConfig(init="checkpoint", checkpoint=str(moved)))
     assert replaced != h
     edit_config(moved, rms_norm_eps=1e-6)
-    assert pipeline.student_init_hash(StudentConfig(init="checkpoint", checkpoint=str(moved))) != replaced
+    assert paths.student_init_hash(StudentConfig(init="checkpoint", checkpoint=str(moved))) != replaced
     with pytest.raises(ConfigError, match="student.checkpoint"):
-        pipeline.student_init_hash(StudentConfig(init="checkpoint", checkpoint=str(tmp_path / "missing")))
+        paths.student_init_hash(StudentConfig(init="checkpoint", checkpoint=str(tmp_path / "missing")))
 
 
 def test_student_dir_retrains_on_code_or_init_weights(tmp_path, monkeypatch):
@@ -242,29 +242,29 @@ def test_student_dir_retrains_on_code_or_init_weights(tmp_path, monkeypatch):
         run_config(tmp_path, teacher), student=StudentConfig(init="checkpoint", checkpoint=str(init))
     )
     write_manifest(cfg)
-    base = pipeline.student_dir(cfg, baseline=False)
-    assert pipeline.student_dir(cfg, baseline=False) == base
-    assert pipeline.student_dir(cfg, baseline=True) != base
+    base = paths.student_dir(cfg, baseline=False)
+    assert paths.student_dir(cfg, baseline=False) == base
+    assert paths.student_dir(cfg, baseline=True) != base
 
     moved = tmp_path / "moved" / "init"
     shutil.copytree(init, moved)
     moved_cfg = dataclasses.replace(cfg, student=StudentConfig(init="checkpoint", checkpoint=str(moved)))
-    assert pipeline.student_dir(moved_cfg, baseline=False) == base, "the same weights elsewhere: reuse"
+    assert paths.student_dir(moved_cfg, baseline=False) == base, "the same weights elsewhere: reuse"
     fake_checkpoint(init, fill=3.0)
-    assert pipeline.student_dir(cfg, baseline=False) != base, "new weights at the same path: retrain"
+    assert paths.student_dir(cfg, baseline=False) != base, "new weights at the same path: retrain"
 
-    monkeypatch.setattr(pipeline, "training_code_fingerprint", lambda: "edited")
-    assert pipeline.student_dir(moved_cfg, baseline=False) != base, "edited training code: retrain"
+    monkeypatch.setattr(paths, "training_code_fingerprint", lambda: "edited")
+    assert paths.student_dir(moved_cfg, baseline=False) != base, "edited training code: retrain"
 
 
 def test_training_code_fingerprint_is_cached_and_covers_the_sources():
-    first = pipeline.training_code_fingerprint()
-    hits = pipeline.training_code_fingerprint.cache_info().hits
-    assert pipeline.training_code_fingerprint() == first
-    assert pipeline.training_code_fingerprint.cache_info().hits == hits + 1, "computed once per process"
-    assert first == pipeline.source_fingerprint(pipeline.TRAINING_CODE)
+    first = paths.training_code_fingerprint()
+    hits = paths.training_code_fingerprint.cache_info().hits
+    assert paths.training_code_fingerprint() == first
+    assert paths.training_code_fingerprint.cache_info().hits == hits + 1, "computed once per process"
+    assert first == paths.source_fingerprint(paths.TRAINING_CODE)
     assert {"distill.train.trainer", "distill.train.losses", "distill.train.student", "storage.reader"} <= set(
-        pipeline.TRAINING_CODE
+        paths.TRAINING_CODE
     )
 
 
@@ -277,9 +277,9 @@ def test_source_fingerprint_changes_with_any_source(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     importlib.invalidate_caches()
     modules = ("fp_pkg.loss", "fp_pkg.loop")
-    base = pipeline.source_fingerprint(modules)
-    assert pipeline.source_fingerprint(modules) == base
+    base = paths.source_fingerprint(modules)
+    assert paths.source_fingerprint(modules) == base
     (pkg / "loss.py").write_text("def loss(x):\n    return 2 * x\n")
-    assert pipeline.source_fingerprint(modules) != base
+    assert paths.source_fingerprint(modules) != base
     with pytest.raises(FileNotFoundError, match="fp_pkg.missing"):
-        pipeline.source_fingerprint(("fp_pkg.missing",))
+        paths.source_fingerprint(("fp_pkg.missing",))

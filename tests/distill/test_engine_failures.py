@@ -131,7 +131,7 @@ def test_sigstopped_engine_fails_the_call_after_step_timeout(teacher_dir):
 @pytest.mark.slow
 def test_retry_after_a_killed_worker_relabels_only_the_missing_shards(tiny_config_path, engine, tmp_path):
     from distill.config import load_config
-    from distill.run import pipeline
+    from distill.run import engines, labelling, paths
     from distill.teacher.vllm_engine import EngineFailure
 
     config = yaml.safe_load(Path(tiny_config_path).read_text())
@@ -139,15 +139,15 @@ def test_retry_after_a_killed_worker_relabels_only_the_missing_shards(tiny_confi
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config))
     cfg = load_config(path)
-    pipeline.prepare_corpus(cfg)
+    labelling.prepare_corpus(cfg)
     names = cfg.corpus.shard_names()
     assert len(names) >= 3
-    store = pipeline.label_store(cfg)
-    keys = pipeline.shard_keys(cfg, names)
+    store = paths.label_store(cfg)
+    keys = paths.shard_keys(cfg, names)
     handed = []
 
     def oom_on_second_shard():
-        eng = pipeline.get_engine(cfg)  # the session's engine: same teacher and settings
+        eng = engines.get_engine(cfg)  # the session's engine: same teacher and settings
         handed.append(eng)
         if len(handed) == 2:  # between two shards, as the kernel may pick any moment
             worker = _process(eng, "Worker")
@@ -156,13 +156,13 @@ def test_retry_after_a_killed_worker_relabels_only_the_missing_shards(tiny_confi
         return eng
 
     with pytest.raises(EngineFailure) as failure:
-        pipeline.label_shards(cfg, names, engine_factory=oom_on_second_shard)
+        labelling.label_shards(cfg, names, engine_factory=oom_on_second_shard)
     assert "::Worker" in str(failure.value) and "between calls" in str(failure.value), failure.value
     committed = [n for n in names if store.is_committed(keys[n])]
     assert committed == names[:1], f"one shard was labelled before the kill, got {committed}"
     assert not list((tmp_path / "data" / "labels").rglob(".*")), "the failed shard left a temporary"
 
-    results = pipeline.label_shards(cfg, names)  # the retry, with the product's own engine lookup
+    results = labelling.label_shards(cfg, names)  # the retry, with the product's own engine lookup
     assert [results[n]["cache_hit"] for n in names] == [True] + [False] * (len(names) - 1)
     assert all(store.is_committed(keys[n]) for n in names)
     assert engine.current() is not handed[0] and engine.current().alive()
@@ -201,7 +201,7 @@ def test_teacher_logits_step_is_retried_on_a_fresh_engine_after_a_stall(tiny_con
     import dagster as dg
 
     from distill.config import load_config
-    from distill.run import pipeline
+    from distill.run import engines
     from pipelines.definitions import build_definitions
 
     config = yaml.safe_load(Path(tiny_config_path).read_text())
@@ -222,7 +222,7 @@ def test_teacher_logits_step_is_retried_on_a_fresh_engine_after_a_stall(tiny_con
         instance=instance,
     )
     assert inputs.success
-    stalled = pipeline.get_engine(cfg)  # the engine the step will find in the registry
+    stalled = engines.get_engine(cfg)  # the engine the step will find in the registry
     worker = _process(stalled, "Worker")
     worker.suspend()
     try:
@@ -239,13 +239,13 @@ def test_teacher_logits_step_is_retried_on_a_fresh_engine_after_a_stall(tiny_con
         assert "STEP_UP_FOR_RETRY" in events and "STEP_RESTARTED" in events, events
         assert stalled.failure and "stopped (by SIGSTOP" in stalled.failure, stalled.failure
         assert not _wait_gone(stalled.processes), "the stalled engine's processes outlived its failure"
-        assert pipeline.get_engine(cfg) is not stalled
+        assert engines.get_engine(cfg) is not stalled
     finally:
         try:
             worker.resume()
         except psutil.NoSuchProcess:
             pass
-        for key, eng in list(pipeline._ENGINES.items()):  # this test's engines only; the session's stays
+        for key, eng in list(engines._ENGINES.items()):  # this test's engines only; the session's stays
             if key[3] == cfg.teacher.engine:
-                pipeline._ENGINES.pop(key).close()
+                engines._ENGINES.pop(key).close()
         stalled.close()

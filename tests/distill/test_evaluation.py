@@ -212,14 +212,14 @@ def heldout(tiny_config, engine, tmp_path_factory):
     """Labelled held-out shards of the tiny config (its own storage root; the session's engine)."""
     import dataclasses
 
-    from distill.run import pipeline
+    from distill.run import labelling
 
     cfg = dataclasses.replace(tiny_config, storage_root=str(tmp_path_factory.mktemp("eval") / "data"))
-    pipeline.prepare_corpus(cfg)
-    pipeline.label_shards(
+    labelling.prepare_corpus(cfg)
+    labelling.label_shards(
         cfg, [n for n in cfg.corpus.shard_names() if n.startswith("heldout")], engine_factory=lambda: engine
     )
-    return cfg, pipeline.open_split(cfg, "heldout")
+    return cfg, labelling.open_split(cfg, "heldout")
 
 
 @pytest.mark.slow

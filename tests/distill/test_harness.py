@@ -46,13 +46,13 @@ def test_unknown_task_names_the_include_folder(engine, teacher_dir):
 
 
 def test_evaluation_reports_lm_eval_scores_for_every_model(tiny_config, materialized):
-    from distill.run import pipeline
+    from distill.run import evaluating
 
     cfg = dataclasses.replace(
         tiny_config,
         eval=dataclasses.replace(tiny_config.eval, lm_eval_tasks=(TASK,), lm_eval_include=INCLUDE, lm_eval_limit=8),
     )
-    report = pipeline.evaluate_run(cfg)
+    report = evaluating.evaluate_run(cfg)
     for name in ("teacher", "student", "baseline"):
         scores = report["results"][name]["lm_eval"][TASK]
         assert 0.0 <= scores["acc"] <= 1.0 and report["results"][name][f"lm_eval_{TASK}_acc"] == scores["acc"]

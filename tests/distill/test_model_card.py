@@ -87,10 +87,10 @@ def test_teacher_license_comes_from_its_card(tmp_path):
 def test_trained_and_evaluated_students_carry_their_cards(tiny_config, materialized):
     from huggingface_hub import ModelCard
 
-    from distill.run import pipeline
+    from distill.run import paths
 
     for baseline in (False, True):
-        folder = pipeline.student_dir(tiny_config, baseline)
+        folder = paths.student_dir(tiny_config, baseline)
         card = ModelCard.load(folder / "model" / "README.md")
         assert card.data.license == "apache-2.0"  # the bundled teacher's
         summary = json.loads((folder / "summary.json").read_text())
@@ -102,5 +102,5 @@ def test_trained_and_evaluated_students_carry_their_cards(tiny_config, materiali
         assert ("the CE-only baseline: no distillation" in card.text) == baseline
         assert (folder / "run_config.json").exists()
     assert (
-        Path(pipeline.student_dir(tiny_config, False) / "model" / "README.md").read_text().startswith("---\nlicense:")
+        Path(paths.student_dir(tiny_config, False) / "model" / "README.md").read_text().startswith("---\nlicense:")
     )

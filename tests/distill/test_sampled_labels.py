@@ -264,10 +264,10 @@ def test_engine_sampled_targets_converge_to_the_full_distribution(engine, hf_tea
     every id within sampling noise, and what it misses is exactly the mass beyond the K' (the
     sampler's stated bias)."""
     from distill.data import read_corpus_shard
-    from distill.run import pipeline
+    from distill.run import labelling, paths
 
-    hashes = pipeline.teacher_hashes(tiny_config)
-    pipeline.prepare_corpus(tiny_config)
+    hashes = paths.teacher_hashes(tiny_config)
+    labelling.prepare_corpus(tiny_config)
     _, windows = read_corpus_shard(tiny_config.root, tiny_config.corpus, hashes["tokenizer"], "heldout-00000", "score")
     ids = windows.column("input_ids").to_pylist()[0][:24]
     proposal = SampledLabelsConfig().proposal_k
@@ -302,7 +302,7 @@ def test_engine_sampled_targets_converge_to_the_full_distribution(engine, hf_tea
 
 @pytest.mark.slow
 def test_pipeline_labels_train_sampled_and_heldout_topk(engine, tiny_config, tmp_path):
-    from distill.run import pipeline
+    from distill.run import labelling, paths
     from distill.train.config import StudentConfig, TrainConfig
     from distill.train.trainer import train
 
@@ -310,18 +310,18 @@ def test_pipeline_labels_train_sampled_and_heldout_topk(engine, tiny_config, tmp
         tiny_config,
         teacher=dataclasses.replace(tiny_config.teacher, labels="sampled", sampled_labels=SampledLabelsConfig(draws=6)),
     )
-    pipeline.prepare_corpus(cfg)
+    labelling.prepare_corpus(cfg)
     names = cfg.corpus.shard_names()
-    topk_keys, sampled_keys = pipeline.shard_keys(tiny_config, names), pipeline.shard_keys(cfg, names)
+    topk_keys, sampled_keys = paths.shard_keys(tiny_config, names), paths.shard_keys(cfg, names)
     for name in names:  # held-out labels are shared by both configs; train labels are not
         assert (topk_keys[name] == sampled_keys[name]) == name.startswith("heldout")
-    pipeline.label_shards(cfg, names, engine_factory=lambda: engine)
-    assert not pipeline.check_shards(cfg, names)["problems"]
-    train_shards, heldout = pipeline.open_split(cfg, "train"), pipeline.open_split(cfg, "heldout")
+    labelling.label_shards(cfg, names, engine_factory=lambda: engine)
+    assert not labelling.check_shards(cfg, names)["problems"]
+    train_shards, heldout = labelling.open_split(cfg, "train"), labelling.open_split(cfg, "heldout")
     assert {s.meta.k for s in train_shards} == {6} and {s.meta.settings["labels"] for s in train_shards} == {"sampled"}
     assert {s.meta.k for s in heldout} == {tiny_config.teacher.k} and "labels" not in heldout[0].meta.settings
     # labelling again is all cache hits; the draws are the same in any batch
-    again = pipeline.label_shards(cfg, names, engine_factory=lambda: engine)
+    again = labelling.label_shards(cfg, names, engine_factory=lambda: engine)
     assert all(r["cache_hit"] for r in again.values())
     student = StudentConfig(
         init="random", num_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1
@@ -329,7 +329,7 @@ def test_pipeline_labels_train_sampled_and_heldout_topk(engine, tiny_config, tmp
     summary = train(
         student,
         TrainConfig(steps=2, batch_size=2, progress=False),
-        pipeline.teacher_dir(cfg),
+        paths.teacher_dir(cfg),
         train_shards,
         tmp_path / "s",
         49152,

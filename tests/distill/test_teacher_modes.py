@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from distill.run import pipeline
+from distill.run import labelling
 from distill.teacher.config import SamplingConfig
 from distill.teacher.reference import reference_labels
 from storage.reader import ShardStream, StreamPosition
@@ -19,11 +19,11 @@ pytestmark = pytest.mark.slow
 
 
 def _label(cfg):
-    pipeline.prepare_corpus(cfg)
+    labelling.prepare_corpus(cfg)
     names = cfg.corpus.shard_names()
-    results = pipeline.label_shards(cfg, names)
-    assert not pipeline.check_shards(cfg, names)["problems"]
-    shards = pipeline.open_split(cfg, "train") + pipeline.open_split(cfg, "heldout")
+    results = labelling.label_shards(cfg, names)
+    assert not labelling.check_shards(cfg, names)["problems"]
+    shards = labelling.open_split(cfg, "train") + labelling.open_split(cfg, "heldout")
     rows = [row for row, _ in ShardStream(shards, shuffle=False).rows(StreamPosition(), epochs=1)]
     return results, shards, rows
 

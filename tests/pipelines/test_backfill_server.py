@@ -35,7 +35,7 @@ STATUS = """query($id: String!) {
 
 def test_backfill_through_server(tiny_config_path, tmp_path):
     from distill.config import load_config
-    from distill.run import pipeline
+    from distill.run import labelling, paths
 
     config = yaml.safe_load(Path(tiny_config_path).read_text())
     config["storage_root"] = str(tmp_path / "data")  # label for real, not from the session's cache
@@ -44,7 +44,7 @@ def test_backfill_through_server(tiny_config_path, tmp_path):
     config_path = tmp_path / "run.yaml"
     config_path.write_text(yaml.safe_dump(config))
     cfg = load_config(config_path)
-    pipeline.prepare_corpus(cfg)
+    labelling.prepare_corpus(cfg)
     shards = cfg.corpus.shard_names()
 
     home = tmp_path / "dagster_home"
@@ -91,7 +91,7 @@ def test_backfill_through_server(tiny_config_path, tmp_path):
     if a_from < b_until and b_from < a_until:
         assert a_slots != b_slots, f"two engines labelled at the same time on one slot: {windows}"
     assert not list((Path(cfg.root) / "labels").rglob(".*")), "no temporary or partial file left"
-    shards_read = pipeline.open_split(cfg, "train") + pipeline.open_split(cfg, "heldout")
+    shards_read = labelling.open_split(cfg, "train") + labelling.open_split(cfg, "heldout")
     assert {s.meta.shard for s in shards_read} <= set(shards) and shards_read
-    store = pipeline.label_store(cfg)
-    assert all(store.is_committed(k) for k in pipeline.shard_keys(cfg, shards).values())
+    store = paths.label_store(cfg)
+    assert all(store.is_committed(k) for k in paths.shard_keys(cfg, shards).values())

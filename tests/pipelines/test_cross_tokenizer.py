@@ -30,13 +30,13 @@ def _cross_config(tiny_config, loss):
 def test_student_with_its_own_tokenizer_end_to_end(tiny_config, engine):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from distill.run import pipeline
+    from distill.run import evaluating, labelling, paths, tokenizing, training
 
-    pipeline.prepare_corpus(tiny_config)
-    pipeline.label_shards(tiny_config, tiny_config.corpus.shard_names(), engine_factory=lambda: engine)
+    labelling.prepare_corpus(tiny_config)
+    labelling.label_shards(tiny_config, tiny_config.corpus.shard_names(), engine_factory=lambda: engine)
     cfg = _cross_config(tiny_config, "uld")
-    folder = pipeline.prepare_student_tokenizer(cfg)
-    assert pipeline.prepare_student_tokenizer(cfg) == folder, "trained once, then reused"
+    folder = tokenizing.prepare_student_tokenizer(cfg)
+    assert tokenizing.prepare_student_tokenizer(cfg) == folder, "trained once, then reused"
     tok = AutoTokenizer.from_pretrained(folder)
     assert len(tok) == 400
 
@@ -46,7 +46,7 @@ def test_student_with_its_own_tokenizer_end_to_end(tiny_config, engine):
         ("span_kl", _cross_config(tiny_config, "span_kl"), False),
         ("baseline", cfg, True),
     ):
-        summaries[name] = pipeline.train_student(run, baseline=baseline)
+        summaries[name] = training.train_student(run, baseline=baseline)
         assert summaries[name]["steps"] == run.train.steps and math.isfinite(summaries[name]["final_loss"])
         if not baseline:
             assert summaries[name]["final_kd"] > 0, f"{name}: the KD term saw aligned positions"
@@ -56,9 +56,9 @@ def test_student_with_its_own_tokenizer_end_to_end(tiny_config, engine):
         "saved with its own tokenizer"
     )
     assert len({s["out_dir"] for s in summaries.values()}) == 3
-    assert pipeline.student_dir(cfg, False) != pipeline.student_dir(tiny_config, False)
+    assert paths.student_dir(cfg, False) != paths.student_dir(tiny_config, False)
 
-    report = pipeline.evaluate_run(cfg)
+    report = evaluating.evaluate_run(cfg)
     results = report["results"]
     for name in ("teacher", "student", "baseline", "student_init"):
         assert 0 < results[name]["bpb"] < 20, f"{name}: bits per byte"

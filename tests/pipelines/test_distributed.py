@@ -32,7 +32,7 @@ def labelled(tiny_config_path, engine, tmp_path_factory) -> dict:
     import pydoc_data.topics
 
     from distill.config import load_config
-    from distill.run import pipeline
+    from distill.run import labelling
 
     root = tmp_path_factory.mktemp("distributed")
     texts = list(pydoc_data.topics.topics.values())
@@ -66,10 +66,10 @@ def labelled(tiny_config_path, engine, tmp_path_factory) -> dict:
         "nproc_per_node": 2,
     }
     cfg = load_config(_write(tiny_config_path.parent / "distributed-base.yaml", data))
-    pipeline.prepare_corpus(cfg)
+    labelling.prepare_corpus(cfg)
     train = [n for n in cfg.corpus.shard_names() if n.startswith("train")]
-    pipeline.label_shards(cfg, train, engine_factory=lambda: engine)
-    shards = pipeline.open_split(cfg, "train")
+    labelling.label_shards(cfg, train, engine_factory=lambda: engine)
+    shards = labelling.open_split(cfg, "train")
     groups = sum(s.parquet().metadata.num_row_groups for s in shards)
     assert groups % 2 == 1, f"the test needs an odd number of row groups, got {groups}"
     return data
@@ -119,13 +119,13 @@ def _materialize(config: Path, instance) -> dg.ExecuteInProcessResult:
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_rank_killed_after_checkpoint_resumes_to_the_uninterrupted_result(labelled, tiny_config_path, strategy):
     from distill.config import load_config
-    from distill.run import pipeline
+    from distill.run import paths
     from pipelines.run import run_errors
 
     data = {**labelled, "train": {**labelled["train"], "strategy": strategy}}
     config = _write(tiny_config_path.parent / f"distributed-{strategy}.yaml", data)
     cfg = load_config(config)
-    out = pipeline.student_dir(cfg, baseline=False)
+    out = paths.student_dir(cfg, baseline=False)
     instance = dg.DagsterInstance.ephemeral()
 
     # uninterrupted, put aside as the reference

@@ -24,12 +24,12 @@ def _rows(shard):
 
 
 def test_ensemble_of_the_teacher_and_its_finetuned_self(tiny_config, engine, teacher_dir):
-    from distill.run import pipeline
+    from distill.run import engines, labelling, paths, training
 
     base = tiny_config
     names = base.corpus.shard_names()
-    pipeline.prepare_corpus(base)
-    pipeline.label_shards(base, names, engine_factory=lambda: engine)  # the first teacher alone, as a user had it
+    labelling.prepare_corpus(base)
+    labelling.label_shards(base, names, engine_factory=lambda: engine)  # the first teacher alone, as a user had it
     tuned = FinetuneConfig(steps=3, batch_size=2, lr=1e-4)
     cfg = dataclasses.replace(
         base,
@@ -41,39 +41,39 @@ def test_ensemble_of_the_teacher_and_its_finetuned_self(tiny_config, engine, tea
             ),
         ),
     )
-    with pytest.raises(pipeline.IncompleteLabelsError, match="materialize finetuned_teachers"):
-        pipeline.shard_keys(cfg, names)
+    with pytest.raises(paths.IncompleteLabelsError, match="materialize finetuned_teachers"):
+        paths.shard_keys(cfg, names)
 
-    done = pipeline.prepare_finetuned(cfg, progress=False)
+    done = labelling.prepare_finetuned(cfg, progress=False)
     assert len(done) == 1 and not done[0]["reused"] and done[0]["windows"] > 0
-    assert pipeline.prepare_finetuned(cfg, progress=False)[0]["reused"], "the fine-tuned teacher is cached"
-    runs = pipeline.member_runs(cfg)
+    assert labelling.prepare_finetuned(cfg, progress=False)[0]["reused"], "the fine-tuned teacher is cached"
+    runs = paths.member_runs(cfg)
     tuned_run = runs[1][0]
-    assert pipeline.teacher_hashes(tuned_run)["weights"] != pipeline.teacher_hashes(base)["weights"]
-    assert pipeline.teacher_hashes(tuned_run)["tokenizer"] == pipeline.teacher_hashes(base)["tokenizer"]
+    assert paths.teacher_hashes(tuned_run)["weights"] != paths.teacher_hashes(base)["weights"]
+    assert paths.teacher_hashes(tuned_run)["tokenizer"] == paths.teacher_hashes(base)["tokenizer"]
 
     try:
-        results = pipeline.label_shards(cfg, names)
+        results = labelling.label_shards(cfg, names)
     finally:
-        pipeline.close_engine(tuned_run)  # the session's engine (the first member) stays
+        engines.close_engine(tuned_run)  # the session's engine (the first member) stays
     # adding a teacher labels only that teacher: the first member's shards were cache hits
     assert all(r["members"][0]["cache_hit"] and not r["members"][1]["cache_hit"] for r in results.values())
     assert all(not r["cache_hit"] for r in results.values())
-    assert pipeline.check_shards(cfg, names)["problems"] == []
+    assert labelling.check_shards(cfg, names)["problems"] == []
 
-    train = pipeline.open_split(cfg, "train")
+    train = labelling.open_split(cfg, "train")
     meta = train[0].meta
     assert meta.k == 2 * TINY_K and meta.teacher.startswith("ensemble:")
     members = meta.settings["ensemble"]
     assert [m["weight"] for m in members] == [0.25, 0.75]
-    assert members[0]["weights_hash"] == pipeline.teacher_hashes(base)["weights"]
+    assert members[0]["weights_hash"] == paths.teacher_hashes(base)["weights"]
     assert (
-        members[1]["weights_hash"] == pipeline.teacher_hashes(tuned_run)["weights"]
+        members[1]["weights_hash"] == paths.teacher_hashes(tuned_run)["weights"]
         and members[1]["finetune"]["steps"] == 3
     )
 
     # the stored mixture is the mixture of the members' stored labels
-    store = pipeline.label_store(cfg)
+    store = paths.label_store(cfg)
     name = meta.shard
     a = store.open(members[0]["cache_key"])
     b = store.open(members[1]["cache_key"])
@@ -91,16 +91,16 @@ def test_ensemble_of_the_teacher_and_its_finetuned_self(tiny_config, engine, tea
         disagree += int((live.sum(1) > TINY_K).sum())
     assert disagree > 0, f"{name}: the fine-tuned teacher's top-k differs from the base's somewhere"
 
-    again = pipeline.label_shards(cfg, names, engine_factory=lambda: pytest.fail("no engine for cached labels"))
+    again = labelling.label_shards(cfg, names, engine_factory=lambda: pytest.fail("no engine for cached labels"))
     assert all(r["cache_hit"] for r in again.values())
 
-    student = pipeline.train_student(cfg)
+    student = training.train_student(cfg)
     assert student["steps"] == cfg.train.steps and np.isfinite(student["final_loss"])
-    assert pipeline.student_dir(cfg, False) != pipeline.student_dir(base, False)
+    assert paths.student_dir(cfg, False) != paths.student_dir(base, False)
 
 
 def test_ensemble_members_must_share_a_tokenizer(tiny_config, teacher_dir, tmp_path):
-    from distill.run import pipeline
+    from distill.run import labelling
 
     other = tmp_path / "other-teacher"
     other.mkdir()
@@ -121,7 +121,7 @@ def test_ensemble_members_must_share_a_tokenizer(tiny_config, teacher_dir, tmp_p
         ),
     )
     with pytest.raises(ConfigError, match="does not share the first member's tokenizer"):
-        pipeline.prepare_teacher(cfg)
+        labelling.prepare_teacher(cfg)
 
 
 def test_ensemble_config_is_checked():

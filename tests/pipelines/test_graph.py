@@ -34,20 +34,20 @@ def test_outputs_read_back(materialized, tiny_config, teacher_dir):
     from transformers import AutoModelForCausalLM
 
     from distill.data import corpus_dir
-    from distill.run import pipeline
+    from distill.run import labelling, paths
 
     defs, instance, result = materialized
-    corpus = corpus_dir(tiny_config.root, tiny_config.corpus, pipeline.teacher_hashes(tiny_config)["tokenizer"])
+    corpus = corpus_dir(tiny_config.root, tiny_config.corpus, paths.teacher_hashes(tiny_config)["tokenizer"])
     manifest = json.loads((corpus / "corpus.json").read_text())
     assert manifest["documents"] == 10 and _metadata(instance, "corpus")["documents"].value == 10
     # shards: train and held-out, verified against their commit records, with the configured k
-    train, heldout = pipeline.open_split(tiny_config, "train"), pipeline.open_split(tiny_config, "heldout")
+    train, heldout = labelling.open_split(tiny_config, "train"), labelling.open_split(tiny_config, "heldout")
     assert sum(s.tokens for s in train + heldout) == sum(e["labelled_tokens"] for e in manifest["shards"].values())
     for shard in train + heldout:
         assert shard.meta.k == tiny_config.teacher.k and shard.meta.engine.startswith("vllm-")
     # students load in transformers from safetensors and compute
     for baseline in (False, True):
-        model_dir = pipeline.student_dir(tiny_config, baseline) / "model"
+        model_dir = paths.student_dir(tiny_config, baseline) / "model"
         assert (model_dir / "model.safetensors").exists() and not list(model_dir.glob("*.bin"))
         model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True)
         assert model.config.num_hidden_layers == tiny_config.student.num_layers
@@ -67,17 +67,17 @@ def test_outputs_read_back(materialized, tiny_config, teacher_dir):
 def test_second_labelling_is_all_cache_hits(materialized, tiny_config):
     import time
 
-    from distill.run import pipeline
+    from distill.run import engines, labelling
 
     defs, instance, result = materialized
     first_teacher_seconds = _metadata(instance, "teacher_logits", partition="train-00000")["teacher_seconds"].value
     assert first_teacher_seconds > 0
-    calls_before = pipeline.get_engine(tiny_config).forward_calls
+    calls_before = engines.get_engine(tiny_config).forward_calls
     t0 = time.perf_counter()
-    results = pipeline.label_shards(tiny_config, tiny_config.corpus.shard_names())
+    results = labelling.label_shards(tiny_config, tiny_config.corpus.shard_names())
     seconds = time.perf_counter() - t0
     assert all(r["cache_hit"] for r in results.values())
-    assert pipeline.get_engine(tiny_config).forward_calls == calls_before, "no teacher forward on a cache hit"
+    assert engines.get_engine(tiny_config).forward_calls == calls_before, "no teacher forward on a cache hit"
     assert seconds <= 0.02 * first_teacher_seconds, (seconds, first_teacher_seconds)
     # and a second full materialization through Dagster reports every shard as a cache hit
     from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
@@ -92,7 +92,7 @@ def test_second_labelling_is_all_cache_hits(materialized, tiny_config):
     )
     meta = again.get_asset_materialization_events()[0].materialization.metadata
     assert meta["cache_hits"].value == len(names) and meta["teacher_seconds"].value == 0.0
-    assert pipeline.get_engine(tiny_config).forward_calls == calls_before
+    assert engines.get_engine(tiny_config).forward_calls == calls_before
 
 
 def test_shard_checks_ran(materialized):
@@ -112,7 +112,7 @@ def test_changing_one_document_relabels_only_its_shard(tiny_config, engine, tmp_
     import dataclasses
     from pydoc_data.topics import topics
 
-    from distill.run import pipeline
+    from distill.run import labelling
 
     docs = [{"text": topics[name]} for name in sorted(topics)[:8]]
     src = tmp_path / "docs.jsonl"
@@ -121,8 +121,8 @@ def test_changing_one_document_relabels_only_its_shard(tiny_config, engine, tmp_
         src.write_text("".join(json.dumps(d) + "\n" for d in docs))
         corpus = dataclasses.replace(tiny_config.corpus, source=str(src), max_documents=None)
         cfg = dataclasses.replace(tiny_config, corpus=corpus, storage_root=str(tmp_path / "data"))
-        pipeline.prepare_corpus(cfg)
-        return pipeline.label_shards(cfg, corpus.shard_names())
+        labelling.prepare_corpus(cfg)
+        return labelling.label_shards(cfg, corpus.shard_names())
 
     first = run(docs)
     assert not any(r["cache_hit"] for r in first.values())
@@ -138,9 +138,9 @@ def test_student_checkpoint_generates_in_vllm_and_transformers(materialized, tin
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from distill.eval.generation import generation_throughput
-    from distill.run import pipeline
+    from distill.run import paths
 
-    model_dir = pipeline.student_dir(tiny_config, baseline=False) / "model"
+    model_dir = paths.student_dir(tiny_config, baseline=False) / "model"
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True)
     ids = tok("The capital of France is", return_tensors="pt").input_ids

@@ -51,13 +51,13 @@ def _meta(instance, key):
 
 
 def test_mode_runs_through_the_graph(mode_run):
-    from distill.run import pipeline
+    from distill.run import labelling
 
     mode, cfg, instance, result = mode_run
     assert instance.get_materialized_partitions(dg.AssetKey("teacher_logits")) == set(cfg.corpus.shard_names())
     for key in ("corpus", "student_model", "baseline_student", "evaluation"):
         _meta(instance, key)
-    shards = pipeline.open_split(cfg, "train")
+    shards = labelling.open_split(cfg, "train")
     assert {s.meta.mode for s in shards} == {mode}
     meta = _meta(instance, "evaluation")
     report_path = Path(meta["report"].value)

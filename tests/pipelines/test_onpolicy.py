@@ -31,7 +31,7 @@ ROUNDS = {
 def onpolicy_config(tiny_config_path, engine, tmp_path_factory):
     """The tiny config in generate mode with two short rounds, and its distilled student."""
     from distill.config import load_config, merge
-    from distill.run import pipeline
+    from distill.run import labelling, training
 
     data = merge(
         yaml.safe_load(tiny_config_path.read_text()),
@@ -46,10 +46,10 @@ def onpolicy_config(tiny_config_path, engine, tmp_path_factory):
     path = tmp_path_factory.mktemp("onpolicy") / "onpolicy.yaml"
     path.write_text(yaml.safe_dump(data))
     cfg = load_config(path)
-    pipeline.prepare_teacher(cfg)
-    pipeline.prepare_corpus(cfg)
-    pipeline.label_shards(cfg, cfg.corpus.shard_names())
-    pipeline.train_student(cfg)
+    labelling.prepare_teacher(cfg)
+    labelling.prepare_corpus(cfg)
+    labelling.label_shards(cfg, cfg.corpus.shard_names())
+    training.train_student(cfg)
     return path, cfg
 
 
@@ -58,17 +58,17 @@ def test_rounds_train_on_the_students_own_answers_labelled_by_the_teacher(onpoli
 
     from safetensors.torch import load_file
 
-    from distill.run import onpolicy, pipeline
+    from distill.run import onpolicy, paths
     from distill.teacher.checkpoint import checkpoint_hashes
 
     _, cfg = onpolicy_config
     first = onpolicy.run_rounds(cfg, 1)[0]
-    start = pipeline.student_dir(cfg, False) / "model"
+    start = paths.student_dir(cfg, False) / "model"
     assert first["round"] == 1 and not first["reused"] and first["start"] == str(start)
     assert first["answers"] == 4 * 2 and first["prompts"] == 4 and first["steps"] == 2
 
     # the answers: the distilled student's (by its weights), 2 per prompt, labelled by the teacher
-    shard = pipeline.label_store(cfg).open(first["answers_key"])
+    shard = paths.label_store(cfg).open(first["answers_key"])
     assert shard.meta.mode == "generate" and shard.meta.k == cfg.teacher.k and shard.meta.split == "train"
     assert shard.meta.settings["generator"] == "student"
     assert shard.meta.settings["generator_weights"] == checkpoint_hashes(start)["weights"]
@@ -136,11 +136,11 @@ def test_rounds_train_on_the_students_own_answers_labelled_by_the_teacher(onpoli
     # the off-policy control: the teacher answers the same prompts, with the same sampling
     control = dataclasses.replace(cfg, onpolicy=dataclasses.replace(cfg.onpolicy, generator="teacher"))
     ctl = onpolicy.run_rounds(control, 1)[0]
-    ctl_shard = pipeline.label_store(cfg).open(ctl["answers_key"])
+    ctl_shard = paths.label_store(cfg).open(ctl["answers_key"])
     assert (
         ctl_shard.meta.settings["generator"] == "teacher" and ctl["answers"] == 8 and ctl["out_dir"] != first["out_dir"]
     )
-    assert ctl_shard.meta.settings["generator_weights"] == pipeline.teacher_hashes(cfg)["weights"]
+    assert ctl_shard.meta.settings["generator_weights"] == paths.teacher_hashes(cfg)["weights"]
     assert {r["doc_id"] for r in ctl_shard.parquet().read(columns=["doc_id"]).to_pylist()} == {
         r["doc_id"] for r in table
     }
@@ -199,15 +199,15 @@ def test_a_round_resumes_exactly_inside_its_mix(onpolicy_config, tmp_path):
 
     from safetensors.torch import load_file
 
-    from distill.run import onpolicy, pipeline
+    from distill.run import labelling, onpolicy, paths, tokenizing
     from distill.train.trainer import train
 
     _, cfg = onpolicy_config
     plan = onpolicy.plan_round(cfg, 1)
     answers = onpolicy.label_answer_sets(cfg, [plan.answers])  # committed by the rounds above: no engine work
     steps = dataclasses.replace(plan.train, steps=3, lr=1e-2)
-    args = (plan.student, steps, pipeline.teacher_dir(cfg), pipeline.open_split(cfg, "train"))
-    vocab = len(pipeline.tokenizer(cfg))
+    args = (plan.student, steps, paths.teacher_dir(cfg), labelling.open_split(cfg, "train"))
+    vocab = len(tokenizing.teacher_tokenizer(cfg))
     train(*args, tmp_path / "a", vocab, mix=(answers, 0.5))
     stopped = train(*args, tmp_path / "b", vocab, mix=(answers, 0.5), stop_after=1)
     assert not stopped["finished"] and (tmp_path / "b" / "checkpoints").exists()

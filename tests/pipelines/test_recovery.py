@@ -30,7 +30,7 @@ def killed_then_rerun(tiny_config_path, tmp_path_factory):
     import dagster as dg
 
     from distill.config import load_config
-    from distill.run import pipeline
+    from distill.run import labelling, paths
     from distill.teacher.slots import claim_slot, slot_dir
 
     tmp = tmp_path_factory.mktemp("killed")
@@ -42,9 +42,9 @@ def killed_then_rerun(tiny_config_path, tmp_path_factory):
     path = tmp / "kill.yaml"
     path.write_text(yaml.safe_dump(config))
     cfg = load_config(path)
-    pipeline.prepare_corpus(cfg)  # the run rebuilds the same corpus; here it gives the shard keys
-    keys = pipeline.shard_keys(cfg, cfg.corpus.shard_names())
-    store = pipeline.label_store(cfg)
+    labelling.prepare_corpus(cfg)  # the run rebuilds the same corpus; here it gives the shard keys
+    keys = paths.shard_keys(cfg, cfg.corpus.shard_names())
+    store = paths.label_store(cfg)
     home = tmp / "dagster_home"
     home.mkdir()
     shutil.copy(REPO / "configs" / "instance" / "dagster.yaml", home / "dagster.yaml")  # teacher pool limit 1
@@ -130,7 +130,7 @@ def test_rerun_after_kill_frees_the_pool_and_labels_only_what_was_missing(killed
 
 
 def test_edited_commit_record_is_caught_and_relabelled(killed_then_rerun, engine):
-    from distill.run import pipeline
+    from distill.run import labelling
     from storage.reader import ShardError
 
     cfg, keys, store = killed_then_rerun["cfg"], killed_then_rerun["keys"], killed_then_rerun["store"]
@@ -138,21 +138,21 @@ def test_edited_commit_record_is_caught_and_relabelled(killed_then_rerun, engine
     record_file = store.path_for(keys[name]).with_suffix(".json")
     record = json.loads(record_file.read_text())
     record_file.write_text(json.dumps({**record, "rows": 0, "tokens": 0}))
-    problems = pipeline.check_shards(cfg, [name])["problems"]
+    problems = labelling.check_shards(cfg, [name])["problems"]
     assert len(problems) == 1 and "'rows' is 0 but the file holds" in problems[0] and str(record_file) in problems[0]
     with pytest.raises(ShardError, match="edited or foreign commit record"):
-        pipeline.open_split(cfg, "train")  # training refuses instead of silently skipping the shard
-    relabelled = pipeline.label_shards(cfg, [name], engine_factory=lambda: engine)[name]
+        labelling.open_split(cfg, "train")  # training refuses instead of silently skipping the shard
+    relabelled = labelling.label_shards(cfg, [name], engine_factory=lambda: engine)[name]
     assert (
         not relabelled["cache_hit"]
         and relabelled["rows"] == record["rows"]
         and relabelled["tokens"] == record["tokens"]
     )
-    assert pipeline.check_shards(cfg, [name])["problems"] == []
+    assert labelling.check_shards(cfg, [name])["problems"] == []
 
 
 def test_shard_copied_under_another_key_is_relabelled(killed_then_rerun, engine):
-    from distill.run import pipeline
+    from distill.run import labelling
 
     cfg, keys, store = killed_then_rerun["cfg"], killed_then_rerun["keys"], killed_then_rerun["store"]
     src, dst = [n for n in keys if n.startswith("train") and store.open(keys[n]).rows][:2]
@@ -160,9 +160,9 @@ def test_shard_copied_under_another_key_is_relabelled(killed_then_rerun, engine)
     own_rows = store.open(keys[dst]).rows
     for suffix in (".parquet", ".json"):
         shutil.copy(store.path_for(keys[src]).with_suffix(suffix), store.path_for(keys[dst]).with_suffix(suffix))
-    problems = pipeline.check_shards(cfg, [dst])["problems"]
+    problems = labelling.check_shards(cfg, [dst])["problems"]
     assert len(problems) == 1 and "'cache_key'" in problems[0] and keys[src] in problems[0]
-    relabelled = pipeline.label_shards(cfg, [dst], engine_factory=lambda: engine)[dst]
+    relabelled = labelling.label_shards(cfg, [dst], engine_factory=lambda: engine)[dst]
     assert not relabelled["cache_hit"] and relabelled["rows"] == own_rows
     assert store.open(keys[dst]).meta.cache_key == keys[dst]
 
@@ -171,15 +171,15 @@ def test_two_trainings_of_one_student_at_once_share_one_result(killed_then_rerun
     """Two launches of one config: the second waits on the student folder's lock, then reuses
     the first one's model; no temporary folder is left behind."""
     from distill.config import load_config
-    from distill.run import pipeline
+    from distill.run import paths
 
     config = yaml.safe_load(killed_then_rerun["path"].read_text())
     config["train"]["seed"] = 7  # a student not trained yet
     path = tmp_path / "twice.yaml"
     path.write_text(yaml.safe_dump(config))
     code = (
-        "import json, sys; from distill import pipeline; from distill.config import load_config\n"
-        "s = pipeline.train_student(load_config(sys.argv[1]))\nprint(json.dumps({'reused': s['reused']}))"
+        "import json, sys; from distill.run import training; from distill.config import load_config\n"
+        "s = training.train_student(load_config(sys.argv[1]))\nprint(json.dumps({'reused': s['reused']}))"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = [
@@ -202,7 +202,7 @@ def test_two_trainings_of_one_student_at_once_share_one_result(killed_then_rerun
     reused = sorted(json.loads(out.strip().splitlines()[-1])["reused"] for out, _ in outs)
     assert reused == [False, True]
     assert any("waiting for it to finish" in err for _, err in outs)
-    out_dir = pipeline.student_dir(load_config(path), False)
+    out_dir = paths.student_dir(load_config(path), False)
     assert not list(out_dir.rglob(".*.tmp-*"))
 
 

@@ -1,0 +1,52 @@
+"""The process's teacher engines: one vLLM engine per teacher and settings, started on first use
+and kept for the process's later stages (a start costs tens of seconds), started anew when the
+one held has died or failed (the out-of-memory killer takes engines)."""
+
+from __future__ import annotations
+
+from distill.config import RunConfig
+from distill.run.paths import teacher_dir
+from distill.teacher.slots import slot_dir
+from distill.teacher.vllm_engine import VllmTeacher
+
+_ENGINES: dict[tuple, VllmTeacher] = {}
+
+
+def get_engine(cfg: RunConfig) -> VllmTeacher:
+    """The process's engine for this teacher and settings, started on first use, and started
+    anew when the one held has died or failed."""
+    key = (str(teacher_dir(cfg)), cfg.teacher.k, cfg.corpus.window, cfg.teacher.engine, cfg.teacher.max_logprobs)
+    held = _ENGINES.get(key)
+    if held is not None and not held.alive():
+        _ENGINES.pop(key).close()
+    if key not in _ENGINES:
+        _ENGINES[key] = VllmTeacher(
+            teacher_dir(cfg),
+            cfg.teacher.k,
+            cfg.corpus.window,
+            cfg.teacher.engine,
+            slot_folder=slot_dir(cfg.root),
+            max_logprobs=cfg.teacher.max_logprobs,
+        )
+    return _ENGINES[key]
+
+
+def close_engine(cfg: RunConfig) -> None:
+    """Close this run's teacher engine, if it is running (others stay)."""
+    for key in [key for key in _ENGINES if key[0] == str(teacher_dir(cfg))]:
+        _ENGINES.pop(key).close()
+
+
+def close_engines() -> None:
+    """Close every engine this process holds (at exit, or to free the device)."""
+    while _ENGINES:
+        _, engine = _ENGINES.popitem()
+        engine.close()
+
+
+def engine_name() -> str:
+    """The labelling engine and its version, as shard metadata records it."""
+    # lazy: vLLM is an optional extra (cpu or gpu) and costs seconds to import
+    import vllm
+
+    return f"vllm-{vllm.__version__}"
