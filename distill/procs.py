@@ -17,8 +17,11 @@ the standard library, and runs this file as a script (no package import, starts 
 from __future__ import annotations
 
 import os
+import select
 import subprocess
 import sys
+
+import psutil
 
 POLL_S = 0.5
 GRACE_S = 5.0
@@ -45,8 +48,6 @@ def guard_children() -> None:
 def is_resource_tracker(proc) -> bool:
     """Whether ``proc`` (psutil) is multiprocessing's resource tracker: shared by everything the
     process starts and ended by itself when its owner exits, so never an engine's to end."""
-    import psutil
-
     try:
         return any("multiprocessing.resource_tracker" in part for part in proc.cmdline())
     except psutil.NoSuchProcess:
@@ -55,8 +56,6 @@ def is_resource_tracker(proc) -> bool:
 
 def descendants_alive(procs) -> list:
     """The processes of ``procs`` (psutil.Process) still running (zombies count as gone)."""
-    import psutil
-
     alive = []
     for p in procs:
         try:
@@ -70,8 +69,6 @@ def descendants_alive(procs) -> list:
 def end_processes(procs, grace: float = GRACE_S) -> list:
     """SIGTERM ``procs`` (and their current descendants), SIGKILL what is left after ``grace``
     seconds; returns the processes that had to be killed."""
-    import psutil
-
     everything = {}
     for p in procs:
         try:
@@ -97,10 +94,6 @@ def end_processes(procs, grace: float = GRACE_S) -> list:
 
 
 def _watch(owner_pid: int) -> None:
-    import select
-
-    import psutil
-
     me = os.getpid()
     try:
         owner = psutil.Process(owner_pid)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dagster as dg
 
 from distill.config import load_config
+from distill.run.onpolicy import round_names
 from pipelines.assets.corpus import corpus
 from pipelines.assets.evaluation import evaluation
 from pipelines.assets.onpolicy import build_onpolicy_assets
@@ -25,8 +26,6 @@ def build_definitions(config_path: str | None = None, keep_engine_alive: bool = 
     teacher_logits = build_teacher_logits(partitions, partitions_per_run(cfg, len(partitions.get_partition_keys())))
     assets = [teacher_model, corpus, finetuned_teachers, teacher_logits, student_model, baseline_student, evaluation]
     if cfg.onpolicy.rounds:
-        from distill.run.onpolicy import round_names
-
         assets += build_onpolicy_assets(dg.StaticPartitionsDefinition(round_names(cfg)))
     return dg.Definitions(
         assets=assets,

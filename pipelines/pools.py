@@ -13,6 +13,9 @@ import math
 
 import dagster as dg
 
+from distill.config import load_config
+from pipelines.resources import default_config_path
+
 TEACHER_POOL = "teacher"
 MAX_PARTITIONS_PER_RUN = 4
 
@@ -34,9 +37,6 @@ def sync_teacher_pool(instance: dg.DagsterInstance, cfg) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from distill.config import load_config
-    from pipelines.resources import default_config_path
-
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", default=default_config_path())
     args = parser.parse_args(argv)

@@ -8,6 +8,7 @@ from pathlib import Path
 import dagster as dg
 
 from distill.config import RunConfig, load_config
+from distill.run.engines import close_engines
 
 DEFAULT_CONFIG = "configs/demo.yaml"
 CONFIG_ENV = "DISTILL_CONFIG"
@@ -38,6 +39,4 @@ class TeacherEngine(dg.ConfigurableResource):
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
         if not self.keep_alive:
-            from distill.run.engines import close_engines
-
             close_engines()

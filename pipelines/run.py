@@ -14,9 +14,12 @@ import sys
 from pathlib import Path
 
 import dagster as dg
+import psutil
 from dagster._core.storage.dagster_run import IN_PROGRESS_RUN_STATUSES
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
+from distill.config import load_config
+from distill.configbase import ConfigError
 from distill.procs import guard_children
 from pipelines.definitions import build_definitions
 from pipelines.pools import sync_teacher_pool
@@ -32,8 +35,6 @@ class StageFailed(RuntimeError):
 def process_tags() -> dict[str, str]:
     """Tags naming the process that executes an in-process run, so a later run can tell
     whether it is still alive (Dagster's run monitoring only watches runs it launched)."""
-    import psutil
-
     me = psutil.Process()
     return {PID_TAG: str(me.pid), START_TAG: repr(me.create_time()), HOST_TAG: socket.gethostname()}
 
@@ -45,8 +46,6 @@ def fail_dead_runs(instance: dg.DagsterInstance) -> list[str]:
     Returns the run ids it failed. Labelling then resumes where the dead run stopped: committed
     shards are cache hits.
     """
-    import psutil
-
     failed = []
     for run in instance.get_runs(
         filters=dg.RunsFilter(statuses=IN_PROGRESS_RUN_STATUSES, tags={HOST_TAG: socket.gethostname()})
@@ -163,9 +162,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", default=default_config_path(), help="run config YAML (default: %(default)s)")
     args = parser.parse_args(argv)
-    from distill.config import load_config
-    from distill.configbase import ConfigError
-
     try:
         cfg = load_config(args.config)
     except ConfigError as e:

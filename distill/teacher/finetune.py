@@ -20,7 +20,11 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM
 
+from distill.teacher.checkpoint import MODEL_CONFIG_FILES, TOKENIZER_FILES
 from distill.teacher.config import FinetuneConfig
 
 FINETUNE_INFO = "finetune.json"
@@ -53,12 +57,6 @@ def finetune(
     """Fine-tune the checkpoint in ``base_dir`` on ``windows`` ((token ids, label start) pairs:
     the loss covers the tokens after ``label_start``) and save it to ``out`` atomically (a
     temporary folder renamed into place). Returns the run's summary (also in ``out/finetune.json``)."""
-    import torch
-    from tqdm.auto import tqdm
-    from transformers import AutoModelForCausalLM
-
-    from distill.teacher.checkpoint import MODEL_CONFIG_FILES, TOKENIZER_FILES
-
     if not windows:
         raise ValueError(f"{base_dir}: no training windows to fine-tune the teacher on")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -117,7 +117,7 @@ def shard_key(
     at ``window - len(prompt)`` tokens; in ``score`` and ``candidates`` mode it only decides
     which rows exist (how documents are cut, which examples are dropped), and the fingerprint
     already hashes every row's tokens and ``label_start``, so keying it there would relabel
-    identical rows (``distill.data.build_corpus`` hashes ``input_ids`` and ``label_start`` of
+    identical rows (``distill.corpus.build_corpus`` hashes ``input_ids`` and ``label_start`` of
     each row into the fingerprint). ``distill.run.paths.shard_keys`` passes it.
 
     The engine (vLLM) version is recorded in each shard's metadata but deliberately not keyed:

@@ -26,20 +26,22 @@ import socket
 import time
 from pathlib import Path
 
+import psutil
+import torch
+
+from distill.configbase import ConfigError
+from distill.procs import descendants_alive, end_processes
+
 SLOT_ENV = ("CUDA_VISIBLE_DEVICES", "VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU")
 
 
 def device_sets(slots: int, tensor_parallel_size: int, on_gpu: bool) -> list[list[int]]:
     """The devices of each slot: GPU ids (as this process sees them named) or CPU core ids."""
-    from distill.configbase import ConfigError
-
     if on_gpu:
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         if visible:
             ids = [int(d) for d in visible.split(",") if d.strip()]
         else:
-            import torch
-
             ids = list(range(torch.cuda.device_count()))
         need = slots * tensor_parallel_size
         if need > len(ids):
@@ -114,10 +116,6 @@ def claim_slot(
 
 def _end_previous_engine(handle) -> None:
     """End what a dead holder of this slot left running (matched by pid and start time)."""
-    import psutil
-
-    from distill.procs import descendants_alive, end_processes
-
     handle.seek(0)
     try:
         engine = json.loads(handle.read() or "{}").get("engine", [])

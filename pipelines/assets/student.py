@@ -5,6 +5,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from distill.procs import guard_children
 from distill.run import training
 from pipelines.resources import DistillSettings
 
@@ -43,8 +44,6 @@ def _train(
     event log, and a failed rank fails the step (the next materialization resumes from the last
     checkpoint). On Kubernetes, ``dagster_k8s.PipesK8sClient`` runs the same command in a pod
     with the GPUs (deploy/README.md)."""
-    from distill.procs import guard_children
-
     progress: list[dict] = []
 
     def launcher(cmd, env):

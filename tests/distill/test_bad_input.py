@@ -11,7 +11,8 @@ import pytest
 
 from distill.config import load_config
 from distill.configbase import ConfigError
-from distill.data import CorpusConfig, CorpusError, _hash_unit, build_corpus, corpus_dir, load_mc, load_records
+from distill.corpus import _hash_unit, build_corpus, load_records
+from distill.data import CorpusConfig, CorpusError, corpus_dir, load_mc
 from distill.teacher.checkpoint import TeacherError, check_checkpoint, check_safetensors
 
 

@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from distill.data import CorpusConfig, CorpusError, build_corpus, load_documents, read_corpus_shard, windows
+from distill.corpus import build_corpus, load_documents, windows
+from distill.data import CorpusConfig, CorpusError, read_corpus_shard
 
 
 @pytest.mark.parametrize(
@@ -88,7 +89,7 @@ def test_changing_one_document_changes_one_shard(tmp_path):
 def test_fewer_documents_than_shards_is_refused_before_anything_is_written(tmp_path):
     """A heldout_fraction that leaves fewer documents in a split than it has shards would commit
     empty shards for the teacher to label: refused, naming the counts and both fields."""
-    from distill.data import _hash_unit
+    from distill.corpus import _hash_unit
 
     ids = [f"d{i}" for i in range(8)]
     held = sum(_hash_unit(d, "split") < 0.3 for d in ids)
