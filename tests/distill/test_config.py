@@ -66,3 +66,68 @@ def test_overrides_merge_and_validate():
     assert cfg.train.steps == 7 and cfg.teacher.k == 16 and cfg.train.batch_size == load_config(path).train.batch_size
     with pytest.raises(ConfigError, match=r"overrides.*train\.steps=0"):
         DistillSettings(config_path=path, overrides={"train": {"steps": 0}}).load()
+
+
+# cross-field rules (distill.config): what the config alone decides is refused at load, naming the
+# field and its value; the rules that need the teacher's files, once the run layer resolved it
+@pytest.mark.parametrize(
+    "data,match",
+    [
+        (
+            {"teacher": {"mode": "candidates"}, "train": {"divergence": "jsd"}},
+            r"teacher\.mode: candidates.* train\.divergence='jsd' .*expected forward_kl",
+        ),
+        (
+            {"teacher": {"mode": "generate"}, "student": {"init": "random", "tokenizer": "bpe:300"}},
+            r"student\.tokenizer='bpe:300' needs teacher\.mode: score .* not 'generate'",
+        ),
+        (
+            {"teacher": {"mode": "candidates"}, "student": {"init": "random", "tokenizer": "bpe:300"}},
+            r"student\.tokenizer='bpe:300' needs teacher\.mode: score",
+        ),
+    ],
+)
+def test_cross_field_rules_refuse_at_load(data, match):
+    with pytest.raises(ConfigError, match=match):
+        from_mapping(data)
+
+
+def test_cross_field_rules_accept_what_they_allow():
+    # a CE-only candidates run has no divergence to choose; forward KL is the candidates loss
+    assert from_mapping({"teacher": {"mode": "candidates"}, "train": {"divergence": "jsd", "kd_weight": 0}})
+    assert from_mapping({"teacher": {"mode": "candidates"}, "train": {"divergence": "forward_kl"}})
+    assert from_mapping({"teacher": {"mode": "score"}, "student": {"init": "random", "tokenizer": "bpe:300"}})
+    assert from_mapping({"teacher": {"mode": "generate"}, "train": {"divergence": "jsd"}})
+
+
+TEACHER_JSON = {"vocab_size": 49152, "max_position_embeddings": 2048, "num_hidden_layers": 30}
+
+
+@pytest.mark.parametrize(
+    "data,teacher_config,members,match",
+    [
+        ({"corpus": {"window": 4096}}, TEACHER_JSON, [], r"corpus\.window=4096 exceeds the teacher's context \(2048"),
+        ({"teacher": {"k": 64}}, {**TEACHER_JSON, "vocab_size": 50}, [], r"teacher\.k=64 exceeds the teacher's vocab"),
+        # a multimodal checkpoint nests its language model's settings
+        ({"corpus": {"window": 512}}, {"text_config": {"max_position_embeddings": 256}}, [], r"corpus\.window=512"),
+        (
+            {"teacher": {"models": [{"model": "/t/a"}, {"model": "/t/b"}]}},
+            TEACHER_JSON,
+            [("/t/a", "h1"), ("/t/b", "h2")],
+            r"teacher\.models\[1\]\.model='/t/b' \(/t/b\) does not share the first member's tokenizer \(/t/a\)",
+        ),
+    ],
+)
+def test_rules_against_the_teacher_name_the_field(data, teacher_config, members, match):
+    from distill.config import check_against_teacher
+
+    with pytest.raises(ConfigError, match=match):
+        check_against_teacher(from_mapping(data), teacher_config, members)
+
+
+def test_rules_against_the_teacher_pass_a_fitting_teacher():
+    from distill.config import check_against_teacher
+
+    cfg = from_mapping({"teacher": {"models": [{"model": "/t/a"}, {"model": "/t/b"}]}, "corpus": {"window": 2048}})
+    assert check_against_teacher(cfg, TEACHER_JSON, [("/t/a", "h"), ("/t/b", "h")]) is None
+    assert check_against_teacher(cfg, {}, []) is None  # a config.json without the fields: nothing to check
