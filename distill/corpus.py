@@ -247,7 +247,8 @@ def encode_prompt(tokenizer, text: str, cfg: CorpusConfig) -> list[int]:
         return list(tokenizer(text)["input_ids"])
     if not getattr(tokenizer, "chat_template", None):
         raise CorpusError(
-            f"{getattr(tokenizer, 'name_or_path', 'teacher')}: the tokenizer has no chat template; set corpus.chat_template: false"
+            f"{getattr(tokenizer, 'name_or_path', 'teacher')}: the tokenizer has no chat template; set "
+            "corpus.chat_template: false"
         )
     messages = ([{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt is not None else []) + [
         {"role": "user", "content": text}
@@ -264,7 +265,8 @@ def _answer_index(where: Callable[[], str], answer, candidates: list[str], cfg: 
     if isinstance(answer, (int, np.integer)) and not isinstance(answer, bool) and 0 <= answer < len(candidates):
         return int(answer)
     raise CorpusError(
-        f"{where()}: {cfg.answer_column}={answer!r}, expected an index into its {len(candidates)} candidates or one of them"
+        f"{where()}: {cfg.answer_column}={answer!r}, expected an index into its {len(candidates)} candidates or one "
+        "of them"
     )
 
 
@@ -287,7 +289,8 @@ def _check_record(where: Callable[[], str], record: dict, mode: str, cfg: Corpus
         cands = record[cfg.candidates_column]
         if not isinstance(cands, (list, tuple)) or len(cands) < 2 or not all(isinstance(c, str) and c for c in cands):
             raise CorpusError(
-                f"{where()}: column {cfg.candidates_column!r} must be a list of at least two non-empty strings, got {cands!r}"
+                f"{where()}: column {cfg.candidates_column!r} must be a list of at least two non-empty strings, got "
+                f"{cands!r}"
             )
         out["candidates"] = list(cands)
         out["answer"] = _answer_index(
@@ -411,8 +414,8 @@ def build_corpus(
             drops = {k: v for k, v in counts.items() if k.startswith("dropped") and v}
             raise CorpusError(
                 f"{cfg.source}: corpus.heldout_fraction={cfg.heldout_fraction} leaves the {split} split empty "
-                f"({kept['train']} train and {kept['heldout']} held-out documents kept of {counts['documents_read']} read"
-                f"{f', dropped {drops}' if drops else ''}); {advice} or add documents"
+                f"({kept['train']} train and {kept['heldout']} held-out documents kept of "
+                f"{counts['documents_read']} read{f', dropped {drops}' if drops else ''}); {advice} or add documents"
             )
     # a document lives in one shard: fewer documents than shards leaves shards with nothing in
     # them that the teacher would still be started for and training would read
@@ -423,10 +426,11 @@ def build_corpus(
         shards_wanted = getattr(cfg, field)
         if kept[split] < shards_wanted:
             raise CorpusError(
-                f"{cfg.source}: corpus.heldout_fraction={cfg.heldout_fraction} leaves {kept[split]} {split} document(s) "
-                f"for corpus.{field}={shards_wanted} shards ({kept['train']} train and {kept['heldout']} held-out documents "
-                f"kept of {counts['documents_read']} read), so {shards_wanted - kept[split]} shard(s) would be empty; "
-                f"set corpus.{field} to at most {kept[split]}, {advice} or add documents"
+                f"{cfg.source}: corpus.heldout_fraction={cfg.heldout_fraction} leaves {kept[split]} {split} "
+                f"document(s) for corpus.{field}={shards_wanted} shards ({kept['train']} train and "
+                f"{kept['heldout']} held-out documents kept of {counts['documents_read']} read), so "
+                f"{shards_wanted - kept[split]} shard(s) would be empty; set corpus.{field} to at most {kept[split]}, "
+                f"{advice} or add documents"
             )
     out.mkdir(parents=True, exist_ok=True)
     shard_info = {}

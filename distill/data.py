@@ -26,7 +26,8 @@ SPLITS = ("train", "heldout")
 @dataclasses.dataclass(frozen=True)
 class CorpusConfig:
     source: str = PYDOC_SOURCE
-    """``pydoc_topics`` (the Python language reference shipped with Python), a hub dataset id, or local json/jsonl/parquet/csv/txt file(s) (comma-separated or a glob)."""
+    """``pydoc_topics`` (the Python language reference shipped with Python), a hub dataset id, or local
+    json/jsonl/parquet/csv/txt file(s) (comma-separated or a glob)."""
     text_column: str = "text"
     """Column holding the document text."""
     id_column: str | None = None
@@ -40,7 +41,8 @@ class CorpusConfig:
     window: int = 1024
     """Tokens per window; longer documents are split into several windows."""
     stride: int | None = None
-    """Start offset between consecutive windows of a document; default ``window - 1`` (one token of overlap, every token labelled once)."""
+    """Start offset between consecutive windows of a document; default ``window - 1`` (one token of overlap, every
+    token labelled once)."""
     min_tokens: int = 2
     """Documents with fewer tokens (after tokenization) are dropped and counted."""
     train_shards: int = 4
@@ -52,9 +54,11 @@ class CorpusConfig:
     candidates_column: str = "candidates"
     """``candidates`` mode: column holding the list of candidate answers (strings)."""
     answer_column: str | None = "answer"
-    """``candidates`` mode: column holding the gold answer (an index into the candidates, or the candidate text); optional in the data."""
+    """``candidates`` mode: column holding the gold answer (an index into the candidates, or the candidate text);
+    optional in the data."""
     chat_template: bool = True
-    """``generate`` / ``candidates`` modes: wrap prompts in the teacher tokenizer's chat template (user turn + assistant start)."""
+    """``generate`` / ``candidates`` modes: wrap prompts in the teacher tokenizer's chat template (user turn +
+    assistant start)."""
     system_prompt: str | None = None
     """System message put before each prompt when ``chat_template`` is on (None: the template's default)."""
 
@@ -111,7 +115,8 @@ def text_lines(path: str | os.PathLike, error: type[Exception], jsonl: bool) -> 
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise error(
-                    f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno}); a .jsonl file holds one JSON object per line"
+                    f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno}); a .jsonl file holds one JSON object "
+                    "per line"
                 ) from None
             if not isinstance(record, dict):
                 raise error(f"{path}:{n}: a JSON {type(record).__name__}, expected an object with named fields")
@@ -146,7 +151,8 @@ def load_mc(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(
-            f"{path}: multiple-choice file not found (eval.mc_file; relative paths are relative to the working directory)"
+            f"{path}: multiple-choice file not found (eval.mc_file; relative paths are relative to the working "
+            "directory)"
         )
     items = []
     for i, item in text_lines(path, ValueError, jsonl=True):

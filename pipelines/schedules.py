@@ -15,7 +15,8 @@ REFRESH_CRON_ENV = "DISTILL_REFRESH_CRON"
 refresh_corpus_job = dg.define_asset_job(
     "refresh_corpus",
     selection=dg.AssetSelection.assets("teacher_model", "corpus", "finetuned_teachers"),
-    description="Re-resolve the teacher, re-read the dataset and adapt the fine-tuned ensemble members to it (a cache hit when the data did not change); downstream automation follows.",
+    description="Re-resolve the teacher, re-read the dataset and adapt the fine-tuned ensemble members to it (a "
+    "cache hit when the data did not change); downstream automation follows.",
 )
 
 refresh_corpus_schedule = dg.ScheduleDefinition(
@@ -28,7 +29,8 @@ refresh_corpus_schedule = dg.ScheduleDefinition(
 evaluate_job = dg.define_asset_job(
     "evaluate_students",
     selection=dg.AssetSelection.assets("evaluation"),
-    description="Re-run the evaluation (e.g. on newly arrived held-out data); each run adds a point to the metadata history.",
+    description="Re-run the evaluation (e.g. on newly arrived held-out data); each run adds a point to the metadata "
+    "history.",
 )
 
 evaluate_schedule = dg.ScheduleDefinition(

@@ -10,7 +10,8 @@ from storage.cache import content_key
 @dg.asset(
     group_name="data",
     deps=["teacher_model"],
-    description="Documents (or prompts, or candidate examples) tokenized with the teacher's tokenizer, split train/held-out by document, windowed and sharded.",
+    description="Documents (or prompts, or candidate examples) tokenized with the teacher's tokenizer, split "
+    "train/held-out by document, windowed and sharded.",
 )
 def corpus(settings: DistillSettings) -> dg.MaterializeResult:
     manifest = labelling.prepare_corpus(settings.load())

@@ -22,7 +22,8 @@ from pipelines.resources import DistillSettings, TeacherEngine
             "min_bpb_margin) and its initialization on held-out perplexity and bits per byte.",
         )
     ],
-    description="Perplexity, KL(teacher‖model) and top-1 agreement on held-out shards (the teacher's from its stored labels).",
+    description="Perplexity, KL(teacher‖model) and top-1 agreement on held-out shards (the teacher's from its stored "
+    "labels).",
 )
 def evaluation(
     context: dg.AssetExecutionContext, settings: DistillSettings, teacher_engine: TeacherEngine

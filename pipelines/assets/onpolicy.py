@@ -14,8 +14,8 @@ def build_onpolicy_assets(partitions: dg.PartitionsDefinition) -> list:
         partitions_def=partitions,
         backfill_policy=dg.BackfillPolicy.single_run(),  # rounds run in order, in one run
         pool="teacher",
-        description="One on-policy round: the previous round's student answers the training prompts under vLLM, the teacher "
-        "labels the answers, the student trains on its own answers mixed with the teacher's (GKD lambda). "
+        description="One on-policy round: the previous round's student answers the training prompts under vLLM, the "
+        "teacher labels the answers, the student trains on its own answers mixed with the teacher's (GKD lambda). "
         "A round runs any earlier round still missing; finished rounds are reused.",
     )
     def onpolicy_student(
@@ -27,7 +27,8 @@ def build_onpolicy_assets(partitions: dg.PartitionsDefinition) -> list:
         for info in done:
             context.log.info(
                 f"{onpolicy.round_name(info['round'])}: {'reused' if info['reused'] else 'trained'} "
-                f"({info['answers']} answers, {info['answer_tokens']} labelled tokens, final loss {info['final_loss']:.4f})"
+                f"({info['answers']} answers, {info['answer_tokens']} labelled tokens, final loss "
+                f"{info['final_loss']:.4f})"
             )
         last = done[-1]
         return dg.MaterializeResult(
@@ -48,10 +49,10 @@ def build_onpolicy_assets(partitions: dg.PartitionsDefinition) -> list:
     @dg.asset(
         group_name="evaluation",
         deps=["onpolicy_student", "student_model", "teacher_logits"],
-        description="The last on-policy round's student against the distilled (off-policy) student: KL to the teacher on the "
-        "teacher's held-out answers and on each student's own sampled answers, and greedy agreement; beside the "
-        "own-answer KL, those answers' length, share ended by EOS, distinct-2 and teacher log-likelihood per token "
-        "(a low KL won by short or repetitive answers shows there).",
+        description="The last on-policy round's student against the distilled (off-policy) student: KL to the "
+        "teacher on the teacher's held-out answers and on each student's own sampled answers, and greedy agreement; "
+        "beside the own-answer KL, those answers' length, share ended by EOS, distinct-2 and teacher log-likelihood "
+        "per token (a low KL won by short or repetitive answers shows there).",
     )
     def onpolicy_evaluation(
         context: dg.AssetExecutionContext, settings: DistillSettings, teacher_engine: TeacherEngine

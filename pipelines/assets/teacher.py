@@ -23,7 +23,8 @@ def teacher_model(settings: DistillSettings) -> dg.MaterializeResult:
     group_name="teacher",
     deps=["corpus"],
     automation_condition=dg.AutomationCondition.eager(),
-    description="Teachers adapted to the training split by a short fine-tune (teacher.models members with finetune set; none otherwise), cached by base weights, data and settings.",
+    description="Teachers adapted to the training split by a short fine-tune (teacher.models members with finetune "
+    "set; none otherwise), cached by base weights, data and settings.",
 )
 def finetuned_teachers(settings: DistillSettings) -> dg.MaterializeResult:
     done = labelling.prepare_finetuned(settings.load())
@@ -38,9 +39,7 @@ def finetuned_teachers(settings: DistillSettings) -> dg.MaterializeResult:
                 f"member_{i}_seconds": round(info["seconds"], 1),
             }
         )
-    return dg.MaterializeResult(
-        metadata=metadata, data_version=dg.DataVersion(content_key([d["path"] for d in done]))
-    )
+    return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(content_key([d["path"] for d in done])))
 
 
 def _labelling_window(results: dict) -> dict:
@@ -77,7 +76,8 @@ def build_teacher_logits(partitions: dg.PartitionsDefinition, max_partitions_per
                 description="Mean teacher probability inside the stored top-k reaches teacher.min_topk_mass.",
             ),
         ],
-        description="Teacher top-k soft labels of one corpus shard (Parquet, content-addressed; a known key is a cache hit).",
+        description="Teacher top-k soft labels of one corpus shard (Parquet, content-addressed; a known key is a "
+        "cache hit).",
     )
     def teacher_logits(
         context: dg.AssetExecutionContext, settings: DistillSettings, teacher_engine: TeacherEngine

@@ -8,12 +8,12 @@ import datetime
 import dagster as dg
 import pytest
 
+from pipelines.definitions import build_definitions
+
 pytestmark = pytest.mark.slow
 
 
 def test_refresh_schedule_requests_the_corpus_job(tiny_config_path):
-    from pipelines.definitions import build_definitions
-
     defs = build_definitions(str(tiny_config_path))
     schedule = defs.get_schedule_def("refresh_corpus_daily")
     assert schedule.cron_schedule == "0 3 * * *"
@@ -40,8 +40,6 @@ def test_automation_labels_then_retrains_then_evaluates(tiny_config_path, tiny_c
     """The first tick is a baseline (nothing is filled automatically before it); after the
     corpus is (re)materialized, as the schedule does, every shard is requested; after the
     labels, both students and the evaluation; then nothing until something changes."""
-    from pipelines.definitions import build_definitions
-
     defs = build_definitions(str(tiny_config_path), keep_engine_alive=True)
     instance = dg.DagsterInstance.ephemeral()
     assets, resources = list(defs.assets), defs.resources

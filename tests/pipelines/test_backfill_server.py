@@ -12,6 +12,8 @@ import dagster as dg
 import pytest
 import yaml
 
+from distill.config import load_config
+from distill.run import labelling, paths
 from pipelines.pools import sync_teacher_pool
 from tests.pipelines.dagster_server import REPO, dagster_dev, graphql
 
@@ -34,9 +36,6 @@ STATUS = """query($id: String!) {
 
 
 def test_backfill_through_server(tiny_config_path, tmp_path):
-    from distill.config import load_config
-    from distill.run import labelling, paths
-
     config = yaml.safe_load(Path(tiny_config_path).read_text())
     config["storage_root"] = str(tmp_path / "data")  # label for real, not from the session's cache
     config["teacher"]["engine"] = {"slots": 2}  # one core each on this machine

@@ -10,6 +10,11 @@ import math
 from pathlib import Path
 
 import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from distill.config import from_mapping
+from distill.configbase import ConfigError
+from distill.run import evaluating, labelling, paths, tokenizing, training
 
 
 def _cross_config(tiny_config, loss):
@@ -28,10 +33,6 @@ def _cross_config(tiny_config, loss):
 
 
 def test_student_with_its_own_tokenizer_end_to_end(tiny_config, engine):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from distill.run import evaluating, labelling, paths, tokenizing, training
-
     labelling.prepare_corpus(tiny_config)
     labelling.label_shards(tiny_config, tiny_config.corpus.shard_names(), engine_factory=lambda: engine)
     cfg = _cross_config(tiny_config, "uld")
@@ -73,9 +74,6 @@ def test_student_with_its_own_tokenizer_end_to_end(tiny_config, engine):
 
 
 def test_cross_tokenizer_config_is_checked():
-    from distill.config import from_mapping
-    from distill.configbase import ConfigError
-
     with pytest.raises(ConfigError, match="init: teacher_layers"):
         from_mapping({"student": {"tokenizer": "bpe:1000"}})
     with pytest.raises(ConfigError, match="bpe:N with N >= 300"):

@@ -21,6 +21,15 @@ from pathlib import Path
 
 import pytest
 import yaml
+from dagster._config import process_config, resolve_to_config_type
+from dagster._core.errors import DagsterInvalidConfigError
+from dagster._core.instance.config import dagster_instance_config
+from dagster._core.instance.ref import InstanceRef
+from dagster._core.storage.dagster_run import DagsterRun
+from dagster._serdes import class_from_code_pointer
+
+from distill.config import load_config
+from pipelines.definitions import build_definitions
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy" / "k8s"
@@ -36,7 +45,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:Found version mismatch:UserWarni
 def _needs(module: str):
     return pytest.importorskip(
         module,
-        reason=f"{module} not installed: pip install --no-deps dagster-k8s==0.29.27 dagster-postgres==0.29.27 (see pyproject.toml)",
+        reason=f"{module} not installed: pip install --no-deps dagster-k8s==0.29.27 dagster-postgres==0.29.27 (see "
+        "pyproject.toml)",
     )
 
 
@@ -51,8 +61,6 @@ def _instance_dir(tmp_path: Path, text: str | None = None) -> str:
 
 
 def _process(klass, config: dict):
-    from dagster._config import process_config, resolve_to_config_type
-
     return process_config(resolve_to_config_type(klass.config_type()), config)
 
 
@@ -69,8 +77,6 @@ def _values() -> dict:
 
 
 def test_instance_yaml_passes_dagsters_instance_schema(tmp_path):
-    from dagster._core.instance.config import dagster_instance_config
-
     config, custom_class = dagster_instance_config(_instance_dir(tmp_path))
     assert custom_class is None
     assert set(config["storage"]) == {"postgres"}
@@ -83,9 +89,6 @@ def test_instance_yaml_passes_dagsters_instance_schema(tmp_path):
 
 def test_instance_schema_rejects_a_misspelled_section(tmp_path):
     """The check above is a real validation: a typo in the same file fails it."""
-    from dagster._core.errors import DagsterInvalidConfigError
-    from dagster._core.instance.config import dagster_instance_config
-
     bad = _instance()
     bad["concurrency"]["pools"]["default_limt"] = bad["concurrency"]["pools"].pop("default_limit")
     with pytest.raises(DagsterInvalidConfigError, match="default_limt"):
@@ -94,8 +97,6 @@ def test_instance_schema_rejects_a_misspelled_section(tmp_path):
 
 def test_storage_is_dagster_postgres_with_its_config_accepted(tmp_path, monkeypatch):
     _needs("dagster_postgres")
-    from dagster._core.instance.ref import InstanceRef
-    from dagster._serdes import class_from_code_pointer
 
     monkeypatch.setenv("DAGSTER_PG_PASSWORD", "secret-from-k8s")
     ref = InstanceRef.from_dir(_instance_dir(tmp_path))
@@ -120,8 +121,6 @@ def launcher(tmp_path):
     """The K8sRunLauncher exactly as dagster.yaml configures it, except for where it finds the
     cluster: a kubeconfig that points at nothing (nothing here connects)."""
     dagster_k8s = _needs("dagster_k8s")
-    from dagster._core.instance.ref import InstanceRef
-    from dagster._serdes import class_from_code_pointer
 
     data = InstanceRef.from_dir(_instance_dir(tmp_path)).run_launcher_data
     klass = class_from_code_pointer(data.module_name, data.class_name)
@@ -150,7 +149,7 @@ def launcher(tmp_path):
 def _run_job(launcher, tags: dict):
     """The Kubernetes Job the launcher would create for a run with these tags (dagster-k8s's own
     code path of K8sRunLauncher._launch_k8s_job_with_args, without the API call)."""
-    from dagster._core.storage.dagster_run import DagsterRun
+    # local: dagster-k8s is an optional extra, installed by hand (the tests that reach here check it with _needs)
     from dagster_k8s.container_context import K8sContainerContext
     from dagster_k8s.job import construct_dagster_k8s_job
 
@@ -350,9 +349,6 @@ def test_helm_values_run_our_definitions_with_the_same_gpu_and_pool_as_the_insta
 
 
 def test_run_config_loads_and_the_code_location_builds_from_it():
-    from distill.config import load_config
-    from pipelines.definitions import build_definitions
-
     cfg = load_config(RUN_CONFIG)  # placeholders (teacher folder, corpus files, bucket) are not opened
     assert cfg.labels_uri.startswith("s3://")
     assert cfg.storage_root.startswith("/data/")  # the shared volume every pod mounts
@@ -378,7 +374,7 @@ def test_dockerfile_builds_our_package_on_cuda_with_the_gpu_extra():
 
 
 def test_the_k8s_extra_holds_what_the_image_needs_and_dev_lets_ci_run_these_tests():
-    import tomllib
+    import tomllib  # local: the standard library has it from Python 3.11 (the project supports 3.10)
 
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     names = lambda reqs: {r.split("==")[0].split(">")[0].split("[")[0] for r in reqs}  # noqa: E731

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import pydoc_data.topics
 import shutil
 import signal
 import threading
@@ -14,10 +15,17 @@ import time
 from pathlib import Path
 
 import dagster as dg
+import psutil
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from distill.config import load_config
+from distill.run import labelling, paths
+from pipelines.definitions import build_definitions
+from pipelines.run import run_errors
 
 pytestmark = pytest.mark.slow
 
@@ -28,12 +36,6 @@ STEPS, EVERY = 6, 2
 def labelled(tiny_config_path, engine, tmp_path_factory) -> dict:
     """The tiny config on 10 short documents in 3 train shards (5, 10 and 9 windows: one row
     group each) and a small random student, its train shards labelled by the session's engine."""
-    import json
-    import pydoc_data.topics
-
-    from distill.config import load_config
-    from distill.run import labelling
-
     root = tmp_path_factory.mktemp("distributed")
     texts = list(pydoc_data.topics.topics.values())
     (root / "docs.jsonl").write_text(
@@ -82,8 +84,6 @@ def _write(path: Path, data: dict) -> Path:
 
 def _rank_pid(rank: int) -> int | None:
     """The pid of this process's descendant that is torchrun's rank ``rank``."""
-    import psutil
-
     for child in psutil.Process().children(recursive=True):
         try:
             if child.environ().get("RANK") == str(rank) and "LOCAL_RANK" in child.environ():
@@ -104,8 +104,6 @@ def _kill_rank_after(checkpoint: Path, rank: int, killed: list, deadline_s: floa
 
 
 def _materialize(config: Path, instance) -> dg.ExecuteInProcessResult:
-    from pipelines.definitions import build_definitions
-
     defs = build_definitions(str(config))
     return dg.materialize(
         list(defs.assets),
@@ -118,10 +116,6 @@ def _materialize(config: Path, instance) -> dg.ExecuteInProcessResult:
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_rank_killed_after_checkpoint_resumes_to_the_uninterrupted_result(labelled, tiny_config_path, strategy):
-    from distill.config import load_config
-    from distill.run import paths
-    from pipelines.run import run_errors
-
     data = {**labelled, "train": {**labelled["train"], "strategy": strategy}}
     config = _write(tiny_config_path.parent / f"distributed-{strategy}.yaml", data)
     cfg = load_config(config)
@@ -173,7 +167,6 @@ def test_rank_killed_after_checkpoint_resumes_to_the_uninterrupted_result(labell
     assert results(reference) == results(out) and all("grad_norm" in h for h in results(out))
 
     # the saved student loads in transformers with its own architecture (FSDP2 renames the class)
-    from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(out / "model", use_safetensors=True)
     assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_hidden_layers == 2

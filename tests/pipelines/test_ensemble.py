@@ -11,21 +11,20 @@ import shutil
 import numpy as np
 import pytest
 
+from distill.config import from_mapping
 from distill.configbase import ConfigError
+from distill.run import engines, labelling, paths, training
 from distill.teacher.config import FinetuneConfig, TeacherMember
 from distill.teacher.ensemble import mix_labels
+from storage.reader import ShardStream
 from tests.conftest import TINY_K
 
 
 def _rows(shard):
-    from storage.reader import ShardStream
-
     return [r for r, _ in ShardStream([shard], shuffle=False).rows(epochs=1)]
 
 
 def test_ensemble_of_the_teacher_and_its_finetuned_self(tiny_config, engine, teacher_dir):
-    from distill.run import engines, labelling, paths, training
-
     base = tiny_config
     names = base.corpus.shard_names()
     labelling.prepare_corpus(base)
@@ -100,8 +99,6 @@ def test_ensemble_of_the_teacher_and_its_finetuned_self(tiny_config, engine, tea
 
 
 def test_ensemble_members_must_share_a_tokenizer(tiny_config, teacher_dir, tmp_path):
-    from distill.run import labelling
-
     other = tmp_path / "other-teacher"
     other.mkdir()
     for f in teacher_dir.iterdir():
@@ -125,8 +122,6 @@ def test_ensemble_members_must_share_a_tokenizer(tiny_config, teacher_dir, tmp_p
 
 
 def test_ensemble_config_is_checked():
-    from distill.config import from_mapping
-
     with pytest.raises(ConfigError, match="not both"):
         from_mapping({"teacher": {"model": "a", "models": [{"model": "a"}, {"model": "b"}]}})
     with pytest.raises(ConfigError, match=r"teacher\.models\[1\].*weight"):

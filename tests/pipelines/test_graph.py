@@ -3,12 +3,21 @@ every asset's output exists and reads back; a second labelling pass is all cache
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import time
 from pathlib import Path
+from pydoc_data.topics import topics
 
 import dagster as dg
 import pytest
 import torch
+from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from distill.data import corpus_dir
+from distill.eval.generation import generation_throughput
+from distill.run import engines, labelling, paths
 
 pytestmark = pytest.mark.slow
 
@@ -31,11 +40,6 @@ def test_every_asset_materialized(materialized, tiny_config):
 
 
 def test_outputs_read_back(materialized, tiny_config, teacher_dir):
-    from transformers import AutoModelForCausalLM
-
-    from distill.data import corpus_dir
-    from distill.run import labelling, paths
-
     defs, instance, result = materialized
     corpus = corpus_dir(tiny_config.root, tiny_config.corpus, paths.teacher_hashes(tiny_config)["tokenizer"])
     manifest = json.loads((corpus / "corpus.json").read_text())
@@ -65,10 +69,6 @@ def test_outputs_read_back(materialized, tiny_config, teacher_dir):
 
 
 def test_second_labelling_is_all_cache_hits(materialized, tiny_config):
-    import time
-
-    from distill.run import engines, labelling
-
     defs, instance, result = materialized
     first_teacher_seconds = _metadata(instance, "teacher_logits", partition="train-00000")["teacher_seconds"].value
     assert first_teacher_seconds > 0
@@ -80,8 +80,6 @@ def test_second_labelling_is_all_cache_hits(materialized, tiny_config):
     assert engines.get_engine(tiny_config).forward_calls == calls_before, "no teacher forward on a cache hit"
     assert seconds <= 0.02 * first_teacher_seconds, (seconds, first_teacher_seconds)
     # and a second full materialization through Dagster reports every shard as a cache hit
-    from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
-
     names = tiny_config.corpus.shard_names()
     again = dg.materialize(
         list(defs.assets),
@@ -109,11 +107,6 @@ def test_shard_checks_ran(materialized):
 
 
 def test_changing_one_document_relabels_only_its_shard(tiny_config, engine, tmp_path):
-    import dataclasses
-    from pydoc_data.topics import topics
-
-    from distill.run import labelling
-
     docs = [{"text": topics[name]} for name in sorted(topics)[:8]]
     src = tmp_path / "docs.jsonl"
 
@@ -135,11 +128,6 @@ def test_changing_one_document_relabels_only_its_shard(tiny_config, engine, tmp_
 
 
 def test_student_checkpoint_generates_in_vllm_and_transformers(materialized, tiny_config):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from distill.eval.generation import generation_throughput
-    from distill.run import paths
-
     model_dir = paths.student_dir(tiny_config, baseline=False) / "model"
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True)

@@ -10,6 +10,10 @@ import dagster as dg
 import pytest
 import yaml
 
+from distill.config import load_config, merge
+from distill.run import labelling
+from pipelines.definitions import build_definitions
+from pipelines.run import materialize_all
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
@@ -29,10 +33,6 @@ MODES = {
 
 @pytest.fixture(params=sorted(MODES))
 def mode_run(request, tiny_config_path, engine, tmp_path):
-    from distill.config import load_config, merge
-    from pipelines.definitions import build_definitions
-    from pipelines.run import materialize_all
-
     data = merge(yaml.safe_load(tiny_config_path.read_text()), MODES[request.param])
     data["corpus"]["max_documents"] = 16
     data["eval"].pop("mc_file")
@@ -51,8 +51,6 @@ def _meta(instance, key):
 
 
 def test_mode_runs_through_the_graph(mode_run):
-    from distill.run import labelling
-
     mode, cfg, instance, result = mode_run
     assert instance.get_materialized_partitions(dg.AssetKey("teacher_logits")) == set(cfg.corpus.shard_names())
     for key in ("corpus", "student_model", "baseline_student", "evaluation"):

@@ -4,6 +4,7 @@ and partitions of a Dagster asset; the evaluation measures KL on the students' o
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -12,7 +13,16 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
+import distill.teacher.vllm_engine as vllm_engine
+from distill.config import load_config, merge
+from distill.run import labelling, onpolicy, paths, tokenizing, training
+from distill.teacher.checkpoint import checkpoint_hashes
+from distill.train.trainer import train
+from pipelines.definitions import build_definitions
+from pipelines.run import materialize_rounds
+from storage.reader import ShardStream, StreamPosition
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
@@ -30,9 +40,6 @@ ROUNDS = {
 @pytest.fixture(scope="module")
 def onpolicy_config(tiny_config_path, engine, tmp_path_factory):
     """The tiny config in generate mode with two short rounds, and its distilled student."""
-    from distill.config import load_config, merge
-    from distill.run import labelling, training
-
     data = merge(
         yaml.safe_load(tiny_config_path.read_text()),
         {
@@ -54,13 +61,6 @@ def onpolicy_config(tiny_config_path, engine, tmp_path_factory):
 
 
 def test_rounds_train_on_the_students_own_answers_labelled_by_the_teacher(onpolicy_config, hf_teacher, monkeypatch):
-    import dataclasses
-
-    from safetensors.torch import load_file
-
-    from distill.run import onpolicy, paths
-    from distill.teacher.checkpoint import checkpoint_hashes
-
     _, cfg = onpolicy_config
     first = onpolicy.run_rounds(cfg, 1)[0]
     start = paths.student_dir(cfg, False) / "model"
@@ -76,7 +76,6 @@ def test_rounds_train_on_the_students_own_answers_labelled_by_the_teacher(onpoli
         d: ids
         for d, ids in zip(*(onpolicy.prompt_table(cfg, "train").column(c).to_pylist() for c in ("doc_id", "input_ids")))
     }
-    from storage.reader import ShardStream, StreamPosition
 
     table = [row for row, _ in ShardStream([shard], shuffle=False).rows(StreamPosition(), epochs=1)]
     assert sorted(r["window_index"] for r in table) == [0] * 4 + [1] * 4
@@ -115,7 +114,8 @@ def test_rounds_train_on_the_students_own_answers_labelled_by_the_teacher(onpoli
     assert [i["reused"] for i in both] == [True, False]
     assert both[1]["start"] == str(Path(first["out_dir"]) / "model") and both[1]["answers_key"] != first["answers_key"]
     # the teacher's rows and the lambda coins go on: round 1 where the distilled student's stream ended, round 2 where
-    # round 1's did (its own answers, a new stream, from their first row); tests/distill/test_onpolicy.py checks the rows
+    # round 1's did (its own answers, a new stream, from their first row); tests/distill/test_onpolicy.py checks the
+    # rows
     student_end = json.loads((start.parent / "summary.json").read_text())["position"]
     assert first["start_position"] == {"index": 0, "main": student_end, "extra": {"epoch": 0, "unit": 0, "row": 0}}
     assert both[1]["start_position"] == {**first["position"], "extra": {"epoch": 0, "unit": 0, "row": 0}}
@@ -124,7 +124,6 @@ def test_rounds_train_on_the_students_own_answers_labelled_by_the_teacher(onpoli
     assert onpolicy.final_model(cfg) == Path(both[1]["out_dir"]) / "model"
 
     # a finished run needs no engine at all
-    import distill.teacher.vllm_engine as vllm_engine
 
     def no_engine(*args, **kwargs):
         raise AssertionError("a finished round started an engine")
@@ -147,10 +146,6 @@ def test_rounds_train_on_the_students_own_answers_labelled_by_the_teacher(onpoli
 
 
 def test_rounds_are_asset_partitions_and_the_evaluation_reports_own_answer_kl(onpolicy_config):
-    from distill.run import onpolicy
-    from pipelines.definitions import build_definitions
-    from pipelines.run import materialize_rounds
-
     path, cfg = onpolicy_config
     defs = build_definitions(str(path), keep_engine_alive=True)
     assets = list(defs.assets)
@@ -178,7 +173,8 @@ def test_rounds_are_asset_partitions_and_the_evaluation_reports_own_answer_kl(on
         assert 0 <= m["greedy_exact_match"] <= m["greedy_prefix_agreement"] <= 1
         assert meta[f"{name}_self_kl"].value == pytest.approx(m["self_kl"])
     assert results["onpolicy"]["answer_tokens"] == sum(r["answer_tokens"] for r in report["rounds"]) > 0
-    # beside the own-answer KL: what it could hide (short, cut or repetitive answers); the teacher's own answers, sampled alike
+    # beside the own-answer KL: what it could hide (short, cut or repetitive answers); the teacher's own answers,
+    # sampled alike
     answers = cfg.onpolicy.sampling.n * min(cfg.onpolicy.eval_prompts, onpolicy.prompt_table(cfg, "heldout").num_rows)
     for name in ("teacher", "offpolicy", "onpolicy"):
         m = results[name]
@@ -195,13 +191,6 @@ def test_rounds_are_asset_partitions_and_the_evaluation_reports_own_answer_kl(on
 def test_a_round_resumes_exactly_inside_its_mix(onpolicy_config, tmp_path):
     """Stopped after one step and resumed, a round's training (two streams mixed by lambda)
     ends with the weights of an uninterrupted run."""
-    import dataclasses
-
-    from safetensors.torch import load_file
-
-    from distill.run import labelling, onpolicy, paths, tokenizing
-    from distill.train.trainer import train
-
     _, cfg = onpolicy_config
     plan = onpolicy.plan_round(cfg, 1)
     answers = onpolicy.label_answer_sets(cfg, [plan.answers])  # committed by the rounds above: no engine work

@@ -14,9 +14,14 @@ import time
 import uuid
 from pathlib import Path
 
+import dagster as dg
 import pytest
 import yaml
 
+from distill.config import load_config
+from distill.run import labelling, paths
+from distill.teacher.slots import claim_slot, slot_dir
+from storage.reader import ShardError
 from tests.conftest import REPO
 from tests.processes import describe, marked_processes, run_group, start_group, stop_group, wait_until_gone
 
@@ -27,12 +32,6 @@ pytestmark = pytest.mark.slow
 def killed_then_rerun(tiny_config_path, tmp_path_factory):
     """``python -m pipelines.run`` SIGKILLed (the process alone, as the OOM killer does) while
     it labels, then run again on the same Dagster instance."""
-    import dagster as dg
-
-    from distill.config import load_config
-    from distill.run import labelling, paths
-    from distill.teacher.slots import claim_slot, slot_dir
-
     tmp = tmp_path_factory.mktemp("killed")
     config = yaml.safe_load(Path(tiny_config_path).read_text())
     config["storage_root"] = str(tmp / "data")
@@ -104,8 +103,6 @@ def test_killed_run_leaves_no_engine_running(killed_then_rerun):
 
 
 def test_rerun_after_kill_frees_the_pool_and_labels_only_what_was_missing(killed_then_rerun):
-    import dagster as dg
-
     r = killed_then_rerun
     keys, store = r["keys"], r["store"]
     assert r["stuck"], "the killed run should have been left STARTED (the hang this test reproduces)"
@@ -130,9 +127,6 @@ def test_rerun_after_kill_frees_the_pool_and_labels_only_what_was_missing(killed
 
 
 def test_edited_commit_record_is_caught_and_relabelled(killed_then_rerun, engine):
-    from distill.run import labelling
-    from storage.reader import ShardError
-
     cfg, keys, store = killed_then_rerun["cfg"], killed_then_rerun["keys"], killed_then_rerun["store"]
     name = next(n for n in keys if n.startswith("train") and store.open(keys[n]).rows)
     record_file = store.path_for(keys[name]).with_suffix(".json")
@@ -152,8 +146,6 @@ def test_edited_commit_record_is_caught_and_relabelled(killed_then_rerun, engine
 
 
 def test_shard_copied_under_another_key_is_relabelled(killed_then_rerun, engine):
-    from distill.run import labelling
-
     cfg, keys, store = killed_then_rerun["cfg"], killed_then_rerun["keys"], killed_then_rerun["store"]
     src, dst = [n for n in keys if n.startswith("train") and store.open(keys[n]).rows][:2]
     assert keys[src] != keys[dst]
@@ -170,9 +162,6 @@ def test_shard_copied_under_another_key_is_relabelled(killed_then_rerun, engine)
 def test_two_trainings_of_one_student_at_once_share_one_result(killed_then_rerun, tmp_path):
     """Two launches of one config: the second waits on the student folder's lock, then reuses
     the first one's model; no temporary folder is left behind."""
-    from distill.config import load_config
-    from distill.run import paths
-
     config = yaml.safe_load(killed_then_rerun["path"].read_text())
     config["train"]["seed"] = 7  # a student not trained yet
     path = tmp_path / "twice.yaml"
