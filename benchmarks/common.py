@@ -16,6 +16,8 @@ def corpus_windows(cfg, count: int, shard: str = "train-00000"):
 
 
 def bench_meta(cfg, k: int, engine_version: str):
+    import dataclasses
+
     from distill.run import labelling, paths
     from distill.teacher.labels import mode_settings
     from storage.schema import ShardMeta
@@ -26,7 +28,7 @@ def bench_meta(cfg, k: int, engine_version: str):
         teacher_hash=hashes["weights"],
         tokenizer_hash=hashes["tokenizer"],
         vocab_size=labelling.expected_meta(cfg, "train")["vocab_size"],
-        k=k,
+        **dataclasses.replace(cfg.teacher, k=k).label_kind("train"),  # the kind the config labels, at k
         temperature=1.0,
         mode=cfg.teacher.mode,
         engine=engine_version,

@@ -68,7 +68,8 @@ def main() -> None:
         runs[f"teacher{i}"] = member
     heldout = {name: labelling.open_split(run, "heldout") for name, run in runs.items()}
     for name, shards in heldout.items():
-        print(f"  {name} labels: {shards[0].meta.teacher}; held-out k={shards[0].meta.k}", flush=True)
+        meta = shards[0].meta
+        print(f"  {name} labels: {meta.teacher}; held-out {meta.kind} labels, {meta.slots} ids each", flush=True)
     students = {f"{name}_student": training.train_student(run) for name, run in runs.items()}
     students["ce_baseline"] = training.train_student(cfg, baseline=True)
     ppl = {}

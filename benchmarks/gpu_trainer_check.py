@@ -418,7 +418,7 @@ def run(args) -> None:
     tr, ho = ctx["train"], ctx["heldout"]
     say(
         f"carry {args.carry}: train {len(tr)} shard(s), {sum(s.rows for s in tr)} windows, {sum(s.tokens for s in tr)} labelled tokens, "
-        f"k={tr[0].meta.k} ({tr[0].meta.settings.get('labels', 'topk')}); heldout {len(ho)} shard(s), {sum(s.rows for s in ho)} windows; "
+        f"{tr[0].meta.kind} labels, {tr[0].meta.slots} ids per position; heldout {len(ho)} shard(s), {sum(s.rows for s in ho)} windows; "
         f"vocab {ctx['vocab']}; student: random init, {args.layers} layers of the teacher's architecture"
     )
     say(f"work dir {ctx['work']}; results to {ctx['results']}")
@@ -433,7 +433,7 @@ def run(args) -> None:
     # the loader alone: how fast batches come off the shards (part of every training step: no prefetch thread)
     stream = ShardStream(tr, seed=0, shuffle=True, shuffle_buffer=train_config(args).shuffle_buffer)
     t0, times, toks = time.perf_counter(), [], []
-    for batch, _ in batches(stream, args.batch_size, tr[0].meta.k, StreamPosition()):
+    for batch, _ in batches(stream, args.batch_size, tr[0].meta.slots, StreamPosition()):
         times.append(time.perf_counter())
         toks.append(int(batch["mask"].sum()))
         if len(times) == max(3, min(n, 30)):

@@ -21,15 +21,14 @@ from pathlib import Path
 # this file's name would shadow the ``storage`` package: run from the repository root instead
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-import argparse
-import dataclasses
-import tempfile
-import time
-from pathlib import Path
+import argparse  # noqa: E402 (after the path fix above)
+import dataclasses  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
 
 
 def main() -> None:
@@ -45,6 +44,7 @@ def main() -> None:
     from distill.config import load_config
     from distill.run import paths
     from distill.teacher.vllm_engine import VllmTeacher
+    from storage.kinds import KINDS
     from storage.reader import ShardStream, StreamPosition, open_shard
     from storage.writer import ShardWriter
 
@@ -62,10 +62,7 @@ def main() -> None:
                 "window_index": windows.column("window_index")[i].as_py(),
                 "input_ids": np.asarray(ids_list[i]),
                 "label_start": starts[i],
-                "topk_ids": lab["topk_ids"].reshape(-1),
-                "topk_logprobs": lab["topk_logprobs"].reshape(-1),
-                "target_logprobs": lab["target_logprobs"],
-                "tail_mass": lab["tail_mass"],
+                **KINDS["topk"].from_teacher(lab, {"k": 32}, "", 0),
             }
         )
     tokens = sum(len(r["target_logprobs"]) for r in rows)
@@ -79,8 +76,8 @@ def main() -> None:
     # A third copy adds byte-stream split on the float columns: the best plain-float baseline.
     naive_cols = {
         "input_ids": [r["input_ids"].astype(np.int32).tolist() for r in rows],
-        "target_token_ids": [r["topk_ids"].reshape(-1, 32).astype(np.int32).tolist() for r in rows],
-        "target_logprobs": [r["topk_logprobs"].reshape(-1, 32).tolist() for r in rows],
+        "target_token_ids": [r["teacher_ids"].reshape(-1, 32).astype(np.int32).tolist() for r in rows],
+        "target_logprobs": [r["teacher_logprobs"].reshape(-1, 32).tolist() for r in rows],
     }
     naive_types = [
         ("input_ids", pa.list_(pa.int32())),
@@ -100,7 +97,7 @@ def main() -> None:
             "label_start": [r["label_start"] for r in rows],
             **naive_cols,
             "target_logprob": [np.asarray(r["target_logprobs"], np.float32).tolist() for r in rows],
-            "tail_mass": [np.asarray(r["tail_mass"], np.float32).tolist() for r in rows],
+            "tail_mass": [np.asarray(r["rest_mass"], np.float32).tolist() for r in rows],
         },
         schema=pa.schema(
             [
@@ -142,15 +139,15 @@ def main() -> None:
         n = len(a["target_logprobs"])
         if not n:
             continue
-        assert np.array_equal(a["topk_ids"], b["topk_ids"])
-        p = np.exp(a["topk_logprobs"].reshape(n, 32).astype(np.float64))
-        q = np.exp(b["topk_logprobs"].reshape(n, 32).astype(np.float64))
+        assert np.array_equal(a["teacher_ids"], b["teacher_ids"])
+        p = np.exp(a["teacher_logprobs"].reshape(n, 32).astype(np.float64))
+        q = np.exp(b["teacher_logprobs"].reshape(n, 32).astype(np.float64))
         order_ok &= bool(np.all(np.diff(q, axis=1) <= 1e-12))
         p, q = p / p.sum(1, keepdims=True), q / q.sum(1, keepdims=True)
         kl.append((p * np.log(p / q)).sum(1))
         reverse_kl.append(_reverse_kl_confident(a, b, n))
         target_err = max(target_err, float(np.abs(a["target_logprobs"] - b["target_logprobs"]).max()))
-        tail, decoded_tail = a["tail_mass"].astype(np.float64), b["tail_mass"].astype(np.float64)
+        tail, decoded_tail = a["rest_mass"].astype(np.float64), b["rest_mass"].astype(np.float64)
         tail_err = max(tail_err, float(np.abs(tail - decoded_tail).max()))
         # relative, of the tail and of the top-k mass 1 - tail (0 and 1 are stored exactly)
         rel = np.abs(tail - decoded_tail) / np.minimum(tail, 1 - tail).clip(min=1e-300)
@@ -197,8 +194,8 @@ def main() -> None:
 
     print(f"positions={tokens} windows={len(rows)} write_seconds={write_s:.2f}")
     print(
-        f"decode: order_preserved={order_ok} max_target_logprob_error={target_err:.2e} max_tail_mass_error={tail_err:.2e} "
-        f"max_tail_mass_relative_error={tail_rel_err:.2e}"
+        f"decode: order_preserved={order_ok} max_target_logprob_error={target_err:.2e} "
+        f"max_tail_mass_error={tail_err:.2e} max_tail_mass_relative_error={tail_rel_err:.2e}"
     )
     print(f"read_tokens_per_s={read_rate:.0f} train_tokens_per_s={train_rate:.0f}")
     print(
@@ -207,14 +204,16 @@ def main() -> None:
         f"p99={np.quantile(reverse_kl, 0.99):.2e} max={reverse_kl.max():.2e}"
     )
     print(
-        f"naive_snappy_3col_bytes_per_token={naive_bpt:.2f}  (old baseline: ids + top-k logprobs only, pyarrow default snappy)"
+        f"naive_snappy_3col_bytes_per_token={naive_bpt:.2f}  "
+        "(old baseline: ids + top-k logprobs only, pyarrow default snappy)"
     )
     print(
         f"naive_zstd_bytes_per_token={naive_zstd_bpt['zstd']:.2f}  (every column ours stores, zstd level {ZSTD_LEVEL}, "
         f"{ROW_GROUP_ROWS} windows per row group)"
     )
     print(
-        f"naive_zstd_bss_bytes_per_token={naive_zstd_bpt['zstd_bss']:.2f}  (the same plus byte-stream split on the float columns)"
+        f"naive_zstd_bss_bytes_per_token={naive_zstd_bpt['zstd_bss']:.2f}  "
+        "(the same plus byte-stream split on the float columns)"
     )
     print(f"bytes_per_token={ours_bpt:.2f}")
     print(f"naive_snappy_3col_vs_ours={naive_bpt / ours_bpt:.2f}")
@@ -234,11 +233,11 @@ def _reverse_kl_confident(original: dict, decoded: dict, n: int) -> np.ndarray:
     reverse KL weighs the decoded tail against the original one: the codec's far-tail error that
     forward KL over the renormalized top-k cannot see. Each (k+1)-vector is renormalized
     (quantized logprobs need not sum to exactly 1); a bucket that is 0 on both sides adds 0."""
-    p = np.exp(original["topk_logprobs"].reshape(n, -1).astype(np.float64))
-    q = np.exp(decoded["topk_logprobs"].reshape(n, -1).astype(np.float64))
+    p = np.exp(original["teacher_logprobs"].reshape(n, -1).astype(np.float64))
+    q = np.exp(decoded["teacher_logprobs"].reshape(n, -1).astype(np.float64))
     confident = p[:, 0] >= CONFIDENT
-    p = np.concatenate([p, original["tail_mass"].astype(np.float64)[:, None]], 1)[confident]
-    q = np.concatenate([q, decoded["tail_mass"].astype(np.float64)[:, None]], 1)[confident]
+    p = np.concatenate([p, original["rest_mass"].astype(np.float64)[:, None]], 1)[confident]
+    q = np.concatenate([q, decoded["rest_mass"].astype(np.float64)[:, None]], 1)[confident]
     p, q = p / p.sum(1, keepdims=True), q / q.sum(1, keepdims=True)
     with np.errstate(divide="ignore", invalid="ignore"):
         terms = np.where(q > 0, q * np.log(q / p), 0.0)

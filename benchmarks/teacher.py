@@ -26,6 +26,7 @@ running stay loaded and idle meanwhile; the CPU they use then is printed.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import tempfile
 from pathlib import Path
@@ -93,13 +94,13 @@ def main() -> None:
         variants = {
             "bare_vllm": bare,
             "pipeline": ours,
-            "transformers_batched": lambda: transformers_labels(model, ids, starts, k, batch),
+            "transformers_batched": functools.partial(transformers_labels, model, ids, starts, k, batch),
         }
         if slots:
             variants["two_slots"] = lambda: slots.run(tokens)
         idle = IdleCpu({"main engine": engine.processes, **(slots.processes() if slots else {})})
         seconds = interleave(variants, args.repeats, on_run=idle.after_run)
-        del model
+        del model, variants  # the reference model's memory, before the generate benchmark
     finally:
         if slots:
             slots.stop()
@@ -285,7 +286,7 @@ class SlotWorkers:
 
     def wait_ready(self) -> None:
         for w in self.workers:
-            if _line(w, lambda l: l == "ready") != "ready":
+            if _line(w, lambda line: line == "ready") != "ready":
                 raise RuntimeError(f"slot worker pid {w.pid} failed to start its engine (exit code {w.poll()})")
 
     def processes(self) -> dict:
@@ -303,7 +304,7 @@ class SlotWorkers:
             w.stdin.write(f"go {self.runs}\n")
             w.stdin.flush()
         self.runs += 1
-        results = [json.loads(_line(w, lambda l: l.startswith("{")) or "{}") for w in self.workers]
+        results = [json.loads(_line(w, lambda line: line.startswith("{")) or "{}") for w in self.workers]
         if sum(r.get("tokens", 0) for r in results) != tokens or {r.get("slot") for r in results} != {0, 1}:
             raise RuntimeError(f"slot workers labelled {results}, expected {tokens} tokens over slots 0 and 1")
 

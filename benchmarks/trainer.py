@@ -82,7 +82,7 @@ def main() -> None:
     train_shards, heldout = labelling.open_split(cfg, "train"), labelling.open_split(cfg, "heldout")
     teacher_dir = paths.teacher_dir(cfg)
     vocab = len(tokenizing.teacher_tokenizer(cfg))
-    k = train_shards[0].meta.k
+    k = train_shards[0].meta.slots
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     teacher = (
         AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32, use_safetensors=True).to(device).eval()

@@ -20,6 +20,7 @@ from distill.eval.config import EvalConfig
 from distill.run.config import OnPolicyConfig
 from distill.teacher.config import TeacherConfig
 from distill.train.config import StudentConfig, TrainConfig
+from storage.kinds import KINDS
 
 SECTIONS = ("storage_root", "labels_uri", "teacher", "corpus", "student", "train", "eval", "onpolicy")
 
@@ -44,8 +45,7 @@ class RunConfig:
         # every rule that relates fields of different sections; those that need the teacher's
         # files are in ``check_against_teacher``
         self._check_onpolicy()
-        self._check_sampled_labels()
-        self._check_candidates()
+        self._check_label_kind()
         self._check_student_tokenizer()
 
     def _check_onpolicy(self) -> None:
@@ -69,15 +69,6 @@ class RunConfig:
             if not ok:
                 raise ConfigError(f"onpolicy.rounds={self.onpolicy.rounds} needs {what}")
 
-    def _check_candidates(self) -> None:
-        """Candidates data holds the teacher's distribution over an example's candidates, which
-        the student learns by forward KL (the other divergences are not defined on it)."""
-        if self.teacher.mode == "candidates" and self.train.kd_weight > 0 and self.train.divergence != "forward_kl":
-            raise ConfigError(
-                f"train.divergence={self.train.divergence!r} is invalid for candidates data (teacher.mode: "
-                "candidates): expected forward_kl, or train.kd_weight: 0"
-            )
-
     def _check_student_tokenizer(self) -> None:
         """A student with its own tokenizer learns from the teacher's per-token distributions over
         a text, aligned by bytes: only ``score`` labels are that."""
@@ -87,42 +78,29 @@ class RunConfig:
                 f"by bytes), not {self.teacher.mode!r}"
             )
 
-    def _check_sampled_labels(self) -> None:
-        """Sampled targets (``count / draws``) equal the teacher's probabilities in expectation, so
-        a loss that is *linear* in the target is unbiased on them: forward KL's gradient is
-        ``-sum_v p(v) grad log q(v)``. Every other divergence is nonlinear in the target (reverse
-        KL, JSD and the skew divergences take its log or mix it inside one; TVD takes |p - q|; AKL
-        splits head and tail by the target's own cumulative mass), and so are a renormalized top
-        (a ratio of the draws) and a temperature (a power of them). With ``tail: bucket`` the
-        teacher's bucket in a sampled shard is the share of draws beyond the proposal (about 0)
-        while the student's bucket holds all its mass outside the *drawn* ids: forward KL weighs
-        that bucket by the teacher's (near-zero) side, every other loss lets it pull the student
-        onto the drawn ids. A student with its own tokenizer regroups the drawn ids into spans
-        and a bucket that again depends on which ids were drawn. Refuse all of these here."""
-        if self.teacher.labels != "sampled" or self.train.kd_weight == 0:
+    def _check_label_kind(self) -> None:
+        """The train shards' label kind says which losses its targets are faithful for
+        (``storage.kinds``, each kind's ``rules`` and why): refuse the others here."""
+        if self.train.kd_weight == 0:
             return
-        why = (
-            "sampled labels are an unbiased target only for forward KL with tail: bucket at "
-            "temperature 1 (other losses are nonlinear in the drawn counts and pull the student "
-            "onto the drawn ids); use teacher.labels: topk for"
+        kind = self.teacher.label_kind("train")["kind"]
+        rules = KINDS[kind].rules
+        refused = rules.refusals(
+            self.train.divergence, self.train.tail, self.train.temperature, self.student.tokenizer is not None
         )
-        rules = [
-            ("train.divergence", self.train.divergence, self.train.divergence == "forward_kl", "forward_kl"),
-            ("train.tail", self.train.tail, self.train.tail == "bucket", "bucket"),
-            ("train.temperature", self.train.temperature, self.train.temperature == 1.0, "1.0"),
-            (
-                "student.tokenizer",
-                self.student.tokenizer,
-                self.student.tokenizer is None,
-                "unset (a student with its own tokenizer regroups the drawn ids into spans)",
-            ),
-        ]
-        for field, value, ok, expected in rules:
-            if not ok:
-                raise ConfigError(
-                    f"teacher.labels: sampled with {field}={value!r} is refused: expected {expected}; "
-                    f"{why} {field}={value!r}, or train.kd_weight: 0"
-                )
+        fields = {
+            "divergence": ("train.divergence", self.train.divergence),
+            "tail": ("train.tail", self.train.tail),
+            "temperature": ("train.temperature", self.train.temperature),
+            "tokenizer": ("student.tokenizer", self.student.tokenizer),
+        }
+        if refused:
+            setting, accepted = refused[0]
+            field, value = fields[setting]
+            raise ConfigError(
+                f"{kind} labels (teacher.mode: {self.teacher.mode}, teacher.labels: {self.teacher.labels}) with "
+                f"{field}={value!r} are refused: expected {accepted}; {rules.why}; or set train.kd_weight: 0"
+            )
 
     @property
     def root(self) -> Path:

@@ -16,7 +16,7 @@ from typing import Mapping
 
 from storage import fs as fsmod
 from storage.reader import Shard, ShardError, open_shard
-from storage.writer import record_path
+from storage.writer import ShardWriter, record_path
 
 
 def content_key(fields: Mapping[str, object]) -> str:
@@ -44,9 +44,7 @@ class LabelStore:
     def is_committed(self, key: str) -> bool:
         return fsmod.exists(self.fs, str(record_path(self.path_for(key))))
 
-    def writer(self, key: str, meta, **kwargs):
-        from storage.writer import ShardWriter
-
+    def writer(self, key: str, meta, **kwargs) -> ShardWriter:
         return ShardWriter(self.path_for(key), meta, fs=self.fs, store=self.display_location, **kwargs)
 
     @property

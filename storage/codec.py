@@ -1,11 +1,11 @@
-"""Compact, faithful encodings of soft labels (pure numpy functions).
+"""Compact, faithful encodings of soft labels (pure numpy functions), used by the label kinds
+(``storage.kinds``).
 
 - Top-k logprobs: each position's values relative to its top-1, ``d_i = lp_0 - lp_i >= 0``,
   quantized on a companded scale ``c = round(A * (1 - exp(-d / B)))`` (fine steps where the
   probability is high, coarse ones in the far tail, where errors cost almost no KL), then
   stored as differences along rank (non-negative, small, so they compress well). The absolute
   level is restored from the stored tail mass, so the decoded top-k carry exactly ``1 - tail``.
-  With A = 47, B = 3 the mean KL(original top-k ‖ decoded) is about 5e-4 nats on real labels.
   Slots past a position's last id hold ``-inf`` (teacher ensembles: the union of the members'
   ids varies in size per position); they take code ``levels + 1`` and decode to ``-inf``.
 - Realized-token logprob: uint16 steps of 2^-10 nats (error <= 4.9e-4, floor -64 nats).
@@ -17,14 +17,8 @@
   of ``1 - t`` in the decoded value, at most ``TAIL_MAX_REL_ERROR = 9.8e-4`` for t from 2e-42
   to ``1 - 1e-10`` (further out, t is clipped to the end codes). The absolute error is at most
   ``t (1 - t) h / 2 <= 2.4e-4``. Both ends matter: small tails are what reverse KL with
-  ``tail: bucket`` compares the student's tail against at confident positions (the linear
-  code this replaces, steps of 1/2047, stored every tail below 2.4e-4 as 0), and the top-k
-  decoder sets the top-k level from ``1 - t``. Cost on real labels, byte-stream-split under
-  zstd: 63.35 bytes per labelled token in all at k=32, as the linear code (63.34).
-- Sampled labels (``teacher.labels: sampled``): the slots hold the ids drawn from the teacher's
-  distribution, most drawn first, and the logprob column holds each id's draw count (uint8,
-  exact); the decoded logprob is ``log(count / draws)`` (``-inf`` for unused slots) and the
-  tail is the share of draws that fell outside the transient top-K' the engine returned.
+  ``tail: bucket`` compares the student's tail against at confident positions, and the top-k
+  decoder sets the top-k level from ``1 - t``.
 - Top-k ids: remapped by their frequency in the shard (frequent candidates get small
   numbers), which makes the high bytes nearly constant under byte-stream-split + zstd.
 """
@@ -32,6 +26,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 
 LOGPROB_LEVELS = 47
 LOGPROB_SCALE = 3.0
@@ -72,21 +67,6 @@ def decode_topk_logprobs(
     top = np.log(np.maximum(1.0 - np.asarray(tail_mass, np.float64), MIN_TOPK_MASS))
     norm = np.log(np.exp(rel).sum(axis=1))
     return (rel + (top - norm)[:, None]).astype(np.float32)
-
-
-def encode_counts(topk_logprobs: np.ndarray, draws: int) -> np.ndarray:
-    """Sampled labels: (n, k) logprobs ``log(c / draws)`` of the drawn ids (``-inf`` for unused
-    slots) -> (n, k) uint8 draw counts ``c``. Exact: the values are counts by construction."""
-    counts = np.rint(np.exp(np.asarray(topk_logprobs, np.float64)) * draws)
-    if counts.size and (counts.max() > draws or (counts.sum(axis=1) > draws).any()):
-        raise ValueError(f"sampled labels hold more than {draws} draws at a position")
-    return counts.astype(np.uint8)
-
-
-def decode_counts(counts: np.ndarray, draws: int) -> np.ndarray:
-    """Inverse of ``encode_counts``: float32 ``log(c / draws)``, ``-inf`` where ``c == 0``."""
-    with np.errstate(divide="ignore"):
-        return np.log(np.asarray(counts, np.float64) / draws).astype(np.float32)
 
 
 def encode_target(target_logprobs: np.ndarray) -> np.ndarray:
@@ -136,15 +116,11 @@ def remap_ids(ids: np.ndarray, table: np.ndarray, vocab_size: int) -> np.ndarray
 
 def pack_table(table: np.ndarray, vocab_size: int) -> bytes:
     """zstd-compressed id table, uint16 for vocabularies up to 65,536 ids, else uint32."""
-    import pyarrow as pa
-
     dtype = np.uint16 if vocab_size <= 1 << 16 else np.uint32
     return pa.compress(np.asarray(table, dtype).tobytes(), codec="zstd", asbytes=True)
 
 
 def unpack_table(packed: bytes, count: int, vocab_size: int) -> np.ndarray:
-    import pyarrow as pa
-
     dtype = np.uint16 if vocab_size <= 1 << 16 else np.uint32
     raw = pa.decompress(packed, decompressed_size=count * np.dtype(dtype).itemsize, codec="zstd", asbytes=True)
     return np.frombuffer(raw, dtype).astype(np.int64)

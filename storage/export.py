@@ -2,7 +2,8 @@
 
 ``export_axolotl`` writes the columns axolotl's KD trainer reads: per window ``input_ids``,
 ``attention_mask``, ``labels`` (HF convention: unshifted, -100 where not trained), and per
-input position ``t`` the teacher's top-k for the token ``t + 1`` (the same position the
+input position ``t`` the teacher's ids and logprobs (``teacher_ids``/``teacher_logprobs``: the top-k,
+or whatever the shard's label kind stores) for the token ``t + 1`` (the same position the
 student's logits at ``t`` predict): ``target_token_ids`` and ``target_logprobs`` (k each), and
 ``target_mask`` (1 where labelled). Positions without labels hold zeros and mask 0.
 """
@@ -17,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from storage.kinds import POSITIONS, kind_of
 from storage.reader import Shard, ShardStream, StreamPosition
 from storage.writer import temp_name
 
@@ -25,11 +27,17 @@ def export_axolotl(shards: Sequence[Shard], out_path: str | os.PathLike, rows_pe
     """Write every row of ``shards`` (in order) to ``out_path``; returns the number of rows.
     ``generate`` shards export like ``score`` shards (labels on answer tokens only)."""
     for shard in shards:
-        if shard.meta.mode == "candidates":
+        if kind_of(shard.meta.kind).layout != POSITIONS:
             raise ValueError(
-                f"{shard.path}: candidates shards hold a distribution over answers, not per-token labels; nothing to export for axolotl"
+                f"{shard.path}: {shard.meta.kind} shards hold a distribution over answers, not per-token labels; "
+                "nothing to export for axolotl"
             )
-    k = shards[0].meta.k
+        if shard.meta.slots != shards[0].meta.slots:
+            raise ValueError(
+                f"{shard.path}: {shard.meta.slots} teacher ids per position, {shards[0].path} has "
+                f"{shards[0].meta.slots}; export shards of one label kind and size together"
+            )
+    k = shards[0].meta.slots
     schema = pa.schema(
         [
             ("input_ids", pa.list_(pa.int32())),
@@ -67,8 +75,8 @@ def _write_axolotl(shards: Sequence[Shard], tmp: Path, schema: pa.Schema, k: int
             token_ids = np.zeros((L, k), np.int32)
             logprobs = np.zeros((L, k), np.float32)
             mask = np.zeros((L, k), np.int8)
-            token_ids[s : L - 1] = row["topk_ids"].reshape(n, k)
-            logprobs[s : L - 1] = row["topk_logprobs"].reshape(n, k)
+            token_ids[s : L - 1] = row["teacher_ids"].reshape(n, k)
+            logprobs[s : L - 1] = row["teacher_logprobs"].reshape(n, k)
             mask[s : L - 1] = 1
             labels = np.full(L, -100, np.int64)
             labels[s + 1 :] = ids[s + 1 :]

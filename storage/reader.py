@@ -2,8 +2,9 @@
 
 ``open_shard`` accepts a shard only if its commit record exists and matches the file (size and
 sha256), its schema version is known, its columns have the expected types and its provenance
-matches what the caller expects (teacher, tokenizer, vocabulary, k). ``ShardStream`` yields
-rows one row group at a time, in a seeded deterministic order, split across ranks without
+matches what the caller expects (teacher, tokenizer, vocabulary, label kind and its parameters).
+What the label columns hold, and how they decode, is the shard's label kind's (``storage.kinds``).
+``ShardStream`` yields rows one row group at a time, in a seeded deterministic order, split across ranks without
 overlap, and reports a position from which it resumes exactly.
 
 A ``Shard`` keeps the file it verified: locally the open file (the inode stays readable even
@@ -15,6 +16,7 @@ rows are never decoded against another file's id table.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -27,6 +29,8 @@ import pyarrow.parquet as pq
 
 from storage import codec
 from storage import fs as fsmod
+from storage.kinds import EXAMPLES, kind_of
+from storage.kinds.base import flat
 from storage.schema import (
     COUNTS_KEY,
     ENCODING_KEY,
@@ -40,7 +44,7 @@ from storage.schema import (
 from storage.writer import is_unique_data_name, record_path
 
 RECORD_FIELDS = frozenset({"bytes", "sha256", "rows", "tokens", "meta"})
-CHECKED_FIELDS = ("teacher_hash", "tokenizer_hash", "vocab_size", "k", "mode", "temperature")
+CHECKED_FIELDS = ("teacher_hash", "tokenizer_hash", "vocab_size", "kind", "kind_params", "mode", "temperature")
 
 
 class ShardError(ValueError):
@@ -102,8 +106,6 @@ class Shard:
 
 
 def _sha256(f, chunk: int = 1 << 22) -> str:
-    import hashlib
-
     h = hashlib.sha256()
     while block := f.read(chunk):
         h.update(block)
@@ -188,13 +190,16 @@ def open_shard(
     version = meta_dict.get("schema_version")
     if version != SCHEMA_VERSION:
         raise ShardError(
-            path, f"schema_version {version} but this code reads {SCHEMA_VERSION}; relabel with this version"
+            path,
+            f"schema_version {version} but this code reads {SCHEMA_VERSION} (written by "
+            f"{'an older' if isinstance(version, int) and version < SCHEMA_VERSION else 'another'} version of this "
+            "tool); relabel its partition with this version (materialize teacher_logits again)",
         )
     try:
         meta = ShardMeta.from_dict(meta_dict)
     except (TypeError, ValueError) as e:
         raise ShardError(path, str(e)) from e
-    expected_schema = arrow_schema(meta.vocab_size, meta.mode)
+    expected_schema = arrow_schema(meta)
     for field in expected_schema:
         idx = pf.schema_arrow.get_field_index(field.name)
         if idx < 0:
@@ -223,7 +228,8 @@ def open_shard(
         changed = sorted(k for k in set(meta_dict) | set(record["meta"]) if meta_dict.get(k) != record["meta"].get(k))
         raise ShardError(
             rec_path,
-            f"metadata field(s) {changed} differ from the file's footer (edited or foreign commit record); relabel its partition",
+            f"metadata field(s) {changed} differ from the file's footer (edited or foreign commit record); "
+            "relabel its partition",
         )
     for key, value in (expect or {}).items():
         got = getattr(meta, key)
@@ -256,57 +262,25 @@ def _footer_counts(path: Path, pf: pq.ParquetFile) -> dict:
     return {"rows": rows, "tokens": tokens}
 
 
-def _flat(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
-    col = table.column(name).combine_chunks()
-    offsets = col.offsets.to_numpy()
-    return col.values.to_numpy(zero_copy_only=False)[offsets[0] : offsets[-1]], offsets - offsets[0]
-
-
 def decode_table(shard: Shard, table: pa.Table) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Decode one row group: ``{column: (flat values, row offsets)}`` with plain ids and float32 logprobs."""
-    k, enc = shard.meta.k, shard.encoding
-    ids, id_off = _flat(table, "topk_ids")
-    if ids.size and int(ids.max()) >= len(shard.id_table):
-        raise ShardError(
-            shard.path, f"topk_ids holds remapped id {int(ids.max())} beyond the id table ({len(shard.id_table)})"
-        )
-    diffs, lp_off = _flat(table, "topk_logprob_codes")
-    tail_codes, pos_off = _flat(table, "tail_mass_codes")
-    target_codes, _ = _flat(table, "target_logprob_codes")
-    n = len(tail_codes)
-    if ids.size != n * k or diffs.size != n * k or target_codes.size != n:
-        raise ShardError(
-            shard.path,
-            f"label columns disagree in length ({ids.size}, {diffs.size}, {target_codes.size} for {n} positions, k={k})",
-        )
-    tail = codec.decode_tail(tail_codes, enc["tail_logit_min"], enc["tail_logit_step"])
-    if enc.get("values") == "counts":  # sampled labels: draw counts
-        draws = int(enc["draws"])
-        if n and int(diffs.reshape(n, k).sum(axis=1, dtype=np.int64).max()) > draws:
-            raise ShardError(shard.path, f"topk_logprob_codes hold more than {draws} draws at a position (corrupt)")
-        logprobs = codec.decode_counts(diffs.reshape(n, k), draws)
-    else:
-        codes_total = np.cumsum(diffs.reshape(n, k), axis=1, dtype=np.int32)
-        if n and (
-            int(codes_total[:, -1].max()) > enc["logprob_levels"] + 1
-            or int(codes_total[:, 0].max()) > enc["logprob_levels"]
-        ):
-            raise ShardError(shard.path, "topk_logprob_codes exceed the encoding's levels (corrupt or not sorted)")
-        logprobs = codec.decode_topk_logprobs(diffs.reshape(n, k), tail, enc["logprob_levels"], enc["logprob_scale"])
-    input_ids, in_off = _flat(table, "input_ids")
-    return {
-        "input_ids": (input_ids, in_off),
-        "topk_ids": (shard.id_table[ids], id_off),
-        "topk_logprobs": (logprobs.reshape(-1), lp_off),
-        "target_logprobs": (codec.decode_target(target_codes), pos_off),
-        "tail_mass": (tail, pos_off),
-    }
+    """Decode one row group of a ``positions`` shard: ``{column: (flat values, row offsets)}``
+    with plain ids and float32 logprobs (``input_ids`` and the label kind's decoded columns)."""
+    kind = kind_of(shard.meta.kind)
+    try:
+        labels = kind.decode(table, shard.meta.kind_params, shard.encoding, shard.id_table)
+    except ValueError as e:
+        raise ShardError(shard.path, f"{e}; relabel its partition") from e
+    return {"input_ids": flat(table, "input_ids"), **labels}
 
 
 def decode_row_group(shard: Shard, table: pa.Table) -> list[dict]:
     """One row group as per-row dicts of numpy arrays (decoded, validated)."""
-    if shard.meta.mode == "candidates":
-        return _candidate_rows(shard, table)
+    kind = kind_of(shard.meta.kind)
+    if kind.layout == EXAMPLES:
+        try:
+            return kind.rows(table)
+        except ValueError as e:
+            raise ShardError(shard.path, str(e)) from e
     cols = decode_table(shard, table)
     names = ["doc_id", "window_index", "label_start", *text_columns(shard.meta.mode)]
     scalars = {name: table.column(name).to_pylist() for name in names}
@@ -316,19 +290,6 @@ def decode_row_group(shard: Shard, table: pa.Table) -> list[dict]:
         for name, (values, offsets) in cols.items():
             row[name] = values[offsets[i] : offsets[i + 1]]
         rows.append(row)
-    return rows
-
-
-def _candidate_rows(shard: Shard, table: pa.Table) -> list[dict]:
-    rows = table.to_pylist()
-    for row in rows:
-        c = len(row["candidates"])
-        if c < 2 or len(row["candidate_ids"]) != c or len(row["teacher_logprobs"]) != c or not -1 <= row["answer"] < c:
-            raise ShardError(
-                shard.path, f"example {row['doc_id']}: candidate columns disagree in length or answer out of range"
-            )
-        row["teacher_logprobs"] = np.asarray(row["teacher_logprobs"], np.float32)
-        row["candidate_scores"] = np.asarray(row["candidate_scores"], np.float32)
     return rows
 
 
@@ -459,8 +420,9 @@ class ShardStream:
         self._unit_rows = dict(zip(self._units, unit_rows))
         if len(self._units) < self.world_size:
             raise ValueError(
-                f"{self.shards[0].path} and {len(self.shards) - 1} other shard(s) hold {len(self._units)} row group(s), fewer than the "
-                f"{self.world_size} ranks x workers reading them: every rank needs at least one; use fewer processes or more (smaller) shards"
+                f"{self.shards[0].path} and {len(self.shards) - 1} other shard(s) hold {len(self._units)} row "
+                f"group(s), fewer than the {self.world_size} ranks x workers reading them: every rank needs at "
+                "least one; use fewer processes or more (smaller) shards"
             )
         rows_per_unit = max(1.0, sum(unit_rows) / max(1, len(unit_rows)))
         self.units_per_chunk = max(1, math.ceil(shuffle_buffer / rows_per_unit)) if shuffle else 1
@@ -530,49 +492,18 @@ class ShardStream:
 
 
 def shard_stats(shard: Shard) -> dict:
-    """Scan a shard once: counts and label sanity (for asset checks). Memory: one row group."""
+    """Scan a shard once: counts and label sanity, as its label kind reports them (``rows``,
+    ``tokens``, ``mean_topk_mass``, ``max_logprob``, ``problems``). Memory: one row group."""
     pf = shard.parquet()
-    if shard.meta.mode == "candidates":
-        return _candidate_stats(shard, pf)
-    rows = tokens = 0
-    mass_sum = 0.0
-    max_logprob = -np.inf
-    unsorted = 0
-    for rg in range(pf.metadata.num_row_groups):
-        table = pf.read_row_group(rg)
-        cols = decode_table(shard, table)
-        lp = cols["topk_logprobs"][0].reshape(-1, shard.meta.k)
-        rows += table.num_rows
-        tokens += lp.shape[0]
-        if lp.size:
-            mass_sum += float(np.exp(lp.astype(np.float64)).sum())
-            max_logprob = max(max_logprob, float(lp.max()))
-            unsorted += int(
-                (np.diff(np.where(np.isneginf(lp), -1e30, lp), axis=1) > 1e-6).any(axis=1).sum()
-            )  # -inf: padding
-    return {
-        "rows": rows,
-        "tokens": tokens,
-        "mean_topk_mass": mass_sum / tokens if tokens else float("nan"),
-        "max_logprob": max_logprob,
-        "unsorted_positions": unsorted,
-    }
+    kind = kind_of(shard.meta.kind)
 
+    def groups():
+        for rg in range(pf.metadata.num_row_groups):
+            table = pf.read_row_group(rg)
+            yield (
+                decode_row_group(shard, table)
+                if kind.layout == EXAMPLES
+                else (table.num_rows, decode_table(shard, table))
+            )
 
-def _candidate_stats(shard: Shard, pf: pq.ParquetFile) -> dict:
-    """Candidates shards: rows = examples = labelled items; the distribution must sum to 1."""
-    rows = unnormalized = 0
-    max_logprob = -np.inf
-    for rg in range(pf.metadata.num_row_groups):
-        for row in _candidate_rows(shard, pf.read_row_group(rg)):
-            rows += 1
-            lp = row["teacher_logprobs"].astype(np.float64)
-            max_logprob = max(max_logprob, float(lp.max()))
-            unnormalized += abs(np.exp(lp).sum() - 1.0) > 1e-3
-    return {
-        "rows": rows,
-        "tokens": rows,
-        "mean_topk_mass": 1.0 if rows else float("nan"),
-        "max_logprob": max_logprob,
-        "unsorted_positions": unnormalized,
-    }
+    return kind.stats(groups(), shard.meta.kind_params)

@@ -4,13 +4,13 @@ A row is one window of one document. For a window of ``L`` tokens, the label at 
 is the teacher's distribution over token ``t + 1``; positions ``label_start .. L - 2`` are
 labelled (earlier positions are context shared with the previous window), so a row has
 ``n = L - 1 - label_start`` labelled positions and the flat per-position columns hold
-``n * k`` (top-k) or ``n`` (scalars) values, position-major.
+``n * slots`` (ids and logprobs) or ``n`` (scalars) values, position-major. What the label
+columns hold, stored and decoded, is the shard's label kind's (``storage.kinds``).
 
 Modes: ``score`` rows are corpus windows. ``generate`` rows are one teacher answer each
 (``input_ids`` = chat-templated prompt + response, ``label_start`` = last prompt position, so
 only response tokens are labelled) plus the prompt and response text. ``candidates`` rows are
-one example each: the prompt, its candidate answers (text and ids), the gold index (-1: none)
-and the teacher's normalized log-distribution over the candidates (no per-token columns).
+one example each (the ``candidates`` kind: no per-token columns).
 """
 
 from __future__ import annotations
@@ -21,7 +21,10 @@ from typing import Any
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 5  # 4: row and token counts in the footer; 5: log-odds tail mass code
+from storage.kinds import EXAMPLES, kind_of
+from storage.kinds.base import id_type
+
+SCHEMA_VERSION = 6  # 4: row and token counts in the footer; 5: log-odds tail mass code; 6: label kinds
 METADATA_KEY = b"distill.shard"
 ENCODING_KEY = b"distill.encoding"
 ID_TABLE_KEY = b"distill.id_table"
@@ -29,12 +32,7 @@ COUNTS_KEY = b"distill.counts"  # rows and labelled tokens, checked against the 
 ROW_GROUP_ROWS = 64  # windows per row group: bounds reader memory and is the unit of resumption
 ZSTD_LEVEL = 9  # writing is dwarfed by teacher time; level 9 saves ~8% over level 3 on ids
 
-
-def id_type(vocab_size: int) -> pa.DataType:
-    """Narrowest unsigned integer type that holds every token id of the vocabulary."""
-    if vocab_size <= 1 << 16:
-        return pa.uint16()
-    return pa.uint32()
+__all__ = ["ShardMeta", "arrow_schema", "decoded_schema", "id_type", "text_columns"]
 
 
 def _base_fields(vocab_size: int) -> list[pa.Field]:
@@ -46,10 +44,6 @@ def _base_fields(vocab_size: int) -> list[pa.Field]:
     ]
 
 
-MODES = ("score", "generate", "candidates")
-TOKEN_MODES = ("score", "generate")  # per-token top-k labels
-
-
 GENERATE_TEXT_COLUMNS = ("prompt_text", "response_text", "finish_reason")  # finish_reason: stop | length
 
 
@@ -58,59 +52,21 @@ def text_columns(mode: str) -> tuple[str, ...]:
     return GENERATE_TEXT_COLUMNS if mode == "generate" else ()
 
 
-def _text_fields(mode: str) -> list[pa.Field]:
-    return [pa.field(name, pa.string(), nullable=False) for name in text_columns(mode)]
+def _schema(meta: "ShardMeta", label_fields: list[pa.Field]) -> pa.Schema:
+    if kind_of(meta.kind).layout == EXAMPLES:
+        return pa.schema(label_fields)
+    text = [pa.field(name, pa.string(), nullable=False) for name in text_columns(meta.mode)]
+    return pa.schema(_base_fields(meta.vocab_size) + text + label_fields)
 
 
-def candidates_schema(vocab_size: int) -> pa.Schema:
-    """Stored and decoded columns of a ``candidates`` shard (small: stored plain)."""
-    ids = id_type(vocab_size)
-    return pa.schema(
-        [
-            pa.field("doc_id", pa.string(), nullable=False),
-            pa.field("prompt_text", pa.string(), nullable=False),
-            pa.field("prompt_ids", pa.list_(ids), nullable=False),
-            pa.field("candidates", pa.list_(pa.string()), nullable=False),
-            pa.field("candidate_ids", pa.list_(pa.list_(ids)), nullable=False),
-            pa.field("answer", pa.int32(), nullable=False),  # gold index, -1 when unknown
-            pa.field("candidate_scores", pa.list_(pa.float32()), nullable=False),  # sum (or mean) token logprob
-            pa.field("teacher_logprobs", pa.list_(pa.float32()), nullable=False),  # log-softmax of the scores
-        ]
-    )
+def arrow_schema(meta: "ShardMeta") -> pa.Schema:
+    """The stored (encoded) columns of a shard with ``meta``: its kind's label columns."""
+    return _schema(meta, kind_of(meta.kind).stored_fields(meta.vocab_size))
 
 
-def _schema(vocab_size: int, mode: str, label_fields: list[tuple[str, pa.DataType]]) -> pa.Schema:
-    if mode == "candidates":
-        return candidates_schema(vocab_size)
-    labels = [pa.field("topk_ids", pa.list_(id_type(vocab_size)), nullable=False)]
-    labels += [pa.field(name, pa.list_(t), nullable=False) for name, t in label_fields]
-    return pa.schema(_base_fields(vocab_size) + _text_fields(mode) + labels)
-
-
-def arrow_schema(vocab_size: int, mode: str = "score") -> pa.Schema:
-    """The stored (encoded) columns; see ``storage.codec`` for the encodings. Stored
-    ``topk_ids`` are remapped by the shard's id table."""
-    return _schema(
-        vocab_size,
-        mode,
-        [("topk_logprob_codes", pa.uint8()), ("target_logprob_codes", pa.uint16()), ("tail_mass_codes", pa.uint16())],
-    )
-
-
-def decoded_schema(vocab_size: int, mode: str = "score") -> pa.Schema:
-    """Plain columns (float32 logprobs, original ids): the writer's input, the export format."""
-    return _schema(
-        vocab_size,
-        mode,
-        [("topk_logprobs", pa.float32()), ("target_logprobs", pa.float32()), ("tail_mass", pa.float32())],
-    )
-
-
-def sampled_draws(meta: "ShardMeta") -> int:
-    """Draws per position of a shard of sampled labels (``settings['labels'] == 'sampled'``); 0 for top-k labels."""
-    if meta.settings.get("labels") != "sampled":
-        return 0
-    return int(meta.settings["draws"])
+def decoded_schema(meta: "ShardMeta") -> pa.Schema:
+    """Plain columns (float32 logprobs, original ids): the writer's input."""
+    return _schema(meta, kind_of(meta.kind).decoded_fields(meta.vocab_size))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,8 +81,11 @@ class ShardMeta:
     """Content hash of the tokenizer files."""
     vocab_size: int
     """Size of the teacher's output distribution."""
-    k: int
-    """Number of top-k entries per labelled position."""
+    kind: str
+    """Label kind, a key of ``storage.kinds.KINDS``: ``topk``, ``sampled``, ``mixture`` or ``candidates``."""
+    kind_params: dict
+    """The kind's parameters, named by the kind: ``{"k"}`` (topk), ``{"draws", "proposal_k", "sampler",
+    "seed"}`` (sampled), ``{"k", "members"}`` (mixture: each member's k), ``{}`` (candidates)."""
     temperature: float
     """Temperature the stored logprobs were computed at (1.0: raw model distribution)."""
     mode: str
@@ -148,6 +107,18 @@ class ShardMeta:
     settings: dict = dataclasses.field(default_factory=dict)
     """Mode settings the labels depend on (sampling for ``generate``, length normalization for ``candidates``)."""
     schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self):
+        kind = kind_of(self.kind)
+        kind.check_params(self.kind_params)
+        if (self.mode == "candidates") != (kind.layout == EXAMPLES):
+            raise ValueError(f"mode {self.mode!r} cannot hold {self.kind!r} labels")
+
+    @property
+    def slots(self) -> int:
+        """Teacher ids stored per labelled position (the K of (B, T, K)): ``k`` for top-k,
+        ``draws`` for sampled, ``k x members`` for a mixture; 0 for candidates."""
+        return kind_of(self.kind).slots(self.kind_params)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)

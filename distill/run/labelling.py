@@ -102,7 +102,7 @@ def expected_meta(cfg: RunConfig, split: str) -> dict:
             "teacher_hash": ensemble_hash,
             "tokenizer_hash": teacher_hashes(cfg)["tokenizer"],
             "vocab_size": AutoConfig.from_pretrained(teacher_dir(cfg)).vocab_size,
-            "k": cfg.teacher.k * len(members),
+            **cfg.teacher.label_kind(split),
             "mode": cfg.teacher.mode,
             "temperature": 1.0,
         }
@@ -112,7 +112,7 @@ def expected_meta(cfg: RunConfig, split: str) -> dict:
         "teacher_hash": hashes["weights"],
         "tokenizer_hash": hashes["tokenizer"],
         "vocab_size": AutoConfig.from_pretrained(teacher_dir(cfg)).vocab_size,
-        "k": cfg.teacher.sampled_labels.draws if cfg.teacher.samples(split) else cfg.teacher.k,
+        **cfg.teacher.label_kind(split),
         "mode": cfg.teacher.mode,
         "temperature": 1.0,
     }
@@ -139,7 +139,8 @@ def label_shards(cfg: RunConfig, names: Sequence[str], engine_factory=None) -> d
             teacher_hash=hashes["weights"],
             tokenizer_hash=hashes["tokenizer"],
             vocab_size=expect["vocab_size"],
-            k=expect["k"],
+            kind=expect["kind"],
+            kind_params=expect["kind_params"],
             temperature=1.0,
             mode=cfg.teacher.mode,
             engine=engine_name(),
@@ -148,7 +149,7 @@ def label_shards(cfg: RunConfig, names: Sequence[str], engine_factory=None) -> d
             split=split,
             cache_key=keys[name],
             code_version=LABEL_CODE_VERSION,
-            settings=mode_settings(cfg.teacher, split),
+            settings=mode_settings(cfg.teacher),
         )
         results[name] = {"key": keys[name], **label_shard(factory, store, keys[name], meta, windows, cfg.teacher)}
     return results
@@ -183,7 +184,8 @@ def label_ensemble(cfg: RunConfig, names: Sequence[str], engine_factory=None) ->
             teacher_hash=ensemble_hash,
             tokenizer_hash=expect["tokenizer_hash"],
             vocab_size=expect["vocab_size"],
-            k=expect["k"],
+            kind=expect["kind"],
+            kind_params=expect["kind_params"],
             temperature=1.0,
             mode=cfg.teacher.mode,
             engine=shards[0].meta.engine,
@@ -239,8 +241,7 @@ def check_shards(cfg: RunConfig, names: Sequence[str]) -> dict:
                 f"{name}: {stats['rows']} rows / {stats['tokens']} labels, corpus expects {want_rows} / "
                 f"{want if want is not None else '>= 1 per answer'}"
             )
-        if stats["max_logprob"] > 1e-4 or stats["unsorted_positions"]:
-            problems.append(f"{name}: logprobs > 0 or unsorted at {stats['unsorted_positions']} positions")
+        problems += [f"{name}: {problem}" for problem in stats["problems"]]  # as the label kind reports them
         if stats["tokens"]:
             mass += stats["mean_topk_mass"] * stats["tokens"]
             tokens += stats["tokens"]

@@ -203,8 +203,8 @@ class TeacherConfig:
     ``proposal_k`` below the vocabulary, mass beyond the proposal is drawn only as the bucket).
     Any other divergence, ``tail: renormalize``, a temperature or a student with its own
     tokenizer is nonlinear in the drawn counts and biased, and the config refuses it
-    (``RunConfig._check_sampled_labels``). Use them when calibration matters or k would have to
-    be large. Held-out shards stay top-k, so
+    (``RunConfig._check_label_kind``, by the rules of ``storage.kinds.sampled``). Use them when
+    calibration matters or k would have to be large. Held-out shards stay top-k, so
     evaluations compare across label kinds. ``score`` and ``generate`` modes only."""
     sampled_labels: SampledLabelsConfig = SampledLabelsConfig()
     """``labels: sampled``: draws per position, proposal size, seed."""
@@ -257,6 +257,19 @@ class TeacherConfig:
     def samples(self, split: str) -> bool:
         """Whether shards of ``split`` hold sampled labels (train shards only)."""
         return self.labels == "sampled" and split == "train"
+
+    def label_kind(self, split: str) -> dict:
+        """The label kind of this teacher's ``split`` shards and its parameters, as the shards'
+        metadata carries them: ``{"kind": <a key of storage.kinds.KINDS>, "kind_params": {...}}``."""
+        if self.mode == "candidates":
+            kind, params = "candidates", {}
+        elif self.ensemble:
+            kind, params = "mixture", {"k": self.k, "members": len(self.members)}
+        elif self.samples(split):
+            kind, params = "sampled", dataclasses.asdict(self.sampled_labels)
+        else:
+            kind, params = "topk", {"k": self.k}
+        return {"kind": kind, "kind_params": params}
 
     @property
     def max_logprobs(self) -> int:

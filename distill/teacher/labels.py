@@ -1,12 +1,15 @@
 """Teacher labelling of corpus shards into the content-addressed label store.
 
 A shard's content key covers everything its labels depend on; a committed key is reused with
-no teacher work at all (not even an engine start: engines are created lazily).
+no teacher work at all (not even an engine start: engines are created lazily). The engine
+returns the teacher's top-K of every row; the shard's label kind (``storage.kinds``) says how
+large K is and makes its labels from them (the top-k as they are, or draws from them).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
@@ -16,89 +19,23 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
-from distill.teacher.config import SAMPLERS, SampledLabelsConfig, TeacherConfig
+from distill.teacher.config import TeacherConfig
 from storage.cache import LabelStore, content_key
+from storage.kinds import POSITIONS, LabelKind, kind_of
 from storage.schema import SCHEMA_VERSION, ShardMeta
 
 LABEL_CODE_VERSION = "labels-3"
 
 
-def mode_settings(cfg: TeacherConfig, split: str = "train") -> dict:
-    """The settings that the labels of a ``split`` shard depend on beyond k (in the cache key and
-    the shard metadata): the mode's, and for sampled labels the sampler's."""
+def mode_settings(cfg: TeacherConfig) -> dict:
+    """The settings of ``cfg.mode`` that the labels depend on (in the cache key and the shard
+    metadata); the label kind's own parameters are ``TeacherConfig.label_kind``'s."""
     settings = {}
     if cfg.mode == "generate":
         settings["sampling"] = dataclasses.asdict(cfg.sampling)
     if cfg.mode == "candidates":
         settings["length_normalize"] = cfg.length_normalize
-    if cfg.samples(split):
-        settings.update(labels="sampled", **dataclasses.asdict(cfg.sampled_labels))
     return settings
-
-
-def sample_labels(labels: dict, draws: int, rng: np.random.Generator, sampler: str = "systematic") -> dict:
-    """Sampled labels from one row's top-K' labels (``topk_ids``/``topk_logprobs`` (n, K'),
-    ``tail_mass`` (n,)): ``draws`` ids drawn with replacement at every position from the
-    teacher's top-K' probabilities plus the tail as one more outcome, by ``sampler``
-    (``SampledLabelsConfig.sampler``).
-
-    Returns ``topk_ids``/``topk_logprobs`` (n, draws): the distinct drawn ids, most drawn first
-    (ties in the teacher's order), with ``log(count / draws)``; unused slots repeat the first id
-    with ``-inf``. ``tail_mass`` is the share of draws that fell in the tail; the realized-token
-    logprob is kept. The target ``count / draws`` has expectation ``p`` on every top-K' id.
-    """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler={sampler!r}: expected one of {SAMPLERS}")
-    ids = np.asarray(labels["topk_ids"]).reshape(len(labels["tail_mass"]), -1)
-    n = len(ids)
-    probs = np.exp(np.asarray(labels["topk_logprobs"], np.float64).reshape(n, -1))
-    outcomes = np.concatenate([probs, np.clip(np.asarray(labels["tail_mass"], np.float64), 0, 1)[:, None]], axis=1)
-    outcomes /= outcomes.sum(axis=1, keepdims=True)
-    if sampler == "multinomial":
-        counts = rng.multinomial(draws, outcomes) if n else np.zeros((0, ids.shape[1] + 1), np.int64)
-    else:
-        # points (u + i) / draws, i = 0 .. draws-1, on the cumulative distribution; the points
-        # below c number ceil(c * draws - u), whose mean over u is c * draws: unbiased per outcome
-        cdf = np.cumsum(outcomes, axis=1)
-        cdf[:, -1] = 1.0
-        below = np.ceil(cdf * draws - rng.random((n, 1))).clip(0, draws).astype(np.int64)
-        counts = np.diff(below, axis=1, prepend=0)
-    order = np.argsort(-counts[:, :-1], axis=1, kind="stable")[:, :draws]
-    top = np.take_along_axis(counts[:, :-1], order, axis=1)
-    drawn = np.take_along_axis(ids, order, axis=1)
-    drawn = np.where(top > 0, drawn, drawn[:, :1])
-    with np.errstate(divide="ignore"):
-        logprobs = np.log(top / draws)
-    return {
-        **labels,
-        "topk_ids": drawn.astype(np.int64),
-        "topk_logprobs": logprobs.astype(np.float32),
-        "tail_mass": (counts[:, -1] / draws).astype(np.float32),
-    }
-
-
-def window_rng(seed: int, doc_id: str, window_index: int) -> np.random.Generator:
-    """The sampler's generator for one row: the same draws whatever shard or batch it is in."""
-    return np.random.default_rng([seed, prompt_seed(0, doc_id), int(window_index)])
-
-
-def _sampled_rows(rows: list[dict], cfg: SampledLabelsConfig) -> list[dict]:
-    out = []
-    for row in rows:
-        n = len(row["target_logprobs"])
-        labels = sample_labels(
-            {
-                "topk_ids": row["topk_ids"].reshape(n, -1),
-                "topk_logprobs": row["topk_logprobs"].reshape(n, -1),
-                "tail_mass": row["tail_mass"],
-                "target_logprobs": row["target_logprobs"],
-            },
-            cfg.draws,
-            window_rng(cfg.seed, row["doc_id"], row["window_index"]),
-            cfg.sampler,
-        )
-        out.append({**row, **_flat_label_columns(labels)})
-    return out
 
 
 def shard_key(
@@ -129,13 +66,13 @@ def shard_key(
         "tokenizer": teacher_hashes["tokenizer"],
         "data": fingerprint,
         "mode": cfg.mode,
-        "k": cfg.k,
+        **cfg.label_kind(split),
         "temperature": 1.0,
         "dtype": dtype,
         "code": LABEL_CODE_VERSION,
         "schema": SCHEMA_VERSION,
         "relabel_tag": cfg.relabel_tag,
-        **mode_settings(cfg, split),
+        **mode_settings(cfg),
     }
     if cfg.mode == "generate":  # answers are capped at window - len(prompt); the fingerprint has prompts only
         fields["window"] = window
@@ -143,12 +80,14 @@ def shard_key(
 
 
 def prompt_seed(base: int, doc_id: str) -> int:
-    import hashlib
-
     return int.from_bytes(hashlib.sha256(f"{base}\x1f{doc_id}".encode()).digest()[:4], "big") & 0x7FFFFFFF
 
 
-def _score_rows(engine, part: pa.Table, cfg: TeacherConfig, k: int) -> list[dict]:
+LabelsOf = Callable[[dict, str, int], dict]
+"""Written label columns of one row from the teacher's top-K labels, its doc id and window."""
+
+
+def _score_rows(engine, part: pa.Table, cfg: TeacherConfig, k: int, labels_of: LabelsOf) -> list[dict]:
     input_ids = part.column("input_ids").to_pylist()
     label_starts = part.column("label_start").to_pylist()
     doc_ids = part.column("doc_id").to_pylist()
@@ -161,22 +100,13 @@ def _score_rows(engine, part: pa.Table, cfg: TeacherConfig, k: int) -> list[dict
                 "window_index": window_idx[i],
                 "input_ids": np.asarray(input_ids[i], np.int64),
                 "label_start": label_starts[i],
-                **_flat_label_columns(labels),
+                **labels_of(labels, doc_ids[i], window_idx[i]),
             }
         )
     return rows
 
 
-def _flat_label_columns(labels: dict) -> dict:
-    return {
-        "topk_ids": labels["topk_ids"].reshape(-1),
-        "topk_logprobs": labels["topk_logprobs"].reshape(-1),
-        "target_logprobs": labels["target_logprobs"],
-        "tail_mass": labels["tail_mass"],
-    }
-
-
-def _generate_rows(engine, part: pa.Table, cfg: TeacherConfig, k: int) -> list[dict]:
+def _generate_rows(engine, part: pa.Table, cfg: TeacherConfig, k: int, labels_of: LabelsOf) -> list[dict]:
     """One row per answer: prompt + answer tokens, labels on the answer tokens only."""
     prompts = part.column("input_ids").to_pylist()
     doc_ids = part.column("doc_id").to_pylist()
@@ -194,13 +124,13 @@ def _generate_rows(engine, part: pa.Table, cfg: TeacherConfig, k: int) -> list[d
                     "prompt_text": texts[i],
                     "response_text": sample["text"],
                     "finish_reason": sample["finish_reason"],
-                    **_flat_label_columns(sample),
+                    **labels_of(sample, doc_ids[i], j),
                 }
             )
     return rows
 
 
-def _answer_rows(engine, part: pa.Table, cfg: TeacherConfig, k: int) -> list[dict]:
+def _answer_rows(engine, part: pa.Table, cfg: TeacherConfig, k: int, labels_of: LabelsOf) -> list[dict]:
     """``generate`` rows whose answers are given (``response_ids``: another model's, e.g. the
     student's in an on-policy round): prompt + answer scored teacher-forced, labels on the
     answer tokens only, exactly the rows ``_generate_rows`` writes for the teacher's own answers."""
@@ -222,7 +152,7 @@ def _answer_rows(engine, part: pa.Table, cfg: TeacherConfig, k: int) -> list[dic
                 "prompt_text": cols["prompt_text"][i],
                 "response_text": cols["response_text"][i],
                 "finish_reason": cols["finish_reason"][i],
-                **_flat_label_columns(labels),
+                **labels_of(labels, cols["doc_id"][i], cols["window_index"][i]),
             }
         )
     return rows
@@ -237,7 +167,7 @@ def candidate_distribution(
     return scores, shifted - np.log(np.exp(shifted).sum())
 
 
-def _candidate_rows(engine, part: pa.Table, cfg: TeacherConfig, k: int) -> list[dict]:
+def _candidate_rows(engine, part: pa.Table, cfg: TeacherConfig, k: int, labels_of: LabelsOf) -> list[dict]:
     prompts = part.column("input_ids").to_pylist()
     cand_ids = part.column("candidate_ids").to_pylist()
     texts, cands = part.column("prompt_text").to_pylist(), part.column("candidates").to_pylist()
@@ -263,6 +193,10 @@ def _candidate_rows(engine, part: pa.Table, cfg: TeacherConfig, k: int) -> list[
 _MODE_ROWS = {"score": _score_rows, "generate": _generate_rows, "candidates": _candidate_rows}
 
 
+def _labels_of(kind: LabelKind, params: dict) -> LabelsOf:
+    return lambda labels, doc_id, window_index: kind.from_teacher(labels, params, doc_id, window_index)
+
+
 def label_shard(
     engine_factory: Callable[[], object],
     store: LabelStore,
@@ -272,8 +206,10 @@ def label_shard(
     cfg: TeacherConfig | None = None,
     progress: bool = True,
 ) -> dict:
-    """Label ``windows`` (corpus rows of ``cfg.mode``) into ``store`` under ``key`` unless already committed.
-    In ``generate`` mode a ``response_ids`` column gives the answers (scored, not generated).
+    """Label ``windows`` (corpus rows of ``cfg.mode``) into ``store`` under ``key`` unless already committed,
+    as labels of ``meta.kind``: the engine returns the teacher's top ``kind.teacher_k`` of every
+    row and the kind makes its labels from them. In ``generate`` mode a ``response_ids`` column
+    gives the answers (scored, not generated).
 
     Engine work and Parquet writing overlap: the rows of one macro-batch are written by a
     background thread while the engine runs the next; memory stays bounded by one macro-batch
@@ -290,14 +226,9 @@ def label_shard(
             "path": str(existing.path),
         }
     engine = engine_factory()
-    sampled = (
-        SampledLabelsConfig(**{f.name: meta.settings[f.name] for f in dataclasses.fields(SampledLabelsConfig)})
-        if meta.settings.get("labels") == "sampled"
-        else None
-    )
-    if sampled is not None and meta.k != sampled.draws:
-        raise ValueError(f"{meta.shard}: a shard of sampled labels has k = draws ({sampled.draws}), got k={meta.k}")
-    label_k = sampled.proposal_k if sampled is not None else meta.k
+    kind = kind_of(meta.kind)
+    label_k = kind.teacher_k(meta.kind_params) if kind.layout == POSITIONS else 0  # candidates: no top-k
+    labels_of = _labels_of(kind, meta.kind_params)
     if cfg.mode == "score":
         lengths = pc.list_value_length(windows.column("input_ids"))
         total, unit = (
@@ -318,9 +249,7 @@ def label_shard(
         pending = None
         for offset in range(0, windows.num_rows, step):
             part = windows.slice(offset, step)
-            batch = make_rows(engine, part, cfg, label_k)
-            if sampled is not None:
-                batch = _sampled_rows(batch, sampled)
+            batch = make_rows(engine, part, cfg, label_k, labels_of)
             bar.update(sum(len(r["target_logprobs"]) for r in batch) if cfg.mode == "score" else part.num_rows)
             if pending is not None:
                 pending.result()

@@ -38,10 +38,10 @@ class EngineFailure(RuntimeError):
 POLL_S = 0.5  # how often a running call checks the engine's processes
 ADVICE = (
     "Labels committed so far are kept: a retry (the teacher_logits asset retries its step twice after an "
-    "engine failure) starts a fresh engine and labels only the missing shards. If memory ran out, try fewer engines at once "
-    "(teacher.engine.slots, other runs or jobs on this machine), a smaller teacher.engine.batch_windows or "
-    "max_num_batched_tokens, a smaller KV cache (teacher.engine.cpu_kv_cache_gib on a CPU, "
-    "gpu_memory_utilization on a GPU), or a machine with more memory."
+    "engine failure) starts a fresh engine and labels only the missing shards. If memory ran out, try fewer "
+    "engines at once (teacher.engine.slots, other runs or jobs on this machine), a smaller "
+    "teacher.engine.batch_windows or max_num_batched_tokens, a smaller KV cache "
+    "(teacher.engine.cpu_kv_cache_gib on a CPU, gpu_memory_utilization on a GPU), or a machine with more memory."
 )
 
 
@@ -135,7 +135,7 @@ class VllmTeacher:
         self.forward_calls = 0
 
     def _start(self, vllm, dtype: str):
-        cfg, k, max_len = self.cfg, self.k, self.max_len
+        cfg, max_len = self.cfg, self.max_len
         # on the CPU a prompt split across scheduler steps (chunked prefill) kills the engine when
         # its request is seeded: vLLM rewinds the request's generator offset, which CPU generators
         # do not have ("CPU Generator does not use offset"); answering many or long prompts with
@@ -239,7 +239,8 @@ class VllmTeacher:
                 room = self.max_len - len(ids)
                 if room < 1:
                     raise ValueError(
-                        f"prompt of {len(ids)} tokens leaves no room to answer within the engine's max_len {self.max_len}"
+                        f"prompt of {len(ids)} tokens leaves no room to answer within the engine's max_len "
+                        f"{self.max_len}"
                     )
                 params.append(make_params(room, item))
             outputs = self._generate([{"prompt_token_ids": [int(t) for t in ids]} for ids in batch], params)
@@ -328,7 +329,8 @@ class VllmTeacher:
                 raise ValueError(f"sequence {i} of {len(seq)} tokens exceeds the engine's max_len {self.max_len}")
             if not 1 <= start < len(seq):
                 raise ValueError(
-                    f"sequence {i}: start {start} must be in 1..{len(seq) - 1} (at least one scored token after a prefix)"
+                    f"sequence {i}: start {start} must be in 1..{len(seq) - 1} "
+                    "(at least one scored token after a prefix)"
                 )
         params = vllm.SamplingParams(
             max_tokens=1, prompt_logprobs=0, detokenize=False, flat_logprobs=True, temperature=0.0
@@ -573,7 +575,8 @@ def _flat_positions(flat, first: int, realized: np.ndarray, k: int) -> dict:
     ends = np.asarray(flat.end_indices[first:])
     if len(starts) != n or not np.all(ends - starts == k + 1):
         raise RuntimeError(
-            f"unexpected logprobs layout: {len(starts)} positions for {n} tokens, widths {set((ends - starts).tolist())}"
+            f"unexpected logprobs layout: {len(starts)} positions for {n} tokens, "
+            f"widths {set((ends - starts).tolist())}"
         )
     if n == 0:
         return {

@@ -53,8 +53,8 @@ def collate(rows: Sequence[dict], k: int) -> dict[str, torch.Tensor]:
         targets[b, : L - 1] = ids[1:]
         mask[b, s : L - 1] = True
         n = L - 1 - s
-        topk_ids[b, s : L - 1] = np.asarray(r["topk_ids"]).reshape(n, k)
-        teacher_lp[b, s : L - 1] = np.asarray(r["topk_logprobs"]).reshape(n, k)
+        topk_ids[b, s : L - 1] = np.asarray(r["teacher_ids"]).reshape(n, k)
+        teacher_lp[b, s : L - 1] = np.asarray(r["teacher_logprobs"]).reshape(n, k)
     batch = {
         "input_ids": torch.from_numpy(input_ids),
         "attention_mask": torch.from_numpy(attention),
@@ -112,7 +112,7 @@ def collate_for(shard: Shard):
     """The collate function for a shard's labelling mode."""
     if shard.meta.mode == "candidates":
         return collate_candidates
-    k = shard.meta.k
+    k = shard.meta.slots
     return lambda rows: collate(rows, k)
 
 
@@ -620,7 +620,7 @@ def train(
         ckpt_root.mkdir(parents=True, exist_ok=True)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    k, mode = shards[0].meta.k, shards[0].meta.mode
+    k, mode = shards[0].meta.slots, shards[0].meta.mode
     normalize = bool(shards[0].meta.settings.get("length_normalize"))  # candidates: as the teacher scored them
     if mode == "candidates":
         _check_candidate_training(cfg, shards)
@@ -654,14 +654,14 @@ def train(
     if mix is not None:
         extra, share = mix
         for shard in extra:
-            if (shard.meta.mode, shard.meta.k, shard.meta.vocab_size) != (
+            if (shard.meta.mode, shard.meta.slots, shard.meta.vocab_size) != (
                 shards[0].meta.mode,
                 k,
                 shards[0].meta.vocab_size,
             ):
                 raise ValueError(
-                    f"{shard.path}: mode {shard.meta.mode!r}, k={shard.meta.k}, vocabulary {shard.meta.vocab_size} cannot be "
-                    f"mixed with {shards[0].path} (mode {mode!r}, k={k}, vocabulary {shards[0].meta.vocab_size})"
+                    f"{shard.path}: mode {shard.meta.mode!r}, slots={shard.meta.slots}, vocabulary {shard.meta.vocab_size} cannot be "
+                    f"mixed with {shards[0].path} (mode {mode!r}, slots={k}, vocabulary {shards[0].meta.vocab_size})"
                 )
         stream = MixStream(
             stream,

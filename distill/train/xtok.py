@@ -150,7 +150,7 @@ class CrossTokenizer:
         return ids, offsets + lead
 
     def align(self, row: dict, k: int) -> dict:
-        """One labelled teacher row (``input_ids``, ``label_start``, ``topk_ids``/``topk_logprobs``
+        """One labelled teacher row (``input_ids``, ``label_start``, ``teacher_ids``/``teacher_logprobs``
         flat (n * k), ``target_logprobs``) seen from the student: its token ids, the student
         positions it trains CE on (those predicting a token that starts inside the labelled
         span), and the aligned pairs ``(student position, teacher label index)``."""
@@ -209,8 +209,8 @@ def collate_cross(rows: Sequence[dict], k: int, cross: CrossTokenizer) -> dict:
         mask[b, a["ce_positions"]] = True
         pos, lab = a["kd_positions"], a["kd_labels"]
         n = len(row["target_logprobs"])
-        lp = np.asarray(row["topk_logprobs"], np.float32).reshape(n, k)[lab]
-        tid = np.asarray(row["topk_ids"], np.int64).reshape(n, k)[lab]
+        lp = np.asarray(row["teacher_logprobs"], np.float32).reshape(n, k)[lab]
+        tid = np.asarray(row["teacher_ids"], np.int64).reshape(n, k)[lab]
         sid = cross.teacher_to_student[tid]
         kd_mask[b, pos] = True
         teacher_lp[b, pos] = lp

@@ -58,8 +58,8 @@ def _row(ids, start, k=4, seed=0):
     return {
         "input_ids": np.asarray(ids),
         "label_start": start,
-        "topk_ids": rng.integers(0, 49152, n * k),
-        "topk_logprobs": lp.reshape(-1).astype(np.float32),
+        "teacher_ids": rng.integers(0, 49152, n * k),
+        "teacher_logprobs": lp.reshape(-1).astype(np.float32),
         "target_logprobs": np.zeros(n, np.float32),
     }
 
@@ -160,11 +160,11 @@ def test_collate_cross_places_labels_at_aligned_positions(teacher_tok, cross):
     ids = teacher_tok(TEXTS[0], add_special_tokens=False)["input_ids"]
     row = _row(ids, 0, k=4)
     hit = cross.teacher_to_student >= 0
-    row["topk_ids"][::4] = np.nonzero(hit)[0][0]  # every position's top-1 is a token the student has
+    row["teacher_ids"][::4] = np.nonzero(hit)[0][0]  # every position's top-1 is a token the student has
     batch = collate_cross([row, _row(ids[:10], 2, k=4)], 4, cross)
     a = cross.align(row, 4)
     assert batch["input_ids"].shape[0] == 2 and int(batch["kd_mask"][0].sum()) == len(a["kd_positions"])
-    lp = row["topk_logprobs"].reshape(-1, 4)
+    lp = row["teacher_logprobs"].reshape(-1, 4)
     pos, lab = a["kd_positions"], a["kd_labels"]
     np.testing.assert_allclose(batch["teacher_logprobs"][0, pos].numpy(), lp[lab])
     assert torch.isfinite(batch["matched_logprobs"][0, pos, 0]).all()
@@ -256,7 +256,7 @@ def test_a_bos_on_the_teacher_side_only_shifts_nothing(teacher_tok, teacher_with
     # collated, the BOS row puts the same labels at the same student positions
     plain = teacher_tok(TEXTS[0], add_special_tokens=False)["input_ids"]
     row_plain, row_bos = _row(plain, start, seed=3), _row(teacher_with_bos(TEXTS[0])["input_ids"], start + 1, seed=3)
-    for name in ("topk_ids", "topk_logprobs"):
+    for name in ("teacher_ids", "teacher_logprobs"):
         row_bos[name] = row_plain[name]
     b_plain, b_bos = collate_cross([row_plain], 4, cross), collate_cross([row_bos], 4, cross)
     for name in b_plain:

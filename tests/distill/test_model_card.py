@@ -14,7 +14,8 @@ INFO = {
     "license": "apache-2.0",
     "labels": {
         "mode": "score",
-        "k": 32,
+        "kind": "topk",
+        "kind_params": {"k": 32},
         "teacher_hash": "w" * 64,
         "tokenizer_hash": "t" * 64,
         "engine": "vllm-0.32.0",
@@ -55,7 +56,7 @@ def test_card_content_and_hub_parser(tmp_path):
         "w" * 64,
         "t" * 64,
         "f" * 32,
-        "`score` mode, k = 32",
+        "`score` mode, top-32 logprobs and the tail mass",
         "forward_kl",
         "tail `bucket`",
         "60 steps",
@@ -71,8 +72,8 @@ def test_card_content_and_hub_parser(tmp_path):
         and "CE-only baseline" in unevaluated
         and "baseline" in ModelCard(unevaluated).data.tags
     )
-    settings = {"labels": "sampled", "draws": 64, "proposal_k": 2048, "sampler": "systematic", "seed": 0}
-    sampled = model_card({**INFO, "labels": {**INFO["labels"], "settings": settings}})
+    params = {"draws": 64, "proposal_k": 2048, "sampler": "systematic", "seed": 0}
+    sampled = model_card({**INFO, "labels": {**INFO["labels"], "kind": "sampled", "kind_params": params}})
     assert "sampled ids with counts (64 systematic draws per position from the top-2048 + tail)" in sampled
 
 
@@ -101,6 +102,4 @@ def test_trained_and_evaluated_students_carry_their_cards(tiny_config, materiali
         )
         assert ("the CE-only baseline: no distillation" in card.text) == baseline
         assert (folder / "run_config.json").exists()
-    assert (
-        Path(paths.student_dir(tiny_config, False) / "model" / "README.md").read_text().startswith("---\nlicense:")
-    )
+    assert Path(paths.student_dir(tiny_config, False) / "model" / "README.md").read_text().startswith("---\nlicense:")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from distill.teacher.config import SampledLabelsConfig
-from distill.teacher.labels import sample_labels, window_rng
+from storage.kinds.sampled import row_rng, sample
 
 
 def _distribution(n_ids: int, proposal: int, seed: int = 0):
@@ -26,9 +26,10 @@ def _distribution(n_ids: int, proposal: int, seed: int = 0):
 
 def _mean_target(labels: dict, n_ids: int) -> np.ndarray:
     """Mean over positions of the sampled target ``count / draws`` as a dense vector."""
-    probs = np.where(np.isfinite(labels["topk_logprobs"]), np.exp(labels["topk_logprobs"].astype(np.float64)), 0.0)
+    lp = labels["teacher_logprobs"]
+    probs = np.where(np.isfinite(lp), np.exp(lp.astype(np.float64)), 0.0)
     dense = np.zeros((len(probs), n_ids))
-    np.add.at(dense, (np.arange(len(probs))[:, None].repeat(probs.shape[1], 1), labels["topk_ids"]), probs)
+    np.add.at(dense, (np.arange(len(probs))[:, None].repeat(probs.shape[1], 1), labels["teacher_ids"]), probs)
     return dense.mean(0)
 
 
@@ -42,28 +43,28 @@ def test_sampler_is_unbiased_and_lays_out_slots(sampler):
         "tail_mass": np.full(m, tail, np.float32),
         "target_logprobs": np.zeros(m, np.float32),
     }
-    out = sample_labels(labels, draws, np.random.default_rng(1), sampler)
-    assert out["topk_ids"].shape == out["topk_logprobs"].shape == (m, draws)
+    out = sample(labels, draws, np.random.default_rng(1), sampler)
+    assert out["teacher_ids"].shape == out["teacher_logprobs"].shape == (m, draws)
     mean = _mean_target(out, n_ids)
     # every top-K' id: the mean target equals p within 5 standard errors of a mean of m draws/draws
     se = np.sqrt(p[ids] * (1 - p[ids]) / (m * draws))
     assert np.all(np.abs(mean[ids] - p[ids]) < 5 * se + 1e-12), np.abs(mean[ids] - p[ids]).max()
-    assert abs(out["tail_mass"].mean() - tail) < 5 * np.sqrt(tail * (1 - tail) / (m * draws))
+    assert abs(out["rest_mass"].mean() - tail) < 5 * np.sqrt(tail * (1 - tail) / (m * draws))
     # counts: most drawn first, unused slots repeat the first id at -inf, draws add up
     counts = np.where(
-        np.isfinite(out["topk_logprobs"]), np.rint(np.exp(out["topk_logprobs"].astype(np.float64)) * draws), 0
+        np.isfinite(out["teacher_logprobs"]), np.rint(np.exp(out["teacher_logprobs"].astype(np.float64)) * draws), 0
     )
     assert np.all(np.diff(counts, axis=1) <= 0)
-    assert np.allclose(counts.sum(1) + out["tail_mass"] * draws, draws)
-    pad = ~np.isfinite(out["topk_logprobs"])
-    assert np.all(out["topk_ids"][pad] == np.broadcast_to(out["topk_ids"][:, :1], pad.shape)[pad])
+    assert np.allclose(counts.sum(1) + out["rest_mass"] * draws, draws)
+    pad = ~np.isfinite(out["teacher_logprobs"])
+    assert np.all(out["teacher_ids"][pad] == np.broadcast_to(out["teacher_ids"][:, :1], pad.shape)[pad])
     # a top-k target is biased: it puts no mass on ids outside the k it keeps
-    assert np.isfinite(out["topk_logprobs"][:, 0]).all() and pad.any()
+    assert np.isfinite(out["teacher_logprobs"][:, 0]).all() and pad.any()
     dense = np.zeros((m, n_ids))
-    np.add.at(dense, (np.arange(m)[:, None].repeat(draws, 1), out["topk_ids"]), counts)
+    np.add.at(dense, (np.arange(m)[:, None].repeat(draws, 1), out["teacher_ids"]), counts)
     error = np.abs(dense[:, ids] - draws * p[ids])
     if sampler == "systematic":  # every id gets floor(draws p) or ceil(draws p) draws, the tail too
-        assert error.max() < 1 and np.abs(out["tail_mass"] * draws - draws * tail).max() < 1
+        assert error.max() < 1 and np.abs(out["rest_mass"] * draws - draws * tail).max() < 1
         hit = (dense[:, ids] > 0).mean(0)  # an id below 1 / draws is drawn with probability draws * p
         small = draws * p[ids] < 1
         assert np.all(np.abs(hit[small] - draws * p[ids][small]) < 5 * np.sqrt(draws * p[ids][small] / m))
@@ -76,7 +77,7 @@ def test_unknown_sampler_is_refused():
     from distill.teacher.config import TeacherConfig
 
     with pytest.raises(ValueError, match="sampler='stratified'"):
-        sample_labels(
+        sample(
             {"topk_ids": np.zeros((1, 2)), "topk_logprobs": np.zeros((1, 2)), "tail_mass": np.zeros(1)},
             4,
             np.random.default_rng(0),
@@ -101,12 +102,12 @@ def test_forward_kl_on_sampled_targets_estimates_the_full_loss(sampler):
         "tail_mass": np.zeros(m, np.float32),
         "target_logprobs": np.zeros(m, np.float32),
     }
-    out = sample_labels(labels, draws, np.random.default_rng(2), sampler)
+    out = sample(labels, draws, np.random.default_rng(2), sampler)
     logits = student.float().expand(1, m, n_ids).clone().requires_grad_(True)
     loss = kd_loss(
         logits,
-        torch.from_numpy(out["topk_ids"])[None],
-        torch.from_numpy(out["topk_logprobs"])[None],
+        torch.from_numpy(out["teacher_ids"])[None],
+        torch.from_numpy(out["teacher_logprobs"])[None],
         torch.ones(1, m, dtype=torch.bool),
         "forward_kl",
         "bucket",
@@ -134,7 +135,7 @@ def test_other_divergences_are_biased_on_sampled_targets(divergence):
         "tail_mass": np.zeros(m, np.float32),
         "target_logprobs": np.zeros(m, np.float32),
     }
-    out = sample_labels(labels, draws, np.random.default_rng(2), "systematic")
+    out = sample(labels, draws, np.random.default_rng(2), "systematic")
 
     def grad(name, target_ids, target_logprobs):
         logits = student.float().expand(1, len(target_ids), n_ids).clone().requires_grad_(True)
@@ -150,7 +151,10 @@ def test_other_divergences_are_biased_on_sampled_targets(divergence):
 
     def bias(name):
         return float(
-            (grad(name, out["topk_ids"], out["topk_logprobs"]) - grad(name, ids[None], lp[None].astype(np.float32)))
+            (
+                grad(name, out["teacher_ids"], out["teacher_logprobs"])
+                - grad(name, ids[None], lp[None].astype(np.float32))
+            )
             .abs()
             .max()
         )
@@ -169,19 +173,22 @@ def test_config_refuses_losses_biased_on_sampled_labels():
     for train, match in [
         (
             {"divergence": "reverse_kl"},
-            r"teacher\.labels: sampled with train\.divergence='reverse_kl' is refused: expected forward_kl",
+            r"sampled labels \(teacher\.mode: score, teacher\.labels: sampled\) with train\.divergence='reverse_kl' "
+            r"are refused: expected forward_kl; sampled labels are an unbiased target only for forward KL",
         ),
         ({"divergence": "jsd"}, r"train\.divergence='jsd'"),
         ({"divergence": "akl"}, r"train\.divergence='akl'"),
         ({"divergence": "tvd"}, r"train\.divergence='tvd'"),
         ({"divergence": "skew_kl"}, r"train\.divergence='skew_kl'"),
         ({"divergence": "skew_reverse_kl"}, r"train\.divergence='skew_reverse_kl'"),
-        ({"tail": "renormalize"}, r"train\.tail='renormalize' is refused: expected bucket"),
+        ({"tail": "renormalize"}, r"train\.tail='renormalize' are refused: expected bucket"),
         ({"tail": "renormalize", "temperature": 2.0}, r"train\.tail='renormalize'"),
     ]:
         with pytest.raises(ConfigError, match=match):
             from_mapping({**sampled, "train": train})
-    with pytest.raises(ConfigError, match=r"student\.tokenizer='bpe:8000' is refused"):
+    with pytest.raises(
+        ConfigError, match=r"student\.tokenizer='bpe:8000' are refused: expected the teacher's tokenizer"
+    ):
         from_mapping({**sampled, "student": {"tokenizer": "bpe:8000", "init": "random"}})
     # accepted: forward KL with the bucket, and any loss when the KD term is off (CE only)
     assert (
@@ -191,17 +198,18 @@ def test_config_refuses_losses_biased_on_sampled_labels():
     assert from_mapping({"train": {"divergence": "reverse_kl"}}).train.divergence == "reverse_kl"  # top-k: any loss
 
 
-def test_window_rng_is_per_row():
-    a = window_rng(0, "doc-1", 3).integers(1 << 30, size=4)
-    assert np.array_equal(a, window_rng(0, "doc-1", 3).integers(1 << 30, size=4))
-    assert not np.array_equal(a, window_rng(0, "doc-1", 4).integers(1 << 30, size=4))
-    assert not np.array_equal(a, window_rng(1, "doc-1", 3).integers(1 << 30, size=4))
+def test_row_rng_is_per_row():
+    a = row_rng(0, "doc-1", 3).integers(1 << 30, size=4)
+    assert np.array_equal(a, row_rng(0, "doc-1", 3).integers(1 << 30, size=4))
+    assert not np.array_equal(a, row_rng(0, "doc-1", 4).integers(1 << 30, size=4))
+    assert not np.array_equal(a, row_rng(1, "doc-1", 3).integers(1 << 30, size=4))
 
 
 def _sampled_meta(draws):
     from tests.storage.test_shards import make_meta
 
-    return make_meta(k=draws, settings={"labels": "sampled", **dataclasses.asdict(SampledLabelsConfig(draws=draws))})
+    params = dataclasses.asdict(SampledLabelsConfig(draws=draws))
+    return make_meta(kind="sampled", kind_params=params)
 
 
 def test_sampled_shard_stores_counts_exactly(tmp_path):
@@ -213,33 +221,34 @@ def test_sampled_shard_stores_counts_exactly(tmp_path):
     rows = make_rows(6, 49152, 40, seed=3)
     for i, row in enumerate(rows):
         n = len(row["target_logprobs"])
-        labels = sample_labels(
+        labels = sample(
             {
-                "topk_ids": np.asarray(row["topk_ids"]).reshape(n, 40),
-                "topk_logprobs": np.asarray(row["topk_logprobs"]).reshape(n, 40),
-                "tail_mass": row["tail_mass"],
+                "topk_ids": np.asarray(row["teacher_ids"]).reshape(n, 40),
+                "topk_logprobs": np.asarray(row["teacher_logprobs"]).reshape(n, 40),
+                "tail_mass": row["rest_mass"],
                 "target_logprobs": row["target_logprobs"],
             },
             draws,
             np.random.default_rng(i),
         )
         row.update(
-            topk_ids=labels["topk_ids"].reshape(-1),
-            topk_logprobs=labels["topk_logprobs"].reshape(-1),
-            tail_mass=labels["tail_mass"],
+            teacher_ids=labels["teacher_ids"].reshape(-1),
+            teacher_logprobs=labels["teacher_logprobs"].reshape(-1),
+            rest_mass=labels["rest_mass"],
         )
     path = tmp_path / "s.parquet"
     with ShardWriter(path, _sampled_meta(draws)) as w:
         w.write_many(rows)
     shard = open_shard(path)
-    assert shard.encoding["values"] == "counts" and shard.encoding["draws"] == draws
+    assert shard.meta.kind == "sampled" and shard.meta.slots == draws
     back = [r for r, _ in ShardStream([shard], shuffle=False).rows(StreamPosition(), epochs=1)]
     for a, b in zip(rows, back):
-        assert np.array_equal(np.asarray(a["topk_logprobs"]), b["topk_logprobs"])  # -inf included
-        assert np.array_equal(np.asarray(a["topk_ids"]), b["topk_ids"])
+        assert np.array_equal(np.asarray(a["teacher_logprobs"]), b["teacher_logprobs"])  # -inf included
+        assert np.array_equal(np.asarray(a["teacher_ids"]), b["teacher_ids"])
+        np.testing.assert_allclose(b["rest_mass"], a["rest_mass"], atol=1e-7)  # exact: draws not on teacher_ids
     # a row that is not counts of at most `draws` draws is refused, naming it
-    bad = dict(rows[0], topk_logprobs=np.full_like(rows[0]["topk_logprobs"], np.log(0.3)))
-    with pytest.raises(ValueError, match=r"row doc-0#0: sampled topk_logprobs must be log\(count / 12\)"):
+    bad = dict(rows[0], teacher_logprobs=np.full_like(rows[0]["teacher_logprobs"], np.log(0.3)))
+    with pytest.raises(ValueError, match=r"row doc-0#0: sampled teacher_logprobs must be log\(count / 12\)"):
         with ShardWriter(tmp_path / "bad.parquet", _sampled_meta(draws)) as w:
             w.write(bad)
     assert not (tmp_path / "bad.parquet").exists()
@@ -257,7 +266,6 @@ def test_config_checks():
         build(TeacherConfig, {"labels": "sampled", "mode": "candidates"}, "teacher")
 
 
-@pytest.mark.slow
 def test_engine_sampled_targets_converge_to_the_full_distribution(engine, hf_teacher, tiny_config):
     """The real engine's top-K' + tail (the default proposal), sampled many times with either
     sampler, against transformers' full softmax: the mean target matches the full distribution on
@@ -281,7 +289,7 @@ def test_engine_sampled_targets_converge_to_the_full_distribution(engine, hf_tea
             name: np.repeat(np.asarray(labels[name])[t : t + 1], m, axis=0)
             for name in ("topk_ids", "topk_logprobs", "tail_mass", "target_logprobs")
         }
-        out = sample_labels(one, draws, np.random.default_rng(t), sampler)
+        out = sample(one, draws, np.random.default_rng(t), sampler)
         mean = _mean_target(out, full.shape[1])
         p = full[t]
         in_proposal = np.zeros(len(p), bool)
@@ -295,12 +303,11 @@ def test_engine_sampled_targets_converge_to_the_full_distribution(engine, hf_tea
         # beyond them: no id is drawn; their total is the tail the draws put in the bucket
         assert mean[~in_proposal].sum() == 0.0
         assert (
-            abs(out["tail_mass"].mean() - p[~in_proposal].sum())
+            abs(out["rest_mass"].mean() - p[~in_proposal].sum())
             < 5 * np.sqrt(max(p[~in_proposal].sum(), 1e-12) / (m * draws)) + 1e-4
         )
 
 
-@pytest.mark.slow
 def test_pipeline_labels_train_sampled_and_heldout_topk(engine, tiny_config, tmp_path):
     from distill.run import labelling, paths
     from distill.train.config import StudentConfig, TrainConfig
@@ -318,8 +325,8 @@ def test_pipeline_labels_train_sampled_and_heldout_topk(engine, tiny_config, tmp
     labelling.label_shards(cfg, names, engine_factory=lambda: engine)
     assert not labelling.check_shards(cfg, names)["problems"]
     train_shards, heldout = labelling.open_split(cfg, "train"), labelling.open_split(cfg, "heldout")
-    assert {s.meta.k for s in train_shards} == {6} and {s.meta.settings["labels"] for s in train_shards} == {"sampled"}
-    assert {s.meta.k for s in heldout} == {tiny_config.teacher.k} and "labels" not in heldout[0].meta.settings
+    assert {(s.meta.kind, s.meta.slots) for s in train_shards} == {("sampled", 6)}
+    assert {s.meta.kind for s in heldout} == {"topk"} and heldout[0].meta.kind_params == {"k": tiny_config.teacher.k}
     # labelling again is all cache hits; the draws are the same in any batch
     again = labelling.label_shards(cfg, names, engine_factory=lambda: engine)
     assert all(r["cache_hit"] for r in again.values())

@@ -70,7 +70,7 @@ def test_generated_labels_match_transformers(generated, engine, hf_teacher):
     assert positions >= 100 and near_ties <= positions * 0.01
     # stored rows keep the engine's top-k ids and sampled-token logprobs (within the codec's step)
     stored = firsts[0]
-    np.testing.assert_array_equal(stored["topk_ids"], answers[0][0]["topk_ids"].reshape(-1))
+    np.testing.assert_array_equal(stored["teacher_ids"], answers[0][0]["topk_ids"].reshape(-1))
     np.testing.assert_allclose(stored["target_logprobs"], answers[0][0]["target_logprobs"], atol=1e-3)
 
 

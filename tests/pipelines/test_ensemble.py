@@ -15,7 +15,7 @@ from distill.config import from_mapping
 from distill.configbase import ConfigError
 from distill.run import engines, labelling, paths, training
 from distill.teacher.config import FinetuneConfig, TeacherMember
-from distill.teacher.ensemble import mix_labels
+from storage.kinds.mixture import mix
 from storage.reader import ShardStream
 from tests.conftest import TINY_K
 
@@ -62,7 +62,7 @@ def test_ensemble_of_the_teacher_and_its_finetuned_self(tiny_config, engine, tea
 
     train = labelling.open_split(cfg, "train")
     meta = train[0].meta
-    assert meta.k == 2 * TINY_K and meta.teacher.startswith("ensemble:")
+    assert (meta.kind, meta.slots) == ("mixture", 2 * TINY_K) and meta.teacher.startswith("ensemble:")
     members = meta.settings["ensemble"]
     assert [m["weight"] for m in members] == [0.25, 0.75]
     assert members[0]["weights_hash"] == paths.teacher_hashes(base)["weights"]
@@ -77,15 +77,15 @@ def test_ensemble_of_the_teacher_and_its_finetuned_self(tiny_config, engine, tea
     a = store.open(members[0]["cache_key"])
     b = store.open(members[1]["cache_key"])
     assert a.meta.teacher_hash != b.meta.teacher_hash
-    cols = ("topk_ids", "topk_logprobs", "tail_mass", "target_logprobs")
+    cols = ("teacher_ids", "teacher_logprobs", "rest_mass", "target_logprobs")
     disagree = 0
     for x, y, m in zip(_rows(a), _rows(b), _rows(train[0])):
-        n = len(x["tail_mass"])
-        want = mix_labels([{c: x[c] for c in cols}, {c: y[c] for c in cols}], [0.25, 0.75])
-        got = m["topk_logprobs"].reshape(n, 2 * TINY_K)
-        live = np.isfinite(want["topk_logprobs"])
+        n = len(x["rest_mass"])
+        want = mix([{c: x[c] for c in cols}, {c: y[c] for c in cols}], [0.25, 0.75])
+        got = m["teacher_logprobs"].reshape(n, 2 * TINY_K)
+        live = np.isfinite(want["teacher_logprobs"])
         np.testing.assert_array_equal(np.isfinite(got), live)
-        np.testing.assert_array_equal(m["topk_ids"].reshape(n, -1)[live], want["topk_ids"][live])
+        np.testing.assert_array_equal(m["teacher_ids"].reshape(n, -1)[live], want["teacher_ids"][live])
         np.testing.assert_allclose(m["target_logprobs"], want["target_logprobs"], atol=1e-3)
         disagree += int((live.sum(1) > TINY_K).sum())
     assert disagree > 0, f"{name}: the fine-tuned teacher's top-k differs from the base's somewhere"

@@ -48,7 +48,7 @@ def test_outputs_read_back(materialized, tiny_config, teacher_dir):
     train, heldout = labelling.open_split(tiny_config, "train"), labelling.open_split(tiny_config, "heldout")
     assert sum(s.tokens for s in train + heldout) == sum(e["labelled_tokens"] for e in manifest["shards"].values())
     for shard in train + heldout:
-        assert shard.meta.k == tiny_config.teacher.k and shard.meta.engine.startswith("vllm-")
+        assert shard.meta.kind_params == {"k": tiny_config.teacher.k} and shard.meta.engine.startswith("vllm-")
     # students load in transformers from safetensors and compute
     for baseline in (False, True):
         model_dir = paths.student_dir(tiny_config, baseline) / "model"

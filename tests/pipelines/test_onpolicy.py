@@ -69,7 +69,7 @@ def test_rounds_train_on_the_students_own_answers_labelled_by_the_teacher(onpoli
 
     # the answers: the distilled student's (by its weights), 2 per prompt, labelled by the teacher
     shard = paths.label_store(cfg).open(first["answers_key"])
-    assert shard.meta.mode == "generate" and shard.meta.k == cfg.teacher.k and shard.meta.split == "train"
+    assert shard.meta.mode == "generate" and shard.meta.slots == cfg.teacher.k and shard.meta.split == "train"
     assert shard.meta.settings["generator"] == "student"
     assert shard.meta.settings["generator_weights"] == checkpoint_hashes(start)["weights"]
     prompts = {
@@ -94,7 +94,7 @@ def test_rounds_train_on_the_students_own_answers_labelled_by_the_teacher(onpoli
         diffs.append(
             (realized - torch.tensor(np.asarray(row["target_logprobs"]), dtype=torch.float64)).abs().max().item()
         )
-        top = np.asarray(row["topk_ids"]).reshape(n, -1)[:, 0]
+        top = np.asarray(row["teacher_ids"]).reshape(n, -1)[:, 0]
         agree.append(float((logp.argmax(-1).numpy() == top).mean()))
     assert max(diffs) < 2e-3, f"the teacher's logprobs of the student's tokens differ from transformers by {max(diffs)}"
     assert np.mean(agree) > 0.95

@@ -92,11 +92,11 @@ def test_s3_store_round_trip_and_validation(s3_server):
     with store.writer("abc123", make_meta(k=8, cache_key="abc123")) as w:
         w.write_many(rows)
     assert store.is_committed("abc123")
-    shard = store.open("abc123", expect={"k": 8})
+    shard = store.open("abc123", expect={"kind": "topk", "kind_params": {"k": 8}})
     got = [r for r, _ in ShardStream([shard], shuffle=False).rows(epochs=1)]
     assert len(got) == 50
     for a, b in zip(rows, got):
-        np.testing.assert_array_equal(np.asarray(a["topk_ids"], np.int64), b["topk_ids"].astype(np.int64))
+        np.testing.assert_array_equal(np.asarray(a["teacher_ids"], np.int64), b["teacher_ids"].astype(np.int64))
         np.testing.assert_allclose(b["target_logprobs"], a["target_logprobs"], atol=1e-3)
     # an uploaded shard without its commit record is invisible
     w = store.writer("partial", make_meta(k=8, cache_key="partial"))
@@ -136,7 +136,7 @@ def test_interop_pyarrow_datasets_and_axolotl_export(tmp_path):
     r = rows[0]
     L, s = len(r["input_ids"]), r["label_start"]
     assert len(first["target_token_ids"]) == L and sum(map(sum, first["target_mask"])) == (L - 1 - s) * 4
-    assert first["target_token_ids"][s] == [int(x) for x in r["topk_ids"][:4]]
+    assert first["target_token_ids"][s] == [int(x) for x in r["teacher_ids"][:4]]
     assert first["labels"][: s + 1] == [-100] * (s + 1) and first["labels"][s + 1 :] == [
         int(x) for x in r["input_ids"][s + 1 :]
     ]

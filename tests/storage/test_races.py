@@ -63,7 +63,7 @@ def _check_rows(shard, race: int) -> None:
     want = _rows(race, writer)
     assert [g["doc_id"] for g in got] == [w["doc_id"] for w in want]
     for g, w in zip(got, want):
-        np.testing.assert_array_equal(g["topk_ids"].astype(np.int64), np.asarray(w["topk_ids"], np.int64))
+        np.testing.assert_array_equal(g["teacher_ids"].astype(np.int64), np.asarray(w["teacher_ids"], np.int64))
         np.testing.assert_array_equal(g["input_ids"].astype(np.int64), np.asarray(w["input_ids"], np.int64))
 
 
@@ -258,10 +258,10 @@ def test_label_shard_reports_a_lost_race_as_a_cache_hit(tmp_path):
             for row in _rows(0, 1)[: len(input_ids)]:
                 n = len(row["target_logprobs"])
                 yield {
-                    "topk_ids": row["topk_ids"].reshape(n, K),
-                    "topk_logprobs": row["topk_logprobs"].reshape(n, K),
+                    "topk_ids": row["teacher_ids"].reshape(n, K),
+                    "topk_logprobs": row["teacher_logprobs"].reshape(n, K),
                     "target_logprobs": row["target_logprobs"],
-                    "tail_mass": row["tail_mass"],
+                    "tail_mass": row["rest_mass"],
                 }
 
     mine = _rows(0, 1)

@@ -42,8 +42,8 @@ def test_counts_come_from_the_footer_and_must_match_the_record(tmp_path):
     _edit_record(store.path_for("k1"), rows=12, tokens=original["tokens"] + 1)
     with pytest.raises(ShardError, match="field 'tokens'"):
         store.open("k1")
-    _edit_record(store.path_for("k1"), tokens=original["tokens"], meta={**original["meta"], "k": 8})
-    with pytest.raises(ShardError, match=r"metadata field\(s\) \['k'\] differ from the file's footer"):
+    _edit_record(store.path_for("k1"), tokens=original["tokens"], meta={**original["meta"], "kind_params": {"k": 8}})
+    with pytest.raises(ShardError, match=r"metadata field\(s\) \['kind_params'\] differ from the file's footer"):
         store.open("k1")
     _edit_record(store.path_for("k1"), **original)
     assert store.open("k1").rows == 12  # restored record: accepted again

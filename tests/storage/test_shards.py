@@ -17,12 +17,15 @@ from storage.writer import ShardWriter, record_path
 
 
 def make_meta(vocab=49152, k=4, **kw):
+    """Metadata of a test shard: top-``k`` labels unless ``kind``/``kind_params`` (or candidates mode) say otherwise."""
+    kind = kw.pop("kind", "candidates" if kw.get("mode") == "candidates" else "topk")
     base = dict(
         teacher="t",
         teacher_hash="w1",
         tokenizer_hash="tok1",
         vocab_size=vocab,
-        k=k,
+        kind=kind,
+        kind_params=kw.pop("kind_params", {"k": k} if kind == "topk" else {}),
         temperature=1.0,
         mode="score",
         engine="test",
@@ -53,10 +56,10 @@ def make_rows(n_rows, vocab, k, seed=0, length=(3, 20)):
                 "window_index": i % 3,
                 "input_ids": rng.integers(0, vocab, L),
                 "label_start": label_start,
-                "topk_ids": ids.reshape(-1),
-                "topk_logprobs": lp.reshape(-1),
+                "teacher_ids": ids.reshape(-1),
+                "teacher_logprobs": lp.reshape(-1),
                 "target_logprobs": full_lp[:, 5].astype(np.float32),
-                "tail_mass": (1 - np.exp(lp.astype(np.float64)).sum(1)).astype(np.float32),
+                "rest_mass": (1 - np.exp(lp.astype(np.float64)).sum(1)).astype(np.float32),
             }
         )
     return rows
@@ -69,7 +72,7 @@ def test_round_trip(tmp_path, vocab):
     path = tmp_path / "s.parquet"
     with ShardWriter(path, make_meta(vocab, k), row_group_rows=64) as w:
         w.write_many(rows)
-    shard = open_shard(path, expect={"vocab_size": vocab, "k": k})
+    shard = open_shard(path, expect={"vocab_size": vocab, "kind": "topk", "kind_params": {"k": k}, "slots": k})
     assert shard.rows == 150
     assert shard.tokens == sum(len(r["target_logprobs"]) for r in rows)
     assert shard.parquet().metadata.num_row_groups == 3
@@ -77,16 +80,16 @@ def test_round_trip(tmp_path, vocab):
     assert len(got) == len(rows)
     for a, b in zip(rows, got):
         assert a["doc_id"] == b["doc_id"] and a["label_start"] == b["label_start"]
-        for col in ("input_ids", "topk_ids"):
+        for col in ("input_ids", "teacher_ids"):
             np.testing.assert_array_equal(np.asarray(a[col], np.int64), b[col].astype(np.int64))
         np.testing.assert_allclose(b["target_logprobs"], a["target_logprobs"], atol=1e-3)
-        tail = a["tail_mass"].astype(np.float64)
-        np.testing.assert_allclose(b["tail_mass"], tail, rtol=codec.TAIL_MAX_REL_ERROR, atol=0)
-        np.testing.assert_allclose(1 - b["tail_mass"], 1 - tail, rtol=codec.TAIL_MAX_REL_ERROR, atol=0)
-        n = len(a["tail_mass"])
+        tail = a["rest_mass"].astype(np.float64)
+        np.testing.assert_allclose(b["rest_mass"], tail, rtol=codec.TAIL_MAX_REL_ERROR, atol=0)
+        np.testing.assert_allclose(1 - b["rest_mass"], 1 - tail, rtol=codec.TAIL_MAX_REL_ERROR, atol=0)
+        n = len(a["rest_mass"])
         if n:
-            p = np.exp(a["topk_logprobs"].reshape(n, k).astype(np.float64))
-            q = np.exp(b["topk_logprobs"].reshape(n, k).astype(np.float64))
+            p = np.exp(a["teacher_logprobs"].reshape(n, k).astype(np.float64))
+            q = np.exp(b["teacher_logprobs"].reshape(n, k).astype(np.float64))
             assert np.all(np.diff(q, axis=1) <= 1e-12), "top-k order preserved"
             p, q = p / p.sum(1, keepdims=True), q / q.sum(1, keepdims=True)
             assert (p * np.log(p / q)).sum(1).mean() <= 1e-3
@@ -130,7 +133,7 @@ def test_tail_code_relative_error():
 
 def test_inconsistent_row_is_rejected(tmp_path):
     row = make_rows(1, 100, 4)[0]
-    row["tail_mass"] = row["tail_mass"][:-1] if len(row["tail_mass"]) else np.ones(1, np.float32)
+    row["rest_mass"] = row["rest_mass"][:-1] if len(row["rest_mass"]) else np.ones(1, np.float32)
     with pytest.raises(ValueError, match="inconsistent lengths"):
         with ShardWriter(tmp_path / "s.parquet", make_meta(100, 4)) as w:
             w.write(row)
@@ -175,7 +178,14 @@ def test_flipped_byte_is_rejected(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "field,value", [("teacher_hash", "other"), ("tokenizer_hash", "other"), ("k", 8), ("vocab_size", 32000)]
+    "field,value",
+    [
+        ("teacher_hash", "other"),
+        ("tokenizer_hash", "other"),
+        ("kind", "sampled"),
+        ("kind_params", {"k": 8}),
+        ("vocab_size", 32000),
+    ],
 )
 def test_shard_from_another_run_is_rejected(tmp_path, field, value):
     path = _committed(tmp_path)
@@ -185,17 +195,17 @@ def test_shard_from_another_run_is_rejected(tmp_path, field, value):
 
 def test_bad_values_are_rejected_at_write(tmp_path):
     rows = make_rows(5, 500, 4)
-    rows[2]["topk_ids"] = rows[2]["topk_ids"] * 0 + 999
-    with pytest.raises(ValueError, match=r"doc-0#2: topk_ids outside \[0, vocab_size=500\)"):
+    rows[2]["teacher_ids"] = rows[2]["teacher_ids"] * 0 + 999
+    with pytest.raises(ValueError, match=r"doc-0#2: teacher_ids outside \[0, vocab_size=500\)"):
         with ShardWriter(tmp_path / "a.parquet", make_meta(vocab=500, k=4)) as w:
             w.write_many(rows)
     rows = make_rows(5, 100, 4, seed=1)
-    rows[1]["topk_logprobs"] = rows[1]["topk_logprobs"][::-1].copy()
+    rows[1]["teacher_logprobs"] = rows[1]["teacher_logprobs"][::-1].copy()
     with pytest.raises(ValueError, match="sorted descending"):
         with ShardWriter(tmp_path / "b.parquet", make_meta(vocab=100, k=4)) as w:
             w.write_many(rows)
     rows = make_rows(5, 100, 4, seed=2)
-    rows[0]["topk_logprobs"] = np.abs(rows[0]["topk_logprobs"]) + 0.5
+    rows[0]["teacher_logprobs"] = np.abs(rows[0]["teacher_logprobs"]) + 0.5
     with pytest.raises(ValueError, match="<= 0"):
         with ShardWriter(tmp_path / "c.parquet", make_meta(vocab=100, k=4)) as w:
             w.write_many(rows)
@@ -361,7 +371,7 @@ def test_generate_and_candidates_shards_round_trip(tmp_path):
             and g["answer"] == e["answer"]
         )
         np.testing.assert_array_equal(g["teacher_logprobs"], e["teacher_logprobs"])
-    assert shard_stats(shard)["unsorted_positions"] == 0 and shard_stats(shard)["rows"] == 6
+    assert shard_stats(shard)["problems"] == [] and shard_stats(shard)["rows"] == shard_stats(shard)["tokens"] == 6
     from storage.export import export_axolotl
 
     with pytest.raises(ValueError, match="candidates shards hold a distribution"):

@@ -174,7 +174,7 @@ def test_mix_stream_draws_its_share_and_resumes_exactly(shards, share):
 
     rows = [row for row, _ in zip((r for r, _ in make().rows()), range(16))]
     assert all(bool(r.get("from_extra")) == r["doc_id"].startswith("s2-") for r in rows)
-    batch = collate(rows, shards[0].meta.k)
+    batch = collate(rows, shards[0].meta.slots)
     own = torch.tensor([r["doc_id"].startswith("s2-") for r in rows])
     if own.any():
         assert torch.equal(batch["kd_only"], batch["mask"] & own[:, None])
