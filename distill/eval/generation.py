@@ -10,6 +10,10 @@ import sys
 import time
 from pathlib import Path
 
+from distill.procs import guard_children
+from distill.teacher.config import EngineConfig
+from distill.teacher.vllm_engine import _cpu_env, _on_cpu
+
 PROMPTS = [
     "Explain what a Python generator is.",
     "Write a short note about list comprehensions.",
@@ -19,11 +23,8 @@ PROMPTS = [
 
 
 def measure(model_dir: str, max_tokens: int, copies: int) -> dict:
-    from vllm import LLM, SamplingParams
-
-    from distill.procs import guard_children
-    from distill.teacher.config import EngineConfig
-    from distill.teacher.vllm_engine import _cpu_env, _on_cpu
+    """Greedy tokens/s of ``model_dir`` in this process (the child ``generation_throughput`` starts)."""
+    from vllm import LLM, SamplingParams  # lazy: vLLM is an optional heavy dependency
 
     guard_children()
 
@@ -56,9 +57,9 @@ def generation_throughput(model_dir: str | Path, max_tokens: int = 64, copies: i
         text=True,
         timeout=timeout,
         env=env,
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=Path(__file__).resolve().parents[2],  # the repository root, where -m finds the distill package
     )
-    lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
     if out.returncode != 0 or not lines:
         raise RuntimeError(f"{model_dir}: vLLM generation failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
     return json.loads(lines[-1])
