@@ -34,7 +34,9 @@ def main() -> None:
 
     from distill.config import load_config
     from distill.data import load_mc
-    from distill.eval.evaluation import evaluate_model, mc_accuracy, teacher_metrics
+    from distill.eval.choice import mc_accuracy
+    from distill.eval.evaluation import evaluate_model
+    from distill.eval.stored import teacher_metrics
     from distill.run import engines, labelling, tokenizing, training
     from distill.train.xtok import token_byte_table
 
@@ -47,7 +49,8 @@ def main() -> None:
     engines.close_engines()
     vocab, cross = tokenizing.student_tokens(cfg)
     print(
-        f"student tokenizer: {vocab} ids; {cross.matched_fraction:.2%} of the teacher's ids have a byte-identical student token",
+        f"student tokenizer: {vocab} ids; {cross.matched_fraction:.2%} of the teacher's ids have a byte-identical "
+        "student token",
         flush=True,
     )
     heldout = labelling.open_split(cfg, "heldout")
@@ -75,7 +78,8 @@ def main() -> None:
         bpb[name] = m["bpb"]
         how = "reused" if summary.get("reused") else f"trained in {summary.get('seconds_this_run') or 0:.0f}s"
         print(
-            f"{name}: bpb={m['bpb']:.4f} ppl={m['ppl']:.3f} span_kl_to_teacher={m['kl']:.4f} top1_vs_teacher={m['top1']:.4f} "
+            f"{name}: bpb={m['bpb']:.4f} ppl={m['ppl']:.3f} span_kl_to_teacher={m['kl']:.4f} "
+            f"top1_vs_teacher={m['top1']:.4f} "
             f"mc_accuracy={mc:.3f} ({m['aligned_positions']:,} of {m['positions']:,} positions aligned; {how})",
             flush=True,
         )

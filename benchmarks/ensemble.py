@@ -48,7 +48,8 @@ def main() -> None:
     labelling.prepare_corpus(cfg)
     for info in labelling.prepare_finetuned(cfg):
         print(
-            f"fine-tuned member: loss {info['first_loss']:.3f} -> {info['final_loss']:.3f} over {info['settings']['steps']} steps, "
+            f"fine-tuned member: loss {info['first_loss']:.3f} -> {info['final_loss']:.3f} over "
+            f"{info['settings']['steps']} steps, "
             f"{info['seconds']:.0f}s{' (reused)' if info['reused'] else ''}",
             flush=True,
         )
@@ -83,7 +84,7 @@ def main() -> None:
             f"{name}: ppl={ppl[name]:.3f} {kls} top1_vs_ensemble={metrics['ensemble']['top1']:.4f} ({how})", flush=True
         )
     for name, shards in heldout.items():
-        from distill.eval.evaluation import teacher_metrics
+        from distill.eval.stored import teacher_metrics
 
         print(
             f"teacher {name}: ppl={teacher_metrics(shards, cfg.eval)['ppl']:.3f} (from its stored held-out labels)",

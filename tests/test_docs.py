@@ -17,7 +17,8 @@ from mkdocs.config import load_config
 
 from distill.config import SECTIONS, RunConfig, from_mapping
 from distill.eval.config import EvalConfig
-from distill.eval.evaluation import gate, summary_line
+from distill.eval.gate import gate
+from distill.eval.report import summary_line
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"

@@ -19,8 +19,9 @@ class EvalConfig:
     max_windows: int | None = None
     """Evaluate at most this many held-out windows (None: all)."""
     min_ppl_margin: float = 0.0
-    """Gate: the distilled student's held-out perplexity must be below the baseline's by at least
-    this (and below the student's at initialization)."""
+    """Gate: the distilled student's held-out perplexity (``candidates`` data: the gold answer's
+    perplexity among the candidates, ``gold_ppl``) must be below the baseline's by at least this
+    (and below the student's at initialization)."""
     min_bpb_margin: float = 0.0
     """Gate: the distilled student's held-out bits per byte must be below the baseline's by at
     least this (and below the student's at initialization), where bits per byte are measured
@@ -34,7 +35,8 @@ class EvalConfig:
     the teacher's weights would not fit in the device's free memory, for ``candidates`` data, and
     at 0."""
     mc_file: str | None = None
-    """Bring-your-own multiple-choice benchmark: a JSONL file of {question, choices, answer (index)}, scored by log-likelihood."""
+    """Bring-your-own multiple-choice benchmark: a JSONL file of {question, choices, answer (index)},
+    scored by log-likelihood."""
     mc_length_normalize: bool = False
     """Score MC choices by mean instead of summed token logprob."""
     generation_throughput: bool = False

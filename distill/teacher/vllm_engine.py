@@ -287,7 +287,7 @@ class VllmTeacher:
         self, prompts: Sequence[Sequence[int]], max_tokens: int | Sequence[int], eos_token_id: int | None
     ) -> list[list[int]]:
         """Each prompt's greedy (temperature 0) continuation, up to and excluding ``eos_token_id``
-        (the only stop token, as in ``distill.eval.evaluation.greedy_answers``), at most ``max_tokens``
+        (the only stop token, as in ``distill.eval.answers.greedy_answers``), at most ``max_tokens``
         tokens (one number, or one per prompt). A prompt that leaves no room within ``max_len``
         raises; a longer answer than the room left is cut there."""
         import vllm

@@ -39,13 +39,14 @@ def evaluation(
         if metric
         in (
             "ppl",
+            "gold_ppl",
             "bpb",
             "kl",
             "kl_full",
             "top1",
             "ece",
             "accuracy",
-            "teacher_agreement",
+            "choice_agreement",
             "greedy_exact_match",
             "greedy_prefix_agreement",
             "mc_accuracy",

@@ -2,15 +2,40 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from distill.config import from_mapping
+from distill.configbase import ConfigError
+from distill.data import load_mc
+from distill.eval.answers import answer_agreement, greedy_answers
+from distill.eval.choice import (
+    choice_scores,
+    engine_mc_accuracy,
+    mc_accuracy,
+    mc_prompt,
+    mc_sequences,
+    sequence_logprobs,
+)
 from distill.eval.config import EvalConfig
-from distill.eval.evaluation import batch_sums, finish, gate
+from distill.eval.evaluation import evaluate, evaluate_model
+from distill.eval.full_kl import full_distribution_kl, full_kl_skip_reason
+from distill.eval.gate import gate
+from distill.eval.heldout import heldout_batches
+from distill.eval.metrics import batch_sums, candidate_sums, finish, finish_candidates
+from distill.eval.report import markdown_table, summary_line
+from distill.eval.stored import collate_teacher_candidates, teacher_metrics
+from distill.run import labelling
+from distill.train.config import StudentConfig
+from distill.train.student import build_student
+from distill.train.trainer import collate_for
 
 
 def tiny_batch():
@@ -57,8 +82,11 @@ def test_gate_needs_strict_improvement():
     passed, text = gate({"student": {"kl": 0.8, "ppl": 90.0, "bpb": 1.97}, "baseline": base, "student_init": init}, cfg)
     assert not passed and "bpb 1.9700 vs baseline 2.0000 (margin 0.05): FAIL" in text
     assert not gate({"student": base, "baseline": base, "student_init": init}, EvalConfig())[0]
-    # candidates data has no bits per byte: perplexity alone
-    assert gate({"student": {"ppl": 90.0}, "baseline": {"ppl": 100.0}, "student_init": {"ppl": 200.0}}, EvalConfig())[0]
+    # candidates data: the gold answer's perplexity among the candidates, and no bits per byte
+    passed, text = gate(
+        {"student": {"gold_ppl": 9.0}, "baseline": {"gold_ppl": 10.0}, "student_init": {"gold_ppl": 20.0}}, EvalConfig()
+    )
+    assert passed and text == "gold_ppl 9.00 vs baseline 10.00 (margin 0.0): ok, vs student_init 20.00: ok"
 
 
 def test_gate_fails_a_student_no_better_than_its_initialization():
@@ -75,19 +103,11 @@ def test_gate_fails_a_student_no_better_than_its_initialization():
 
 
 def test_removed_kl_margin_says_what_replaced_it():
-    from distill.config import from_mapping
-    from distill.configbase import ConfigError
-
     with pytest.raises(ConfigError, match=r"eval\.min_kl_margin was removed: .*min_ppl_margin.*min_bpb_margin"):
         from_mapping({"eval": {"min_kl_margin": 0.0}})
 
 
 def test_multiple_choice_scoring_by_hand(teacher_dir, tmp_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from distill.data import load_mc
-    from distill.eval.evaluation import choice_scores, mc_accuracy
-
     tok = AutoTokenizer.from_pretrained(teacher_dir)
     model = AutoModelForCausalLM.from_pretrained(teacher_dir, use_safetensors=True).eval()
     prompt, choice = "Question: Which keyword defines a function in Python?\nAnswer:", " def"
@@ -110,8 +130,6 @@ def test_multiple_choice_scoring_by_hand(teacher_dir, tmp_path):
 
 
 def test_candidate_metrics_by_hand():
-    from distill.eval.evaluation import candidate_sums, finish_candidates
-
     # example 0: 2 candidates, gold 0; example 1: 3 candidates, gold 2; example 2: no gold
     student = torch.log(torch.tensor([[0.7, 0.3, 1.0], [0.2, 0.5, 0.3], [0.4, 0.6, 1.0]]))
     teacher = torch.log(torch.tensor([[0.9, 0.1, 1.0], [0.1, 0.2, 0.7], [0.5, 0.5, 1.0]]))
@@ -125,16 +143,60 @@ def test_candidate_metrics_by_hand():
     ]
     assert abs(m["kl"] - sum(kl) / 3) < 1e-5
     # choices 0, 1, 1 vs teacher 0, 2, 0 (tie at 0.5 -> argmax takes the first)
-    assert abs(m["teacher_agreement"] - 1 / 3) < 1e-9 and m["top1"] == m["teacher_agreement"]
+    assert abs(m["choice_agreement"] - 1 / 3) < 1e-9
     # gold: example 0 right (0.7), example 1 wrong (choice 1, gold p = 0.3)
-    assert m["accuracy"] == 0.5 and m["gold_examples"] == 2 and m["positions"] == 3
-    assert abs(m["ppl"] - math.exp(-(math.log(0.7) + math.log(0.3)) / 2)) < 1e-5
+    assert m["accuracy"] == 0.5 and m["gold_examples"] == 2 and m["examples"] == 3
+    assert abs(m["gold_ppl"] - math.exp(-(math.log(0.7) + math.log(0.3)) / 2)) < 1e-5
     assert abs(m["ece"] - (abs(0.7 - 1) + abs(0.5 - 0)) / 2) < 1e-6
 
 
-def test_answer_agreement_by_hand():
-    from distill.eval.evaluation import answer_agreement
+def test_candidates_report_names_its_own_quantities():
+    """Candidates data reports the gold answer's perplexity and the agreement with the teacher's
+    choice under their own names, in the metrics, the table and the summary line."""
+    student = torch.log(torch.tensor([[0.7, 0.3], [0.2, 0.8]]))
+    teacher = torch.log(torch.tensor([[0.9, 0.1], [0.6, 0.4]]))
+    batch = {
+        "candidate_mask": torch.ones(2, 2, dtype=torch.bool),
+        "teacher_logprobs": teacher,
+        "answer": torch.tensor([0, 1]),
+    }
+    m = {**finish_candidates(candidate_sums(student, batch)), "parameters": 2e6}
+    assert not {"ppl", "top1", "positions", "teacher_agreement"} & set(m)
+    results = {"teacher": m, "student": m, "baseline": m}
+    header, _, row = markdown_table(results).splitlines()[:3]
+    assert header == (
+        "| model | params (M) | checkpoint (MB) | gold-answer ppl | KL(teacher‖model) | agrees with teacher's choice "
+        "| ECE | gold accuracy |"
+    )
+    assert row == f"| teacher | 2.0 | – | {m['gold_ppl']:.2f} | {m['kl']:.4f} | 0.5000 | {m['ece']:.4f} | 1.000 |"
+    g, kl = f"{m['gold_ppl']:.2f}", f"{m['kl']:.4f}"
+    assert summary_line(results) == (
+        f"teacher_gold_ppl={g} student_gold_ppl={g} baseline_gold_ppl={g} student_kl={kl} baseline_kl={kl} "
+        "student_choice_agreement=0.5000 baseline_choice_agreement=0.5000"
+    )
 
+
+def test_token_report_table_and_summary():
+    """The table and summary line of token data, character for character (the demo prints both)."""
+    teacher = {"ppl": 3.2, "bpb": 0.91, "kl": 0.0, "top1": 1.0, "ece": 0.01, "parameters": 135e6, "mc_accuracy": 0.5}
+    student = {"ppl": 9.87, "bpb": 1.5, "kl": 2.3376, "top1": 0.51, "ece": 0.02, "parameters": 40e6, "kl_full": 2.5}
+    results = {"teacher": {**teacher, "checkpoint_bytes": 270e6}, "student": student, "baseline": student}
+    assert markdown_table(results).splitlines() == [
+        "| model | params (M) | checkpoint (MB) | held-out ppl | bits/byte | KL(teacher‖model) | top-1 agreement | ECE "
+        "| MC accuracy | KL full (sample) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| teacher | 135.0 | 270 | 3.20 | 0.9100 | 0.0000 | 1.0000 | 0.0100 | 0.500 | – |",
+        "| student | 40.0 | – | 9.87 | 1.5000 | 2.3376 | 0.5100 | 0.0200 | – | 2.500 |",
+        "| baseline | 40.0 | – | 9.87 | 1.5000 | 2.3376 | 0.5100 | 0.0200 | – | 2.500 |",
+    ]
+    assert summary_line(results) == (
+        "teacher_ppl=3.20 student_ppl=9.87 baseline_ppl=9.87 student_kl=2.3376 baseline_kl=2.3376 "
+        "student_top1=0.5100 baseline_top1=0.5100 teacher_bpb=0.9100 student_bpb=1.5000 baseline_bpb=1.5000 "
+        "student_kl_full=2.5000 baseline_kl_full=2.5000"
+    )
+
+
+def test_answer_agreement_by_hand():
     got = answer_agreement([[1, 2, 3], [4, 5], [], [9]], [[1, 2, 3], [4, 6, 7], [], [8, 9]])
     assert got["greedy_exact_match"] == 0.5
     assert abs(got["greedy_prefix_agreement"] - (1 + 1 / 3 + 1 + 0) / 4) < 1e-12
@@ -143,16 +205,12 @@ def test_answer_agreement_by_hand():
 
 
 def test_teacher_backend_is_validated():
-    from distill.configbase import ConfigError
-
     assert EvalConfig().teacher_backend == "stored"
     with pytest.raises(ConfigError, match="teacher_backend='vllm' is invalid: expected stored or transformers"):
         EvalConfig(teacher_backend="vllm")
 
 
 def test_teacher_candidate_metrics_from_stored_distribution():
-    from distill.eval.evaluation import candidate_sums, collate_teacher_candidates, finish_candidates
-
     rows = [
         {"teacher_logprobs": np.log([0.9, 0.1]), "answer": 0},
         {"teacher_logprobs": np.log([0.2, 0.3, 0.5]), "answer": 1},
@@ -160,16 +218,14 @@ def test_teacher_candidate_metrics_from_stored_distribution():
     ]
     batch = collate_teacher_candidates(rows)
     m = finish_candidates(candidate_sums(batch["teacher_logprobs"], batch))
-    assert abs(m["kl"]) < 1e-7 and m["teacher_agreement"] == 1.0 and m["gold_examples"] == 2
-    assert abs(m["ppl"] - math.exp(-(math.log(0.9) + math.log(0.3)) / 2)) < 1e-5
+    assert abs(m["kl"]) < 1e-7 and m["choice_agreement"] == 1.0 and m["gold_examples"] == 2
+    assert abs(m["gold_ppl"] - math.exp(-(math.log(0.9) + math.log(0.3)) / 2)) < 1e-5
     assert m["accuracy"] == 0.5  # choice 0 right, choice 2 wrong (gold 1)
     assert abs(m["ece"] - (abs(0.9 - 1) + abs(0.5 - 0)) / 2) < 1e-6
 
 
 def _one_at_a_time_scores(model, tok, items):
-    """The multiple-choice scores as evaluation computed them before batching: one forward per choice."""
-    from distill.eval.evaluation import mc_prompt
-
+    """The multiple-choice scores unbatched: one forward per choice, the reference for the batched scoring."""
     scores = []
     for item in items:
         prompt, choices = mc_prompt(item)
@@ -183,11 +239,6 @@ def _one_at_a_time_scores(model, tok, items):
 
 
 def test_batched_mc_and_greedy_equal_one_at_a_time(hf_teacher, teacher_dir):
-    from transformers import AutoTokenizer
-
-    from distill.data import load_mc
-    from distill.eval.evaluation import greedy_answers, mc_accuracy, mc_sequences, sequence_logprobs
-
     tok = AutoTokenizer.from_pretrained(teacher_dir)
     items = load_mc(Path(__file__).resolve().parents[2] / "examples" / "python_mc.jsonl")[:5]
     seqs, starts, _ = mc_sequences(tok, items)
@@ -210,10 +261,6 @@ def test_batched_mc_and_greedy_equal_one_at_a_time(hf_teacher, teacher_dir):
 @pytest.fixture(scope="module")
 def heldout(tiny_config, engine, tmp_path_factory):
     """Labelled held-out shards of the tiny config (its own storage root; the session's engine)."""
-    import dataclasses
-
-    from distill.run import labelling
-
     cfg = dataclasses.replace(tiny_config, storage_root=str(tmp_path_factory.mktemp("eval") / "data"))
     labelling.prepare_corpus(cfg)
     labelling.label_shards(
@@ -222,10 +269,7 @@ def heldout(tiny_config, engine, tmp_path_factory):
     return cfg, labelling.open_split(cfg, "heldout")
 
 
-@pytest.mark.slow
 def test_stored_teacher_metrics_match_a_transformers_forward(heldout, hf_teacher, teacher_dir):
-    from distill.eval.evaluation import evaluate_model, teacher_metrics
-
     cfg, shards = heldout
     stored = teacher_metrics(shards, cfg.eval, teacher_dir)
     forward = evaluate_model(hf_teacher, shards, cfg.eval)
@@ -244,13 +288,7 @@ def test_stored_teacher_metrics_match_a_transformers_forward(heldout, hf_teacher
     assert set(stored) == set(forward)
 
 
-@pytest.mark.slow
 def test_engine_greedy_and_mc_match_transformers(heldout, engine, hf_teacher, teacher_dir, tmp_path):
-    from transformers import AutoTokenizer
-
-    from distill.data import load_mc
-    from distill.eval.evaluation import engine_mc_accuracy, greedy_answers, mc_accuracy, mc_sequences, sequence_logprobs
-
     tok = AutoTokenizer.from_pretrained(teacher_dir)
     mc_file = Path(__file__).resolve().parents[2] / "examples" / "python_mc.jsonl"
     items = load_mc(mc_file)
@@ -271,14 +309,7 @@ def test_engine_greedy_and_mc_match_transformers(heldout, engine, hf_teacher, te
         engine_mc_accuracy(engine, tok, load_mc(long), source=long)
 
 
-@pytest.mark.slow
 def test_evaluate_never_builds_the_teacher_unless_asked(heldout, engine, teacher_dir, monkeypatch):
-    import dataclasses
-
-    import transformers
-
-    from distill.eval.evaluation import evaluate
-
     cfg, shards = heldout
     real = transformers.AutoModelForCausalLM.from_pretrained
     stored = evaluate(
@@ -299,18 +330,9 @@ def test_evaluate_never_builds_the_teacher_unless_asked(heldout, engine, teacher
     assert old["teacher"]["mc_accuracy"] == stored["teacher"]["mc_accuracy"]
 
 
-@pytest.mark.slow
 def test_full_distribution_kl_against_a_direct_computation(heldout, hf_teacher, teacher_dir, monkeypatch):
     """KL to the teacher's full softmax on the first N held-out windows: 0 for the teacher
     itself, and for a 2-layer cut of it the value of a direct batched computation."""
-    import dataclasses
-
-    from distill.eval import evaluation
-    from distill.eval.evaluation import full_distribution_kl, full_kl_skip_reason, heldout_batches
-    from distill.train.config import StudentConfig
-    from distill.train.student import build_student
-    from distill.train.trainer import collate_for
-
     cfg, shards = heldout
     eval_cfg = dataclasses.replace(cfg.eval, full_kl_windows=3, batch_size=2)
     student = build_student(
@@ -331,6 +353,6 @@ def test_full_distribution_kl_against_a_direct_computation(heldout, hf_teacher, 
     # it runs only where the teacher fits: this machine fits the 135M teacher; a device with one
     # free byte (a condition this machine cannot produce) gets a reason naming the sizes
     assert full_kl_skip_reason(teacher_dir, torch.device("cpu"), False) is None
-    monkeypatch.setattr(evaluation, "free_memory", lambda device: 1)
+    monkeypatch.setattr("distill.eval.full_kl.free_memory", lambda device: 1)
     reason = full_kl_skip_reason(teacher_dir, torch.device("cpu"), False)
     assert reason is not None and "GiB on cpu" in reason and "0.0 GiB are free" in reason
