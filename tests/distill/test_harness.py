@@ -9,7 +9,10 @@ import json
 from pathlib import Path
 
 import pytest
+from transformers import AutoTokenizer
 
+from distill.eval.harness import engine_lm, run_tasks, student_lm
+from distill.run import evaluating
 from tests.conftest import REPO
 
 TASK = "python_basics"
@@ -22,10 +25,6 @@ def _repo_cwd(monkeypatch):
 
 
 def test_engine_lm_matches_the_harness_hflm_on_the_same_teacher(engine, hf_teacher, teacher_dir):
-    from transformers import AutoTokenizer
-
-    from distill.eval.harness import engine_lm, run_tasks, student_lm
-
     tok = AutoTokenizer.from_pretrained(teacher_dir)
     via_engine = run_tasks(engine_lm(engine, tok), [TASK], INCLUDE)[TASK]
     via_hf = run_tasks(student_lm(hf_teacher, tok, batch_size=8), [TASK], INCLUDE)[TASK]
@@ -37,17 +36,11 @@ def test_engine_lm_matches_the_harness_hflm_on_the_same_teacher(engine, hf_teach
 
 
 def test_unknown_task_names_the_include_folder(engine, teacher_dir):
-    from transformers import AutoTokenizer
-
-    from distill.eval.harness import engine_lm, run_tasks
-
     with pytest.raises(ValueError, match=r"no task named \['no_such_task'\].*examples/lm_eval"):
         run_tasks(engine_lm(engine, AutoTokenizer.from_pretrained(teacher_dir)), ["no_such_task"], INCLUDE)
 
 
 def test_evaluation_reports_lm_eval_scores_for_every_model(tiny_config, materialized):
-    from distill.run import evaluating
-
     cfg = dataclasses.replace(
         tiny_config,
         eval=dataclasses.replace(tiny_config.eval, lm_eval_tasks=(TASK,), lm_eval_include=INCLUDE, lm_eval_limit=8),

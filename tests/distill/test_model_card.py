@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from huggingface_hub import ModelCard
+
+from distill.run import paths
 from distill.run.card import model_card, teacher_license
 
 INFO = {
@@ -42,8 +45,6 @@ INFO = {
 
 
 def test_card_content_and_hub_parser(tmp_path):
-    from huggingface_hub import ModelCard
-
     table = "| model | ppl |\n|---|---:|\n| teacher | 26.44 |\n| student | 124.43 |\n| baseline | 134.71 |"
     results = {"student": {"ppl": 124.43, "kl": 1.9876}, "baseline": {"ppl": 134.71, "kl": 2.3421}}
     path = tmp_path / "README.md"
@@ -86,10 +87,6 @@ def test_teacher_license_comes_from_its_card(tmp_path):
 
 
 def test_trained_and_evaluated_students_carry_their_cards(tiny_config, materialized):
-    from huggingface_hub import ModelCard
-
-    from distill.run import paths
-
     for baseline in (False, True):
         folder = paths.student_dir(tiny_config, baseline)
         card = ModelCard.load(folder / "model" / "README.md")
