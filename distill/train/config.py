@@ -10,7 +10,7 @@ from distill.configbase import check
 
 TAILS = ("renormalize", "bucket")
 CROSS_TOKENIZER_LOSSES = ("uld", "span_kl")
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd", "akl")
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd", "akl")
 STRATEGIES = ("ddp", "fsdp")
 INITS = ("teacher_layers", "random", "checkpoint")
 

@@ -13,8 +13,8 @@ The missing tail (mass outside the teacher's top-k) is treated one of two ways:
 - ``bucket``: a (K+1)-th outcome holds the remaining mass on each side, so the student is also
   taught how much mass the teacher leaves outside its top-k. The tail mass of a tempered
   teacher is not recoverable from top-k logprobs, so ``bucket`` requires temperature 1. The
-  teacher's tail ``1 - sum(exp(teacher_logprobs))`` is summed in float64: in float32 a tail
-  of 1e-6 comes out ~10% off, which moves reverse KL by ~1% at confident positions.
+  teacher's tail ``1 - sum(exp(teacher_logprobs))`` is summed in float64: float32 cannot
+  resolve the tail of a confident position (a top-k mass of nearly 1).
 
 Temperature ``T`` divides the student logits and the teacher logprobs (renormalized over the
 top-k), and the divergence is scaled by ``T**TEMPERATURE_POWER[divergence]`` so that gradient
@@ -23,18 +23,26 @@ Neural Network", sec. 2). With ``p = softmax(t / T)``, ``q = softmax(s / T)`` an
 ``J = diag(q) - q q^T``, the gradient w.r.t. the student logits ``s`` is ``J g / T`` with
 ``g = dD/dq``. For the KL family (forward and reverse KL, JSD, skew KL) D is smooth and zero at
 ``q = p``, so ``g`` is first order in ``q - p ~ J (s - t) / T``: the gradient goes as ``1/T^2``
-and the factor is ``T^2`` (also for AKL, a mix of forward and reverse KL with detached weights). Total variation is not smooth at ``q = p``: ``g = sign(q - p) / 2``
-does not shrink with T, so its gradient goes as ``1/T`` and the factor is ``T`` (``T^2``
-would make it grow as T). Measured in ``tests/distill/test_losses.py``.
+and the factor is ``T^2`` (also for AKL, a mix of forward and reverse KL with detached
+weights). Total variation is not smooth at ``q = p``: ``g = sign(q - p) / 2`` does not shrink
+with T, so its gradient goes as ``1/T`` and the factor is ``T`` (``T^2`` would make it grow as T).
+``tests/distill/test_losses.py`` measures both exponents.
+
+A ``LossSpec`` binds a step's options once (divergence and its own options, tail, temperature,
+KD weight), so a misspelled option fails when the spec is built, not silently in a step.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import dataclasses
+import functools
+import inspect
+from typing import Callable, Mapping
 
 import torch
 
-from distill.train.config import CROSS_TOKENIZER_LOSSES, TAILS
+from distill.train.config import CROSS_TOKENIZER_LOSSES, TAILS, TrainConfig
+from distill.train.config import DIVERGENCES as DIVERGENCE_NAMES
 
 NEG = -1e4  # stands in for -inf: exp(NEG) == 0 in fp32 yet NEG * 0 == 0 (no NaN in gradients)
 
@@ -98,17 +106,17 @@ def _mix(log_p: torch.Tensor, log_q: torch.Tensor, weight_p: float) -> torch.Ten
     return torch.logaddexp(log_p + torch.log(w), log_q + torch.log1p(-w))
 
 
-def forward_kl(log_p, log_q, **_):
+def forward_kl(log_p, log_q):
     """KL(teacher || student): mode-covering (Hinton et al., 2015)."""
     return _kl(log_p, log_q)
 
 
-def reverse_kl(log_p, log_q, **_):
+def reverse_kl(log_p, log_q):
     """KL(student || teacher): mode-seeking (MiniLLM, Gu et al., ICLR 2024, eq. 1)."""
     return _kl(log_q, log_p)
 
 
-def generalized_jsd(log_p, log_q, beta: float = 0.5, **_):
+def generalized_jsd(log_p, log_q, beta: float = 0.5):
     """GKD's JSD(beta) = beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q
     (Agarwal et al., ICLR 2024, "On-Policy Distillation of Language Models", sec. 3)."""
     if not 0.0 < beta < 1.0:
@@ -117,26 +125,26 @@ def generalized_jsd(log_p, log_q, beta: float = 0.5, **_):
     return beta * _kl(log_p, m) + (1 - beta) * _kl(log_q, m)
 
 
-def skew_kl(log_p, log_q, alpha: float = 0.1, **_):
+def skew_kl(log_p, log_q, alpha: float = 0.1):
     """Skew KL: KL(p || alpha p + (1 - alpha) q) (DistiLLM, Ko et al., ICML 2024, eq. 4)."""
     if not 0.0 <= alpha < 1.0:
         raise ValueError(f"alpha={alpha}: skew KL needs 0 <= alpha < 1")
     return _kl(log_p, _mix(log_p, log_q, alpha))
 
 
-def skew_reverse_kl(log_p, log_q, alpha: float = 0.1, **_):
+def skew_reverse_kl(log_p, log_q, alpha: float = 0.1):
     """Skew reverse KL: KL(q || alpha q + (1 - alpha) p) (DistiLLM, Ko et al., ICML 2024, eq. 5)."""
     if not 0.0 <= alpha < 1.0:
         raise ValueError(f"alpha={alpha}: skew reverse KL needs 0 <= alpha < 1")
     return _kl(log_q, _mix(log_q, log_p, alpha))
 
 
-def total_variation(log_p, log_q, **_):
+def total_variation(log_p, log_q):
     """Total variation distance 0.5 * sum |p - q| (as in DistillKit's TVD loss)."""
     return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
 
 
-def adaptive_kl(log_p, log_q, mu: float = 0.5, bucket: bool = False, **_):
+def adaptive_kl(log_p, log_q, mu: float = 0.5, bucket: bool = False):
     """AKL: per position, ``w_head * KL(p || q) + w_tail * KL(q || p)`` with weights set by where
     the student is wrong (Wu et al., COLING 2025, "Rethinking Kullback-Leibler Divergence in
     Knowledge Distillation for Large Language Models", arXiv:2404.02657).
@@ -189,6 +197,64 @@ DIVERGENCES: dict[str, Callable[..., torch.Tensor]] = {
 # AKL gets 2: its gradient is a convex combination of the forward and reverse KL gradients with
 # constant (detached) weights, ratios of two gaps that are both first order in q - p.
 TEMPERATURE_POWER: dict[str, int] = {name: 2 for name in DIVERGENCES} | {"tvd": 1}
+# Divergences that treat the tail bucket (the last outcome of ``tail: bucket``) apart from the
+# top-k outcomes; the loss tells them whether there is one.
+READS_BUCKET = frozenset({"akl"})
+if tuple(DIVERGENCES) != DIVERGENCE_NAMES:  # train.divergence is validated against the config's tuple
+    raise RuntimeError(
+        f"distill.train.losses.DIVERGENCES {tuple(DIVERGENCES)} differ from distill.train.config.DIVERGENCES "
+        f"{DIVERGENCE_NAMES}: the config would accept a name no loss implements, or refuse one that exists"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSpec:
+    """How a step scores the student against sparse teacher labels, bound once.
+
+    ``divergence``: a key of ``DIVERGENCES``; ``options``: that divergence's own keyword options
+    (``beta`` for ``jsd``, ``alpha`` for the skew KLs, ``mu`` for ``akl``), checked against its
+    signature here, so ``{"betta": 0.5}`` fails when the spec is built. ``tail``: ``renormalize`` or
+    ``bucket`` (module docstring); ``temperature``: T; ``kd_weight``: the KD term's share of
+    ``distillation_loss`` (the rest goes to cross-entropy).
+    """
+
+    divergence: str = "forward_kl"
+    options: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    tail: str = "renormalize"
+    temperature: float = 1.0
+    kd_weight: float = 0.5
+
+    def __post_init__(self):
+        if self.divergence not in DIVERGENCES:
+            raise ValueError(f"divergence={self.divergence!r}: expected one of {sorted(DIVERGENCES)}")
+        if self.tail not in TAILS:
+            raise ValueError(f"tail={self.tail!r}: expected one of {TAILS}")
+        fn = DIVERGENCES[self.divergence]
+        accepted = [name for name in list(inspect.signature(fn).parameters)[2:] if name != "bucket"]
+        unknown = sorted(set(self.options) - set(accepted))
+        if unknown:
+            raise TypeError(
+                f"divergence {self.divergence!r} has no option {', '.join(map(repr, unknown))}: "
+                f"it takes {accepted or 'none'}"
+            )
+        object.__setattr__(self, "options", dict(self.options))
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> LossSpec:
+        """The spec of a ``train`` section: the divergence with the options it reads."""
+        options = {
+            "jsd": {"beta": cfg.beta},
+            "skew_kl": {"alpha": cfg.alpha},
+            "skew_reverse_kl": {"alpha": cfg.alpha},
+            "akl": {"mu": cfg.akl_mu},
+        }.get(cfg.divergence, {})
+        return cls(cfg.divergence, options, cfg.tail, cfg.temperature, cfg.kd_weight)
+
+    def per_position(self, bucket: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """``(log_p, log_q) -> (B, T)``: the divergence with its options; ``bucket``: the last
+        outcome is the tail bucket."""
+        flags = {"bucket": bucket} if self.divergence in READS_BUCKET else {}
+        return functools.partial(DIVERGENCES[self.divergence], **self.options, **flags)
 
 
 def masked_mean(
@@ -211,22 +277,19 @@ def kd_loss(
     topk_ids: torch.Tensor | None,
     teacher_logprobs: torch.Tensor,
     mask: torch.Tensor,
-    divergence: str = "forward_kl",
-    tail: str = "renormalize",
-    temperature: float = 1.0,
+    spec: LossSpec = LossSpec(),
     student_lse: torch.Tensor | None = None,
     denominator: float | torch.Tensor | None = None,
-    **divergence_kwargs,
 ) -> torch.Tensor:
-    """Mean (see ``masked_mean``) per-position divergence between sparse teacher labels and the student, times
-    ``T ** TEMPERATURE_POWER[divergence]`` (T^2; T for total variation)."""
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"divergence={divergence!r}: expected one of {sorted(DIVERGENCES)}")
-    log_p, log_q = sparse_log_distributions(student_logits, topk_ids, teacher_logprobs, tail, temperature, student_lse)
+    """Mean (see ``masked_mean``) per-position divergence ``spec.divergence`` between sparse teacher
+    labels and the student, times ``T ** TEMPERATURE_POWER[divergence]`` (T^2; T for total
+    variation). ``spec.kd_weight`` is not read here."""
+    log_p, log_q = sparse_log_distributions(
+        student_logits, topk_ids, teacher_logprobs, spec.tail, spec.temperature, student_lse
+    )
     # ``bucket``: the last outcome is the tail bucket (read by AKL, which counts it as tail); full labels have none
-    bucket = tail == "bucket" and topk_ids is not None
-    per_position = DIVERGENCES[divergence](log_p, log_q, bucket=bucket, **divergence_kwargs)  # (B, T)
-    return masked_mean(per_position, mask, denominator) * temperature ** TEMPERATURE_POWER[divergence]
+    per_position = spec.per_position(bucket=spec.tail == "bucket" and topk_ids is not None)(log_p, log_q)  # (B, T)
+    return masked_mean(per_position, mask, denominator) * spec.temperature ** TEMPERATURE_POWER[spec.divergence]
 
 
 def cross_entropy(
@@ -250,18 +313,15 @@ def distillation_loss(
     topk_ids: torch.Tensor | None,
     teacher_logprobs: torch.Tensor,
     mask: torch.Tensor,
-    kd_weight: float = 0.5,
-    divergence: str = "forward_kl",
-    tail: str = "renormalize",
-    temperature: float = 1.0,
+    spec: LossSpec = LossSpec(),
     num_tokens: float | torch.Tensor | None = None,
     kd_only: torch.Tensor | None = None,
-    **divergence_kwargs,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``kd_weight * KD + (1 - kd_weight) * CE``; returns the loss and its detached parts.
+    """``kd_weight * KD + (1 - kd_weight) * CE`` per ``spec``; returns the loss and its detached parts.
 
-    Both terms are sums over the labelled positions divided by ``num_tokens`` (default: this
-    batch's count; the trainer passes the count of the whole optimizer step).
+    ``targets`` (B, T): the realized next tokens. Both terms are sums over the labelled positions
+    divided by ``num_tokens`` (default: this batch's count; the trainer passes the count of the
+    whole optimizer step).
 
     ``kd_only`` (B, T): labelled positions whose tokens the student wrote itself (on-policy
     answers): no ground truth to imitate, so they take no CE and the KD term takes the CE's
@@ -278,27 +338,17 @@ def distillation_loss(
         num_tokens = mask.sum().clamp(min=1).float()  # one denominator for every term
     supervised = mask if kd_only is None else mask & ~kd_only
     ce = cross_entropy(logits, targets, supervised, student_lse=lse, denominator=num_tokens)
+    shared_lse = lse if spec.temperature == 1.0 else None
 
     def kd_over(positions):
-        return kd_loss(
-            logits,
-            topk_ids,
-            teacher_logprobs,
-            positions,
-            divergence,
-            tail,
-            temperature,
-            student_lse=lse if temperature == 1.0 else None,
-            denominator=num_tokens,
-            **divergence_kwargs,
-        )
+        return kd_loss(logits, topk_ids, teacher_logprobs, positions, spec, shared_lse, num_tokens)
 
     own = kd_over(mask & kd_only) if kd_only is not None and bool(kd_only.any()) else None
-    if kd_weight == 0.0:
+    if spec.kd_weight == 0.0:
         loss = ce if own is None else ce + own
         return loss, {"ce": ce.detach(), "kd": torch.zeros(()) if own is None else own.detach()}
     kd = kd_over(mask)
-    loss = kd_weight * kd + (1.0 - kd_weight) * (ce if own is None else ce + own)
+    loss = spec.kd_weight * kd + (1.0 - spec.kd_weight) * (ce if own is None else ce + own)
     return loss, {"ce": ce.detach(), "kd": kd.detach()}
 
 
@@ -405,6 +455,9 @@ def uld_distance(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor) -
     return (q - p).abs().sum(-1) + (tail_q - tail_p).abs()
 
 
+SPAN_KL = LossSpec("forward_kl", tail="bucket")  # span_kl's KD term: matched ids plus one bucket
+
+
 def cross_tokenizer_loss(
     student_logits: torch.Tensor,
     batch: dict[str, torch.Tensor],
@@ -433,14 +486,5 @@ def cross_tokenizer_loss(
     if loss == "uld":
         kd = masked_mean(uld_distance(logits, batch["teacher_logprobs"]), kd_mask, num_aligned)
     else:
-        kd = kd_loss(
-            logits,
-            batch["topk_ids"],
-            batch["matched_logprobs"],
-            kd_mask,
-            "forward_kl",
-            "bucket",
-            student_lse=lse,
-            denominator=num_aligned,
-        )
+        kd = kd_loss(logits, batch["topk_ids"], batch["matched_logprobs"], kd_mask, SPAN_KL, lse, num_aligned)
     return kd_weight * kd + (1.0 - kd_weight) * ce, {"ce": ce.detach(), "kd": kd.detach()}

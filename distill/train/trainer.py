@@ -1,15 +1,22 @@
 """Student trainer: streams teacher shards, mixes a KD divergence with cross-entropy, saves a
 checkpoint that transformers and vLLM load.
 
-Reads top to bottom: ``collate`` -> ``train`` (setup, resume, step loop, checkpoints, save).
+Reads top to bottom, as torchtune's recipes do: batches (``collate``, ``batches``) -> what a batch
+holds (``BatchKind``) -> one step's loss and gradients (``StepLoss``, ``micro_batch_loss``,
+``forward_backward``) -> processes, model and optimizer -> the checkpointed state (``TrainState``)
+-> the recipe (``DistillRecipe``: ``setup``, ``step``, ``save_checkpoint``, ``finish``,
+``cleanup``) -> ``train``, the function the run layer calls.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import enum
 import json
 import math
 import os
+import resource
 import shutil
 import time
 import uuid
@@ -18,10 +25,30 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_model, save_model
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.distributed.fsdp import fully_shard
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer
 
 from distill.train.config import StudentConfig, TrainConfig
-from distill.train.losses import NEG, candidate_loss, candidate_scores, cross_tokenizer_loss, distillation_loss
+from distill.train.losses import (
+    NEG,
+    LossSpec,
+    candidate_loss,
+    candidate_scores,
+    cross_tokenizer_loss,
+    distillation_loss,
+)
 from distill.train.student import build_student
+from distill.train.xtok import CrossTokenizer, collate_cross
 from storage.reader import MixPosition, MixStream, Shard, ShardStream, StreamPosition
 from storage.writer import atomic_write_text
 
@@ -137,25 +164,289 @@ def batches(
             rows = []
 
 
-def _check_candidate_training(cfg: TrainConfig, shards: Sequence[Shard]) -> None:
-    """Candidates data trains on the teacher's candidate distribution (forward KL) and on gold
-    answers; a CE-only run needs gold answers to learn anything."""
-    from distill.configbase import ConfigError
+class BatchKind(enum.Enum):
+    """What a training batch holds, which fixes how it is collated, its loss and what a step counts."""
 
-    if cfg.kd_weight > 0 and cfg.divergence != "forward_kl":
-        raise ConfigError(f"train.divergence={cfg.divergence!r} is invalid for candidates data: expected forward_kl")
-    if cfg.kd_weight < 1:
-        gold = sum(int((s.parquet().read(columns=["answer"]).column("answer").to_numpy() >= 0).sum()) for s in shards)
-        if gold == 0:
+    WINDOWS = "windows"
+    """Token windows in the teacher's tokenization with labels per position (score or generate
+    labels: top-k, sampled, ensemble): ``collate``, ``distillation_loss``."""
+    ALIGNED_WINDOWS = "aligned_windows"
+    """The same windows re-tokenized for a student with its own tokenizer, the teacher's labels
+    at byte-aligned positions: ``distill.train.xtok.collate_cross``, ``cross_tokenizer_loss``."""
+    CANDIDATES = "candidates"
+    """A prompt and its candidate answers with the teacher's distribution over them:
+    ``collate_candidates``, ``candidate_loss``."""
+
+    @property
+    def unit(self) -> str:
+        """What a step's throughput counts: labelled ``tokens``, or ``examples`` of candidates data.
+        The history entry's field and the summary's ``labelled_<unit>_this_run`` carry this name."""
+        return "examples" if self is BatchKind.CANDIDATES else "tokens"
+
+    @classmethod
+    def of(cls, shard: Shard, cross: CrossTokenizer | None, online_teacher: bool) -> BatchKind:
+        """The kind of batches ``shard`` trains, for a student with its own tokenizer (``cross``) or
+        an online teacher; refuses the combinations that have no loss."""
+        mode = shard.meta.mode
+        if online_teacher and cross is not None:
             raise ValueError(
-                f"{shards[0].path}: no example has a gold answer (column 'answer' is -1 everywhere); "
-                "the cross-entropy part (and the CE-only baseline) needs gold answers: add corpus.answer_column data or set train.kd_weight: 1"
+                f"{shard.path}: an online teacher distills a student that shares its tokenizer, not one with its own"
             )
+        if online_teacher and mode != "score":
+            raise ValueError(
+                f"{shard.path}: an online teacher distills on score-mode labels' windows, not {mode!r} ones"
+            )
+        if cross is not None and mode != "score":
+            raise ValueError(
+                f"{shard.path}: a student with its own tokenizer learns from score-mode labels, not {mode!r} ones"
+            )
+        if mode == "candidates":
+            return cls.CANDIDATES
+        return cls.ALIGNED_WINDOWS if cross is not None else cls.WINDOWS
 
 
-def _autocast(cfg: TrainConfig, device: torch.device):
-    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+@dataclasses.dataclass(frozen=True)
+class StepLoss:
+    """What the loss of a step needs, bound once from the ``train`` section and the data.
+
+    ``spec``: the KD + CE mix (divergence with its options, tail, temperature, KD weight);
+    ``cross_tokenizer_loss``: the KD term for aligned windows; ``length_normalize``: candidates
+    are scored as the teacher scored them (mean token logprob rather than the sum);
+    ``precision``: ``TrainConfig.precision`` (autocast)."""
+
+    kind: BatchKind
+    spec: LossSpec
+    cross_tokenizer_loss: str = "span_kl"
+    length_normalize: bool = False
+    precision: str = "auto"
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, kind: BatchKind, length_normalize: bool = False) -> StepLoss:
+        return cls(kind, LossSpec.from_config(cfg), cfg.cross_tokenizer_loss, length_normalize, cfg.precision)
+
+
+def _autocast(precision: str, device: torch.device):
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+
+def _gradient_sync(model, enabled: bool):
+    """Skip DDP's all-reduce on all but a step's last micro-batch. FSDP reduce-scatters every
+    micro-batch (keeping gradients sharded is what it is for)."""
+    if enabled or not hasattr(model, "no_sync"):
+        return contextlib.nullcontext()
+    return model.no_sync()
+
+
+def step_counts(micro_batches: Sequence[dict], kind: BatchKind) -> torch.Tensor:
+    """This rank's counts for one optimizer step, shape (3,): what the CE term is averaged over,
+    what the KD term is averaged over, and what the step processed (``kind.unit``).
+
+    Windows: labelled tokens, all three. Aligned windows: the student's tokens of the labelled
+    span (CE and processed) and the aligned positions (KD). Candidates: examples with a gold
+    answer (CE), examples (KD and processed)."""
+    if kind is BatchKind.CANDIDATES:
+        examples = float(sum(len(b["answer"]) for b in micro_batches))
+        gold = float(sum(int((b["answer"] >= 0).sum()) for b in micro_batches))
+        return torch.tensor([gold, examples, examples], dtype=torch.float64)
+    tokens = float(sum(int(b["mask"].sum()) for b in micro_batches))
+    if kind is BatchKind.ALIGNED_WINDOWS:
+        aligned = float(sum(int(b["kd_mask"].sum()) for b in micro_batches))
+        return torch.tensor([tokens, aligned, tokens], dtype=torch.float64)
+    return torch.tensor([tokens, tokens, tokens], dtype=torch.float64)
+
+
+def online_labels(
+    teacher: torch.nn.Module, batch: dict, student_vocab: int, precision: str, device: torch.device
+) -> torch.Tensor:
+    """The online teacher's log-softmax over the whole vocabulary at every position (B, T, V),
+    at the student's precision; ids the teacher's head lacks (a student padded beyond it) get
+    probability 0."""
+    with torch.no_grad(), _autocast(precision, device):
+        teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    teacher_logprobs = torch.log_softmax(teacher_logits.float(), dim=-1)  # (B, T, V_teacher)
+    if teacher_logprobs.shape[-1] < student_vocab:
+        teacher_logprobs = torch.nn.functional.pad(
+            teacher_logprobs, (0, student_vocab - teacher_logprobs.shape[-1]), value=NEG
+        )  # not -inf: 0 * -inf is NaN
+    return teacher_logprobs
+
+
+def micro_batch_loss(
+    model,
+    batch: dict,
+    loss: StepLoss,
+    counts: torch.Tensor,
+    device: torch.device,
+    teacher: torch.nn.Module | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """This micro-batch's share of the step's loss: its sums divided by the step's ``counts``
+    (``step_counts``: CE denominator, KD denominator). ``teacher``: the KD target is its full
+    distribution, not the batch's stored labels."""
+    with _autocast(loss.precision, device):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    ce_count, kd_count = counts[0], counts[1]
+    if loss.kind is BatchKind.CANDIDATES:
+        scores = candidate_scores(logits, batch["targets"], batch["mask"], batch["index"], loss.length_normalize)
+        return candidate_loss(
+            scores,
+            batch["teacher_logprobs"],
+            batch["candidate_mask"],
+            batch["answer"],
+            loss.spec.kd_weight,
+            loss.spec.temperature,
+            num_examples=kd_count,
+            num_gold=ce_count,
+        )
+    if loss.kind is BatchKind.ALIGNED_WINDOWS:
+        return cross_tokenizer_loss(
+            logits, batch, loss.spec.kd_weight, loss.cross_tokenizer_loss, num_tokens=ce_count, num_aligned=kd_count
+        )
+    topk_ids, teacher_logprobs = batch["topk_ids"], batch["teacher_logprobs"]
+    if teacher is not None and (loss.spec.kd_weight > 0 or "kd_only" in batch):  # CE alone needs no teacher
+        topk_ids, teacher_logprobs = None, online_labels(teacher, batch, logits.shape[-1], loss.precision, device)
+    return distillation_loss(
+        logits,
+        batch["targets"],
+        topk_ids,
+        teacher_logprobs,
+        batch["mask"],
+        loss.spec,
+        num_tokens=ce_count,
+        kd_only=batch.get("kd_only"),
+    )
+
+
+def forward_backward(
+    model,
+    micro_batches: Sequence[dict],
+    loss: StepLoss,
+    world: int,
+    device: torch.device,
+    teacher: torch.nn.Module | None = None,
+) -> dict:
+    """Forward and backward over one optimizer step's micro-batches; leaves the gradients in
+    ``model`` and returns the step's loss, ce and kd (means over every rank) and, under the name
+    ``loss.kind.unit``, what every rank together processed in this step (labelled tokens, or
+    examples). ``teacher``: an online teacher (see ``train``).
+
+    Every labelled token (or example) of the step weighs the same, however the step is split
+    into micro-batches and ranks: each micro-batch's loss is its sum divided by the step's count
+    across ranks (TRL's ``num_items_in_batch``), times ``world`` because DDP averages gradients
+    over ranks. Gradients are all-reduced once, on the last micro-batch.
+    """
+    totals = step_counts(micro_batches, loss.kind)
+    if world > 1:  # one collective for the loss denominators and the throughput count
+        dist.all_reduce(totals)
+    counts, processed = totals[:2].clamp(min=1.0).float().to(device), float(totals[2])
+    parts = torch.zeros(3, dtype=torch.float64)
+    for i, batch in enumerate(micro_batches):
+        batch = {name: t.to(device) for name, t in batch.items()}
+        last = i == len(micro_batches) - 1
+        with _gradient_sync(model, last or world == 1):
+            value, terms = micro_batch_loss(model, batch, loss, counts, device, teacher)
+            (value * world).backward()
+        parts += torch.tensor([value.item(), terms["ce"].item(), terms["kd"].item()], dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(parts)
+    return {**dict(zip(("loss", "ce", "kd"), parts.tolist())), loss.kind.unit: processed}
+
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world_size, device); starts the process group under torchrun (gloo on CPU, nccl on
+    GPU) and binds each rank to its own GPU, so collectives never meet on cuda:0."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world == 1:
+        return 0, 1, device
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world, device
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's repeated blocks: modules whose class transformers lists in
+    ``_no_split_modules`` (``LlamaDecoderLayer``, ...)."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(
+            f"{type(model).__name__}: no decoder layers found to shard (its _no_split_modules is {sorted(names)}); "
+            "use train.strategy: ddp"
+        )
+    return layers
+
+
+def parallelize(model: torch.nn.Module, cfg: TrainConfig, world: int, device: torch.device) -> torch.nn.Module:
+    """The module the step runs: the model itself (one process, or FSDP2, which shards the model
+    in place: each decoder layer, then the root for the embeddings, norm and head) or a DDP wrapper."""
+    if world == 1:
+        return model
+    if cfg.strategy == "fsdp":
+        for layer in decoder_layers(model):
+            fully_shard(layer)
+        fully_shard(model)
+        return model
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None
+    )
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases and norms."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+        foreach=True,
+    )
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """This process's peak memory so far, MiB: the device's peak allocation on CUDA, else the
+    process's peak resident set (``ru_maxrss``, KiB on Linux)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def tied_names(model: torch.nn.Module) -> set[str]:
+    """Names under which an already-listed parameter appears again (``lm_head.weight`` of a model
+    with tied embeddings): ``save_pretrained`` stores such a weight once."""
+    unique = {name for name, _ in model.named_parameters()}
+    return {name for name, _ in model.named_parameters(remove_duplicate=False)} - unique
+
+
+def check_gold_answers(cfg: TrainConfig, shards: Sequence[Shard]) -> None:
+    """Candidates data: the cross-entropy part (and a CE-only run) learns from gold answers, so
+    some example must have one unless the KD term takes all the weight."""
+    if cfg.kd_weight >= 1:
+        return
+    gold = sum(int((s.parquet().read(columns=["answer"]).column("answer").to_numpy() >= 0).sum()) for s in shards)
+    if gold == 0:
+        raise ValueError(
+            f"{shards[0].path}: no example has a gold answer (column 'answer' is -1 everywhere); the "
+            "cross-entropy part (and the CE-only baseline) needs gold answers: add corpus.answer_column data or "
+            "set train.kd_weight: 1"
+        )
+
+
+def check_mixable(shards: Sequence[Shard], extra: Sequence[Shard]) -> None:
+    """A mix's extra shards hold the same kind of labels as the main ones."""
+    first = shards[0].meta
+    for shard in extra:
+        if (shard.meta.mode, shard.meta.slots, shard.meta.vocab_size) != (first.mode, first.slots, first.vocab_size):
+            raise ValueError(
+                f"{shard.path}: mode {shard.meta.mode!r}, slots={shard.meta.slots}, vocabulary {shard.meta.vocab_size} "
+                f"cannot be mixed with {shards[0].path} (mode {first.mode!r}, slots={first.slots}, "
+                f"vocabulary {first.vocab_size})"
+            )
 
 
 @dataclasses.dataclass
@@ -179,8 +470,6 @@ class TrainState:
 
     def save(self, ckpt_root: Path, positions: list[StreamPosition], keep: int, rank: int = 0, world: int = 1) -> Path:
         """Write a resumable checkpoint with every rank's position (called on every rank); keeps ``keep``."""
-        from safetensors.torch import save_model
-
         final = ckpt_root / f"step-{self.step:08d}"
         tmp = ckpt_root / f".step-{self.step:08d}.tmp-save"
         if rank == 0:
@@ -189,9 +478,6 @@ class TrainState:
         _barrier(world)
         torch.save(_rng_state(), tmp / f"rng-{rank:05d}.pt")
         if self.sharded:
-            import torch.distributed.checkpoint as dcp
-            from torch.distributed.checkpoint.state_dict import get_state_dict
-
             model_state, optim_state = get_state_dict(self.model, self.optimizer)
             dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp / "dcp"))
         _barrier(world)
@@ -215,24 +501,21 @@ class TrainState:
 
     def restore(self, ckpt_root: Path, history_path: Path, rank: int, world: int) -> Path | None:
         """Load the latest checkpoint under ``ckpt_root``, if any (called on every rank); returns it."""
-        from safetensors.torch import load_model
-
         resume = latest_checkpoint(ckpt_root) if ckpt_root.exists() else None
         if resume is None:
             return None
         saved = json.loads((resume / "position.json").read_text())
         if len(saved["positions"]) != world:
             raise ValueError(
-                f"{resume}: saved with {len(saved['positions'])} ranks, resuming with {world}; resume with the same world size"
+                f"{resume}: saved with {len(saved['positions'])} ranks, resuming with {world}; "
+                "resume with the same world size"
             )
         if (resume / "dcp").is_dir() != self.sharded:
             raise ValueError(
-                f"{resume}: saved {'sharded (fsdp)' if (resume / 'dcp').is_dir() else 'unsharded (ddp)'}; resume with the same train.strategy"
+                f"{resume}: saved {'sharded (fsdp)' if (resume / 'dcp').is_dir() else 'unsharded (ddp)'}; "
+                "resume with the same train.strategy"
             )
         if self.sharded:
-            import torch.distributed.checkpoint as dcp
-            from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
             model_state, optim_state = get_state_dict(self.model, self.optimizer)
             state = {"model": model_state, "optimizer": optim_state}
             dcp.load(state, checkpoint_id=str(resume / "dcp"))
@@ -264,8 +547,6 @@ def _set_rng_state(state: dict) -> None:
 
 def _barrier(world: int) -> None:
     if world > 1:
-        import torch.distributed as dist
-
         dist.barrier()
 
 
@@ -275,13 +556,14 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
 
 
 def _plot_history(history: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """The loss curves, ``loss.png``. matplotlib is imported here, lazily: only rank 0's final
+    save draws, and the GPU check runs the trainer in an environment without matplotlib
+    (``benchmarks/gpu_trainer_check.py`` replaces this function there)."""
+    from matplotlib.figure import Figure  # no pyplot: no process-wide backend, no figure left open
 
     steps = [h["step"] for h in history]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
     for key in ("loss", "ce", "kd"):
         if any(h.get(key) for h in history):
             ax.plot(steps, [h[key] for h in history], label=key)
@@ -290,221 +572,6 @@ def _plot_history(history: list[dict], path: Path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def setup_distributed() -> tuple[int, int, torch.device]:
-    """(rank, world_size, device); starts the process group under torchrun (gloo on CPU, nccl on
-    GPU) and binds each rank to its own GPU, so collectives never meet on cuda:0."""
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world == 1:
-        return 0, 1, device
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), world, device
-
-
-def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The model's repeated blocks: modules whose class transformers lists in
-    ``_no_split_modules`` (``LlamaDecoderLayer``, ...)."""
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    layers = [m for m in model.modules() if type(m).__name__ in names]
-    if not layers:
-        raise ValueError(
-            f"{type(model).__name__}: no decoder layers found to shard (its _no_split_modules is {sorted(names)}); use train.strategy: ddp"
-        )
-    return layers
-
-
-def parallelize(model: torch.nn.Module, cfg: TrainConfig, world: int, device: torch.device) -> torch.nn.Module:
-    """The module the step runs: the model itself (one process, or FSDP2, which shards the model
-    in place: each decoder layer, then the root for the embeddings, norm and head) or a DDP wrapper."""
-    if world == 1:
-        return model
-    if cfg.strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
-        for layer in decoder_layers(model):
-            fully_shard(layer)
-        fully_shard(model)
-        return model
-    return torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None
-    )
-
-
-def _gradient_sync(model, enabled: bool):
-    """Skip DDP's all-reduce on all but a step's last micro-batch. FSDP reduce-scatters every
-    micro-batch (keeping gradients sharded is what it is for)."""
-    import contextlib
-
-    if enabled or not hasattr(model, "no_sync"):
-        return contextlib.nullcontext()
-    return model.no_sync()
-
-
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases and norms."""
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr,
-        betas=(0.9, 0.95),
-        eps=1e-8,
-        foreach=True,
-    )
-
-
-def step_counts(micro_batches: Sequence[dict], mode: str) -> torch.Tensor:
-    """What each loss term is averaged over in one optimizer step on this rank: labelled tokens
-    (both terms), or for candidates data (examples, examples with a gold answer). Shape (2,)."""
-    if mode == "candidates":
-        return torch.tensor(
-            [
-                float(sum(len(b["answer"]) for b in micro_batches)),
-                float(sum(int((b["answer"] >= 0).sum()) for b in micro_batches)),
-            ],
-            dtype=torch.float64,
-        )
-    if mode == "xtok":  # a student with its own tokenizer: its tokens (CE), the aligned positions (KD)
-        return torch.tensor(
-            [
-                float(sum(int(b["mask"].sum()) for b in micro_batches)),
-                float(sum(int(b["kd_mask"].sum()) for b in micro_batches)),
-            ],
-            dtype=torch.float64,
-        )
-    tokens = float(sum(int(b["mask"].sum()) for b in micro_batches))
-    return torch.tensor([tokens, tokens], dtype=torch.float64)
-
-
-def online_labels(teacher: torch.nn.Module, batch: dict, student_vocab: int, cfg: TrainConfig, device) -> torch.Tensor:
-    """The online teacher's log-softmax over the whole vocabulary at every position (B, T, V),
-    at the student's precision; ids the teacher's head lacks (a student padded beyond it) get
-    probability 0."""
-    with torch.no_grad(), _autocast(cfg, device):
-        teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    teacher_logprobs = torch.log_softmax(teacher_logits.float(), dim=-1)  # (B, T, V_teacher)
-    if teacher_logprobs.shape[-1] < student_vocab:
-        teacher_logprobs = torch.nn.functional.pad(
-            teacher_logprobs, (0, student_vocab - teacher_logprobs.shape[-1]), value=NEG
-        )  # not -inf: 0 * -inf is NaN
-    return teacher_logprobs
-
-
-def micro_batch_loss(
-    model,
-    batch: dict,
-    cfg: TrainConfig,
-    mode: str,
-    normalize: bool,
-    counts: torch.Tensor,
-    device,
-    teacher: torch.nn.Module | None = None,
-) -> tuple:
-    """This micro-batch's share of the step's loss: its sums divided by the step's counts.
-    ``teacher``: the KD target is its full distribution, not the batch's stored labels."""
-    with _autocast(cfg, device):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    if mode == "candidates":
-        scores = candidate_scores(logits, batch["targets"], batch["mask"], batch["index"], normalize)
-        return candidate_loss(
-            scores,
-            batch["teacher_logprobs"],
-            batch["candidate_mask"],
-            batch["answer"],
-            cfg.kd_weight,
-            cfg.temperature,
-            num_examples=counts[0],
-            num_gold=counts[1],
-        )
-    if mode == "xtok":
-        return cross_tokenizer_loss(
-            logits, batch, cfg.kd_weight, cfg.cross_tokenizer_loss, num_tokens=counts[0], num_aligned=counts[1]
-        )
-    topk_ids, teacher_logprobs = batch["topk_ids"], batch["teacher_logprobs"]
-    if teacher is not None and (cfg.kd_weight > 0 or "kd_only" in batch):  # CE alone needs no teacher (as offline)
-        topk_ids, teacher_logprobs = None, online_labels(teacher, batch, logits.shape[-1], cfg, device)
-    return distillation_loss(
-        logits,
-        batch["targets"],
-        topk_ids,
-        teacher_logprobs,
-        batch["mask"],
-        kd_weight=cfg.kd_weight,
-        divergence=cfg.divergence,
-        tail=cfg.tail,
-        temperature=cfg.temperature,
-        num_tokens=counts[0],
-        kd_only=batch.get("kd_only"),
-        **({"beta": cfg.beta} if cfg.divergence == "jsd" else {}),
-        **({"alpha": cfg.alpha} if cfg.divergence.startswith("skew") else {}),
-        **({"mu": cfg.akl_mu} if cfg.divergence == "akl" else {}),
-    )
-
-
-def train_step(
-    model,
-    micro_batches: Sequence[dict],
-    cfg: TrainConfig,
-    mode: str,
-    normalize: bool,
-    world: int,
-    device,
-    teacher: torch.nn.Module | None = None,
-) -> dict:
-    """Forward and backward over one optimizer step's micro-batches; leaves the gradients in
-    ``model`` and returns the step's loss, ce and kd (token-weighted means over every rank) and
-    ``tokens``, the labelled tokens that every rank together processed in this step.
-    ``teacher``: an online teacher (see ``train``).
-
-    Every labelled token of the step weighs the same, however the step is split into
-    micro-batches and ranks: each micro-batch's loss is its sum over tokens divided by the
-    step's token count across ranks (TRL's ``num_items_in_batch``), times ``world`` because DDP
-    averages gradients over ranks. Gradients are all-reduced once, on the last micro-batch.
-    """
-    import torch.distributed as dist
-
-    tokens = float(sum(int(b["mask"].sum()) for b in micro_batches))
-    totals = torch.cat([step_counts(micro_batches, mode), torch.tensor([tokens], dtype=torch.float64)])
-    if world > 1:  # one collective for the loss denominators and the throughput count
-        dist.all_reduce(totals)
-    counts, tokens = totals[:2].clamp(min=1.0).float().to(device), float(totals[2])
-    parts = torch.zeros(3, dtype=torch.float64)
-    for i, batch in enumerate(micro_batches):
-        batch = {name: t.to(device) for name, t in batch.items()}
-        last = i == len(micro_batches) - 1
-        with _gradient_sync(model, last or world == 1):
-            loss, terms = micro_batch_loss(model, batch, cfg, mode, normalize, counts, device, teacher)
-            (loss * world).backward()
-        parts += torch.tensor([loss.item(), terms["ce"].item(), terms["kd"].item()], dtype=torch.float64)
-    if world > 1:
-        dist.all_reduce(parts)
-    return {**dict(zip(("loss", "ce", "kd"), parts.tolist())), "tokens": tokens}
-
-
-def peak_memory_mib(device: torch.device) -> float:
-    """This process's peak memory so far, MiB: the device's peak allocation on CUDA, else the
-    process's peak resident set (``ru_maxrss``, KiB on Linux)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def tied_names(model: torch.nn.Module) -> set[str]:
-    """Names under which an already-listed parameter appears again (``lm_head.weight`` of a model
-    with tied embeddings): ``save_pretrained`` stores such a weight once."""
-    unique = {name for name, _ in model.named_parameters()}
-    return {name for name, _ in model.named_parameters(remove_duplicate=False)} - unique
 
 
 def full_state_dict(state: TrainState, skip: set[str]) -> dict | None:
@@ -512,55 +579,294 @@ def full_state_dict(state: TrainState, skip: set[str]) -> dict | None:
     rank calls it) when sharded, without the names in ``skip``; None when the model holds them itself."""
     if not state.sharded:
         return None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
     weights = get_model_state_dict(state.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return {name: w for name, w in weights.items() if name not in skip}
 
 
-def finish(
-    out_dir: Path,
-    state: TrainState,
-    teacher_dir,
-    summary: dict,
-    weights: dict | None = None,
-    architecture: str | None = None,
-    tokenizer=None,
-) -> dict:
-    """Rank 0 after the last step: loss plot, ``save_pretrained`` (safetensors + tokenizer)
-    committed by rename, ``summary.json``. ``weights``: the gathered state dict of a sharded
-    model; ``architecture``: its class name before sharding (FSDP2 renames the class)."""
-    from transformers import AutoTokenizer
+class DistillRecipe:
+    """One training run of a student, as torchtune's distillation recipe reads: ``setup`` (processes,
+    model and optimizer, data stream, the latest checkpoint), ``step`` (one optimizer step -> its
+    metrics), ``save_checkpoint``, ``finish`` (the final model and summary) and ``cleanup``.
+    ``run`` is the loop; ``train`` builds a recipe and runs it. Arguments as in ``train``.
 
-    _plot_history(state.history, out_dir / "loss.png")
-    final = out_dir / FINAL_DIR
-    tmp = out_dir / f".{FINAL_DIR}.tmp-{uuid.uuid4().hex[:8]}"
-    state.model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
-    if architecture is not None:  # what transformers and vLLM dispatch on
-        config_path = tmp / "config.json"
-        config = json.loads(config_path.read_text())
-        config["architectures"] = [architecture]
-        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    (tokenizer or AutoTokenizer.from_pretrained(teacher_dir)).save_pretrained(
-        tmp
-    )  # the student's own, or the teacher's
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    summary = {
-        **summary,
-        "finished": True,
-        "final_loss": state.history[-1]["loss"],
-        "final_ce": state.history[-1]["ce"],
-        "final_kd": state.history[-1]["kd"],
-        "final_grad_norm": state.history[-1].get("grad_norm"),
-        "peak_memory_mib": max((h.get("peak_memory_mib", 0.0) for h in state.history), default=0.0),
-        "parameters": sum(p.numel() for p in state.model.parameters()),
-        "model_dir": str(final),
-        "strategy": "fsdp" if state.sharded else ("ddp" if summary.get("world_size", 1) > 1 else "single"),
-    }
-    atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=1))
-    return summary
+    ``benchmarks/trainer.py`` times ``step`` on batches of its own after ``setup_processes`` and
+    ``setup_model``, so the benchmark's step is the trainer's."""
+
+    def __init__(
+        self,
+        student_cfg: StudentConfig,
+        cfg: TrainConfig,
+        teacher_dir: str | Path,
+        shards: Sequence[Shard],
+        out_dir: str | Path,
+        tokenizer_vocab: int,
+        *,
+        cross: CrossTokenizer | None = None,
+        mix: tuple[Sequence[Shard], float] | None = None,
+        start: StreamPosition | MixPosition | None = None,
+        teacher: torch.nn.Module | None = None,
+        row_log: str | Path | None = None,
+        on_step: Callable[[dict], None] | None = None,
+    ):
+        self.student_cfg, self.cfg, self.teacher_dir = student_cfg, cfg, teacher_dir
+        self.shards, self.out_dir, self.tokenizer_vocab = shards, Path(out_dir), tokenizer_vocab
+        self.ckpt_root = self.out_dir / CKPT_DIR
+        self.cross, self.mix, self.start, self.teacher = cross, mix, start, teacher
+        self.row_log_path, self.on_step = row_log, on_step
+        self.kind = BatchKind.of(shards[0], cross, online_teacher=teacher is not None)
+        # candidates: scored as the teacher scored them (length-normalized or not)
+        normalize = bool(shards[0].meta.settings.get("length_normalize"))
+        self.loss = StepLoss.from_config(cfg, self.kind, normalize)
+        self.row_log = self.bar = None
+
+    # -- setup ----------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Processes, data checks, model and optimizer, the data stream, then the latest checkpoint
+        under ``out_dir`` (if any) and the batches from the position it saved."""
+        self.setup_processes()
+        if self.main:
+            self.ckpt_root.mkdir(parents=True, exist_ok=True)
+        if self.kind is BatchKind.CANDIDATES:
+            check_gold_answers(self.cfg, self.shards)
+        if self.mix is not None:
+            check_mixable(self.shards, self.mix[0])
+        self.setup_model()
+        self.setup_data()
+        self.restore_checkpoint()
+        k = self.shards[0].meta.slots
+        collate_rows = (lambda rows: collate_cross(rows, k, self.cross)) if self.cross is not None else None
+        self.data = batches(
+            self.stream,
+            self.cfg.batch_size,
+            k,
+            self.state.position,
+            with_ids=self.row_log_path is not None,
+            collate_rows=collate_rows,
+        )
+        if self.row_log_path is not None:
+            self.row_log = open(f"{self.row_log_path}.rank{self.rank}", "a")
+        self.bar = tqdm(
+            total=self.cfg.steps,
+            initial=self.state.step,
+            disable=not (self.cfg.progress and self.main),
+            desc="train",
+            unit="step",
+        )
+        self.started, self.processed = time.perf_counter(), 0.0  # this run's clock and count (all ranks)
+
+    def setup_processes(self) -> None:
+        """Rank, world size and device (a process group under torchrun); torch's CPU threads."""
+        self.rank, self.world, self.device = setup_distributed()
+        self.main = self.rank == 0
+        if self.cfg.num_threads:
+            torch.set_num_threads(self.cfg.num_threads)
+
+    def setup_model(self) -> None:
+        """The student (seeded), its parallel wrapper, the optimizer; the online teacher on the device."""
+        if self.teacher is not None:
+            self.teacher = self.teacher.to(self.device).eval()
+        torch.manual_seed(self.cfg.seed)
+        own_tokenizer = self.cross.tokenizer if self.cross is not None else None
+        self.model = build_student(self.teacher_dir, self.student_cfg, self.tokenizer_vocab, own_tokenizer)
+        self.model = self.model.to(self.device)
+        self.model.train()
+        self.architecture, self.tied = type(self.model).__name__, tied_names(self.model)
+        self.step_model = parallelize(self.model, self.cfg, self.world, self.device)
+        sharded = self.world > 1 and self.cfg.strategy == "fsdp"
+        self.state = TrainState(self.model, build_optimizer(self.model, self.cfg), sharded=sharded)
+
+    def setup_data(self) -> None:
+        """This rank's stream over the shards (mixed with ``mix``'s extra shards) and its start."""
+        cfg = self.cfg
+        self.stream = ShardStream(
+            self.shards,
+            seed=cfg.seed,
+            shuffle=cfg.shuffle,
+            rank=self.rank,
+            world_size=self.world,
+            shuffle_buffer=cfg.shuffle_buffer,
+        )
+        if self.mix is not None:
+            extra, share = self.mix
+            extra_stream = ShardStream(
+                extra,
+                seed=cfg.seed + 1,
+                shuffle=cfg.shuffle,
+                rank=self.rank,
+                world_size=self.world,
+                shuffle_buffer=cfg.shuffle_buffer,
+            )
+            self.stream = MixStream(self.stream, extra_stream, share, cfg.seed)
+            self.state.position = MixPosition()
+        if self.start is not None:
+            if type(self.start) is not type(self.state.position):
+                raise ValueError(
+                    f"{self.out_dir}: start position {self.start} does not fit this run's stream "
+                    f"({type(self.state.position).__name__})"
+                )
+            self.state.position = self.start
+
+    # -- the step -------------------------------------------------------------------------------
+
+    def next_micro_batches(self) -> list[dict]:
+        """The next optimizer step's ``grad_accum`` micro-batches; logs their rows with ``row_log``."""
+        micro_batches = []
+        for _ in range(self.cfg.grad_accum):
+            batch, self.state.position = next(self.data)
+            if self.row_log is not None:
+                self.row_log.write("".join(f"{d}\t{w}\n" for d, w in batch.pop("row_ids")))
+            micro_batches.append(batch)
+        return micro_batches
+
+    def step(self, micro_batches: Sequence[dict]) -> dict:
+        """One optimizer step on ``micro_batches``: the learning rate of this step, forward and
+        backward, clipping, AdamW. Returns its history entry: step, lr, loss, ce, kd, what it
+        processed (``tokens`` or ``examples``, all ranks), ``grad_norm`` (before clipping) and
+        ``peak_memory_mib``. Raises ``FloatingPointError``, updating nothing, on a non-finite
+        loss or gradient norm (the same on every rank: both are all-reduced)."""
+        cfg, state = self.cfg, self.state
+        lr = cfg.lr_at(state.step)
+        for group in state.optimizer.param_groups:
+            group["lr"] = lr
+        parts = forward_backward(self.step_model, micro_batches, self.loss, self.world, self.device, self.teacher)
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor over the ranks' shards
+            grad_norm = grad_norm.full_tensor()
+        if not (math.isfinite(parts["loss"]) and torch.isfinite(grad_norm)):
+            raise FloatingPointError(
+                f"{self.out_dir}: training diverged at step {state.step + 1}: loss {parts['loss']:.4g} "
+                f"(ce {parts['ce']:.4g}, kd {parts['kd']:.4g}), gradient norm {float(grad_norm):.4g}; nothing of "
+                f"this step was saved. Lower train.lr (now {cfg.lr:g}), keep train.max_grad_norm > 0 "
+                f"(now {cfg.max_grad_norm:g}), or check the labels (the shard_integrity check)"
+            )
+        state.optimizer.step()
+        state.optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        entry = {"step": state.step, "lr": lr, **parts, "grad_norm": float(grad_norm)}
+        entry["peak_memory_mib"] = peak_memory_mib(self.device)
+        state.history.append(entry)
+        return entry
+
+    def report(self, entry: dict) -> None:
+        """Progress bar and ``on_step`` (rank 0) with this run's throughput so far."""
+        unit = self.kind.unit
+        self.processed += entry[unit]  # every rank's, not this rank's times the world size
+        rate = self.processed / (time.perf_counter() - self.started)
+        rate_name = "tok_s" if unit == "tokens" else f"{unit}_s"
+        self.bar.set_postfix(
+            loss=f"{entry['loss']:.3f}", ce=f"{entry['ce']:.3f}", kd=f"{entry['kd']:.3f}", **{rate_name: f"{rate:.0f}"}
+        )
+        self.bar.update(1)
+        if self.on_step is not None and self.main:
+            self.on_step({**entry, rate_name: rate, "steps": self.cfg.steps})
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def restore_checkpoint(self) -> Path | None:
+        """Weights, optimizer, RNG, step, data position and history of the latest checkpoint."""
+        return self.state.restore(self.ckpt_root, self.out_dir / HISTORY, self.rank, self.world)
+
+    def save_checkpoint(self) -> Path:
+        """A resumable checkpoint of this step (a collective: every rank calls it), after the
+        history it covers and the rows it has trained on are on disk."""
+        if self.row_log is not None:
+            self.row_log.flush()
+            os.fsync(self.row_log.fileno())
+        positions = [self.state.position]
+        if self.world > 1:
+            positions = [None] * self.world
+            dist.all_gather_object(positions, self.state.position)
+        if self.main:
+            self.write_history()
+        return self.state.save(self.ckpt_root, positions, self.cfg.keep_checkpoints, self.rank, self.world)
+
+    def write_history(self) -> None:
+        atomic_write_text(self.out_dir / HISTORY, "".join(json.dumps(h) + "\n" for h in self.state.history))
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def run(self, stop_after: int | None = None) -> dict:
+        """Steps until ``cfg.steps`` (or ``stop_after`` more, ending with a checkpoint, as a crash
+        would end it), a checkpoint every ``cfg.checkpoint_every``; then ``finish``."""
+        cfg = self.cfg
+        last = min(cfg.steps, self.state.step + stop_after) if stop_after else cfg.steps
+        while self.state.step < last:
+            self.report(self.step(self.next_micro_batches()))
+            every = cfg.checkpoint_every and self.state.step % cfg.checkpoint_every == 0
+            if every or (stop_after and self.state.step == last < cfg.steps):
+                self.save_checkpoint()
+        return self.finish()
+
+    def finish(self) -> dict:
+        """After the last step: the history, and on rank 0 the final model and ``summary.json``
+        once ``cfg.steps`` are done (a sharded model is gathered from every rank first). Returns
+        the summary; an unfinished run or another rank returns its step count."""
+        self.cleanup()
+        _barrier(self.world)
+        finished = self.state.step >= self.cfg.steps
+        weights = full_state_dict(self.state, self.tied) if finished else None
+        if not self.main:
+            _barrier(self.world)
+            return {"steps": self.state.step, "finished": finished, "rank": self.rank}
+        self.write_history()
+        if not finished:
+            _barrier(self.world)
+            return {"steps": self.state.step, "finished": False}
+        summary = self.save_final_model(weights)
+        _barrier(self.world)  # no rank leaves (and torchrun reports success) before the model is saved
+        return summary
+
+    def save_final_model(self, weights: dict | None) -> dict:
+        """Rank 0: loss plot, ``save_pretrained`` (safetensors + tokenizer) committed by rename,
+        ``summary.json``. ``weights``: the gathered state dict of a sharded model, whose config
+        gets back the class name it had before sharding (FSDP2 renames the class)."""
+        state, out_dir = self.state, self.out_dir
+        _plot_history(state.history, out_dir / "loss.png")
+        final = out_dir / FINAL_DIR
+        tmp = out_dir / f".{FINAL_DIR}.tmp-{uuid.uuid4().hex[:8]}"
+        state.model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
+        if state.sharded:  # what transformers and vLLM dispatch on
+            config_path = tmp / "config.json"
+            config = json.loads(config_path.read_text())
+            config["architectures"] = [self.architecture]
+            config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        # the student's own tokenizer, or the teacher's
+        tokenizer = self.cross.tokenizer if self.cross is not None else AutoTokenizer.from_pretrained(self.teacher_dir)
+        tokenizer.save_pretrained(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        last = state.history[-1]
+        summary = {
+            "steps": state.step,
+            f"labelled_{self.kind.unit}_this_run": int(self.processed),
+            "online_teacher": self.teacher is not None,
+            "seconds_this_run": time.perf_counter() - self.started,
+            "world_size": self.world,
+            "position": state.position.to_dict(),
+            "finished": True,
+            "final_loss": last["loss"],
+            "final_ce": last["ce"],
+            "final_kd": last["kd"],
+            "final_grad_norm": last.get("grad_norm"),
+            "peak_memory_mib": max((h.get("peak_memory_mib", 0.0) for h in state.history), default=0.0),
+            "parameters": sum(p.numel() for p in state.model.parameters()),
+            "model_dir": str(final),
+            "strategy": "fsdp" if state.sharded else ("ddp" if self.world > 1 else "single"),
+        }
+        atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=1))
+        return summary
+
+    def cleanup(self) -> None:
+        """Close the progress bar and the row log (idempotent: ``train`` calls it on errors too)."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self.row_log is not None:
+            self.row_log.close()
+            self.row_log = None
 
 
 def train(
@@ -573,12 +879,13 @@ def train(
     stop_after: int | None = None,
     row_log: str | Path | None = None,
     on_step: Callable[[dict], None] | None = None,
-    cross=None,
+    cross: CrossTokenizer | None = None,
     mix: tuple[Sequence[Shard], float] | None = None,
     start: StreamPosition | MixPosition | None = None,
     teacher: torch.nn.Module | None = None,
 ) -> dict:
-    """Train a student on ``shards`` into ``out_dir/model``; resumes from ``out_dir/checkpoints``.
+    """Train a student on ``shards`` into ``out_dir/model``; resumes from ``out_dir/checkpoints``
+    (``DistillRecipe``: setup, the step loop, finish).
 
     Under ``torchrun --nproc_per_node=N`` (``distill.run.launch``) each rank reads a disjoint,
     equal share of row groups; gradients are all-reduced by DDP, or reduce-scattered by FSDP2
@@ -586,17 +893,17 @@ def train(
     them and saves the final model. ``stop_after`` ends the run early after that many steps (with a
     checkpoint), as a crash would. ``row_log`` appends the (doc_id, window_index) of every row
     this rank trained on to ``<row_log>.rank<r>`` (for coverage checks). ``on_step`` is called on
-    rank 0 after every step with its history entry plus ``tok_s`` (labelled tokens per second,
-    all ranks) and ``steps`` (the run's total). ``cross``: a ``distill.train.xtok.CrossTokenizer``
-    when the student has its own tokenizer (``tokenizer_vocab`` is then its size). ``mix``:
-    ``(extra_shards, share)``: each row comes from ``extra_shards`` with probability ``share``,
-    else from ``shards`` (``storage.reader.MixStream``; on-policy rounds mix the student's own
-    answers in this way); both sets must hold the same kind of labels. Rows of
-    ``extra_shards`` learn from the KD term alone (``distillation_loss``'s ``kd_only``): their
-    tokens are the student's, not text to imitate. ``start``: where the data stream begins when
-    ``out_dir`` holds no checkpoint (a ``MixPosition`` with ``mix``; default: its first row), so a
-    run can continue another's stream (on-policy rounds); the summary's ``position`` is where this
-    rank's stream ended.
+    rank 0 after every step with its history entry plus the run's throughput so far (all ranks:
+    ``tok_s``, labelled tokens per second, or ``examples_s`` for candidates data) and ``steps``
+    (the run's total). ``cross``: a ``distill.train.xtok.CrossTokenizer`` when the student has its
+    own tokenizer (``tokenizer_vocab`` is then its size). ``mix``: ``(extra_shards, share)``: each
+    row comes from ``extra_shards`` with probability ``share``, else from ``shards``
+    (``storage.reader.MixStream``; on-policy rounds mix the student's own answers in this way);
+    both sets must hold the same kind of labels. Rows of ``extra_shards`` learn from the KD term
+    alone (``distillation_loss``'s ``kd_only``): their tokens are the student's, not text to
+    imitate. ``start``: where the data stream begins when ``out_dir`` holds no checkpoint (a
+    ``MixPosition`` with ``mix``; default: its first row), so a run can continue another's stream
+    (on-policy rounds); the summary's ``position`` is where this rank's stream ended.
 
     ``teacher``: online distillation, for reference runs (the trainer benchmark's full-vocabulary
     student). A causal LM over the shards' vocabulary (moved to the training device, used in eval
@@ -606,177 +913,26 @@ def train(
     way differs from an offline one only in its labels. Score-mode shards only.
 
     Each history entry (``history.jsonl``) holds the step's loss, ce, kd and lr, ``grad_norm``
-    (the gradient norm before clipping), ``tokens`` (labelled tokens over all ranks) and
-    ``peak_memory_mib`` (this rank's peak so far: CUDA allocation, else resident set).
+    (the gradient norm before clipping), ``tokens`` (labelled tokens over all ranks; ``examples``
+    for candidates data) and ``peak_memory_mib`` (this rank's peak so far: CUDA allocation, else
+    resident set). The summary counts ``labelled_tokens_this_run`` (``labelled_examples_this_run``).
     """
-    import torch.distributed as dist
-    from tqdm.auto import tqdm
-
-    # setup
-    out_dir, ckpt_root = Path(out_dir), Path(out_dir) / CKPT_DIR
-    rank, world, device = setup_distributed()
-    main = rank == 0
-    if main:
-        ckpt_root.mkdir(parents=True, exist_ok=True)
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    k, mode = shards[0].meta.slots, shards[0].meta.mode
-    normalize = bool(shards[0].meta.settings.get("length_normalize"))  # candidates: as the teacher scored them
-    if mode == "candidates":
-        _check_candidate_training(cfg, shards)
-    collate_rows = None
-    if cross is not None:
-        if mode != "score":
-            raise ValueError(
-                f"{shards[0].path}: a student with its own tokenizer learns from score-mode labels, not {mode!r} ones"
-            )
-        from distill.train.xtok import collate_cross
-
-        mode, collate_rows = "xtok", lambda rows: collate_cross(rows, k, cross)
-    if teacher is not None:
-        if mode != "score":
-            raise ValueError(
-                f"{shards[0].path}: an online teacher distills on score-mode labels' windows, not {mode!r} ones "
-                "(and not with a student that has its own tokenizer)"
-            )
-        teacher = teacher.to(device).eval()
-    torch.manual_seed(cfg.seed)
-    model = build_student(teacher_dir, student_cfg, tokenizer_vocab, cross.tokenizer if cross is not None else None).to(
-        device
-    )
-    model.train()
-    architecture, tied = type(model).__name__, tied_names(model)
-    step_model = parallelize(model, cfg, world, device)
-    state = TrainState(model, build_optimizer(model, cfg), sharded=world > 1 and cfg.strategy == "fsdp")
-    stream = ShardStream(
-        shards, seed=cfg.seed, shuffle=cfg.shuffle, rank=rank, world_size=world, shuffle_buffer=cfg.shuffle_buffer
-    )
-    if mix is not None:
-        extra, share = mix
-        for shard in extra:
-            if (shard.meta.mode, shard.meta.slots, shard.meta.vocab_size) != (
-                shards[0].meta.mode,
-                k,
-                shards[0].meta.vocab_size,
-            ):
-                raise ValueError(
-                    f"{shard.path}: mode {shard.meta.mode!r}, slots={shard.meta.slots}, vocabulary {shard.meta.vocab_size} cannot be "
-                    f"mixed with {shards[0].path} (mode {mode!r}, slots={k}, vocabulary {shards[0].meta.vocab_size})"
-                )
-        stream = MixStream(
-            stream,
-            ShardStream(
-                extra,
-                seed=cfg.seed + 1,
-                shuffle=cfg.shuffle,
-                rank=rank,
-                world_size=world,
-                shuffle_buffer=cfg.shuffle_buffer,
-            ),
-            share,
-            cfg.seed,
-        )
-        state.position = MixPosition()
-    if start is not None:
-        if type(start) is not type(state.position):
-            raise ValueError(
-                f"{out_dir}: start position {start} does not fit this run's stream ({type(state.position).__name__})"
-            )
-        state.position = start
-    state.restore(ckpt_root, out_dir / HISTORY, rank, world)
-    data = batches(stream, cfg.batch_size, k, state.position, with_ids=row_log is not None, collate_rows=collate_rows)
-    log = open(f"{row_log}.rank{rank}", "a") if row_log is not None else None
-    bar = tqdm(total=cfg.steps, initial=state.step, disable=not (cfg.progress and main), desc="train", unit="step")
-    last = stop_after and min(cfg.steps, state.step + stop_after) or cfg.steps
-    t_start, tokens_seen = time.perf_counter(), 0
-
-    # the loop: one optimizer step per iteration, a checkpoint when due
-    while state.step < last:
-        for group in state.optimizer.param_groups:
-            group["lr"] = cfg.lr_at(state.step)
-        micro_batches = []
-        for _ in range(cfg.grad_accum):
-            batch, state.position = next(data)
-            if log is not None:
-                log.write("".join(f"{d}\t{w}\n" for d, w in batch.pop("row_ids")))
-            micro_batches.append(batch)
-        parts = train_step(step_model, micro_batches, cfg, mode, normalize, world, device, teacher)
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
-        )
-        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor over the ranks' shards
-            grad_norm = grad_norm.full_tensor()
-        # loss and norm are the same on every rank (all-reduced), so every rank stops together
-        if not (math.isfinite(parts["loss"]) and torch.isfinite(grad_norm)):
-            raise FloatingPointError(
-                f"{out_dir}: training diverged at step {state.step + 1}: loss {parts['loss']:.4g} (ce {parts['ce']:.4g}, kd {parts['kd']:.4g}), "
-                f"gradient norm {float(grad_norm):.4g}; nothing of this step was saved. Lower train.lr (now {cfg.lr:g}), "
-                f"keep train.max_grad_norm > 0 (now {cfg.max_grad_norm:g}), or check the labels (the shard_integrity check)"
-            )
-        state.optimizer.step()
-        state.optimizer.zero_grad(set_to_none=True)
-        state.step += 1
-        state.history.append(
-            {
-                "step": state.step,
-                "lr": cfg.lr_at(state.step - 1),
-                **parts,
-                "grad_norm": float(grad_norm),
-                "peak_memory_mib": peak_memory_mib(device),
-            }
-        )
-        tokens_seen += parts["tokens"]  # every rank's, not this rank's times the world size
-        tok_s = tokens_seen / (time.perf_counter() - t_start)
-        bar.set_postfix(
-            loss=f"{parts['loss']:.3f}", ce=f"{parts['ce']:.3f}", kd=f"{parts['kd']:.3f}", tok_s=f"{tok_s:.0f}"
-        )
-        bar.update(1)
-        if on_step is not None and main:
-            on_step({**state.history[-1], "tok_s": tok_s, "steps": cfg.steps})
-        if (
-            cfg.checkpoint_every
-            and state.step % cfg.checkpoint_every == 0
-            or (stop_after and state.step == last < cfg.steps)
-        ):
-            if log is not None:
-                log.flush()
-                os.fsync(log.fileno())
-            positions = [state.position]
-            if world > 1:
-                positions = [None] * world
-                dist.all_gather_object(positions, state.position)
-            if main:
-                atomic_write_text(out_dir / HISTORY, "".join(json.dumps(h) + "\n" for h in state.history))
-            state.save(ckpt_root, positions, cfg.keep_checkpoints, rank, world)
-    bar.close()
-    if log is not None:
-        log.close()
-    _barrier(world)
-
-    # the final model (rank 0; a sharded model is gathered from every rank first)
-    weights = full_state_dict(state, tied) if state.step >= cfg.steps else None
-    if not main:
-        _barrier(world)
-        return {"steps": state.step, "finished": state.step >= cfg.steps, "rank": rank}
-    atomic_write_text(out_dir / HISTORY, "".join(json.dumps(h) + "\n" for h in state.history))
-    if state.step < cfg.steps:
-        _barrier(world)
-        return {"steps": state.step, "finished": False}
-    summary = finish(
-        out_dir,
-        state,
+    recipe = DistillRecipe(
+        student_cfg,
+        cfg,
         teacher_dir,
-        {
-            "steps": state.step,
-            "labelled_tokens_this_run": int(tokens_seen),
-            "online_teacher": teacher is not None,
-            "seconds_this_run": time.perf_counter() - t_start,
-            "world_size": world,
-            "position": state.position.to_dict(),
-        },
-        weights=weights,
-        architecture=architecture if state.sharded else None,
-        tokenizer=cross.tokenizer if cross is not None else None,
+        shards,
+        out_dir,
+        tokenizer_vocab,
+        cross=cross,
+        mix=mix,
+        start=start,
+        teacher=teacher,
+        row_log=row_log,
+        on_step=on_step,
     )
-    _barrier(world)  # no rank leaves (and torchrun reports success) before the model is saved
-    return summary
+    try:
+        recipe.setup()
+        return recipe.run(stop_after)
+    finally:
+        recipe.cleanup()

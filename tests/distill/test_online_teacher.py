@@ -7,14 +7,18 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from distill.train.config import StudentConfig, TrainConfig
-from distill.train.losses import distillation_loss
+from distill.train.losses import LossSpec, distillation_loss
 from distill.train.student import build_student
-from distill.train.trainer import batches, micro_batch_loss, online_labels, train
+from distill.train.trainer import BatchKind, StepLoss, batches, micro_batch_loss, online_labels, train
 from storage.reader import ShardStream, StreamPosition, open_shard
 from storage.writer import ShardWriter
 from tests.storage.test_shards import make_meta, make_rows
@@ -29,10 +33,6 @@ STUDENT = StudentConfig(
 def tiny(tmp_path_factory):
     """(teacher folder, teacher model, shards): a 2-layer random Llama over 64 ids with a word-level
     tokenizer of the same size, and two score-mode shards of random windows (k=4)."""
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
     root = tmp_path_factory.mktemp("tiny")
     torch.manual_seed(123)
     config = LlamaConfig(
@@ -129,7 +129,8 @@ def test_online_labels_equal_offline_labels_holding_the_whole_vocabulary(tiny, d
     results = []
     for labels, online in ((full, None), (batch, teacher)):
         student.zero_grad()
-        loss, terms = micro_batch_loss(student, labels, cfg, "score", False, counts, torch.device("cpu"), online)
+        step_loss = StepLoss.from_config(cfg, BatchKind.WINDOWS)
+        loss, terms = micro_batch_loss(student, labels, step_loss, counts, torch.device("cpu"), online)
         loss.backward()
         results.append((loss.detach(), terms["kd"], [p.grad.clone() for p in student.parameters()]))
     (offline_loss, offline_kd, offline_grads), (online_loss, online_kd, online_grads) = results
@@ -145,11 +146,11 @@ def test_online_labels_pad_a_student_vocabulary_beyond_the_teacher(tiny):
     teacher_dir, teacher, shards = tiny
     batch, _ = next(batches(ShardStream(shards, seed=0, shuffle=False), 4, K, StreamPosition()))
     student_logits = torch.randn(*batch["mask"].shape, VOCAB + 16, requires_grad=True)
-    teacher_lp = online_labels(teacher, batch, VOCAB + 16, _cfg(), torch.device("cpu"))
+    teacher_lp = online_labels(teacher, batch, VOCAB + 16, _cfg().precision, torch.device("cpu"))
     assert teacher_lp.shape[-1] == VOCAB + 16 and bool((teacher_lp[..., VOCAB:].exp() == 0).all())
     for divergence in ("forward_kl", "reverse_kl"):
         loss, _ = distillation_loss(
-            student_logits, batch["targets"], None, teacher_lp, batch["mask"], kd_weight=1.0, divergence=divergence
+            student_logits, batch["targets"], None, teacher_lp, batch["mask"], LossSpec(divergence, kd_weight=1.0)
         )
         loss.backward()
         assert torch.isfinite(loss) and torch.isfinite(student_logits.grad).all()
@@ -157,8 +158,6 @@ def test_online_labels_pad_a_student_vocabulary_beyond_the_teacher(tiny):
 
 def test_online_teacher_refuses_candidates_shards(tiny, tmp_path):
     teacher_dir, teacher, _ = tiny
-    import numpy as np
-
     meta = make_meta(vocab=VOCAB, k=K, mode="candidates", settings={"length_normalize": False})
     lp = np.log(np.array([0.7, 0.3], np.float32))
     with ShardWriter(tmp_path / "c.parquet", meta) as w:
@@ -209,8 +208,7 @@ def test_history_records_pre_clipping_grad_norm_memory_and_tokens(tiny, tmp_path
             b["topk_ids"],
             b["teacher_logprobs"],
             b["mask"],
-            kd_weight=0.5,
-            tail=cfg.tail,
+            LossSpec(tail=cfg.tail, kd_weight=0.5),
             num_tokens=torch.tensor(float(tokens)),
         )
         loss.backward()

@@ -91,7 +91,7 @@ def test_unknown_sampler_is_refused():
 def test_forward_kl_on_sampled_targets_estimates_the_full_loss(sampler):
     """E[forward-KL loss on sampled targets] = the full cross-entropy to the teacher (up to the
     teacher's entropy), gradient included: the expectation of the sampled gradient is the full one."""
-    from distill.train.losses import kd_loss
+    from distill.train.losses import LossSpec, kd_loss
 
     n_ids, draws, m = 40, 8, 4000
     p, ids, lp, tail = _distribution(n_ids, n_ids)  # proposal = whole vocabulary: no tail
@@ -109,8 +109,7 @@ def test_forward_kl_on_sampled_targets_estimates_the_full_loss(sampler):
         torch.from_numpy(out["teacher_ids"])[None],
         torch.from_numpy(out["teacher_logprobs"])[None],
         torch.ones(1, m, dtype=torch.bool),
-        "forward_kl",
-        "bucket",
+        LossSpec("forward_kl", tail="bucket"),
     )
     loss.backward()
     sampled_grad = logits.grad[0].sum(0).double()  # mean over positions (the loss averages)
@@ -124,7 +123,7 @@ def test_other_divergences_are_biased_on_sampled_targets(divergence):
     """Why the config refuses them: on the same draws, the mean gradient over sampled targets
     stays far from the gradient on the full distribution for these losses (nonlinear in the
     target), while forward KL's comes within the tolerance of the test above."""
-    from distill.train.losses import kd_loss
+    from distill.train.losses import LossSpec, kd_loss
 
     n_ids, draws, m = 40, 8, 16000
     p, ids, lp, _ = _distribution(n_ids, n_ids)
@@ -144,8 +143,7 @@ def test_other_divergences_are_biased_on_sampled_targets(divergence):
             torch.from_numpy(target_ids)[None],
             torch.from_numpy(target_logprobs)[None],
             torch.ones(1, len(target_ids), dtype=torch.bool),
-            name,
-            "bucket",
+            LossSpec(name, tail="bucket"),
         ).backward()
         return logits.grad[0].sum(0).double()
 

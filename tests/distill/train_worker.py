@@ -10,6 +10,8 @@ from pathlib import Path
 from distill.train.config import StudentConfig, TrainConfig
 from distill.train.trainer import train
 from storage.reader import open_shard
+from storage.writer import ShardWriter
+from tests.storage.test_shards import make_meta, make_rows
 
 TINY_STUDENT = StudentConfig(
     init="random", num_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1
@@ -17,9 +19,6 @@ TINY_STUDENT = StudentConfig(
 
 
 def write_shards(folder: Path, n_shards: int = 2, rows: int = 32) -> None:
-    from storage.writer import ShardWriter
-    from tests.storage.test_shards import make_meta, make_rows
-
     for s in range(n_shards):
         batch = make_rows(rows, 49152, 4, seed=s, length=(10, 33))
         for r in batch:
