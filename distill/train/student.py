@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from distill.configbase import ConfigError
 from distill.train.config import StudentConfig
@@ -24,8 +25,6 @@ def build_student(teacher_dir: str | Path, cfg: StudentConfig, tokenizer_vocab: 
     """A fp32 causal LM per ``cfg``, sharing the teacher's tokenizer, or with ``tokenizer`` (the
     student's own, ``tokenizer_vocab`` ids: a ``random`` student gets that vocabulary and its
     special ids)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     torch.manual_seed(cfg.seed)
     teacher_config = AutoConfig.from_pretrained(teacher_dir)
     if cfg.init == "checkpoint":

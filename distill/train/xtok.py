@@ -6,7 +6,7 @@ Both tokenizations cover the same bytes. A teacher position ``i`` predicts teach
 ``j + 1``, starting at ``S[j + 1]``. Where ``B_t[i + 1] == S[j + 1]`` both models have read
 exactly the same text and are about to predict the text from the same byte on: those pairs are
 *aligned*, and only there is the teacher's distribution compared with the student's
-(``distill.train.losses.uld_loss`` and the span-aligned KL over exactly matching tokens). Cross-entropy
+(``distill.train.losses.uld_distance`` and the span-aligned KL over exactly matching tokens). Cross-entropy
 covers every student token of the labelled span.
 
 Tokens are read as bytes (``token_byte_table``): byte-level BPE (GPT-2, Llama 3, Qwen, SmolLM)
@@ -21,6 +21,9 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 BPE_SPECIAL = "<|endoftext|>"
 
@@ -65,9 +68,6 @@ def token_byte_table(tokenizer) -> list[bytes]:
 def train_bpe(texts: Sequence[str], vocab_size: int, out: Path) -> None:
     """A byte-level BPE tokenizer of ``vocab_size`` ids trained on ``texts`` (the ``tokenizers``
     library), saved as a transformers tokenizer folder at ``out`` (lossless: any bytes encode)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -122,8 +122,6 @@ class CrossTokenizer:
 
     @classmethod
     def load(cls, teacher_tokenizer, student_dir: str | Path) -> "CrossTokenizer":
-        from transformers import AutoTokenizer
-
         student = AutoTokenizer.from_pretrained(student_dir)
         teacher_bytes, student_bytes = token_byte_table(teacher_tokenizer), token_byte_table(student)
         index = {b: i for i, b in enumerate(student_bytes) if b}
@@ -186,8 +184,6 @@ def collate_cross(rows: Sequence[dict], k: int, cross: CrossTokenizer) -> dict:
     as they are (``teacher_logprobs`` (B, T, K), for ULD) and restricted to ids the student
     vocabulary has exactly (``topk_ids`` mapped to student ids, ``matched_logprobs`` with
     ``-inf`` where the student has no such token, for the span-aligned KL)."""
-    import torch
-
     aligned = [cross.align(r, k) for r in rows]
     B, T = len(rows), max(max(len(a["input_ids"]) for a in aligned), 2)
     input_ids = np.zeros((B, T), np.int64)
