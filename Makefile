@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export DAGSTER_HOME ?= $(CURDIR)/data/dagster_home
 export DISTILL_CONFIG ?= $(CONFIG)
 
-.PHONY: install install-gpu gpu-check demo test ui clean
+.PHONY: install install-gpu gpu-check demo test test-fast ui clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -51,8 +51,13 @@ $(DAGSTER_HOME)/dagster.yaml:
 demo: install $(DAGSTER_HOME)/dagster.yaml
 	$(PY) -m pipelines.run --config $(CONFIG)
 
+# The whole suite, what CI runs; prints the 25 slowest steps. `make test-fast` is the everyday
+# tier: no engine, no subprocess (tiers: tests/conftest.py).
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" --durations=10
 
 ui: install $(DAGSTER_HOME)/dagster.yaml
 	$(PY) -m pipelines.pools --config $(CONFIG)

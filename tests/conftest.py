@@ -1,10 +1,31 @@
 """Shared fixtures: the bundled teacher (converted once into the repo's data folder), a tiny run
-config, and one real vLLM engine for every test that needs it."""
+config, and one real vLLM engine for every test that needs it; and the test tiers.
+
+Tiers follow from what a test uses, so no one sets them by hand (``pytest_collection_modifyitems``):
+
+- ``engine``: it uses a vLLM engine in this process: the ``engine`` fixture (directly or through
+  another fixture, such as ``materialized``), or its code names ``VllmTeacher`` or ``get_engine``;
+- ``subprocess``: it starts processes (``python -m``, ``torchrun``, ``dagster dev``, a worker):
+  its code names ``subprocess``, ``multiprocessing`` or a starter of ``tests.processes`` /
+  ``tests.pipelines.dagster_server``;
+- ``slow``: either of them. ``make test-fast`` runs ``-m "not slow"``; ``make test`` (CI) runs all.
+
+"Its code" is the test function, the fixtures it uses and the functions of ``tests/`` they name,
+transitively. A test left in the fast tier that starts a Python process anyway (a worker,
+``torchrun``, ``dagster``, a vLLM engine: anything from this environment's ``bin`` folder, or a
+``multiprocessing`` process) fails, saying why, so a rule that misses a new way of starting one
+shows at once. Short programs a library runs and waits for (``git`` under mkdocstrings) pass.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+import multiprocessing.process
 import os
 import signal
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -67,6 +88,105 @@ def pytest_sessionfinish(session, exitstatus):
                 f"FAILED: the test session left {len(left)} process(es) running (now ended): {names}", red=True
             )
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+# what puts a test in a tier (see the module docstring)
+ENGINE_FIXTURES = {"engine"}
+ENGINE_NAMES = {"VllmTeacher", "get_engine"}
+PROCESS_NAMES = {"subprocess", "multiprocessing", "start_group", "run_group", "dagster_dev"}
+TIERS = ("engine", "subprocess", "slow")
+_NAMES: dict = {}
+
+
+def _code_names(fn) -> frozenset[str]:
+    """Global and attribute names the code of ``fn`` uses (nested functions included), and those
+    of the functions of ``tests/`` it names, transitively."""
+    fn = inspect.unwrap(fn)
+    if fn not in _NAMES:
+        _NAMES[fn] = frozenset()  # a helper that names itself (recursion) ends here
+        names, stack = set(), [fn.__code__]
+        while stack:
+            code = stack.pop()
+            names.update(code.co_names)
+            stack.extend(c for c in code.co_consts if inspect.iscode(c))
+        for name in list(names):
+            target = fn.__globals__.get(name)
+            if inspect.isfunction(target) and target.__module__.split(".")[0] == "tests":
+                names |= _code_names(target)
+        _NAMES[fn] = frozenset(names)
+    return _NAMES[fn]
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        by_hand = sorted({m.name for m in item.iter_markers() if m.name in TIERS})
+        if by_hand:
+            raise pytest.UsageError(
+                f"{item.nodeid}: marked {by_hand} by hand; conftest.py sets tiers from what a test uses"
+            )
+        fixtures = [d.func for name in item.fixturenames for d in item._fixtureinfo.name2fixturedefs.get(name, ())]
+        names = set().union(*(_code_names(fn) for fn in [item.function, *fixtures]))
+        tiers = []
+        if ENGINE_FIXTURES & set(item.fixturenames) or ENGINE_NAMES & names:
+            tiers.append("engine")
+        if PROCESS_NAMES & names:
+            tiers.append("subprocess")
+        for tier in [*tiers, "slow"] if tiers else []:
+            item.add_marker(tier)
+
+
+def _runs_python(args) -> bool:
+    """Whether ``Popen(args)`` starts this environment's Python or one of its scripts."""
+    program = Path(os.fsdecode(args if isinstance(args, (str, bytes, os.PathLike)) else args[0]).split()[0])
+    return program.parent == Path(sys.executable).parent or program.name.startswith("python")
+
+
+@contextlib.contextmanager
+def _fast_tier_guard(item):
+    """A fast-tier test must start no Python process (an engine is such processes): starting one raises."""
+    if item.get_closest_marker("slow") is not None:
+        yield
+        return
+
+    def refuse(what):
+        raise RuntimeError(
+            f"{item.nodeid} is in the fast tier (no engine, no subprocess) but starts {what}: tests/conftest.py "
+            "could not tell from its code; start it with tests.processes.start_group/run_group or the subprocess "
+            "module in the test's own code, or use the engine fixture"
+        )
+
+    popen = subprocess.Popen.__init__
+
+    def checked_popen(self, args, *rest, **kwargs):
+        if _runs_python(args):
+            refuse(f"a Python process ({args})")
+        popen(self, args, *rest, **kwargs)
+
+    def checked_start(self):
+        refuse(f"a multiprocessing process ({self.name})")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(subprocess.Popen, "__init__", checked_popen)
+        patch.setattr(multiprocessing.process.BaseProcess, "start", checked_start)
+        yield
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    with _fast_tier_guard(item):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    with _fast_tier_guard(item):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    with _fast_tier_guard(item):
+        return (yield)
 
 
 REPO = Path(__file__).resolve().parents[1]

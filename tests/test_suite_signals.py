@@ -13,7 +13,6 @@ import uuid
 from pathlib import Path
 
 import psutil
-import pytest
 
 from tests.processes import start_group, stop_group
 
@@ -34,7 +33,6 @@ def test_holds_a_process_group():
 """
 
 
-@pytest.mark.slow
 def test_sigterm_to_the_suite_ends_what_tests_started(tmp_path):
     seconds = str(900_000 + uuid.uuid4().int % 99_999)  # a command line no other process has
     ready = tmp_path / "ready"

@@ -63,7 +63,6 @@ def _signal_mid_call(score, pid: int, sig: int, delay: float, expected: type[Bas
     return failure, sent[0]
 
 
-@pytest.mark.slow
 def test_sigkilled_engine_core_fails_the_call_at_once_and_the_next_use_starts_a_fresh_engine(engine):
     old = engine.current()
     windows = _windows(2)
@@ -91,7 +90,6 @@ def test_sigkilled_engine_core_fails_the_call_at_once_and_the_next_use_starts_a_
         np.testing.assert_allclose(a["topk_logprobs"], b["topk_logprobs"], atol=1e-5)
 
 
-@pytest.mark.slow
 def test_sigstopped_engine_fails_the_call_after_step_timeout(teacher_dir):
     from distill.teacher.config import EngineConfig
     from distill.teacher.vllm_engine import EngineFailure, VllmTeacher
@@ -128,7 +126,6 @@ def test_sigstopped_engine_fails_the_call_after_step_timeout(teacher_dir):
         eng.close()
 
 
-@pytest.mark.slow
 def test_retry_after_a_killed_worker_relabels_only_the_missing_shards(tiny_config_path, engine, tmp_path):
     from distill.config import load_config
     from distill.run import engines, labelling, paths
@@ -193,7 +190,6 @@ def test_exit_status_of_an_unreaped_child_names_its_signal():
     assert _exit_status(None, child.pid) is None  # reaped: nothing left to read
 
 
-@pytest.mark.slow
 def test_teacher_logits_step_is_retried_on_a_fresh_engine_after_a_stall(tiny_config_path, tmp_path):
     """The asset turns an engine failure into a step retry (the instance retries crashed runs
     only): the first attempt finds the registry's engine with its Worker stopped, fails after

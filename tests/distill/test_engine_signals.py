@@ -17,8 +17,6 @@ import pytest
 from tests.conftest import REPO
 from tests.processes import describe, marked_processes, start_group, stop_group, wait_until_gone
 
-pytestmark = pytest.mark.slow
-
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL], ids=["SIGTERM", "SIGINT", "SIGKILL"])
 def test_no_engine_process_outlives_the_labelling_process(sig, tiny_config_path):

@@ -91,7 +91,6 @@ def _rows(log_prefix) -> list[tuple[str, int]]:
     return [(d, int(w)) for d, w in (line.split("\t") for line in open(f"{log_prefix}.rank0").read().splitlines())]
 
 
-@pytest.mark.slow  # trains a tiny student (no engine) three times: about 10 s
 def test_rounds_continue_the_teacher_stream_and_the_coins(teacher_dir, tmp_path):
     """The distilled student, then two rounds trained as ``run_round`` trains them (the real
     trainer, each round starting at ``start_position`` of the training before it): the teacher

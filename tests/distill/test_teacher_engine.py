@@ -8,8 +8,6 @@ import pytest
 from distill.teacher.reference import reference_labels
 from tests.conftest import TINY_K, TINY_WINDOW
 
-pytestmark = pytest.mark.slow
-
 
 @pytest.fixture(scope="module")
 def windows(teacher_dir):

@@ -15,8 +15,6 @@ from distill.teacher.reference import reference_labels
 from storage.reader import ShardStream, StreamPosition
 from tests.conftest import TINY_K, mode_config
 
-pytestmark = pytest.mark.slow
-
 
 def _label(cfg):
     labelling.prepare_corpus(cfg)

@@ -6,11 +6,8 @@ from __future__ import annotations
 import datetime
 
 import dagster as dg
-import pytest
 
 from pipelines.definitions import build_definitions
-
-pytestmark = pytest.mark.slow
 
 
 def test_refresh_schedule_requests_the_corpus_job(tiny_config_path):

@@ -9,15 +9,12 @@ import time
 from pathlib import Path
 
 import dagster as dg
-import pytest
 import yaml
 
 from distill.config import load_config
 from distill.run import labelling, paths
 from pipelines.pools import sync_teacher_pool
 from tests.pipelines.dagster_server import REPO, dagster_dev, graphql
-
-pytestmark = pytest.mark.slow
 
 LAUNCH = """mutation($params: LaunchBackfillParams!) {
   launchPartitionBackfill(backfillParams: $params) {

@@ -8,8 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from tests.pipelines.dagster_server import dagster_dev, graphql
 
 REPO = Path(__file__).resolve().parents[2]
@@ -46,7 +44,6 @@ def test_bad_config_fails_at_load_naming_the_field(tmp_path):
     assert out.returncode != 0 and "teacher.k=0" in out.stderr
 
 
-@pytest.mark.slow
 def test_web_ui_serves_every_asset_on_loopback(tiny_config_path, tmp_path):
     with dagster_dev(tiny_config_path, tmp_path, tmp_path / "dev.log") as port:
         deadline = time.time() + 60

@@ -27,8 +27,6 @@ from distill.run import labelling, paths
 from pipelines.definitions import build_definitions
 from pipelines.run import run_errors
 
-pytestmark = pytest.mark.slow
-
 STEPS, EVERY = 6, 2
 
 

@@ -10,7 +10,6 @@ from pathlib import Path
 from pydoc_data.topics import topics
 
 import dagster as dg
-import pytest
 import torch
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -18,8 +17,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from distill.data import corpus_dir
 from distill.eval.generation import generation_throughput
 from distill.run import engines, labelling, paths
-
-pytestmark = pytest.mark.slow
 
 
 def _metadata(instance, key, partition=None):

@@ -25,8 +25,6 @@ from pipelines.run import materialize_rounds
 from storage.reader import ShardStream, StreamPosition
 from tests.conftest import REPO
 
-pytestmark = pytest.mark.slow
-
 ROUNDS = {
     "rounds": 2,
     "steps": 2,

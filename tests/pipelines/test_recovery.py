@@ -25,8 +25,6 @@ from storage.reader import ShardError
 from tests.conftest import REPO
 from tests.processes import describe, marked_processes, run_group, start_group, stop_group, wait_until_gone
 
-pytestmark = pytest.mark.slow
-
 
 @pytest.fixture(scope="module")
 def killed_then_rerun(tiny_config_path, tmp_path_factory):
