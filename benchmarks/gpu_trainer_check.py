@@ -397,7 +397,9 @@ def run(args) -> None:
     ctx = setup(args)
     torch = ctx["torch"]
     from distill.eval.config import EvalConfig
-    from distill.eval.evaluation import eval_device, evaluate_model, teacher_metrics
+    from distill.eval.evaluation import evaluate_model
+    from distill.eval.models import eval_device
+    from distill.eval.stored import teacher_metrics
     from distill.train.trainer import batches
     from storage.reader import ShardStream, StreamPosition
 

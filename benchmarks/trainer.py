@@ -67,7 +67,8 @@ def main() -> None:
     from benchmarks.timing import interleave, paired_ratios
     from benchmarks.timing import summary as median_spread
     from distill.config import load_config
-    from distill.eval.evaluation import evaluate_model, expected_calibration_error
+    from distill.eval.evaluation import evaluate_model
+    from distill.eval.metrics import expected_calibration_error
     from distill.run import engines, labelling, paths, tokenizing, training
     from distill.train.student import build_student
     from distill.train.trainer import batches, build_optimizer, train, train_step
@@ -255,13 +256,13 @@ def main() -> None:
 
 def full_distribution_kl(teacher, students: dict, shards, eval_cfg) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     """Mean KL(teacher's full softmax || student) over every held-out labelled position (up to
-    ``eval.max_windows`` windows), by ``distill.eval.evaluation.full_distribution_kl``; and per window,
+    ``eval.max_windows`` windows), by ``distill.eval.full_kl.full_distribution_kl``; and per window,
     each model's ECE bin sums (``ece_bins``, each (windows, bins)), the teacher's included, for
     ``ece_interval``."""
     import dataclasses
 
-    from distill.eval.evaluation import ece_bins
-    from distill.eval.evaluation import full_distribution_kl as full_kl
+    from distill.eval.full_kl import full_distribution_kl as full_kl
+    from distill.eval.metrics import ece_bins
 
     bins: dict[str, list] = {name: [] for name in ("teacher", *students)}
 
@@ -284,7 +285,7 @@ def ece_interval(
     resampled with replacement, the same resample for both models)."""
     import numpy as np
 
-    from distill.eval.evaluation import expected_calibration_error as ece
+    from distill.eval.metrics import expected_calibration_error as ece
 
     windows = len(bins[a]["bin_count"])
     weights = torch.from_numpy(
