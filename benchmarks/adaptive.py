@@ -113,7 +113,8 @@ def compare(cfg, name: str) -> dict:
 
     train_shards, heldout = labelling.open_split(cfg, "train"), labelling.open_split(cfg, "heldout")
     print(
-        f"corpus {name}: {sum(s.tokens for s in train_shards):,} labelled train tokens, {sum(s.tokens for s in heldout):,} held-out; "
+        f"corpus {name}: {sum(s.tokens for s in train_shards):,} labelled train tokens, "
+        f"{sum(s.tokens for s in heldout):,} held-out; "
         f"window {cfg.corpus.window}, {cfg.train.steps} steps x {cfg.train.batch_size * cfg.train.grad_accum} windows, "
         f"lr {cfg.train.lr:g}, kd_weight {cfg.train.kd_weight:g}, tail {cfg.train.tail}",
         flush=True,
@@ -135,7 +136,8 @@ def compare(cfg, name: str) -> dict:
         }
         extra = f", mu {run.train.akl_mu:g}" if divergence == "akl" else ""
         print(
-            f"  {variant:5s} ({divergence}{extra}): heldout_kl={metrics['kl']:.4f} ppl={metrics['ppl']:.3f} top1={metrics['top1']:.4f} "
+            f"  {variant:5s} ({divergence}{extra}): heldout_kl={metrics['kl']:.4f} ppl={metrics['ppl']:.3f} "
+            f"top1={metrics['top1']:.4f} "
             f"({metrics['positions']:,} held-out positions; trained on {out[variant]['train_tokens']:,} tokens in "
             f"{out[variant]['train_s'] or 0:.0f}s{', reused' if summary.get('reused') else ''})",
             flush=True,

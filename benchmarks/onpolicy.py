@@ -101,25 +101,30 @@ def main() -> None:
     }
     oc = cfg.onpolicy
     print(
-        f"\n{args.config}: {len(onpolicy.prompt_table(cfg, 'train'))} training prompts, {len(onpolicy.prompt_table(cfg, 'heldout'))} held-out; "
-        f"{oc.rounds} rounds x {oc.steps} steps, lambda {oc.lmbda}, {oc.prompts_per_round or 'all'} prompts x {oc.sampling.n} answers per round; "
-        f"held-out: {sum(s.tokens for s in heldout)} teacher-answer tokens, own answers {[s.tokens for s in own]} tokens"
+        f"\n{args.config}: {len(onpolicy.prompt_table(cfg, 'train'))} training prompts, "
+        f"{len(onpolicy.prompt_table(cfg, 'heldout'))} held-out; "
+        f"{oc.rounds} rounds x {oc.steps} steps, lambda {oc.lmbda}, "
+        f"{oc.prompts_per_round or 'all'} prompts x {oc.sampling.n} answers per round; "
+        f"held-out: {sum(s.tokens for s in heldout)} teacher-answer tokens, "
+        f"own answers {[s.tokens for s in own]} tokens"
     )
     print(
-        "| student | steps | teacher tokens | KL (teacher answers) | KL (own answers) | top-1 (own) | greedy exact | greedy prefix | "
-        "own answer tokens | ended by EOS | distinct-2 | teacher log-lik./token (own) |"
+        "| student | steps | teacher tokens | KL (teacher answers) | KL (own answers) | top-1 (own) | greedy exact | "
+        "greedy prefix | own answer tokens | ended by EOS | distinct-2 | teacher log-lik./token (own) |"
     )
     print("|---|" + "---:|" * 11)
     t = results["teacher"]
     print(
-        f"| teacher (own answers, sampled alike) | – | – | – | – | – | – | – | {t['self_len']:.1f} | {t['self_eos']:.3f} | "
+        f"| teacher (own answers, sampled alike) | – | – | – | – | – | – | – | "
+        f"{t['self_len']:.1f} | {t['self_eos']:.3f} | "
         f"{t['self_distinct2']:.3f} | {t['self_teacher_ll']:.4f} |"
     )
     for name in students:
         m = results[name]
         print(
-            f"| {name} | {steps[name]} | {teacher_tokens[name]} | {m['kl']:.4f} | {m['self_kl']:.4f} | {m['self_top1']:.4f} | "
-            f"{m['greedy_exact_match']:.3f} | {m['greedy_prefix_agreement']:.3f} | {m['self_len']:.1f} | {m['self_eos']:.3f} | "
+            f"| {name} | {steps[name]} | {teacher_tokens[name]} | {m['kl']:.4f} | {m['self_kl']:.4f} | "
+            f"{m['self_top1']:.4f} | {m['greedy_exact_match']:.3f} | {m['greedy_prefix_agreement']:.3f} | "
+            f"{m['self_len']:.1f} | {m['self_eos']:.3f} | "
             f"{m['self_distinct2']:.3f} | {m['self_teacher_ll']:.4f} |"
         )
     for metric in ("kl", "greedy_prefix_agreement"):
