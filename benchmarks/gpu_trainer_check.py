@@ -19,7 +19,7 @@ builds ``.gpucarry/``:
   ``LabelStore.open`` and the reader's full checks (record, sha256, schema, provenance, cache key);
 - ``carry.json``: the shard keys per split, the metadata the run expects of them
   (``labelling.expected_meta``), the teacher's hashes and how the carry was built. Train shards
-  are taken in config order while they fit ``--max-carry-mib`` (the demo's all fit: ~11 MiB).
+  are taken in config order while they fit ``--max-carry-mib``.
 
 Run mode (default; imports neither vLLM nor Dagster: ``distill.train.trainer``, ``distill.train.student``,
 ``distill.eval.evaluation``, ``storage``; reads only the carry folder)::
@@ -28,8 +28,8 @@ Run mode (default; imports neither vLLM nor Dagster: ``distill.train.trainer``, 
 
 a. trains a randomly initialized student (teacher architecture, ``--layers`` 4) for ``--steps`` N
    with ``distill.train.trainer.train``: batch 8, lr 1e-3, kd_weight 0.5, tail bucket (configs/demo.yaml),
-   precision bf16 (autocast; fp32 with ``--device cpu``); prints labelled tokens/s, excluding step 1 (warm-up: CUDA context,
-   kernel selection, first shuffle-buffer fill), and the data loader's own tokens/s;
+   precision bf16 (autocast; fp32 with ``--device cpu``); prints labelled tokens/s, excluding step 1
+   (warm-up: CUDA context, kernel selection, first shuffle-buffer fill), and the data loader's own tokens/s;
 b. exact resume: the same config stopped at N/2 (checkpoint) and resumed to N by a fresh
    ``train`` call, compared with the uninterrupted run (max |weight diff|, max |loss diff|), next
    to a second uninterrupted run (run-to-run noise of the device's kernels); then again in a
@@ -140,14 +140,17 @@ def make_carry(config: str, carry: Path, max_mib: float) -> None:
         "splits": splits,
         "skipped_train_shards": skipped,
         "git_commit": commit,
-        "built_by": f"python benchmarks/gpu_trainer_check.py --make-carry --config {config} --carry {carry.name} --max-carry-mib {max_mib:g}",
+        "built_by": f"python benchmarks/gpu_trainer_check.py --make-carry --config {config} --carry {carry.name} "
+        f"--max-carry-mib {max_mib:g}",
     }
     (carry / "carry.json").write_text(json.dumps(manifest, indent=1) + "\n")
     total = sum(p.stat().st_size for p in carry.rglob("*") if p.is_file())
     say(
         f"carry {carry}: {total / 2**20:.2f} MiB; teacher stub {copied}; "
-        f"train {[e['shard'] for e in splits['train']['shards']]} ({sum(e['rows'] for e in splits['train']['shards'])} windows), "
-        f"heldout {[e['shard'] for e in splits['heldout']['shards']]} ({sum(e['rows'] for e in splits['heldout']['shards'])} windows)"
+        f"train {[e['shard'] for e in splits['train']['shards']]} "
+        f"({sum(e['rows'] for e in splits['train']['shards'])} windows), "
+        f"heldout {[e['shard'] for e in splits['heldout']['shards']]} "
+        f"({sum(e['rows'] for e in splits['heldout']['shards'])} windows)"
         + (f"; left out (over {max_mib:g} MiB): {skipped}" if skipped else "")
     )
 
@@ -170,7 +173,8 @@ def open_carry(carry: Path):
 
 
 class Clock:
-    """Per-step timestamps (device-synchronized) and labelled tokens of one ``train`` call."""
+    """Per-step timestamps (device-synchronized) and labelled tokens of one ``train`` call, from
+    the trainer's own history entries (``on_step``)."""
 
     def __init__(self, sync):
         self.sync, self.times, self.tokens = sync, [], []
@@ -178,6 +182,7 @@ class Clock:
     def on_step(self, entry: dict) -> None:
         self.sync()
         self.times.append(time.perf_counter())
+        self.tokens.append(entry["tokens"])
 
     def tok_s(self) -> float:
         """Labelled tokens per second over steps 2..N (step 1 excluded: warm-up)."""
@@ -192,37 +197,16 @@ class Clock:
         return 1000 * statistics.median(gaps) if gaps else float("nan")
 
 
-_TOKENS: list | None = None
-
-
-def _count_tokens() -> None:
-    """Record each optimizer step's labelled tokens: wrap ``distill.train.trainer.step_counts`` (what the
-    trainer itself counts the step's tokens with; read, not changed)."""
-    import distill.train.trainer as trainer
-
-    inner = trainer.step_counts
-
-    def counted(micro_batches, mode):
-        counts = inner(micro_batches, mode)
-        if _TOKENS is not None:
-            _TOKENS.append(float(counts[0]))
-        return counts
-
-    trainer.step_counts = counted
-
-
 def run_train(
     ctx: dict, name: str, train_cfg, stop_after: int | None = None, out_dir: Path | None = None
 ) -> tuple[dict, Clock, float]:
     """One ``distill.train.trainer.train`` call; returns (summary, clock, seconds of the whole call)."""
-    global _TOKENS
     import torch
 
     from distill.train.trainer import train
 
     cuda = ctx["device"] == "cuda"
     clock = Clock(torch.cuda.synchronize if cuda else (lambda: None))
-    _TOKENS = clock.tokens
     out_dir = out_dir or ctx["work"] / name
     t0 = time.perf_counter()
     summary = train(
@@ -238,7 +222,6 @@ def run_train(
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    _TOKENS = None
     return summary, clock, seconds
 
 
@@ -283,7 +266,8 @@ def resume_pair(ctx: dict, tag: str, cfg) -> Path:
         raise RuntimeError(f"{out}: stop_after={half} did not leave a checkpoint ({first}, {ckpts})")
     second, _, s2 = run_train(ctx, tag, cfg, out_dir=out)
     say(
-        f"  {tag}: stopped at step {first['steps']} (checkpoint {ckpts[-1]}, {s1:.1f} s), resumed to {second['steps']} ({s2:.1f} s)"
+        f"  {tag}: stopped at step {first['steps']} (checkpoint {ckpts[-1]}, {s1:.1f} s), resumed to "
+        f"{second['steps']} ({s2:.1f} s)"
     )
     return out
 
@@ -311,7 +295,8 @@ def setup(args) -> dict:
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit(
-            f"--device cuda: torch {torch.__version__} (cuda {torch.version.cuda}) sees no CUDA device; use --device cpu"
+            f"--device cuda: torch {torch.__version__} (cuda {torch.version.cuda}) sees no CUDA device; use --device "
+            "cpu"
         )
     if hasattr(transformers.utils.logging, "disable_progress_bar"):
         transformers.utils.logging.disable_progress_bar()  # no "Writing model shards" bars in the log
@@ -322,9 +307,9 @@ def setup(args) -> dict:
 
         trainer._plot_history = lambda history, path: None
         say(
-            "note: matplotlib is not installed: distill.train.trainer._plot_history (finish()'s loss.png) replaced by a no-op here"
+            "note: matplotlib is not installed: distill.train.trainer._plot_history (finish()'s loss.png) replaced "
+            "by a no-op here"
         )
-    _count_tokens()
     from distill.train.config import StudentConfig
 
     teacher, train_shards, heldout, manifest = open_carry(Path(args.carry))
@@ -408,7 +393,8 @@ def run(args) -> None:
     n = args.steps
     fp32_steps = args.fp32_steps or max(2, min(20, n))
     say(
-        f"python {sys.version.split()[0]} torch {torch.__version__} (cuda {torch.version.cuda}) transformers {ctx['transformers']}"
+        f"python {sys.version.split()[0]} torch {torch.__version__} (cuda {torch.version.cuda}) transformers "
+        f"{ctx['transformers']}"
     )
     if cuda:
         p = torch.cuda.get_device_properties(0)
@@ -419,8 +405,10 @@ def run(args) -> None:
         say(f"device: cpu, {torch.get_num_threads()} torch threads")
     tr, ho = ctx["train"], ctx["heldout"]
     say(
-        f"carry {args.carry}: train {len(tr)} shard(s), {sum(s.rows for s in tr)} windows, {sum(s.tokens for s in tr)} labelled tokens, "
-        f"{tr[0].meta.kind} labels, {tr[0].meta.slots} ids per position; heldout {len(ho)} shard(s), {sum(s.rows for s in ho)} windows; "
+        f"carry {args.carry}: train {len(tr)} shard(s), {sum(s.rows for s in tr)} windows, "
+        f"{sum(s.tokens for s in tr)} labelled tokens, "
+        f"{tr[0].meta.kind} labels, {tr[0].meta.slots} ids per position; heldout {len(ho)} shard(s), "
+        f"{sum(s.rows for s in ho)} windows; "
         f"vocab {ctx['vocab']}; student: random init, {args.layers} layers of the teacher's architecture"
     )
     say(f"work dir {ctx['work']}; results to {ctx['results']}")
@@ -444,8 +432,10 @@ def run(args) -> None:
     res["loader_tok_s"] = sum(toks[1:]) / (times[-1] - times[0])
     res["loader_ms_per_batch"] = 1000 * (times[-1] - times[0]) / (len(times) - 1)
     say(
-        f"[loader] first batch {res['loader_first_batch_s']:.2f} s (shuffle-buffer fill), then {res['loader_ms_per_batch']:.2f} ms per batch of "
-        f"{args.batch_size}: {res['loader_tok_s']:.0f} labelled tok/s (the trainer reads batches synchronously, in its step loop)"
+        f"[loader] first batch {res['loader_first_batch_s']:.2f} s (shuffle-buffer fill), then "
+        f"{res['loader_ms_per_batch']:.2f} ms per batch of "
+        f"{args.batch_size}: {res['loader_tok_s']:.0f} labelled tok/s (the trainer reads batches synchronously, in "
+        "its step loop)"
     )
     mem_gib(reset=True)
 
@@ -461,11 +451,13 @@ def run(args) -> None:
         **{f"train_{k}": v for k, v in mem_gib(reset=True).items()},
     )
     say(
-        f"[a] {n} steps {args.precision}: {res['train_tok_s']:.0f} labelled tok/s over steps 2..{n} (step 1 = warm-up, excluded), "
+        f"[a] {n} steps {args.precision}: {res['train_tok_s']:.0f} labelled tok/s over steps 2..{n} (step 1 = "
+        "warm-up, excluded), "
         f"median step {res['train_step_ms']:.1f} ms, train() call {seconds:.1f} s (model build + save included), "
         f"final loss {summary['final_loss']:.4f}, {summary['parameters'] / 1e6:.1f} M parameters"
         + (
-            f", peak CUDA memory {res['train_peak_alloc_gib']:.2f} GiB allocated / {res['train_peak_reserved_gib']:.2f} GiB reserved"
+            f", peak CUDA memory {res['train_peak_alloc_gib']:.2f} GiB allocated / "
+            f"{res['train_peak_reserved_gib']:.2f} GiB reserved"
             if cuda
             else ""
         )
@@ -479,7 +471,8 @@ def run(args) -> None:
     for tag in ("resume", "rerun"):
         r = res[tag]
         say(
-            f"[b] {tag} vs uninterrupted: max |weight diff| {r['max_weight_diff']:.3g} ({r['worst_tensor']}), max |loss diff| {r['max_loss_diff']:.3g}"
+            f"[b] {tag} vs uninterrupted: max |weight diff| {r['max_weight_diff']:.3g} ({r['worst_tensor']}), max "
+            f"|loss diff| {r['max_loss_diff']:.3g}"
             + (
                 f" (first half {r['max_loss_diff_first_half']:.3g}, after resume {r['max_loss_diff_after_resume']:.3g})"
                 if tag == "resume"
@@ -492,7 +485,8 @@ def run(args) -> None:
             shutil.rmtree(ctx["work"] / tag, ignore_errors=True)
     mem_gib(reset=True)
 
-    # b'. the same with deterministic algorithms, in a child process (CUBLAS_WORKSPACE_CONFIG must precede the first cuBLAS handle)
+    # b'. the same with deterministic algorithms, in a child process (CUBLAS_WORKSPACE_CONFIG must precede the
+    # first cuBLAS handle)
     if args.skip_det:
         res["det"] = {"mode": "skipped"}
     else:
@@ -529,8 +523,10 @@ def run(args) -> None:
         d = res["det"]
         if "max_weight_diff" in d:
             say(
-                f"[b'] deterministic ({d['mode']}, CUBLAS_WORKSPACE_CONFIG={d['cublas_workspace_config']}): resume vs uninterrupted "
-                f"max |weight diff| {d['max_weight_diff']:.3g}, max |loss diff| {d['max_loss_diff']:.3g}, identical weights "
+                f"[b'] deterministic ({d['mode']}, CUBLAS_WORKSPACE_CONFIG={d['cublas_workspace_config']}): resume vs "
+                "uninterrupted "
+                f"max |weight diff| {d['max_weight_diff']:.3g}, max |loss diff| {d['max_loss_diff']:.3g}, identical "
+                "weights "
                 f"{d['weights_identical']}, {d['tok_s']:.0f} tok/s, child {time.perf_counter() - t0:.1f} s"
             )
         else:
@@ -544,8 +540,10 @@ def run(args) -> None:
         **{f"fp32_{k}": v for k, v in mem_gib(reset=True).items()},
     )
     say(
-        f"[d] {fp32_steps} steps fp32: {res['train_tok_s_fp32']:.0f} labelled tok/s over steps 2..{fp32_steps}, median step "
-        f"{res['train_step_ms_fp32']:.1f} ms; {args.precision}/fp32 throughput {res['train_tok_s'] / res['train_tok_s_fp32']:.2f}x"
+        f"[d] {fp32_steps} steps fp32: {res['train_tok_s_fp32']:.0f} labelled tok/s over steps 2..{fp32_steps}, "
+        "median step "
+        f"{res['train_step_ms_fp32']:.1f} ms; {args.precision}/fp32 throughput "
+        f"{res['train_tok_s'] / res['train_tok_s_fp32']:.2f}x"
         + (f"; peak CUDA memory {res['fp32_peak_alloc_gib']:.2f} GiB allocated" if cuda else "")
     )
     if not args.keep:
@@ -586,7 +584,8 @@ def run(args) -> None:
     res["eval_kl_abs_diff"] = abs(first["kl"] - ref["kl"])
     res["eval_top1_abs_diff"] = abs(first["top1"] - ref["top1"])
     say(
-        f"[c] {runs[0][0]} vs cpu_fp32: ppl rel diff {res['eval_ppl_rel_diff']:.3g}, kl abs diff {res['eval_kl_abs_diff']:.3g}, "
+        f"[c] {runs[0][0]} vs cpu_fp32: ppl rel diff {res['eval_ppl_rel_diff']:.3g}, kl abs diff "
+        f"{res['eval_kl_abs_diff']:.3g}, "
         f"top1 abs diff {res['eval_top1_abs_diff']:.3g}"
     )
 
@@ -604,7 +603,8 @@ def run(args) -> None:
     res["banned_modules"] = banned
     if banned:
         say(
-            f"WARNING: imported {banned[:5]}{'...' if len(banned) > 5 else ''}: the remote machine has no vllm/dagster/datasets"
+            f"WARNING: imported {banned[:5]}{'...' if len(banned) > 5 else ''}: the remote machine has no "
+            "vllm/dagster/datasets"
         )
     (ctx["results"] / "results.json").write_text(json.dumps(res, indent=1, default=str))
     if not args.keep:
@@ -665,7 +665,7 @@ def main() -> None:
         "--precision",
         choices=("bf16", "fp32", "auto"),
         default=None,
-        help="train.precision of the main runs (default: bf16 on cuda, fp32 on cpu, where bf16 autocast is ~10x slower)",
+        help="train.precision of the main runs (default: bf16 on cuda, fp32 on cpu, where bf16 autocast is slower)",
     )
     parser.add_argument("--eval-batch-size", type=int, default=16)
     parser.add_argument(

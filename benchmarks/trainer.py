@@ -8,8 +8,9 @@ Prints, measured in this run:
   buffer refills, so the refill cost is amortized as in training) / the time of a KD training step on it
 - kd_step_vs_ce_step: a top-k KD + CE step / a CE-only step (median over rounds, spread min..max)
 - offline_vs_online_kd_step: our offline KD step / an online KD step running the teacher forward in the loop
-  (every step is the trainer's own ``train_step`` + clipping + AdamW; the variants alternate their
-  order from round to round, and each ratio is taken within a round)
+  (every step is the trainer's own ``DistillRecipe.step``, on a recipe per variant set up with the
+  variant's config; the variants alternate their order from round to round, and each ratio is
+  taken within a round)
 - topk_vs_full_kd_gap_closed: at equal steps, (KL_ce - KL_topk) / (KL_ce - KL_full_online) on held-out data;
   the full-vocabulary reference is trained by ``distill.train.trainer.train`` with an online teacher, so it
   shares every setting of the other students (grad_accum, clipping, temperature, precision, seeding,
@@ -25,16 +26,28 @@ Prints, measured in this run:
 from __future__ import annotations
 
 import argparse
-import math
+import dataclasses
 import shutil
 import statistics
 import sys
 import tempfile
 from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository, for the imports below
 
-import torch
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+from benchmarks.timing import interleave, paired_ratios  # noqa: E402
+from benchmarks.timing import summary as median_spread  # noqa: E402
+from distill.config import load_config  # noqa: E402
+from distill.eval.evaluation import evaluate_model  # noqa: E402
+from distill.eval.full_kl import full_distribution_kl as full_kl  # noqa: E402
+from distill.eval.metrics import ece_bins, expected_calibration_error  # noqa: E402
+from distill.run import engines, labelling, paths, tokenizing, training  # noqa: E402
+from distill.train.trainer import DistillRecipe, batches, train  # noqa: E402
+from storage.reader import ShardStream, StreamPosition  # noqa: E402
 
 
 def main() -> None:
@@ -62,18 +75,6 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    from transformers import AutoModelForCausalLM
-
-    from benchmarks.timing import interleave, paired_ratios
-    from benchmarks.timing import summary as median_spread
-    from distill.config import load_config
-    from distill.eval.evaluation import evaluate_model
-    from distill.eval.metrics import expected_calibration_error
-    from distill.run import engines, labelling, paths, tokenizing, training
-    from distill.train.student import build_student
-    from distill.train.trainer import batches, build_optimizer, train, train_step
-    from storage.reader import ShardStream, StreamPosition
-
     cfg = load_config(args.config)
     labelling.prepare_teacher(cfg)
     labelling.prepare_corpus(cfg)
@@ -89,16 +90,17 @@ def main() -> None:
         AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32, use_safetensors=True).to(device).eval()
     )
 
-    def step(model, opt, batch, mode):
-        """One optimizer step of the trainer itself on one micro-batch: CE only, top-k KD, or online KD."""
-        train_cfg = cfg.baseline_train if mode == "ce" else cfg.train
-        train_step(model, [batch], train_cfg, "score", False, 1, device, teacher if mode == "online" else None)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.max_grad_norm or math.inf)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    def recipe(train_cfg, online_teacher=None) -> DistillRecipe:
+        """The trainer's recipe for one variant with its student and optimizer set up (no data
+        stream, no checkpoints: the variants step on the same preloaded batches)."""
+        r = DistillRecipe(cfg.student, train_cfg, teacher_dir, train_shards, scratch, vocab, teacher=online_teacher)
+        r.setup_processes()
+        r.setup_model()
+        return r
 
-    model = build_student(teacher_dir, cfg.student, vocab).to(device)
-    opt = build_optimizer(model, cfg.train)
+    # CE only (the baseline's train section), top-k KD and online KD (the student's)
+    scratch = Path(tempfile.mkdtemp(prefix="trainer-benchmark-"))  # written to by nothing the timing runs
+    recipes = {"ce": recipe(cfg.baseline_train), "kd": recipe(cfg.train), "online": recipe(cfg.train, teacher)}
     n = args.timing_steps
     buffer = cfg.train.shuffle_buffer
 
@@ -124,7 +126,8 @@ def main() -> None:
             range(n),
         )
     ]
-    step(model, opt, preloaded[0], "kd")  # warm-up
+    for r in recipes.values():  # warm-up: first kernels, the optimizer's state
+        r.step(preloaded[:1])
 
     loader_batches = max(n, 2 * buffer // cfg.train.batch_size)
 
@@ -139,7 +142,7 @@ def main() -> None:
 
     def run_preloaded(mode="kd"):
         for b in preloaded:
-            step(model, opt, b, mode)
+            recipes[mode].step([b])  # one optimizer step of the trainer on one micro-batch
 
     # interleaved, the order reversed every other round; each ratio within a round, then its median and spread
     results = interleave(
@@ -169,19 +172,20 @@ def main() -> None:
         fmt = ".4f" if name == "loader_overhead" else ".3f"  # the loader's share is ~0.001
         print(f"{name}: {median_spread(values, fmt)} ({', '.join(f'{v:{fmt}}' for v in values)})")
     print(
-        f"distinct documents per batch of {cfg.train.batch_size}: {docs['buffer']:.2f} with a {buffer}-window buffer, {docs['row_group_only']:.2f} mixing one row group"
+        f"distinct documents per batch of {cfg.train.batch_size}: {docs['buffer']:.2f} with a {buffer}-window buffer, "
+        f"{docs['row_group_only']:.2f} mixing one row group"
     )
     print(f"docs_per_batch={docs['buffer']:.2f}")
     print(f"loader_overhead={statistics.median(ratios['loader_overhead']):.4f}")
     print(f"kd_step_vs_ce_step={statistics.median(ratios['kd_step_vs_ce_step']):.3f}")
     print(f"offline_vs_online_kd_step={statistics.median(ratios['offline_vs_online_kd_step']):.3f}")
+    recipes.clear()  # the timing students and their optimizers
+    shutil.rmtree(scratch, ignore_errors=True)
     if not args.quality:
         return
 
     # quality at equal steps, forward KL: CE-only, top-k KD (the demo's students), sampled-label
     # KD and online full-vocab KD
-    import dataclasses
-
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, divergence="forward_kl"))
     ce_summary = training.train_student(cfg, baseline=True)
     topk_summary = training.train_student(cfg, baseline=False)
@@ -199,7 +203,8 @@ def main() -> None:
     student_vocab, cross = tokenizing.student_tokens(cfg)
     if cross is not None:
         raise SystemExit(
-            f"{args.config}: the full-vocabulary reference needs a student that shares the teacher's tokenizer (student.tokenizer is set)"
+            f"{args.config}: the full-vocabulary reference needs a student that shares the teacher's tokenizer "
+            "(student.tokenizer is set)"
         )
     online_dir = Path(tempfile.mkdtemp(prefix="online-reference-"))
     try:
@@ -230,12 +235,14 @@ def main() -> None:
     draws = sampled_cfg.teacher.sampled_labels
 
     print(
-        f"held-out, after {cfg.train.steps} steps (online run {online_seconds:.0f}s); KL to the teacher's full distribution:"
+        f"held-out, after {cfg.train.steps} steps (online run {online_seconds:.0f}s); KL to the teacher's full "
+        "distribution:"
     )
     for name in students:
         m = metrics[name]
         print(
-            f"  {name:8s} KL_full={kl[name]:.4f} KL_stored_topk={m['kl']:.4f} ppl={m['ppl']:.2f} ECE={m['ece']:.4f} top1={m['top1']:.4f}"
+            f"  {name:8s} KL_full={kl[name]:.4f} KL_stored_topk={m['kl']:.4f} ppl={m['ppl']:.2f} ECE={m['ece']:.4f} "
+            f"top1={m['top1']:.4f}"
         )
     teacher_ece = expected_calibration_error({key: v.sum(0) for key, v in bins["teacher"].items()})
     print(f"  teacher  ECE={float(teacher_ece):.4f} (its own top-1 on the same positions)")
@@ -245,7 +252,8 @@ def main() -> None:
             f"ECE {name} - ECE topk = {d:+.4f} (95% paired bootstrap over held-out windows: {low:+.4f} .. {high:+.4f})"
         )
     print(
-        f"sampled labels: {draws.draws} {draws.sampler} draws from top-{draws.proposal_k} + tail, seed {draws.seed}; top-k: k={k}"
+        f"sampled labels: {draws.draws} {draws.sampler} draws from top-{draws.proposal_k} + tail, seed {draws.seed}; "
+        f"top-k: k={k}"
     )
     print(f"topk_bytes_per_token={size['topk']:.2f}")
     print(f"sampled_bytes_per_token={size['sampled']:.2f}")
@@ -259,11 +267,6 @@ def full_distribution_kl(teacher, students: dict, shards, eval_cfg) -> tuple[dic
     ``eval.max_windows`` windows), by ``distill.eval.full_kl.full_distribution_kl``; and per window,
     each model's ECE bin sums (``ece_bins``, each (windows, bins)), the teacher's included, for
     ``ece_interval``."""
-    import dataclasses
-
-    from distill.eval.full_kl import full_distribution_kl as full_kl
-    from distill.eval.metrics import ece_bins
-
     bins: dict[str, list] = {name: [] for name in ("teacher", *students)}
 
     def window_bins(name, log_probs, targets):
@@ -283,10 +286,7 @@ def ece_interval(
 ) -> tuple[float, float, float]:
     """ECE(a) - ECE(b) on the held-out windows and its 95% paired bootstrap interval (windows
     resampled with replacement, the same resample for both models)."""
-    import numpy as np
-
-    from distill.eval.metrics import expected_calibration_error as ece
-
+    ece = expected_calibration_error
     windows = len(bins[a]["bin_count"])
     weights = torch.from_numpy(
         np.random.default_rng(seed).multinomial(windows, [1 / windows] * windows, size=resamples)
