@@ -118,14 +118,16 @@ def run_rank(job_path: Path) -> dict:
 
     def on_step(entry: dict) -> None:
         if entry["step"] % every == 0 or entry["step"] == entry["steps"]:
+            rate = "tok_s" if "tok_s" in entry else "examples_s"  # candidates data counts examples
+            unit = "labelled tok/s" if rate == "tok_s" else "examples/s"
             pipes.log.info(
                 f"step {entry['step']}/{entry['steps']}: loss {entry['loss']:.4f} (ce {entry['ce']:.4f}, "
                 f"kd {entry['kd']:.4f}), lr {entry['lr']:.3g}, grad norm {entry['grad_norm']:.3g}, "
-                f"{entry['tok_s']:.0f} labelled tok/s (all ranks), "
+                f"{entry[rate]:.0f} {unit} (all ranks), "
                 f"peak memory {entry['peak_memory_mib']:.0f} MiB (rank 0)"
             )
             pipes.report_custom_message(
-                {k: entry[k] for k in ("step", "loss", "ce", "kd", "lr", "grad_norm", "peak_memory_mib", "tok_s")}
+                {k: entry[k] for k in ("step", "loss", "ce", "kd", "lr", "grad_norm", "peak_memory_mib", rate)}
             )
 
     with pipes if pipes is not None else contextlib.nullcontext():

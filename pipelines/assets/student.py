@@ -25,8 +25,10 @@ def _result(summary: dict, progress: list[dict] | None = None) -> dg.Materialize
     for key in ("final_grad_norm", "peak_memory_mib"):  # absent from summaries written before they were recorded
         if summary.get(key) is not None:
             metadata[key] = summary[key]
-    if summary.get("seconds_this_run"):
-        metadata["labelled_tok_s"] = summary["labelled_tokens_this_run"] / summary["seconds_this_run"]
+    if summary.get("seconds_this_run"):  # labelled tokens per second, or examples of candidates data
+        for unit, rate in (("tokens", "labelled_tok_s"), ("examples", "labelled_examples_s")):
+            if f"labelled_{unit}_this_run" in summary:
+                metadata[rate] = summary[f"labelled_{unit}_this_run"] / summary["seconds_this_run"]
     if progress:  # what the ranks reported through Pipes while training
         metadata["reported_steps"] = len(progress)
     plot = Path(summary["out_dir"]) / "loss.png"
