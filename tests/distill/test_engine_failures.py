@@ -4,7 +4,8 @@ vLLM alone waits for ever when its ``EngineCore`` process is SIGKILLed (what the
 killer does) or SIGSTOPped. Each fault is caused for real on the bundled teacher's engine: only
 one engine process is signalled, as the kernel or a debugger would. The shared engine of the
 session (``tests.conftest.SessionEngine``) is killed twice here; its next use must start a new
-one, and a labelling retry must relabel only the shards not yet committed.
+one, and a labelling retry must relabel only the shards not yet committed. The two stall tests
+need a short step timeout, so they share an engine of their own settings (``stall_config_path``).
 """
 
 from __future__ import annotations
@@ -16,11 +17,18 @@ import threading
 import time
 from pathlib import Path
 
+import dagster as dg
 import numpy as np
 import psutil
 import pytest
 import yaml
 
+from distill.config import load_config
+from distill.configbase import ConfigError
+from distill.run import engines, labelling, paths
+from distill.teacher.config import EngineConfig
+from distill.teacher.vllm_engine import EngineFailure, _exit_status
+from pipelines.definitions import build_definitions
 from tests.conftest import TINY_WINDOW
 
 ADVICE_WORDS = ("teacher.engine.slots", "batch_windows", "KV cache", "more memory")
@@ -63,14 +71,30 @@ def _signal_mid_call(score, pid: int, sig: int, delay: float, expected: type[Bas
     return failure, sent[0]
 
 
+@pytest.fixture(scope="module")
+def stall_config_path(tiny_config_path, tmp_path_factory):
+    """The tiny config with a 30 s step timeout, for the stall tests: their engines come from the
+    product's registry (same settings, same engine), and are closed when the module ends. The
+    session's engine keeps the default timeout. A fresh engine's first step took more than 5 s on
+    a loaded 2-core machine: 30 s bounds a stall and leaves a fresh engine room."""
+    root = tmp_path_factory.mktemp("stall")
+    config = yaml.safe_load(Path(tiny_config_path).read_text())
+    config["storage_root"] = str(root / "data")
+    config["teacher"]["engine"] = {"step_timeout_s": 30.0, "cpu_kv_cache_gib": 1}
+    path = root / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    yield path
+    settings = load_config(path).teacher.engine
+    for key in [key for key in engines._ENGINES if key[3] == settings]:  # these tests' engines; the session's stays
+        engines._ENGINES.pop(key).close()
+
+
 def test_sigkilled_engine_core_fails_the_call_at_once_and_the_next_use_starts_a_fresh_engine(engine):
     old = engine.current()
     windows = _windows(2)
     reference = list(engine.score(windows, [0, 0]))
     core = _process(old, "EngineCore")
     failure, killed_at = _signal_mid_call(engine.score, core.pid, signal.SIGKILL, 3.0)
-    from distill.teacher.vllm_engine import EngineFailure
-
     assert failure.type is EngineFailure, failure.value
     waited = time.monotonic() - killed_at
     assert waited < 15, f"the dead engine was noticed only after {waited:.1f} s"
@@ -90,47 +114,7 @@ def test_sigkilled_engine_core_fails_the_call_at_once_and_the_next_use_starts_a_
         np.testing.assert_allclose(a["topk_logprobs"], b["topk_logprobs"], atol=1e-5)
 
 
-def test_sigstopped_engine_fails_the_call_after_step_timeout(teacher_dir):
-    from distill.teacher.config import EngineConfig
-    from distill.teacher.vllm_engine import EngineFailure, VllmTeacher
-
-    timeout = 20.0  # a fresh engine's first step took more than 5 s on a loaded 2-core machine
-    eng = VllmTeacher(teacher_dir, 8, TINY_WINDOW, EngineConfig(step_timeout_s=timeout, cpu_kv_cache_gib=1))
-    try:
-        list(eng.score(_windows(2), [0, 0]))  # answers while it runs
-        core = _process(eng, "EngineCore")
-        failure, stopped = _signal_mid_call(eng.score, core.pid, signal.SIGSTOP, 2.0, EngineFailure)
-        failed = time.monotonic()
-        # the stall is counted from the engine's last finished step, which came up to one step
-        # (about 1.5 s here) before the stop
-        last_step = eng._last_step[0]
-        assert last_step <= stopped, "the engine finished a step after it was stopped"
-        waited = failed - last_step
-        assert timeout <= waited < timeout + 20, (
-            f"failed {waited:.1f} s after the last step ({failed - stopped:.1f} s after the stop), with step_timeout_s={timeout}"
-        )
-        message = str(failure.value)
-        assert (
-            f"step_timeout_s = {timeout:g}" in message and f"pid {core.pid}" in message and "::EngineCore" in message
-        ), message
-        assert "stopped (by SIGSTOP" in message, message
-        assert not _wait_gone(eng.processes), "the stalled engine's processes outlived its failure"
-        with pytest.raises(EngineFailure, match="closed"):
-            list(eng.score(_windows(1), [0]))
-    finally:
-        for p in eng.processes:
-            try:
-                p.send_signal(signal.SIGCONT)
-            except psutil.NoSuchProcess:
-                pass
-        eng.close()
-
-
 def test_retry_after_a_killed_worker_relabels_only_the_missing_shards(tiny_config_path, engine, tmp_path):
-    from distill.config import load_config
-    from distill.run import engines, labelling, paths
-    from distill.teacher.vllm_engine import EngineFailure
-
     config = yaml.safe_load(Path(tiny_config_path).read_text())
     config["storage_root"] = str(tmp_path / "data")
     path = tmp_path / "run.yaml"
@@ -166,16 +150,11 @@ def test_retry_after_a_killed_worker_relabels_only_the_missing_shards(tiny_confi
 
 
 def test_step_timeout_must_be_positive():
-    from distill.configbase import ConfigError
-    from distill.teacher.config import EngineConfig
-
     with pytest.raises(ConfigError, match="step_timeout_s"):
         EngineConfig(step_timeout_s=0)
 
 
 def test_exit_status_of_an_unreaped_child_names_its_signal():
-    from distill.teacher.vllm_engine import _exit_status
-
     child = subprocess.Popen(["sleep", "60"])
     try:
         os.kill(child.pid, signal.SIGKILL)
@@ -190,26 +169,13 @@ def test_exit_status_of_an_unreaped_child_names_its_signal():
     assert _exit_status(None, child.pid) is None  # reaped: nothing left to read
 
 
-def test_teacher_logits_step_is_retried_on_a_fresh_engine_after_a_stall(tiny_config_path, tmp_path):
+def test_teacher_logits_step_is_retried_on_a_fresh_engine_after_a_stall(stall_config_path):
     """The asset turns an engine failure into a step retry (the instance retries crashed runs
     only): the first attempt finds the registry's engine with its Worker stopped, fails after
-    ``step_timeout_s``, and the retried step labels on a fresh engine."""
-    import dagster as dg
-
-    from distill.config import load_config
-    from distill.run import engines
-    from pipelines.definitions import build_definitions
-
-    config = yaml.safe_load(Path(tiny_config_path).read_text())
-    config["storage_root"] = str(tmp_path / "data")
-    # its own engine, not the session's; the retried step's fresh engine runs under the same
-    # timeout, and on a loaded 2-core machine its first step took more than 5 s: 30 s bounds the
-    # stall and leaves a fresh engine room
-    config["teacher"]["engine"] = {"step_timeout_s": 30.0}
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(config))
-    cfg = load_config(path)
-    defs = build_definitions(str(path), keep_engine_alive=True)
+    ``step_timeout_s``, and the retried step labels on a fresh engine (left running for the
+    SIGSTOP test below)."""
+    cfg = load_config(stall_config_path)
+    defs = build_definitions(str(stall_config_path), keep_engine_alive=True)
     instance = dg.DagsterInstance.ephemeral()
     inputs = dg.materialize(
         list(defs.assets),
@@ -241,7 +207,41 @@ def test_teacher_logits_step_is_retried_on_a_fresh_engine_after_a_stall(tiny_con
             worker.resume()
         except psutil.NoSuchProcess:
             pass
-        for key, eng in list(engines._ENGINES.items()):  # this test's engines only; the session's stays
-            if key[3] == cfg.teacher.engine:
-                engines._ENGINES.pop(key).close()
         stalled.close()
+
+
+def test_sigstopped_engine_fails_the_call_after_step_timeout(stall_config_path):
+    """Runs after the retry test above: it stops the engine that test's retried step started (the
+    registry's, same settings), so the two stall tests share one engine start."""
+    cfg = load_config(stall_config_path)
+    timeout = cfg.teacher.engine.step_timeout_s
+    eng = engines.get_engine(cfg)
+    try:
+        list(eng.score(_windows(2), [0, 0]))  # answers while it runs
+        core = _process(eng, "EngineCore")
+        failure, stopped = _signal_mid_call(eng.score, core.pid, signal.SIGSTOP, 2.0, EngineFailure)
+        failed = time.monotonic()
+        # the stall is counted from the engine's last finished step, which came up to one step
+        # (about 1.5 s here) before the stop
+        last_step = eng._last_step[0]
+        assert last_step <= stopped, "the engine finished a step after it was stopped"
+        waited = failed - last_step
+        assert timeout <= waited < timeout + 20, (
+            f"failed {waited:.1f} s after the last step ({failed - stopped:.1f} s after the stop), "
+            f"with step_timeout_s={timeout}"
+        )
+        message = str(failure.value)
+        assert (
+            f"step_timeout_s = {timeout:g}" in message and f"pid {core.pid}" in message and "::EngineCore" in message
+        ), message
+        assert "stopped (by SIGSTOP" in message, message
+        assert not _wait_gone(eng.processes), "the stalled engine's processes outlived its failure"
+        with pytest.raises(EngineFailure, match="closed"):
+            list(eng.score(_windows(1), [0]))
+    finally:
+        for p in eng.processes:
+            try:
+                p.send_signal(signal.SIGCONT)
+            except psutil.NoSuchProcess:
+                pass
+        eng.close()
