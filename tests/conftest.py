@@ -118,6 +118,7 @@ def _code_names(fn) -> frozenset[str]:
 
 
 def pytest_collection_modifyitems(config, items):
+    """Each test's tier markers, from the fixtures it uses and the names its code holds."""
     for item in items:
         by_hand = sorted({m.name for m in item.iter_markers() if m.name in TIERS})
         if by_hand:
@@ -131,8 +132,9 @@ def pytest_collection_modifyitems(config, items):
             tiers.append("engine")
         if PROCESS_NAMES & names:
             tiers.append("subprocess")
-        for tier in [*tiers, "slow"] if tiers else []:
-            item.add_marker(tier)
+        if tiers:
+            for tier in [*tiers, "slow"]:
+                item.add_marker(tier)
 
 
 def _runs_python(args) -> bool:
