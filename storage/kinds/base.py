@@ -140,8 +140,13 @@ class LabelKind:
         row gets the same labels whatever shard or batch it is in."""
         raise ValueError(f"{self.name} labels are not made from one teacher's top-k")
 
+    def rows(self, stored: pa.Table) -> list[dict]:
+        """``examples`` kinds: the decoded rows of one stored row group (``ValueError`` when corrupt)."""
+        raise NotImplementedError
+
     def stats(self, groups: Iterable, params: Mapping) -> dict:
-        """Counts and sanity of a shard's decoded row groups: ``rows``, ``tokens`` (labelled
+        """Counts and sanity of a shard's decoded row groups (``(num_rows, decoded columns)`` for
+        ``positions``, lists of rows for ``examples``): ``rows``, ``tokens`` (labelled
         positions, or examples), ``mean_topk_mass`` (mean target mass on the stored ids),
         ``max_logprob`` and ``problems`` (what is wrong, as sentences)."""
         raise NotImplementedError
