@@ -3,9 +3,14 @@ tokenizers split differently), and the ULD and span-aligned losses against refer
 
 from __future__ import annotations
 
+import copy
+import pydoc_data.topics
+
 import numpy as np
 import pytest
 import torch
+from tokenizers.processors import TemplateProcessing
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from distill.train.losses import cross_tokenizer_loss, uld_distance
 from distill.train.xtok import CrossTokenizer, collate_cross, decodable, token_byte_table, train_bpe
@@ -19,16 +24,12 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def teacher_tok(teacher_dir):
-    from transformers import AutoTokenizer
-
     return AutoTokenizer.from_pretrained(teacher_dir)
 
 
 @pytest.fixture(scope="module")
 def cross(teacher_tok, tmp_path_factory):
     """A small BPE (400 ids) trained on other text: it splits most words differently."""
-    import pydoc_data.topics
-
     out = tmp_path_factory.mktemp("bpe") / "tok"
     train_bpe(list(pydoc_data.topics.topics.values())[:40], 400, out)
     return CrossTokenizer.load(teacher_tok, out)
@@ -203,11 +204,6 @@ def _pairs(a):
 def _with_bos(tokenizer, bos: str):
     """``tokenizer`` as a tokenizer whose ``__call__`` puts ``bos`` first (Llama-style), built
     from its own tokenizers pipeline."""
-    import copy
-
-    from tokenizers.processors import TemplateProcessing
-    from transformers import PreTrainedTokenizerFast
-
     backend = copy.deepcopy(tokenizer.backend_tokenizer)
     bos_id = tokenizer.convert_tokens_to_ids(bos)
     backend.post_processor = TemplateProcessing(
@@ -266,8 +262,6 @@ def test_a_bos_on_the_teacher_side_only_shifts_nothing(teacher_tok, teacher_with
 def test_a_bos_on_the_student_side_only_shifts_nothing(teacher_tok, cross, tmp_path):
     """The student's tokenizer adds a BOS by default: alignment tokenizes without it, so pairs,
     CE positions and byte counts are those of the same student without a BOS."""
-    from transformers import AutoTokenizer
-
     bos_student = _with_bos(cross.tokenizer, "<|endoftext|>")
     bos_student.save_pretrained(tmp_path / "bos")
     reloaded = AutoTokenizer.from_pretrained(tmp_path / "bos")
