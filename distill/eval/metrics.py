@@ -60,18 +60,18 @@ def _token_sums(
     byte_lengths: torch.Tensor | None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """The sums both ``batch_sums`` and ``cross_batch_sums`` take: NLL, ECE bins and bytes over
-    ``batch["mask"]``; KL over ``topk_ids``/``teacher_lp`` plus a tail bucket and top-1 agreement
+    ``batch["mask"]``; KL over ``teacher_ids``/``teacher_lp`` plus a tail bucket and top-1 agreement
     over ``kd_mask``. Also returns the per-position KL (B, T)."""
     logits = logits.float()
     mask, targets = batch["mask"], batch["targets"]
     lse = torch.logsumexp(logits, -1, keepdim=True)
     nll = (lse - logits.gather(-1, targets[..., None]))[..., 0]
-    log_p, log_q = sparse_log_distributions(logits, batch["topk_ids"], teacher_lp, "bucket", 1.0, lse)
+    log_p, log_q = sparse_log_distributions(logits, batch["teacher_ids"], teacher_lp, "bucket", 1.0, lse)
     kl = forward_kl(log_p, log_q)
     top_logit, top_id = logits.max(-1)
     confidence = torch.exp(top_logit - lse[..., 0])[mask].double()
     correct = (top_id == targets)[mask].double()
-    agree = (top_id == batch["topk_ids"][..., 0]) & torch.isfinite(teacher_lp[..., 0])
+    agree = (top_id == batch["teacher_ids"][..., 0]) & torch.isfinite(teacher_lp[..., 0])
     return {
         "nll": nll[mask].double().sum(),
         "kl": kl[kd_mask].double().sum(),

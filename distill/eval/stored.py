@@ -60,7 +60,7 @@ def teacher_sums(batch: dict[str, torch.Tensor], byte_lengths: torch.Tensor | No
     confidence bins from the stored top-1 probability, correct when the top-1 id is the realized token."""
     mask = batch["mask"]
     confidence = batch["teacher_logprobs"][..., 0][mask].double().exp()
-    correct = (batch["topk_ids"][..., 0] == batch["targets"])[mask].double()
+    correct = (batch["teacher_ids"][..., 0] == batch["targets"])[mask].double()
     return {
         **position_sums(mask, torch.zeros(mask.shape, dtype=torch.float64)),
         "nll": -batch["target_logprobs"][mask].double().sum(),

@@ -1,7 +1,7 @@
 """Distillation losses over sparse (top-k) teacher labels. Pure functions.
 
-Shapes: ``student_logits`` (B, T, V); ``topk_ids`` (B, T, K) int64; ``teacher_logprobs``
-(B, T, K), the teacher's log-probabilities of ``topk_ids`` under its full distribution at
+Shapes: ``student_logits`` (B, T, V); ``teacher_ids`` (B, T, K) int64; ``teacher_logprobs``
+(B, T, K), the teacher's log-probabilities of ``teacher_ids`` under its full distribution at
 temperature 1 (entries may be ``-inf`` for padding); ``mask`` (B, T) bool, True where a
 position is labelled. Every loss upcasts to fp32, averages over labelled positions and
 returns 0 (not NaN) when nothing is labelled.
@@ -55,7 +55,7 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
 
 def sparse_log_distributions(
     student_logits: torch.Tensor,
-    topk_ids: torch.Tensor | None,
+    teacher_ids: torch.Tensor | None,
     teacher_logprobs: torch.Tensor,
     tail: str = "renormalize",
     temperature: float = 1.0,
@@ -64,7 +64,7 @@ def sparse_log_distributions(
     """Teacher and student log-distributions on a common support: (B, T, K) or (B, T, K+1).
 
     ``student_lse`` (B, T, 1) may pass a precomputed ``logsumexp(student_logits / T)`` to share
-    it with the cross-entropy term. ``topk_ids=None``: ``teacher_logprobs`` (B, T, V) cover the
+    it with the cross-entropy term. ``teacher_ids=None``: ``teacher_logprobs`` (B, T, V) cover the
     whole vocabulary (an online teacher's log-softmax); both sides are then full (B, T, V)
     distributions at temperature T, with no tail to treat (``tail`` is ignored).
     """
@@ -73,7 +73,7 @@ def sparse_log_distributions(
     logits = student_logits.float()
     if temperature != 1.0:
         logits = logits / temperature
-    if topk_ids is None:
+    if teacher_ids is None:
         teacher_lp = torch.log_softmax(teacher_logprobs.float() / temperature, dim=-1)  # (B, T, V)
         return teacher_lp, logits - (
             torch.logsumexp(logits, dim=-1, keepdim=True) if student_lse is None else student_lse
@@ -83,7 +83,7 @@ def sparse_log_distributions(
     if student_lse is None:
         student_lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (B, T, 1)
     valid = torch.isfinite(teacher_logprobs)  # (B, T, K)
-    student_lp = torch.where(valid, logits.gather(-1, topk_ids) - student_lse, NEG)  # (B, T, K)
+    student_lp = torch.where(valid, logits.gather(-1, teacher_ids) - student_lse, NEG)  # (B, T, K)
     teacher_lp = torch.where(valid, teacher_logprobs.float(), NEG)
     if tail == "renormalize":
         teacher_lp = torch.log_softmax(teacher_lp / temperature, dim=-1)
@@ -274,7 +274,7 @@ def masked_mean(
 
 def kd_loss(
     student_logits: torch.Tensor,
-    topk_ids: torch.Tensor | None,
+    teacher_ids: torch.Tensor | None,
     teacher_logprobs: torch.Tensor,
     mask: torch.Tensor,
     spec: LossSpec = LossSpec(),
@@ -285,10 +285,10 @@ def kd_loss(
     labels and the student, times ``T ** TEMPERATURE_POWER[divergence]`` (T^2; T for total
     variation). ``spec.kd_weight`` is not read here."""
     log_p, log_q = sparse_log_distributions(
-        student_logits, topk_ids, teacher_logprobs, spec.tail, spec.temperature, student_lse
+        student_logits, teacher_ids, teacher_logprobs, spec.tail, spec.temperature, student_lse
     )
     # ``bucket``: the last outcome is the tail bucket (read by AKL, which counts it as tail); full labels have none
-    per_position = spec.per_position(bucket=spec.tail == "bucket" and topk_ids is not None)(log_p, log_q)  # (B, T)
+    per_position = spec.per_position(bucket=spec.tail == "bucket" and teacher_ids is not None)(log_p, log_q)  # (B, T)
     return masked_mean(per_position, mask, denominator) * spec.temperature ** TEMPERATURE_POWER[spec.divergence]
 
 
@@ -310,7 +310,7 @@ def cross_entropy(
 def distillation_loss(
     student_logits: torch.Tensor,
     targets: torch.Tensor,
-    topk_ids: torch.Tensor | None,
+    teacher_ids: torch.Tensor | None,
     teacher_logprobs: torch.Tensor,
     mask: torch.Tensor,
     spec: LossSpec = LossSpec(),
@@ -329,7 +329,7 @@ def distillation_loss(
 
     One ``logsumexp`` over the vocabulary serves both terms at T = 1, which keeps a KD step
     nearly as cheap as a CE-only step. ``kd_weight = 0`` skips the KD term entirely.
-    ``topk_ids=None``: ``teacher_logprobs`` (B, T, V) are the teacher's whole distribution (the
+    ``teacher_ids=None``: ``teacher_logprobs`` (B, T, V) are the teacher's whole distribution (the
     trainer's online-teacher path), see ``sparse_log_distributions``.
     """
     logits = student_logits.float()
@@ -341,7 +341,7 @@ def distillation_loss(
     shared_lse = lse if spec.temperature == 1.0 else None
 
     def kd_over(positions):
-        return kd_loss(logits, topk_ids, teacher_logprobs, positions, spec, shared_lse, num_tokens)
+        return kd_loss(logits, teacher_ids, teacher_logprobs, positions, spec, shared_lse, num_tokens)
 
     own = kd_over(mask & kd_only) if kd_only is not None and bool(kd_only.any()) else None
     if spec.kd_weight == 0.0:
@@ -486,5 +486,5 @@ def cross_tokenizer_loss(
     if loss == "uld":
         kd = masked_mean(uld_distance(logits, batch["teacher_logprobs"]), kd_mask, num_aligned)
     else:
-        kd = kd_loss(logits, batch["topk_ids"], batch["matched_logprobs"], kd_mask, SPAN_KL, lse, num_aligned)
+        kd = kd_loss(logits, batch["teacher_ids"], batch["matched_logprobs"], kd_mask, SPAN_KL, lse, num_aligned)
     return kd_weight * kd + (1.0 - kd_weight) * ce, {"ce": ce.detach(), "kd": kd.detach()}

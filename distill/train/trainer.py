@@ -61,7 +61,7 @@ def collate(rows: Sequence[dict], k: int) -> dict[str, torch.Tensor]:
     """Pad windows to the longest in the batch and scatter the sparse labels onto positions.
 
     Returns ``input_ids``/``attention_mask``/``targets``/``mask`` (B, T) and
-    ``topk_ids``/``teacher_logprobs`` (B, T, K); unlabelled entries hold id 0 and -inf; and,
+    ``teacher_ids``/``teacher_logprobs`` (B, T, K); unlabelled entries hold id 0 and -inf; and,
     when some rows come from a mix's extra stream (``from_extra``: the student's own answers),
     ``kd_only`` (B, T) over their labelled positions.
     """
@@ -70,7 +70,7 @@ def collate(rows: Sequence[dict], k: int) -> dict[str, torch.Tensor]:
     attention = np.zeros((B, T), np.int64)
     targets = np.zeros((B, T), np.int64)
     mask = np.zeros((B, T), bool)
-    topk_ids = np.zeros((B, T, k), np.int64)
+    teacher_ids = np.zeros((B, T, k), np.int64)
     teacher_lp = np.full((B, T, k), -np.inf, np.float32)
     for b, r in enumerate(rows):
         ids = np.asarray(r["input_ids"], np.int64)
@@ -80,14 +80,14 @@ def collate(rows: Sequence[dict], k: int) -> dict[str, torch.Tensor]:
         targets[b, : L - 1] = ids[1:]
         mask[b, s : L - 1] = True
         n = L - 1 - s
-        topk_ids[b, s : L - 1] = np.asarray(r["teacher_ids"]).reshape(n, k)
+        teacher_ids[b, s : L - 1] = np.asarray(r["teacher_ids"]).reshape(n, k)
         teacher_lp[b, s : L - 1] = np.asarray(r["teacher_logprobs"]).reshape(n, k)
     batch = {
         "input_ids": torch.from_numpy(input_ids),
         "attention_mask": torch.from_numpy(attention),
         "targets": torch.from_numpy(targets),
         "mask": torch.from_numpy(mask),
-        "topk_ids": torch.from_numpy(topk_ids),
+        "teacher_ids": torch.from_numpy(teacher_ids),
         "teacher_logprobs": torch.from_numpy(teacher_lp),
     }
     if any(r.get("from_extra") for r in rows):
@@ -302,13 +302,13 @@ def micro_batch_loss(
         return cross_tokenizer_loss(
             logits, batch, loss.spec.kd_weight, loss.cross_tokenizer_loss, num_tokens=ce_count, num_aligned=kd_count
         )
-    topk_ids, teacher_logprobs = batch["topk_ids"], batch["teacher_logprobs"]
+    teacher_ids, teacher_logprobs = batch["teacher_ids"], batch["teacher_logprobs"]
     if teacher is not None and (loss.spec.kd_weight > 0 or "kd_only" in batch):  # CE alone needs no teacher
-        topk_ids, teacher_logprobs = None, online_labels(teacher, batch, logits.shape[-1], loss.precision, device)
+        teacher_ids, teacher_logprobs = None, online_labels(teacher, batch, logits.shape[-1], loss.precision, device)
     return distillation_loss(
         logits,
         batch["targets"],
-        topk_ids,
+        teacher_ids,
         teacher_logprobs,
         batch["mask"],
         loss.spec,

@@ -182,7 +182,7 @@ def collate_cross(rows: Sequence[dict], k: int, cross: CrossTokenizer) -> dict:
     """A batch for a student with another tokenizer: its ``input_ids``/``attention_mask``/
     ``targets``/``mask`` (CE), and at aligned positions (``kd_mask``) the teacher's labels both
     as they are (``teacher_logprobs`` (B, T, K), for ULD) and restricted to ids the student
-    vocabulary has exactly (``topk_ids`` mapped to student ids, ``matched_logprobs`` with
+    vocabulary has exactly (``teacher_ids`` mapped to student ids, ``matched_logprobs`` with
     ``-inf`` where the student has no such token, for the span-aligned KL)."""
     aligned = [cross.align(r, k) for r in rows]
     B, T = len(rows), max(max(len(a["input_ids"]) for a in aligned), 2)
@@ -219,6 +219,6 @@ def collate_cross(rows: Sequence[dict], k: int, cross: CrossTokenizer) -> dict:
         "mask": torch.from_numpy(mask),
         "kd_mask": torch.from_numpy(kd_mask),
         "teacher_logprobs": torch.from_numpy(teacher_lp),
-        "topk_ids": torch.from_numpy(mapped),
+        "teacher_ids": torch.from_numpy(mapped),
         "matched_logprobs": torch.from_numpy(matched_lp),
     }

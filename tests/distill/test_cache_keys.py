@@ -194,9 +194,7 @@ def test_student_key_covers_code_and_init_weights():
     assert base == paths.student_key(student, train, ["a", "b"], None, "code-1"), "shard order does not matter"
     assert base != paths.student_key(student, train, ["a", "b"], None, "code-2"), "edited training code retrains"
     assert base != paths.student_key(student, train, ["a", "c"], None, "code-1")
-    assert base != paths.student_key(
-        student, dataclasses.replace(train, lr=train.lr * 2), ["a", "b"], None, "code-1"
-    )
+    assert base != paths.student_key(student, dataclasses.replace(train, lr=train.lr * 2), ["a", "b"], None, "code-1")
     assert base == paths.student_key(
         student, dataclasses.replace(train, progress=not train.progress), ["a", "b"], None, "code-1"
     )

@@ -138,7 +138,7 @@ def test_span_kl_compares_the_exactly_matching_tokens_with_the_rest_as_one_bucke
         "targets": torch.zeros(1, 2, dtype=torch.long),
         "mask": torch.ones(1, 2, dtype=torch.bool),
         "kd_mask": torch.ones(1, 2, dtype=torch.bool),
-        "topk_ids": torch.tensor(mapped),
+        "teacher_ids": torch.tensor(mapped),
         "matched_logprobs": torch.tensor(np.where(matched, lp, -np.inf), dtype=torch.float32),
         "teacher_logprobs": torch.tensor(lp, dtype=torch.float32),
     }
@@ -169,7 +169,7 @@ def test_collate_cross_places_labels_at_aligned_positions(teacher_tok, cross):
     pos, lab = a["kd_positions"], a["kd_labels"]
     np.testing.assert_allclose(batch["teacher_logprobs"][0, pos].numpy(), lp[lab])
     assert torch.isfinite(batch["matched_logprobs"][0, pos, 0]).all()
-    assert (batch["topk_ids"][0, pos, 0] == int(cross.teacher_to_student[np.nonzero(hit)[0][0]])).all()
+    assert (batch["teacher_ids"][0, pos, 0] == int(cross.teacher_to_student[np.nonzero(hit)[0][0]])).all()
     assert not batch["kd_mask"][0, ~batch["mask"][0]].any() or True
     assert torch.isinf(batch["teacher_logprobs"][~batch["kd_mask"]]).all(), "no labels where nothing is aligned"
 

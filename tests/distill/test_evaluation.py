@@ -44,7 +44,7 @@ def tiny_batch():
     batch = {
         "targets": torch.tensor([[0, 1, 0]]),
         "mask": torch.tensor([[True, True, False]]),
-        "topk_ids": torch.tensor([[[0, 1], [2, 0], [0, 1]]]),
+        "teacher_ids": torch.tensor([[[0, 1], [2, 0], [0, 1]]]),
         "teacher_logprobs": torch.log(torch.tensor([[[0.6, 0.3], [0.7, 0.2], [0.5, 0.5]]])),
     }
     return logits, batch

@@ -630,7 +630,7 @@ def test_akl_mu_validation_and_trainer_plumbing():
         "attention_mask": torch.ones(2, 4, dtype=torch.long),
         "targets": torch.zeros(2, 4, dtype=torch.long),
         "mask": mask,
-        "topk_ids": ids,
+        "teacher_ids": ids,
         "teacher_logprobs": lp.float(),
     }
 

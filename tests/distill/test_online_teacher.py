@@ -121,7 +121,7 @@ def test_online_labels_equal_offline_labels_holding_the_whole_vocabulary(tiny, d
         )
     full = {
         **batch,
-        "topk_ids": torch.arange(VOCAB).expand(*batch["mask"].shape, VOCAB).contiguous(),
+        "teacher_ids": torch.arange(VOCAB).expand(*batch["mask"].shape, VOCAB).contiguous(),
         "teacher_logprobs": torch.where(batch["mask"][..., None], full_lp, -math.inf),
     }
     counts = batch["mask"].sum().float().repeat(2)
@@ -205,7 +205,7 @@ def test_history_records_pre_clipping_grad_norm_memory_and_tokens(tiny, tmp_path
         loss, _ = distillation_loss(
             logits,
             b["targets"],
-            b["topk_ids"],
+            b["teacher_ids"],
             b["teacher_logprobs"],
             b["mask"],
             LossSpec(tail=cfg.tail, kd_weight=0.5),

@@ -39,7 +39,7 @@ def _grads(model, micro_batches, world=1, weighting="step"):
         for b in micro_batches:
             logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
             loss, _ = distillation_loss(
-                logits, b["targets"], b["topk_ids"], b["teacher_logprobs"], b["mask"], LossSpec(tail="bucket")
+                logits, b["targets"], b["teacher_ids"], b["teacher_logprobs"], b["mask"], LossSpec(tail="bucket")
             )
             (loss / len(micro_batches)).backward()
     return {name: p.grad.clone() for name, p in model.named_parameters()}
