@@ -18,11 +18,11 @@ MODES = ("score", "generate", "candidates")
 LABEL_KINDS = ("topk", "sampled")
 
 
-
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     dtype: str = "auto"
-    """Weights/activation dtype; ``auto`` uses float32 on CPU (bf16 is slow without AVX-512) and the checkpoint's dtype on GPU."""
+    """Weights/activation dtype; ``auto`` uses float32 on CPU (bf16 is slow without AVX-512) and the
+    checkpoint's dtype on GPU."""
     batch_windows: int = 64
     """Windows sent to the engine per call (a macro-batch)."""
     max_num_batched_tokens: int = 4096
@@ -143,20 +143,16 @@ class SampledLabelsConfig:
     """Ids drawn (with replacement) from the teacher's distribution at every position; the
     shard stores each distinct drawn id once with its count, in ``draws`` slots (unused slots
     compress to almost nothing). The target's variance falls as 1/draws (``multinomial``), and
-    for the head faster (``systematic``). 80 systematic draws from the top-2048 take about 58
-    bytes per labelled token against top-32's 63 (64 draws: 50), and closed 0.983 (demo) and
-    0.993 (stdlib docstrings) of the full-vocabulary KD gain against 0.978 and 0.992 with 64;
-    ``benchmarks/trainer.py --draws N`` measures another budget."""
+    for the head faster (``systematic``). ``benchmarks/trainer.py --draws N`` measures the
+    bytes per token and the share of the full-vocabulary KD gain of a budget."""
     proposal_k: int = 2048
     """The teacher distribution is read as its top ``proposal_k`` logprobs plus the remaining
     tail mass (vLLM cannot return the full vocabulary cheaply). A draw that lands in the tail
     is stored as tail mass, not as an id: the tail beyond ``proposal_k`` is the sampler's only
-    bias, and it decides how close the student gets to full-vocabulary KD. With the 135M
-    teacher on the standard-library docstrings the tail holds 5.5% of the mass beyond 256 ids,
-    1.0% beyond 2048 and 0.4% beyond 4096 (a larger, more confident teacher leaves less);
-    reading 2048 instead of 256 logprobs made CPU labelling ~20% slower, 4096 ~65%. That extra
-    cost is host-side (vLLM hands back ``proposal_k`` logprobs per position as Python lists), so
-    expect it to weigh more next to a fast accelerator (not measured on a GPU yet): lower it when
+    bias, and it decides how close the student gets to full-vocabulary KD (a larger, more
+    confident teacher leaves less mass beyond a given ``proposal_k``). Reading more logprobs
+    costs labelling time, host-side (vLLM hands back ``proposal_k`` logprobs per position as Python lists), so
+    expect it to weigh more next to a fast accelerator: lower it when
     labelling throughput matters more than the last percent of the KD gain."""
     sampler: str = "systematic"
     """How the ``draws`` are placed: ``systematic`` (one uniform offset per position, then
@@ -182,7 +178,9 @@ class TeacherConfig:
     k: int = 32
     """Top-k entries stored per labelled position."""
     mode: str = "score"
-    """Labelling mode: ``score`` (teacher-forced top-k over corpus text), ``generate`` (the teacher answers prompts; top-k labels of every answer token) or ``candidates`` (the teacher's distribution over each example's candidate answers)."""
+    """Labelling mode: ``score`` (teacher-forced labels over corpus text), ``generate`` (the teacher
+    answers prompts; labels of every answer token) or ``candidates`` (the teacher's distribution over
+    each example's candidate answers)."""
     sampling: SamplingConfig = SamplingConfig()
     """``generate`` mode: answers per prompt, temperature, top-p, max tokens."""
     length_normalize: bool = False
@@ -190,7 +188,8 @@ class TeacherConfig:
     engine: EngineConfig = EngineConfig()
     """vLLM engine settings."""
     min_topk_mass: float = 0.5
-    """Asset check (warning): mean teacher probability inside the stored top-k must reach this; raise k if it does not."""
+    """Asset check (warning): mean teacher probability inside the stored top-k must reach this; raise k
+    if it does not."""
     labels: str = "topk"
     """What the train shards store per position: ``topk`` (the teacher's k most likely ids and
     their logprobs, plus the tail mass) or ``sampled`` (ids drawn from the teacher's distribution
@@ -217,12 +216,12 @@ class TeacherConfig:
     layers initialize a ``teacher_layers`` student, and it answers the evaluation's greedy and
     multiple-choice questions. Members are labelled one after another, so only one engine
     holds the device at a time. Use an ensemble of comparably good teachers that disagree; weigh
-    a clearly better member up: on the demo an equal-weight mix of the bundled teacher (held-out
-    ppl 26.4) and its fine-tuned self (16.0) gave a student between the two single teachers'
-    students (ppl 122.3 vs 124.4 and 115.0; ``benchmarks/ensemble.py``). ``score`` mode and
+    a clearly better member up (``benchmarks/ensemble.py`` compares a mix with its members).
+    ``score`` mode and
     top-k labels only."""
     relabel_tag: str = ""
-    """Part of every shard's cache key and nothing else: change it to force relabelling, e.g. after a vLLM upgrade (engine versions are recorded, not keyed)."""
+    """Part of every shard's cache key and nothing else: change it to force relabelling, e.g. after a
+    vLLM upgrade (engine versions are recorded, not keyed)."""
 
     def __post_init__(self):
         check(1 <= self.k <= 1024, "k", self.k, "an integer in [1, 1024]")

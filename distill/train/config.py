@@ -18,7 +18,8 @@ INITS = ("teacher_layers", "random", "checkpoint")
 @dataclasses.dataclass(frozen=True)
 class StudentConfig:
     init: str = "teacher_layers"
-    """``teacher_layers``: copy ``num_layers`` of the teacher's layers (embeddings, norm and head too); ``random``: fresh weights with the architecture below; ``checkpoint``: load ``checkpoint``."""
+    """``teacher_layers``: copy ``num_layers`` of the teacher's layers (embeddings, norm and head too);
+    ``random``: fresh weights with the architecture below; ``checkpoint``: load ``checkpoint``."""
     num_layers: int = 4
     """Number of transformer layers of the student."""
     layer_indices: tuple[int, ...] | None = None
@@ -97,9 +98,13 @@ class TrainConfig:
     kd_weight: float = 0.5
     """Weight of the KD term; ``1 - kd_weight`` goes to cross-entropy on the realized tokens. 0: CE-only baseline."""
     divergence: str = "forward_kl"
-    """KD divergence: forward_kl, reverse_kl, jsd, skew_kl, skew_reverse_kl, tvd or akl (adaptive KL: forward and reverse KL mixed per token by where the student is wrong, see ``akl_mu``)."""
+    """KD divergence: forward_kl, reverse_kl, jsd, skew_kl, skew_reverse_kl, tvd or akl (adaptive KL:
+    forward and reverse KL mixed per token by where the student is wrong, see ``akl_mu``)."""
     tail: str = "bucket"
-    """Missing-tail treatment: ``bucket`` (an explicit outcome holds the mass outside the teacher's top-k, on both sides, so the student also learns how much mass to leave outside it) or ``renormalize`` (top-k only; measured worse here: it never penalizes student mass outside the top-k)."""
+    """Missing-tail treatment: ``bucket`` (an explicit outcome holds the mass outside the teacher's
+    stored ids, on both sides, so the student also learns how much mass to leave outside them) or
+    ``renormalize`` (the stored ids only: it never penalizes student mass outside them; see the
+    results page)."""
     temperature: float = 1.0
     """Distillation temperature (loss scaled by T^2)."""
     beta: float = 0.5
@@ -112,17 +117,14 @@ class TrainConfig:
     tail; forward KL gets the head's share of |p - q|, reverse KL the tail's. Lower it to weigh
     reverse KL more. ``akl`` is for runs too short for forward or reverse KL alone to fit both the
     head (forward KL's strength early on) and the tail (reverse KL's), as in the paper's
-    instruction-tuning students. In this repository's 60-step runs it did not beat ``forward_kl``
-    (held-out KL 3% and 5% higher on two corpora, ``benchmarks/adaptive.py``; README, Training)."""
+    instruction-tuning students. ``benchmarks/adaptive.py`` compares it with ``forward_kl``."""
     cross_tokenizer_loss: str = "span_kl"
     """KD term for a student with its own tokenizer (``student.tokenizer``), at the positions
     where both tokenizations start the next token at the same byte: ``span_kl`` (forward KL over
     the teacher's top-k tokens that the student's vocabulary holds byte for byte, the rest as one
     bucket; GOLD's exact-match part) or ``uld`` (Universal Logit Distillation, Boizard et al.,
     2024: L1 between the sorted probability vectors; needs no shared tokens at all, for
-    vocabularies that share almost nothing). On the demo with an 8,000-id BPE student
-    (``benchmarks/cross_tokenizer.py``, 300 steps) ``span_kl`` beat the CE-only baseline
-    (1.640 vs 1.659 bits per byte, perplexity 157.5 vs 167.1) and ``uld`` did not (1.726)."""
+    vocabularies that share almost nothing). ``benchmarks/cross_tokenizer.py`` compares them."""
     seed: int = 0
     """Seeds data order and any randomness of training."""
     shuffle: bool = True
