@@ -6,7 +6,25 @@ from pathlib import Path
 import dagster as dg
 
 from distill.run import evaluating
+from pipelines.assets.report import report_metadata
 from pipelines.resources import DistillSettings, TeacherEngine
+
+# per-model numbers kept as metadata (their history plots in the UI)
+EVALUATION_METRICS = (
+    "ppl",
+    "gold_ppl",
+    "bpb",
+    "kl",
+    "kl_full",
+    "top1",
+    "ece",
+    "accuracy",
+    "choice_agreement",
+    "greedy_exact_match",
+    "greedy_prefix_agreement",
+    "mc_accuracy",
+    "generation_tokens_per_s",
+)
 
 
 @dg.asset(
@@ -32,30 +50,9 @@ def evaluation(
     # multiple-choice scores come from its vLLM engine, shut down when this step ends
     report = evaluating.evaluate_run(settings.load())
     context.log.info("\n" + report["table"] + "\n" + report["summary"])
-    numbers = {
-        f"{model}_{metric}": float(value)
-        for model, m in report["results"].items()
-        for metric, value in m.items()
-        if metric
-        in (
-            "ppl",
-            "gold_ppl",
-            "bpb",
-            "kl",
-            "kl_full",
-            "top1",
-            "ece",
-            "accuracy",
-            "choice_agreement",
-            "greedy_exact_match",
-            "greedy_prefix_agreement",
-            "mc_accuracy",
-            "generation_tokens_per_s",
-        )
-        or metric.startswith("lm_eval_")
-    }
+    metadata = report_metadata(report, EVALUATION_METRICS, prefixes=("lm_eval_",))
     if report["generation_speedup"]:
-        numbers["generation_speedup"] = float(report["generation_speedup"])
+        metadata["generation_speedup"] = float(report["generation_speedup"])
     plots = {
         f"plot_{name}": dg.MetadataValue.md(
             f"![{name}](data:image/png;base64,{base64.b64encode(Path(path).read_bytes()).decode()})"
@@ -63,13 +60,7 @@ def evaluation(
         for name, path in report["plots"].items()
     }
     return dg.MaterializeResult(
-        metadata={
-            "table": dg.MetadataValue.md(report["table"]),
-            "summary": report["summary"],
-            "report": dg.MetadataValue.path(report["out_dir"] + "/report.md"),
-            **numbers,
-            **plots,
-        },
+        metadata={**metadata, **plots},
         check_results=[
             dg.AssetCheckResult(
                 check_name="distillation_gate", passed=report["gate_passed"], metadata={"gate": report["gate"]}

@@ -4,7 +4,24 @@
 import dagster as dg
 
 from distill.run import onpolicy
+from pipelines.assets.report import report_metadata
 from pipelines.resources import DistillSettings, TeacherEngine
+
+# per-model numbers kept as metadata (their history plots in the UI)
+ROUND_METRICS = (
+    "ppl",
+    "kl",
+    "top1",
+    "self_kl",
+    "self_top1",
+    "greedy_exact_match",
+    "greedy_prefix_agreement",
+    "answer_tokens",
+    "self_len",
+    "self_eos",
+    "self_distinct2",
+    "self_teacher_ll",
+)
 
 
 def build_onpolicy_assets(partitions: dg.PartitionsDefinition) -> list:
@@ -59,33 +76,6 @@ def build_onpolicy_assets(partitions: dg.PartitionsDefinition) -> list:
     ) -> dg.MaterializeResult:
         report = onpolicy.evaluate_rounds(settings.load())
         context.log.info("\n" + report["table"] + "\n" + report["summary"])
-        numbers = {
-            f"{model}_{metric}": float(value)
-            for model, m in report["results"].items()
-            for metric, value in m.items()
-            if metric
-            in (
-                "ppl",
-                "kl",
-                "top1",
-                "self_kl",
-                "self_top1",
-                "greedy_exact_match",
-                "greedy_prefix_agreement",
-                "answer_tokens",
-                "self_len",
-                "self_eos",
-                "self_distinct2",
-                "self_teacher_ll",
-            )
-        }
-        return dg.MaterializeResult(
-            metadata={
-                "table": dg.MetadataValue.md(report["table"]),
-                "summary": report["summary"],
-                "report": dg.MetadataValue.path(report["out_dir"] + "/report.md"),
-                **numbers,
-            }
-        )
+        return dg.MaterializeResult(metadata=report_metadata(report, ROUND_METRICS))
 
     return [onpolicy_student, onpolicy_evaluation]
