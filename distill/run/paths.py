@@ -33,8 +33,14 @@ TRAINING_CODE = (
     "distill.train.trainer",
     "distill.train.losses",
     "distill.train.student",
+    "distill.train.xtok",
     "storage.reader",
     "storage.codec",
+    "storage.kinds.base",
+    "storage.kinds.topk",
+    "storage.kinds.sampled",
+    "storage.kinds.mixture",
+    "storage.kinds.candidates",
 )
 
 

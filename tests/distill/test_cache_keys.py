@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import storage.kinds
 from distill.config import RunConfig
 from distill.configbase import ConfigError
 from distill.data import CorpusConfig, corpus_dir
@@ -264,6 +265,9 @@ def test_training_code_fingerprint_is_cached_and_covers_the_sources():
     assert {"distill.train.trainer", "distill.train.losses", "distill.train.student", "storage.reader"} <= set(
         paths.TRAINING_CODE
     )
+    # every label kind's decoding feeds training: a new kind module cannot be left out of the key
+    kinds = Path(storage.kinds.__file__).parent
+    assert {f"storage.kinds.{m.stem}" for m in kinds.glob("*.py") if m.stem != "__init__"} <= set(paths.TRAINING_CODE)
 
 
 def test_source_fingerprint_changes_with_any_source(tmp_path, monkeypatch):
