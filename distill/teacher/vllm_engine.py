@@ -13,21 +13,30 @@ process fails the call at once, a call with no finished engine step for
 ``EngineConfig.step_timeout_s`` fails it then, both with an ``EngineFailure`` that names the
 process, how it ended and what to try. The failed engine is ended and its slot freed, so a retry
 (the ``teacher_logits`` step's) starts a fresh one and relabels only the shards not yet committed.
+
+vLLM is imported inside the methods that use it, the one lazy import of the teacher room: vLLM is an
+optional extra of a training-only install (``cpu``/``gpu``), and its import takes seconds and sets up
+threads that a process that only reads shards should not pay for.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
+import psutil
 
+from distill.procs import descendants_alive, end_processes, guard_children, is_resource_tracker
 from distill.teacher.config import EngineConfig
+from distill.teacher.slots import claim_slot, device_sets, pinned
 
 
 class EngineFailure(RuntimeError):
@@ -77,14 +86,7 @@ class VllmTeacher:
         """``k``: logprobs per position by default; ``max_logprobs`` (default ``k``): the most a
         call may ask for (sampled labels read a larger top-K'); ``slot_folder``: where this
         machine's engine slots are claimed (``cfg.slots`` > 0)."""
-        import contextlib
-        import sys
-
-        import psutil
-        import vllm
-
-        from distill.procs import guard_children, is_resource_tracker
-        from distill.teacher.slots import claim_slot, device_sets, pinned
+        import vllm  # lazy: see the module docstring
 
         guard_children()  # the engine's processes end with this one, however it ends
         self.cfg, self.k, self.max_len = cfg, k, max_len
@@ -399,8 +401,6 @@ class VllmTeacher:
         return outcome["outputs"]
 
     def _dead_processes(self) -> list:
-        from distill.procs import descendants_alive
-
         procs = getattr(self, "watched", [])
         alive = {p.pid for p in descendants_alive(procs)}
         return [p for p in procs if p.pid not in alive]
@@ -434,8 +434,6 @@ class VllmTeacher:
         )
 
     def _stall_message(self, stalled: float) -> str:
-        import psutil
-
         states = []
         for p in self.processes:
             try:
@@ -458,8 +456,6 @@ class VllmTeacher:
     def _fail(self, message: str, cause: BaseException | None = None):
         """End the broken engine (every process at once: it can no longer answer), free its slot,
         and raise ``EngineFailure``. A call still blocked inside vLLM is woken with the error."""
-        import psutil
-
         self.failure = message
         for p in self.processes:
             try:
@@ -475,8 +471,6 @@ class VllmTeacher:
     def close(self) -> None:
         """Shut the engine down, end any of its processes that outlive the shutdown, then free
         the slot: a slot is free only once its engine is gone."""
-        from distill.procs import descendants_alive, end_processes
-
         llm = getattr(self, "llm", None)
         if llm is not None:
             engine = getattr(llm, "llm_engine", None)
@@ -494,8 +488,6 @@ class VllmTeacher:
 
 def _title(proc) -> str:
     """A process's title (vLLM names its processes ``VLLM::EngineCore``, ``VLLM::Worker``...)."""
-    import psutil
-
     try:
         return " ".join(" ".join(proc.cmdline()).split())[:80] or proc.name()  # setproctitle pads with spaces
     except psutil.Error:
