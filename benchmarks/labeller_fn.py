@@ -1,8 +1,8 @@
 """The device labeller's pure function alone (``distill.teacher.device_labels.label_logits``) on
 random logits at two vocabulary sizes (SmolLM2's 49,152 and Llama 3's 128,256): labelled positions
 per second for top-32 labels and for top-32 plus 80 systematic draws from the whole vocabulary,
-against a plain float64 log-softmax of the same logits (the projection any labeller pays),
-interleaved and repeated; median (min..max).
+against a plain float32 log-softmax of the same logits (what vLLM computes for prompt logprobs,
+the least any labeller pays), interleaved and repeated; median (min..max).
 
     python -m benchmarks.labeller_fn [--positions 256] [--repeats 5] [--device cpu]
 
@@ -41,7 +41,7 @@ def main() -> None:
 
         seconds = interleave(
             {
-                "log_softmax": run(lambda: torch.log_softmax(logits.double(), -1)),
+                "log_softmax": run(lambda: torch.log_softmax(logits, -1)),
                 "topk": run(lambda: label_logits(logits, 32, targets=targets)),
                 "sampled": run(lambda: label_logits(logits, 32, targets=targets, draws=80, generator=g)),
             },

@@ -4,6 +4,8 @@ one held has died or failed (the out-of-memory killer takes engines)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from distill.config import RunConfig
 from distill.run.paths import teacher_dir
 from distill.teacher.slots import slot_dir
@@ -12,10 +14,14 @@ from distill.teacher.vllm_engine import VllmTeacher
 _ENGINES: dict[tuple, VllmTeacher] = {}
 
 
-def get_engine(cfg: RunConfig) -> VllmTeacher:
+def get_engine(cfg: RunConfig, generates: bool = False) -> VllmTeacher:
     """The process's engine for this teacher and settings, started on first use, and started
-    anew when the one held has died or failed."""
-    key = (str(teacher_dir(cfg)), cfg.teacher.k, cfg.corpus.window, cfg.teacher.engine, cfg.teacher.max_logprobs)
+    anew when the one held has died or failed. ``generates``: an engine that can generate (greedy
+    answers), which a ``device`` labeller's pooling engine cannot: such calls get a ``logprobs`` one."""
+    labeller = "logprobs" if generates else cfg.teacher.labeller
+    engine_cfg = dataclasses.replace(cfg.teacher.engine, labeller=labeller)
+    max_logprobs = cfg.teacher.max_logprobs if labeller == cfg.teacher.labeller else cfg.teacher.k
+    key = (str(teacher_dir(cfg)), cfg.teacher.k, cfg.corpus.window, engine_cfg, max_logprobs)
     held = _ENGINES.get(key)
     if held is not None and not held.alive():
         _ENGINES.pop(key).close()
@@ -24,9 +30,9 @@ def get_engine(cfg: RunConfig) -> VllmTeacher:
             teacher_dir(cfg),
             cfg.teacher.k,
             cfg.corpus.window,
-            cfg.teacher.engine,
+            engine_cfg,
             slot_folder=slot_dir(cfg.root),
-            max_logprobs=cfg.teacher.max_logprobs,
+            max_logprobs=max_logprobs,
         )
     return _ENGINES[key]
 

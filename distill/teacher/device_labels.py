@@ -18,8 +18,10 @@ Per position, from ``logits`` (N, V) at ``temperature``:
   slots with count 0 and the first id repeated. Every id's count is within one of ``draws * p``,
   and ``count / draws`` has expectation ``p``: no proposal, so no bucket bias.
 
-The log-softmax and the cumulative distribution run in float64 where the device supports it:
-a float32 cumulative sum over 128k ids drifts by about 1e-3, more than one draw in 80.
+The log-softmax runs in float32 (a log-sum-exp with its maximum taken out loses nothing that
+matters at the codec's precision); the cumulative distribution of the draws runs in float64 where
+the device supports it: a float32 cumulative sum over 128k ids drifts by about 1e-3, more than
+one draw in 80.
 """
 
 from __future__ import annotations
@@ -39,12 +41,14 @@ def label_logits(
     targets: torch.Tensor | None = None,
     draws: int = 0,
     temperature: float = 1.0,
+    offsets: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> dict[str, torch.Tensor]:
     """Packed labels of ``logits`` (N, V); see the module docstring for the returned tensors.
 
-    ``targets`` (N,) int64: realized next tokens. ``generator``: the source of the systematic
-    offsets (on ``logits``' device), so labels are reproducible per call."""
+    ``targets`` (N,) int64: realized next tokens. ``offsets`` (N,): the systematic draws' uniform
+    offsets in [0, 1), one per position (the engine derives them from a per-request seed, so a
+    window's draws do not depend on its batch); without them they come from ``generator``."""
     if logits.dim() != 2:
         raise ValueError(f"logits must be (N, V), got shape {tuple(logits.shape)}")
     n, vocab = logits.shape
@@ -52,30 +56,47 @@ def label_logits(
         raise ValueError(f"k={k} must be in [1, {vocab}] (the vocabulary)")
     if draws < 0:
         raise ValueError(f"draws={draws} must be >= 0")
-    wide = _wide(logits.device)
-    logprobs = torch.log_softmax(logits.to(wide) / temperature, dim=-1)  # (N, V)
-    top_lp, top_ids = logprobs.topk(k, dim=-1)  # (N, k), most likely first
-    rest = logprobs.scatter(-1, top_ids, float("-inf"))  # (N, V): everything outside the top k
-    out = {
-        "topk_ids": top_ids,
-        "topk_logprobs": top_lp.float(),
-        "tail_mass": torch.logsumexp(rest, dim=-1).exp().float(),  # (N,)
-    }
+    if offsets is not None and offsets.shape != (n,):
+        raise ValueError(f"offsets must be (N,) = ({n},), got shape {tuple(offsets.shape)}")
+    scores = logits.float()
+    if temperature != 1.0:
+        scores = scores / temperature
+    top, top_ids = scores.topk(k, dim=-1)  # (N, k), most likely first
+    weights = (scores - top[:, :1]).exp_()  # (N, V): probabilities times the normalizer
+    total = weights.sum(dim=-1, keepdim=True)  # (N, 1)
+    lse = top[:, :1] + total.log()
+    out = {"topk_ids": top_ids, "topk_logprobs": top - lse}
     if targets is not None:
-        out["target_logprobs"] = logprobs.gather(-1, targets.view(n, 1).long()).view(n).float()
+        out["target_logprobs"] = (scores.gather(-1, targets.view(n, 1).long()) - lse).view(n)
     if draws:
-        out.update(_systematic_draws(logprobs, draws, generator))
+        if offsets is None:
+            offsets = torch.rand(n, generator=generator, device=logits.device)
+        out.update(_systematic_draws(weights, draws, offsets))
+    # the tail summed over the ids outside the top k: no cancellation, unlike 1 - sum(p)
+    out["tail_mass"] = (weights.scatter_(-1, top_ids, 0.0).sum(dim=-1, keepdim=True) / total).view(n)
     return out
 
 
-def _systematic_draws(logprobs: torch.Tensor, draws: int, generator: torch.Generator | None) -> dict:
-    """``draw_ids``/``draw_counts`` (N, draws) from the full distribution ``logprobs`` (N, V)."""
-    n, vocab = logprobs.shape
-    cdf = logprobs.exp().cumsum(dim=-1)  # (N, V)
-    cdf = cdf / cdf[:, -1:]  # the last point is 1 exactly, so every draw lands on an id
-    offsets = torch.rand(n, 1, generator=generator, device=logprobs.device, dtype=logprobs.dtype)
-    points = (offsets + torch.arange(draws, device=logprobs.device, dtype=logprobs.dtype)) / draws  # (N, D)
-    ids = torch.searchsorted(cdf, points, right=True).clamp_(max=vocab - 1)  # (N, D), non-decreasing
+def _systematic_draws(weights: torch.Tensor, draws: int, offsets: torch.Tensor, block: int = 64) -> dict:
+    """``draw_ids``/``draw_counts`` (N, draws) from ``weights`` (N, V), the probabilities times any
+    positive per-row factor.
+
+    No cumulative sum over the whole vocabulary: the points are first located among blocks of
+    ``block`` ids (a cumulative sum of block sums, in float64 where the device has it), then inside
+    their block (a float32 cumulative sum of ``block`` entries). The distribution function is thus
+    exact to float32's resolution everywhere, and the work per position is ``V + draws * block``."""
+    n, vocab = weights.shape
+    wide = _wide(weights.device)
+    pad = (-vocab) % block
+    blocks = (torch.nn.functional.pad(weights, (0, pad)) if pad else weights).view(n, -1, block)
+    block_cdf = blocks.sum(dim=-1).to(wide).cumsum(dim=-1)  # (N, blocks)
+    steps = torch.arange(draws, device=weights.device, dtype=wide)
+    points = (offsets.to(wide).view(n, 1) + steps) / draws * block_cdf[:, -1:]  # (N, D), increasing
+    blk = torch.searchsorted(block_cdf, points, right=True).clamp_(max=block_cdf.shape[1] - 1)  # (N, D)
+    before = torch.where(blk > 0, block_cdf.gather(-1, (blk - 1).clamp(min=0)), 0.0)
+    inner = blocks.gather(1, blk.unsqueeze(-1).expand(n, draws, block)).cumsum(dim=-1)  # (N, D, block)
+    within = torch.searchsorted(inner, (points - before).to(inner.dtype).unsqueeze(-1), right=True)
+    ids = (blk * block + within.squeeze(-1).clamp_(max=block - 1)).clamp_(max=vocab - 1)  # (N, D), non-decreasing
     # run-length encode each row: ids are sorted, so equal ids are adjacent
     starts = torch.ones_like(ids, dtype=torch.bool)
     starts[:, 1:] = ids[:, 1:] != ids[:, :-1]

@@ -74,6 +74,8 @@ def shard_key(
         "relabel_tag": cfg.relabel_tag,
         **mode_settings(cfg),
     }
+    if cfg.labeller == "device":  # exact tails, whole-vocabulary draws: labels the logprobs path does not make
+        fields["labeller"] = "device"
     if cfg.mode == "generate":  # answers are capped at window - len(prompt); the fingerprint has prompts only
         fields["window"] = window
     return content_key(fields)
@@ -83,37 +85,57 @@ def prompt_seed(base: int, doc_id: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{base}\x1f{doc_id}".encode()).digest()[:4], "big") & 0x7FFFFFFF
 
 
-LabelsOf = Callable[[dict, str, int], dict]
-"""Written label columns of one row from the teacher's top-K labels, its doc id and window."""
+class RowLabels:
+    """What the engine computes for one label kind (``request``: top ``k`` and any ``draws``) and
+    how a row's written label columns are made from it (``of``)."""
+
+    def __init__(self, kind: LabelKind, params: dict):
+        self.kind, self.params = kind, params
+        self.request = kind.engine_request(params) if kind.layout == POSITIONS else {"k": 0}  # candidates: no top-k
+
+    @property
+    def k(self) -> int:
+        return self.request["k"]
+
+    def score(self, engine, windows: list, label_starts: list, doc_ids: list, window_idx: list):
+        """``engine.score`` of these rows, with the draws and their per-row seeds where asked."""
+        draws = self.request.get("draws", 0)
+        if not draws:
+            return engine.score(windows, label_starts, k=self.k)
+        seeds = [self.kind.row_seed(self.params, d, w) for d, w in zip(doc_ids, window_idx)]
+        return engine.score(windows, label_starts, k=self.k, draws=draws, seeds=seeds)
+
+    def of(self, labels: dict, doc_id: str, window_index: int) -> dict:
+        return self.kind.from_teacher(labels, self.params, doc_id, window_index)
 
 
-def _score_rows(engine, part: pa.Table, cfg: TeacherConfig, k: int, labels_of: LabelsOf) -> list[dict]:
+def _score_rows(engine, part: pa.Table, cfg: TeacherConfig, labels: RowLabels) -> list[dict]:
     input_ids = part.column("input_ids").to_pylist()
     label_starts = part.column("label_start").to_pylist()
     doc_ids = part.column("doc_id").to_pylist()
     window_idx = part.column("window_index").to_pylist()
     rows = []
-    for i, labels in enumerate(engine.score(input_ids, label_starts, k=k)):
+    for i, row in enumerate(labels.score(engine, input_ids, label_starts, doc_ids, window_idx)):
         rows.append(
             {
                 "doc_id": doc_ids[i],
                 "window_index": window_idx[i],
                 "input_ids": np.asarray(input_ids[i], np.int64),
                 "label_start": label_starts[i],
-                **labels_of(labels, doc_ids[i], window_idx[i]),
+                **labels.of(row, doc_ids[i], window_idx[i]),
             }
         )
     return rows
 
 
-def _generate_rows(engine, part: pa.Table, cfg: TeacherConfig, k: int, labels_of: LabelsOf) -> list[dict]:
+def _generate_rows(engine, part: pa.Table, cfg: TeacherConfig, labels: RowLabels) -> list[dict]:
     """One row per answer: prompt + answer tokens, labels on the answer tokens only."""
     prompts = part.column("input_ids").to_pylist()
     doc_ids = part.column("doc_id").to_pylist()
     texts = part.column("prompt_text").to_pylist()
     seeds = [prompt_seed(cfg.sampling.seed, d) for d in doc_ids]
     rows = []
-    for i, samples in enumerate(engine.generate(prompts, seeds, cfg.sampling, k=k)):
+    for i, samples in enumerate(engine.generate(prompts, seeds, cfg.sampling, k=labels.k)):
         for j, sample in enumerate(samples):
             rows.append(
                 {
@@ -124,13 +146,13 @@ def _generate_rows(engine, part: pa.Table, cfg: TeacherConfig, k: int, labels_of
                     "prompt_text": texts[i],
                     "response_text": sample["text"],
                     "finish_reason": sample["finish_reason"],
-                    **labels_of(sample, doc_ids[i], j),
+                    **labels.of(sample, doc_ids[i], j),
                 }
             )
     return rows
 
 
-def _answer_rows(engine, part: pa.Table, cfg: TeacherConfig, k: int, labels_of: LabelsOf) -> list[dict]:
+def _answer_rows(engine, part: pa.Table, cfg: TeacherConfig, labels: RowLabels) -> list[dict]:
     """``generate`` rows whose answers are given (``response_ids``: another model's, e.g. the
     student's in an on-policy round): prompt + answer scored teacher-forced, labels on the
     answer tokens only, exactly the rows ``_generate_rows`` writes for the teacher's own answers."""
@@ -142,7 +164,8 @@ def _answer_rows(engine, part: pa.Table, cfg: TeacherConfig, k: int, labels_of: 
         for c in ("doc_id", "window_index", "prompt_text", "response_text", "finish_reason")
     }
     rows = []
-    for i, labels in enumerate(engine.score(seqs, [len(p) - 1 for p in prompts], k=k)):
+    scored = labels.score(engine, seqs, [len(p) - 1 for p in prompts], cols["doc_id"], cols["window_index"])
+    for i, row in enumerate(scored):
         rows.append(
             {
                 "doc_id": cols["doc_id"][i],
@@ -152,7 +175,7 @@ def _answer_rows(engine, part: pa.Table, cfg: TeacherConfig, k: int, labels_of: 
                 "prompt_text": cols["prompt_text"][i],
                 "response_text": cols["response_text"][i],
                 "finish_reason": cols["finish_reason"][i],
-                **labels_of(labels, cols["doc_id"][i], cols["window_index"][i]),
+                **labels.of(row, cols["doc_id"][i], cols["window_index"][i]),
             }
         )
     return rows
@@ -167,7 +190,7 @@ def candidate_distribution(
     return scores, shifted - np.log(np.exp(shifted).sum())
 
 
-def _candidate_rows(engine, part: pa.Table, cfg: TeacherConfig, k: int, labels_of: LabelsOf) -> list[dict]:
+def _candidate_rows(engine, part: pa.Table, cfg: TeacherConfig, labels: RowLabels) -> list[dict]:
     prompts = part.column("input_ids").to_pylist()
     cand_ids = part.column("candidate_ids").to_pylist()
     texts, cands = part.column("prompt_text").to_pylist(), part.column("candidates").to_pylist()
@@ -191,10 +214,6 @@ def _candidate_rows(engine, part: pa.Table, cfg: TeacherConfig, k: int, labels_o
 
 
 _MODE_ROWS = {"score": _score_rows, "generate": _generate_rows, "candidates": _candidate_rows}
-
-
-def _labels_of(kind: LabelKind, params: dict) -> LabelsOf:
-    return lambda labels, doc_id, window_index: kind.from_teacher(labels, params, doc_id, window_index)
 
 
 def label_shard(
@@ -226,9 +245,7 @@ def label_shard(
             "path": str(existing.path),
         }
     engine = engine_factory()
-    kind = kind_of(meta.kind)
-    label_k = kind.teacher_k(meta.kind_params) if kind.layout == POSITIONS else 0  # candidates: no top-k
-    labels_of = _labels_of(kind, meta.kind_params)
+    labels = RowLabels(kind_of(meta.kind), meta.kind_params)
     if cfg.mode == "score":
         lengths = pc.list_value_length(windows.column("input_ids"))
         total, unit = (
@@ -249,7 +266,7 @@ def label_shard(
         pending = None
         for offset in range(0, windows.num_rows, step):
             part = windows.slice(offset, step)
-            batch = make_rows(engine, part, cfg, label_k, labels_of)
+            batch = make_rows(engine, part, cfg, labels)
             bar.update(sum(len(r["target_logprobs"]) for r in batch) if cfg.mode == "score" else part.num_rows)
             if pending is not None:
                 pending.result()

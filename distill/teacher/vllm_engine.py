@@ -1,6 +1,12 @@
-"""The vLLM teacher engine: teacher-forced top-k soft labels through the engine's fast path.
+"""The vLLM teacher engine: teacher-forced soft labels, with one of two labellers
+(``EngineConfig.labeller``).
 
-Token-id prompts, ``prompt_logprobs=k`` with flat logprobs and no detokenization, prefix caching
+``device``: the engine runs the teacher as a pooling model registered by our vLLM plugin
+(``distill.teacher.vllm_labeller``), whose pooler computes every position's labels from the
+full-vocabulary logits on the engine's device and returns one packed tensor per window. Such an
+engine scores (labels, sequence logprobs, candidates) but cannot generate.
+
+``logprobs``: token-id prompts, ``prompt_logprobs=k`` with flat logprobs and no detokenization, prefix caching
 off (it would skip the prompt positions whose logprobs we need), one engine per process reused
 across shards. vLLM returns, for each prompt position ``p >= 1``, the realized token ``p`` first
 (with its true rank) followed by ranks ``1..k``; the realized token is therefore *not* counted
@@ -35,6 +41,7 @@ import numpy as np
 import psutil
 
 from distill.procs import descendants_alive, end_processes, guard_children, is_resource_tracker
+from distill.teacher import vllm_labeller
 from distill.teacher.config import EngineConfig
 from distill.teacher.slots import claim_slot, device_sets, pinned
 
@@ -90,6 +97,7 @@ class VllmTeacher:
 
         guard_children()  # the engine's processes end with this one, however it ends
         self.cfg, self.k, self.max_len = cfg, k, max_len
+        self.labeller = cfg.labeller
         self.max_logprobs = max(k, max_logprobs or k)
         self.slot, pin = None, contextlib.nullcontext()
         if cfg.slots:
@@ -136,8 +144,31 @@ class VllmTeacher:
         )
         self.forward_calls = 0
 
+    def _device_settings(self) -> dict:
+        """The engine arguments that run the teacher as the device labeller's pooling model."""
+        from importlib.metadata import entry_points
+
+        if not any(e.value.startswith(vllm_labeller.__name__) for e in entry_points(group="vllm.general_plugins")):
+            raise RuntimeError(
+                "teacher.engine.labeller: device needs this project installed as a package (pip install -e .), "
+                "so that vLLM loads its plugin in the engine's processes; or set teacher.engine.labeller: logprobs"
+            )
+        import json
+
+        archs = json.loads((self.model_dir / "config.json").read_text()).get("architectures") or []
+        if not archs:
+            raise ValueError(f"{self.model_dir / 'config.json'}: no 'architectures' to label with")
+        known = {a for a in os.environ.get(vllm_labeller.ENV, "").split(",") if a}
+        # read by the plugin in every engine process
+        os.environ[vllm_labeller.ENV] = ",".join(sorted(known | set(archs)))
+        return {
+            "runner": "pooling",
+            "hf_overrides": {"architectures": [vllm_labeller.labeller_arch(a) for a in archs]},
+        }
+
     def _start(self, vllm, dtype: str):
         cfg, max_len = self.cfg, self.max_len
+        labeller = self._device_settings() if self.labeller == "device" else {}
         # on the CPU a prompt split across scheduler steps (chunked prefill) kills the engine when
         # its request is seeded: vLLM rewinds the request's generator offset, which CPU generators
         # do not have ("CPU Generator does not use offset"); answering many or long prompts with
@@ -157,6 +188,7 @@ class VllmTeacher:
             trust_remote_code=cfg.trust_remote_code,
             seed=cfg.seed,
             **chunked,
+            **labeller,
         )
 
     def _check_k(self, k: int | None) -> int:
@@ -166,10 +198,23 @@ class VllmTeacher:
         return k
 
     def score(
-        self, windows: Sequence[Sequence[int]], label_starts: Sequence[int], k: int | None = None
+        self,
+        windows: Sequence[Sequence[int]],
+        label_starts: Sequence[int],
+        k: int | None = None,
+        draws: int = 0,
+        seeds: Sequence[int] | None = None,
     ) -> Iterator[dict]:
         """Per window, the labels of positions ``label_start .. len - 2`` (see ``flat_to_labels``),
-        ``k`` (default: the engine's) logprobs per position."""
+        ``k`` (default: the engine's) logprobs per position; with ``draws`` (device labeller only),
+        ``draw_ids``/``draw_counts`` too, each window's draws seeded by its entry of ``seeds``."""
+        if self.labeller == "device":
+            k = k or self.k
+            for ids, i, packed in self._device_labels(windows, k, draws, seeds):
+                yield vllm_labeller.unpack(packed[int(label_starts[i]) : len(ids) - 1], k, draws)
+            return
+        if draws:
+            raise ValueError("draws are made by the device labeller (teacher.engine.labeller: device)")
         import vllm
 
         k = self._check_k(k)
@@ -191,6 +236,41 @@ class VllmTeacher:
             for ids, start, out in zip(batch, label_starts[b : b + len(batch)], outputs):
                 yield flat_to_labels(out.prompt_logprobs, np.asarray(ids), int(start), k)
 
+    def _device_labels(
+        self, windows: Sequence[Sequence[int]], k: int, draws: int = 0, seeds: Sequence[int] | None = None
+    ) -> Iterator[tuple[Sequence[int], int, np.ndarray]]:
+        """(window, its index, packed labels of every position (len, width)) from the device labeller."""
+        from vllm import PoolingParams
+
+        if draws and (seeds is None or len(seeds) != len(windows)):
+            raise ValueError("draws need one seed per window")
+        for b in range(0, len(windows), self.cfg.batch_windows):
+            batch = windows[b : b + self.cfg.batch_windows]
+            for ids in batch:
+                if len(ids) > self.max_len:
+                    raise ValueError(f"window of {len(ids)} tokens exceeds the engine's max_len {self.max_len}")
+            params = [
+                PoolingParams(extra_kwargs={"k": k, "draws": draws, "seed": int(seeds[b + i]) if draws else 0})
+                for i in range(len(batch))
+            ]
+            outputs = self._generate([{"prompt_token_ids": [int(t) for t in ids]} for ids in batch], params, "encode")
+            self.forward_calls += 1
+            for i, (ids, out) in enumerate(zip(batch, outputs)):
+                packed = out.outputs.data.numpy()
+                if packed.shape != (len(ids), vllm_labeller.width(k, draws)):
+                    raise RuntimeError(
+                        f"device labels of shape {packed.shape} for a window of {len(ids)} tokens "
+                        f"(expected ({len(ids)}, {vllm_labeller.width(k, draws)}))"
+                    )
+                yield ids, b + i, packed
+
+    def _refuse_generation(self, what: str) -> None:
+        if self.labeller == "device":
+            raise RuntimeError(
+                f"{what} needs a generating engine; this one was started with teacher.engine.labeller: device "
+                "(a pooling model that only scores): get one with distill.run.engines.get_engine(cfg, generates=True)"
+            )
+
     def generate(
         self, prompts: Sequence[Sequence[int]], seeds: Sequence[int], sampling, k: int | None = None
     ) -> Iterator[list[dict]]:
@@ -201,6 +281,7 @@ class VllmTeacher:
         prompts share its batch. Labels are the raw (temperature 1) distributions the sampler
         started from: vLLM's ``raw_logprobs`` mode, recorded as temperature 1.0 in the shard.
         """
+        self._refuse_generation("generate")
         import vllm
 
         k = self._check_k(k)
@@ -254,13 +335,8 @@ class VllmTeacher:
     ) -> Iterator[np.ndarray]:
         """Per example, the summed logprob of each candidate's tokens following its prompt
         and the token counts: an array of shape (2, C)."""
-        import vllm
-
-        params = vllm.SamplingParams(
-            max_tokens=1, prompt_logprobs=0, detokenize=False, flat_logprobs=True, temperature=0.0
-        )
         for b in range(0, len(prompts), self.cfg.batch_windows):
-            seqs, owners = [], []
+            seqs, starts, owners = [], [], []
             for i in range(b, min(b + self.cfg.batch_windows, len(prompts))):
                 for cand in candidates[i]:
                     seq = [int(t) for t in prompts[i]] + [int(t) for t in cand]
@@ -269,19 +345,11 @@ class VllmTeacher:
                             f"prompt + candidate of {len(seq)} tokens exceeds the engine's max_len {self.max_len}"
                         )
                     seqs.append(seq)
+                    starts.append(len(prompts[i]))
                     owners.append(i)
-            outputs = self._generate([{"prompt_token_ids": s} for s in seqs], params)
-            self.forward_calls += 1
             scores: dict[int, list] = {}
-            for seq, owner, out in zip(seqs, owners, outputs):
-                start = len(prompts[owner])
-                flat = out.prompt_logprobs
-                lo, hi = flat.start_indices[start], flat.end_indices[len(seq) - 1]
-                if hi - lo != len(seq) - start or list(flat.token_ids[lo:hi]) != seq[start:]:
-                    raise RuntimeError("candidate prompt logprobs are not aligned with the candidate tokens")
-                scores.setdefault(owner, []).append(
-                    (float(np.sum(np.asarray(flat.logprobs[lo:hi], np.float64))), len(seq) - start)
-                )
+            for owner, row in zip(owners, self.sequence_logprobs(seqs, starts)):
+                scores.setdefault(owner, []).append(row)
             for i in sorted(scores):
                 yield np.asarray(scores[i], np.float64).T
 
@@ -292,6 +360,7 @@ class VllmTeacher:
         (the only stop token, as in ``distill.eval.answers.greedy_answers``), at most ``max_tokens``
         tokens (one number, or one per prompt). A prompt that leaves no room within ``max_len``
         raises; a longer answer than the room left is cut there."""
+        self._refuse_generation("greedy answers")
         import vllm
 
         limits = [int(max_tokens)] * len(prompts) if isinstance(max_tokens, int) else [int(m) for m in max_tokens]
@@ -334,10 +403,18 @@ class VllmTeacher:
                     f"sequence {i}: start {start} must be in 1..{len(seq) - 1} "
                     "(at least one scored token after a prefix)"
                 )
+        out_rows = []
+        if self.labeller == "device":  # the realized tokens' logprobs, and whether each was the top id
+            for seq, i, packed in self._device_labels(sequences, 1):
+                labels = vllm_labeller.unpack(packed[starts[i] - 1 : len(seq) - 1], 1, 0)
+                row = (float(np.sum(labels["target_logprobs"], dtype=np.float64)), len(seq) - starts[i])
+                if greedy:
+                    row += (float(np.array_equal(labels["topk_ids"][:, 0], np.asarray(seq[starts[i] :]))),)
+                out_rows.append(row)
+            return np.asarray(out_rows, np.float64).reshape(-1, 3 if greedy else 2)
         params = vllm.SamplingParams(
             max_tokens=1, prompt_logprobs=0, detokenize=False, flat_logprobs=True, temperature=0.0
         )
-        out_rows = []
         for b in range(0, len(sequences), self.cfg.batch_windows):
             seqs = [[int(t) for t in s] for s in sequences[b : b + self.cfg.batch_windows]]
             outputs = self._generate([{"prompt_token_ids": s} for s in seqs], params)
@@ -358,11 +435,11 @@ class VllmTeacher:
         started still running (the out-of-memory killer may have taken one between calls)."""
         return self.llm is not None and not self.failure and not self._dead_processes()
 
-    def _generate(self, prompts: list, params) -> list:
-        """``llm.generate`` under supervision: the call runs in a helper thread while this one
-        checks, every ``POLL_S`` seconds, that the engine's processes live and that it finished a
-        scheduler step within ``cfg.step_timeout_s``; otherwise the engine is ended and
-        ``EngineFailure`` raised (vLLM alone would wait for ever on a killed or stopped core)."""
+    def _generate(self, prompts: list, params, method: str = "generate") -> list:
+        """``llm.generate`` (or ``llm.encode``, ``method``) under supervision: the call runs in a
+        helper thread while this one checks, every ``POLL_S`` seconds, that the engine's processes
+        live and that it finished a scheduler step within ``cfg.step_timeout_s``; otherwise the
+        engine is ended and ``EngineFailure`` raised (vLLM alone would wait for ever on a killed or stopped core)."""
         if self.llm is None or self.failure:
             raise EngineFailure(f"the teacher engine is closed{': ' + self.failure if self.failure else ''}")
         dead = self._dead_processes()
@@ -372,7 +449,10 @@ class VllmTeacher:
 
         def call():
             try:
-                outcome["outputs"] = llm.generate(prompts, params, use_tqdm=False)
+                if method == "encode":
+                    outcome["outputs"] = llm.encode(prompts, params, pooling_task="token_classify", use_tqdm=False)
+                else:
+                    outcome["outputs"] = llm.generate(prompts, params, use_tqdm=False)
             except BaseException as exc:  # handed to the supervising thread
                 outcome["error"] = exc
             finally:

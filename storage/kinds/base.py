@@ -132,11 +132,21 @@ class LabelKind:
         """How many top ids per position the teacher's engine must return to make these labels."""
         raise ValueError(f"{self.name} labels are not made from one teacher's top-k")
 
+    def engine_request(self, params: Mapping) -> dict:
+        """What the labelling engine computes per position for these labels: ``{"k": top ids}``, and
+        ``"draws"`` where the device labeller draws the labels itself (seeded by ``row_seed``)."""
+        return {"k": self.teacher_k(params)}
+
+    def row_seed(self, params: Mapping, doc_id: str, window_index: int) -> int:
+        """The seed of one row's draws on the device: the same whatever shard or batch it is in."""
+        return 0
+
     def from_teacher(self, labels: Mapping, params: Mapping, doc_id: str, window_index: int) -> dict:
         """This kind's written label columns of one row (flat, see ``positions``) from the
         teacher's top-K labels of that row, as the engines return them: ``topk_ids`` and
         ``topk_logprobs`` (n, K), ``target_logprobs`` (n,) and ``tail_mass`` (n,), the teacher's
-        probability outside its top-K. ``doc_id``/``window_index`` seed any randomness, so a
+        probability outside its top-K, plus ``draw_ids``/``draw_counts`` (n, draws) where
+        ``engine_request`` asked for draws. ``doc_id``/``window_index`` seed any randomness, so a
         row gets the same labels whatever shard or batch it is in."""
         raise ValueError(f"{self.name} labels are not made from one teacher's top-k")
 

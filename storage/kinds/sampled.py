@@ -1,8 +1,10 @@
 """Sampled labels (``teacher.labels: sampled``): at every labelled position, ``draws`` ids drawn
-with replacement from the teacher's distribution (its top-``proposal_k`` plus the tail as one
-more outcome), stored as the distinct drawn ids with their draw counts. The target
-``count / draws`` has expectation ``p`` on every id of the proposal; ``rest_mass`` is the share
-of draws that fell in the tail.
+with replacement from the teacher's distribution, stored as the distinct drawn ids with their
+draw counts. The device labeller draws from the whole vocabulary (``proposal_k`` 0 in the
+shard's parameters): ``count / draws`` has expectation ``p`` on every id and ``rest_mass`` is 0.
+The host sampler (``sample``, ``teacher.engine.labeller: logprobs``) draws from the top-
+``proposal_k`` plus the tail as one more outcome: the expectation is ``p`` on every id of the
+proposal, and ``rest_mass`` is the share of draws that fell in the tail.
 
 Stored columns: ``draw_ids`` (the distinct drawn ids, most drawn first, renumbered by the
 shard's id table; unused slots repeat the first id), ``draw_counts`` (uint8, exact; 0 in unused
@@ -133,15 +135,33 @@ class Sampled(PositionKind):
         return int(params["draws"])
 
     def describe(self, params: Mapping) -> str:
-        return (
-            f"sampled ids with counts ({params['draws']} {params['sampler']} draws per position from the "
-            f"top-{params['proposal_k']} + tail)"
+        source = (
+            f"top-{params['proposal_k']} + tail" if int(params["proposal_k"]) else "whole vocabulary, on the device"
         )
+        return f"sampled ids with counts ({params['draws']} {params['sampler']} draws per position from the {source})"
 
     def teacher_k(self, params: Mapping) -> int:
-        return int(params["proposal_k"])
+        return int(params["proposal_k"]) or 1  # 0: drawn on the device, which returns only the top id besides
+
+    def engine_request(self, params: Mapping) -> dict:
+        if int(params["proposal_k"]):
+            return super().engine_request(params)
+        return {"k": 1, "draws": int(params["draws"])}
+
+    def row_seed(self, params: Mapping, doc_id: str, window_index: int) -> int:
+        return int(row_rng(int(params["seed"]), doc_id, window_index).integers(2**62))
 
     def from_teacher(self, labels: Mapping, params: Mapping, doc_id: str, window_index: int) -> dict:
+        if "draw_ids" in labels:  # drawn by the device labeller from the whole vocabulary: nothing in a tail
+            counts = np.asarray(labels["draw_counts"])
+            with np.errstate(divide="ignore"):
+                logprobs = np.log(counts / int(params["draws"])).astype(np.float32)
+            return {
+                "teacher_ids": np.asarray(labels["draw_ids"], np.int64).reshape(-1),
+                "teacher_logprobs": logprobs.reshape(-1),
+                "target_logprobs": np.asarray(labels["target_logprobs"]),
+                "rest_mass": np.zeros(len(counts), np.float32),
+            }
         rng = row_rng(int(params["seed"]), doc_id, window_index)
         out = sample(labels, int(params["draws"]), rng, params["sampler"])
         return {
