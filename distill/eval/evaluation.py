@@ -124,7 +124,8 @@ class _Comparison:
                 "eval.teacher_backend='stored' needs the teacher's vLLM engine for greedy answers and "
                 "multiple-choice scores: pass engine_factory (or set eval.teacher_backend: transformers)"
             )
-        engine = engine_factory()
+        # greedy answers need an engine that generates (``engine_factory(generates=True)``); scores do not
+        engine = engine_factory(generates=True) if answers.prompts or cfg.lm_eval_tasks else engine_factory()
         tok = AutoTokenizer.from_pretrained(path)
         if self.items:
             results.update(engine_mc_accuracy(engine, tok, self.items, cfg.mc_length_normalize, cfg.mc_file))
@@ -168,7 +169,8 @@ def evaluate(
 
     With ``cfg.teacher_backend`` ``stored`` the teacher's metrics come from the stored labels
     (``teacher_metrics``) and its greedy answers and MC scores from ``engine_factory()`` (a
-    ``VllmTeacher``, called only when needed); the other models, and the teacher with
+    ``VllmTeacher``, called only when needed; ``engine_factory(generates=True)`` when it must
+    answer); the other models, and the teacher with
     ``transformers``, are loaded from safetensors onto ``eval_device(precision)``
     (``precision``: the training's ``train.precision``) one at a time. ``byte_lengths`` (bytes
     per teacher token id) adds bits per byte; ``cross`` maps the names of models with their own

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from distill.procs import guard_children
 from distill.teacher.config import EngineConfig
-from distill.teacher.vllm_engine import _cpu_env, _on_cpu
+from distill.teacher.vllm_engine import _cpu_env, on_cpu
 
 PROMPTS = [
     "Explain what a Python generator is.",
@@ -29,7 +29,7 @@ def measure(model_dir: str, max_tokens: int, copies: int) -> dict:
     guard_children()
 
     kwargs = {}
-    if _on_cpu():
+    if on_cpu():
         _cpu_env(EngineConfig(cpu_kv_cache_gib=1))
         kwargs["dtype"] = "float32"
     llm = LLM(model=model_dir, max_model_len=512, enforce_eager=True, seed=0, **kwargs)

@@ -9,7 +9,7 @@ import dataclasses
 from distill.config import RunConfig
 from distill.run.paths import teacher_dir
 from distill.teacher.slots import slot_dir
-from distill.teacher.vllm_engine import VllmTeacher
+from distill.teacher.vllm_engine import VllmTeacher, on_cpu
 
 _ENGINES: dict[tuple, VllmTeacher] = {}
 
@@ -26,6 +26,11 @@ def get_engine(cfg: RunConfig, generates: bool = False) -> VllmTeacher:
     if held is not None and not held.alive():
         _ENGINES.pop(key).close()
     if key not in _ENGINES:
+        if _ENGINES and not on_cpu():
+            # a GPU engine claims its share of the device's memory when it starts: a second engine of the
+            # same teacher (a generating one beside a device labeller) would not fit beside the first
+            for other in [k for k in _ENGINES if k[0] == key[0]]:
+                _ENGINES.pop(other).close()
         _ENGINES[key] = VllmTeacher(
             teacher_dir(cfg),
             cfg.teacher.k,

@@ -56,7 +56,7 @@ def evaluate_run(cfg: RunConfig) -> dict:
         shards,
         cfg.eval,
         cfg.train.precision,
-        engine_factory=lambda: get_engine(cfg, generates=True),  # greedy answers, lm-eval generation
+        engine_factory=lambda generates=False: get_engine(cfg, generates=generates),
         byte_lengths=byte_lengths,
         cross=students,
     )

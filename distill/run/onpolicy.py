@@ -62,7 +62,7 @@ from distill.teacher.checkpoint import checkpoint_hashes
 from distill.teacher.config import SamplingConfig
 from distill.teacher.labels import LABEL_CODE_VERSION, label_shard, prompt_seed
 from distill.teacher.slots import slot_dir
-from distill.teacher.vllm_engine import VllmTeacher, _on_cpu
+from distill.teacher.vllm_engine import VllmTeacher, on_cpu
 from distill.train.config import StudentConfig, TrainConfig
 from distill.train.trainer import train
 from storage.cache import content_key
@@ -147,7 +147,7 @@ def prompts_fingerprint(prompts: pa.Table) -> str:
 def free_device() -> None:
     """Close this process's teacher engines on a GPU, where an engine holds most of the
     device's memory; on the CPU they stay (no shared device pool, and a restart costs time)."""
-    if not _on_cpu():
+    if not on_cpu():
         close_engines()
 
 
@@ -506,7 +506,7 @@ def compare_students(cfg: RunConfig, students: dict[str, Path]) -> tuple[dict, l
         shards,
         cfg.eval,
         cfg.train.precision,
-        engine_factory=lambda: get_engine(cfg),
+        engine_factory=lambda generates=False: get_engine(cfg, generates=generates),
     )
     *own, teacher_own = label_answer_sets(cfg, [*self_answer_sets(cfg, students), teacher_answer_set(cfg)])
     results["teacher"].update(shard_answer_stats(teacher_own), self_tokens=teacher_own.tokens)

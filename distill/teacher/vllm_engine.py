@@ -61,7 +61,7 @@ ADVICE = (
 )
 
 
-def _on_cpu() -> bool:
+def on_cpu() -> bool:
     from vllm.platforms import current_platform
 
     return current_platform.is_cpu()
@@ -103,7 +103,7 @@ class VllmTeacher:
         if cfg.slots:
             if slot_folder is None:
                 raise ValueError("teacher.engine.slots is set but no slot folder was given")
-            on_gpu = not _on_cpu()
+            on_gpu = not on_cpu()
             self.slot = claim_slot(
                 Path(slot_folder),
                 device_sets(cfg.slots, cfg.tensor_parallel_size, on_gpu),
@@ -113,7 +113,7 @@ class VllmTeacher:
         before = {c.pid for c in psutil.Process().children(recursive=True)}
         self.model_dir = Path(model_dir)
         dtype = cfg.dtype
-        if _on_cpu():
+        if on_cpu():
             _cpu_env(cfg)
             if dtype == "auto":
                 dtype = "float32"
@@ -151,7 +151,9 @@ class VllmTeacher:
         if not any(e.value.startswith(vllm_labeller.__name__) for e in entry_points(group="vllm.general_plugins")):
             raise RuntimeError(
                 "teacher.engine.labeller: device needs this project installed as a package (pip install -e .), "
-                "so that vLLM loads its plugin in the engine's processes; or set teacher.engine.labeller: logprobs"
+                "so that vLLM loads its plugin (entry point group vllm.general_plugins) in the engine's processes; "
+                "a stale offline_distill.egg-info folder on sys.path can hide it. Or set teacher.engine.labeller: "
+                "logprobs"
             )
         import json
 
@@ -173,7 +175,7 @@ class VllmTeacher:
         # its request is seeded: vLLM rewinds the request's generator offset, which CPU generators
         # do not have ("CPU Generator does not use offset"); answering many or long prompts with
         # per-prompt seeds (generate mode, on-policy rounds) hits it, so prompts go in whole there
-        chunked = {} if not _on_cpu() else {"enable_chunked_prefill": False}
+        chunked = {} if not on_cpu() else {"enable_chunked_prefill": False}
         return vllm.LLM(
             model=str(self.model_dir),
             dtype=dtype,

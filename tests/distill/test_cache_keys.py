@@ -60,6 +60,28 @@ def test_window_is_keyed_in_generate_mode_only():
         assert shard_key(HASHES, "fp", cfg, "float32", window=64) == shard_key(HASHES, "fp", cfg, "float32", window=128)
 
 
+def test_labeller_is_keyed_where_the_labels_can_differ():
+    """The device labeller's tails are exact and its sampled labels come from the whole
+    vocabulary, so its shards are keyed apart; generate mode labels answers as vLLM samples them
+    whatever the setting, so its key does not move."""
+
+    def key(labeller, **teacher):
+        cfg = TeacherConfig(engine=EngineConfig(labeller=labeller), **teacher)
+        return shard_key(HASHES, "fp", cfg, "float32", window=64)
+
+    for teacher in ({}, {"labels": "sampled"}, {"mode": "candidates"}):
+        assert key("device", **teacher) != key("logprobs", **teacher), teacher
+    assert key("device", mode="generate") == key("logprobs", mode="generate")
+    # the device draws from the whole vocabulary: the shard says so (proposal_k 0) and the engine
+    # is asked for no proposal
+    device = TeacherConfig(labels="sampled").label_kind("train")["kind_params"]
+    host = TeacherConfig(labels="sampled", engine=EngineConfig(labeller="logprobs")).label_kind("train")["kind_params"]
+    assert device["proposal_k"] == 0 and host["proposal_k"] == 2048
+    assert storage.kinds.KINDS["sampled"].engine_request(device) == {"k": 1, "draws": 80}
+    assert storage.kinds.KINDS["sampled"].engine_request(host) == {"k": 2048}
+    assert TeacherConfig(labels="sampled").max_logprobs == 32
+
+
 def test_relabel_tag_forces_relabelling_in_every_mode():
     for mode in ("score", "generate", "candidates"):
         cfg = TeacherConfig(mode=mode)

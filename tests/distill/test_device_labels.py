@@ -93,3 +93,70 @@ def test_bad_arguments_name_the_argument():
         label_logits(torch.zeros(10), 2)
     with pytest.raises(ValueError, match=r"draws=-1"):
         label_logits(torch.zeros(2, 10), 2, draws=-1)
+
+
+# ---- the vLLM plugin's pooler (distill.teacher.vllm_labeller) on vLLM's own metadata objects ----
+
+
+def _pool(hidden, weight, prompts, scheduled, computed, settings, states):
+    """One engine step of the labeller's pooler: requests ``prompts`` (token id lists) with
+    ``scheduled[i]`` new tokens after ``computed[i]`` already computed."""
+    import numpy as np
+    from vllm.pooling_params import PoolingParams
+    from vllm.v1.pool.metadata import PoolingMetadata
+
+    from distill.teacher.vllm_labeller import pool_labels
+
+    longest = max(len(p) for p in prompts)
+    ids = torch.tensor([p + [0] * (longest - len(p)) for p in prompts])
+    meta = PoolingMetadata(
+        prompt_lens=torch.tensor([len(p) for p in prompts]),
+        prompt_token_ids=None,
+        prompt_token_ids_cpu=ids,
+        pooling_params=[PoolingParams(task="token_classify", extra_kwargs=s) for s in settings],
+        pooling_states=states,
+    )
+    meta.build_pooling_cursor(np.array(scheduled), torch.tensor([c + n for c, n in zip(computed, scheduled)]), "cpu")
+    return pool_labels(lambda h: h @ weight, hidden, meta)
+
+
+def test_pooler_labels_every_position_the_same_in_one_step_or_in_chunks():
+    """Chunked prefill (a prompt computed over several engine steps) gives the labels of one step:
+    each chunk's targets are the next prompt tokens and its draws continue the request's seeded
+    offsets. The CPU engine runs without chunking, so this path is tested here."""
+    from vllm.v1.pool.metadata import PoolingStates
+
+    from distill.teacher.vllm_labeller import unpack
+
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(16, 300, generator=g)
+    prompts = [torch.randint(0, 300, (23,), generator=g).tolist(), torch.randint(0, 300, (9,), generator=g).tolist()]
+    hidden = [torch.randn(len(p), 16, generator=g) for p in prompts]
+    settings = [{"k": 5, "draws": 12, "seed": 7}, {"k": 5, "draws": 12, "seed": 8}]
+    whole = _pool(torch.cat(hidden), weight, prompts, [23, 9], [0, 0], settings, [PoolingStates(), PoolingStates()])
+    states = [PoolingStates(), PoolingStates()]
+    first = _pool(torch.cat([hidden[0][:10], hidden[1]]), weight, prompts, [10, 9], [0, 0], settings, states)
+    assert first[0] is None and torch.equal(first[1], whole[1])
+    second = _pool(hidden[0][10:], weight, prompts[:1], [13], [10], settings[:1], states[:1])
+    assert torch.equal(second[0], whole[0])
+    # and they are label_logits' labels of those logits, with the next prompt token as the target
+    labels = unpack(whole[0].numpy(), 5, 12)
+    ref = label_logits(hidden[0] @ weight, 5, targets=torch.tensor(prompts[0][1:] + [0]))
+    assert np.array_equal(labels["topk_ids"], ref["topk_ids"].numpy())
+    np.testing.assert_allclose(labels["target_logprobs"][:-1], ref["target_logprobs"][:-1].numpy(), atol=1e-6)
+    np.testing.assert_allclose(labels["tail_mass"], ref["tail_mass"].numpy(), rtol=1e-6)
+    assert (labels["draw_counts"].sum(-1) == 12).all()
+
+
+def test_packed_labels_unpack_exactly_and_a_wrong_width_is_refused():
+    from distill.teacher.vllm_labeller import pack, unpack
+
+    logits = _logits(6, 70_000, seed=2)  # ids above 2**16: still exact in float32
+    out = label_logits(logits, 4, targets=torch.arange(6), draws=9, generator=torch.Generator().manual_seed(0))
+    back = unpack(pack(out, 4, 9).numpy(), 4, 9)
+    for name in ("topk_ids", "draw_ids", "draw_counts"):
+        assert np.array_equal(back[name], out[name].numpy()), name
+    for name in ("topk_logprobs", "target_logprobs", "tail_mass"):
+        assert np.array_equal(back[name], out[name].numpy()), name
+    with pytest.raises(RuntimeError, match=r"expected \(positions, 10\) for k=4, draws=0"):
+        unpack(pack(out, 4, 9).numpy(), 4, 0)

@@ -32,7 +32,7 @@ from distill.eval.heldout import heldout_batches
 from distill.eval.metrics import batch_sums, candidate_sums, finish, finish_candidates
 from distill.eval.report import markdown_table, summary_line
 from distill.eval.stored import collate_teacher_candidates, teacher_metrics
-from distill.run import labelling
+from distill.run import engines, labelling
 from distill.train.config import StudentConfig
 from distill.train.student import build_student
 from distill.train.trainer import collate_for
@@ -298,7 +298,14 @@ def test_engine_greedy_and_mc_match_transformers(heldout, engine, hf_teacher, te
     )
     assert engine_mc_accuracy(engine, tok, items, source=mc_file) == mc_accuracy(hf_teacher, tok, items)
     prompts = [s[:n] for s, n in zip(seqs[::4], starts[::4])][:4]
-    assert engine.greedy(prompts, 8, tok.eos_token_id) == greedy_answers(hf_teacher, prompts, 8, tok.eos_token_id)
+    with pytest.raises(RuntimeError, match="labeller: device"):  # the session's engine only scores
+        engine.greedy(prompts, 8, tok.eos_token_id)
+    answering = engines.get_engine(heldout[0], generates=True)
+    assert answering.labeller == "logprobs"
+    assert answering.greedy(prompts, 8, tok.eos_token_id) == greedy_answers(hf_teacher, prompts, 8, tok.eos_token_id)
+    np.testing.assert_allclose(
+        answering.sequence_logprobs(seqs, starts), engine.sequence_logprobs(seqs, starts), atol=2e-3
+    )
     # a question that does not fit the engine's context is named
     long = tmp_path / "long.jsonl"
     long.write_text(

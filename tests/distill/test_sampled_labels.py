@@ -262,6 +262,15 @@ def test_config_checks():
         build(TeacherConfig, {"labels": "sampled", "sampled_labels": {"draws": 300}}, "teacher")
     with pytest.raises(ConfigError, match="labels='sampled' is invalid: expected topk in candidates mode"):
         build(TeacherConfig, {"labels": "sampled", "mode": "candidates"}, "teacher")
+    with pytest.raises(ConfigError, match="sampler='multinomial' is invalid: expected systematic with engine.labeller"):
+        build(TeacherConfig, {"labels": "sampled", "sampled_labels": {"sampler": "multinomial"}}, "teacher")
+    host = {"labeller": "logprobs"}
+    chosen = build(
+        TeacherConfig, {"labels": "sampled", "sampled_labels": {"sampler": "multinomial"}, "engine": host}, "t"
+    )
+    assert chosen.sampled_labels.sampler == "multinomial" and chosen.labeller == "logprobs"
+    with pytest.raises(ConfigError, match="labeller='gpu' is invalid"):
+        build(TeacherConfig, {"engine": {"labeller": "gpu"}}, "teacher")
 
 
 def test_engine_sampled_targets_converge_to_the_full_distribution(engine, hf_teacher, tiny_config):
