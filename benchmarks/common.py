@@ -3,6 +3,18 @@
 from __future__ import annotations
 
 
+def config_windows_repeats(doc: str, windows: int):
+    """The arguments of a benchmark over the first windows of a config's corpus: ``--config``,
+    ``--windows`` and ``--repeats`` (interleaved runs of each variant)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--config", default="configs/demo.yaml")
+    parser.add_argument("--windows", type=int, default=windows)
+    parser.add_argument("--repeats", type=int, default=3)
+    return parser.parse_args()
+
+
 def corpus_windows(cfg, count: int, shard: str = "train-00000"):
     """(windows table, input id lists, label starts) of the first ``count`` windows of a shard."""
     from distill.data import read_corpus_shard

@@ -11,8 +11,11 @@ measured in this run. The teacher engine runs in bfloat16 and training in bf16 a
 one ``name=value`` line per stage and then:
 
 - the evaluation's summary line (``teacher_ppl=… student_ppl=… …``) and the gate's verdict;
+- ``gpu_labeller_fn_tok_s_v128k``: the device labeller's math alone (``benchmarks/labeller_fn.py``,
+  top-32 plus 80 draws, 2,048 random positions at V = 128,256) on the GPU, and its top-32 rate;
 - last, ``gpu_label_tok_s=… gpu_train_tok_s=… gpu_eval_s=…``: labelled tokens per second of
-  teacher labelling (engine start excluded, printed apart as ``gpu_engine_start_s``), labelled
+  teacher labelling with the config's ``teacher.engine.labeller`` (engine start excluded, printed
+  apart as ``gpu_engine_start_s``), labelled
   tokens per second of the distilled student's training, and seconds of the evaluation stage.
 
 Exit status: 0 done; 3 no CUDA GPU visible (checked first, in about a second, before anything
@@ -124,7 +127,7 @@ def run(config: Path, root: str, steps: int | None) -> int:
 
     t = time.perf_counter()
     engine = engines.get_engine(cfg)
-    emit(gpu_engine_start_s=time.perf_counter() - t, engine_dtype=engine.dtype)
+    emit(gpu_engine_start_s=time.perf_counter() - t, engine_dtype=engine.dtype, labeller=engine.labeller)
     names = cfg.corpus.shard_names()
     t = time.perf_counter()
     labelled = labelling.label_shards(cfg, names)
@@ -147,6 +150,14 @@ def run(config: Path, root: str, steps: int | None) -> int:
         )
         return CHECK_FAILED
     emit(mean_topk_mass=f"{check['mean_topk_mass']:.4f}")
+    # the device labeller's math alone on this GPU (it needs only torch): positions/s at V = 128,256
+    from benchmarks.labeller_fn import measure
+
+    fn = measure(positions=2048, repeats=5, device="cuda", vocabs=(128_256,))[128_256]
+    emit(
+        gpu_labeller_fn_topk_tok_s_v128k=sorted(fn["topk"])[len(fn["topk"]) // 2],
+        gpu_labeller_fn_tok_s_v128k=sorted(fn["sampled"])[len(fn["sampled"]) // 2],
+    )
 
     print(f"gpu-check: training on {torch.cuda.get_device_name(0)}", flush=True)
     train_tok_s = {}

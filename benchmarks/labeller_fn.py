@@ -18,19 +18,15 @@ from benchmarks.timing import interleave, median, paired_ratios, rates, summary
 from distill.teacher.device_labels import label_logits
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--positions", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--device", default="cpu")
-    args = parser.parse_args()
-    device = torch.device(args.device)
+def measure(positions: int = 256, repeats: int = 5, device: str = "cpu", vocabs=(49_152, 128_256)) -> dict:
+    """Positions/s of each variant per vocabulary, printed as it goes: ``{vocab: {variant: [rates]}}``."""
+    device = torch.device(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     results = {}
-    for vocab, tag in ((49_152, "v49k"), (128_256, "v128k")):
+    for vocab in vocabs:
         g = torch.Generator(device=device).manual_seed(0)
-        logits = torch.randn(args.positions, vocab, generator=g, device=device) * 3
-        targets = torch.randint(0, vocab, (args.positions,), generator=g, device=device)
+        logits = torch.randn(positions, vocab, generator=g, device=device) * 3
+        targets = torch.randint(0, vocab, (positions,), generator=g, device=device)
 
         def run(fn):
             def call():
@@ -45,17 +41,27 @@ def main() -> None:
                 "topk": run(lambda: label_logits(logits, 32, targets=targets)),
                 "sampled": run(lambda: label_logits(logits, 32, targets=targets, draws=80, generator=g)),
             },
-            args.repeats,
+            repeats,
         )
         for name, secs in seconds.items():
-            print(f"V={vocab} {name}: {summary(rates(args.positions, secs))} positions/s", flush=True)
+            print(f"V={vocab} {name}: {summary(rates(positions, secs))} positions/s", flush=True)
         ratio = paired_ratios(seconds["sampled"], seconds["topk"])
         print(f"V={vocab} sampled/top-32 time: {summary(ratio, '.2f')}", flush=True)
         over_projection = paired_ratios(seconds["topk"], seconds["log_softmax"])
         print(f"V={vocab} top-32/log-softmax time: {summary(over_projection, '.2f')}", flush=True)
-        results[tag] = median(rates(args.positions, seconds["sampled"]))
-    print(f"labeller_fn_tok_s_v49k={results['v49k']:.0f}")
-    print(f"labeller_fn_tok_s_v128k={results['v128k']:.0f}")
+        results[vocab] = {name: rates(positions, secs) for name, secs in seconds.items()}
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--positions", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    results = measure(args.positions, args.repeats, args.device)
+    print(f"labeller_fn_tok_s_v49k={median(results[49_152]['sampled']):.0f}")
+    print(f"labeller_fn_tok_s_v128k={median(results[128_256]['sampled']):.0f}")
 
 
 if __name__ == "__main__":

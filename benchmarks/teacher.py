@@ -19,8 +19,14 @@ reverses every other round, so each pair alternates which goes first); each rati
 round and printed as its median and min..max. The engines and model of the variants not
 running stay loaded and idle meanwhile; the CPU they use then is printed.
 
+The two labellers (``--labellers``, on by default; ``benchmarks/labellers.py``): labelled
+positions/s of the device labeller against the logprobs one for top-32 and for sampled labels,
+host microseconds per position beyond a bare projection, and the pure labelling function's rate
+at V = 128,256 (``benchmarks/labeller_fn.py``).
+
     .venv/bin/python benchmarks/teacher.py [--config configs/demo.yaml] [--windows 192] [--repeats 3]
-        [--generate-config configs/generate.yaml] [--prompts 32] [--two-slots 1]
+        [--generate-config configs/generate.yaml] [--prompts 32] [--two-slots 1] [--labellers 1]
+        [--labeller-windows 48] [--main 1]
 """
 
 from __future__ import annotations
@@ -44,6 +50,9 @@ def main() -> None:
     )
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--two-slots", type=int, default=1, help="0 to skip the engine-slot measurement")
+    parser.add_argument("--labellers", type=int, default=1, help="0 to skip the device vs logprobs labellers")
+    parser.add_argument("--labeller-windows", type=int, default=48)
+    parser.add_argument("--main", type=int, default=1, help="0 to skip the pipeline/bare/transformers measurement")
     parser.add_argument(
         "--slot-worker", nargs=4, metavar=("CONFIG", "WINDOWS", "SLOTS_DIR", "STORE"), help=argparse.SUPPRESS
     )
@@ -51,19 +60,50 @@ def main() -> None:
     if args.slot_worker:
         return slot_worker(*args.slot_worker)
 
+    from benchmarks.common import corpus_windows
+    from benchmarks.timing import median, paired_ratios, rates, summary
+    from distill.config import load_config
+
+    cfg = load_config(args.config)
+    lines = bench_main(cfg, args) if args.main else []
+    gen = (
+        bench_generate(load_config(args.generate_config), args.prompts, args.repeats) if args.generate_config else None
+    )
+    if gen:
+        g = {name: rates(gen["tokens"], s) for name, s in gen["seconds"].items()}
+        print(
+            f"generate: prompts={gen['prompts']} answer_tokens={gen['tokens']} tokens_per_s: "
+            f"pipeline={summary(g['pipeline'])} bare_vllm={summary(g['bare_vllm'])}"
+        )
+        ratio = paired_ratios(g["pipeline"], g["bare_vllm"])
+        print(f"generate_pipeline_vs_bare_vllm: {summary(ratio, '.3f')}")
+        print(f"generate_pipeline_vs_bare_vllm={median(ratio):.3f}")
+    for line in lines:
+        print(line)
+    if args.labellers:
+        from benchmarks import labeller_fn, labellers
+
+        fn = labeller_fn.measure(256, args.repeats, vocabs=(128_256,))
+        windows, ids, starts = corpus_windows(cfg, args.labeller_windows)
+        for line in labellers.report(labellers.bench_labellers(cfg, windows, ids, starts, args.repeats)):
+            print(line, flush=True)
+        print(f"labeller_fn_tok_s_v128k={median(fn[128_256]['sampled']):.0f}")
+
+
+def bench_main(cfg, args) -> list[str]:
+    """Our pipeline, the bare vLLM call and a batched transformers forward (and two engine slots):
+    the printed lines."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from benchmarks.common import bench_meta, corpus_windows
     from benchmarks.timing import interleave, median, paired_ratios, rates, summary
-    from distill.config import load_config
     from distill.run import paths
     from distill.teacher.labels import label_shard
     from distill.teacher.reference import reference_labels
     from distill.teacher.vllm_engine import VllmTeacher
     from storage.cache import LabelStore
 
-    cfg = load_config(args.config)
     windows, ids, starts = corpus_windows(cfg, args.windows)
     tokens = sum(len(w) - 1 - s for w, s in zip(ids, starts))
     k, batch = cfg.teacher.k, cfg.teacher.engine.batch_windows
@@ -82,9 +122,16 @@ def main() -> None:
         meta = bench_meta(cfg, k, engine.engine_version)
         prompts = [{"prompt_token_ids": [int(t) for t in w]} for w in ids]
 
-        def bare():
+        def bare():  # the engine's own call with the same settings: prompt logprobs, or the device labeller's pooler
+            from vllm import PoolingParams
+
             for b in range(0, len(prompts), batch):
-                engine.llm.generate(prompts[b : b + batch], engine.params, use_tqdm=False)
+                chunk = prompts[b : b + batch]
+                if engine.labeller == "device":
+                    pooled = [PoolingParams(extra_kwargs={"k": k})] * len(chunk)
+                    engine.llm.encode(chunk, pooled, pooling_task="token_classify", use_tqdm=False)
+                else:
+                    engine.llm.generate(chunk, engine.params, use_tqdm=False)
 
         def ours():
             store = LabelStore(tempfile.mkdtemp(prefix="bench-teacher-"))
@@ -106,40 +153,28 @@ def main() -> None:
             slots.stop()
         engine.close()
     tok_s = {name: rates(tokens, s) for name, s in seconds.items()}
-
-    gen = (
-        bench_generate(load_config(args.generate_config), args.prompts, args.repeats) if args.generate_config else None
-    )
-
-    print(
-        f"windows={len(ids)} labelled_tokens={tokens} k={k} batch_windows={batch} repeats={args.repeats} (interleaved; "
-        f"median (min..max, n) below)"
-    )
-    print(idle.report())
-    if gen:
-        g = {name: rates(gen["tokens"], s) for name, s in gen["seconds"].items()}
-        print(
-            f"generate: prompts={gen['prompts']} answer_tokens={gen['tokens']} tokens_per_s: "
-            f"pipeline={summary(g['pipeline'])} bare_vllm={summary(g['bare_vllm'])}"
-        )
-        ratio = paired_ratios(g["pipeline"], g["bare_vllm"])
-        print(f"generate_pipeline_vs_bare_vllm: {summary(ratio, '.3f')}")
-        print(f"generate_pipeline_vs_bare_vllm={median(ratio):.3f}")
-    print("tokens_per_s: " + " ".join(f"{name}={summary(r)}" for name, r in tok_s.items()))
+    lines = [
+        f"windows={len(ids)} labelled_tokens={tokens} k={k} batch_windows={batch} labeller={engine.labeller} "
+        f"repeats={args.repeats} (interleaved; median (min..max, n) below)",
+        idle.report(),
+        "tokens_per_s: " + " ".join(f"{name}={summary(r)}" for name, r in tok_s.items()),
+    ]
     ratio = paired_ratios(tok_s["pipeline"], tok_s["bare_vllm"])
-    print(f"pipeline_vs_bare_vllm: {summary(ratio, '.3f')}")
-    print(f"pipeline_vs_bare_vllm={median(ratio):.3f}")
+    lines += [f"pipeline_vs_bare_vllm: {summary(ratio, '.3f')}", f"pipeline_vs_bare_vllm={median(ratio):.3f}"]
     if slots:
         ratio = paired_ratios(tok_s["two_slots"], tok_s["pipeline"])
-        print(
+        lines += [
             f"two slots of one core each against one engine on both cores (pipeline), labelled tokens/s: "
-            f"{summary(tok_s['two_slots'])} against {summary(tok_s['pipeline'])}"
-        )
-        print(f"two_slots_vs_one: {summary(ratio, '.3f')}")
-        print(f"two_slots_vs_one={median(ratio):.3f}")
+            f"{summary(tok_s['two_slots'])} against {summary(tok_s['pipeline'])}",
+            f"two_slots_vs_one: {summary(ratio, '.3f')}",
+            f"two_slots_vs_one={median(ratio):.3f}",
+        ]
     ratio = paired_ratios(tok_s["pipeline"], tok_s["transformers_batched"])
-    print(f"pipeline_vs_transformers_batched: {summary(ratio, '.3f')}")
-    print(f"pipeline_vs_transformers_batched={median(ratio):.3f}")
+    lines += [
+        f"pipeline_vs_transformers_batched: {summary(ratio, '.3f')}",
+        f"pipeline_vs_transformers_batched={median(ratio):.3f}",
+    ]
+    return lines
 
 
 def _batched_logprobs(model, chunk):
@@ -363,6 +398,8 @@ def slot_worker(config: str, windows_file: str, slots_dir: str, store_dir: str) 
 
 def bench_generate(cfg, count: int, repeats: int) -> dict:
     """Answer tokens and seconds of interleaved runs of the bare vLLM call and the pipeline."""
+    import dataclasses
+
     import vllm
 
     from benchmarks.common import bench_meta, corpus_windows
@@ -375,7 +412,8 @@ def bench_generate(cfg, count: int, repeats: int) -> dict:
     windows, ids, _ = corpus_windows(cfg, count)
     doc_ids = windows.column("doc_id").to_pylist()
     s, k = cfg.teacher.sampling, cfg.teacher.k
-    engine = VllmTeacher(paths.teacher_dir(cfg), k, cfg.corpus.window, cfg.teacher.engine)
+    engine_cfg = dataclasses.replace(cfg.teacher.engine, labeller=cfg.teacher.labeller)  # generate mode: logprobs
+    engine = VllmTeacher(paths.teacher_dir(cfg), k, cfg.corpus.window, engine_cfg)
     list(engine.generate(ids[:4], [0] * 4, s))  # warm-up
     params = [
         vllm.SamplingParams(

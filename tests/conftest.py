@@ -91,7 +91,7 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 # what puts a test in a tier (see the module docstring)
-ENGINE_FIXTURES = {"engine"}
+ENGINE_FIXTURES = {"engine", "answering_engine"}
 ENGINE_NAMES = {"VllmTeacher", "get_engine"}
 PROCESS_NAMES = {"subprocess", "multiprocessing", "start_group", "run_group", "dagster_dev"}
 TIERS = ("engine", "subprocess", "slow")
@@ -259,13 +259,13 @@ class SessionEngine:
     every use: when the out-of-memory killer of a loaded machine takes it, the next use starts a
     fresh one instead of failing every later test."""
 
-    def __init__(self, cfg):
-        self._cfg = cfg
+    def __init__(self, cfg, generates: bool = False):
+        self._cfg, self._generates = cfg, generates
 
     def current(self):
         from distill.run import engines
 
-        return engines.get_engine(self._cfg)
+        return engines.get_engine(self._cfg, generates=self._generates)
 
     def __getattr__(self, name):
         return getattr(self.current(), name)
@@ -280,6 +280,16 @@ def engine(tiny_config):
     eng.current()
     yield eng
     engines.close_engines()
+
+
+@pytest.fixture(scope="session")
+def answering_engine(tiny_config, engine):
+    """The session's generating engine (``teacher.engine.labeller: logprobs``; the session's
+    ``engine`` is a device labeller, which only scores): greedy answers, ``generate`` mode, and the
+    labeller the device one is checked against. Started on first use, closed with ``engine``."""
+    eng = SessionEngine(tiny_config, generates=True)
+    eng.current()
+    return eng
 
 
 @pytest.fixture(scope="session")

@@ -19,8 +19,9 @@ def get_engine(cfg: RunConfig, generates: bool = False) -> VllmTeacher:
     anew when the one held has died or failed. ``generates``: an engine that can generate (greedy
     answers), which a ``device`` labeller's pooling engine cannot: such calls get a ``logprobs`` one."""
     labeller = "logprobs" if generates else cfg.teacher.labeller
-    engine_cfg = dataclasses.replace(cfg.teacher.engine, labeller=labeller)
-    max_logprobs = cfg.teacher.max_logprobs if labeller == cfg.teacher.labeller else cfg.teacher.k
+    teacher = dataclasses.replace(cfg.teacher, engine=dataclasses.replace(cfg.teacher.engine, labeller=labeller))
+    # the same key for a generating engine of a score-mode config and a generate-mode config's engine
+    engine_cfg, max_logprobs = teacher.engine, teacher.max_logprobs
     key = (str(teacher_dir(cfg)), cfg.teacher.k, cfg.corpus.window, engine_cfg, max_logprobs)
     held = _ENGINES.get(key)
     if held is not None and not held.alive():

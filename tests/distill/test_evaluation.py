@@ -32,7 +32,7 @@ from distill.eval.heldout import heldout_batches
 from distill.eval.metrics import batch_sums, candidate_sums, finish, finish_candidates
 from distill.eval.report import markdown_table, summary_line
 from distill.eval.stored import collate_teacher_candidates, teacher_metrics
-from distill.run import engines, labelling
+from distill.run import labelling
 from distill.train.config import StudentConfig
 from distill.train.student import build_student
 from distill.train.trainer import collate_for
@@ -288,7 +288,7 @@ def test_stored_teacher_metrics_match_a_transformers_forward(heldout, hf_teacher
     assert set(stored) == set(forward)
 
 
-def test_engine_greedy_and_mc_match_transformers(heldout, engine, hf_teacher, teacher_dir, tmp_path):
+def test_engine_greedy_and_mc_match_transformers(heldout, engine, answering_engine, hf_teacher, teacher_dir, tmp_path):
     tok = AutoTokenizer.from_pretrained(teacher_dir)
     mc_file = Path(__file__).resolve().parents[2] / "examples" / "python_mc.jsonl"
     items = load_mc(mc_file)
@@ -300,7 +300,7 @@ def test_engine_greedy_and_mc_match_transformers(heldout, engine, hf_teacher, te
     prompts = [s[:n] for s, n in zip(seqs[::4], starts[::4])][:4]
     with pytest.raises(RuntimeError, match="labeller: device"):  # the session's engine only scores
         engine.greedy(prompts, 8, tok.eos_token_id)
-    answering = engines.get_engine(heldout[0], generates=True)
+    answering = answering_engine
     assert answering.labeller == "logprobs"
     assert answering.greedy(prompts, 8, tok.eos_token_id) == greedy_answers(hf_teacher, prompts, 8, tok.eos_token_id)
     np.testing.assert_allclose(

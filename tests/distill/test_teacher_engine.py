@@ -60,15 +60,6 @@ def test_alignment_is_checked(engine, windows):
 # ---- the device labeller (teacher.engine.labeller: device, the session engine's) against the logprobs path ----
 
 
-@pytest.fixture(scope="module")
-def logprobs_engine(tiny_config):
-    """The logprobs labeller over the same teacher: the registry's generating engine, which the
-    evaluation tests share."""
-    from distill.run import engines
-
-    return engines.get_engine(tiny_config, generates=True)
-
-
 def _exact_reference(hf_teacher, ids, start: int, k: int) -> dict:
     """A transformers float32 forward with float64 log-softmax and tails summed over the ids
     outside the top k (no ``1 - sum`` cancellation)."""
@@ -82,12 +73,12 @@ def _exact_reference(hf_teacher, ids, start: int, k: int) -> dict:
     return {"tail_mass": torch.logsumexp(rest, -1).exp().numpy(), "logprobs": logprobs.numpy()}
 
 
-def test_device_labels_equal_the_logprobs_path_and_tails_are_exact(engine, logprobs_engine, hf_teacher, windows):
+def test_device_labels_equal_the_logprobs_path_and_tails_are_exact(engine, answering_engine, hf_teacher, windows):
     from storage.codec import TAIL_MAX_REL_ERROR, TARGET_STEP
 
-    assert engine.labeller == "device" and logprobs_engine.labeller == "logprobs"
+    assert engine.labeller == "device" and answering_engine.labeller == "logprobs"
     ids, starts = [w for w, _ in windows], [s for _, s in windows]
-    device, logprobs = list(engine.score(ids, starts)), list(logprobs_engine.score(ids, starts))
+    device, logprobs = list(engine.score(ids, starts)), list(answering_engine.score(ids, starts))
     worst_lp = worst_tail = worst_host_tail = 0.0
     for (w, start), d, h in zip(windows, device, logprobs):
         for t in np.nonzero((d["topk_ids"] != h["topk_ids"]).any(axis=1))[0]:  # only at near-ties
@@ -150,16 +141,16 @@ def test_device_draws_come_from_the_whole_vocabulary(engine, hf_teacher, windows
     assert far.max() > 0, "ids beyond a top-2048 proposal are drawn"
 
 
-def test_device_engine_scores_sequences_like_the_logprobs_engine(engine, logprobs_engine, windows):
+def test_device_engine_scores_sequences_like_the_logprobs_engine(engine, answering_engine, windows):
     seqs = [w for w, _ in windows]
     starts = [1, 5, 17, 30, 2, 40, 3]
     device = engine.sequence_logprobs(seqs, starts, greedy=True)
-    host = logprobs_engine.sequence_logprobs(seqs, starts, greedy=True)
+    host = answering_engine.sequence_logprobs(seqs, starts, greedy=True)
     np.testing.assert_allclose(device[:, 0], host[:, 0], atol=1e-3)
     assert np.array_equal(device[:, 1:], host[:, 1:])
     cands = [[list(seqs[0][10:13]), list(seqs[1][:4])], [list(seqs[2][5:6])]]
     for d, h in zip(
         engine.score_candidates([seqs[0][:10], seqs[2][:5]], cands),
-        logprobs_engine.score_candidates([seqs[0][:10], seqs[2][:5]], cands),
+        answering_engine.score_candidates([seqs[0][:10], seqs[2][:5]], cands),
     ):
         np.testing.assert_allclose(d, h, atol=1e-3)

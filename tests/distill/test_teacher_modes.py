@@ -27,7 +27,7 @@ def _label(cfg):
 
 
 @pytest.fixture(scope="module")
-def generated(tiny_config, engine):
+def generated(tiny_config, answering_engine):
     cfg = mode_config(tiny_config, "generate", sampling=SamplingConfig(n=2, temperature=0.5, top_p=0.9, max_tokens=16))
     return (cfg, *_label(cfg))
 
@@ -42,9 +42,9 @@ def _engine_answers(engine, cfg, rows):
     return firsts, prompts, list(engine.generate(prompts, seeds, cfg.teacher.sampling))
 
 
-def test_generated_labels_match_transformers(generated, engine, hf_teacher):
+def test_generated_labels_match_transformers(generated, answering_engine, hf_teacher):
     cfg, results, shards, rows = generated
-    firsts, prompts, answers = _engine_answers(engine, cfg, rows)
+    firsts, prompts, answers = _engine_answers(answering_engine, cfg, rows)
     positions = near_ties = 0
     for row, prompt, samples in zip(firsts, prompts, answers):
         # seeded per prompt: the same answer as the stored one, whatever the batch
@@ -101,7 +101,7 @@ def test_generated_rows_hold_prompt_answer_and_only_answer_labels(generated, tea
     assert shards[0].meta.settings["sampling"]["n"] == 2
 
 
-def test_temperature_is_recorded_and_applied_once(generated, engine, hf_teacher):
+def test_temperature_is_recorded_and_applied_once(generated, answering_engine, hf_teacher):
     """Answers were sampled at T=0.5, but vLLM hands back raw logprobs: shards record label
     temperature 1.0 and the sampling settings; the distillation temperature then softens the
     stored labels exactly once."""
@@ -109,7 +109,7 @@ def test_temperature_is_recorded_and_applied_once(generated, engine, hf_teacher)
 
     cfg, results, shards, rows = generated
     assert shards[0].meta.temperature == 1.0 and shards[0].meta.settings["sampling"]["temperature"] == 0.5
-    firsts, prompts, answers = _engine_answers(engine, cfg, rows[:1])
+    firsts, prompts, answers = _engine_answers(answering_engine, cfg, rows[:1])
     sample, start = answers[0][0], len(prompts[0]) - 1
     n = len(sample["response_ids"])
     ids = torch.as_tensor(np.concatenate([prompts[0], sample["response_ids"]]), dtype=torch.int64)[None]
@@ -171,7 +171,7 @@ def test_mode_settings_are_part_of_the_cache_key(tiny_config):
     assert len(keys) == 4
 
 
-def test_seeded_answers_to_more_prompt_tokens_than_one_engine_step(engine):
+def test_seeded_answers_to_more_prompt_tokens_than_one_engine_step(answering_engine):
     """64 prompts x 4 answers x 40 tokens is 10,240 prompt tokens, more than the engine's
     4,096-token step: with chunked prefill a seeded prompt cut across two steps killed the CPU
     engine ("CPU Generator does not use offset"). Prompts now go in whole, and the answers
@@ -180,8 +180,9 @@ def test_seeded_answers_to_more_prompt_tokens_than_one_engine_step(engine):
     prompts = [rng.integers(100, 20000, 40).tolist() for _ in range(64)]
     seeds = list(range(64))
     sampling = SamplingConfig(n=4, temperature=1.0, top_p=1.0, max_tokens=4)
-    assert len(prompts) * sampling.n * 40 > engine.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
-    answers = list(engine.generate(prompts, seeds, sampling, k=1))
+    step = answering_engine.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+    assert len(prompts) * sampling.n * 40 > step
+    answers = list(answering_engine.generate(prompts, seeds, sampling, k=1))
     assert len(answers) == 64 and all(len(a) == 4 and all(len(s["response_ids"]) >= 1 for s in a) for a in answers)
-    alone = list(engine.generate(prompts[5:6], seeds[5:6], sampling, k=1))[0]
+    alone = list(answering_engine.generate(prompts[5:6], seeds[5:6], sampling, k=1))[0]
     assert [s["response_ids"].tolist() for s in alone] == [s["response_ids"].tolist() for s in answers[5]]
