@@ -13,10 +13,13 @@ for both labellers):
 
 Host time per position: CPU seconds of the host processes (this one and the engine's
 ``EngineCore``; the ``Worker`` that runs the model is the device) beyond the floor's, over the
-labelled positions. On this CPU the device labeller's math runs in the ``Worker``, so it counts as
-device time, as it would on a GPU.
+labelled positions (the clock ticks in 10 ms: use enough windows). On this CPU the device
+labeller's math runs in the ``Worker``, so it counts as device time, as it would on a GPU. Also
+printed: the wall time our own code spends outside engine calls per position (unpacking the
+packed tensors, the label kind's ``from_teacher``); the logprobs path's Python objects are built
+inside vLLM's engine call, so only the CPU measure compares the two.
 
-    .venv/bin/python -m benchmarks.labellers [--config configs/demo.yaml] [--windows 48] [--repeats 3]
+    .venv/bin/python -m benchmarks.labellers [--config configs/demo.yaml] [--windows 96] [--repeats 3]
 
 Also run by ``benchmarks/teacher.py`` (its ``--labellers`` section). Last line:
 ``sampled_vs_topk_rate=`` (the default labeller's sampled labels against its top-32).
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import time
 from pathlib import Path
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])
@@ -115,14 +119,16 @@ def bench_labellers(cfg, windows, ids: list, starts: list, repeats: int) -> dict
         for name, run in variants.values():  # warm-up, untimed
             list(engines[name].score(ids[:2], starts[:2]))
         host = {name: [] for name in variants}
+        ours = {name: [] for name in variants}  # wall seconds outside engine calls: our unpacking and label making
 
         def timed(name: str):
             engine, run = variants[name]
 
             def call():
-                before = cpu[engine].now()[0]
+                before, inside, t0 = cpu[engine].now()[0], engines[engine].engine_seconds, time.perf_counter()
                 run()
                 host[name].append(cpu[engine].now()[0] - before)
+                ours[name].append(time.perf_counter() - t0 - (engines[engine].engine_seconds - inside))
 
             return call
 
@@ -134,7 +140,15 @@ def bench_labellers(cfg, windows, ids: list, starts: list, repeats: int) -> dict
     finally:
         for engine in engines.values():
             engine.close()
-    return {"seconds": seconds, "host": host, "positions": positions, "k": k, "draws": draws, "proposal_k": proposal}
+    return {
+        "seconds": seconds,
+        "host": host,
+        "ours": ours,
+        "positions": positions,
+        "k": k,
+        "draws": draws,
+        "proposal_k": proposal,
+    }
 
 
 def report(result: dict) -> list[str]:
@@ -148,8 +162,10 @@ def report(result: dict) -> list[str]:
         f"labellers: {n} labelled positions, top-{result['k']}, sampled {result['draws']} draws "
         f"(logprobs: from a top-{result['proposal_k']} proposal); median (min..max, n)",
         "positions_per_s: " + " ".join(f"{name}={summary(r)}" for name, r in rate.items()),
-        "host_us_per_position beyond the floor: "
+        "host CPU us/position beyond the floor (this process and EngineCore; 10 ms clock ticks): "
         + " ".join(f"{name}={summary(h, '.1f')}" for name, h in host_us.items()),
+        "our code's wall us/position outside engine calls (unpacking, label making): "
+        + " ".join(f"{name}={summary([o / n * 1e6 for o in result['ours'][name]], '.1f')}" for name in host_us),
     ]
     ratios = {
         "device_vs_logprobs_topk": paired_ratios(rate["device_topk"], rate["logprobs_topk"]),
@@ -168,7 +184,7 @@ def report(result: dict) -> list[str]:
 def main() -> None:
     from benchmarks.common import config_windows_repeats
 
-    args = config_windows_repeats(__doc__, 48)
+    args = config_windows_repeats(__doc__, 96)
 
     from benchmarks.common import corpus_windows
     from distill.config import load_config

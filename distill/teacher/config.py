@@ -22,8 +22,9 @@ LABELLERS = ("device", "logprobs")
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     dtype: str = "auto"
-    """Weights/activation dtype; ``auto`` uses float32 on CPU (bf16 is slow without AVX-512) and the
-    checkpoint's dtype on GPU."""
+    """Weights/activation dtype; ``auto`` uses float32 on a CPU and the checkpoint's dtype on a GPU.
+    On a CPU with AVX512-BF16, ``bfloat16`` labels faster but moves the labels visibly away from a
+    float32 forward (docs/results.md, "The CPU engine's dtype"); without AVX-512 it is slow."""
     batch_windows: int = 64
     """Windows sent to the engine per call (a macro-batch)."""
     max_num_batched_tokens: int = 4096

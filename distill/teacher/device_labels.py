@@ -1,9 +1,8 @@
 """Soft labels computed from full-vocabulary logits, on whatever device holds them (issue 26).
 
 One pure function, ``label_logits``: logits of N positions in, packed label tensors out, with no
-Python object per entry. It is the math a labeller inside the engine runs on the engine's device;
-the engine hook that calls it is not wired yet, so labelling still goes through vLLM's
-``prompt_logprobs`` (``distill.teacher.vllm_engine``).
+Python object per entry. It is the math the device labeller runs inside the engine, on the
+engine's device (``distill.teacher.vllm_labeller``, ``teacher.engine.labeller: device``).
 
 Per position, from ``logits`` (N, V) at ``temperature``:
 
@@ -63,7 +62,12 @@ def label_logits(
         scores = scores / temperature
     top, top_ids = scores.topk(k, dim=-1)  # (N, k), most likely first
     weights = (scores - top[:, :1]).exp_()  # (N, V): probabilities times the normalizer
-    total = weights.sum(dim=-1, keepdim=True)  # (N, 1)
+    if draws:  # the draws need block sums anyway: the total is their sum
+        blocks = _blocks(weights)
+        block_sums = blocks.sum(dim=-1)  # (N, blocks)
+        total = block_sums.sum(dim=-1, keepdim=True)
+    else:
+        total = weights.sum(dim=-1, keepdim=True)  # (N, 1)
     lse = top[:, :1] + total.log()
     out = {"topk_ids": top_ids, "topk_logprobs": top - lse}
     if targets is not None:
@@ -71,32 +75,43 @@ def label_logits(
     if draws:
         if offsets is None:
             offsets = torch.rand(n, generator=generator, device=logits.device)
-        out.update(_systematic_draws(weights, draws, offsets))
+        out.update(_systematic_draws(blocks, block_sums, vocab, draws, offsets))
     # the tail summed over the ids outside the top k: no cancellation, unlike 1 - sum(p)
     out["tail_mass"] = (weights.scatter_(-1, top_ids, 0.0).sum(dim=-1, keepdim=True) / total).view(n)
     return out
 
 
-def _systematic_draws(weights: torch.Tensor, draws: int, offsets: torch.Tensor, block: int = 64) -> dict:
-    """``draw_ids``/``draw_counts`` (N, draws) from ``weights`` (N, V), the probabilities times any
-    positive per-row factor.
+BLOCK = 64  # ids per block of the draws' two-level search
 
-    No cumulative sum over the whole vocabulary: the points are first located among blocks of
-    ``block`` ids (a cumulative sum of block sums, in float64 where the device has it), then inside
-    their block (a float32 cumulative sum of ``block`` entries). The distribution function is thus
-    exact to float32's resolution everywhere, and the work per position is ``V + draws * block``."""
+
+def _blocks(weights: torch.Tensor) -> torch.Tensor:
+    """``weights`` (N, V) as (N, blocks, BLOCK), zero-padded at the end when V is not a multiple."""
     n, vocab = weights.shape
-    wide = _wide(weights.device)
-    pad = (-vocab) % block
-    blocks = (torch.nn.functional.pad(weights, (0, pad)) if pad else weights).view(n, -1, block)
-    block_cdf = blocks.sum(dim=-1).to(wide).cumsum(dim=-1)  # (N, blocks)
-    steps = torch.arange(draws, device=weights.device, dtype=wide)
+    pad = (-vocab) % BLOCK
+    return (torch.nn.functional.pad(weights, (0, pad)) if pad else weights).view(n, -1, BLOCK)
+
+
+def _systematic_draws(
+    blocks: torch.Tensor, block_sums: torch.Tensor, vocab: int, draws: int, offsets: torch.Tensor
+) -> dict:
+    """``draw_ids``/``draw_counts`` (N, draws) from ``blocks`` (N, blocks, BLOCK), the probabilities
+    times any positive per-row factor, and their sums per block.
+
+    No cumulative sum over the whole vocabulary: the points are first located among the blocks (a
+    cumulative sum of block sums, in float64 where the device has it), then inside their block (a
+    float32 cumulative sum of ``BLOCK`` entries). The distribution function is thus exact to
+    float32's resolution everywhere, and the work per position is ``V + draws * BLOCK``."""
+    n, count, _ = blocks.shape
+    wide = _wide(blocks.device)
+    block_cdf = block_sums.to(wide).cumsum(dim=-1)  # (N, blocks)
+    steps = torch.arange(draws, device=blocks.device, dtype=wide)
     points = (offsets.to(wide).view(n, 1) + steps) / draws * block_cdf[:, -1:]  # (N, D), increasing
-    blk = torch.searchsorted(block_cdf, points, right=True).clamp_(max=block_cdf.shape[1] - 1)  # (N, D)
+    blk = torch.searchsorted(block_cdf, points, right=True).clamp_(max=count - 1)  # (N, D)
     before = torch.where(blk > 0, block_cdf.gather(-1, (blk - 1).clamp(min=0)), 0.0)
-    inner = blocks.gather(1, blk.unsqueeze(-1).expand(n, draws, block)).cumsum(dim=-1)  # (N, D, block)
+    rows = (torch.arange(n, device=blocks.device).view(n, 1) * count + blk).view(-1)
+    inner = blocks.reshape(n * count, BLOCK).index_select(0, rows).view(n, draws, BLOCK).cumsum(dim=-1)
     within = torch.searchsorted(inner, (points - before).to(inner.dtype).unsqueeze(-1), right=True)
-    ids = (blk * block + within.squeeze(-1).clamp_(max=block - 1)).clamp_(max=vocab - 1)  # (N, D), non-decreasing
+    ids = (blk * BLOCK + within.squeeze(-1).clamp_(max=BLOCK - 1)).clamp_(max=vocab - 1)  # (N, D), non-decreasing
     # run-length encode each row: ids are sorted, so equal ids are adjacent
     starts = torch.ones_like(ids, dtype=torch.bool)
     starts[:, 1:] = ids[:, 1:] != ids[:, :-1]

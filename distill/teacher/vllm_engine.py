@@ -143,6 +143,7 @@ class VllmTeacher:
             max_tokens=1, prompt_logprobs=k, detokenize=False, flat_logprobs=True, temperature=0.0
         )
         self.forward_calls = 0
+        self.engine_seconds = 0.0  # wall time inside engine calls (the rest of a labelling run is host work)
 
     def _device_settings(self) -> dict:
         """The engine arguments that run the teacher as the device labeller's pooling model."""
@@ -460,7 +461,7 @@ class VllmTeacher:
             finally:
                 done.set()
 
-        self._last_step[0] = time.monotonic()
+        self._last_step[0] = started = time.monotonic()
         threading.Thread(target=call, name="teacher-engine-call", daemon=True).start()
         while not done.wait(POLL_S):
             dead = self._dead_processes()
@@ -469,6 +470,7 @@ class VllmTeacher:
             stalled = time.monotonic() - self._last_step[0]
             if stalled > self.cfg.step_timeout_s:
                 self._fail(self._stall_message(stalled))
+        self.engine_seconds += time.monotonic() - started
         if "error" in outcome:
             error = outcome["error"]
             dead = self._dead_processes()
