@@ -4,11 +4,13 @@ vLLM's own path returns prompt logprobs as Python lists, one object per entry. H
 architecture is registered a second time, as a *pooling* model (``DistillLabeller<Arch>``, the same
 weights and forward) whose pooler projects the final hidden states onto the vocabulary and runs
 ``distill.teacher.device_labels.label_logits`` on the engine's device. Each request comes back as
-one float32 tensor, one row per prompt position, packed as::
+one int32 tensor, one row per prompt position, packed as::
 
-    [ topk_ids (k) | topk_logprobs (k) | target_logprob | tail_mass | draw_ids (d) | draw_counts (d) ]
+    [ topk_ids (k) | topk_logprobs (k) | target_logprob | tail_mass | draws (d) ]
 
-ids and counts are exact in float32 (vocabularies are far below 2**24). The labelling settings
+the logprobs and the tail as the bits of their float32 values, each draw as ``id * 256 + count``
+(counts are at most 255, ids below 2**23): 4 bytes per slot, so a position of 80 draws costs
+328 bytes to move off the device and through vLLM's processes. The labelling settings
 travel per request in ``PoolingParams.extra_kwargs``: ``k``, ``draws`` and, with draws, ``seed``,
 which seeds that request's systematic offsets on the device, one per position, so a window's
 labels do not depend on which other windows share its batch or how the scheduler cut it.
@@ -37,9 +39,12 @@ def labeller_arch(arch: str) -> str:
     return PREFIX + arch
 
 
+MAX_ID = 2**23  # draws pack id * 256 + count into an int32
+
+
 def width(k: int, draws: int) -> int:
     """Columns of one packed position."""
-    return 2 * k + 2 + 2 * draws
+    return 2 * k + 2 + draws
 
 
 def register() -> None:
@@ -125,8 +130,12 @@ def pool_labels(compute_logits, hidden_states: torch.Tensor, metadata) -> list[t
         for lo in range(0, n, ROWS_PER_CHUNK):
             logits = compute_logits(hidden[lo : lo + ROWS_PER_CHUNK])
             if logits is None:  # a tensor-parallel rank that does not gather the logits: rank 0 answers
-                rows.append(torch.zeros(min(ROWS_PER_CHUNK, n - lo), width(k, draws), device=device))
+                rows.append(torch.zeros(min(ROWS_PER_CHUNK, n - lo), width(k, draws), dtype=torch.int32, device=device))
                 continue
+            if draws and logits.shape[-1] > MAX_ID:
+                raise ValueError(
+                    f"a vocabulary of {logits.shape[-1]} ids is too large to pack draws (at most {MAX_ID})"
+                )
             labels = label_logits(
                 logits,
                 k,
@@ -148,15 +157,18 @@ def pool_labels(compute_logits, hidden_states: torch.Tensor, metadata) -> list[t
 
 
 def pack(labels: dict, k: int, draws: int) -> torch.Tensor:
-    """One float32 row per position (the layout in the module docstring)."""
-    cols = [
-        labels["topk_ids"].float(),
-        labels["topk_logprobs"].float(),
-        labels["target_logprobs"].float()[:, None],
-        labels["tail_mass"].float()[:, None],
-    ]
+    """One int32 row per position (the layout in the module docstring)."""
+    floats = torch.cat(
+        [
+            labels["topk_logprobs"].float(),
+            labels["target_logprobs"].float()[:, None],
+            labels["tail_mass"].float()[:, None],
+        ],
+        dim=1,
+    )
+    cols = [labels["topk_ids"].int(), floats.view(torch.int32)]
     if draws:
-        cols += [labels["draw_ids"].float(), labels["draw_counts"].float()]
+        cols.append((labels["draw_ids"] * 256 + labels["draw_counts"]).int())
     return torch.cat(cols, dim=1)
 
 
@@ -164,19 +176,20 @@ def unpack(packed, k: int, draws: int) -> dict:
     """numpy label arrays of a packed (n, width) array, as ``flat_to_labels`` returns them."""
     import numpy as np
 
-    packed = np.asarray(packed, np.float32)
+    packed = np.ascontiguousarray(packed, np.int32)
     if packed.ndim != 2 or packed.shape[1] != width(k, draws):
         raise RuntimeError(
             f"device labels of shape {packed.shape}, expected (positions, {width(k, draws)}) for k={k}, draws={draws}"
         )
+    floats = packed[:, k : 2 * k + 2].view(np.float32)
     out = {
         "topk_ids": packed[:, :k].astype(np.int64),
-        "topk_logprobs": np.ascontiguousarray(packed[:, k : 2 * k]),
-        "target_logprobs": packed[:, 2 * k].copy(),
-        "tail_mass": packed[:, 2 * k + 1].copy(),
+        "topk_logprobs": np.ascontiguousarray(floats[:, :k]),
+        "target_logprobs": floats[:, k].copy(),
+        "tail_mass": floats[:, k + 1].copy(),
     }
     if draws:
-        lo = 2 * k + 2
-        out["draw_ids"] = packed[:, lo : lo + draws].astype(np.int64)
-        out["draw_counts"] = packed[:, lo + draws :].astype(np.int32)
+        slots = packed[:, 2 * k + 2 :]
+        out["draw_ids"] = (slots >> 8).astype(np.int64)
+        out["draw_counts"] = (slots & 255).astype(np.int32)
     return out

@@ -151,7 +151,7 @@ def test_pooler_labels_every_position_the_same_in_one_step_or_in_chunks():
 def test_packed_labels_unpack_exactly_and_a_wrong_width_is_refused():
     from distill.teacher.vllm_labeller import pack, unpack
 
-    logits = _logits(6, 70_000, seed=2)  # ids above 2**16: still exact in float32
+    logits = _logits(6, 70_000, seed=2)  # ids above 2**16
     out = label_logits(logits, 4, targets=torch.arange(6), draws=9, generator=torch.Generator().manual_seed(0))
     back = unpack(pack(out, 4, 9).numpy(), 4, 9)
     for name in ("topk_ids", "draw_ids", "draw_counts"):
