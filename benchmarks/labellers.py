@@ -53,8 +53,9 @@ class HostCpu:
             total += t.user + t.system
         return total
 
-    def now(self) -> tuple[float, float]:
-        return self._cpu(self.host), self._cpu(self.device)
+    def now(self) -> tuple[float, float, float]:
+        """CPU seconds so far of the host processes, of this process alone, and of the device."""
+        return self._cpu(self.host), self._cpu(self.host[:1]), self._cpu(self.device)
 
 
 def bench_labellers(cfg, windows, ids: list, starts: list, repeats: int) -> dict:
@@ -119,15 +120,18 @@ def bench_labellers(cfg, windows, ids: list, starts: list, repeats: int) -> dict
         for name, run in variants.values():  # warm-up, untimed
             list(engines[name].score(ids[:2], starts[:2]))
         host = {name: [] for name in variants}
+        caller = {name: [] for name in variants}  # this process's share of the host CPU
         ours = {name: [] for name in variants}  # wall seconds outside engine calls: our unpacking and label making
 
         def timed(name: str):
             engine, run = variants[name]
 
             def call():
-                before, inside, t0 = cpu[engine].now()[0], engines[engine].engine_seconds, time.perf_counter()
+                before, inside, t0 = cpu[engine].now(), engines[engine].engine_seconds, time.perf_counter()
                 run()
-                host[name].append(cpu[engine].now()[0] - before)
+                after = cpu[engine].now()
+                host[name].append(after[0] - before[0])
+                caller[name].append(after[1] - before[1])
                 ours[name].append(time.perf_counter() - t0 - (engines[engine].engine_seconds - inside))
 
             return call
@@ -144,6 +148,7 @@ def bench_labellers(cfg, windows, ids: list, starts: list, repeats: int) -> dict
         "seconds": seconds,
         "host": host,
         "ours": ours,
+        "caller": caller,
         "positions": positions,
         "k": k,
         "draws": draws,
@@ -158,12 +163,16 @@ def report(result: dict) -> list[str]:
     n, sec, host = result["positions"], result["seconds"], result["host"]
     rate = {name: rates(n, s) for name, s in sec.items()}
     host_us = {name: [(h - f) / n * 1e6 for h, f in zip(host[name], host["floor"])] for name in host if name != "floor"}
+    caller = result["caller"]
+    caller_us = {name: [(c - f) / n * 1e6 for c, f in zip(caller[name], caller["floor"])] for name in host_us}
     lines = [
         f"labellers: {n} labelled positions, top-{result['k']}, sampled {result['draws']} draws "
         f"(logprobs: from a top-{result['proposal_k']} proposal); median (min..max, n)",
         "positions_per_s: " + " ".join(f"{name}={summary(r)}" for name, r in rate.items()),
         "host CPU us/position beyond the floor (this process and EngineCore; 10 ms clock ticks): "
         + " ".join(f"{name}={summary(h, '.1f')}" for name, h in host_us.items()),
+        "of which this process (the rest is EngineCore): "
+        + " ".join(f"{name}={summary(c, '.1f')}" for name, c in caller_us.items()),
         "our code's wall us/position outside engine calls (unpacking, label making): "
         + " ".join(f"{name}={summary([o / n * 1e6 for o in result['ours'][name]], '.1f')}" for name in host_us),
     ]
