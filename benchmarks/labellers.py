@@ -19,7 +19,7 @@ printed: the wall time our own code spends outside engine calls per position (un
 packed tensors, the label kind's ``from_teacher``); the logprobs path's Python objects are built
 inside vLLM's engine call, so only the CPU measure compares the two.
 
-    .venv/bin/python -m benchmarks.labellers [--config configs/demo.yaml] [--windows 96] [--repeats 3]
+    .venv/bin/python -m benchmarks.labellers [--config configs/demo.yaml] [--windows 160] [--repeats 3]
 
 Also run by ``benchmarks/teacher.py`` (its ``--labellers`` section). Last line:
 ``sampled_vs_topk_rate=`` (the default labeller's sampled labels against its top-32).
@@ -193,7 +193,7 @@ def report(result: dict) -> list[str]:
 def main() -> None:
     from benchmarks.common import config_windows_repeats
 
-    args = config_windows_repeats(__doc__, 96)
+    args = config_windows_repeats(__doc__, 160)
 
     from benchmarks.common import corpus_windows
     from distill.config import load_config

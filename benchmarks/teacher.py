@@ -26,7 +26,7 @@ at V = 128,256 (``benchmarks/labeller_fn.py``).
 
     .venv/bin/python benchmarks/teacher.py [--config configs/demo.yaml] [--windows 192] [--repeats 3]
         [--generate-config configs/generate.yaml] [--prompts 32] [--two-slots 1] [--labellers 1]
-        [--labeller-windows 96] [--main 1]
+        [--labeller-windows 160] [--main 1]
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--two-slots", type=int, default=1, help="0 to skip the engine-slot measurement")
     parser.add_argument("--labellers", type=int, default=1, help="0 to skip the device vs logprobs labellers")
-    parser.add_argument("--labeller-windows", type=int, default=96)
+    parser.add_argument("--labeller-windows", type=int, default=160)
     parser.add_argument("--main", type=int, default=1, help="0 to skip the pipeline/bare/transformers measurement")
     parser.add_argument(
         "--slot-worker", nargs=4, metavar=("CONFIG", "WINDOWS", "SLOTS_DIR", "STORE"), help=argparse.SUPPRESS
