@@ -28,6 +28,7 @@ threads that a process that only reads shards should not pay for.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -156,8 +157,6 @@ class VllmTeacher:
                 "a stale offline_distill.egg-info folder on sys.path can hide it. Or set teacher.engine.labeller: "
                 "logprobs"
             )
-        import json
-
         archs = json.loads((self.model_dir / "config.json").read_text()).get("architectures") or []
         if not archs:
             raise ValueError(f"{self.model_dir / 'config.json'}: no 'architectures' to label with")

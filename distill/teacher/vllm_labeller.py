@@ -102,35 +102,49 @@ def _pooler_class() -> type:
 
 def pool_labels(compute_logits, hidden_states: torch.Tensor, metadata) -> list[torch.Tensor | None]:
     """The pooler's work: packed labels of the scheduled positions, one tensor per finished request
-    (None for a request whose prompt is not all computed yet: its chunks wait in its pooling state)."""
+    (None for a request whose prompt is not all computed yet: its chunks wait in its pooling state).
+
+    The step's positions are labelled together, ``ROWS_PER_CHUNK`` at a time across request
+    boundaries (one projection and one ``label_logits`` call per chunk, not per request); only
+    consecutive requests asking for other settings (``k``, ``draws``) start a new run of chunks."""
     cursor = metadata.get_pooling_cursor()
     scheduled = cursor.num_scheduled_tokens_cpu.tolist()
     seq_lens = cursor.seq_lens_cpu.tolist()
     prompt_lens = cursor.prompt_lens_cpu.tolist()
     token_ids = metadata.prompt_token_ids_cpu  # (R, longest prompt); vLLM fills the host copy
     device = hidden_states.device
-    settings = [dict(p.extra_kwargs or {}) for p in metadata.pooling_params]
-    out: list[torch.Tensor | None] = []
-    first = 0
+    settings = [(int(p.extra_kwargs["k"]), int(p.extra_kwargs.get("draws", 0))) for p in metadata.pooling_params]
+    targets, offsets = [], []
     for i, n in enumerate(scheduled):
-        k, draws = int(settings[i]["k"]), int(settings[i].get("draws", 0))
         start = seq_lens[i] - n  # prompt position of this chunk's first token
-        hidden = hidden_states[first : first + n]
-        first += n
-        targets = torch.zeros(n, dtype=torch.long)
+        t = torch.zeros(n, dtype=torch.long)
         known = min(n, prompt_lens[i] - 1 - start)  # the last prompt position predicts nothing
         if known > 0:
-            targets[:known] = token_ids[i, start + 1 : start + 1 + known]
-        targets = targets.to(device, non_blocking=True)
-        offsets = None
-        if draws:
-            g = torch.Generator(device=device).manual_seed(int(settings[i]["seed"]))
-            offsets = torch.rand(prompt_lens[i], generator=g, device=device, dtype=torch.float64)[start : start + n]
-        rows = []
-        for lo in range(0, n, ROWS_PER_CHUNK):
-            logits = compute_logits(hidden[lo : lo + ROWS_PER_CHUNK])
+            t[:known] = token_ids[i, start + 1 : start + 1 + known]
+        targets.append(t)
+        if settings[i][1]:  # the request's own offsets, whatever its batch or chunking
+            g = torch.Generator(device=device).manual_seed(int(metadata.pooling_params[i].extra_kwargs["seed"]))
+            offsets.append(
+                torch.rand(prompt_lens[i], generator=g, device=device, dtype=torch.float64)[start : start + n]
+            )
+        else:
+            offsets.append(None)
+    targets_all = torch.cat(targets).to(device, non_blocking=True)
+    per_request: list[torch.Tensor] = []
+    first = i = 0
+    while i < len(scheduled):  # runs of consecutive requests with the same settings
+        j = i
+        while j < len(scheduled) and settings[j] == settings[i]:
+            j += 1
+        k, draws = settings[i]
+        rows = sum(scheduled[i:j])
+        run_offsets = torch.cat(offsets[i:j]) if draws else None
+        chunks = []
+        for lo in range(0, rows, ROWS_PER_CHUNK):
+            hi = min(lo + ROWS_PER_CHUNK, rows)
+            logits = compute_logits(hidden_states[first + lo : first + hi])
             if logits is None:  # a tensor-parallel rank that does not gather the logits: rank 0 answers
-                rows.append(torch.zeros(min(ROWS_PER_CHUNK, n - lo), width(k, draws), dtype=torch.int32, device=device))
+                chunks.append(torch.zeros(hi - lo, width(k, draws), dtype=torch.int32, device=device))
                 continue
             if draws and logits.shape[-1] > MAX_ID:
                 raise ValueError(
@@ -139,12 +153,16 @@ def pool_labels(compute_logits, hidden_states: torch.Tensor, metadata) -> list[t
             labels = label_logits(
                 logits,
                 k,
-                targets=targets[lo : lo + ROWS_PER_CHUNK],
+                targets=targets_all[first + lo : first + hi],
                 draws=draws,
-                offsets=None if offsets is None else offsets[lo : lo + ROWS_PER_CHUNK],
+                offsets=None if run_offsets is None else run_offsets[lo:hi],
             )
-            rows.append(pack(labels, k, draws))
-        packed = torch.cat(rows) if len(rows) != 1 else rows[0]
+            chunks.append(pack(labels, k, draws))
+        per_request += torch.cat(chunks).split(scheduled[i:j])
+        first += rows
+        i = j
+    out: list[torch.Tensor | None] = []
+    for i, packed in enumerate(per_request):
         state = metadata.pooling_states[i]
         finished = seq_lens[i] >= prompt_lens[i]
         if not finished or state.hidden_states_cache:  # chunked prefill: keep this chunk's labels
