@@ -47,6 +47,31 @@ class RunConfig:
         self._check_onpolicy()
         self._check_label_kind()
         self._check_student_tokenizer()
+        self._check_features()
+
+    def _check_features(self) -> None:
+        """Feature distillation needs captured features, and each mapped teacher layer captured."""
+        features = self.teacher.features
+        if self.train.feature_weight > 0 and features is None:
+            raise ConfigError(
+                f"train.feature_weight={self.train.feature_weight} needs teacher.features (the layers to capture)"
+            )
+        if self.student.feature_layers and features is None:
+            raise ConfigError("student.feature_layers needs teacher.features (the layers to capture)")
+        if features is None:
+            return
+        for student_layer, teacher_layer in self.student.feature_layers:
+            if teacher_layer not in features.layers:
+                raise ConfigError(
+                    f"student.feature_layers: [{student_layer}, {teacher_layer}] maps teacher layer {teacher_layer}, "
+                    f"which teacher.features.layers={list(features.layers)} does not capture"
+                )
+        for ok, field, what in (
+            (self.student.tokenizer is None, "student.tokenizer", "a student with the teacher's tokenizer"),
+            (not self.onpolicy.rounds, "onpolicy.rounds", "no on-policy rounds (their answers carry no features)"),
+        ):
+            if not ok:
+                raise ConfigError(f"teacher.features needs {what}: unset {field}")
 
     def _check_onpolicy(self) -> None:
         if not self.onpolicy.rounds:
@@ -108,8 +133,8 @@ class RunConfig:
 
     @property
     def baseline_train(self) -> TrainConfig:
-        """The CE-only baseline: same everything, KD weight 0."""
-        return dataclasses.replace(self.train, kd_weight=0.0)
+        """The CE-only baseline: same everything, KD and feature weights 0."""
+        return dataclasses.replace(self.train, kd_weight=0.0, feature_weight=0.0)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -204,6 +229,17 @@ def check_against_teacher(
     vocab = model.get("vocab_size")
     if vocab is not None and cfg.teacher.k > vocab:
         raise ConfigError(f"teacher.k={cfg.teacher.k} exceeds the teacher's vocabulary ({vocab} tokens)")
+    features = cfg.teacher.features
+    if features is not None:
+        layers, hidden = model.get("num_hidden_layers"), model.get("hidden_size")
+        beyond = [x for x in features.layers if layers is not None and x > layers]
+        if beyond:
+            raise ConfigError(
+                f"teacher.features.layers={list(features.layers)}: the teacher has {layers} layers (0: the embeddings, "
+                f"{layers}: the last one's output), not {beyond[0]}"
+            )
+        if hidden is not None and features.dim > hidden:
+            raise ConfigError(f"teacher.features.dim={features.dim} exceeds the teacher's hidden size ({hidden})")
     check_member_tokenizers(cfg, member_tokenizers)
 
 

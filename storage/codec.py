@@ -19,8 +19,9 @@
   ``t (1 - t) h / 2 <= 2.4e-4``. Both ends matter: small tails are what reverse KL with
   ``tail: bucket`` compares the student's tail against at confident positions, and the top-k
   decoder sets the top-k level from ``1 - t``.
-- Teacher features (issue 27, hidden states projected to ``dim``): per position a float32 scale
-  ``max|x| / 127`` and ``dim`` int8 codes ``round(x / scale)``: every value within half a step
+- Teacher features (``teacher.features``, hidden states projected to ``dim``): per position and
+  layer a float32 scale ``max|x| / 127`` and ``dim`` int8 codes ``round(x / scale)``, made on the
+  engine's device (``distill.teacher.features.quantize``): every value within half a step
   (``scale / 2``) of the original, ``dim + 4`` bytes per position and layer.
 - Top-k ids: remapped by their frequency in the shard (frequent candidates get small
   numbers), which makes the high bytes nearly constant under byte-stream-split + zstd.
@@ -132,20 +133,7 @@ def unpack_table(packed: bytes, count: int, vocab_size: int) -> np.ndarray:
 FEATURE_LEVELS = 127  # int8 codes -127..127: symmetric, so a zero stays zero
 
 
-def encode_features(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(n, d) float features -> (n,) float32 scales and (n, d) int8 codes, each row scaled by its
-    largest magnitude; an all-zero row gets scale 0 and codes 0. Non-finite values are refused."""
-    x = np.asarray(features, np.float32)
-    if x.ndim != 2:
-        raise ValueError(f"features must be (positions, dim), got shape {x.shape}")
-    if not np.isfinite(x).all():
-        raise ValueError("features hold non-finite values (inf or nan): the teacher's hidden states overflowed?")
-    scales = (np.abs(x).max(axis=1, initial=0.0) / FEATURE_LEVELS).astype(np.float32)
-    safe = np.where(scales > 0, scales, 1.0)[:, None]
-    codes = np.clip(np.rint(x / safe), -FEATURE_LEVELS, FEATURE_LEVELS).astype(np.int8)
-    return scales, codes
-
-
 def decode_features(scales: np.ndarray, codes: np.ndarray) -> np.ndarray:
-    """The inverse of ``encode_features``: (n, d) float32, within ``scale / 2`` of the original."""
-    return np.asarray(codes, np.float32) * np.asarray(scales, np.float32)[:, None]
+    """Features from their scales (...) and int8 codes (..., d): float32, within ``scale / 2`` of
+    what was quantized."""
+    return np.asarray(codes, np.float32) * np.asarray(scales, np.float32)[..., None]

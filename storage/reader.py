@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from storage import codec
 from storage import fs as fsmod
-from storage.kinds import EXAMPLES, kind_of
+from storage.kinds import EXAMPLES, features, kind_of
 from storage.kinds.base import flat
 from storage.schema import (
     COUNTS_KEY,
@@ -44,7 +44,16 @@ from storage.schema import (
 from storage.writer import is_unique_data_name, record_path
 
 RECORD_FIELDS = frozenset({"bytes", "sha256", "rows", "tokens", "meta"})
-CHECKED_FIELDS = ("teacher_hash", "tokenizer_hash", "vocab_size", "kind", "kind_params", "mode", "temperature")
+CHECKED_FIELDS = (
+    "teacher_hash",
+    "tokenizer_hash",
+    "vocab_size",
+    "kind",
+    "kind_params",
+    "mode",
+    "temperature",
+    "features",
+)
 
 
 class ShardError(ValueError):
@@ -268,6 +277,9 @@ def decode_table(shard: Shard, table: pa.Table) -> dict[str, tuple[np.ndarray, n
     kind = kind_of(shard.meta.kind)
     try:
         labels = kind.decode(table, shard.meta.kind_params, shard.encoding, shard.id_table)
+        if shard.meta.features:
+            positions = np.diff(labels["target_logprobs"][1])
+            labels.update(features.decode(table, shard.meta.features, positions))
     except ValueError as e:
         raise ShardError(shard.path, f"{e}; relabel its partition") from e
     return {"input_ids": flat(table, "input_ids"), **labels}

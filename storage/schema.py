@@ -21,7 +21,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from storage.kinds import EXAMPLES, kind_of
+from storage.kinds import EXAMPLES, features, kind_of
 from storage.kinds.base import id_type
 
 SCHEMA_VERSION = 6  # 4: row and token counts in the footer; 5: log-odds tail mass code; 6: label kinds
@@ -56,7 +56,8 @@ def _schema(meta: "ShardMeta", label_fields: list[pa.Field]) -> pa.Schema:
     if kind_of(meta.kind).layout == EXAMPLES:
         return pa.schema(label_fields)
     text = [pa.field(name, pa.string(), nullable=False) for name in text_columns(meta.mode)]
-    return pa.schema(_base_fields(meta.vocab_size) + text + label_fields)
+    extra = features.fields() if meta.features else []
+    return pa.schema(_base_fields(meta.vocab_size) + text + label_fields + extra)
 
 
 def arrow_schema(meta: "ShardMeta") -> pa.Schema:
@@ -106,6 +107,9 @@ class ShardMeta:
     """UTC creation time, ISO 8601."""
     settings: dict = dataclasses.field(default_factory=dict)
     """Mode settings the labels depend on (sampling for ``generate``, length normalization for ``candidates``)."""
+    features: dict = dataclasses.field(default_factory=dict)
+    """Teacher features stored beside the labels (``storage.kinds.features``): ``{"layers", "dim",
+    "projection", "seed", "dtype"}``, or empty for none."""
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self):
@@ -113,6 +117,9 @@ class ShardMeta:
         kind.check_params(self.kind_params)
         if (self.mode == "candidates") != (kind.layout == EXAMPLES):
             raise ValueError(f"mode {self.mode!r} cannot hold {self.kind!r} labels")
+        features.check_params(self.features)
+        if self.features and kind.layout == EXAMPLES:
+            raise ValueError(f"{self.kind!r} labels cannot carry teacher features (no per-token positions)")
 
     @property
     def slots(self) -> int:
@@ -126,7 +133,7 @@ class ShardMeta:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ShardMeta":
         names = {f.name for f in dataclasses.fields(cls)}
-        missing = names - set(d) - {"created", "schema_version", "settings"}
+        missing = names - set(d) - {"created", "schema_version", "settings", "features"}
         if missing:
             raise ValueError(f"shard metadata lacks fields {sorted(missing)}")
         return cls(**{k: v for k, v in d.items() if k in names})

@@ -62,7 +62,7 @@ import pyarrow.parquet as pq
 
 from storage import codec
 from storage import fs as fsmod
-from storage.kinds import POSITIONS, kind_of
+from storage.kinds import POSITIONS, features, kind_of
 from storage.schema import (
     COUNTS_KEY,
     ENCODING_KEY,
@@ -324,6 +324,8 @@ class ShardWriter:
             else f"{self.path.name}: example {row['doc_id']}"
         )
         labelled = self.kind.check_row(row, self.meta.kind_params, self.meta.vocab_size, where)
+        if self.meta.features:
+            features.check_row(row, self.meta.features, labelled, where)
         if positions:
             np.add.at(self._id_counts, np.asarray(row["teacher_ids"], np.int64), 1)
         self._buffer.append(row)
@@ -378,6 +380,7 @@ class ShardWriter:
                 "label_start": raw.column("label_start"),
                 **{name: raw.column(name) for name in text_columns(self.meta.mode)},
                 **labels,
+                **(features.encode(raw) if self.meta.features else {}),
             },
             schema=self.schema_without_metadata,
         )

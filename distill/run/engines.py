@@ -5,6 +5,7 @@ one held has died or failed (the out-of-memory killer takes engines)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 from distill.config import RunConfig
 from distill.run.paths import teacher_dir
@@ -22,7 +23,8 @@ def get_engine(cfg: RunConfig, generates: bool = False) -> VllmTeacher:
     teacher = dataclasses.replace(cfg.teacher, engine=dataclasses.replace(cfg.teacher.engine, labeller=labeller))
     # the same key for a generating engine of a score-mode config and a generate-mode config's engine
     engine_cfg, max_logprobs = teacher.engine, teacher.max_logprobs
-    key = (str(teacher_dir(cfg)), cfg.teacher.k, cfg.corpus.window, engine_cfg, max_logprobs)
+    features = teacher.feature_params if labeller == "device" else {}  # captured by the device labeller
+    key = (str(teacher_dir(cfg)), cfg.teacher.k, cfg.corpus.window, engine_cfg, max_logprobs, json.dumps(features))
     held = _ENGINES.get(key)
     if held is not None and not held.alive():
         _ENGINES.pop(key).close()
@@ -39,6 +41,7 @@ def get_engine(cfg: RunConfig, generates: bool = False) -> VllmTeacher:
             engine_cfg,
             slot_folder=slot_dir(cfg.root),
             max_logprobs=max_logprobs,
+            features=features,
         )
     return _ENGINES[key]
 

@@ -115,6 +115,7 @@ def expected_meta(cfg: RunConfig, split: str) -> dict:
         **cfg.teacher.label_kind(split),
         "mode": cfg.teacher.mode,
         "temperature": 1.0,
+        "features": cfg.teacher.feature_params,
     }
 
 
@@ -150,6 +151,7 @@ def label_shards(cfg: RunConfig, names: Sequence[str], engine_factory=None) -> d
             cache_key=keys[name],
             code_version=LABEL_CODE_VERSION,
             settings=mode_settings(cfg.teacher),
+            features=expect["features"],
         )
         results[name] = {"key": keys[name], **label_shard(factory, store, keys[name], meta, windows, cfg.teacher)}
     return results

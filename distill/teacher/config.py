@@ -17,6 +17,49 @@ MODES = ("score", "generate", "candidates")
 
 LABEL_KINDS = ("topk", "sampled")
 LABELLERS = ("device", "logprobs")
+PROJECTIONS = ("orthogonal",)
+FEATURE_DTYPES = ("int8",)
+
+
+@dataclasses.dataclass(frozen=True)
+class FeaturesConfig:
+    """``teacher.features``: hidden states of chosen teacher layers, stored beside the labels for
+    feature distillation (``train.feature_weight``). Each captured layer costs ``dim + 4`` bytes per
+    labelled position before compression (260 at dim 256), against ~8 KB for a raw bf16 hidden state
+    of size 4096."""
+
+    layers: tuple[int, ...] = ()
+    """Teacher layers to capture, numbered as transformers' ``output_hidden_states`` numbers them:
+    0 is the embeddings, ``l`` the residual stream after ``l`` decoder layers, the teacher's layer
+    count the last layer's output after the final norm. Checked against the teacher's config."""
+    dim: int = 256
+    """Values stored per position and layer: the hidden state projected to ``dim`` (at most the
+    teacher's hidden size)."""
+    projection: str = "orthogonal"
+    """``orthogonal``: a random matrix with orthonormal columns drawn from ``seed``
+    (``distill.teacher.features.orthogonal_projection``), the same on every machine, so it is keyed
+    by its seed and sizes rather than stored."""
+    seed: int = 0
+    """Seed of the projection."""
+    dtype: str = "int8"
+    """``int8``: per position and layer a float32 scale (its largest magnitude / 127) and ``dim``
+    int8 codes; every value within half a step of the projected hidden state."""
+
+    def __post_init__(self):
+        object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
+        check(
+            len(self.layers) >= 1 and all(x >= 0 for x in self.layers) and len(set(self.layers)) == len(self.layers),
+            "layers",
+            list(self.layers),
+            "a list of distinct layer numbers >= 0 (0: the embeddings)",
+        )
+        check(self.dim >= 1, "dim", self.dim, "an integer >= 1 (at most the teacher's hidden size)")
+        check(self.projection in PROJECTIONS, "projection", self.projection, " or ".join(PROJECTIONS))
+        check(self.dtype in FEATURE_DTYPES, "dtype", self.dtype, " or ".join(FEATURE_DTYPES))
+
+    def params(self) -> dict:
+        """What the stored features depend on, as shard metadata and cache keys carry it (layers sorted)."""
+        return {**dataclasses.asdict(self), "layers": sorted(self.layers)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,6 +277,10 @@ class TeacherConfig:
     a clearly better member up (``benchmarks/ensemble.py`` compares a mix with its members).
     ``score`` mode and
     top-k labels only."""
+    features: FeaturesConfig | None = None
+    """Also store hidden states of chosen teacher layers, projected and quantized, beside the labels of
+    every train and held-out shard (``FeaturesConfig``), for ``train.feature_weight``. Needs the
+    ``device`` labeller, ``score`` mode and one teacher; part of the shards' cache key."""
     relabel_tag: str = ""
     """Part of every shard's cache key and nothing else: change it to force relabelling, e.g. after a
     vLLM upgrade (engine versions are recorded, not keyed)."""
@@ -257,6 +304,13 @@ class TeacherConfig:
                 "a single teacher (model) outside score mode: ensembles mix per-token labels of the same text",
             )
             check(self.labels == "topk", "models", "[...]", "a single teacher (model) with labels: sampled")
+        if self.features is not None:
+            for ok, what in (
+                (self.mode == "score", f"teacher.mode: score, not {self.mode!r}"),
+                (not self.models, "one teacher (model), not an ensemble"),
+                (self.engine.labeller == "device", "teacher.engine.labeller: device (it captures them in the engine)"),
+            ):
+                check(ok, "features", "{...}", f"{what}: hidden states are captured by the device labeller")
         if self.labels == "sampled" and self.labeller == "device":
             check(
                 self.sampled_labels.sampler == "systematic",
@@ -271,6 +325,11 @@ class TeacherConfig:
         """The labeller that makes this teacher's labels: ``engine.labeller``, except in ``generate``
         mode, where answers are labelled as vLLM samples them (``logprobs``)."""
         return "logprobs" if self.mode == "generate" else self.engine.labeller
+
+    @property
+    def feature_params(self) -> dict:
+        """The stored features' parameters (``ShardMeta.features``), or {} without ``features``."""
+        return self.features.params() if self.features is not None else {}
 
     @property
     def members(self) -> tuple[TeacherMember, ...]:

@@ -76,6 +76,8 @@ def shard_key(
     }
     if cfg.labeller == "device":  # exact tails, whole-vocabulary draws: labels the logprobs path does not make
         fields["labeller"] = "device"
+    if cfg.features is not None:  # hidden states stored beside the labels
+        fields["features"] = cfg.feature_params
     if cfg.mode == "generate":  # answers are capped at window - len(prompt); the fingerprint has prompts only
         fields["window"] = window
     return content_key(fields)
@@ -86,11 +88,12 @@ def prompt_seed(base: int, doc_id: str) -> int:
 
 
 class RowLabels:
-    """What the engine computes for one label kind (``request``: top ``k`` and any ``draws``) and
-    how a row's written label columns are made from it (``of``)."""
+    """What the engine computes for one label kind (``request``: top ``k`` and any ``draws``; and
+    the teacher features, with ``features``: ``ShardMeta.features``) and how a row's written label
+    columns are made from it (``of``)."""
 
-    def __init__(self, kind: LabelKind, params: dict):
-        self.kind, self.params = kind, params
+    def __init__(self, kind: LabelKind, params: dict, features: dict | None = None):
+        self.kind, self.params, self.features = kind, params, features or {}
         self.request = kind.engine_request(params) if kind.layout == POSITIONS else {"k": 0}  # candidates: no top-k
 
     @property
@@ -100,13 +103,18 @@ class RowLabels:
     def score(self, engine, windows: list, label_starts: list, doc_ids: list, window_idx: list):
         """``engine.score`` of these rows, with the draws and their per-row seeds where asked."""
         draws = self.request.get("draws", 0)
+        extra = {"features": True} if self.features else {}
         if not draws:
-            return engine.score(windows, label_starts, k=self.k)
+            return engine.score(windows, label_starts, k=self.k, **extra)
         seeds = [self.kind.row_seed(self.params, d, w) for d, w in zip(doc_ids, window_idx)]
-        return engine.score(windows, label_starts, k=self.k, draws=draws, seeds=seeds)
+        return engine.score(windows, label_starts, k=self.k, draws=draws, seeds=seeds, **extra)
 
     def of(self, labels: dict, doc_id: str, window_index: int) -> dict:
-        return self.kind.from_teacher(labels, self.params, doc_id, window_index)
+        row = self.kind.from_teacher(labels, self.params, doc_id, window_index)
+        if self.features:
+            row["feature_scales"] = labels["feature_scales"].reshape(-1)
+            row["feature_codes"] = labels["feature_codes"].reshape(-1)
+        return row
 
 
 def _score_rows(engine, part: pa.Table, cfg: TeacherConfig, labels: RowLabels) -> list[dict]:
@@ -245,7 +253,7 @@ def label_shard(
             "path": str(existing.path),
         }
     engine = engine_factory()
-    labels = RowLabels(kind_of(meta.kind), meta.kind_params)
+    labels = RowLabels(kind_of(meta.kind), meta.kind_params, meta.features)
     if cfg.mode == "score":
         lengths = pc.list_value_length(windows.column("input_ids"))
         total, unit = (

@@ -90,15 +90,20 @@ class VllmTeacher:
         cfg: EngineConfig = EngineConfig(),
         slot_folder: str | os.PathLike | None = None,
         max_logprobs: int | None = None,
+        features: dict | None = None,
     ):
         """``k``: logprobs per position by default; ``max_logprobs`` (default ``k``): the most a
         call may ask for (sampled labels read a larger top-K'); ``slot_folder``: where this
-        machine's engine slots are claimed (``cfg.slots`` > 0)."""
+        machine's engine slots are claimed (``cfg.slots`` > 0); ``features``: the teacher features
+        this engine captures (``ShardMeta.features``: ``layers``, ``dim``, ``seed``; device labeller only)."""
         import vllm  # lazy: see the module docstring
 
         guard_children()  # the engine's processes end with this one, however it ends
         self.cfg, self.k, self.max_len = cfg, k, max_len
         self.labeller = cfg.labeller
+        self.features = dict(features or {})
+        if self.features and self.labeller != "device":
+            raise ValueError("teacher features are captured by the device labeller (teacher.engine.labeller: device)")
         self.max_logprobs = max(k, max_logprobs or k)
         self.slot, pin = None, contextlib.nullcontext()
         if cfg.slots:
@@ -163,10 +168,10 @@ class VllmTeacher:
         known = {a for a in os.environ.get(vllm_labeller.ENV, "").split(",") if a}
         # read by the plugin in every engine process
         os.environ[vllm_labeller.ENV] = ",".join(sorted(known | set(archs)))
-        return {
-            "runner": "pooling",
-            "hf_overrides": {"architectures": [vllm_labeller.labeller_arch(a) for a in archs]},
-        }
+        overrides = {"architectures": [vllm_labeller.labeller_arch(a) for a in archs]}
+        if self.features:
+            overrides[vllm_labeller.FEATURES_KEY] = {n: self.features[n] for n in ("layers", "dim", "seed")}
+        return {"runner": "pooling", "hf_overrides": overrides}
 
     def _start(self, vllm, dtype: str):
         cfg, max_len = self.cfg, self.max_len
@@ -206,14 +211,20 @@ class VllmTeacher:
         k: int | None = None,
         draws: int = 0,
         seeds: Sequence[int] | None = None,
+        features: bool = False,
     ) -> Iterator[dict]:
         """Per window, the labels of positions ``label_start .. len - 2`` (see ``flat_to_labels``),
         ``k`` (default: the engine's) logprobs per position; with ``draws`` (device labeller only),
-        ``draw_ids``/``draw_counts`` too, each window's draws seeded by its entry of ``seeds``."""
+        ``draw_ids``/``draw_counts`` too, each window's draws seeded by its entry of ``seeds``; with
+        ``features`` (an engine started with them), ``feature_scales`` (n, layers) and
+        ``feature_codes`` (n, layers, dim), the teacher features of the same positions."""
+        if features and not self.features:
+            raise ValueError("teacher features asked of an engine started without them (teacher.features)")
         if self.labeller == "device":
             k = k or self.k
-            for ids, i, packed in self._device_labels(windows, k, draws, seeds):
-                yield vllm_labeller.unpack(packed[int(label_starts[i]) : len(ids) - 1], k, draws)
+            shape = (len(self.features["layers"]), int(self.features["dim"])) if features else None
+            for ids, i, packed in self._device_labels(windows, k, draws, seeds, shape):
+                yield vllm_labeller.unpack(packed[int(label_starts[i]) : len(ids) - 1], k, draws, shape)
             return
         if draws:
             raise ValueError("draws are made by the device labeller (teacher.engine.labeller: device)")
@@ -239,9 +250,15 @@ class VllmTeacher:
                 yield flat_to_labels(out.prompt_logprobs, np.asarray(ids), int(start), k)
 
     def _device_labels(
-        self, windows: Sequence[Sequence[int]], k: int, draws: int = 0, seeds: Sequence[int] | None = None
+        self,
+        windows: Sequence[Sequence[int]],
+        k: int,
+        draws: int = 0,
+        seeds: Sequence[int] | None = None,
+        features: tuple[int, int] | None = None,
     ) -> Iterator[tuple[Sequence[int], int, np.ndarray]]:
-        """(window, its index, packed labels of every position (len, width)) from the device labeller."""
+        """(window, its index, packed labels of every position (len, width)) from the device labeller;
+        ``features``: (layers, dim) of the features to pack after the labels."""
         from vllm import PoolingParams
 
         if draws and (seeds is None or len(seeds) != len(windows)):
@@ -252,17 +269,24 @@ class VllmTeacher:
                 if len(ids) > self.max_len:
                     raise ValueError(f"window of {len(ids)} tokens exceeds the engine's max_len {self.max_len}")
             params = [
-                PoolingParams(extra_kwargs={"k": k, "draws": draws, "seed": int(seeds[b + i]) if draws else 0})
+                PoolingParams(
+                    extra_kwargs={
+                        "k": k,
+                        "draws": draws,
+                        "seed": int(seeds[b + i]) if draws else 0,
+                        "features": int(features is not None),
+                    }
+                )
                 for i in range(len(batch))
             ]
             outputs = self._generate([{"prompt_token_ids": [int(t) for t in ids]} for ids in batch], params, "encode")
             self.forward_calls += 1
             for i, (ids, out) in enumerate(zip(batch, outputs)):
                 packed = out.outputs.data.numpy()
-                if packed.shape != (len(ids), vllm_labeller.width(k, draws)):
+                expected = (len(ids), vllm_labeller.width(k, draws, features))
+                if packed.shape != expected:
                     raise RuntimeError(
-                        f"device labels of shape {packed.shape} for a window of {len(ids)} tokens "
-                        f"(expected ({len(ids)}, {vllm_labeller.width(k, draws)}))"
+                        f"device labels of shape {packed.shape} for a window of {len(ids)} tokens (expected {expected})"
                     )
                 yield ids, b + i, packed
 

@@ -15,6 +15,14 @@ travel per request in ``PoolingParams.extra_kwargs``: ``k``, ``draws`` and, with
 which seeds that request's systematic offsets on the device, one per position, so a window's
 labels do not depend on which other windows share its batch or how the scheduler cut it.
 
+Teacher features (``teacher.features``): an engine started with ``hf_overrides`` holding
+``distill_features: {layers, dim, seed}`` also captures those layers' hidden states (vLLM's
+auxiliary hidden-state outputs, the interface EAGLE-3 drafting uses, for the layers below the
+last; the pooler's own input, the final normed state, for the last), projects them to ``dim``
+with ``distill.teacher.features.orthogonal_projection`` and quantizes each position and layer on
+the device (``distill.teacher.features.quantize``). A request with ``features: 1`` gets, after its
+labels, per layer: the float32 scale's bits, then the int8 codes four to an int32 word.
+
 vLLM loads ``register`` in every engine process through the ``vllm.general_plugins`` entry point
 (``pyproject.toml``); it registers the architectures named in ``DISTILL_DEVICE_LABELLER``, which
 ``VllmTeacher`` sets before it starts a device-labelling engine. The plugin uses vLLM's model
@@ -26,9 +34,11 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 
 from distill.teacher.device_labels import label_logits
+from distill.teacher.features import orthogonal_projection, quantize
 
 ENV = "DISTILL_DEVICE_LABELLER"
 PREFIX = "DistillLabeller"
@@ -42,9 +52,17 @@ def labeller_arch(arch: str) -> str:
 MAX_ID = 2**23  # draws pack id * 256 + count into an int32
 
 
-def width(k: int, draws: int) -> int:
-    """Columns of one packed position."""
-    return 2 * k + 2 + draws
+def width(k: int, draws: int, features: tuple[int, int] | None = None) -> int:
+    """Columns of one packed position; ``features``: (layers, dim) when the request asks for them."""
+    return 2 * k + 2 + draws + (feature_width(*features) if features else 0)
+
+
+def feature_width(layers: int, dim: int) -> int:
+    """Columns of one position's packed features: per layer a scale and ``dim`` int8 codes, 4 per column."""
+    return layers * (1 + (dim + 3) // 4)
+
+
+FEATURES_KEY = "distill_features"  # the hf_overrides entry that switches capture on
 
 
 def register() -> None:
@@ -73,6 +91,14 @@ def _labeller_class(arch: str) -> type:
         def __init__(self, *, vllm_config, prefix: str = "", **kwargs):
             super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
             self.pooler = _pooler_class()(self)
+            self.capture = FeatureCapture.of(self, vllm_config.model_config.hf_config, arch)
+
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            if isinstance(out, tuple):  # (final hidden states, the captured layers'): keep them for the pooler
+                out, aux = out
+                self.capture.aux = aux
+            return out
 
     Labeller.__name__ = Labeller.__qualname__ = labeller_arch(arch)
     return Labeller
@@ -95,25 +121,82 @@ def _pooler_class() -> type:
             return PoolingParamsUpdate(requires_token_ids=True)
 
         def forward(self, hidden_states, pooling_metadata):
-            return pool_labels(self._model[0].compute_logits, hidden_states, pooling_metadata)
+            model = self._model[0]
+            return pool_labels(model.compute_logits, hidden_states, pooling_metadata, model.capture)
 
     return LabelPooler
 
 
-def pool_labels(compute_logits, hidden_states: torch.Tensor, metadata) -> list[torch.Tensor | None]:
+class FeatureCapture:
+    """The engine's feature settings (``hf_overrides[FEATURES_KEY]``) and the hidden states its
+    last forward captured (``aux``, in layer order, for the layers below the last)."""
+
+    def __init__(self, layers: list[int], dim: int, seed: int, num_layers: int, hidden_size: int):
+        self.layers, self.dim, self.num_layers = sorted(layers), dim, num_layers
+        self.projection = orthogonal_projection(hidden_size, dim, seed)
+        self.aux: list[torch.Tensor] = []
+
+    @classmethod
+    def of(cls, model, hf_config, arch: str) -> "FeatureCapture | None":
+        settings = getattr(hf_config, FEATURES_KEY, None)
+        if not settings:
+            return None
+        text = getattr(hf_config, "text_config", None) or hf_config
+        capture = cls(
+            settings["layers"], int(settings["dim"]), int(settings["seed"]), text.num_hidden_layers, text.hidden_size
+        )
+        inner = [x for x in capture.layers if x < capture.num_layers]
+        if inner:
+            from vllm.model_executor.models.interfaces import supports_eagle3
+
+            if not supports_eagle3(model):
+                raise ValueError(
+                    f"vLLM's {arch} does not return intermediate hidden states (it lacks the EAGLE-3 auxiliary "
+                    f"hidden-state interface): teacher.features.layers can only name its last layer "
+                    f"({capture.num_layers}) for this teacher"
+                )
+            model.set_aux_hidden_state_layers(tuple(inner))
+        return capture
+
+    def packed(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """(positions, ``feature_width``) int32: every scheduled position's quantized features."""
+        n = hidden_states.shape[0]
+        inner = iter(self.aux)
+        states = [hidden_states if x == self.num_layers else next(inner)[:n] for x in self.layers]
+        if self.projection.device != hidden_states.device:
+            self.projection = self.projection.to(hidden_states.device)
+        projected = torch.stack(states, dim=1).float() @ self.projection  # (n, L, dim)
+        scales, codes = quantize(projected)
+        pad = (-self.dim) % 4
+        if pad:
+            codes = torch.nn.functional.pad(codes, (0, pad))
+        words = codes.contiguous().view(torch.int32)  # (n, L, ceil(dim / 4))
+        return torch.cat([scales[..., None].view(torch.int32), words], dim=-1).reshape(n, -1)
+
+
+def pool_labels(
+    compute_logits, hidden_states: torch.Tensor, metadata, capture: FeatureCapture | None = None
+) -> list[torch.Tensor | None]:
     """The pooler's work: packed labels of the scheduled positions, one tensor per finished request
     (None for a request whose prompt is not all computed yet: its chunks wait in its pooling state).
 
     The step's positions are labelled together, ``ROWS_PER_CHUNK`` at a time across request
     boundaries (one projection and one ``label_logits`` call per chunk, not per request); only
-    consecutive requests asking for other settings (``k``, ``draws``) start a new run of chunks."""
+    consecutive requests asking for other settings (``k``, ``draws``, ``features``) start a new run
+    of chunks. ``capture``: the engine's feature capture, for requests with ``features: 1``."""
     cursor = metadata.get_pooling_cursor()
     scheduled = cursor.num_scheduled_tokens_cpu.tolist()
     seq_lens = cursor.seq_lens_cpu.tolist()
     prompt_lens = cursor.prompt_lens_cpu.tolist()
     token_ids = metadata.prompt_token_ids_cpu  # (R, longest prompt); vLLM fills the host copy
     device = hidden_states.device
-    settings = [(int(p.extra_kwargs["k"]), int(p.extra_kwargs.get("draws", 0))) for p in metadata.pooling_params]
+    settings = [
+        (int(p.extra_kwargs["k"]), int(p.extra_kwargs.get("draws", 0)), int(p.extra_kwargs.get("features", 0)))
+        for p in metadata.pooling_params
+    ]
+    if capture is None and any(f for _, _, f in settings):
+        raise ValueError("features asked of an engine started without teacher.features")
+    features = capture.packed(hidden_states) if any(f for _, _, f in settings) else None
     targets, offsets = [], []
     for i, n in enumerate(scheduled):
         start = seq_lens[i] - n  # prompt position of this chunk's first token
@@ -136,7 +219,7 @@ def pool_labels(compute_logits, hidden_states: torch.Tensor, metadata) -> list[t
         j = i
         while j < len(scheduled) and settings[j] == settings[i]:
             j += 1
-        k, draws = settings[i]
+        k, draws, with_features = settings[i]
         rows = sum(scheduled[i:j])
         run_offsets = torch.cat(offsets[i:j]) if draws else None
         chunks = []
@@ -158,7 +241,10 @@ def pool_labels(compute_logits, hidden_states: torch.Tensor, metadata) -> list[t
                 offsets=None if run_offsets is None else run_offsets[lo:hi],
             )
             chunks.append(pack(labels, k, draws))
-        per_request += torch.cat(chunks).split(scheduled[i:j])
+        run = torch.cat(chunks)
+        if with_features:
+            run = torch.cat([run, features[first : first + rows]], dim=1)
+        per_request += run.split(scheduled[i:j])
         first += rows
         i = j
     out: list[torch.Tensor | None] = []
@@ -190,14 +276,15 @@ def pack(labels: dict, k: int, draws: int) -> torch.Tensor:
     return torch.cat(cols, dim=1)
 
 
-def unpack(packed, k: int, draws: int) -> dict:
-    """numpy label arrays of a packed (n, width) array, as ``flat_to_labels`` returns them."""
-    import numpy as np
-
+def unpack(packed, k: int, draws: int, features: tuple[int, int] | None = None) -> dict:
+    """numpy label arrays of a packed (n, width) array, as ``flat_to_labels`` returns them, plus
+    ``feature_scales`` (n, layers) and ``feature_codes`` (n, layers, dim) int8 with ``features``
+    (layers, dim)."""
     packed = np.ascontiguousarray(packed, np.int32)
-    if packed.ndim != 2 or packed.shape[1] != width(k, draws):
+    if packed.ndim != 2 or packed.shape[1] != width(k, draws, features):
         raise RuntimeError(
-            f"device labels of shape {packed.shape}, expected (positions, {width(k, draws)}) for k={k}, draws={draws}"
+            f"device labels of shape {packed.shape}, expected (positions, {width(k, draws, features)}) for k={k}, "
+            f"draws={draws}, features={features}"
         )
     floats = packed[:, k : 2 * k + 2].view(np.float32)
     out = {
@@ -207,7 +294,12 @@ def unpack(packed, k: int, draws: int) -> dict:
         "tail_mass": floats[:, k + 1].copy(),
     }
     if draws:
-        slots = packed[:, 2 * k + 2 :]
+        slots = packed[:, 2 * k + 2 : 2 * k + 2 + draws]
         out["draw_ids"] = (slots >> 8).astype(np.int64)
         out["draw_counts"] = (slots & 255).astype(np.int32)
+    if features:
+        layers, dim = features
+        cols = packed[:, 2 * k + 2 + draws :].reshape(len(packed), layers, -1)
+        out["feature_scales"] = np.ascontiguousarray(cols[..., 0]).view(np.float32)
+        out["feature_codes"] = np.ascontiguousarray(cols[..., 1:]).view(np.int8)[..., :dim].copy()
     return out

@@ -12,6 +12,7 @@ TAILS = ("renormalize", "bucket")
 CROSS_TOKENIZER_LOSSES = ("uld", "span_kl")
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd", "akl")
 STRATEGIES = ("ddp", "fsdp")
+FEATURE_LOSSES = ("mse", "cosine")
 INITS = ("teacher_layers", "random", "checkpoint")
 
 
@@ -44,8 +45,30 @@ class StudentConfig:
     the evaluation compares it with the teacher in bits per byte. Needs ``init: random`` (or a
     ``checkpoint`` with that tokenizer) and ``score`` mode."""
 
+    feature_layers: tuple[tuple[int, int], ...] = ()
+    """Feature distillation (``train.feature_weight``): pairs ``[student layer, teacher layer]``,
+    numbered as transformers' ``output_hidden_states`` numbers them (0: the embeddings, ``l``: after
+    ``l`` decoder layers, the layer count: after the final norm); each teacher layer must be one of
+    ``teacher.features.layers``. A learned linear map per pair takes the student's hidden state to
+    the stored features' ``dim``. Default: each captured teacher layer ``t`` is learned by student
+    layer ``round(t * num_layers / teacher layers)``."""
+
     def __post_init__(self):
         check(self.init in INITS, "init", self.init, f"one of {INITS}")
+        object.__setattr__(self, "feature_layers", tuple((int(s), int(t)) for s, t in self.feature_layers))
+        students = [s for s, _ in self.feature_layers]
+        check(
+            all(s >= 0 for s in students) and len(set(students)) == len(students),
+            "feature_layers",
+            [list(p) for p in self.feature_layers],
+            "pairs [student layer, teacher layer], each student layer >= 0 and at most once",
+        )
+        check(
+            self.init == "checkpoint" or all(s <= self.num_layers for s in students),
+            "feature_layers",
+            [list(p) for p in self.feature_layers],
+            f"student layers in [0, {self.num_layers}] (num_layers)",
+        )
         check(self.num_layers >= 1, "num_layers", self.num_layers, "an integer >= 1")
         if self.layer_indices is not None:
             object.__setattr__(self, "layer_indices", tuple(int(i) for i in self.layer_indices))
@@ -125,6 +148,16 @@ class TrainConfig:
     bucket; GOLD's exact-match part) or ``uld`` (Universal Logit Distillation, Boizard et al.,
     2024: L1 between the sorted probability vectors; needs no shared tokens at all, for
     vocabularies that share almost nothing). ``benchmarks/cross_tokenizer.py`` compares them."""
+    feature_weight: float = 0.0
+    """Weight of the feature term (added to the KD + CE mix): the student's hidden states at
+    ``student.feature_layers``, through a learned linear map each, against the teacher's stored
+    features (``teacher.features``). 0: no feature term. The maps are trained, checkpointed and
+    resumed with the student, saved beside it (``feature_heads.safetensors``) and left out of the
+    exported model. The CE-only baseline never uses it."""
+    feature_loss: str = "mse"
+    """Feature term per position, averaged over the mapped layers: ``mse`` (the squared error over the
+    teacher feature's mean square, so layers of any scale weigh alike: 1.0 for a map that outputs
+    zeros) or ``cosine`` (1 - cosine similarity)."""
     seed: int = 0
     """Seeds data order and any randomness of training."""
     shuffle: bool = True
@@ -193,6 +226,8 @@ class TrainConfig:
             "host:port of the rendezvous (needed when nnodes > 1)",
         )
         check(self.strategy in STRATEGIES, "strategy", self.strategy, f"one of {STRATEGIES}")
+        check(self.feature_weight >= 0, "feature_weight", self.feature_weight, "a number >= 0")
+        check(self.feature_loss in FEATURE_LOSSES, "feature_loss", self.feature_loss, " or ".join(FEATURE_LOSSES))
         check(
             self.cross_tokenizer_loss in CROSS_TOKENIZER_LOSSES,
             "cross_tokenizer_loss",

@@ -352,6 +352,23 @@ def distillation_loss(
     return loss, {"ce": ce.detach(), "kd": kd.detach()}
 
 
+def feature_distance(predicted: torch.Tensor, target: torch.Tensor, kind: str = "mse") -> torch.Tensor:
+    """Per-position distance (...,) between the student's mapped hidden states and the teacher's
+    stored features, both (..., dim), in float32 (``train.feature_loss``):
+
+    - ``mse``: ``sum((pred - t)^2) / sum(t^2)``, the squared error relative to the teacher
+      feature's own mean square: 1.0 for a prediction of zeros, the same for a layer of any scale
+      (residual streams grow with depth). A zero target counts as a unit mean square.
+    - ``cosine``: ``1 - cos(pred, t)``; a zero vector has cosine 0 with anything (a loss of 1)."""
+    p, t = predicted.float(), target.float()
+    if kind == "mse":
+        norm = (t * t).sum(-1)
+        return ((p - t) ** 2).sum(-1) / torch.where(norm > 0, norm, torch.ones_like(norm))
+    if kind == "cosine":
+        return 1.0 - torch.nn.functional.cosine_similarity(p, t, dim=-1, eps=1e-8)
+    raise ValueError(f"feature loss {kind!r} is unknown (mse or cosine)")
+
+
 def candidate_log_distribution(
     scores: torch.Tensor, candidate_mask: torch.Tensor, temperature: float = 1.0
 ) -> torch.Tensor:

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from distill.train.config import StudentConfig, TrainConfig
+from distill.train.features import HEADS_FILE, FeatureHeads, FeatureSpec, feature_pairs
 from distill.train.losses import (
     NEG,
     LossSpec,
@@ -46,24 +47,29 @@ from distill.train.losses import (
     candidate_scores,
     cross_tokenizer_loss,
     distillation_loss,
+    feature_distance,
+    masked_mean,
 )
 from distill.train.student import build_student
 from distill.train.xtok import CrossTokenizer, collate_cross
+from storage.kinds import features as feature_kind
 from storage.reader import MixPosition, MixStream, Shard, ShardStream, StreamPosition
 from storage.writer import atomic_write_text
 
 FINAL_DIR = "model"
 CKPT_DIR = "checkpoints"
+HEADS_OPTIMIZER = "feature_heads_optimizer.pt"
 HISTORY = "history.jsonl"
 
 
-def collate(rows: Sequence[dict], k: int) -> dict[str, torch.Tensor]:
+def collate(rows: Sequence[dict], k: int, features: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
     """Pad windows to the longest in the batch and scatter the sparse labels onto positions.
 
     Returns ``input_ids``/``attention_mask``/``targets``/``mask`` (B, T) and
     ``teacher_ids``/``teacher_logprobs`` (B, T, K); unlabelled entries hold id 0 and -inf; and,
     when some rows come from a mix's extra stream (``from_extra``: the student's own answers),
-    ``kd_only`` (B, T) over their labelled positions.
+    ``kd_only`` (B, T) over their labelled positions. ``features`` (layers, dim): the rows' stored
+    teacher features too, ``teacher_features`` (B, T, layers, dim), zero where unlabelled.
     """
     B, T = len(rows), max(len(r["input_ids"]) for r in rows)
     input_ids = np.zeros((B, T), np.int64)
@@ -72,6 +78,7 @@ def collate(rows: Sequence[dict], k: int) -> dict[str, torch.Tensor]:
     mask = np.zeros((B, T), bool)
     teacher_ids = np.zeros((B, T, k), np.int64)
     teacher_lp = np.full((B, T, k), -np.inf, np.float32)
+    teacher_features = np.zeros((B, T, *features), np.float32) if features else None
     for b, r in enumerate(rows):
         ids = np.asarray(r["input_ids"], np.int64)
         L, s = len(ids), int(r["label_start"])
@@ -82,6 +89,8 @@ def collate(rows: Sequence[dict], k: int) -> dict[str, torch.Tensor]:
         n = L - 1 - s
         teacher_ids[b, s : L - 1] = np.asarray(r["teacher_ids"]).reshape(n, k)
         teacher_lp[b, s : L - 1] = np.asarray(r["teacher_logprobs"]).reshape(n, k)
+        if features:
+            teacher_features[b, s : L - 1] = np.asarray(r["teacher_features"]).reshape(n, *features)
     batch = {
         "input_ids": torch.from_numpy(input_ids),
         "attention_mask": torch.from_numpy(attention),
@@ -90,6 +99,8 @@ def collate(rows: Sequence[dict], k: int) -> dict[str, torch.Tensor]:
         "teacher_ids": torch.from_numpy(teacher_ids),
         "teacher_logprobs": torch.from_numpy(teacher_lp),
     }
+    if features:
+        batch["teacher_features"] = torch.from_numpy(teacher_features)
     if any(r.get("from_extra") for r in rows):
         own = torch.tensor([bool(r.get("from_extra")) for r in rows])
         batch["kd_only"] = batch["mask"] & own[:, None]
@@ -139,8 +150,8 @@ def collate_for(shard: Shard):
     """The collate function for a shard's labelling mode."""
     if shard.meta.mode == "candidates":
         return collate_candidates
-    k = shard.meta.slots
-    return lambda rows: collate(rows, k)
+    k, features = shard.meta.slots, feature_kind.shape(shard.meta.features) if shard.meta.features else None
+    return lambda rows: collate(rows, k, features)
 
 
 def batches(
@@ -212,13 +223,15 @@ class StepLoss:
     ``spec``: the KD + CE mix (divergence with its options, tail, temperature, KD weight);
     ``cross_tokenizer_loss``: the KD term for aligned windows; ``length_normalize``: candidates
     are scored as the teacher scored them (mean token logprob rather than the sum);
-    ``precision``: ``TrainConfig.precision`` (autocast)."""
+    ``precision``: ``TrainConfig.precision`` (autocast); ``features``: the feature term, when
+    ``train.feature_weight`` > 0 (``distill.train.features``)."""
 
     kind: BatchKind
     spec: LossSpec
     cross_tokenizer_loss: str = "span_kl"
     length_normalize: bool = False
     precision: str = "auto"
+    features: FeatureSpec | None = None
 
     @classmethod
     def from_config(cls, cfg: TrainConfig, kind: BatchKind, length_normalize: bool = False) -> StepLoss:
@@ -279,12 +292,19 @@ def micro_batch_loss(
     counts: torch.Tensor,
     device: torch.device,
     teacher: torch.nn.Module | None = None,
+    heads: FeatureHeads | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """This micro-batch's share of the step's loss: its sums divided by the step's ``counts``
     (``step_counts``: CE denominator, KD denominator). ``teacher``: the KD target is its full
-    distribution, not the batch's stored labels."""
+    distribution, not the batch's stored labels. ``heads``: with ``loss.features``, the maps of
+    the student's hidden states; the feature term (``feat``) is added with its weight."""
     with _autocast(loss.precision, device):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        out = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            output_hidden_states=loss.features is not None,
+        )
+    logits = out.logits
     ce_count, kd_count = counts[0], counts[1]
     if loss.kind is BatchKind.CANDIDATES:
         scores = candidate_scores(logits, batch["targets"], batch["mask"], batch["index"], loss.length_normalize)
@@ -305,7 +325,7 @@ def micro_batch_loss(
     teacher_ids, teacher_logprobs = batch["teacher_ids"], batch["teacher_logprobs"]
     if teacher is not None and (loss.spec.kd_weight > 0 or "kd_only" in batch):  # CE alone needs no teacher
         teacher_ids, teacher_logprobs = None, online_labels(teacher, batch, logits.shape[-1], loss.precision, device)
-    return distillation_loss(
+    value, terms = distillation_loss(
         logits,
         batch["targets"],
         teacher_ids,
@@ -315,6 +335,15 @@ def micro_batch_loss(
         num_tokens=ce_count,
         kd_only=batch.get("kd_only"),
     )
+    if loss.features is not None:
+        distances = [
+            feature_distance(mapped, batch["teacher_features"][:, :, t], loss.features.kind)
+            for mapped, t in heads(out.hidden_states)
+        ]
+        feat = sum(masked_mean(d, batch["mask"], ce_count) for d in distances) / len(distances)
+        value = value + loss.features.weight * feat
+        terms["feat"] = feat.detach()
+    return value, terms
 
 
 def forward_backward(
@@ -324,11 +353,14 @@ def forward_backward(
     world: int,
     device: torch.device,
     teacher: torch.nn.Module | None = None,
+    heads: FeatureHeads | None = None,
 ) -> dict:
     """Forward and backward over one optimizer step's micro-batches; leaves the gradients in
-    ``model`` and returns the step's loss, ce and kd (means over every rank) and, under the name
-    ``loss.kind.unit``, what every rank together processed in this step (labelled tokens, or
-    examples). ``teacher``: an online teacher (see ``train``).
+    ``model`` (and ``heads``) and returns the step's loss, ce and kd (and feat, with a feature
+    term; means over every rank) and, under the name ``loss.kind.unit``, what every rank together
+    processed in this step (labelled tokens, or examples). ``teacher``: an online teacher (see
+    ``train``). ``heads`` sit outside the model's DDP or FSDP wrapper: their gradients are
+    all-reduced here, once per step.
 
     Every labelled token (or example) of the step weighs the same, however the step is split
     into micro-batches and ranks: each micro-batch's loss is its sum divided by the step's count
@@ -339,17 +371,21 @@ def forward_backward(
     if world > 1:  # one collective for the loss denominators and the throughput count
         dist.all_reduce(totals)
     counts, processed = totals[:2].clamp(min=1.0).float().to(device), float(totals[2])
-    parts = torch.zeros(3, dtype=torch.float64)
+    names = ("loss", "ce", "kd", "feat") if loss.features is not None else ("loss", "ce", "kd")
+    parts = torch.zeros(len(names), dtype=torch.float64)
     for i, batch in enumerate(micro_batches):
         batch = {name: t.to(device) for name, t in batch.items()}
         last = i == len(micro_batches) - 1
         with _gradient_sync(model, last or world == 1):
-            value, terms = micro_batch_loss(model, batch, loss, counts, device, teacher)
+            value, terms = micro_batch_loss(model, batch, loss, counts, device, teacher, heads)
             (value * world).backward()
-        parts += torch.tensor([value.item(), terms["ce"].item(), terms["kd"].item()], dtype=torch.float64)
+        parts += torch.tensor([value.item(), *(terms[n].item() for n in names[1:])], dtype=torch.float64)
     if world > 1:
         dist.all_reduce(parts)
-    return {**dict(zip(("loss", "ce", "kd"), parts.tolist())), loss.kind.unit: processed}
+        for p in heads.parameters() if heads is not None else ():
+            dist.all_reduce(p.grad)
+            p.grad /= world  # what DDP's average does for the model's own parameters
+    return {**dict(zip(names, parts.tolist())), loss.kind.unit: processed}
 
 
 def setup_distributed() -> tuple[int, int, torch.device]:
@@ -459,7 +495,9 @@ class TrainState:
     (optimizer) when unsharded, a ``torch.distributed.checkpoint`` folder ``dcp/`` (each rank
     writes its shards) when sharded, one ``rng-<rank>.pt`` per rank and ``position.json``. Every
     rank writes into one temporary folder; rank 0 commits it by rename after a barrier, so a
-    crash at any moment leaves either the whole checkpoint or none."""
+    crash at any moment leaves either the whole checkpoint or none. With feature distillation,
+    the maps and their optimizer too: ``feature_heads.safetensors`` and ``feature_heads_optimizer.pt``
+    (rank 0's; every rank holds the same maps)."""
 
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
@@ -467,6 +505,10 @@ class TrainState:
     position: StreamPosition = StreamPosition()
     history: list = dataclasses.field(default_factory=list)
     sharded: bool = False
+    heads: FeatureHeads | None = None
+    heads_optimizer: torch.optim.Optimizer | None = None
+    stored_layers: tuple[int, ...] = ()
+    """The shards' stored teacher layers (named in the saved maps' metadata)."""
 
     def save(self, ckpt_root: Path, positions: list[StreamPosition], keep: int, rank: int = 0, world: int = 1) -> Path:
         """Write a resumable checkpoint with every rank's position (called on every rank); keeps ``keep``."""
@@ -485,6 +527,9 @@ class TrainState:
             if not self.sharded:
                 save_model(self.model, str(tmp / "model.safetensors"))  # handles tied embeddings
                 torch.save({"optimizer": self.optimizer.state_dict()}, tmp / "trainer_state.pt")
+            if self.heads is not None:
+                self.heads.save(tmp / HEADS_FILE, self.stored_layers)
+                torch.save({"optimizer": self.heads_optimizer.state_dict()}, tmp / HEADS_OPTIMIZER)
             (tmp / "position.json").write_text(
                 json.dumps({"step": self.step, "positions": [p.to_dict() for p in positions]})
             )
@@ -525,6 +570,15 @@ class TrainState:
         else:
             load_model(self.model, str(resume / "model.safetensors"))
             self.optimizer.load_state_dict(torch.load(resume / "trainer_state.pt", weights_only=True)["optimizer"])
+        if self.heads is not None:
+            if not (resume / HEADS_FILE).exists():
+                raise ValueError(
+                    f"{resume}: saved without feature maps (train.feature_weight was 0); resume with the same "
+                    "train.feature_weight, or train into a fresh folder"
+                )
+            self.heads.load(resume / HEADS_FILE)
+            saved_heads = torch.load(resume / HEADS_OPTIMIZER, weights_only=True)
+            self.heads_optimizer.load_state_dict(saved_heads["optimizer"])
         _set_rng_state(torch.load(resume / f"rng-{rank:05d}.pt", weights_only=True))
         self.step, self.position = saved["step"], type(self.position).from_dict(saved["positions"][rank])
         if history_path.exists():
@@ -564,7 +618,7 @@ def _plot_history(history: list[dict], path: Path) -> None:
     steps = [h["step"] for h in history]
     fig = Figure(figsize=(6, 3.5))
     ax = fig.subplots()
-    for key in ("loss", "ce", "kd"):
+    for key in ("loss", "ce", "kd", "feat"):
         if any(h.get(key) for h in history):
             ax.plot(steps, [h[key] for h in history], label=key)
     ax.set_xlabel("step")
@@ -672,9 +726,43 @@ class DistillRecipe:
         self.model = self.model.to(self.device)
         self.model.train()
         self.architecture, self.tied = type(self.model).__name__, tied_names(self.model)
+        heads = self.setup_features()
         self.step_model = parallelize(self.model, self.cfg, self.world, self.device)
         sharded = self.world > 1 and self.cfg.strategy == "fsdp"
         self.state = TrainState(self.model, build_optimizer(self.model, self.cfg), sharded=sharded)
+        if heads is not None:
+            self.state.heads, self.state.heads_optimizer = heads, build_optimizer(heads, self.cfg)
+            self.state.stored_layers = tuple(self.shards[0].meta.features["layers"])
+
+    def setup_features(self) -> FeatureHeads | None:
+        """With ``train.feature_weight`` > 0: the mapped layers (``distill.train.features``), the
+        feature term of the loss and the maps (seeded, on the device); every shard must store the
+        same features."""
+        if self.cfg.feature_weight == 0:
+            return None
+        first = self.shards[0]
+        if self.kind is not BatchKind.WINDOWS or not first.meta.features:
+            raise ValueError(
+                f"{first.path}: train.feature_weight={self.cfg.feature_weight} needs shards with teacher features "
+                "(teacher.features) and windows the student shares the teacher's tokens with"
+            )
+        for shard in self.shards:
+            if shard.meta.features != first.meta.features:
+                raise ValueError(
+                    f"{shard.path}: teacher features {shard.meta.features} differ from {first.path}'s "
+                    f"{first.meta.features}"
+                )
+        stored = first.meta.features["layers"]
+        teacher_layers = json.loads((Path(self.teacher_dir) / "config.json").read_text())["num_hidden_layers"]
+        config = self.model.config
+        pairs = feature_pairs(
+            self.student_cfg.feature_layers, stored, teacher_layers, config.num_hidden_layers, str(first.path)
+        )
+        self.loss = dataclasses.replace(
+            self.loss, features=FeatureSpec(pairs, self.cfg.feature_weight, self.cfg.feature_loss)
+        )
+        torch.manual_seed(self.cfg.seed + 1)
+        return FeatureHeads(pairs, config.hidden_size, int(first.meta.features["dim"])).to(self.device)
 
     def setup_data(self) -> None:
         """This rank's stream over the shards (mixed with ``mix``'s extra shards) and its start."""
@@ -727,11 +815,17 @@ class DistillRecipe:
         loss or gradient norm (the same on every rank: both are all-reduced)."""
         cfg, state = self.cfg, self.state
         lr = cfg.lr_at(state.step)
-        for group in state.optimizer.param_groups:
-            group["lr"] = lr
-        parts = forward_backward(self.step_model, micro_batches, self.loss, self.world, self.device, self.teacher)
+        optimizers = [state.optimizer] + ([state.heads_optimizer] if state.heads is not None else [])
+        for optimizer in optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+        parts = forward_backward(
+            self.step_model, micro_batches, self.loss, self.world, self.device, self.teacher, state.heads
+        )
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if state.heads is not None:  # the maps are clipped on their own: the reported norm stays the student's
+            torch.nn.utils.clip_grad_norm_(state.heads.parameters(), max_norm)
         if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor over the ranks' shards
             grad_norm = grad_norm.full_tensor()
         if not (math.isfinite(parts["loss"]) and torch.isfinite(grad_norm)):
@@ -741,8 +835,9 @@ class DistillRecipe:
                 f"this step was saved. Lower train.lr (now {cfg.lr:g}), keep train.max_grad_norm > 0 "
                 f"(now {cfg.max_grad_norm:g}), or check the labels (the shard_integrity check)"
             )
-        state.optimizer.step()
-        state.optimizer.zero_grad(set_to_none=True)
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         state.step += 1
         entry = {"step": state.step, "lr": lr, **parts, "grad_norm": float(grad_norm)}
         entry["peak_memory_mib"] = peak_memory_mib(self.device)
@@ -755,9 +850,8 @@ class DistillRecipe:
         self.processed += entry[unit]  # every rank's, not this rank's times the world size
         rate = self.processed / (time.perf_counter() - self.started)
         rate_name = "tok_s" if unit == "tokens" else f"{unit}_s"
-        self.bar.set_postfix(
-            loss=f"{entry['loss']:.3f}", ce=f"{entry['ce']:.3f}", kd=f"{entry['kd']:.3f}", **{rate_name: f"{rate:.0f}"}
-        )
+        terms = {name: f"{entry[name]:.3f}" for name in ("loss", "ce", "kd", "feat") if name in entry}
+        self.bar.set_postfix(**terms, **{rate_name: f"{rate:.0f}"})
         self.bar.update(1)
         if self.on_step is not None and self.main:
             self.on_step({**entry, rate_name: rate, "steps": self.cfg.steps})
@@ -838,6 +932,10 @@ class DistillRecipe:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+        if state.heads is not None:  # beside the model, not in it: the export stays a plain causal LM
+            heads_tmp = out_dir / f".{HEADS_FILE}.tmp-{uuid.uuid4().hex[:8]}"
+            state.heads.save(heads_tmp, state.stored_layers)
+            os.replace(heads_tmp, out_dir / HEADS_FILE)
         last = state.history[-1]
         summary = {
             "steps": state.step,
@@ -851,6 +949,7 @@ class DistillRecipe:
             "final_ce": last["ce"],
             "final_kd": last["kd"],
             "final_grad_norm": last.get("grad_norm"),
+            **({"final_feat": last["feat"], "feature_heads": str(out_dir / HEADS_FILE)} if "feat" in last else {}),
             "peak_memory_mib": max((h.get("peak_memory_mib", 0.0) for h in state.history), default=0.0),
             "parameters": sum(p.numel() for p in state.model.parameters()),
             "model_dir": str(final),

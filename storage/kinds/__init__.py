@@ -9,17 +9,18 @@ them (the interface: ``storage.kinds.base.LabelKind``):
 - ``mixture`` (``storage.kinds.mixture``): an ensemble's mixture of its members' top-k.
 - ``candidates`` (``storage.kinds.candidates``): the teacher's distribution over candidate answers.
 
-A new kind is one more module and one more entry here.
+A new kind is one more module and one more entry here. ``storage.kinds.features`` is a companion
+kind: teacher hidden states stored beside a ``positions`` kind's labels (``ShardMeta.features``).
 """
 
 from __future__ import annotations
 
-from storage.kinds import candidates, mixture, sampled, topk
+from storage.kinds import candidates, features, mixture, sampled, topk
 from storage.kinds.base import EXAMPLES, POSITIONS, LabelKind, LossRules
 
 KINDS: dict[str, LabelKind] = {kind.name: kind for kind in (topk.KIND, sampled.KIND, mixture.KIND, candidates.KIND)}
 
-__all__ = ["EXAMPLES", "KINDS", "POSITIONS", "LabelKind", "LossRules", "kind_of"]
+__all__ = ["EXAMPLES", "KINDS", "POSITIONS", "LabelKind", "LossRules", "features", "kind_of"]
 
 
 def kind_of(name: str) -> LabelKind:
