@@ -9,22 +9,37 @@ import json
 
 from distill.config import RunConfig
 from distill.run.paths import teacher_dir
+from distill.teacher.config import TeacherConfig
 from distill.teacher.slots import slot_dir
 from distill.teacher.vllm_engine import VllmTeacher, on_cpu
 
 _ENGINES: dict[tuple, VllmTeacher] = {}
 
 
+def _key(cfg: RunConfig, generates: bool) -> tuple[tuple, TeacherConfig, dict]:
+    """The registry key of ``get_engine(cfg, generates)``'s engine, its teacher settings and the
+    features it captures."""
+    labeller = "logprobs" if generates else cfg.teacher.labeller
+    teacher = dataclasses.replace(cfg.teacher, engine=dataclasses.replace(cfg.teacher.engine, labeller=labeller))
+    features = teacher.feature_params if labeller == "device" else {}  # captured by the device labeller
+    # the same key for a generating engine of a score-mode config and a generate-mode config's engine
+    key = (
+        str(teacher_dir(cfg)),
+        cfg.teacher.k,
+        cfg.corpus.window,
+        teacher.engine,
+        teacher.max_logprobs,
+        json.dumps(features, sort_keys=True),
+    )
+    return key, teacher, features
+
+
 def get_engine(cfg: RunConfig, generates: bool = False) -> VllmTeacher:
     """The process's engine for this teacher and settings, started on first use, and started
     anew when the one held has died or failed. ``generates``: an engine that can generate (greedy
     answers), which a ``device`` labeller's pooling engine cannot: such calls get a ``logprobs`` one."""
-    labeller = "logprobs" if generates else cfg.teacher.labeller
-    teacher = dataclasses.replace(cfg.teacher, engine=dataclasses.replace(cfg.teacher.engine, labeller=labeller))
-    # the same key for a generating engine of a score-mode config and a generate-mode config's engine
+    key, teacher, features = _key(cfg, generates)
     engine_cfg, max_logprobs = teacher.engine, teacher.max_logprobs
-    features = teacher.feature_params if labeller == "device" else {}  # captured by the device labeller
-    key = (str(teacher_dir(cfg)), cfg.teacher.k, cfg.corpus.window, engine_cfg, max_logprobs, json.dumps(features))
     held = _ENGINES.get(key)
     if held is not None and not held.alive():
         _ENGINES.pop(key).close()
@@ -44,6 +59,13 @@ def get_engine(cfg: RunConfig, generates: bool = False) -> VllmTeacher:
             features=features,
         )
     return _ENGINES[key]
+
+
+def close_engine_of(cfg: RunConfig, generates: bool = False) -> None:
+    """Close the one engine ``get_engine(cfg, generates)`` returns, if it is running (others stay)."""
+    key = _key(cfg, generates)[0]
+    if key in _ENGINES:
+        _ENGINES.pop(key).close()
 
 
 def close_engine(cfg: RunConfig) -> None:

@@ -245,6 +245,7 @@ def test_feature_maps_train_resume_exactly_and_stay_out_of_the_export(tmp_path, 
     for name in ("model/model.safetensors", HEADS_FILE):
         a, b = load_file(tmp_path / "a" / name), load_file(tmp_path / "b" / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"{name} differs after resume"
+
     def history_of(run):  # peak memory is the process's, not the run's
         lines = (tmp_path / run / "history.jsonl").read_text().splitlines()
         return [{k: v for k, v in json.loads(line).items() if k != "peak_memory_mib"} for line in lines]
