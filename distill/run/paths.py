@@ -34,6 +34,7 @@ TRAINING_CODE = (
     "distill.train.losses",
     "distill.train.student",
     "distill.train.xtok",
+    "distill.train.features",
     "storage.reader",
     "storage.codec",
     "storage.kinds.base",
@@ -41,6 +42,7 @@ TRAINING_CODE = (
     "storage.kinds.sampled",
     "storage.kinds.mixture",
     "storage.kinds.candidates",
+    "storage.kinds.features",
 )
 
 
