@@ -56,18 +56,20 @@ def _schema(meta: "ShardMeta", label_fields: list[pa.Field]) -> pa.Schema:
     if kind_of(meta.kind).layout == EXAMPLES:
         return pa.schema(label_fields)
     text = [pa.field(name, pa.string(), nullable=False) for name in text_columns(meta.mode)]
-    extra = features.fields() if meta.features else []
-    return pa.schema(_base_fields(meta.vocab_size) + text + label_fields + extra)
+    return pa.schema(_base_fields(meta.vocab_size) + text + label_fields)
 
 
 def arrow_schema(meta: "ShardMeta") -> pa.Schema:
-    """The stored (encoded) columns of a shard with ``meta``: its kind's label columns."""
-    return _schema(meta, kind_of(meta.kind).stored_fields(meta.vocab_size))
+    """The stored (encoded) columns of a shard with ``meta``: its kind's label columns, and the
+    features' (``storage.kinds.features``) when it stores them."""
+    extra = features.stored_fields() if meta.features else []
+    return _schema(meta, kind_of(meta.kind).stored_fields(meta.vocab_size) + extra)
 
 
 def decoded_schema(meta: "ShardMeta") -> pa.Schema:
-    """Plain columns (float32 logprobs, original ids): the writer's input."""
-    return _schema(meta, kind_of(meta.kind).decoded_fields(meta.vocab_size))
+    """Plain columns (float32 logprobs, original ids; the device's feature codes): the writer's input."""
+    extra = features.written_fields() if meta.features else []
+    return _schema(meta, kind_of(meta.kind).decoded_fields(meta.vocab_size) + extra)
 
 
 @dataclasses.dataclass(frozen=True)

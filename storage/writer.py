@@ -420,7 +420,8 @@ class ShardWriter:
         self._step = f"reading the temporary file {self._raw_path}"
         raw = pq.ParquetFile(self._raw_path)
         self._step = f"encoding the shard into the temporary file {self._tmp}"
-        split = [f"{name}.list.element" for name in self.kind.byte_stream_split]
+        split_columns = [*self.kind.byte_stream_split, *(features.BYTE_STREAM_SPLIT if self.meta.features else ())]
+        split = [f"{name}.list.element" for name in split_columns]
         out = _parquet_writer(self._tmp, schema, ZSTD_LEVEL, byte_stream_split=split or False)
         try:
             out.add_key_value_metadata(footer)

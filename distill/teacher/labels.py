@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from distill.teacher.config import TeacherConfig
 from storage.cache import LabelStore, content_key
 from storage.kinds import POSITIONS, LabelKind, kind_of
+from storage.kinds import features as feature_columns
 from storage.schema import SCHEMA_VERSION, ShardMeta
 
 LABEL_CODE_VERSION = "labels-3"
@@ -76,8 +77,8 @@ def shard_key(
     }
     if cfg.labeller == "device":  # exact tails, whole-vocabulary draws: labels the logprobs path does not make
         fields["labeller"] = "device"
-    if cfg.features is not None:  # hidden states stored beside the labels
-        fields["features"] = cfg.feature_params
+    if cfg.features is not None:  # hidden states stored beside the labels, in their own columns' format
+        fields["features"] = {**cfg.feature_params, "format": feature_columns.FORMAT}
     if cfg.mode == "generate":  # answers are capped at window - len(prompt); the fingerprint has prompts only
         fields["window"] = window
     return content_key(fields)

@@ -4,11 +4,12 @@ kind's labels in the same rows. A companion kind: ``ShardMeta.features`` holds i
 (``layers``, ``dim``, ``projection``, ``seed``, ``dtype``; empty for a shard without features),
 and the shard's cache key covers them, so a row's features are always its labels' positions.
 
-Stored (and written) columns, position-major then layer-major: ``feature_scales`` (n * layers
-float32: each vector's largest magnitude / 127) and ``feature_codes`` (n * layers * dim int8),
-``dim + 4`` bytes per position and layer, made on the engine's device
-(``distill.teacher.features.quantize``). Decoded: ``teacher_features`` (n * layers * dim float32,
-``storage.codec.decode_features``).
+Written columns, position-major then layer-major: ``feature_scales`` (n * layers float32: each
+vector's largest magnitude / 127) and ``feature_codes`` (n * layers * dim int8), made on the
+engine's device (``distill.teacher.features.quantize``): ``dim + 4`` bytes per position and layer.
+Stored: the scales as written (byte-stream split), the codes as one binary value per row, which
+spares Parquet's per-value repetition and definition levels (about 2 bits per code as a list).
+Decoded: ``teacher_features`` (n * layers * dim float32, ``storage.codec.decode_features``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from storage import codec
 from storage.kinds.base import flat
 
 PARAMS = ("layers", "dim", "projection", "seed", "dtype")
-COLUMNS = ("feature_scales", "feature_codes")
+FORMAT = 2  # of the stored feature columns, in the shards' cache key: bump it when they change
 
 
 def check_params(params: Mapping) -> None:
@@ -44,11 +45,22 @@ def describe(params: Mapping) -> str:
     )
 
 
-def fields() -> list[pa.Field]:
-    """The feature columns, stored and written alike."""
+BYTE_STREAM_SPLIT = ("feature_scales",)
+
+
+def written_fields() -> list[pa.Field]:
+    """The feature columns as written (the writer's input)."""
     return [
         pa.field("feature_scales", pa.list_(pa.float32()), nullable=False),
         pa.field("feature_codes", pa.list_(pa.int8()), nullable=False),
+    ]
+
+
+def stored_fields() -> list[pa.Field]:
+    """The feature columns as stored."""
+    return [
+        pa.field("feature_scales", pa.list_(pa.float32()), nullable=False),
+        pa.field("feature_codes", pa.binary(), nullable=False),
     ]
 
 
@@ -70,8 +82,13 @@ def check_row(row: Mapping, params: Mapping, positions: int, where: str) -> None
 
 
 def encode(raw: pa.Table) -> dict[str, pa.Array]:
-    """The stored columns: the device's scales and codes as written."""
-    return {name: raw.column(name).combine_chunks() for name in COLUMNS}
+    """The stored columns: the device's scales as written, each row's codes as one binary value."""
+    codes = raw.column("feature_codes").combine_chunks()
+    values, offsets = flat(raw, "feature_codes")
+    binary = pa.BinaryArray.from_buffers(
+        pa.binary(), len(codes), [None, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(values.tobytes())]
+    )
+    return {"feature_scales": raw.column("feature_scales").combine_chunks(), "feature_codes": binary}
 
 
 def decode(stored: pa.Table, params: Mapping, positions: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -79,7 +96,7 @@ def decode(stored: pa.Table, params: Mapping, positions: np.ndarray) -> dict[str
     each row's labelled positions. ``ValueError`` when the lengths disagree (corrupt)."""
     layers, dim = shape(params)
     scales, scale_offsets = flat(stored, "feature_scales")
-    codes, code_offsets = flat(stored, "feature_codes")
+    codes, code_offsets = binary_values(stored, "feature_codes")
     if not np.array_equal(np.diff(scale_offsets), positions * layers) or not np.array_equal(
         np.diff(code_offsets), positions * layers * dim
     ):
@@ -91,3 +108,12 @@ def decode(stored: pa.Table, params: Mapping, positions: np.ndarray) -> dict[str
         raise ValueError("feature_scales hold non-finite values")
     values = codec.decode_features(scales, codes.reshape(-1, dim)).reshape(-1)
     return {"teacher_features": (values, code_offsets)}
+
+
+def binary_values(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """A binary column's bytes as one flat int8 array, and its row offsets (starting at 0)."""
+    col = table.column(name).combine_chunks()
+    _, offsets_buffer, data = col.buffers()
+    offsets = np.frombuffer(offsets_buffer, np.int32)[col.offset : col.offset + len(col) + 1]
+    values = np.frombuffer(data, np.int8)[offsets[0] : offsets[-1]] if data is not None else np.zeros(0, np.int8)
+    return values, offsets - offsets[0]
