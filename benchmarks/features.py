@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/features.py [--configs configs/features.yaml configs/features_stdlib.yaml]
         [--steps N] [--seeds 0 1 ...] [--students teacher_layers random]
+    .venv/bin/python benchmarks/features.py --rate [--windows 160] [--repeats 3]   # labelling speed only
 
 Run from the repository root. For each config (``teacher.features`` set: the layers to capture):
 build the corpus (the standard-library docstring corpus is written first, as ``benchmarks/adaptive.py``
@@ -14,6 +15,11 @@ train three students through ``training.train_student`` that differ only in thei
 and learning rate. Each is evaluated on the held-out shards: KL(teacher || student) over the
 whole vocabulary (a transformers teacher forward, the first ``eval.full_kl_windows`` windows),
 perplexity and bits per byte over every held-out position.
+
+``--rate`` measures what capturing costs the labelling instead: the first config's first
+``--windows`` windows labelled (top-k, ``engine.score``) by an engine with feature capture and by
+one without, interleaved and repeated; median (min..max) positions/s and their ratio,
+``features_vs_plain_labelling_rate=``.
 
 Prints the bytes each captured layer costs per labelled position in the shards (compressed, as
 stored), a table per corpus and student, and ``name=value`` lines; the last two are
@@ -29,6 +35,7 @@ import dataclasses
 import math
 import statistics
 import sys
+import time
 from pathlib import Path
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])
@@ -107,14 +114,47 @@ def compare(cfg, corpus: str, inits, seeds) -> dict:
     return results
 
 
+def labelling_rate(cfg, count: int, repeats: int) -> float:
+    """Positions/s of top-k labelling with and without feature capture, interleaved; returns the ratio."""
+    from benchmarks.common import corpus_windows
+    from distill.run import engines, labelling
+
+    labelling.prepare_teacher(cfg)
+    plain_cfg = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, features=None))
+    _, ids, starts = corpus_windows(cfg, count)
+    positions = sum(len(w) - 1 - s for w, s in zip(ids, starts))
+    variants = {"features": (engines.get_engine(cfg), True), "plain": (engines.get_engine(plain_cfg), False)}
+    rates = {name: [] for name in variants}
+    for engine, features in variants.values():  # warm-up
+        list(engine.score(ids[:4], starts[:4], k=cfg.teacher.k, features=features))
+    for _ in range(repeats):
+        for name, (engine, features) in variants.items():
+            t0 = time.perf_counter()
+            list(engine.score(ids, starts, k=cfg.teacher.k, features=features))
+            rates[name].append(positions / (time.perf_counter() - t0))
+    engines.close_engines()
+    for name, values in rates.items():
+        print(
+            f"  {name:8s}: {statistics.median(values):.0f} positions/s ({min(values):.0f}..{max(values):.0f}), "
+            f"{positions:,} positions x {repeats}",
+            flush=True,
+        )
+    ratios = [f / p for f, p in zip(rates["features"], rates["plain"])]
+    ratio = statistics.median(rates["features"]) / statistics.median(rates["plain"])
+    print(f"features_vs_plain_labelling_rate={ratio:.3f} ({min(ratios):.3f}..{max(ratios):.3f} per round)")
+    return ratio
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=["configs/features.yaml", "configs/features_stdlib.yaml"])
     parser.add_argument("--steps", type=int, default=None, help="override train.steps (every student)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="student seeds (init and data order)")
-    parser.add_argument(
-        "--students", nargs="+", default=["teacher_layers", "random"], choices=["teacher_layers", "random"]
-    )
+    inits = ["teacher_layers", "random"]
+    parser.add_argument("--students", nargs="+", default=inits, choices=inits, help="student inits")
+    parser.add_argument("--rate", action="store_true", help="measure the labelling rate with and without capture")
+    parser.add_argument("--windows", type=int, default=160, help="--rate: windows labelled per round")
+    parser.add_argument("--repeats", type=int, default=3, help="--rate: interleaved rounds")
     args = parser.parse_args()
 
     from distill.config import load_config
@@ -129,6 +169,9 @@ def main() -> None:
         if args.steps:
             cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=args.steps))
         configs.append((Path(path).stem, cfg))
+    if args.rate:
+        labelling_rate(configs[0][1], args.windows, args.repeats)
+        return
     per_layer = []
     for name, cfg in configs:
         print(f"labelling {name} ({cfg.corpus.source}), features {cfg.teacher.features}", flush=True)
@@ -147,8 +190,7 @@ def main() -> None:
             f"teacher layers {list(f.layers)} at dim {f.dim}",
             flush=True,
         )
-        seeds = args.seeds
-        results = compare(cfg, name, args.students, seeds)
+        results = compare(cfg, name, args.students, args.seeds)
         for init in args.students:
             for metric in ("kl_full", "ppl", "bpb"):
                 for other in ("logit", "ce"):
