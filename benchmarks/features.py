@@ -70,7 +70,7 @@ def variant(cfg, name: str, init: str, seed: int):
     return dataclasses.replace(cfg, train=train, student=student)
 
 
-def compare(cfg, corpus: str, inits, seeds) -> dict:
+def compare(cfg, corpus: str, inits, seeds, variants=VARIANTS) -> dict:
     """Every student's held-out full KL, perplexity and bits per byte: ``{(init, seed, variant): metrics}``."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -89,7 +89,7 @@ def compare(cfg, corpus: str, inits, seeds) -> dict:
     for init in inits:
         for seed in seeds:
             models = {}
-            for name in VARIANTS:
+            for name in variants:
                 run = variant(cfg, name, init, seed)
                 summary = training.train_student(run, baseline=name == "ce")
                 models[name] = AutoModelForCausalLM.from_pretrained(Path(summary["out_dir"]) / "model")
@@ -101,7 +101,7 @@ def compare(cfg, corpus: str, inits, seeds) -> dict:
                     "final_feat": summary.get("final_feat"),
                 }
             full = full_distribution_kl(teacher, models, heldout, cfg.eval)
-            for name in VARIANTS:
+            for name in variants:
                 m = results[(init, seed, name)]
                 m["kl_full"] = full[name]
                 print(
@@ -152,10 +152,13 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="student seeds (init and data order)")
     inits = ["teacher_layers", "random"]
     parser.add_argument("--students", nargs="+", default=inits, choices=inits, help="student inits")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, help="losses to train")
     parser.add_argument("--rate", action="store_true", help="measure the labelling rate with and without capture")
     parser.add_argument("--windows", type=int, default=160, help="--rate: windows labelled per round")
     parser.add_argument("--repeats", type=int, default=3, help="--rate: interleaved rounds")
     args = parser.parse_args()
+    if not {"feature", "logit"} <= set(args.variants):
+        parser.error("--variants must include feature and logit (the ratios compare them)")
 
     from distill.config import load_config
     from distill.run import labelling
@@ -190,10 +193,10 @@ def main() -> None:
             f"teacher layers {list(f.layers)} at dim {f.dim}",
             flush=True,
         )
-        results = compare(cfg, name, args.students, args.seeds)
+        results = compare(cfg, name, args.students, args.seeds, args.variants)
         for init in args.students:
             for metric in ("kl_full", "ppl", "bpb"):
-                for other in ("logit", "ce"):
+                for other in [v for v in ("logit", "ce") if v in args.variants]:
                     values = [
                         results[(init, s, "feature")][metric] / results[(init, s, other)][metric] for s in args.seeds
                     ]
