@@ -120,7 +120,11 @@ def labelling_rate(cfg, count: int, repeats: int) -> float:
     from distill.run import engines, labelling
 
     labelling.prepare_teacher(cfg)
-    plain_cfg = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, features=None))
+    plain_cfg = dataclasses.replace(
+        cfg,
+        teacher=dataclasses.replace(cfg.teacher, features=None),
+        train=dataclasses.replace(cfg.train, feature_weight=0.0),
+    )
     _, ids, starts = corpus_windows(cfg, count)
     positions = sum(len(w) - 1 - s for w, s in zip(ids, starts))
     variants = {"features": (engines.get_engine(cfg), True), "plain": (engines.get_engine(plain_cfg), False)}
