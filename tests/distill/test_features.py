@@ -2,6 +2,8 @@
 runs on its device and the codec that reads it back, their packing through the device labeller,
 the features companion kind in a shard, and the config errors."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -210,6 +212,21 @@ def test_features_are_keyed_and_the_baseline_never_uses_them():
     assert feats.baseline_train.feature_weight == 0.0 and feats.baseline_train.kd_weight == 0.0
 
 
+def write_feature_shards(folder) -> list:
+    from storage.reader import open_shard
+    from storage.writer import ShardWriter
+    from tests.storage.test_shards import make_meta, make_rows
+
+    for s in range(2):
+        rows = with_features(make_rows(16, 49152, 4, seed=s, length=(10, 33)), seed=s)
+        for r in rows:
+            r["doc_id"] = f"s{s}-{r['doc_id']}"
+        meta = make_meta(k=4, shard=f"train-{s:05d}", features=FEATURES)
+        with ShardWriter(folder / f"shard{s}.parquet", meta, row_group_rows=4) as w:
+            w.write_many(rows)
+    return [open_shard(folder / f"shard{s}.parquet") for s in range(2)]
+
+
 def test_feature_maps_train_resume_exactly_and_stay_out_of_the_export(tmp_path, teacher_dir):
     """4 steps in one go, and 2 + 2 with a stop (as a crash) in between: the same student, the same
     maps, the same history; the maps are saved beside the model, which loads without them."""
@@ -219,24 +236,14 @@ def test_feature_maps_train_resume_exactly_and_stay_out_of_the_export(tmp_path, 
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from distill.train.config import TrainConfig
     from distill.train.features import HEADS_FILE
     from distill.train.trainer import train
-    from storage.reader import open_shard
-    from storage.writer import ShardWriter
+    from tests.distill.features_worker import STUDENT as student
+    from tests.distill.features_worker import config
     from tests.distill.train_worker import TINY_STUDENT
-    from tests.storage.test_shards import make_meta, make_rows
 
-    for s in range(2):
-        rows = with_features(make_rows(16, 49152, 4, seed=s, length=(10, 33)), seed=s)
-        for r in rows:
-            r["doc_id"] = f"s{s}-{r['doc_id']}"
-        meta = make_meta(k=4, shard=f"train-{s:05d}", features=FEATURES)
-        with ShardWriter(tmp_path / f"shard{s}.parquet", meta, row_group_rows=4) as w:
-            w.write_many(rows)
-    shards = [open_shard(tmp_path / f"shard{s}.parquet") for s in range(2)]
-    student = dataclasses.replace(TINY_STUDENT, feature_layers=((0, 3), (1, 7)))
-    cfg = TrainConfig(steps=4, batch_size=4, lr=1e-2, checkpoint_every=2, progress=False, feature_weight=0.5)
+    shards = write_feature_shards(tmp_path)
+    cfg = config()
     full = train(student, cfg, teacher_dir, shards, tmp_path / "a", 49152)
     train(student, cfg, teacher_dir, shards, tmp_path / "b", 49152, stop_after=2)
     assert not (tmp_path / "b" / HEADS_FILE).exists() and not (tmp_path / "b" / "model").exists()
@@ -269,3 +276,36 @@ def test_feature_maps_train_resume_exactly_and_stay_out_of_the_export(tmp_path, 
     train(TINY_STUDENT, dataclasses.replace(plain, steps=2), teacher_dir, shards, tmp_path / "c", 49152, stop_after=2)
     with pytest.raises(ValueError, match="saved without feature maps"):
         train(student, dataclasses.replace(cfg, steps=6), teacher_dir, shards, tmp_path / "c", 49152)
+
+
+def test_feature_maps_train_under_torchrun_ddp_and_fsdp_alike(tmp_path, teacher_dir):
+    """Two ranks: the maps sit outside the DDP or FSDP wrapper and their gradients are all-reduced
+    by the step; both strategies see the same data and give the same losses and maps."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from distill.train.features import HEADS_FILE
+    from tests.processes import run_group
+
+    repo = Path(__file__).resolve().parents[2]
+    write_feature_shards(tmp_path)
+    torchrun = Path(sys.executable).parent / "torchrun"
+    runs = {}
+    for strategy in ("ddp", "fsdp"):
+        out = tmp_path / strategy
+        env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1", "TRAIN_STRATEGY": strategy}
+        cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "tests.distill.features_worker"]
+        done = run_group([*cmd, str(tmp_path), str(out), str(teacher_dir)], timeout=600, cwd=repo, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+        history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+        runs[strategy] = (history, load_file(out / HEADS_FILE))
+        assert len(history) == 4 and all(np.isfinite(h["feat"]) for h in history)
+        assert (out / "checkpoints" / "step-00000004" / HEADS_FILE).exists()
+    for a, b in zip(runs["ddp"][0], runs["fsdp"][0]):
+        for name in ("loss", "ce", "kd", "feat"):
+            assert a[name] == pytest.approx(b[name], rel=1e-4), (name, a, b)
+    for name, weight in runs["ddp"][1].items():
+        torch.testing.assert_close(weight, runs["fsdp"][1][name], rtol=1e-4, atol=1e-6)
