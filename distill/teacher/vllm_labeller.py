@@ -194,9 +194,11 @@ def pool_labels(
         (int(p.extra_kwargs["k"]), int(p.extra_kwargs.get("draws", 0)), int(p.extra_kwargs.get("features", 0)))
         for p in metadata.pooling_params
     ]
-    if capture is None and any(f for _, _, f in settings):
-        raise ValueError("features asked of an engine started without teacher.features")
-    features = capture.packed(hidden_states) if any(f for _, _, f in settings) else None
+    features = None
+    if any(f for _, _, f in settings):
+        if capture is None:
+            raise ValueError("features asked of an engine started without teacher.features")
+        features = capture.packed(hidden_states)
     targets, offsets = [], []
     for i, n in enumerate(scheduled):
         start = seq_lens[i] - n  # prompt position of this chunk's first token

@@ -146,12 +146,13 @@ def collate_candidates(rows: Sequence[dict]) -> dict[str, torch.Tensor]:
     }
 
 
-def collate_for(shard: Shard):
-    """The collate function for a shard's labelling mode."""
+def collate_for(shard: Shard, features: bool = False):
+    """The collate function for a shard's labelling mode; ``features``: with its stored teacher
+    features (only a loss with a feature term reads them)."""
     if shard.meta.mode == "candidates":
         return collate_candidates
-    k, features = shard.meta.slots, feature_kind.shape(shard.meta.features) if shard.meta.features else None
-    return lambda rows: collate(rows, k, features)
+    k, shape = shard.meta.slots, feature_kind.shape(shard.meta.features) if features else None
+    return lambda rows: collate(rows, k, shape)
 
 
 def batches(
@@ -689,7 +690,11 @@ class DistillRecipe:
         self.setup_data()
         self.restore_checkpoint()
         k = self.shards[0].meta.slots
-        collate_rows = (lambda rows: collate_cross(rows, k, self.cross)) if self.cross is not None else None
+        collate_rows = (
+            (lambda rows: collate_cross(rows, k, self.cross))
+            if self.cross is not None
+            else collate_for(self.shards[0], features=self.loss.features is not None)
+        )
         self.data = batches(
             self.stream,
             self.cfg.batch_size,

@@ -37,14 +37,6 @@ def shape(params: Mapping) -> tuple[int, int]:
     return len(params["layers"]), int(params["dim"])
 
 
-def describe(params: Mapping) -> str:
-    layers, dim = shape(params)
-    return (
-        f"hidden states of teacher layers {list(params['layers'])} projected to {dim} ({params['projection']}, "
-        f"seed {params['seed']}), {params['dtype']} with a scale per position and layer"
-    )
-
-
 BYTE_STREAM_SPLIT = ("feature_scales",)
 
 
@@ -83,10 +75,9 @@ def check_row(row: Mapping, params: Mapping, positions: int, where: str) -> None
 
 def encode(raw: pa.Table) -> dict[str, pa.Array]:
     """The stored columns: the device's scales as written, each row's codes as one binary value."""
-    codes = raw.column("feature_codes").combine_chunks()
     values, offsets = flat(raw, "feature_codes")
     binary = pa.BinaryArray.from_buffers(
-        pa.binary(), len(codes), [None, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(values.tobytes())]
+        pa.binary(), len(offsets) - 1, [None, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(values.tobytes())]
     )
     return {"feature_scales": raw.column("feature_scales").combine_chunks(), "feature_codes": binary}
 
