@@ -48,6 +48,27 @@ class RunConfig:
         self._check_label_kind()
         self._check_student_tokenizer()
         self._check_features()
+        self._check_images()
+
+    def _check_images(self) -> None:
+        """A vision teacher reads images; image questions go through one teacher, the teacher's
+        tokens, and score or generate mode."""
+        if self.teacher.vision is not None and not self.corpus.images:
+            raise ConfigError(
+                "teacher.vision builds a vision-language teacher: set corpus.image_column (or corpus.source: "
+                "synthetic_shapes) so the corpus has images"
+            )
+        if not self.corpus.images:
+            return
+        for ok, field, what in (
+            (self.teacher.mode != "candidates", "teacher.mode", "score or generate mode"),
+            (not self.teacher.ensemble, "teacher.models", "one teacher (model), not an ensemble"),
+            (self.teacher.features is None, "teacher.features", "no teacher.features"),
+            (self.student.tokenizer is None, "student.tokenizer", "a student with the teacher's tokenizer"),
+            (self.onpolicy.rounds == 0, "onpolicy.rounds", "no on-policy rounds"),
+        ):
+            if not ok:
+                raise ConfigError(f"corpus.image_column (image questions) needs {what}: change {field}")
 
     def _check_features(self) -> None:
         """Feature distillation needs captured features, and each mapped teacher layer captured."""

@@ -29,7 +29,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from datasets.exceptions import DatasetGenerationError
 
-from distill.data import CORPUS_MANIFEST, PYDOC_SOURCE, CorpusConfig, CorpusError, corpus_dir, text_lines
+from distill.data import (
+    CORPUS_MANIFEST,
+    PYDOC_SOURCE,
+    SYNTHETIC_SEED,
+    SYNTHETIC_SOURCE,
+    CorpusConfig,
+    CorpusError,
+    corpus_dir,
+    image_store,
+    text_lines,
+)
+from distill.vision import answer_ids, prompt_with_span
+from storage.images import ImageError, check_image, image_bytes
 from storage.writer import atomic_write_text, temp_name
 
 BUILDERS = {"jsonl": "json", "json": "json", "parquet": "parquet", "csv": "csv", "txt": "text", "text": "text"}
@@ -219,11 +231,36 @@ def _located_records(
                 f"{cfg.source}: no column {col!r}; columns are {ds.column_names} (set the corpus.*_column options)"
             )
     wanted = columns + [c for c in optional if c in ds.column_names]
+    if cfg.image_column and isinstance(ds.features.get(cfg.image_column), datasets.Image):
+        ds = ds.cast_column(cfg.image_column, datasets.Image(decode=False))  # the file's own bytes, not a re-encoding
+    folders = _row_folders(files) if files is not None and cfg.image_column else None
     n = len(ds) if cfg.max_documents is None else min(len(ds), cfg.max_documents)
     for i in range(n):
         row = ds[i]
         doc_id = str(row[cfg.id_column]) if cfg.id_column else f"row-{i:09d}"
-        yield doc_id, {c: row[c] for c in wanted}, (lambda i=i, doc_id=doc_id: _locate_row(cfg, files, i, doc_id))
+        record = {c: row[c] for c in wanted}
+        image = record.get(cfg.image_column)
+        if folders is not None and isinstance(image, str) and i < len(folders):
+            record[cfg.image_column] = str(folders[i] / image)  # relative to its data file; absolute stays
+        yield doc_id, record, (lambda i=i, doc_id=doc_id: _locate_row(cfg, files, i, doc_id))
+
+
+def _row_folders(files: list[str]) -> list[Path]:
+    """The folder of the data file each row comes from, in ``datasets``' row order: what an image
+    path in a row is relative to."""
+    return [Path(f).parent for f in files for _ in _row_locations(f)]
+
+
+def _synthetic_files(cfg: CorpusConfig, root: Path) -> CorpusConfig:
+    """``cfg`` reading ``synthetic_shapes`` from its folder of images and questions, written once
+    under ``root`` (``max_documents`` questions, default 1000); any other source as it is."""
+    if cfg.source != SYNTHETIC_SOURCE:
+        return cfg
+    from distill.synthetic import write_dataset
+
+    n = cfg.max_documents or 1000
+    folder = write_dataset(Path(root) / "corpora" / f"{SYNTHETIC_SOURCE}-{n}-{SYNTHETIC_SEED}", n, SYNTHETIC_SEED)
+    return dataclasses.replace(cfg, source=str(folder), id_column=cfg.id_column or "id")
 
 
 def windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
@@ -273,7 +310,7 @@ def _answer_index(where: Callable[[], str], answer, candidates: list[str], cfg: 
 def _check_record(where: Callable[[], str], record: dict, mode: str, cfg: CorpusConfig) -> dict | None:
     """A validated record, None for a counted skip (empty text); raises for unusable values,
     naming where the record comes from (``where()``: ``file:line``, file and row...)."""
-    column = cfg.text_column if mode == "score" else cfg.prompt_column
+    column = cfg.prompt_column if mode != "score" or cfg.images else cfg.text_column
     text = record[column]
     if text is None:
         return None
@@ -285,6 +322,15 @@ def _check_record(where: Callable[[], str], record: dict, mode: str, cfg: Corpus
     if not text.strip():
         return None
     out = {"text": text}
+    if cfg.images:
+        out["image"] = record[cfg.image_column]
+        if mode == "score":
+            response = record[cfg.response_column]
+            if not isinstance(response, str) or not response.strip():
+                raise CorpusError(
+                    f"{where()}: column {cfg.response_column!r} needs the answer as non-empty text, got {response!r}"
+                )
+            out["response"] = response
     if mode == "candidates":
         cands = record[cfg.candidates_column]
         if not isinstance(cands, (list, tuple)) or len(cands) < 2 or not all(isinstance(c, str) and c for c in cands):
@@ -299,10 +345,28 @@ def _check_record(where: Callable[[], str], record: dict, mode: str, cfg: Corpus
     return out
 
 
+def _image_rows(doc_id: str, record: dict, ids: list[int], mode: str, cfg: CorpusConfig, tokenizer) -> list[dict] | str:
+    """The corpus row of one image question (``ids``: its prompt, image tokens expanded): in score
+    mode with its answer's tokens, which are the labelled ones; or the name of a skip's counter."""
+    row = {
+        "doc_id": doc_id,
+        "window_index": 0,
+        "label_start": len(ids) - 1,
+        "image": record["image_hash"],
+        "image_span": record["image_span"],
+    }
+    if mode == "generate":
+        return "dropped_long" if len(ids) >= cfg.window else [{**row, "input_ids": ids, "prompt_text": record["text"]}]
+    full = ids + answer_ids(tokenizer, record["response"])
+    return "dropped_long" if len(full) > cfg.window else [{**row, "input_ids": full}]
+
+
 def _rows_for(
     doc_id: str, record: dict, ids: list[int], mode: str, cfg: CorpusConfig, tokenizer, where: Callable[[], str]
 ) -> list[dict] | str:
     """Corpus rows of one document or prompt, or the name of the counter of a skip."""
+    if cfg.images:
+        return _image_rows(doc_id, record, ids, mode, cfg, tokenizer)
     if mode == "score":
         if len(ids) < cfg.min_tokens:
             return "dropped_short"
@@ -328,7 +392,7 @@ def _rows_for(
     return [{**row, "candidates": record["candidates"], "candidate_ids": cand_ids, "answer": record["answer"]}]
 
 
-def _corpus_table(rows: list[dict], mode: str) -> pa.Table:
+def _corpus_table(rows: list[dict], mode: str, images: bool = False) -> pa.Table:
     cols = {
         "doc_id": pa.array([r["doc_id"] for r in rows], pa.string()),
         "window_index": pa.array([r["window_index"] for r in rows], pa.int32()),
@@ -337,6 +401,9 @@ def _corpus_table(rows: list[dict], mode: str) -> pa.Table:
     }
     if mode != "score":
         cols["prompt_text"] = pa.array([r["prompt_text"] for r in rows], pa.string())
+    if images:
+        cols["image"] = pa.array([r["image"] for r in rows], pa.string())
+        cols["image_span"] = pa.array([r["image_span"] for r in rows], pa.list_(pa.int32()))
     if mode == "candidates":
         cols["candidates"] = pa.array([r["candidates"] for r in rows], pa.list_(pa.string()))
         cols["candidate_ids"] = pa.array([r["candidate_ids"] for r in rows], pa.list_(pa.list_(pa.int32())))
@@ -345,29 +412,51 @@ def _corpus_table(rows: list[dict], mode: str) -> pa.Table:
 
 
 def build_corpus(
-    cfg: CorpusConfig, tokenizer, tokenizer_hash: str, root: Path, batch_docs: int = 256, mode: str = "score"
+    cfg: CorpusConfig,
+    tokenizer,
+    tokenizer_hash: str,
+    root: Path,
+    batch_docs: int = 256,
+    mode: str = "score",
+    processor=None,
 ) -> dict:
     """Read, tokenize and shard the corpus under ``corpus_dir``; return its manifest.
 
     ``mode``: ``score`` cuts documents (``text_column``) into windows; ``generate`` makes one
     row per prompt (``prompt_column``, chat template applied); ``candidates`` one row per
     example (prompt, ``candidates_column`` list, optional ``answer_column``).
+    With ``corpus.image_column`` each row is one image question (``processor``: the vision-language
+    teacher's, which expands the image placeholder): every image is checked and put in the image
+    store (``distill.data.image_store``) before any row is cut, and rows name its hash.
+
     Always re-reads the source (the data may have changed); shard files are replaced
     atomically and the manifest is written last. Shard fingerprints depend only on content,
     so unchanged shards keep their teacher-label cache keys.
     """
     out = corpus_dir(root, cfg, tokenizer_hash, mode)
     manifest_path = out / CORPUS_MANIFEST
-    columns = (
-        [cfg.text_column]
-        if mode == "score"
-        else [cfg.prompt_column] + ([cfg.candidates_column] if mode == "candidates" else [])
-    )
+    source = _synthetic_files(cfg, root)
+    if cfg.images:
+        if processor is None:
+            raise CorpusError(
+                f"corpus.image_column={cfg.image_column!r}: images need a vision-language teacher (teacher.vision), "
+                "whose processor puts them into the prompts"
+            )
+        if mode == "candidates":
+            raise CorpusError("corpus.image_column: candidates mode reads no images; use score or generate mode")
+        columns = [cfg.prompt_column, cfg.image_column] + ([cfg.response_column] if mode == "score" else [])
+    elif mode == "score":
+        columns = [cfg.text_column]
+    else:
+        columns = [cfg.prompt_column] + ([cfg.candidates_column] if mode == "candidates" else [])
+    images = image_store(root)
     optional = (cfg.answer_column,) if mode == "candidates" and cfg.answer_column else ()
     docs: list[tuple[str, dict, Callable[[], str]]] = []
     counts = {"documents_read": 0, "dropped_empty": 0, "dropped_short": 0, "dropped_long": 0, "dropped_duplicate_id": 0}
+    if cfg.images:
+        counts["dropped_bad_image"] = 0
     seen: set[str] = set()
-    for doc_id, raw, where in _located_records(cfg, columns, optional):
+    for doc_id, raw, where in _located_records(source, columns, optional):
         counts["documents_read"] += 1
         record = _check_record(where, raw, mode, cfg)
         if record is None:
@@ -376,6 +465,17 @@ def build_corpus(
         if doc_id in seen:
             counts["dropped_duplicate_id"] += 1
             continue
+        if cfg.images:
+            try:
+                data = image_bytes(record["image"], f"{where()}: column {cfg.image_column!r}")
+                check_image(data, f"{where()}: column {cfg.image_column!r}", cfg.max_image_pixels)
+            except ImageError as e:
+                if cfg.bad_images == "skip":
+                    counts["dropped_bad_image"] += 1
+                    continue
+                raise CorpusError(f"{e} (corpus.bad_images: skip drops such examples instead)") from None
+            record["image_hash"] = images.put(data)
+            del record["image"]
         seen.add(doc_id)
         docs.append((doc_id, record, where))
     if not docs:
@@ -392,7 +492,13 @@ def build_corpus(
     kept = {"train": 0, "heldout": 0}
     for b in range(0, len(docs), batch_docs):
         batch = docs[b : b + batch_docs]
-        if mode == "score":
+        if cfg.images:
+            encoded = []
+            for _, r, _ in batch:
+                ids, span = prompt_with_span(processor, images.open(r["image_hash"]), r["text"], cfg.system_prompt)
+                encoded.append(ids)
+                r["image_span"] = span
+        elif mode == "score":
             encoded = tokenizer([r["text"] for _, r, _ in batch])["input_ids"]
         else:
             encoded = [encode_prompt(tokenizer, r["text"], cfg) for _, r, _ in batch]
@@ -436,13 +542,15 @@ def build_corpus(
     shard_info = {}
     for name, rows in shards.items():
         rows.sort(key=lambda r: (r["doc_id"], r["window_index"]))
-        table = _corpus_table(rows, mode)
+        table = _corpus_table(rows, mode, cfg.images)
         h = hashlib.sha256(tokenizer_hash.encode())
         for r in rows:
             h.update(f"{r['doc_id']}\x1f{r['window_index']}\x1f{r['label_start']}\x1f".encode())
             h.update(np.asarray(r["input_ids"], np.int64).tobytes())
             if mode == "candidates":
                 h.update(json.dumps([r["candidate_ids"], r["answer"]]).encode())
+            if cfg.images:
+                h.update(f"image\x1f{r['image']}".encode())
         path = out / f"{name}.parquet"
         tmp = temp_name(path)  # host, boot and pid: nodes sharing the folder never write one temporary
         pq.write_table(table, tmp, compression="zstd")

@@ -17,8 +17,14 @@ import pyarrow.parquet as pq
 
 from distill.configbase import check
 from storage.cache import content_key
+from storage.images import ImageStore
 
 PYDOC_SOURCE = "pydoc_topics"
+# image questions drawn here with Pillow (``distill.synthetic``), written once under the storage root
+# as a folder of PNG files with a JSON Lines file of questions, and read like any such folder
+SYNTHETIC_SOURCE = "synthetic_shapes"
+SYNTHETIC_SEED = 1_000_003  # not the seeds the vision teacher trains and tests on
+BAD_IMAGES = ("error", "skip")
 CORPUS_MANIFEST = "corpus.json"
 SPLITS = ("train", "heldout")
 
@@ -61,6 +67,19 @@ class CorpusConfig:
     assistant start)."""
     system_prompt: str | None = None
     """System message put before each prompt when ``chat_template`` is on (None: the template's default)."""
+    image_column: str | None = None
+    """Column holding each example's image, for a vision-language teacher (``teacher.vision``): a path
+    (relative to the folder of the data file), encoded image bytes, or a ``datasets`` Image. Each row
+    is then one question (``prompt_column``) about its image, and in ``score`` mode its answer
+    (``response_column``), whose tokens are labelled. ``synthetic_shapes`` sets it to ``image``."""
+    response_column: str = "response"
+    """``score`` mode with images: column holding the answer to each question."""
+    max_image_pixels: int = 16_000_000
+    """Largest image accepted, in pixels (width x height, read from the header before decoding)."""
+    bad_images: str = "error"
+    """An image that is not an image, truncated or too large: ``error`` (stop, naming the file and row,
+    before any teacher work) or ``skip`` (drop the example, counted in the manifest as
+    ``dropped_bad_image``)."""
 
     def __post_init__(self):
         check(0.0 < self.heldout_fraction < 1.0, "heldout_fraction", self.heldout_fraction, "a number in (0, 1)")
@@ -77,6 +96,15 @@ class CorpusConfig:
         check(
             self.max_documents is None or self.max_documents >= 2, "max_documents", self.max_documents, "None or >= 2"
         )
+        check(self.max_image_pixels >= 1, "max_image_pixels", self.max_image_pixels, "an integer >= 1")
+        check(self.bad_images in BAD_IMAGES, "bad_images", self.bad_images, " or ".join(BAD_IMAGES))
+        if self.source == SYNTHETIC_SOURCE:
+            object.__setattr__(self, "image_column", self.image_column or "image")
+
+    @property
+    def images(self) -> bool:
+        """Whether rows are image questions (``image_column`` set)."""
+        return self.image_column is not None
 
     @property
     def effective_stride(self) -> int:
@@ -128,6 +156,11 @@ def corpus_dir(root: Path, cfg: CorpusConfig, tokenizer_hash: str, mode: str = "
     if mode != "score":
         fields["mode"] = mode
     return Path(root) / "corpus" / content_key(fields)
+
+
+def image_store(root: Path) -> ImageStore:
+    """The images of every corpus under the storage root ``root``, by content hash."""
+    return ImageStore(Path(root) / "images")
 
 
 def read_corpus_shard(

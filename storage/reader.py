@@ -53,6 +53,7 @@ CHECKED_FIELDS = (
     "mode",
     "temperature",
     "features",
+    "images",
 )
 
 
@@ -294,7 +295,7 @@ def decode_row_group(shard: Shard, table: pa.Table) -> list[dict]:
         except ValueError as e:
             raise ShardError(shard.path, str(e)) from e
     cols = decode_table(shard, table)
-    names = ["doc_id", "window_index", "label_start", *text_columns(shard.meta.mode)]
+    names = ["doc_id", "window_index", "label_start", *text_columns(shard.meta.mode, shard.meta.images)]
     scalars = {name: table.column(name).to_pylist() for name in names}
     rows = []
     for i in range(table.num_rows):

@@ -47,15 +47,19 @@ def _base_fields(vocab_size: int) -> list[pa.Field]:
 GENERATE_TEXT_COLUMNS = ("prompt_text", "response_text", "finish_reason")  # finish_reason: stop | length
 
 
-def text_columns(mode: str) -> tuple[str, ...]:
-    """Plain string columns a token-label shard of ``mode`` carries beside its labels."""
-    return GENERATE_TEXT_COLUMNS if mode == "generate" else ()
+IMAGE_COLUMN = "image"  # the sha256 of the row's image in the run's image store (storage.images)
+
+
+def text_columns(mode: str, images: bool = False) -> tuple[str, ...]:
+    """Plain string columns a token-label shard of ``mode`` carries beside its labels (``images``:
+    with the row's image hash)."""
+    return (GENERATE_TEXT_COLUMNS if mode == "generate" else ()) + ((IMAGE_COLUMN,) if images else ())
 
 
 def _schema(meta: "ShardMeta", label_fields: list[pa.Field]) -> pa.Schema:
     if kind_of(meta.kind).layout == EXAMPLES:
         return pa.schema(label_fields)
-    text = [pa.field(name, pa.string(), nullable=False) for name in text_columns(meta.mode)]
+    text = [pa.field(name, pa.string(), nullable=False) for name in text_columns(meta.mode, meta.images)]
     return pa.schema(_base_fields(meta.vocab_size) + text + label_fields)
 
 
@@ -112,6 +116,9 @@ class ShardMeta:
     features: dict = dataclasses.field(default_factory=dict)
     """Teacher features stored beside the labels (``storage.kinds.features``): ``{"layers", "dim",
     "projection", "seed", "dtype"}``, or empty for none."""
+    images: bool = False
+    """Whether every row names its image (column ``image``: the sha256 of the image's bytes in the
+    run's image store, ``storage.images``): labels of a vision-language teacher."""
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self):
@@ -120,6 +127,8 @@ class ShardMeta:
         if (self.mode == "candidates") != (kind.layout == EXAMPLES):
             raise ValueError(f"mode {self.mode!r} cannot hold {self.kind!r} labels")
         features.check_params(self.features)
+        if self.images and kind.layout == EXAMPLES:
+            raise ValueError(f"{self.kind!r} labels cannot name images (candidates mode reads no images)")
         if self.features and kind.layout == EXAMPLES:
             raise ValueError(f"{self.kind!r} labels cannot carry teacher features (no per-token positions)")
 
@@ -135,7 +144,7 @@ class ShardMeta:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ShardMeta":
         names = {f.name for f in dataclasses.fields(cls)}
-        missing = names - set(d) - {"created", "schema_version", "settings", "features"}
+        missing = names - set(d) - {"created", "schema_version", "settings", "features", "images"}
         if missing:
             raise ValueError(f"shard metadata lacks fields {sorted(missing)}")
         return cls(**{k: v for k, v in d.items() if k in names})

@@ -378,7 +378,7 @@ class ShardWriter:
                 "window_index": raw.column("window_index"),
                 "input_ids": raw.column("input_ids"),
                 "label_start": raw.column("label_start"),
-                **{name: raw.column(name) for name in text_columns(self.meta.mode)},
+                **{name: raw.column(name) for name in text_columns(self.meta.mode, self.meta.images)},
                 **labels,
                 **(features.encode(raw) if self.meta.features else {}),
             },

@@ -91,7 +91,7 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 # what puts a test in a tier (see the module docstring)
-ENGINE_FIXTURES = {"engine", "answering_engine", "features_engine"}
+ENGINE_FIXTURES = {"engine", "answering_engine", "features_engine", "vlm_materialized"}
 ENGINE_NAMES = {"VllmTeacher", "get_engine"}
 PROCESS_NAMES = {"subprocess", "multiprocessing", "start_group", "run_group", "dagster_dev"}
 TIERS = ("engine", "subprocess", "slow")

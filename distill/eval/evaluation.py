@@ -25,6 +25,7 @@ from distill.eval.harness import engine_lm, flatten, run_tasks, student_lm
 from distill.eval.heldout import heldout_batches, heldout_prompts
 from distill.eval.metrics import (
     accumulate,
+    answer_sums,
     batch_sums,
     candidate_sums,
     cross_batch_sums,
@@ -36,6 +37,7 @@ from distill.eval.stored import teacher_metrics
 from distill.train.losses import candidate_scores
 from distill.train.trainer import collate_for
 from distill.train.xtok import CrossTokenizer, collate_cross
+from distill.vision import PixelInputs, pixel_args
 from storage.reader import Shard
 from storage.schema import ShardMeta
 
@@ -65,24 +67,33 @@ def evaluate_model(
     bf16: bool = False,
     byte_lengths: torch.Tensor | None = None,
     cross: CrossTokenizer | None = None,
+    pixels: PixelInputs | None = None,
 ) -> dict:
     """Held-out metrics of one causal LM against the teacher labels in ``shards``, on the
     model's device (``bf16``: under bf16 autocast; metrics are finished in fp32/fp64).
     ``byte_lengths``: bytes per token id of the teacher's tokenizer, for bits per byte.
-    ``cross``: a ``distill.train.xtok.CrossTokenizer`` for a model with its own tokenizer."""
+    ``cross``: a ``distill.train.xtok.CrossTokenizer`` for a model with its own tokenizer.
+    ``pixels``: the image inputs of shards whose rows are image questions; their metrics add
+    ``answer_acc`` (``distill.eval.metrics.answer_sums``)."""
     model.eval()
     device = device_of(model)
     meta = shards[0].meta
     sums_of = _sums_for(meta, byte_lengths, cross)
     collate_rows = (
-        collate_for(shards[0]) if cross is None else functools.partial(collate_cross, k=meta.slots, cross=cross)
+        collate_for(shards[0], pixels=pixels)
+        if cross is None
+        else functools.partial(collate_cross, k=meta.slots, cross=cross)
     )
     totals: dict[str, torch.Tensor] = {}
     for batch in heldout_batches(shards, cfg, collate_rows):
         batch = {n: t.to(device) for n, t in batch.items()}
         with autocast(device, bf16):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **pixel_args(batch)
+            ).logits
         accumulate(totals, sums_of(logits.float(), batch))
+        if meta.images:
+            accumulate(totals, answer_sums(logits.argmax(-1), batch))
     metrics = finish_candidates(totals) if meta.mode == "candidates" else finish(totals)
     return {**metrics, "parameters": sum(p.numel() for p in model.parameters())}
 
@@ -104,6 +115,7 @@ class _Comparison:
     byte_lengths: torch.Tensor | None
     items: list[dict] | None
     answers: AnswerReference
+    pixels: PixelInputs | None = None
 
     def needs_tokenizer(self) -> bool:
         return bool(self.items or self.answers.prompts or self.cfg.lm_eval_tasks)
@@ -141,7 +153,7 @@ class _Comparison:
         answers and lm-eval tasks asked for."""
         cfg, answers, bf16 = self.cfg, self.answers, self.bf16
         results = {
-            **evaluate_model(model, self.shards, cfg, bf16, self.byte_lengths, cross),
+            **evaluate_model(model, self.shards, cfg, bf16, self.byte_lengths, cross, self.pixels),
             "checkpoint_bytes": checkpoint_bytes(path),
         }
         tok = AutoTokenizer.from_pretrained(path) if self.needs_tokenizer() else None
@@ -163,6 +175,7 @@ def evaluate(
     engine_factory: Callable[[], object] | None = None,
     byte_lengths: torch.Tensor | None = None,
     cross: Mapping[str, CrossTokenizer] | None = None,
+    pixels: PixelInputs | None = None,
 ) -> dict[str, dict]:
     """Metrics for each named checkpoint folder. The first model is the teacher: on ``generate``
     data its greedy answers are the reference the others are compared with.
@@ -174,10 +187,12 @@ def evaluate(
     ``transformers``, are loaded from safetensors onto ``eval_device(precision)``
     (``precision``: the training's ``train.precision``) one at a time. ``byte_lengths`` (bytes
     per teacher token id) adds bits per byte; ``cross`` maps the names of models with their own
-    tokenizer to their ``distill.train.xtok.CrossTokenizer``."""
+    tokenizer to their ``distill.train.xtok.CrossTokenizer``; ``pixels``: the image inputs of image
+    questions (``distill.vision.PixelInputs``)."""
     cross = cross or {}
     device, bf16 = eval_device(precision)
-    generate = shards[0].meta.mode == "generate" and cfg.agreement_prompts > 0
+    # greedy answers of image questions are not compared: the comparison's engines and models read no images
+    generate = shards[0].meta.mode == "generate" and cfg.agreement_prompts > 0 and not shards[0].meta.images
     comparison = _Comparison(
         shards,
         cfg,
@@ -187,6 +202,7 @@ def evaluate(
         answers=AnswerReference(
             heldout_prompts(shards, cfg.agreement_prompts) if generate else [], cfg.agreement_max_tokens
         ),
+        pixels=pixels,
     )
     results = {}
     for i, (name, path) in enumerate(models.items()):

@@ -140,6 +140,15 @@ def _kl_by_position(sums: dict[str, torch.Tensor]) -> list[dict]:
     ]
 
 
+def answer_sums(top_ids: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rows answered right: every labelled position's most likely id (``top_ids`` (B, T)) is the
+    realized token. On rows whose labelled tokens are an answer and its end-of-turn token, that is
+    exactly greedy decoding writing the answer and stopping, with no generation run."""
+    mask = batch["mask"]
+    right = ((top_ids == batch["targets"]) | ~mask).all(-1) & mask.any(-1)
+    return {"answers": mask.any(-1).sum().double(), "answers_right": right.sum().double()}
+
+
 def finish(sums: dict[str, torch.Tensor]) -> dict:
     """Metrics from accumulated ``batch_sums``: perplexity, mean KL, top-1 agreement, ECE, and
     bits per byte where the bytes were counted."""
@@ -161,6 +170,9 @@ def finish(sums: dict[str, torch.Tensor]) -> dict:
         out["bytes"] = int(sums["bytes"])
     if "kl_positions" in sums:
         out["aligned_positions"] = int(aligned)
+    if float(sums.get("answers", 0)) > 0:
+        out["answer_acc"] = float(sums["answers_right"]) / float(sums["answers"])
+        out["answers"] = int(sums["answers"])
     return out
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import psutil
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
 
 def eval_device(precision: str = "auto") -> tuple[torch.device, bool]:
@@ -32,8 +32,11 @@ def device_of(model: torch.nn.Module) -> torch.device:
 
 
 def load_model(path: str | Path, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """A causal LM from the safetensors checkpoint folder ``path``, on ``device`` in ``dtype``."""
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True).to(device)
+    """A causal LM (or a vision-language model: image and text in, text out) from the safetensors
+    checkpoint folder ``path``, on ``device`` in ``dtype``."""
+    vision = hasattr(AutoConfig.from_pretrained(path), "vision_config")
+    auto = AutoModelForImageTextToText if vision else AutoModelForCausalLM
+    return auto.from_pretrained(path, dtype=dtype, use_safetensors=True).to(device)
 
 
 def free_memory(device: torch.device) -> int:

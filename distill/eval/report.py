@@ -7,7 +7,8 @@ from typing import Mapping
 
 MODE_NOTES = {
     "score": "Held-out text: perplexity of each model on the held-out windows; KL and top-1 against the teacher's "
-    "stored labels.",
+    "stored labels. Image questions: the same over the answer tokens, and answer accuracy (every answer token, and "
+    "the end of the turn, the model's most likely: what greedy decoding would write).",
     "generate": "Held-out prompts: perplexity, KL and top-1 over the teacher's answer tokens; greedy answers compared "
     "with the teacher's greedy answers.",
     "candidates": "Held-out examples: KL over each example's candidates; agreement = the model's choice is the "
@@ -25,6 +26,7 @@ COLUMNS = (
     ("choice_agreement", "agrees with teacher's choice", "{:.4f}"),
     ("ece", "ECE", "{:.4f}"),
     ("accuracy", "gold accuracy", "{:.3f}"),
+    ("answer_acc", "answer accuracy", "{:.3f}"),
     ("greedy_exact_match", "greedy = teacher's", "{:.3f}"),
     ("greedy_prefix_agreement", "greedy prefix agreement", "{:.3f}"),
     ("mc_accuracy", "MC accuracy", "{:.3f}"),
@@ -73,6 +75,11 @@ def summary_line(results: Mapping[str, dict]) -> str:
         + (
             f" student_kl_full={s['kl_full']:.4f} baseline_kl_full={b['kl_full']:.4f}"
             if "kl_full" in s and "kl_full" in b
+            else ""
+        )
+        + (
+            f" teacher_acc={t['answer_acc']:.4f} student_acc={s['answer_acc']:.4f} baseline_acc={b['answer_acc']:.4f}"
+            if all("answer_acc" in m for m in (t, s, b))
             else ""
         )
     )

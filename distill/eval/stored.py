@@ -15,6 +15,7 @@ from distill.eval.config import EvalConfig
 from distill.eval.heldout import heldout_batches
 from distill.eval.metrics import (
     accumulate,
+    answer_sums,
     byte_sum,
     candidate_sums,
     ece_bins,
@@ -93,5 +94,7 @@ def teacher_metrics(
     else:
         for batch in heldout_batches(shards, cfg, functools.partial(collate_teacher, k=meta.slots)):
             accumulate(totals, teacher_sums(batch, byte_lengths))
+            if meta.images:  # answers to image questions: right when the stored top-1 is every answer token
+                accumulate(totals, answer_sums(batch["teacher_ids"][..., 0], batch))
         metrics = finish(totals)
     return {**metrics, "parameters": checkpoint_parameters(checkpoint) if checkpoint is not None else None}

@@ -21,11 +21,12 @@ from distill.eval.plots import write_plots
 from distill.eval.report import MODE_NOTES, markdown_table, summary_line
 from distill.run.engines import close_engines, get_engine
 from distill.run.labelling import open_split
-from distill.run.paths import student_dir, teacher_dir
+from distill.run.paths import run_images, student_dir, teacher_dir
 from distill.run.tokenizing import student_tokens, teacher_tokenizer
 from distill.run.training import write_student_card
 from distill.train.student import build_student
 from distill.train.xtok import token_byte_table
+from distill.vision import PixelInputs
 from storage.cache import content_key
 from storage.writer import atomic_write_text
 
@@ -51,6 +52,7 @@ def evaluate_run(cfg: RunConfig) -> dict:
     )
     vocab, cross = student_tokens(cfg)
     students = {"student": cross, "baseline": cross} if cross is not None else {}
+    pixels = PixelInputs(teacher_dir(cfg), run_images(cfg)) if cfg.corpus.images else None
     results = evaluate(
         models,
         shards,
@@ -59,13 +61,14 @@ def evaluate_run(cfg: RunConfig) -> dict:
         engine_factory=lambda generates=False: get_engine(cfg, generates=generates),
         byte_lengths=byte_lengths,
         cross=students,
+        pixels=pixels,
     )
     device, bf16 = eval_device(cfg.train.precision)
     init = build_student(teacher_dir(cfg), cfg.student, vocab, cross.tokenizer if cross is not None else None).to(
         device
     )
     with torch.no_grad():
-        results["student_init"] = evaluate_model(init, shards, cfg.eval, bf16, byte_lengths, cross)
+        results["student_init"] = evaluate_model(init, shards, cfg.eval, bf16, byte_lengths, cross, pixels)
         if cfg.eval.mc_file:
             results["student_init"].update(
                 mc_accuracy(
@@ -88,6 +91,8 @@ def evaluate_run(cfg: RunConfig) -> dict:
             if cross is not None
             else "an ensemble's full distribution is its members' mixture (not computed)"
             if cfg.teacher.ensemble
+            else "image questions (not computed)"
+            if cfg.corpus.images
             else full_kl_skip_reason(models["teacher"], device, bf16)
         )
     }

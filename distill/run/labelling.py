@@ -14,7 +14,7 @@ from transformers import AutoConfig
 
 from distill.config import RunConfig, check_against_teacher, check_member_tokenizers
 from distill.corpus import build_corpus
-from distill.data import read_corpus_shard
+from distill.data import image_store, read_corpus_shard
 from distill.run.engines import close_engine, engine_name, get_engine
 from distill.run.paths import (
     IncompleteLabelsError,
@@ -28,9 +28,10 @@ from distill.run.paths import (
     teacher_dir,
     teacher_hashes,
     train_windows,
+    vision_teacher_dir,
 )
 from distill.run.tokenizing import teacher_tokenizer
-from distill.teacher.checkpoint import checkpoint_hashes, resolve_teacher
+from distill.teacher.checkpoint import checkpoint_hashes, resolve_teacher, text_config
 from distill.teacher.ensemble import ENSEMBLE_CODE_VERSION, mix_shard
 from distill.teacher.finetune import FINETUNE_INFO, finetune
 from distill.teacher.labels import LABEL_CODE_VERSION, label_shard, mode_settings
@@ -46,20 +47,40 @@ def _on_wait(msg: str) -> None:
 def prepare_teacher(cfg: RunConfig) -> dict:
     """Resolve (and, for the bundled teacher, convert once) the teacher checkpoint, and check the
     config against it (``distill.config.check_against_teacher``)."""
+    vision = prepare_vision_teacher(cfg) if cfg.teacher.vision is not None else {}
     path = teacher_dir(cfg)
     members = [resolve_teacher(m.model, cfg.root) for m in cfg.teacher.members] if cfg.teacher.models else []
     model_config = AutoConfig.from_pretrained(path)
+    language = model_config.get_text_config()
     check_against_teacher(
-        cfg, model_config.to_dict(), [(str(folder), checkpoint_hashes(folder)["tokenizer"]) for folder in members]
+        cfg, language.to_dict(), [(str(folder), checkpoint_hashes(folder)["tokenizer"]) for folder in members]
     )
     return {
         "path": str(path),
         **checkpoint_hashes(path),
         "members": len(cfg.teacher.members),
-        "vocab_size": model_config.vocab_size,
-        "layers": model_config.num_hidden_layers,
+        "vocab_size": language.vocab_size,
+        "layers": language.num_hidden_layers,
         "architecture": (model_config.architectures or ["?"])[0],
+        **{f"vision_{k}": v for k, v in vision.items() if k in ("accuracy", "chance", "seconds", "reused")},
     }
+
+
+def prepare_vision_teacher(cfg: RunConfig, progress: bool = True) -> dict:
+    """Build the vision-language teacher of ``teacher.vision`` once (a finished one is reused):
+    ``distill.teacher.vlm.build_vlm`` from the text teacher, under a folder keyed like the
+    fine-tuned teachers. Returns its build summary."""
+    from distill.teacher.vlm import VLM_INFO, build_vlm
+
+    out = vision_teacher_dir(cfg)
+    with folder_lock(out, "building of this vision-language teacher", on_wait=_on_wait):
+        info = out / "model" / VLM_INFO
+        if info.exists():
+            return {**json.loads(info.read_text()), "path": str(out / "model"), "reused": True}
+        for tmp in out.glob(".model.tmp-*"):  # left by a run that died while saving
+            shutil.rmtree(tmp, ignore_errors=True)
+        summary = build_vlm(resolve_teacher(cfg.teacher.model, cfg.root), cfg.teacher.vision, out / "model", progress)
+        return {**summary, "path": str(out / "model"), "reused": False}
 
 
 def prepare_finetuned(cfg: RunConfig, progress: bool = True) -> list[dict]:
@@ -89,8 +110,18 @@ def prepare_finetuned(cfg: RunConfig, progress: bool = True) -> list[dict]:
 
 def prepare_corpus(cfg: RunConfig) -> dict:
     """Build (or find) the corpus: documents split, tokenized by the teacher's tokenizer, windowed, sharded."""
+    processor = None
+    if cfg.corpus.images:
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(teacher_dir(cfg))
     return build_corpus(
-        cfg.corpus, teacher_tokenizer(cfg), teacher_hashes(cfg)["tokenizer"], cfg.root, mode=cfg.teacher.mode
+        cfg.corpus,
+        teacher_tokenizer(cfg),
+        teacher_hashes(cfg)["tokenizer"],
+        cfg.root,
+        mode=cfg.teacher.mode,
+        processor=processor,
     )
 
 
@@ -101,21 +132,23 @@ def expected_meta(cfg: RunConfig, split: str) -> dict:
         return {
             "teacher_hash": ensemble_hash,
             "tokenizer_hash": teacher_hashes(cfg)["tokenizer"],
-            "vocab_size": AutoConfig.from_pretrained(teacher_dir(cfg)).vocab_size,
+            "vocab_size": text_config(teacher_dir(cfg)).vocab_size,
             **cfg.teacher.label_kind(split),
             "mode": cfg.teacher.mode,
             "temperature": 1.0,
+            "images": cfg.corpus.images,
         }
     cfg = single_run(cfg)
     hashes = teacher_hashes(cfg)
     return {
         "teacher_hash": hashes["weights"],
         "tokenizer_hash": hashes["tokenizer"],
-        "vocab_size": AutoConfig.from_pretrained(teacher_dir(cfg)).vocab_size,
+        "vocab_size": text_config(teacher_dir(cfg)).vocab_size,
         **cfg.teacher.label_kind(split),
         "mode": cfg.teacher.mode,
         "temperature": 1.0,
         "features": cfg.teacher.feature_params,
+        "images": cfg.corpus.images,
     }
 
 
@@ -152,8 +185,13 @@ def label_shards(cfg: RunConfig, names: Sequence[str], engine_factory=None) -> d
             code_version=LABEL_CODE_VERSION,
             settings=mode_settings(cfg.teacher),
             features=expect["features"],
+            images=expect["images"],
         )
-        results[name] = {"key": keys[name], **label_shard(factory, store, keys[name], meta, windows, cfg.teacher)}
+        images = image_store(cfg.root) if cfg.corpus.images else None
+        results[name] = {
+            "key": keys[name],
+            **label_shard(factory, store, keys[name], meta, windows, cfg.teacher, images=images),
+        }
     return results
 
 

@@ -25,7 +25,7 @@ from dagster_pipes import open_dagster_pipes
 from distill.config import from_mapping
 from distill.procs import guard_children
 from distill.run.labelling import open_split
-from distill.run.paths import teacher_dir
+from distill.run.paths import run_images, teacher_dir
 from distill.run.tokenizing import student_tokens
 from distill.train.trainer import train
 from storage.writer import atomic_write_text
@@ -140,6 +140,7 @@ def run_rank(job_path: Path) -> dict:
             vocab,
             on_step=on_step if pipes is not None else None,
             cross=cross,
+            images=run_images(cfg),
         )
 
 

@@ -18,7 +18,7 @@ from typing import Sequence
 
 from distill.config import RunConfig
 from distill.configbase import ConfigError
-from distill.data import corpus_dir, read_corpus_shard
+from distill.data import corpus_dir, image_store, read_corpus_shard
 from distill.teacher.checkpoint import checkpoint_hashes, resolve_teacher
 from distill.teacher.config import TeacherMember
 from distill.teacher.ensemble import ENSEMBLE_CODE_VERSION
@@ -57,8 +57,34 @@ def split_of(shard_name: str) -> str:
 
 def teacher_dir(cfg: RunConfig) -> Path:
     """The (reference) teacher's folder: ``teacher.model``, or the first ensemble member's base
-    model, whose tokenizer cuts the corpus for every member."""
+    model, whose tokenizer cuts the corpus for every member; with ``teacher.vision``, the
+    vision-language teacher built from ``teacher.model`` (which must be built: materialize teacher_model)."""
+    if cfg.teacher.vision is not None:
+        folder = vision_teacher_dir(cfg) / "model"
+        if not (folder / "config.json").exists():
+            raise IncompleteLabelsError(
+                f"{folder}: the vision-language teacher (teacher.vision) is not built yet; materialize teacher_model"
+            )
+        return folder
     return resolve_teacher(cfg.teacher.members[0].model, cfg.root)
+
+
+def run_images(cfg: RunConfig):
+    """The image store of a run whose rows are image questions (``corpus.image_column``), else None."""
+    return image_store(cfg.root) if cfg.corpus.images else None
+
+
+def vision_teacher_dir(cfg: RunConfig) -> Path:
+    """Where ``teacher.vision``'s teacher is built: a folder keyed by the text teacher's weights,
+    the settings and the building code (``distill.teacher.vlm``, the synthetic task, the prompt format)."""
+    key = content_key(
+        {
+            "base": checkpoint_hashes(resolve_teacher(cfg.teacher.model, cfg.root))["weights"],
+            "vision": dataclasses.asdict(cfg.teacher.vision),
+            "code": source_fingerprint(("distill.teacher.vlm", "distill.synthetic", "distill.vision")),
+        }
+    )
+    return cfg.root / "models" / f"vlm-{key}"
 
 
 def teacher_hashes(cfg: RunConfig) -> dict:

@@ -13,7 +13,7 @@ from distill.config import RunConfig
 from distill.run.card import card_info, write_card
 from distill.run.labelling import open_split
 from distill.run.launch import launch
-from distill.run.paths import student_dir, teacher_dir
+from distill.run.paths import run_images, student_dir, teacher_dir
 from distill.run.tokenizing import prepare_student_tokenizer, student_tokens
 from distill.train.trainer import CKPT_DIR, latest_checkpoint, train
 from storage.cache import set_manifest
@@ -51,7 +51,9 @@ def train_student(cfg: RunConfig, baseline: bool = False, launcher=None, log=pri
         train_cfg = cfg.baseline_train if baseline else cfg.train
         if train_cfg.world_size == 1:
             vocab, cross = student_tokens(cfg)
-            summary = train(cfg.student, train_cfg, teacher_dir(cfg), shards, out, vocab, cross=cross)
+            summary = train(
+                cfg.student, train_cfg, teacher_dir(cfg), shards, out, vocab, cross=cross, images=run_images(cfg)
+            )
         else:
             prepare_student_tokenizer(cfg)  # once, here, not by every rank
             try:

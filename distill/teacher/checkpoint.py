@@ -33,7 +33,8 @@ TOKENIZER_FILES = (
 )
 # what the model computes besides its tensors: rope scaling, norm eps, activation... and the
 # generation config, whose eos_token_id vLLM adds to the stop tokens of generated answers
-MODEL_CONFIG_FILES = ("config.json", "generation_config.json")
+# and a vision-language model's image processor settings (how images become pixels and image tokens)
+MODEL_CONFIG_FILES = ("config.json", "generation_config.json", "processor_config.json", "preprocessor_config.json")
 HASH_CACHE = ".distill_hashes.json"
 HASH_CACHE_VERSION = 2  # bumped when what a hash covers changes, so older caches are not trusted
 MAX_SAFETENSORS_HEADER = 100_000_000  # the safetensors library refuses larger headers too
@@ -139,6 +140,12 @@ def check_safetensors(path: Path) -> None:
     if size != expected:
         what = "truncated" if size < expected else "longer than its header says"
         raise TeacherError(f"{path}: {what}: {size} bytes, header says {expected}; {advice}")
+
+
+def text_config(path: str | os.PathLike):
+    """The config of a checkpoint's language model: the model's own, or a vision-language model's
+    ``text_config`` (vocabulary, layers, hidden size)."""
+    return AutoConfig.from_pretrained(path).get_text_config()
 
 
 def resolve_teacher(name_or_path: str, root: str | os.PathLike) -> Path:

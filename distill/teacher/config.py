@@ -230,6 +230,73 @@ class SampledLabelsConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class VisionTeacherConfig:
+    """``teacher.vision``: a vision-language teacher built here from the text teacher ``teacher.model``
+    (``distill.teacher.vlm``): an Idefics3 (SmolVLM architecture) checkpoint whose text model is the
+    text teacher's, with a small vision encoder and connector trained on a synthetic image task
+    (``distill.synthetic``: shapes, colours, counts and positions drawn with Pillow). Built once, as
+    a cached asset keyed by the text teacher's weights, these settings and the building code; the
+    run then labels with it. Its held-out answer accuracy is recorded beside it."""
+
+    image_size: int = 64
+    """Side of the square image the vision encoder sees, in pixels (images are resized to it)."""
+    patch_size: int = 8
+    """Side of a vision patch, in pixels."""
+    scale_factor: int = 2
+    """Pixel-shuffle factor of the connector: an image becomes ``(image_size / patch_size / scale_factor)^2``
+    tokens (16 at the defaults)."""
+    vision_layers: int = 4
+    """Transformer layers of the vision encoder."""
+    vision_hidden: int = 192
+    """Hidden size of the vision encoder."""
+    vision_heads: int = 4
+    """Attention heads of the vision encoder."""
+    train_examples: int = 4000
+    """Synthetic image questions the vision encoder and connector are trained on."""
+    eval_examples: int = 400
+    """Held-out synthetic questions its accuracy is measured on."""
+    steps: int = 300
+    """Optimizer steps."""
+    batch_size: int = 32
+    """Examples per step."""
+    lr: float = 1.0e-3
+    """Peak AdamW learning rate of the vision encoder and connector."""
+    text_lr: float = 0.0
+    """Learning rate of the text model (0: frozen, the text teacher's weights kept as they are)."""
+    seed: int = 0
+    """Seed of the initialization, the synthetic examples and their order."""
+
+    def __post_init__(self):
+        check(self.image_size >= 8, "image_size", self.image_size, "an integer >= 8")
+        check(self.patch_size >= 1, "patch_size", self.patch_size, "an integer >= 1")
+        check(self.scale_factor >= 1, "scale_factor", self.scale_factor, "an integer >= 1")
+        check(
+            self.image_size % (self.patch_size * self.scale_factor) == 0,
+            "image_size",
+            self.image_size,
+            f"a multiple of patch_size * scale_factor = {self.patch_size * self.scale_factor}",
+        )
+        check(self.vision_layers >= 1, "vision_layers", self.vision_layers, "an integer >= 1")
+        check(
+            self.vision_heads >= 1 and self.vision_hidden % self.vision_heads == 0,
+            "vision_hidden",
+            self.vision_hidden,
+            f"a multiple of vision_heads = {self.vision_heads}",
+        )
+        check(self.train_examples >= 1, "train_examples", self.train_examples, "an integer >= 1")
+        check(self.eval_examples >= 1, "eval_examples", self.eval_examples, "an integer >= 1")
+        check(self.steps >= 1, "steps", self.steps, "an integer >= 1")
+        check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+        check(self.lr > 0, "lr", self.lr, "a number > 0")
+        check(self.text_lr >= 0, "text_lr", self.text_lr, "a number >= 0 (0: the text model frozen)")
+
+    @property
+    def image_tokens(self) -> int:
+        """Image tokens per image in the prompt."""
+        return (self.image_size // self.patch_size // self.scale_factor) ** 2
+
+
+@dataclasses.dataclass(frozen=True)
 class TeacherConfig:
     model: str = BUNDLED
     """Local checkpoint folder, hub id, or ``bundled:smollm2-135m-instruct``."""
@@ -281,6 +348,9 @@ class TeacherConfig:
     """Also store hidden states of chosen teacher layers, projected and quantized, beside the labels of
     every train and held-out shard (``FeaturesConfig``), for ``train.feature_weight``. Needs the
     ``device`` labeller, ``score`` mode and one teacher; part of the shards' cache key."""
+    vision: VisionTeacherConfig | None = None
+    """Build a vision-language teacher from ``model`` (the text teacher) and label with it
+    (``VisionTeacherConfig``); the corpus then needs images (``corpus.image_column``)."""
     relabel_tag: str = ""
     """Part of every shard's cache key and nothing else: change it to force relabelling, e.g. after a
     vLLM upgrade (engine versions are recorded, not keyed)."""

@@ -101,10 +101,13 @@ class RowLabels:
     def k(self) -> int:
         return self.request["k"]
 
-    def score(self, engine, windows: list, label_starts: list, doc_ids: list, window_idx: list):
-        """``engine.score`` of these rows, with the draws and their per-row seeds where asked."""
+    def score(self, engine, windows: list, label_starts: list, doc_ids: list, window_idx: list, images=None):
+        """``engine.score`` of these rows, with the draws and their per-row seeds where asked
+        (``images``: one per row, for a vision-language teacher)."""
         draws = self.request.get("draws", 0)
         extra = {"features": True} if self.features else {}
+        if images is not None:
+            extra["images"] = images
         if not draws:
             return engine.score(windows, label_starts, k=self.k, **extra)
         seeds = [self.kind.row_seed(self.params, d, w) for d, w in zip(doc_ids, window_idx)]
@@ -118,33 +121,53 @@ class RowLabels:
         return row
 
 
-def _score_rows(engine, part: pa.Table, cfg: TeacherConfig, labels: RowLabels) -> list[dict]:
+class _Images:
+    """The images of a part of a corpus shard that names them (column ``image``), opened from the
+    image store: what the engine is given beside each row's tokens, and the hash each label row keeps."""
+
+    def __init__(self, part: pa.Table, store):
+        self.hashes = part.column("image").to_pylist() if store is not None else None
+        self.engine_args = {}
+        if store is not None:  # each image with where its expansion lies in the row's ids (distill.vision)
+            spans = part.column("image_span").to_pylist()
+            self.engine_args["images"] = [(store.open(h), span) for h, span in zip(self.hashes, spans)]
+
+    def column(self, i: int) -> dict:
+        return {"image": self.hashes[i]} if self.hashes is not None else {}
+
+
+def _score_rows(engine, part: pa.Table, cfg: TeacherConfig, labels: RowLabels, images=None) -> list[dict]:
     input_ids = part.column("input_ids").to_pylist()
     label_starts = part.column("label_start").to_pylist()
     doc_ids = part.column("doc_id").to_pylist()
     window_idx = part.column("window_index").to_pylist()
+    pictures = _Images(part, images)
     rows = []
-    for i, row in enumerate(labels.score(engine, input_ids, label_starts, doc_ids, window_idx)):
+    scored = labels.score(engine, input_ids, label_starts, doc_ids, window_idx, **pictures.engine_args)
+    for i, row in enumerate(scored):
         rows.append(
             {
                 "doc_id": doc_ids[i],
                 "window_index": window_idx[i],
                 "input_ids": np.asarray(input_ids[i], np.int64),
                 "label_start": label_starts[i],
+                **pictures.column(i),
                 **labels.of(row, doc_ids[i], window_idx[i]),
             }
         )
     return rows
 
 
-def _generate_rows(engine, part: pa.Table, cfg: TeacherConfig, labels: RowLabels) -> list[dict]:
+def _generate_rows(engine, part: pa.Table, cfg: TeacherConfig, labels: RowLabels, images=None) -> list[dict]:
     """One row per answer: prompt + answer tokens, labels on the answer tokens only."""
     prompts = part.column("input_ids").to_pylist()
     doc_ids = part.column("doc_id").to_pylist()
     texts = part.column("prompt_text").to_pylist()
     seeds = [prompt_seed(cfg.sampling.seed, d) for d in doc_ids]
+    pictures = _Images(part, images)
     rows = []
-    for i, samples in enumerate(engine.generate(prompts, seeds, cfg.sampling, k=labels.k)):
+    answers = engine.generate(prompts, seeds, cfg.sampling, k=labels.k, **pictures.engine_args)
+    for i, samples in enumerate(answers):
         for j, sample in enumerate(samples):
             rows.append(
                 {
@@ -155,13 +178,14 @@ def _generate_rows(engine, part: pa.Table, cfg: TeacherConfig, labels: RowLabels
                     "prompt_text": texts[i],
                     "response_text": sample["text"],
                     "finish_reason": sample["finish_reason"],
+                    **pictures.column(i),
                     **labels.of(sample, doc_ids[i], j),
                 }
             )
     return rows
 
 
-def _answer_rows(engine, part: pa.Table, cfg: TeacherConfig, labels: RowLabels) -> list[dict]:
+def _answer_rows(engine, part: pa.Table, cfg: TeacherConfig, labels: RowLabels, images=None) -> list[dict]:
     """``generate`` rows whose answers are given (``response_ids``: another model's, e.g. the
     student's in an on-policy round): prompt + answer scored teacher-forced, labels on the
     answer tokens only, exactly the rows ``_generate_rows`` writes for the teacher's own answers."""
@@ -199,7 +223,7 @@ def candidate_distribution(
     return scores, shifted - np.log(np.exp(shifted).sum())
 
 
-def _candidate_rows(engine, part: pa.Table, cfg: TeacherConfig, labels: RowLabels) -> list[dict]:
+def _candidate_rows(engine, part: pa.Table, cfg: TeacherConfig, labels: RowLabels, images=None) -> list[dict]:
     prompts = part.column("input_ids").to_pylist()
     cand_ids = part.column("candidate_ids").to_pylist()
     texts, cands = part.column("prompt_text").to_pylist(), part.column("candidates").to_pylist()
@@ -233,11 +257,15 @@ def label_shard(
     windows: pa.Table,
     cfg: TeacherConfig | None = None,
     progress: bool = True,
+    images=None,
 ) -> dict:
     """Label ``windows`` (corpus rows of ``cfg.mode``) into ``store`` under ``key`` unless already committed,
     as labels of ``meta.kind``: the engine returns the teacher's top ``kind.teacher_k`` of every
     row and the kind makes its labels from them. In ``generate`` mode a ``response_ids`` column
     gives the answers (scored, not generated).
+
+    ``images``: the image store (``storage.images.ImageStore``) of windows that name their image
+    (column ``image``), for a vision-language teacher; each label row keeps the hash.
 
     Engine work and Parquet writing overlap: the rows of one macro-batch are written by a
     background thread while the engine runs the next; memory stays bounded by one macro-batch
@@ -275,7 +303,7 @@ def label_shard(
         pending = None
         for offset in range(0, windows.num_rows, step):
             part = windows.slice(offset, step)
-            batch = make_rows(engine, part, cfg, labels)
+            batch = make_rows(engine, part, cfg, labels, images)
             bar.update(sum(len(r["target_logprobs"]) for r in batch) if cfg.mode == "score" else part.num_rows)
             if pending is not None:
                 pending.result()

@@ -45,6 +45,7 @@ from distill.procs import descendants_alive, end_processes, guard_children, is_r
 from distill.teacher import vllm_labeller
 from distill.teacher.config import EngineConfig
 from distill.teacher.slots import claim_slot, device_sets, pinned
+from distill.vision import engine_prompt
 
 
 class EngineFailure(RuntimeError):
@@ -212,18 +213,20 @@ class VllmTeacher:
         draws: int = 0,
         seeds: Sequence[int] | None = None,
         features: bool = False,
+        images: Sequence | None = None,
     ) -> Iterator[dict]:
         """Per window, the labels of positions ``label_start .. len - 2`` (see ``flat_to_labels``),
         ``k`` (default: the engine's) logprobs per position; with ``draws`` (device labeller only),
         ``draw_ids``/``draw_counts`` too, each window's draws seeded by its entry of ``seeds``; with
         ``features`` (an engine started with them), ``feature_scales`` (n, layers) and
-        ``feature_codes`` (n, layers, dim), the teacher features of the same positions."""
+        ``feature_codes`` (n, layers, dim), the teacher features of the same positions. ``images``:
+        one PIL image per window, for a vision-language teacher (the windows hold its image tokens)."""
         if features and not self.features:
             raise ValueError("teacher features asked of an engine started without them (teacher.features)")
         if self.labeller == "device":
             k = k or self.k
             shape = (len(self.features["layers"]), int(self.features["dim"])) if features else None
-            for ids, i, packed in self._device_labels(windows, k, draws, seeds, shape):
+            for ids, i, packed in self._device_labels(windows, k, draws, seeds, shape, images):
                 yield vllm_labeller.unpack(packed[int(label_starts[i]) : len(ids) - 1], k, draws, shape)
             return
         if draws:
@@ -243,8 +246,7 @@ class VllmTeacher:
             for ids in batch:
                 if len(ids) > self.max_len:
                     raise ValueError(f"window of {len(ids)} tokens exceeds the engine's max_len {self.max_len}")
-            prompts = [{"prompt_token_ids": [int(t) for t in ids]} for ids in batch]
-            outputs = self._generate(prompts, params)
+            outputs = self._generate(_prompts(batch, images, b), params)
             self.forward_calls += 1
             for ids, start, out in zip(batch, label_starts[b : b + len(batch)], outputs):
                 yield flat_to_labels(out.prompt_logprobs, np.asarray(ids), int(start), k)
@@ -256,6 +258,7 @@ class VllmTeacher:
         draws: int = 0,
         seeds: Sequence[int] | None = None,
         features: tuple[int, int] | None = None,
+        images: Sequence | None = None,
     ) -> Iterator[tuple[Sequence[int], int, np.ndarray]]:
         """(window, its index, packed labels of every position (len, width)) from the device labeller;
         ``features``: (layers, dim) of the features to pack after the labels."""
@@ -279,7 +282,7 @@ class VllmTeacher:
                 )
                 for i in range(len(batch))
             ]
-            outputs = self._generate([{"prompt_token_ids": [int(t) for t in ids]} for ids in batch], params, "encode")
+            outputs = self._generate(_prompts(batch, images, b), params, "encode")
             self.forward_calls += 1
             for i, (ids, out) in enumerate(zip(batch, outputs)):
                 packed = out.outputs.data.numpy()
@@ -298,7 +301,12 @@ class VllmTeacher:
             )
 
     def generate(
-        self, prompts: Sequence[Sequence[int]], seeds: Sequence[int], sampling, k: int | None = None
+        self,
+        prompts: Sequence[Sequence[int]],
+        seeds: Sequence[int],
+        sampling,
+        k: int | None = None,
+        images: Sequence | None = None,
     ) -> Iterator[list[dict]]:
         """Per prompt, ``sampling.n`` teacher answers with top-k labels for every generated token.
 
@@ -323,6 +331,7 @@ class VllmTeacher:
                 flat_logprobs=True,
                 seed=int(seed),
             ),
+            images,
         ):
             samples = []
             for c in sorted(out.outputs, key=lambda c: c.index):
@@ -337,10 +346,12 @@ class VllmTeacher:
                 )
             yield samples
 
-    def _answers(self, prompts: Sequence[Sequence[int]], per_prompt: Sequence, make_params) -> Iterator:
-        """vLLM outputs of answering ``prompts`` in macro-batches; ``make_params(room, item)``
-        builds a prompt's sampling parameters from the tokens left within ``max_len`` and its
-        item of ``per_prompt``. A prompt that leaves no room raises."""
+    def _answers(
+        self, prompts: Sequence[Sequence[int]], per_prompt: Sequence, make_params, images: Sequence | None = None
+    ) -> Iterator:
+        """vLLM outputs of answering ``prompts`` (with ``images``: one PIL image each) in
+        macro-batches; ``make_params(room, item)`` builds a prompt's sampling parameters from the
+        tokens left within ``max_len`` and its item of ``per_prompt``. A prompt that leaves no room raises."""
         for b in range(0, len(prompts), self.cfg.batch_windows):
             batch = prompts[b : b + self.cfg.batch_windows]
             params = []
@@ -352,7 +363,7 @@ class VllmTeacher:
                         f"{self.max_len}"
                     )
                 params.append(make_params(room, item))
-            outputs = self._generate([{"prompt_token_ids": [int(t) for t in ids]} for ids in batch], params)
+            outputs = self._generate(_prompts(batch, images, b), params)
             self.forward_calls += 1
             yield from outputs
 
@@ -591,6 +602,19 @@ class VllmTeacher:
         if getattr(self, "slot", None) is not None:
             self.slot.release()
             self.slot = None
+
+
+def _prompts(batch: Sequence[Sequence[int]], images: Sequence | None, offset: int) -> list[dict]:
+    """vLLM prompts of token-id windows; with ``images`` (one ``(PIL image, span)`` per window of
+    the whole call, ``offset``: this batch's first), each window's image as its multimodal data and
+    its expanded image tokens (``span``, ``distill.vision.prompt_with_span``) folded back into the
+    placeholder, which vLLM expands again: its positions are the window's."""
+    if images is None:
+        return [{"prompt_token_ids": [int(t) for t in ids]} for ids in batch]
+    return [
+        {"prompt_token_ids": engine_prompt(ids, span), "multi_modal_data": {"image": image}}
+        for ids, (image, span) in zip(batch, images[offset : offset + len(batch)])
+    ]
 
 
 def _title(proc) -> str:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
 from distill.configbase import ConfigError
 from distill.train.config import StudentConfig
@@ -27,6 +27,8 @@ def build_student(teacher_dir: str | Path, cfg: StudentConfig, tokenizer_vocab: 
     special ids)."""
     torch.manual_seed(cfg.seed)
     teacher_config = AutoConfig.from_pretrained(teacher_dir)
+    if hasattr(teacher_config, "vision_config"):
+        return _vision_student(teacher_dir, teacher_config, cfg)
     if cfg.init == "checkpoint":
         model = AutoModelForCausalLM.from_pretrained(cfg.checkpoint, dtype=torch.float32, use_safetensors=True)
         check_vocab(
@@ -71,6 +73,35 @@ def build_student(teacher_dir: str | Path, cfg: StudentConfig, tokenizer_vocab: 
     student.load_state_dict(state)
     del teacher
     return student
+
+
+def _vision_student(teacher_dir: str | Path, teacher_config, cfg: StudentConfig):
+    """A vision-language student: ``init: teacher_layers`` keeps the teacher's vision encoder and
+    connector whole and ``num_layers`` of its text layers (``layer_indices``, default evenly
+    spaced); ``init: checkpoint`` loads a vision-language checkpoint as it is."""
+    if cfg.init == "checkpoint":
+        return AutoModelForImageTextToText.from_pretrained(cfg.checkpoint, dtype=torch.float32, use_safetensors=True)
+    if cfg.init != "teacher_layers":
+        raise ConfigError(
+            f"student.init={cfg.init!r}: a vision-language teacher's student is cut from it (teacher_layers) or "
+            "loaded (checkpoint)"
+        )
+    text = teacher_config.get_text_config()
+    indices = list(cfg.layer_indices or evenly_spaced(text.num_hidden_layers, cfg.num_layers))
+    if max(indices) >= text.num_hidden_layers or min(indices) < 0:
+        raise ConfigError(
+            f"student.layer_indices={indices}: the teacher has text layers 0..{text.num_hidden_layers - 1}"
+        )
+    teacher = AutoModelForImageTextToText.from_pretrained(teacher_dir, dtype=torch.float32, use_safetensors=True)
+    language = getattr(teacher.model, "text_model", None) or teacher.model.language_model
+    language.layers = torch.nn.ModuleList(language.layers[i] for i in indices)
+    teacher.config.text_config.num_hidden_layers = len(indices)
+    for i, layer in enumerate(language.layers):  # KV-cache slots follow the new order
+        layer.self_attn.layer_idx = i
+    layer_types = getattr(teacher.config.text_config, "layer_types", None)
+    if layer_types:
+        teacher.config.text_config.layer_types = [layer_types[i] for i in indices]
+    return teacher
 
 
 def check_vocab(student_vocab: int, teacher_vocab: int, tokenizer_vocab: int, what: str) -> None:

@@ -36,7 +36,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import fully_shard
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer
+from transformers import AutoProcessor, AutoTokenizer
 
 from distill.train.config import StudentConfig, TrainConfig
 from distill.train.features import HEADS_FILE, FeatureHeads, FeatureSpec, feature_pairs
@@ -52,6 +52,8 @@ from distill.train.losses import (
 )
 from distill.train.student import build_student
 from distill.train.xtok import CrossTokenizer, collate_cross
+from distill.vision import PixelInputs, pixel_args
+from storage.images import ImageStore
 from storage.kinds import features as feature_kind
 from storage.reader import MixPosition, MixStream, Shard, ShardStream, StreamPosition
 from storage.writer import atomic_write_text
@@ -146,12 +148,19 @@ def collate_candidates(rows: Sequence[dict]) -> dict[str, torch.Tensor]:
     }
 
 
-def collate_for(shard: Shard, features: bool = False):
+def collate_for(shard: Shard, features: bool = False, pixels: PixelInputs | None = None):
     """The collate function for a shard's labelling mode; ``features``: with its stored teacher
-    features (only a loss with a feature term reads them)."""
+    features (only a loss with a feature term reads them); ``pixels``: the image inputs of rows
+    that name their image (``distill.vision.PixelInputs``; needed when the shard's rows do)."""
     if shard.meta.mode == "candidates":
         return collate_candidates
     k, shape = shard.meta.slots, feature_kind.shape(shard.meta.features) if features else None
+    if shard.meta.images:
+        if pixels is None:
+            raise ValueError(
+                f"{shard.path}: its rows name images (a vision-language teacher's labels), and no image store was given"
+            )
+        return lambda rows: {**collate(rows, k, shape), **pixels([r["image"] for r in rows])}
     return lambda rows: collate(rows, k, shape)
 
 
@@ -304,6 +313,7 @@ def micro_batch_loss(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
             output_hidden_states=loss.features is not None,
+            **pixel_args(batch),
         )
     logits = out.logits
     ce_count, kd_count = counts[0], counts[1]
@@ -662,8 +672,10 @@ class DistillRecipe:
         teacher: torch.nn.Module | None = None,
         row_log: str | Path | None = None,
         on_step: Callable[[dict], None] | None = None,
+        images: ImageStore | None = None,
     ):
         self.student_cfg, self.cfg, self.teacher_dir = student_cfg, cfg, teacher_dir
+        self.images = images
         self.shards, self.out_dir, self.tokenizer_vocab = shards, Path(out_dir), tokenizer_vocab
         self.ckpt_root = self.out_dir / CKPT_DIR
         self.cross, self.mix, self.start, self.teacher = cross, mix, start, teacher
@@ -693,7 +705,11 @@ class DistillRecipe:
         collate_rows = (
             (lambda rows: collate_cross(rows, k, self.cross))
             if self.cross is not None
-            else collate_for(self.shards[0], features=self.loss.features is not None)
+            else collate_for(
+                self.shards[0],
+                features=self.loss.features is not None,
+                pixels=PixelInputs(self.teacher_dir, self.images) if self.shards[0].meta.images else None,
+            )
         )
         self.data = batches(
             self.stream,
@@ -931,9 +947,13 @@ class DistillRecipe:
             config = json.loads(config_path.read_text())
             config["architectures"] = [self.architecture]
             config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        # the student's own tokenizer, or the teacher's
-        tokenizer = self.cross.tokenizer if self.cross is not None else AutoTokenizer.from_pretrained(self.teacher_dir)
-        tokenizer.save_pretrained(tmp)
+        # the student's own tokenizer, or the teacher's (with its image processor, for a vision-language model)
+        if self.cross is not None:
+            self.cross.tokenizer.save_pretrained(tmp)
+        elif (Path(self.teacher_dir) / "processor_config.json").exists():
+            AutoProcessor.from_pretrained(self.teacher_dir).save_pretrained(tmp)
+        else:
+            AutoTokenizer.from_pretrained(self.teacher_dir).save_pretrained(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -987,6 +1007,7 @@ def train(
     mix: tuple[Sequence[Shard], float] | None = None,
     start: StreamPosition | MixPosition | None = None,
     teacher: torch.nn.Module | None = None,
+    images: ImageStore | None = None,
 ) -> dict:
     """Train a student on ``shards`` into ``out_dir/model``; resumes from ``out_dir/checkpoints``
     (``DistillRecipe``: setup, the step loop, finish).
@@ -1016,6 +1037,9 @@ def train(
     temperature, precision and seeding stay those of offline training, so a student trained this
     way differs from an offline one only in its labels. Score-mode shards only.
 
+    ``images``: the image store of shards whose rows name their image (a vision-language teacher's
+    labels): each batch gets the images' pixel inputs, processed by the teacher's image processor.
+
     Each history entry (``history.jsonl``) holds the step's loss, ce, kd and lr, ``grad_norm``
     (the gradient norm before clipping), ``tokens`` (labelled tokens over all ranks; ``examples``
     for candidates data) and ``peak_memory_mib`` (this rank's peak so far: CUDA allocation, else
@@ -1034,6 +1058,7 @@ def train(
         teacher=teacher,
         row_log=row_log,
         on_step=on_step,
+        images=images,
     )
     try:
         recipe.setup()
