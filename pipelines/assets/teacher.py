@@ -10,7 +10,11 @@ from storage.cache import content_key
 ENGINE_RETRIES = 2  # step retries after a dead or stalled teacher engine (the instance retries crashed runs only)
 
 
-@dg.asset(group_name="teacher", description="The teacher checkpoint (safetensors), converted once if bundled.")
+@dg.asset(
+    group_name="teacher",
+    description="The teacher checkpoint (safetensors), converted once if bundled; with teacher.vision, the "
+    "vision-language teacher built from it once (its held-out accuracy in the metadata).",
+)
 def teacher_model(settings: DistillSettings) -> dg.MaterializeResult:
     info = labelling.prepare_teacher(settings.load())
     return dg.MaterializeResult(
