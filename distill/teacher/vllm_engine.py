@@ -169,6 +169,9 @@ class VllmTeacher:
         known = {a for a in os.environ.get(vllm_labeller.ENV, "").split(",") if a}
         # read by the plugin in every engine process
         os.environ[vllm_labeller.ENV] = ",".join(sorted(known | set(archs)))
+        # and registered here too: vLLM checks the architecture in this process, where it loads plugins
+        # once, so an engine of another architecture started earlier left only that one registered
+        vllm_labeller.register()
         overrides = {"architectures": [vllm_labeller.labeller_arch(a) for a in archs]}
         if self.features:
             overrides[vllm_labeller.FEATURES_KEY] = {n: self.features[n] for n in ("layers", "dim", "seed")}
