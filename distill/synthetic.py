@@ -5,7 +5,7 @@ Each example is one small image and one question about it, answered by a single 
 
 - ``colour``: one shape; its colour (one of six far-apart colours);
 - ``shape``: one shape; which of four it is;
-- ``count``: one to four small shapes in distinct cells of a 3x3 grid; how many;
+- ``count``: one to four circles of one size in distinct cells of a 3x3 grid; how many;
 - ``position``: one shape near an edge of the image; which edge.
 
 The shape's size, place, colour and the background's shade vary inside limits that keep every answer
@@ -44,7 +44,7 @@ POSITIONS = ("left", "right", "top", "bottom")
 QUESTIONS = {
     "colour": ("What colour is the shape?", "Which colour is the shape?"),
     "shape": ("What shape is this?", "Which shape is shown?"),
-    "count": ("How many shapes are there?", "How many shapes do you see?"),
+    "count": ("How many circles are there?", "How many dots do you see?"),
     "position": ("Where is the shape?", "Which side is the shape on?"),
 }
 ANSWERS = {"colour": COLOUR_NAMES, "shape": SHAPES, "count": COUNTS, "position": POSITIONS}
@@ -131,8 +131,12 @@ def make_example(rng: np.random.Generator, size: int = 64, kind: str | None = No
         }[side]
         draw_shape(draw, shape, cx, cy, r, _colour(rng, colour))
         return image, question, side
-    r = size * rng.uniform(0.15, 0.3)
-    cx, cy = rng.uniform(r + 1, size - r - 1, size=2)
+    if kind == "shape":  # large and near the centre: a small encoder learns outlines at few places quickly
+        r = size * rng.uniform(0.25, 0.35)
+        cx, cy = size / 2 + rng.uniform(-1, 1, size=2) * min(size / 10, size / 2 - r - 1)
+    else:
+        r = size * rng.uniform(0.12, 0.3)
+        cx, cy = rng.uniform(r + 1, size - r - 1, size=2)
     draw_shape(draw, shape, cx, cy, r, _colour(rng, colour))
     return image, question, colour if kind == "colour" else shape
 
