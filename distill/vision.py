@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Sequence
 
 IMAGE_PLACEHOLDER = "<image>"
+PIXEL_KEYS = ("pixel_values", "pixel_attention_mask")  # the image inputs of an Idefics3-style forward
 # ChatML as SmolLM2 writes it, without its default system prompt (20 tokens on every example)
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -78,10 +79,7 @@ def pixel_inputs(processor, images: Sequence) -> dict:
     image per example, in order."""
     image_processor = getattr(processor, "image_processor", processor)
     out = image_processor(images=[[im] for im in images], return_tensors="pt")
-    return {k: v for k, v in out.items() if k in ("pixel_values", "pixel_attention_mask")}
-
-
-PIXEL_KEYS = ("pixel_values", "pixel_attention_mask")
+    return {k: v for k, v in out.items() if k in PIXEL_KEYS}
 
 
 def pixel_args(batch: dict) -> dict:

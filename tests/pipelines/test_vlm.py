@@ -124,7 +124,8 @@ def test_student_loads_in_transformers_and_vllm(vlm_materialized):
         (answer,) = next(
             engine.generate([ids], [0], SamplingConfig(temperature=0.0, max_tokens=4), images=[(image, span)])
         )
-        assert 1 <= len(answer["response_ids"]) <= 4 and np.isfinite(answer["topk_logprobs"]).all()
+        # greedy: the engine's first answer token is the transformers model's most likely one
+        assert len(answer["response_ids"]) <= 4 and int(answer["response_ids"][0]) == int(logits[0, -1].argmax())
         # the engine's distribution of the prompt's last position is the transformers model's
         scored = next(engine.score([ids + [int(answer["response_ids"][0])]], [len(ids) - 1], images=[(image, span)]))
         top = torch.log_softmax(logits[0, -1].double(), -1).topk(TINY_K)
