@@ -27,7 +27,7 @@ from distill.procs import guard_children
 from distill.run.labelling import open_split
 from distill.run.paths import run_images, teacher_dir
 from distill.run.tokenizing import student_tokens
-from distill.train.trainer import train
+from distill.train.trainer import teardown_distributed, train
 from storage.writer import atomic_write_text
 
 JOB_FILE = "launch.json"
@@ -155,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if "LOCAL_RANK" in os.environ:
         run_rank(job_path)
+        teardown_distributed()
         return 0
     job, _, train = read_job(job_path)
     run_subprocess(torchrun_command(train, job_path, job["rdzv_id"]), worker_env(train))

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from distill.train.config import TrainConfig
-from distill.train.trainer import train
+from distill.train.trainer import teardown_distributed, train
 from storage.reader import open_shard
 from tests.distill.train_worker import TINY_STUDENT
 
@@ -33,4 +33,5 @@ if __name__ == "__main__":
     shard_dir, out_dir, teacher_dir = sys.argv[1:4]
     shards = [open_shard(p) for p in sorted(Path(shard_dir).glob("*.parquet"))]
     summary = train(STUDENT, config(), teacher_dir, shards, out_dir, 49152)
+    teardown_distributed()
     print("finished", summary["steps"], flush=True)

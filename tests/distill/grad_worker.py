@@ -8,7 +8,7 @@ import sys
 import torch
 from safetensors.torch import save_file
 
-from distill.train.trainer import collate, forward_backward, setup_distributed
+from distill.train.trainer import collate, forward_backward, setup_distributed, teardown_distributed
 from tests.distill.test_token_weighting import STEP_LOSS, model_and_rows
 
 if __name__ == "__main__":
@@ -20,4 +20,4 @@ if __name__ == "__main__":
     forward_backward(ddp, [collate(rows[rank * share : (rank + 1) * share], 4)], STEP_LOSS, world, device)
     if rank == 0:
         save_file({name: p.grad.contiguous() for name, p in model.named_parameters()}, out)
-    torch.distributed.destroy_process_group()
+    teardown_distributed()

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from distill.train.config import StudentConfig, TrainConfig
-from distill.train.trainer import train
+from distill.train.trainer import teardown_distributed, train
 from storage.reader import open_shard
 from storage.writer import ShardWriter
 from tests.storage.test_shards import make_meta, make_rows
@@ -41,4 +41,5 @@ if __name__ == "__main__":
         strategy=os.environ.get("TRAIN_STRATEGY", "ddp"),
     )
     summary = train(TINY_STUDENT, cfg, teacher_dir, shards, out_dir, 49152, row_log=row_log)
+    teardown_distributed()
     print("finished", summary["steps"], flush=True)
