@@ -32,7 +32,7 @@ class RunConfig:
     are relative to the config file's project, i.e. the working directory)."""
     labels_uri: str | None = None
     """Where label shards live: a local folder or an object-store URI (``s3://bucket/prefix``);
-    default ``<storage_root>/labels``."""
+    default ``<storage_root>/labels``. Image questions' images go beside them, ``<labels_uri>/images``."""
     teacher: TeacherConfig = TeacherConfig()
     corpus: CorpusConfig = CorpusConfig()
     student: StudentConfig = StudentConfig()

@@ -24,6 +24,12 @@ def resolve(location: str | os.PathLike) -> tuple[pafs.FileSystem | None, str]:
     return None, str(Path(str(location).removeprefix("file://")).expanduser())
 
 
+def join(location: str | os.PathLike, *parts: str) -> str:
+    """``location`` with ``parts`` appended to its path; a URI keeps its query (``?endpoint_override=...``)."""
+    base, sep, query = str(location).partition("?")
+    return "/".join([base.rstrip("/"), *parts]) + sep + query
+
+
 def exists(fs: pafs.FileSystem | None, path: str) -> bool:
     if fs is None:
         return Path(path).exists()

@@ -1,7 +1,9 @@
 """Content-addressed images: each image a corpus uses is checked once, stored under the sha256 of
 its bytes (``<root>/<hash[:2]>/<hash>``), and named by that hash in every corpus and label row,
 so labels, training and evaluation read the exact bytes the teacher saw, and the same image in
-two datasets is stored once.
+two datasets is stored once. A store is a local folder or an object-store URI: label shards
+written to ``labels_uri`` get their images copied beside them (``<labels_uri>/images``) before
+they are committed, so machines that train from those labels find every image they name.
 
 Checks happen before any teacher work, with errors that name where the image came from: bytes
 that are not an image, a truncated file, and an image above ``max_pixels`` (decoding a huge or
@@ -15,6 +17,7 @@ import io
 import os
 from pathlib import Path
 
+from storage import fs as fsmod
 from storage.writer import temp_name
 
 
@@ -68,38 +71,81 @@ def image_bytes(value, where: str) -> bytes:
 
 
 class ImageStore:
-    """Images under ``root`` by the sha256 of their bytes."""
+    """Images under ``location`` by the sha256 of their bytes: a local folder, or an object-store
+    URI (``s3://bucket/prefix/images``, pyarrow URI options such as ``?endpoint_override=`` work),
+    where label shards that name the images live beside them for other machines to train on."""
 
-    def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
+    def __init__(self, location: str | os.PathLike):
+        self.location = str(location)
+        self.fs, base = fsmod.resolve(location)
+        self.root = Path(base)
+
+    @property
+    def display_location(self) -> str:
+        """The location as errors name it: a URI's query (which may carry credentials) dropped."""
+        return self.location.split("?", 1)[0]
 
     def path(self, digest: str) -> Path:
         return self.root / digest[:2] / digest
 
+    def where(self, digest: str) -> str:
+        """Where ``digest`` is stored, as errors name it."""
+        return str(self.path(digest)) if self.fs is None else f"{self.display_location}/{digest[:2]}/{digest}"
+
+    def has(self, digest: str) -> bool:
+        return fsmod.exists(self.fs, str(self.path(digest)))
+
     def put(self, data: bytes) -> str:
-        """Store ``data`` (once) and return its hash; written to a temporary name, then renamed."""
+        """Store ``data`` (once) and return its hash."""
         digest = hashlib.sha256(data).hexdigest()
-        path = self.path(digest)
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = temp_name(path)
-            try:
-                tmp.write_bytes(data)
-                os.replace(tmp, path)
-            finally:
-                tmp.unlink(missing_ok=True)
+        if not self.has(digest):
+            self._write(digest, data)
         return digest
+
+    def _write(self, digest: str, data: bytes) -> None:
+        """Locally to a temporary name, then renamed; in an object store one object, which appears
+        whole or not at all. A key always holds the same bytes, so racing writers all win."""
+        path = self.path(digest)
+        if self.fs is not None:
+            with self.fs.open_output_stream(str(path)) as out:
+                out.write(data)
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temp_name(path)
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def read(self, digest: str) -> bytes:
+        """The stored bytes of ``digest``, checked against it; ``ImageError`` when missing or changed."""
+        where = self.where(digest)
+        try:
+            data = fsmod.read_bytes(self.fs, str(self.path(digest)))
+        except FileNotFoundError:
+            fix = (
+                "rebuild the corpus (materialize the corpus asset)"
+                if self.fs is None
+                else "it was stored before the label shards that name it were committed, and deleted since: copy it "
+                "back, or delete those shards and label them again"
+            )
+            missing = f"{where}: image {digest} is not in the image store {self.display_location}"
+            raise ImageError(f"{missing}; {fix}") from None
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise ImageError(f"{where}: the stored bytes no longer hash to {digest}; delete it and store it again")
+        return data
 
     def open(self, digest: str):
         """The stored image as RGB; ``ImageError`` when it is missing or its bytes no longer hash to ``digest``."""
-        path = self.path(digest)
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise ImageError(
-                f"{path}: image {digest} is not in the image store {self.root}; rebuild the corpus (materialize the "
-                "corpus asset)"
-            ) from None
-        if hashlib.sha256(data).hexdigest() != digest:
-            raise ImageError(f"{path}: the stored bytes no longer hash to {digest}; delete it and rebuild the corpus")
-        return check_image(data, str(path), max_pixels=2**31)
+        return check_image(self.read(digest), self.where(digest), max_pixels=2**31)
+
+    def copy_from(self, source: ImageStore, digests) -> int:
+        """Store every image of ``digests`` that this store lacks, read (and checked) from
+        ``source``; returns how many were copied."""
+        copied = 0
+        for digest in sorted(set(digests)):
+            if not self.has(digest):
+                self._write(digest, source.read(digest))
+                copied += 1
+        return copied

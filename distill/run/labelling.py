@@ -22,6 +22,7 @@ from distill.run.paths import (
     ensemble_meta,
     finetuned_dir,
     label_store,
+    run_images,
     shard_keys,
     single_run,
     split_of,
@@ -187,10 +188,11 @@ def label_shards(cfg: RunConfig, names: Sequence[str], engine_factory=None) -> d
             features=expect["features"],
             images=expect["images"],
         )
-        images = image_store(cfg.root) if cfg.corpus.images else None
+        images, beside = (image_store(cfg.root), run_images(cfg)) if cfg.corpus.images else (None, None)
+        beside = beside if beside is not None and beside.location != images.location else None
         results[name] = {
             "key": keys[name],
-            **label_shard(factory, store, keys[name], meta, windows, cfg.teacher, images=images),
+            **label_shard(factory, store, keys[name], meta, windows, cfg.teacher, images=images, images_beside=beside),
         }
     return results
 

@@ -24,7 +24,9 @@ from distill.teacher.config import TeacherMember
 from distill.teacher.ensemble import ENSEMBLE_CODE_VERSION
 from distill.teacher.labels import shard_key
 from distill.train.config import StudentConfig, TrainConfig
+from storage import fs as fsmod
 from storage.cache import LabelStore, content_key
+from storage.images import ImageStore
 from storage.schema import SCHEMA_VERSION
 
 # the code that shapes a trained student beyond its config and data: the training loop, the
@@ -69,9 +71,14 @@ def teacher_dir(cfg: RunConfig) -> Path:
     return resolve_teacher(cfg.teacher.members[0].model, cfg.root)
 
 
-def run_images(cfg: RunConfig):
-    """The image store of a run whose rows are image questions (``corpus.image_column``), else None."""
-    return image_store(cfg.root) if cfg.corpus.images else None
+def run_images(cfg: RunConfig) -> ImageStore | None:
+    """The image store that a run's label shards name (``corpus.image_column``; else None): the
+    corpus's own, ``<storage_root>/images``, or with ``labels_uri`` the copy beside the labels,
+    ``<labels_uri>/images``, which labelling fills before it commits a shard, so the machines that
+    train and evaluate from those labels read the images from there too."""
+    if not cfg.corpus.images:
+        return None
+    return ImageStore(fsmod.join(cfg.labels_uri, "images")) if cfg.labels_uri else image_store(cfg.root)
 
 
 def vision_teacher_dir(cfg: RunConfig) -> Path:

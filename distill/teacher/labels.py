@@ -258,6 +258,7 @@ def label_shard(
     cfg: TeacherConfig | None = None,
     progress: bool = True,
     images=None,
+    images_beside=None,
 ) -> dict:
     """Label ``windows`` (corpus rows of ``cfg.mode``) into ``store`` under ``key`` unless already committed,
     as labels of ``meta.kind``: the engine returns the teacher's top ``kind.teacher_k`` of every
@@ -266,6 +267,8 @@ def label_shard(
 
     ``images``: the image store (``storage.images.ImageStore``) of windows that name their image
     (column ``image``), for a vision-language teacher; each label row keeps the hash.
+    ``images_beside``: another image store (the one beside a remote ``store``) that gets every
+    image the shard names before the shard is committed, so its readers find them there.
 
     Engine work and Parquet writing overlap: the rows of one macro-batch are written by a
     background thread while the engine runs the next; memory stays bounded by one macro-batch
@@ -281,6 +284,7 @@ def label_shard(
             "teacher_seconds": 0.0,
             "path": str(existing.path),
         }
+    copied = images_beside.copy_from(images, windows.column("image").to_pylist()) if images_beside else 0
     engine = engine_factory()
     labels = RowLabels(kind_of(meta.kind), meta.kind_params, meta.features)
     if cfg.mode == "score":
@@ -331,4 +335,5 @@ def label_shard(
         "labelled_from": time.time() - seconds,
         "labelled_until": time.time(),
         "slot": getattr(getattr(engine, "slot", None), "index", None),
+        **({"images_copied": copied} if images_beside else {}),
     }

@@ -18,7 +18,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from distill.config import load_config
 from distill.data import image_store, read_corpus_shard
-from distill.run import engines, labelling, paths
+from distill.run import engines, labelling, paths, training
 from distill.teacher.config import EngineConfig, SamplingConfig
 from distill.teacher.vllm_engine import VllmTeacher
 from distill.vision import pixel_inputs, prompt_with_span
@@ -204,3 +204,35 @@ def test_image_corpus_from_a_folder_and_a_datasets_image_column(vlm_materialized
     assert manifest["documents"] == 4 and manifest["dropped_bad_image"] == 0
     store = image_store(tmp_path / "c")
     assert len(list(store.root.rglob("*"))) >= 4
+
+
+def test_labels_on_s3_carry_their_images_to_a_machine_without_them(vlm_materialized, s3_server, tmp_path):
+    """``labels_uri`` on an object store: labelling copies each shard's images beside the labels
+    (``<labels_uri>/images``) before the shard is committed, once; a machine with the teacher and
+    the corpus manifests but no image store of its own trains from the labels and those images."""
+    cfg, _, _ = vlm_materialized
+    remote = dataclasses.replace(cfg, labels_uri=s3_server)
+    names = cfg.corpus.shard_names()
+    results = labelling.label_shards(remote, names)
+    local = image_store(cfg.root)
+    token_hash = paths.teacher_hashes(cfg)["tokenizer"]
+    hashes = {
+        name: set(read_corpus_shard(cfg.root, cfg.corpus, token_hash, name)[1].column("image").to_pylist())
+        for name in names
+    }
+    beside = paths.run_images(remote)
+    assert beside.display_location == "s3://labels/run/images"
+    copied = [results[name]["images_copied"] for name in names]
+    assert sum(copied) == len(set.union(*hashes.values())) and all(not r["cache_hit"] for r in results.values())
+    for digest in set.union(*hashes.values()):
+        assert beside.read(digest) == local.read(digest)
+    again = labelling.label_shards(remote, names)
+    assert all(r["cache_hit"] and "images_copied" not in r for r in again.values())
+    # another machine: the teacher and the corpus manifests, no images
+    node = dataclasses.replace(remote, storage_root=str(tmp_path / "node"))
+    node.root.mkdir(parents=True)
+    for part in ("models", "corpus"):
+        (node.root / part).symlink_to(cfg.root / part)
+    summary = training.train_student(node)
+    assert summary["steps"] == cfg.train.steps and not (node.root / "images").exists()
+    assert (paths.student_dir(node, False) / "model" / "processor_config.json").exists()

@@ -4,6 +4,7 @@ truncated or enormous refused with an error that names where they came from."""
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -65,3 +66,27 @@ def test_image_bytes_from_a_path_a_datasets_value_and_a_pil_image(tmp_path):
         image_bytes(str(tmp_path / "missing.png"), "row 1")
     with pytest.raises(ImageError, match="row 2: int is not an image"):
         image_bytes(3, "row 2")
+
+
+def test_a_store_in_s3_beside_the_labels(tmp_path, s3_server):
+    """An object-store image store (``<labels_uri>/images``): images are copied in once from the
+    corpus's local store, read back checked, and a missing or changed object is an error that names
+    it without the URI's query."""
+    from storage import fs as fsmod
+
+    local, remote = ImageStore(tmp_path / "images"), ImageStore(fsmod.join(s3_server, "images"))
+    assert remote.fs is not None and remote.root == Path("labels/run/images")
+    a, b = _png(), _png(colour=(0, 0, 255))
+    ha, hb = local.put(a), local.put(b)
+    assert remote.copy_from(local, [ha, hb, ha]) == 2 and remote.copy_from(local, [ha, hb]) == 0
+    assert remote.has(ha) and remote.read(hb) == b and remote.open(hb).getpixel((0, 0)) == (0, 0, 255)
+    assert remote.put(a) == ha
+    with remote.fs.open_output_stream(str(remote.path(hb))) as out:
+        out.write(a)
+    with pytest.raises(ImageError, match=rf"^s3://labels/run/images/{hb[:2]}/{hb}: the stored bytes no longer hash"):
+        remote.open(hb)
+    with pytest.raises(ImageError, match=r"not in the image store s3://labels/run/images; it was stored before") as e:
+        remote.open("0" * 64)
+    assert "endpoint_override" not in str(e.value)
+    with pytest.raises(ImageError, match="not in the image store"):  # the source is checked too
+        remote.copy_from(local, ["1" * 64])
