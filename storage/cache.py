@@ -50,7 +50,7 @@ class LabelStore:
     @property
     def display_location(self) -> str:
         """The location as errors name it: a URI's query (which may carry credentials) dropped."""
-        return self.location.split("?", 1)[0]
+        return fsmod.display(self.location)
 
     def open(self, key: str, expect: Mapping[str, object] | None = None, verify_checksum: bool = True) -> Shard:
         """The verified shard under ``key``; a shard whose own cache key differs (copied or

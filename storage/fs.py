@@ -30,6 +30,11 @@ def join(location: str | os.PathLike, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *parts]) + sep + query
 
 
+def display(location: str | os.PathLike) -> str:
+    """``location`` as errors and logs name it: a URI's query (which may carry credentials) dropped."""
+    return str(location).split("?", 1)[0]
+
+
 def exists(fs: pafs.FileSystem | None, path: str) -> bool:
     if fs is None:
         return Path(path).exists()

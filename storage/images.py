@@ -83,7 +83,7 @@ class ImageStore:
     @property
     def display_location(self) -> str:
         """The location as errors name it: a URI's query (which may carry credentials) dropped."""
-        return self.location.split("?", 1)[0]
+        return fsmod.display(self.location)
 
     def path(self, digest: str) -> Path:
         return self.root / digest[:2] / digest
