@@ -57,12 +57,10 @@ def main() -> None:
 
     windows, ids, starts = corpus_windows(cfg, args.windows)
     store = image_store(cfg.root)
-    images = [
-        (store.open(h), span)
-        for h, span in zip(windows.column("image").to_pylist(), windows.column("image_span").to_pylist())
-    ]
-    plain = [w[:s] + w[e:] for w, (s, e, _) in zip(ids, windows.column("image_span").to_pylist())]
-    plain_starts = [st - (e - s) for st, (s, e, _) in zip(starts, windows.column("image_span").to_pylist())]
+    spans = windows.column("image_span").to_pylist()
+    images = [(store.open(h), span) for h, span in zip(windows.column("image").to_pylist(), spans)]
+    plain = [w[:s] + w[e:] for w, (s, e, _) in zip(ids, spans)]
+    plain_starts = [st - (e - s) for st, (s, e, _) in zip(starts, spans)]
     engine = engines.get_engine(cfg)
     k = cfg.teacher.k
     try:

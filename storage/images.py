@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from storage import fs as fsmod
@@ -140,12 +141,16 @@ class ImageStore:
         """The stored image as RGB; ``ImageError`` when it is missing or its bytes no longer hash to ``digest``."""
         return check_image(self.read(digest), self.where(digest), max_pixels=2**31)
 
-    def copy_from(self, source: ImageStore, digests) -> int:
+    def copy_from(self, source: ImageStore, digests, workers: int = 16) -> int:
         """Store every image of ``digests`` that this store lacks, read (and checked) from
-        ``source``; returns how many were copied."""
-        copied = 0
-        for digest in sorted(set(digests)):
-            if not self.has(digest):
-                self._write(digest, source.read(digest))
-                copied += 1
-        return copied
+        ``source``; returns how many were copied. ``workers`` threads at once: on an object store
+        each image is a round trip or two (is it there? put it)."""
+
+        def copy(digest: str) -> bool:
+            if self.has(digest):
+                return False
+            self._write(digest, source.read(digest))
+            return True
+
+        with ThreadPoolExecutor(workers) as pool:
+            return sum(pool.map(copy, sorted(set(digests))))

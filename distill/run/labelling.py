@@ -164,6 +164,9 @@ def label_shards(cfg: RunConfig, names: Sequence[str], engine_factory=None) -> d
     factory = engine_factory or (lambda: get_engine(cfg))
     if store.is_local and store.root.exists():
         remove_stale_temporaries(store.root)  # left by writers that crashed
+    # the corpus's images, and the store the labels name when it is another (beside remote labels)
+    images, beside = (image_store(cfg.root), run_images(cfg)) if cfg.corpus.images else (None, None)
+    beside = beside if beside is not None and beside.location != images.location else None
     results = {}
     for name in names:
         entry, windows = read_corpus_shard(cfg.root, cfg.corpus, hashes["tokenizer"], name, cfg.teacher.mode)
@@ -188,8 +191,6 @@ def label_shards(cfg: RunConfig, names: Sequence[str], engine_factory=None) -> d
             features=expect["features"],
             images=expect["images"],
         )
-        images, beside = (image_store(cfg.root), run_images(cfg)) if cfg.corpus.images else (None, None)
-        beside = beside if beside is not None and beside.location != images.location else None
         results[name] = {
             "key": keys[name],
             **label_shard(factory, store, keys[name], meta, windows, cfg.teacher, images=images, images_beside=beside),

@@ -261,20 +261,22 @@ def evaluate(model, processor, data: Encoded) -> dict:
     }
 
 
-def _batches(n: int, cfg: VisionTeacherConfig, steps: int, rng: np.random.Generator):
+def _batches(n: int, batch_size: int, steps: int, rng: np.random.Generator):
     """``steps`` batches of example indices, drawn without replacement, reshuffled each pass."""
     order: list[int] = []
     for _ in range(steps):
         rows = []
-        while len(rows) < cfg.batch_size:
+        while len(rows) < batch_size:
             if not order:
                 order = list(rng.permutation(n))
             rows.append(int(order.pop()))
         yield rows
 
 
-def _optimize(model, params, groups, loss_fn, batches, cfg: VisionTeacherConfig, desc: str, progress: bool):
-    """AdamW (warmup then cosine, gradients clipped to norm 1) over ``batches``; returns each step's loss."""
+def _optimize(model, groups, loss_fn, batches, cfg: VisionTeacherConfig, desc: str, progress: bool):
+    """AdamW over the parameter ``groups`` (warmup then cosine from each group's ``base_lr``,
+    gradients clipped to norm 1) over ``batches``; returns each step's loss."""
+    params = [p for g in groups for p in g["params"]]
     steps = len(batches)
     schedule = dataclasses.replace(cfg, steps=steps)
     opt = torch.optim.AdamW(groups, lr=cfg.lr)
@@ -309,24 +311,24 @@ def train(model, processor, data: Encoded, cfg: VisionTeacherConfig, progress: b
     pad_id = processor.tokenizer.pad_token_id
     rng = np.random.default_rng(cfg.seed)
 
+    def aligned(image, rows):
+        return alignment_loss(image.pooler_output, data.words[rows], data.allowed[rows], directions, centre)
+
     def align(rows):
-        image = image_tokens(model, data, rows).pooler_output
-        return alignment_loss(image, data.words[rows], data.allowed[rows], directions, centre)
+        return aligned(image_tokens(model, data, rows), rows)
 
     def answer(rows):
         image = image_tokens(model, data, rows)
-        logits, targets, mask = answer_logits(model, data, rows, pad_id, image)
-        aligned = alignment_loss(image.pooler_output, data.words[rows], data.allowed[rows], directions, centre)
-        return answer_loss(logits, targets, mask) + aligned
+        return answer_loss(*answer_logits(model, data, rows, pad_id, image)) + aligned(image, rows)
 
-    one_pass = list(_batches(len(data.prompts), cfg, max(1, len(data.prompts) // cfg.batch_size), rng))
+    n = len(data.prompts)
+    one_pass = list(_batches(n, cfg.batch_size, max(1, n // cfg.batch_size), rng))
     groups = [{"params": image_params, "base_lr": cfg.lr}]
-    align_losses = _optimize(model, image_params, groups, align, one_pass, cfg, "align image tokens", progress)
+    align_losses = _optimize(model, groups, align, one_pass, cfg, "align image tokens", progress)
     if cfg.text_lr > 0:
         groups.append({"params": text_params, "base_lr": cfg.text_lr})
-    params = [p for g in groups for p in g["params"]]
-    batches = list(_batches(len(data.prompts), cfg, cfg.steps, rng))
-    answer_losses = _optimize(model, params, groups, answer, batches, cfg, "vision teacher", progress)
+    batches = list(_batches(n, cfg.batch_size, cfg.steps, rng))
+    answer_losses = _optimize(model, groups, answer, batches, cfg, "vision teacher", progress)
     return {"align": align_losses, "answer": answer_losses}
 
 
